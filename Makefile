@@ -1,0 +1,38 @@
+# Two entry points for a fresh machine: `make run` and `make test`.
+# Both bootstrap .venv when it is missing or pyproject.toml changed, and are no-ops otherwise.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PROFILE ?= default
+export NO_ALBUMENTATIONS_UPDATE := 1
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_OFFLINE := 1
+
+.PHONY: run test test-fast bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "pip>=24"
+	# torch/torchvision first, from the machine's local wheel copy (see README)
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e ".[test]"
+	# img2dataset pulls the Python 3.6 `dataclasses` backport, which shadows the standard
+	# library and kills Prefect's local server ("unexpected keyword argument 'slots'").
+	$(BIN)/pip uninstall -q -y dataclasses || true
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/unclip --profile $(PROFILE) run
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -x -m "not slow" tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/embed.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,87 @@
+"""`unclip`: the command line. Thin: every command calls one library function."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from . import config as config_mod
+from .stages import STAGES, StageError, run_stage
+from .workspace import Workspace
+
+# Exit codes: 2 = bad configuration or input (do not retry); 1 = anything else.
+EXIT_BAD_INPUT = 2
+
+
+def _load(ctx) -> tuple[config_mod.Config, Workspace]:
+    ws = Workspace.at(ctx.obj["workspace"])
+    try:
+        cfg = config_mod.load(ws.params, ctx.obj["profile"])
+    except config_mod.ConfigError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    return cfg, ws
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--profile", default=None, metavar="NAME",
+              help=f"params.yaml profile (default: ${config_mod.PROFILE_ENV} or 'default').")
+@click.option("--workspace", "-w", default=None, metavar="DIR",
+              help="Workspace holding params.yaml and dvc.yaml (default: $UNCLIP_WORKSPACE or cwd).")
+@click.pass_context
+def main(ctx, profile, workspace):
+    """unCLIP pipeline: build a DALL-E 2 style text-to-image system from image-caption pairs."""
+    ctx.ensure_object(dict)
+    if profile:
+        # Exported so DVC and every stage subprocess resolve the same profile.
+        os.environ[config_mod.PROFILE_ENV] = profile
+    ctx.obj.update(profile=profile, workspace=workspace)
+
+
+@main.command()
+@click.argument("name", type=click.Choice(list(STAGES)))
+@click.pass_context
+def stage(ctx, name):
+    """Run one stage now (what `dvc repro <name>` calls)."""
+    cfg, ws = _load(ctx)
+    os.chdir(ws.root)
+    try:
+        run_stage(name, cfg, ws)
+    except (StageError, config_mod.ConfigError, FileNotFoundError) as err:
+        click.echo(f"error: [{name}] {err}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+@main.command("config")
+@click.pass_context
+def show_config(ctx):
+    """Validate params.yaml and print the resolved configuration of the active profile."""
+    cfg, _ = _load(ctx)
+    click.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
+
+
+@main.command()
+@click.option("--force", is_flag=True, help="Rerun every stage even if DVC finds it up to date.")
+@click.pass_context
+def run(ctx, force):
+    """Run the whole pipeline as a Prefect flow (stages through DVC, tracked in MLflow)."""
+    cfg, ws = _load(ctx)
+    from flows.train import train_flow
+    summary = train_flow(workspace=str(ws.root), profile=cfg.profile, force=force)
+    failed = [s for s in summary["stages"] if s["status"] == "failed"]
+    sys.exit(1 if failed else 0)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+def init(directory):
+    """Create a workspace: a git + DVC repo holding params.yaml and dvc.yaml."""
+    from .workspace import init_workspace
+    root = init_workspace(directory)
+    click.echo(f"workspace ready at {root}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""params.yaml -> typed, validated configuration.
+
+The file has one section per stage plus ``profiles``; a profile's overrides are deep-merged over
+the sections. Validation happens before any work starts: an unknown key or a bad value raises
+:class:`ConfigError` whose message names the offending key (``clip.batch_size: ...``).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROFILE_ENV = "UNCLIP_PROFILE"
+DEFAULT_PROFILE = "default"
+
+
+class ConfigError(ValueError):
+    """A params.yaml problem, phrased for the user (names the key)."""
+
+
+class Section(BaseModel):
+    # extra="forbid": a misspelt key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitFractions(Section):
+    val: float = Field(0.05, ge=0, lt=1)
+    test: float = Field(0.05, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _leaves_train(self):
+        if self.val + self.test >= 1:
+            raise ValueError("val + test must leave something for train")
+        return self
+
+
+class CorpusConfig(Section):
+    seed: int = 0
+    n_scenes: int = Field(20000, ge=10)
+    image_size: int = Field(64, ge=16, le=1024)
+    render_scale: int = Field(4, ge=1, le=8)
+    two_object_fraction: float = Field(0.4, ge=0, le=1)
+    mismatch_fraction: float = Field(0.05, ge=0, lt=1)
+    split: SplitFractions = SplitFractions()
+    fault_fraction: float = Field(0.02, ge=0, lt=1)
+    duplicate_fraction: float = Field(0.01, ge=0, lt=1)
+    near_duplicate_fraction: float = Field(0.01, ge=0, lt=1)
+    jpeg_quality: int = Field(95, ge=50, le=100)
+    workers: int = Field(2, ge=1)
+
+
+class CrawlConfig(Section):
+    url_list: Optional[str] = None
+    processes: int = Field(2, ge=1)
+    threads: int = Field(16, ge=1)
+    shard_size: int = Field(2500, ge=1)
+    timeout_s: float = Field(2.0, gt=0)
+    retries: int = Field(0, ge=0)
+    max_image_area: int = Field(1048576, ge=1)
+    min_image_size: int = Field(8, ge=1)
+
+
+class FilterConfig(Section):
+    min_size: int = Field(32, ge=1)
+    max_aspect_ratio: float = Field(2.0, ge=1)
+    min_caption_words: int = Field(2, ge=0)
+    max_caption_words: int = Field(40, ge=1)
+    exact_dedup: bool = True
+    near_dedup: bool = True
+    phash_max_distance: int = Field(4, ge=0, le=64)
+    thumb_max_rmse: float = Field(6.0, ge=0)
+    shard_size: int = Field(2500, ge=1)
+
+    @model_validator(mode="after")
+    def _caption_bounds(self):
+        if self.min_caption_words > self.max_caption_words:
+            raise ValueError("min_caption_words must be <= max_caption_words")
+        return self
+
+
+class ClipModelConfig(Section):
+    """A small open_clip ViT; registered with open_clip under a generated name."""
+    embed_dim: int = Field(128, ge=8)
+    image_size: int = Field(64, ge=16)
+    vision_layers: int = Field(4, ge=1)
+    vision_width: int = Field(192, ge=16)
+    vision_patch_size: int = Field(8, ge=1)
+    context_length: int = Field(32, ge=8, le=77)
+    text_layers: int = Field(4, ge=1)
+    text_width: int = Field(128, ge=16)
+    text_heads: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _divisible(self):
+        if self.image_size % self.vision_patch_size:
+            raise ValueError("image_size must be a multiple of vision_patch_size")
+        if self.text_width % self.text_heads:
+            raise ValueError("text_width must be a multiple of text_heads")
+        return self
+
+
+class ClipConfig(Section):
+    pretrained: Optional[str] = None
+    seed: int = 0
+    model: ClipModelConfig = ClipModelConfig()
+    batch_size: int = Field(256, ge=2)
+    steps: int = Field(400, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    num_workers: int = Field(1, ge=0)
+    eval_batch_size: int = Field(512, ge=1)
+
+
+class EmbedConfig(Section):
+    batch_size: int = Field(256, ge=1)
+    min_similarity: Optional[float] = Field(None, ge=-1, le=1)
+    shard_size: int = Field(2500, ge=1)
+    token_dtype: Literal["float16", "float32"] = "float16"
+
+
+class TrackingConfig(Section):
+    experiment: str = "unclip-pipeline"
+    tracking_uri: Optional[str] = None
+
+
+class Config(Section):
+    corpus: CorpusConfig = CorpusConfig()
+    crawl: CrawlConfig = CrawlConfig()
+    filter: FilterConfig = FilterConfig()
+    clip: ClipConfig = ClipConfig()
+    embed: EmbedConfig = EmbedConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    profile: str = DEFAULT_PROFILE
+
+    def section(self, name: str) -> dict[str, Any]:
+        """One section as a plain dict (for MLflow params and saved run configs)."""
+        return getattr(self, name).model_dump(mode="json")
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def active_profile(explicit: str | None = None) -> str:
+    return explicit or os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}" + ("" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"))
+    return "\n".join(lines)
+
+
+def resolve(raw: dict, profile: str | None = None, source: str = "params.yaml") -> Config:
+    """Merge the selected profile over the base sections and validate."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    raw = dict(raw)
+    profiles = raw.pop("profiles", {}) or {}
+    name = active_profile(profile)
+    if name not in profiles and name != DEFAULT_PROFILE:
+        raise ConfigError(f"{source}: profile {name!r} is not defined under profiles "
+                          f"(known: {', '.join(sorted(profiles)) or 'none'})")
+    merged = deep_merge(raw, profiles.get(name) or {})
+    merged["profile"] = name
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as err:
+        where = source if name == DEFAULT_PROFILE else f"{source} (profile {name!r})"
+        raise ConfigError(_format_error(err, where)) from None
+
+
+def load(path: str | os.PathLike = "params.yaml", profile: str | None = None) -> Config:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file (run inside a workspace, or pass --workspace)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return resolve(raw, profile, source=str(path))

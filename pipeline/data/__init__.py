@@ -1,0 +1,1 @@
+"""The data half: corpus generation, crawling, filtering, and WebDataset shard helpers."""

@@ -1,0 +1,353 @@
+"""The `corpus` stage: the embedded compositional image-caption data set of CORPUS.md.
+
+Scenes of one or two colored shapes on a plain background, drawn anti-aliased (render at
+``image_size * render_scale``, box-downsample), with paraphrased captions and full ground truth.
+Everything is a deterministic function of ``corpus.seed``: scene ``i`` draws from its own RNG
+``default_rng([seed, i])``, so the output does not depend on the number of workers.
+
+Output (``data/corpus/``)::
+
+    images/<key>.jpg        one file per URL (exact and near duplicates are files of their own)
+    faults/                 bodies the crawl's fault server returns (truncated JPEG, oversized...)
+    pairs.parquet           url (relative to the corpus root), caption, split, ground truth
+    samples.png             a grid of the first scenes, for eyes and MLflow
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from ..progress import progress, say
+from ..workspace import atomic_dir
+
+# ---- the grammar (CORPUS.md) ------------------------------------------------------------------
+BACKGROUNDS = {"white": (245, 245, 245), "gray": (128, 128, 128), "black": (20, 20, 20)}
+COLORS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
+    "purple": (140, 50, 170), "orange": (240, 140, 30), "cyan": (40, 200, 210), "pink": (240, 120, 180),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 0.12, "large": 0.22}            # half-width as a fraction of the canvas
+GRID = (0.2, 0.5, 0.8)
+POSITIONS = ("top left", "top", "top right", "left", "center", "right",
+             "bottom left", "bottom", "bottom right")   # row-major over GRID (y, then x)
+RELATIONS = ("left of", "right of", "above", "below")
+CENTER_JITTER, COLOR_JITTER, ROTATION_JITTER = 0.04, 12, 10.0
+FAULT_KINDS = ("http_404", "http_500", "timeout", "not_an_image", "truncated_jpeg", "too_large", "opted_out")
+
+# ---- captions: several paraphrases per scene ----------------------------------------------------
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
+POSITION_PHRASES = {   # (preposition phrase, alternative phrase, title)
+    "top left": ("in the top left", "at the upper left", "top-left corner"),
+    "top": ("at the top", "near the top edge", "top"),
+    "top right": ("in the top right", "at the upper right", "top-right corner"),
+    "left": ("on the left", "at the left side", "left side"),
+    "center": ("in the center", "in the middle", "center"),
+    "right": ("on the right", "at the right side", "right side"),
+    "bottom left": ("in the bottom left", "at the lower left", "bottom-left corner"),
+    "bottom": ("at the bottom", "near the bottom edge", "bottom"),
+    "bottom right": ("in the bottom right", "at the lower right", "bottom-right corner"),
+}
+RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
+SINGLE_TEMPLATES = (
+    "a {size} {color} {shape} {pos}",
+    "a photo of a {size} {color} {shape} {pos_alt} on a {bg} background",
+    "{pos_title}: a {size} {color} {shape}",
+    "there is a {size} {color} {shape} {pos}",
+    "{size} {color} {shape} {pos_alt}",
+)
+PAIR_TEMPLATES = (
+    "a {color0} {shape0} {rel} a {color1} {shape1}",
+    "a {size0} {color0} {shape0} {rel} a {size1} {color1} {shape1}",
+    "a photo of a {color0} {shape0} {rel} a {color1} {shape1} on a {bg} background",
+    "{color0} {shape0} {rel} {color1} {shape1}",
+)
+
+
+@dataclass
+class Obj:
+    color: str
+    shape: str
+    size: str
+    position: str           # nearest cell of the 3x3 grid
+    x: float                # centre, fraction of the canvas (0 = left)
+    y: float                # centre, fraction of the canvas (0 = top)
+    rotation: float         # degrees
+    rgb: tuple[int, int, int]
+
+
+@dataclass
+class Scene:
+    scene_id: int
+    background: str
+    objects: list[Obj]
+    relation: Optional[str] = None     # relation of objects[0] to objects[1]
+    split: str = "train"
+    extra: dict = field(default_factory=dict)
+
+    def ground_truth(self) -> dict:
+        return {"scene_id": self.scene_id, "background": self.background, "relation": self.relation,
+                "objects": [{k: v for k, v in asdict(o).items() if k != "rgb"} for o in self.objects]}
+
+
+def nearest_position(x: float, y: float) -> str:
+    col = int(np.argmin([abs(x - g) for g in GRID]))
+    row = int(np.argmin([abs(y - g) for g in GRID]))
+    return POSITIONS[3 * row + col]
+
+
+def _jitter_rgb(rng, rgb) -> tuple[int, int, int]:
+    return tuple(int(np.clip(c + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1), 0, 255)) for c in rgb)
+
+
+def _object(rng, color, x, y) -> Obj:
+    shape = str(rng.choice(SHAPES))
+    size = str(rng.choice(list(SIZES)))
+    return Obj(color=color, shape=shape, size=size, position=nearest_position(x, y), x=float(x), y=float(y),
+               rotation=float(rng.uniform(-ROTATION_JITTER, ROTATION_JITTER)), rgb=_jitter_rgb(rng, COLORS[color]))
+
+
+def sample_scene(seed: int, scene_id: int, two_object_fraction: float) -> Scene:
+    rng = np.random.default_rng([seed, scene_id])
+    background = str(rng.choice(list(BACKGROUNDS)))
+    if rng.random() >= two_object_fraction:
+        cell = int(rng.integers(9))
+        x, y = (GRID[cell % 3] + rng.uniform(-CENTER_JITTER, CENTER_JITTER),
+                GRID[cell // 3] + rng.uniform(-CENTER_JITTER, CENTER_JITTER))
+        obj = _object(rng, str(rng.choice(list(COLORS))), x, y)
+        obj.position = POSITIONS[cell]   # the named cell, not recomputed from the jittered centre
+        return Scene(scene_id, background, [obj])
+    c0, c1 = (str(c) for c in rng.choice(list(COLORS), size=2, replace=False))
+    relation = str(rng.choice(RELATIONS))
+    along = rng.uniform(0.4, 0.6)          # separation along the relation's axis
+    across = rng.uniform(-0.1, 0.1)        # misalignment across it
+    a = rng.uniform(0.2, 0.8 - along)      # the smaller coordinate along the axis
+    b = rng.uniform(0.25, 0.75)
+    lo, hi = (a, b), (a + along, b + across)   # (along, across) for the two objects
+    first, second = {"left of": (lo, hi), "right of": (hi, lo), "above": (lo, hi), "below": (hi, lo)}[relation]
+    if relation in ("left of", "right of"):
+        p0, p1 = first, second                      # (x, y)
+    else:
+        p0, p1 = first[::-1], second[::-1]          # along is y
+    return Scene(scene_id, background, [_object(rng, c0, *p0), _object(rng, c1, *p1)], relation)
+
+
+def caption(scene: Scene, rng) -> str:
+    return re.sub(r"\ba (?=[aeiou])", "an ", _caption(scene, rng))   # "an orange circle"
+
+
+def _caption(scene: Scene, rng) -> str:
+    bg = scene.background
+    if len(scene.objects) == 1:
+        o = scene.objects[0]
+        pos, pos_alt, title = POSITION_PHRASES[o.position]
+        template = SINGLE_TEMPLATES[int(rng.integers(len(SINGLE_TEMPLATES)))]
+        return template.format(size=rng.choice(SIZE_WORDS[o.size]), color=o.color, shape=o.shape, pos=pos,
+                               pos_alt=pos_alt, pos_title=title, bg=bg)
+    o0, o1 = scene.objects
+    template = PAIR_TEMPLATES[int(rng.integers(len(PAIR_TEMPLATES)))]
+    return template.format(color0=o0.color, shape0=o0.shape, size0=rng.choice(SIZE_WORDS[o0.size]),
+                           color1=o1.color, shape1=o1.shape, size1=rng.choice(SIZE_WORDS[o1.size]),
+                           rel=RELATION_PHRASES[scene.relation], bg=bg)
+
+
+# ---- rendering ----------------------------------------------------------------------------------
+def _polygon(shape: str, cx: float, cy: float, h: float, rotation: float) -> list[tuple[float, float]]:
+    """Vertices in pixels; ``h`` is the half-width. Triangles point up (apex at -90 deg)."""
+    if shape == "square":
+        angles, radius = (45, 135, 225, 315), h * math.sqrt(2)
+    else:  # triangle: circumradius chosen so the base half-width is h
+        angles, radius = (-90, 30, 150), h * 2 / math.sqrt(3)
+    return [(cx + radius * math.cos(math.radians(a + rotation)), cy + radius * math.sin(math.radians(a + rotation)))
+            for a in angles]
+
+
+def render(scene: Scene, image_size: int, render_scale: int) -> Image.Image:
+    big = image_size * render_scale
+    img = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(img)
+    for o in scene.objects:
+        cx, cy, h = o.x * big, o.y * big, SIZES[o.size] * big
+        if o.shape == "circle":
+            draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=o.rgb)
+        else:
+            draw.polygon(_polygon(o.shape, cx, cy, h, o.rotation), fill=o.rgb)
+    return img.resize((image_size, image_size), Image.BOX) if render_scale > 1 else img
+
+
+def encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _render_chunk(args) -> int:
+    scenes, out_dir, image_size, render_scale, quality, near_keys = args
+    for key, scene in scenes:
+        img = render(scene, image_size, render_scale)
+        (out_dir / f"{key}.jpg").write_bytes(encode_jpeg(img, quality))
+        for near_key in near_keys.get(key, ()):
+            # A re-upload: resized by a quarter and re-encoded at lower quality.
+            resized = img.resize((round(image_size * 1.25),) * 2, Image.BICUBIC)
+            (out_dir / f"{near_key}.jpg").write_bytes(encode_jpeg(resized, 80))
+    return len(scenes)
+
+
+# ---- the stage ----------------------------------------------------------------------------------
+def build_pairs(cfg) -> tuple[list[Scene], pd.DataFrame]:
+    """All scenes and the pairs table (one row per URL), without touching the disk."""
+    c = cfg.corpus
+    scenes = [sample_scene(c.seed, i, c.two_object_fraction) for i in range(c.n_scenes)]
+    rng = np.random.default_rng([c.seed, 1_000_003])
+    # Splits by scene, so no scene (nor its duplicates) leaks across splits.
+    u = rng.random(len(scenes))
+    for s, ui in zip(scenes, u):
+        s.split = "test" if ui < c.split.test else "val" if ui < c.split.test + c.split.val else "train"
+
+    rows = []
+
+    def row(key, url, scene, text, *, mismatched=False, caption_scene=None, dup_of=None, dup_kind=None, fault=None):
+        gt = scene.ground_truth() if scene is not None else None
+        if gt is not None:
+            gt.update(mismatched=mismatched, caption_scene_id=caption_scene)
+        objs = scene.objects if scene is not None else []
+        flat = {}
+        for i in range(2):
+            o = objs[i] if i < len(objs) else None
+            for attr in ("color", "shape", "size", "position"):
+                flat[f"{attr}{i}"] = getattr(o, attr) if o else None
+        rows.append({"key": key, "url": url, "caption": text, "split": scene.split if scene else "train",
+                     "scene_id": scene.scene_id if scene else -1, "n_objects": len(objs),
+                     "background": scene.background if scene else None, **flat,
+                     "relation": scene.relation if scene else None, "mismatched": mismatched,
+                     "duplicate_of": dup_of, "duplicate_kind": dup_kind, "fault": fault,
+                     "gt": json.dumps(gt) if gt else None})
+
+    by_split: dict[str, list[Scene]] = {}
+    for s in scenes:
+        by_split.setdefault(s.split, []).append(s)
+    for s in scenes:
+        r = np.random.default_rng([c.seed, s.scene_id, 1])
+        key = f"{s.scene_id:07d}"
+        if r.random() < c.mismatch_fraction and len(by_split[s.split]) > 1:
+            # Web-data noise: the caption of another scene of the same split.
+            other = by_split[s.split][int(r.integers(len(by_split[s.split])))]
+            while other.scene_id == s.scene_id:
+                other = by_split[s.split][int(r.integers(len(by_split[s.split])))]
+            row(key, f"images/{key}.jpg", s, caption(other, r), mismatched=True, caption_scene=other.scene_id)
+        else:
+            row(key, f"images/{key}.jpg", s, caption(s, r), caption_scene=s.scene_id)
+
+    def pick(n, salt):
+        r = np.random.default_rng([c.seed, salt])
+        return r.choice(len(scenes), size=min(n, len(scenes)), replace=False)
+
+    n = c.n_scenes
+    for j, i in enumerate(pick(round(n * c.duplicate_fraction), 2)):
+        s = scenes[int(i)]
+        r = np.random.default_rng([c.seed, s.scene_id, 2])
+        row(f"d{j:06d}", f"images/d{j:06d}.jpg", s, caption(s, r), caption_scene=s.scene_id,
+            dup_of=f"{s.scene_id:07d}", dup_kind="exact")
+    for j, i in enumerate(pick(round(n * c.near_duplicate_fraction), 3)):
+        s = scenes[int(i)]
+        r = np.random.default_rng([c.seed, s.scene_id, 3])
+        row(f"n{j:06d}", f"images/n{j:06d}.jpg", s, caption(s, r), caption_scene=s.scene_id,
+            dup_of=f"{s.scene_id:07d}", dup_kind="near")
+    n_faults = round(n * c.fault_fraction)
+    r = np.random.default_rng([c.seed, 4])
+    for j in range(n_faults):
+        kind = FAULT_KINDS[j % len(FAULT_KINDS)]
+        donor = scenes[int(r.integers(len(scenes)))]
+        row(f"f{j:06d}", f"fault/{kind}/{j}.jpg", None, caption(donor, r), fault=kind)
+
+    df = pd.DataFrame(rows)
+    # Interleave the extra URLs with the scenes, as a real URL list would be (deterministic).
+    order = np.random.default_rng([c.seed, 5]).permutation(len(df))
+    return scenes, df.iloc[order].reset_index(drop=True)
+
+
+def write_fault_bodies(out: Path, image_size: int) -> None:
+    """What the crawl's fault server returns for the fault URLs that need a body."""
+    out.mkdir(parents=True, exist_ok=True)
+    sample = Scene(0, "white", [Obj("red", "circle", "large", "center", 0.5, 0.5, 0.0, COLORS["red"])])
+    jpeg = encode_jpeg(render(sample, image_size, 2), 95)
+    (out / "truncated.jpg").write_bytes(jpeg[: len(jpeg) * 6 // 10])      # cut mid-scan
+    (out / "opted_out.jpg").write_bytes(jpeg)
+    (out / "not_an_image.html").write_bytes(b"<!doctype html><html><body>404-ish soft error page</body></html>")
+    big = io.BytesIO()
+    Image.new("RGB", (4096, 4096), (200, 30, 30)).save(big, format="PNG")   # 16 Mpx, ~50 KB
+    (out / "too_large.png").write_bytes(big.getvalue())
+
+
+def sample_grid(paths: list[Path], cols: int = 8) -> Image.Image:
+    imgs = [Image.open(p).convert("RGB") for p in paths]
+    size = imgs[0].size[0]
+    rows = math.ceil(len(imgs) / cols)
+    grid = Image.new("RGB", (cols * size, rows * size), (255, 255, 255))
+    for i, im in enumerate(imgs):
+        grid.paste(im.resize((size, size)), ((i % cols) * size, (i // cols) * size))
+    return grid
+
+
+def run(cfg, ws) -> dict:
+    c = cfg.corpus
+    scenes, pairs = build_pairs(cfg)
+    near = pairs[pairs.duplicate_kind == "near"]
+    near_keys: dict[str, list[str]] = {}
+    for k, src in zip(near.key, near.duplicate_of):
+        near_keys.setdefault(src, []).append(k)
+
+    with atomic_dir(ws.corpus) as out:
+        img_dir = out / "images"
+        img_dir.mkdir()
+        items = [(f"{s.scene_id:07d}", s) for s in scenes]
+        chunk = 250
+        jobs = [(items[i:i + chunk], img_dir, c.image_size, c.render_scale, c.jpeg_quality,
+                 {k: near_keys[k] for k, _ in items[i:i + chunk] if k in near_keys})
+                for i in range(0, len(items), chunk)]
+        bar = progress(total=len(items), desc="corpus: render", unit="img")
+        if c.workers > 1:
+            with ProcessPoolExecutor(c.workers) as pool:
+                for done in pool.map(_render_chunk, jobs):
+                    bar.update(done)
+        else:
+            for job in jobs:
+                bar.update(_render_chunk(job))
+        bar.close()
+        exact = pairs[pairs.duplicate_kind == "exact"]
+        for k, src in zip(exact.key, exact.duplicate_of):   # a re-post: the very same bytes
+            shutil.copyfile(img_dir / f"{src}.jpg", img_dir / f"{k}.jpg")
+        write_fault_bodies(out / "faults", c.image_size)
+        pairs.to_parquet(out / "pairs.parquet", index=False)
+        first = [img_dir / f"{s.scene_id:07d}.jpg" for s in scenes[:64]]
+        sample_grid(first).save(out / "samples.png")
+
+    from ..tracking import log_artifact
+    log_artifact(ws.corpus / "samples.png", "corpus")
+    real = pairs[pairs.fault.isna()]
+    metrics = {
+        "scenes": len(scenes),
+        "urls": len(pairs),
+        "pairs_by_split": {k: int(v) for k, v in real.split.value_counts().items()},
+        "single_object": int((real.n_objects == 1).sum()),
+        "two_object": int((real.n_objects == 2).sum()),
+        "mismatched_captions": int(real.mismatched.sum()),
+        "exact_duplicates": int((pairs.duplicate_kind == "exact").sum()),
+        "near_duplicates": int((pairs.duplicate_kind == "near").sum()),
+        "faults": {k: int(v) for k, v in pairs.fault.value_counts().items()},
+        "image_size": c.image_size,
+    }
+    say("corpus", f"{len(scenes)} scenes, {len(pairs)} URLs ({sum(metrics['faults'].values())} faults) "
+                  f"-> {ws.corpus.relative_to(ws.root)}/ (pairs.parquet, images/, samples.png)")
+    return metrics

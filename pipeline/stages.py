@@ -1,0 +1,51 @@
+"""The stage registry and the one way a stage is run.
+
+A stage is ``run(config, workspace) -> dict`` (its figures). ``run_stage`` wraps it the same way
+for the CLI, DVC and the Prefect flow: an MLflow nested run, timing, ``metrics/<stage>.json``
+written atomically, and a closing line that says where the figures went.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from typing import Callable
+
+from . import tracking
+from .config import Config
+from .progress import say
+from .workspace import Workspace, atomic_write_json
+
+# Order is the pipeline's order; values are "module:function".
+STAGES: dict[str, str] = {
+    "corpus": "pipeline.data.corpus:run",
+    "crawl": "pipeline.data.crawl:run",
+    "filter": "pipeline.data.filter:run",
+    "clip": "pipeline.clip.stage:run",
+    "embed": "pipeline.embed:run",
+}
+
+
+class StageError(RuntimeError):
+    """A stage failed on bad input or configuration: retrying will not help."""
+
+
+def stage_function(name: str) -> Callable[[Config, Workspace], dict]:
+    if name not in STAGES:
+        raise StageError(f"unknown stage {name!r} (known: {', '.join(STAGES)})")
+    module, func = STAGES[name].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def run_stage(name: str, cfg: Config, ws: Workspace) -> dict:
+    fn = stage_function(name)
+    with tracking.stage_run(cfg, ws.root, name):
+        t0 = time.perf_counter()
+        metrics = fn(cfg, ws)
+        metrics = {"stage": name, "profile": cfg.profile, **metrics,
+                   "duration_s": round(time.perf_counter() - t0, 2)}
+        path = ws.metrics_path(name)
+        atomic_write_json(path, metrics)
+        tracking.log_metrics(metrics)
+        tracking.log_artifact(path)
+    say(name, f"done in {metrics['duration_s']:.1f} s; figures in {path.relative_to(ws.root)}")
+    return metrics

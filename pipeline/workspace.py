@@ -1,0 +1,110 @@
+"""The workspace: where a pipeline's params, data, models and metrics live, and how stages write.
+
+Every stage output is written atomically: into a sibling temp path first, then renamed over the
+final path, so an interrupted stage never leaves a half-written artifact that looks complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | os.PathLike | None = None) -> "Workspace":
+        return cls(Path(root or os.environ.get("UNCLIP_WORKSPACE") or ".").resolve())
+
+    # The stage outputs of DESIGN.md's table.
+    @property
+    def params(self) -> Path: return self.root / "params.yaml"
+    @property
+    def corpus(self) -> Path: return self.root / "data" / "corpus"
+    @property
+    def raw(self) -> Path: return self.root / "data" / "raw"
+    @property
+    def filtered(self) -> Path: return self.root / "data" / "filtered"
+    @property
+    def embeddings(self) -> Path: return self.root / "data" / "embeddings"
+    @property
+    def clip(self) -> Path: return self.root / "models" / "clip"
+    @property
+    def metrics_dir(self) -> Path: return self.root / "metrics"
+
+    def metrics_path(self, stage: str) -> Path:
+        return self.metrics_dir / f"{stage.replace('@', '_')}.json"
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temp dir beside ``final``; on success it replaces ``final`` in one rename.
+
+    On error the temp dir is removed and ``final`` (the previous good output, if any) is kept.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.parent / f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+
+
+def _json_default(o):
+    import numpy as np
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
