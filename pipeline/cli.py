@@ -68,10 +68,12 @@ def show_config(ctx):
 def run(ctx, force):
     """Run the whole pipeline as a Prefect flow (stages through DVC, tracked in MLflow)."""
     cfg, ws = _load(ctx)
-    from flows.train import train_flow
-    summary = train_flow(workspace=str(ws.root), profile=cfg.profile, force=force)
-    failed = [s for s in summary["stages"] if s["status"] == "failed"]
-    sys.exit(1 if failed else 0)
+    from flows.train import StageFailed, train_flow
+    try:
+        train_flow(workspace=str(ws.root), profile=cfg.profile, force=force)
+    except StageFailed as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_BAD_INPUT if err.permanent else 1)
 
 
 @main.command()

@@ -89,6 +89,7 @@ class ClipModelConfig(Section):
     vision_layers: int = Field(4, ge=1)
     vision_width: int = Field(192, ge=16)
     vision_patch_size: int = Field(8, ge=1)
+    vision_stem: Literal["conv", "patch"] = "conv"
     context_length: int = Field(32, ge=8, le=77)
     text_layers: int = Field(4, ge=1)
     text_width: int = Field(128, ge=16)
@@ -115,12 +116,14 @@ class ClipConfig(Section):
     grad_clip: float = Field(1.0, gt=0)
     num_workers: int = Field(1, ge=0)
     eval_batch_size: int = Field(512, ge=1)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
 
 
 class EmbedConfig(Section):
     batch_size: int = Field(256, ge=1)
     min_similarity: Optional[float] = Field(None, ge=-1, le=1)
     shard_size: int = Field(2500, ge=1)
+    num_workers: int = Field(1, ge=0)
     token_dtype: Literal["float16", "float32"] = "float16"
 
 

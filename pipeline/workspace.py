@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 
 @dataclass(frozen=True)
@@ -108,3 +108,43 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+# ---- creating a workspace -----------------------------------------------------------------------
+SOURCE_ROOT = Path(__file__).resolve().parent.parent      # the checkout holding dvc.yaml
+DVCIGNORE = "__pycache__/\n*.pyc\n.unclip/\n"
+
+
+def init_workspace(directory: str | os.PathLike, params: Optional[Path] = None) -> Path:
+    """A git + DVC repo holding dvc.yaml and params.yaml, ready for `dvc repro` / `unclip run`.
+
+    The stages' code dependencies (``pipeline/...`` in dvc.yaml) resolve through a symlink to
+    this checkout, so editing the code marks the stages it touches stale here too.
+    """
+    import subprocess
+    root = Path(directory).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", "params.yaml"):
+        if not (SOURCE_ROOT / name).exists():
+            raise FileNotFoundError(f"{SOURCE_ROOT / name} not found: `unclip init` needs the project checkout")
+    shutil.copyfile(SOURCE_ROOT / "dvc.yaml", root / "dvc.yaml")
+    shutil.copyfile(params or SOURCE_ROOT / "params.yaml", root / "params.yaml")
+    if not (root / "pipeline").exists():
+        (root / "pipeline").symlink_to(SOURCE_ROOT / "pipeline", target_is_directory=True)
+    (root / ".dvcignore").write_text(DVCIGNORE)
+    (root / ".gitignore").write_text("/pipeline\n/mlflow.db\n/mlartifacts/\n/.unclip/\n")
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+
+    def sh(*cmd):
+        subprocess.run(cmd, cwd=root, check=True, capture_output=True, text=True, env=env)
+
+    if not (root / ".git").exists():
+        sh("git", "init", "-q")
+        sh("git", "config", "user.email", "unclip@localhost")
+        sh("git", "config", "user.name", "unclip")
+    if not (root / ".dvc").exists():
+        sh("dvc", "init", "-q")
+        sh("dvc", "config", "core.analytics", "false")
+    sh("git", "add", "-A")
+    sh("git", "commit", "-q", "-m", "unclip workspace")
+    return root

@@ -1,0 +1,152 @@
+"""The training flow: every stage in order, each a Prefect task that runs `dvc repro <stage>`.
+
+DVC decides whether a stage is stale (so a second run does nothing) and takes a lock per
+workspace, so the tasks run one at a time. A stage that fails on bad input (exit code 2 from
+`unclip stage`) is not retried; anything else is retried per the task's policy. MLflow gets one
+parent run per flow run; the stage subprocesses attach their nested runs to it through
+``UNCLIP_PARENT_RUN_ID``. The flow ends by publishing a table artifact of every stage's figures.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+
+from pipeline import config as config_mod
+from pipeline import tracking
+from pipeline.stages import STAGES
+from pipeline.workspace import Workspace
+
+RETRIES = 2
+RETRY_DELAY_S = 5
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, message: str, permanent: bool):
+        super().__init__(message)
+        self.stage, self.permanent = stage, permanent
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    """Prefect retry condition: retry unless the stage said its input or config is bad."""
+    try:
+        state.result()
+    except StageFailed as err:
+        return not err.permanent
+    except Exception:  # noqa: BLE001 - anything unexpected is worth another try
+        return True
+    return False
+
+
+def stage_env(profile: str, parent_run_id: Optional[str]) -> dict:
+    bindir = str(Path(sys.executable).parent)       # `unclip` and `dvc` of this environment
+    env = {**os.environ, config_mod.PROFILE_ENV: profile, "DVC_NO_ANALYTICS": "1",
+           "NO_ALBUMENTATIONS_UPDATE": "1", "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    if parent_run_id:
+        env[tracking.PARENT_ENV] = parent_run_id
+    return env
+
+
+@task(retries=RETRIES, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=_retry_transient,
+      task_run_name="{stage}")
+def repro_stage(stage: str, workspace: str, env: dict, force: bool = False) -> dict:
+    """`dvc repro --single-item <stage>`; returns whether it ran and its figures."""
+    logger = get_run_logger()
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=workspace, env=env, capture_output=True, text=True)
+    seconds = round(time.perf_counter() - t0, 1)
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.strip() and "\r" not in line:
+            logger.info(line)
+    if proc.returncode != 0:
+        out = proc.stdout + proc.stderr
+        permanent = bool(re.search(r"exited with 2\b", out))
+        tail = "\n".join(out.strip().splitlines()[-15:])
+        raise StageFailed(stage, f"stage {stage!r} failed ({'bad input' if permanent else 'will retry'}):\n{tail}",
+                          permanent)
+    ran = f"Running stage '{stage}'" in proc.stdout
+    metrics_path = Workspace.at(workspace).metrics_path(stage)
+    figures = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    return {"stage": stage, "status": "ran" if ran else "skipped", "seconds": seconds, "figures": figures}
+
+
+def headline(stage: str, f: dict) -> str:
+    """One line of a stage's figures for the summary table."""
+    if not f:
+        return ""
+    if stage == "corpus":
+        return f"{f.get('scenes')} scenes, {f.get('urls')} URLs, faults {sum(f.get('faults', {}).values())}"
+    if stage == "crawl":
+        return (f"{f.get('succeeded')}/{f.get('attempted')} ok; failed "
+                + ", ".join(f"{k} {v}" for k, v in f.get("failed_by_reason", {}).items() if v))
+    if stage == "filter":
+        return (f"{f.get('kept')}/{f.get('input')} kept; dropped "
+                + ", ".join(f"{k} {v}" for k, v in f.get("dropped_by_reason", {}).items() if v))
+    if stage == "clip":
+        zs, v = f.get("val", {}).get("zero_shot", {}), f.get("val", {})
+        return (f"zero-shot color {zs.get('color_acc')}%, shape {zs.get('shape_acc')}%, "
+                f"position {zs.get('position_acc')}%; R@1 i->t {v.get('image_to_text_r@1')}%")
+    if stage == "embed":
+        return f"{f.get('kept')} embedded ({f.get('dropped_low_similarity')} dropped), {f.get('images_per_s')} img/s"
+    return ""
+
+
+def recorded_profile(ws: Workspace, stage: str) -> Optional[str]:
+    path = ws.metrics_path(stage)
+    try:
+        return json.loads(path.read_text()).get("profile")
+    except (OSError, ValueError):
+        return None
+
+
+@flow(name="unclip-train", log_prints=True)
+def train_flow(workspace: str = ".", profile: str = config_mod.DEFAULT_PROFILE, force: bool = False,
+               stages: Optional[list[str]] = None) -> dict:
+    """Run the pipeline's stages in order through DVC; returns (and publishes) the summary."""
+    ws = Workspace.at(workspace)
+    cfg = config_mod.load(ws.params, profile)          # validate before any work starts
+    selected = stages or list(STAGES)
+    rows, failed = [], None
+    with tracking.start_run(cfg, ws.root, f"pipeline[{cfg.profile}]") as parent:
+        env = stage_env(cfg.profile, parent.info.run_id)
+        for stage in selected:
+            if failed:
+                rows.append({"stage": stage, "status": "not run", "seconds": 0, "figures": {}})
+                continue
+            # DVC does not see the profile (an environment variable): outputs built under another
+            # profile are stale for this run, so those stages are forced.
+            previous = recorded_profile(ws, stage)
+            stage_force = force or (previous is not None and previous != cfg.profile)
+            try:
+                rows.append(repro_stage(stage, str(ws.root), env, stage_force))
+            except StageFailed as err:
+                failed = err
+                rows.append({"stage": stage, "status": "failed", "seconds": 0, "figures": {}, "error": str(err)})
+        table = [{"stage": r["stage"], "status": r["status"], "seconds": r["seconds"],
+                  "figures": headline(r["stage"], r["figures"])} for r in rows]
+        tracking.log_metrics({"stages_ran": sum(r["status"] == "ran" for r in rows),
+                              "stages_failed": sum(r["status"] == "failed" for r in rows)})
+        import mlflow
+        mlflow.log_dict({"stages": table}, "summary.json")
+    create_table_artifact(key="unclip-pipeline-summary", table=table,
+                          description=f"unclip pipeline, profile {cfg.profile}, workspace {ws.root}")
+    width = max(len(r["stage"]) for r in table)
+    print("\n".join(f"{r['stage']:<{width}}  {r['status']:<8} {r['seconds']:>7.1f} s  {r['figures']}" for r in table))
+    summary = {"profile": cfg.profile, "workspace": str(ws.root), "stages": rows,
+               "mlflow_parent_run_id": parent.info.run_id}
+    if failed:
+        raise failed
+    return summary
+
+
+if __name__ == "__main__":
+    train_flow()

@@ -1,0 +1,1 @@
+"""The pipeline's CLIP: model bundle, data, contrastive training, evaluation and the `clip` stage."""

@@ -1,0 +1,97 @@
+"""Reading (image, caption, ground truth) samples from WebDataset shards for CLIP and embedding.
+
+Training streams: shards are resampled with replacement, samples pass a shuffle buffer, and
+batches are assembled in DataLoader workers, so memory does not grow with the data set. The
+split of a sample comes from its ``json`` (the crawl keeps the URL list's ``split`` column);
+samples without one count as train.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+
+def sample_meta(sample: dict) -> dict:
+    raw = sample.get("json")
+    meta = json.loads(raw) if raw else {}
+    gt = meta.get("gt")
+    if isinstance(gt, str):
+        meta["gt"] = json.loads(gt)
+    return meta
+
+
+def split_of(sample: dict) -> str:
+    return sample_meta(sample).get("split") or "train"
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """JPEG/PNG bytes -> uint8 [3, H, W]."""
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def _to_pair(sample: dict) -> tuple[torch.Tensor, str]:
+    return decode_image(sample["jpg"]), sample["txt"].decode("utf-8")
+
+
+def train_loader(paths: list[Path], tokenize: Callable[[list[str]], torch.Tensor], batch_size: int,
+                 num_workers: int, seed: int, image_size: int) -> wds.WebLoader:
+    """Endless stream of (uint8 images [B,3,S,S], tokens [B,L]) from the train split."""
+    def collate(batch):
+        images = torch.stack([resize_uint8(img, image_size) for img, _ in batch])
+        return images, tokenize([cap for _, cap in batch])
+
+    ds = (wds.WebDataset([str(p) for p in paths], resampled=True, shardshuffle=False, seed=seed,
+                         nodesplitter=wds.split_by_node, empty_check=False)
+          .select(lambda s: split_of(s) == "train")
+          .shuffle(2000, initial=1000)
+          .map(_to_pair)
+          .batched(batch_size, collation_fn=collate, partial=False))
+    return wds.WebLoader(ds, batch_size=None, num_workers=num_workers, worker_init_fn=single_thread,
+                         persistent_workers=num_workers > 0)
+
+
+def single_thread(_worker_id: int) -> None:
+    # Decoding workers must not start their own OpenMP pool: on a 2-core machine the spinning
+    # threads halve the training step's matmul throughput.
+    torch.set_num_threads(1)
+
+
+def resize_uint8(img: torch.Tensor, size: int) -> torch.Tensor:
+    if img.shape[-1] == size and img.shape[-2] == size:
+        return img
+    x = torch.nn.functional.interpolate(img[None].float(), size=(size, size), mode="bicubic", antialias=True,
+                                        align_corners=False)
+    return x[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def iter_split(paths: list[Path], split: Optional[str]) -> Iterator[dict]:
+    """Samples of one split (``None`` = all), in shard order, with ``meta`` decoded."""
+    ds = wds.WebDataset([str(p) for p in paths], shardshuffle=False, empty_check=False)
+    for s in ds:
+        meta = sample_meta(s)
+        if split is None or (meta.get("split") or "train") == split:
+            s["meta"] = meta
+            yield s
+
+
+def load_split(paths: list[Path], split: str, image_size: int, limit: Optional[int] = None) -> dict:
+    """A (small) evaluation split in memory: uint8 images, captions, ground truth, keys."""
+    images, captions, gts, keys = [], [], [], []
+    for s in iter_split(paths, split):
+        images.append(resize_uint8(decode_image(s["jpg"]), image_size))
+        captions.append(s["txt"].decode("utf-8"))
+        gts.append(s["meta"].get("gt"))
+        keys.append(s["__key__"])
+        if limit and len(keys) >= limit:
+            break
+    return {"images": torch.stack(images) if images else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8),
+            "captions": captions, "gt": gts, "keys": keys}

@@ -1,0 +1,218 @@
+"""The pipeline's CLIP: an open_clip model, saved as a self-describing bundle.
+
+Bundle layout (``models/clip/``)::
+
+    open_clip_config.json   the open_clip model config (embed_dim, vision_cfg, text_cfg)
+    preprocess.json         image_size, mean, std the image tower expects
+    model.safetensors       weights
+    run_config.json         the resolved pipeline config it was trained/loaded with, and versions
+
+Our own model is a small ViT registered with open_clip under ``MODEL_NAME``; a pretrained one is
+named ``<arch>:<tag or local checkpoint>`` (e.g. ``ViT-B-32:laion2b_s34b_b79k``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
+from safetensors.torch import load_file, save_file
+
+MODEL_NAME = "unclip-small-vit"
+# OpenAI CLIP's normalisation, which open_clip uses by default.
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def open_clip_config(m) -> dict:
+    """open_clip JSON config for our small ViT from ``clip.model`` of params.yaml."""
+    return {
+        "embed_dim": m.embed_dim,
+        "vision_cfg": {"image_size": m.image_size, "layers": m.vision_layers, "width": m.vision_width,
+                       "patch_size": m.vision_patch_size, "head_width": min(64, m.vision_width)},
+        "text_cfg": {"context_length": m.context_length, "vocab_size": 49408, "width": m.text_width,
+                     "heads": m.text_heads, "layers": m.text_layers},
+    }
+
+
+def conv_stem(width: int, patch_size: int) -> torch.nn.Sequential:
+    """Stride-2 3x3 convolutions in place of the ViT's linear patch embedding.
+
+    "Early convolutions help transformers see better" (Xiao et al. 2021): a small conv stem
+    makes ViTs optimise faster and more stably; here it is what lets a tiny CLIP learn shapes
+    within a CPU budget. Output is the patch grid the ViT expects: [B, width, S/p, S/p].
+    """
+    n = int(math.log2(patch_size))
+    if 2 ** n != patch_size or n < 1:
+        raise ValueError(f"conv stem needs a power-of-two patch size, got {patch_size}")
+    chans = [3] + [max(16, width >> (n - 1 - i)) for i in range(n)]
+    layers: list[torch.nn.Module] = []
+    for i in range(n):
+        layers.append(torch.nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1))
+        if i < n - 1:
+            layers.append(torch.nn.GELU())
+    return torch.nn.Sequential(*layers)
+
+
+def _create(name: str, stem: str):
+    model = open_clip.create_model(name, pretrained=None)
+    if stem == "conv":
+        v = model.visual
+        v.conv1 = conv_stem(v.conv1.out_channels, v.conv1.kernel_size[0])
+    return model
+
+
+def _register(name: str, config: dict, scratch: Path) -> None:
+    # open_clip reads model configs from JSON files on its search path.
+    scratch.mkdir(parents=True, exist_ok=True)
+    path = scratch / f"{name}.json"
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(path)
+
+
+@dataclass
+class ClipBundle:
+    """A CLIP model with its tokenizer and the preprocessing its image tower expects."""
+    model: open_clip.CLIP
+    tokenizer: object
+    name: str
+    config: dict
+    image_size: int
+    mean: tuple
+    std: tuple
+    stem: str = "patch"         # "patch" (open_clip's linear patch embedding) or "conv" (conv_stem)
+
+    @property
+    def context_length(self) -> int:
+        return self.config["text_cfg"].get("context_length", 77)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config["embed_dim"]
+
+    @property
+    def text_width(self) -> int:
+        return self.config["text_cfg"]["width"]
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] -> normalised float [B, 3, S, S] at the tower's resolution."""
+        x = images.float().div_(255)
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True,
+                              align_corners=False).clamp_(0, 1)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer(captions)      # [B, context_length] int64
+
+    def encode_image(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 images [B, 3, H, W] -> unit-norm image embeddings z_i [B, D]."""
+        return F.normalize(self.model.encode_image(self.preprocess(images_uint8)), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens [B, L] -> (z_t [B, D] unit-norm, per-token encodings [B, L, W], mask [B, L] bool).
+
+        The per-token encodings are the text transformer's final-layer states (after ln_final):
+        what unCLIP's prior and GLIDE-style decoder attend to. The mask marks real tokens
+        (start .. end-of-text inclusive); padding is False.
+        """
+        m = self.model
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast) + m.positional_embedding.to(cast)
+        x = m.transformer(x, attn_mask=m.attn_mask)
+        x = m.ln_final(x)                                             # [B, L, W]
+        pooled = text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+        z_t = pooled @ m.text_projection if not isinstance(m.text_projection, torch.nn.Linear) \
+            else m.text_projection(pooled)
+        eot = tokens.argmax(dim=-1)                                   # end-of-text has the largest id
+        mask = torch.arange(tokens.shape[1], device=tokens.device)[None, :] <= eot[:, None]
+        return F.normalize(z_t, dim=-1), x, mask
+
+
+def build(model_cfg, scratch: Path) -> ClipBundle:
+    """A freshly initialised small CLIP from ``clip.model``."""
+    config = open_clip_config(model_cfg)
+    _register(MODEL_NAME, config, scratch)
+    model = _create(MODEL_NAME, model_cfg.vision_stem)
+    return ClipBundle(model, open_clip.get_tokenizer(MODEL_NAME), MODEL_NAME, config,
+                      model_cfg.image_size, MEAN, STD, model_cfg.vision_stem)
+
+
+def save(bundle: ClipBundle, out: Path, run_config: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "open_clip_config.json").write_text(json.dumps({"name": bundle.name, "stem": bundle.stem, **bundle.config},
+                                                          indent=2))
+    (out / "preprocess.json").write_text(json.dumps(
+        {"image_size": bundle.image_size, "mean": list(bundle.mean), "std": list(bundle.std)}, indent=2))
+    state = {k: v.detach().contiguous().cpu() for k, v in bundle.model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
+    (out / "run_config.json").write_text(json.dumps({"config": run_config, "versions": versions()}, indent=2))
+
+
+def load(path: Path, device: str | torch.device = "cpu") -> ClipBundle:
+    """Load a bundle written by :func:`save`. Fails with a clear message if it is incomplete."""
+    path = Path(path)
+    missing = [f for f in ("open_clip_config.json", "preprocess.json", "model.safetensors") if not (path / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"{path} is not a CLIP bundle (missing {', '.join(missing)}); run `unclip stage clip`")
+    cfg = json.loads((path / "open_clip_config.json").read_text())
+    name, stem = cfg.pop("name"), cfg.pop("stem", "patch")
+    pre = json.loads((path / "preprocess.json").read_text())
+    _register(name, cfg, path / ".open_clip")
+    model = _create(name, stem)
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    model.to(device).eval()
+    return ClipBundle(model, open_clip.get_tokenizer(name), name, cfg, pre["image_size"],
+                      tuple(pre["mean"]), tuple(pre["std"]), stem)
+
+
+def load_pretrained(spec: str, scratch: Path) -> ClipBundle:
+    """Resolve ``clip.pretrained``: a bundle directory, or ``<arch>:<open_clip tag | checkpoint file>``.
+
+    Offline, an open_clip tag that is not in the local cache fails with a message saying so.
+    """
+    p = Path(spec)
+    if p.is_dir():
+        return load(p)
+    if ":" not in spec:
+        raise ValueError(f"clip.pretrained={spec!r}: expected a bundle directory or '<arch>:<tag or file>' "
+                         f"(e.g. 'ViT-B-32:laion2b_s34b_b79k'); known archs: {', '.join(open_clip.list_models()[:8])}, ...")
+    arch, source = spec.split(":", 1)
+    if arch not in open_clip.list_models():
+        raise ValueError(f"clip.pretrained={spec!r}: unknown open_clip architecture {arch!r}")
+    if not Path(source).exists() and source not in open_clip.list_pretrained_tags_by_model(arch):
+        raise ValueError(f"clip.pretrained={spec!r}: {source!r} is neither a local file nor an open_clip tag "
+                         f"of {arch} (tags: {', '.join(open_clip.list_pretrained_tags_by_model(arch))})")
+    try:
+        model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=source)
+    except Exception as err:  # noqa: BLE001 - hub/network errors come in many types
+        raise RuntimeError(f"clip.pretrained={spec!r}: could not load weights ({type(err).__name__}: {err}). "
+                           "Offline, only weights already in the local cache or a local file can be used.") from err
+    config = open_clip.get_model_config(arch)
+    pre = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
+    size = config["vision_cfg"].get("image_size", 224)
+    return ClipBundle(model.eval(), open_clip.get_tokenizer(arch), arch, config,
+                      size if isinstance(size, int) else size[0],
+                      tuple(pre.get("mean", MEAN)), tuple(pre.get("std", STD)))
+
+
+def versions() -> dict:
+    import webdataset
+    return {"python": platform.python_version(), "torch": torch.__version__, "open_clip": open_clip.__version__,
+            "numpy": np.__version__, "webdataset": getattr(webdataset, "__version__", "unknown")}
+
+
+def device_of(explicit: Optional[str] = None) -> torch.device:
+    if explicit:
+        return torch.device(explicit)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,71 @@
+"""The `clip` stage: train (or resolve a pretrained) CLIP, evaluate it on val, save the bundle."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from .. import tracking
+from ..data.shards import shard_paths
+from ..progress import say
+from ..stages import StageError
+from ..workspace import atomic_dir
+from . import model as clip_model
+from .data import load_split
+from .train import train
+from .zeroshot import evaluate
+
+
+def run(cfg, ws) -> dict:
+    c = cfg.clip
+    paths = shard_paths(ws.filtered)
+    if not paths:
+        raise StageError(f"no shards in {ws.filtered}: run the filter stage first")
+    checkpoints = ws.root / ".unclip" / "checkpoints" / "clip"
+    curve: list[tuple[int, float]] = []
+
+    def on_log(step, figures):
+        curve.append((step, figures["loss"]))
+        tracking.log_metrics({"train_loss": figures["loss"], "lr": figures["lr"]}, step=step)
+
+    with atomic_dir(ws.clip) as out:
+        if c.pretrained:
+            try:
+                bundle = clip_model.load_pretrained(c.pretrained, out / ".open_clip")
+            except (ValueError, RuntimeError, FileNotFoundError) as err:
+                raise StageError(str(err)) from None
+            summary = {"pretrained": c.pretrained}
+        else:
+            bundle, summary = train(c, paths, out / ".open_clip", checkpoints, on_log=on_log)
+        val = load_split(paths, "val", bundle.image_size)
+        if not val["keys"]:
+            raise StageError("the val split is empty: no sample's json carries split='val'")
+        with torch.no_grad():
+            figures = evaluate(bundle, val, c.eval_batch_size)
+        clip_model.save(bundle, out, cfg.model_dump(mode="json"))
+        (out / "train_curve.json").write_text(json.dumps(curve))
+        plot = out / "clip_figures.png"
+        _plot(curve, figures, plot)
+
+    tracking.log_artifact(ws.clip / "clip_figures.png", "clip")
+    zs = figures.get("zero_shot", {})
+    say("clip", f"val: zero-shot color {zs.get('color_acc')}%, shape {zs.get('shape_acc')}%, position "
+                f"{zs.get('position_acc')}%; recall@1 i->t {figures.get('image_to_text_r@1')}% "
+                f"-> {ws.clip.relative_to(ws.root)}/ (model.safetensors)")
+    return {"train": summary, "val": figures}
+
+
+def _plot(curve, figures, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    if curve:
+        a.plot(*zip(*curve))
+    a.set(title="contrastive loss", xlabel="step")
+    zs = {k.removesuffix("_acc"): v for k, v in figures.get("zero_shot", {}).items() if k.endswith("_acc")}
+    b.bar(list(zs), list(zs.values()))
+    b.set(title="val zero-shot accuracy (%)", ylim=(0, 100))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,74 @@
+"""Contrastive training of the small CLIP (open_clip's model and InfoNCE loss, our loop).
+
+Recipe notes (found the hard way on the embedded corpus): without warmup the tiny ViT collapses
+to a constant embedding (loss stuck at ln(batch)); warmup plus gradient clipping fixes it.
+No image augmentation: flips and crops would change the captions' positions.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from open_clip.loss import ClipLoss
+
+from ..training import Checkpointer, config_hash, cosine_with_warmup, fit
+from .data import train_loader
+from .model import ClipBundle, build, device_of
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """open_clip's convention: no weight decay on gains, biases, embeddings' scale and logit_scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if exclude else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast where the hardware has it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs)."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def train(clip_cfg, shard_paths: list[Path], scratch: Path, checkpoint_dir: Path,
+          on_log: Optional[Callable[[int, dict], None]] = None) -> tuple[ClipBundle, dict]:
+    torch.manual_seed(clip_cfg.seed)
+    bundle = build(clip_cfg.model, scratch)
+    model = bundle.model.to(device_of())
+    optimizer = torch.optim.AdamW(param_groups(model, clip_cfg.weight_decay), lr=clip_cfg.lr,
+                                  betas=(0.9, 0.98), eps=1e-6)
+    scheduler = cosine_with_warmup(optimizer, clip_cfg.warmup_steps, clip_cfg.steps)
+    loader = train_loader(shard_paths, bundle.tokenize, clip_cfg.batch_size, clip_cfg.num_workers,
+                          clip_cfg.seed, bundle.image_size)
+    contrastive = ClipLoss()
+
+    device = next(model.parameters()).device
+    autocast = use_bf16(clip_cfg.precision, device)
+
+    def loss_fn(model, batch):
+        images, tokens = batch                              # uint8 [B,3,S,S], int64 [B,L]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            z_i = model.encode_image(bundle.preprocess(images.to(device)), normalize=True)
+            z_t = model.encode_text(tokens.to(device), normalize=True)
+        return contrastive(z_i.float(), z_t.float(), model.logit_scale.exp())
+
+    def clamp_temperature(_step):
+        # CLIP paper: the learned temperature is clipped so logits are scaled by at most 100.
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+
+    ckpt = Checkpointer(checkpoint_dir, config_hash(clip_cfg.model_dump(mode="json")), every=100)
+    summary = fit(model, optimizer, scheduler, loader, loss_fn, steps=clip_cfg.steps, checkpointer=ckpt,
+                  grad_clip=clip_cfg.grad_clip, desc="clip: train", on_log=on_log, after_step=clamp_temperature)
+    ckpt.clear()
+    model.eval()
+    summary["logit_scale"] = round(model.logit_scale.exp().item(), 2)
+    return bundle, summary

@@ -1,0 +1,66 @@
+"""params.yaml validation: every setting typed, unknown keys and bad values named, nothing written."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline import config
+
+
+def base(params_path):
+    return yaml.safe_load(params_path.read_text())
+
+
+def test_repo_params_validate_for_every_profile(params_path):
+    raw = base(params_path)
+    for name in raw["profiles"]:
+        cfg = config.resolve(raw, name)
+        assert cfg.profile == name
+    assert config.resolve(raw, "smoke").corpus.n_scenes < config.resolve(raw, "default").corpus.n_scenes
+
+
+def test_profile_overrides_are_deep_merged(params_path):
+    raw = base(params_path)
+    smoke = config.resolve(raw, "smoke")
+    assert smoke.clip.model.vision_layers == raw["profiles"]["smoke"]["clip"]["model"]["vision_layers"]
+    # keys the profile does not mention keep their base value
+    assert smoke.clip.model.vision_patch_size == raw["clip"]["model"]["vision_patch_size"]
+
+
+def test_profile_from_environment(params_path, monkeypatch):
+    monkeypatch.setenv(config.PROFILE_ENV, "smoke")
+    assert config.load(params_path).profile == "smoke"
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda r: r["clip"].update(batch_sizee=3), "clip.batch_sizee: unknown key"),
+    (lambda r: r["corpus"].update(n_scenes=-5), "corpus.n_scenes"),
+    (lambda r: r["crawl"].update(timeout_s="soon"), "crawl.timeout_s"),
+    (lambda r: r["filter"].update(min_caption_words=50), "filter"),
+    (lambda r: r.update(bogus_section={}), "bogus_section: unknown key"),
+    (lambda r: r["clip"]["model"].update(image_size=60), "clip.model"),
+    (lambda r: r["profiles"]["smoke"]["embed"].update(min_similarity=3), "embed.min_similarity"),
+])
+def test_bad_config_names_the_key(params_path, mutate, key):
+    raw = base(params_path)
+    mutate(raw)
+    with pytest.raises(config.ConfigError) as err:
+        config.resolve(raw, "smoke" if "embed" in key else "default")
+    assert key in str(err.value)
+
+
+def test_unknown_profile(params_path):
+    with pytest.raises(config.ConfigError, match="profile 'nope' is not defined"):
+        config.resolve(base(params_path), "nope")
+
+
+def test_cli_bad_param_exits_nonzero_and_writes_nothing(params_path, tmp_path):
+    raw = base(params_path)
+    raw["corpus"]["image_sise"] = 64
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "--workspace", str(tmp_path), "stage", "corpus"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "corpus.image_sise: unknown key" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
