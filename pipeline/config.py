@@ -72,7 +72,7 @@ class FilterConfig(Section):
     exact_dedup: bool = True
     near_dedup: bool = True
     phash_max_distance: int = Field(4, ge=0, le=64)
-    thumb_max_rmse: float = Field(6.0, ge=0)
+    thumb_max_cell_rmse: float = Field(3.25, ge=0)
     shard_size: int = Field(2500, ge=1)
 
     @model_validator(mode="after")

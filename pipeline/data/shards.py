@@ -46,10 +46,13 @@ def iter_samples(paths: list[Path]) -> Iterator[dict]:
 def count_samples(path: Path) -> int:
     """Number of distinct keys in one shard (cheap: reads tar headers only)."""
     keys = set()
-    with tarfile.open(path) as tf:
-        for member in tf:
-            if member.isfile():
-                keys.add(member.name.rsplit("/", 1)[-1].split(".", 1)[0])
+    try:
+        with tarfile.open(path) as tf:
+            for member in tf:
+                if member.isfile():
+                    keys.add(member.name.rsplit("/", 1)[-1].split(".", 1)[0])
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise ShardError(f"{path}: corrupt or unreadable shard ({type(err).__name__}: {err})") from err
     return len(keys)
 
 

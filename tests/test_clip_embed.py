@@ -1,0 +1,145 @@
+"""The clip and embed stages on the smoke profile, and the pieces they are built from."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.clip import model as clip_model
+from pipeline.clip.zeroshot import canonical_caption, recall_at_k
+from pipeline.data.shards import count_samples, iter_samples, shard_paths
+from pipeline.stages import StageError, run_stage
+
+
+@pytest.fixture(scope="module")
+def clip_ws(data_ws, smoke_cfg):
+    metrics = run_stage("clip", smoke_cfg, data_ws)
+    return data_ws, metrics
+
+
+def test_clip_stage_writes_a_bundle_and_figures(clip_ws):
+    ws, m = clip_ws
+    for f in ("open_clip_config.json", "preprocess.json", "model.safetensors", "run_config.json", "clip_figures.png"):
+        assert (ws.clip / f).exists(), f
+    val = m["val"]
+    assert {"image_to_text_r@1", "image_to_text_r@5", "text_to_image_r@1", "text_to_image_r@5"} <= set(val)
+    assert {"color_acc", "shape_acc", "position_acc"} <= set(val["zero_shot"])
+    assert m["train"]["steps"] == 8
+    assert json.loads(ws.metrics_path("clip").read_text())["val"] == val
+
+
+def test_bundle_roundtrip_and_encoder_shapes(clip_ws, smoke_cfg):
+    ws, _ = clip_ws
+    b = clip_model.load(ws.clip)
+    a = clip_model.load(ws.clip)
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    tokens = b.tokenize(["a small red circle in the top left", "a blue square", "a red circle above a green square"])
+    with torch.no_grad():
+        z_i = b.encode_image(images)
+        z_t, enc, mask = b.encode_text(tokens)
+        assert torch.allclose(z_i, a.encode_image(images))           # loading is deterministic
+        # our per-token path matches open_clip's own pooled text embedding
+        ref = torch.nn.functional.normalize(b.model.encode_text(tokens), dim=-1)
+    m = smoke_cfg.clip.model
+    assert z_i.shape == (3, m.embed_dim) and z_t.shape == (3, m.embed_dim)
+    assert torch.allclose(z_t, ref, atol=1e-5)
+    assert torch.allclose(z_i.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert enc.shape == (3, m.context_length, m.text_width)
+    assert mask.dtype == torch.bool and mask[:, 0].all()
+    # "a blue square" is 3 words -> [sot, a, blue, square, eot]
+    assert mask[1].sum().item() == 5
+
+
+def test_recall_at_k_on_known_similarities():
+    z = torch.eye(4)
+    assert recall_at_k(z, z) == {"image_to_text_r@1": 100.0, "image_to_text_r@5": 100.0,
+                                 "text_to_image_r@1": 100.0, "text_to_image_r@5": 100.0}
+    shuffled = z[[1, 0, 3, 2]]
+    r = recall_at_k(z, shuffled, ks=(1,))
+    assert r["image_to_text_r@1"] == 0.0
+
+
+def test_canonical_caption_is_a_corpus_caption():
+    assert canonical_caption("red", "circle", "small", "top left") == "a small red circle in the top left"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("/no/such/dir-or-arch", "expected a bundle directory"),
+    ("NotAnArch:foo", "unknown open_clip architecture"),
+    ("ViT-B-32:/no/such/file.bin", "neither a local file nor an open_clip tag"),
+])
+def test_pretrained_spec_errors_are_clear(data_ws, smoke_cfg, spec, message):
+    cfg = smoke_cfg.model_copy(update={"clip": smoke_cfg.clip.model_copy(update={"pretrained": spec})})
+    with pytest.raises(StageError, match=message):
+        run_stage("clip", cfg, data_ws)
+
+
+def test_pretrained_bundle_directory_is_loaded(clip_ws, smoke_cfg, tmp_path):
+    ws, _ = clip_ws
+    import shutil
+    shutil.copytree(ws.clip, tmp_path / "mine")
+    cfg = smoke_cfg.model_copy(update={"clip": smoke_cfg.clip.model_copy(update={"pretrained": str(tmp_path / "mine")})})
+    from pipeline.workspace import Workspace
+    other = Workspace.at(tmp_path / "ws")
+    shutil.copytree(ws.filtered, other.filtered)
+    m = run_stage("clip", cfg, other)
+    assert m["train"] == {"pretrained": str(tmp_path / "mine")}
+
+
+@pytest.fixture(scope="module")
+def embedded(clip_ws, smoke_cfg):
+    ws, _ = clip_ws
+    return ws, run_stage("embed", smoke_cfg, ws)
+
+
+def load_npy(b):
+    return np.load(io.BytesIO(b), allow_pickle=False)
+
+
+def test_embed_shards_hold_every_field(embedded, smoke_cfg):
+    ws, m = embedded
+    filt = json.loads(ws.metrics_path("filter").read_text())
+    assert m["input"] == filt["kept"] == m["kept"]                 # no threshold in the smoke profile
+    assert sum(count_samples(p) for p in shard_paths(ws.embeddings)) == m["kept"]
+    mc = smoke_cfg.clip.model
+    n = 0
+    for s in iter_samples(shard_paths(ws.embeddings)):
+        z_i, z_t = load_npy(s["img_emb.npy"]), load_npy(s["txt_emb.npy"])
+        tok, mask = load_npy(s["txt_tokens.npy"]), load_npy(s["txt_mask.npy"])
+        assert z_i.shape == z_t.shape == (mc.embed_dim,) and z_i.dtype == np.float32
+        assert abs(np.linalg.norm(z_i) - 1) < 1e-4
+        assert tok.shape == (mc.context_length, mc.text_width) and tok.dtype == np.float16
+        assert mask.dtype == np.bool_ and mask.shape == (mc.context_length,)
+        meta = json.loads(s["json"])
+        assert meta["key"] == s["__key__"] and meta["split"] in {"train", "val", "test"}
+        assert abs(meta["similarity"] - float(z_i @ z_t)) < 1e-3
+        assert s["txt"] and s["jpg"][:2] == b"\xff\xd8"
+        n += 1
+    assert n == m["kept"]
+
+
+def test_clip_retrieval_layout_is_row_aligned(embedded):
+    ws, m = embedded
+    img = sorted((ws.embeddings / "img_emb").glob("*.npy"))
+    meta = sorted((ws.embeddings / "metadata").glob("*.parquet"))
+    assert len(img) == len(meta) == len(shard_paths(ws.embeddings))
+    rows = pd.concat([pd.read_parquet(p) for p in meta])
+    emb = np.concatenate([np.load(p) for p in img])
+    assert len(rows) == len(emb) == m["kept"]
+    by_key = {s["__key__"]: load_npy(s["img_emb.npy"]) for s in iter_samples(shard_paths(ws.embeddings))}
+    for key, e in zip(rows.key, emb):
+        assert np.allclose(by_key[key], e, atol=2e-3)              # float16 in the retrieval layout
+
+
+def test_similarity_threshold_drops_and_counts(clip_ws, smoke_cfg, tmp_path):
+    ws, _ = clip_ws
+    from pipeline.embed import embed_shards
+    b = clip_model.load(ws.clip)
+    figs = embed_shards(b, shard_paths(ws.filtered), tmp_path, batch_size=32, shard_size=50, num_workers=0,
+                        min_similarity=2.0, token_dtype="float16")          # cos <= 1: drops everything
+    assert figs["kept"] == 0 and figs["dropped_low_similarity"] == figs["input"] > 0
+    assert figs["mismatch_filter"]["recall"] == 1.0

@@ -1,0 +1,89 @@
+"""End to end: the Prefect flow runs every stage through DVC in a fresh git workspace, records
+MLflow runs, publishes its summary, and a second run does nothing."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.data.shards import count_samples, shard_paths
+from pipeline.workspace import Workspace, init_workspace
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def flow_runs(prefect_api, tmp_path_factory):
+    from flows.train import train_flow
+    mp = pytest.MonkeyPatch()
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)     # the workspace's own sqlite store
+    root = init_workspace(tmp_path_factory.mktemp("e2e") / "ws")
+    first = train_flow(workspace=str(root), profile="smoke")
+    second = train_flow(workspace=str(root), profile="smoke")
+    yield Workspace.at(root), first, second
+    mp.undo()
+
+
+def test_first_run_runs_every_stage(flow_runs):
+    ws, first, _ = flow_runs
+    assert [r["stage"] for r in first["stages"]] == ["corpus", "crawl", "filter", "clip", "embed"]
+    assert all(r["status"] == "ran" for r in first["stages"]), first["stages"]
+    assert (ws.root / "dvc.lock").exists()
+
+
+def test_second_run_does_nothing(flow_runs):
+    _, _, second = flow_runs
+    assert all(r["status"] == "skipped" for r in second["stages"]), second["stages"]
+
+
+def test_counts_reconcile_and_shards_hold_them(flow_runs):
+    ws, _, _ = flow_runs
+    crawl = json.loads(ws.metrics_path("crawl").read_text())
+    assert crawl["attempted"] == crawl["succeeded"] + sum(crawl["failed_by_reason"].values())
+    assert crawl["fault_urls_in_shards"] == 0
+    assert sum(count_samples(p) for p in shard_paths(ws.raw)) == crawl["succeeded"]
+    filt = json.loads(ws.metrics_path("filter").read_text())
+    assert filt["input"] == crawl["succeeded"]
+    assert filt["input"] == filt["kept"] + sum(filt["dropped_by_reason"].values())
+    assert sum(count_samples(p) for p in shard_paths(ws.filtered)) == filt["kept"]
+    emb = json.loads(ws.metrics_path("embed").read_text())
+    assert emb["input"] == filt["kept"] == emb["kept"] + emb["dropped_low_similarity"]
+    assert sum(count_samples(p) for p in shard_paths(ws.embeddings)) == emb["kept"]
+
+
+def test_mlflow_has_a_parent_and_one_nested_run_per_stage(flow_runs):
+    ws, first, second = flow_runs
+    import mlflow
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws.root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("unclip-pipeline")
+    runs = client.search_runs([exp.experiment_id])
+    parents = {first["mlflow_parent_run_id"], second["mlflow_parent_run_id"]}
+    assert parents <= {r.info.run_id for r in runs}
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first["mlflow_parent_run_id"]]
+    assert sorted(r.data.tags["stage"] for r in nested) == sorted(["corpus", "crawl", "filter", "clip", "embed"])
+    assert not [r for r in runs if r.data.tags.get("mlflow.parentRunId") == second["mlflow_parent_run_id"]]
+    by_stage = {r.data.tags["stage"]: r for r in nested}
+    assert by_stage["clip"].data.params["batch_size"] == "32"
+    assert "val.zero_shot.color_acc" in by_stage["clip"].data.metrics
+    assert "train_loss" in by_stage["clip"].data.metrics
+    assert by_stage["crawl"].data.metrics["attempted"] > 0
+    artifacts = {a.path for a in client.list_artifacts(by_stage["corpus"].info.run_id, "corpus")}
+    assert "corpus/samples.png" in artifacts
+    assert {a.path for a in client.list_artifacts(by_stage["clip"].info.run_id, "clip")} >= {"clip/clip_figures.png"}
+
+
+def test_summary_artifact_published(flow_runs):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["unclip-pipeline-summary"])))
+    assert arts, "no summary artifact"
+    table = arts[0].data if isinstance(arts[0].data, list) else json.loads(arts[0].data)
+    assert {row["stage"] for row in table} == {"corpus", "crawl", "filter", "clip", "embed"}
