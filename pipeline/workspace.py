@@ -145,6 +145,9 @@ def init_workspace(directory: str | os.PathLike, params: Optional[Path] = None) 
     if not (root / ".dvc").exists():
         sh("dvc", "init", "-q")
         sh("dvc", "config", "core.analytics", "false")
+        # Stages replace their outputs by rename and never edit them in place, so linking
+        # cached files is safe and saves copying every image into the cache.
+        sh("dvc", "config", "cache.type", "reflink,hardlink,copy")
     sh("git", "add", "-A")
     sh("git", "commit", "-q", "-m", "unclip workspace")
     return root

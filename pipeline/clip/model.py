@@ -13,6 +13,7 @@ named ``<arch>:<tag or local checkpoint>`` (e.g. ``ViT-B-32:laion2b_s34b_b79k``)
 from __future__ import annotations
 
 import json
+import logging
 import math
 import platform
 from dataclasses import dataclass
@@ -27,6 +28,16 @@ from open_clip.transformer import text_global_pool
 from safetensors.torch import load_file, save_file
 
 MODEL_NAME = "unclip-small-vit"
+
+
+class _QuietRandomInit(logging.Filter):
+    # open_clip warns "No pretrained weights loaded" on every create_model(pretrained=None);
+    # for us that is the normal path (we train, or load our own safetensors right after).
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+logging.getLogger().addFilter(_QuietRandomInit())
 # OpenAI CLIP's normalisation, which open_clip uses by default.
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)

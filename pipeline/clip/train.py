@@ -6,12 +6,14 @@ No image augmentation: flips and crops would change the captions' positions.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from open_clip.loss import ClipLoss
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..training import Checkpointer, config_hash, cosine_with_warmup, fit
 from .data import train_loader
@@ -38,24 +40,33 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def attention_kernel(device: torch.device):
+    """On CPU, the plain math attention: for our 17-24 token sequences PyTorch's CPU flash
+    attention backward is the slowest op of the step (measured: 0.41 -> 0.23 s/step, batch 256)."""
+    if device.type == "cpu":
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
+
+
 def train(clip_cfg, shard_paths: list[Path], scratch: Path, checkpoint_dir: Path,
           on_log: Optional[Callable[[int, dict], None]] = None) -> tuple[ClipBundle, dict]:
     torch.manual_seed(clip_cfg.seed)
     bundle = build(clip_cfg.model, scratch)
     model = bundle.model.to(device_of())
+    device = next(model.parameters()).device
+    # fused: one kernel for the whole update instead of ~100 small ones (CPU and CUDA).
     optimizer = torch.optim.AdamW(param_groups(model, clip_cfg.weight_decay), lr=clip_cfg.lr,
-                                  betas=(0.9, 0.98), eps=1e-6)
+                                  betas=(0.9, 0.98), eps=1e-6, fused=True)
     scheduler = cosine_with_warmup(optimizer, clip_cfg.warmup_steps, clip_cfg.steps)
     loader = train_loader(shard_paths, bundle.tokenize, clip_cfg.batch_size, clip_cfg.num_workers,
                           clip_cfg.seed, bundle.image_size)
     contrastive = ClipLoss()
 
-    device = next(model.parameters()).device
     autocast = use_bf16(clip_cfg.precision, device)
 
     def loss_fn(model, batch):
         images, tokens = batch                              # uint8 [B,3,S,S], int64 [B,L]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), attention_kernel(device):
             z_i = model.encode_image(bundle.preprocess(images.to(device)), normalize=True)
             z_t = model.encode_text(tokens.to(device), normalize=True)
         return contrastive(z_i.float(), z_t.float(), model.logit_scale.exp())
