@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -143,11 +144,12 @@ def init_workspace(directory: str | os.PathLike, params: Optional[Path] = None) 
         sh("git", "config", "user.email", "unclip@localhost")
         sh("git", "config", "user.name", "unclip")
     if not (root / ".dvc").exists():
-        sh("dvc", "init", "-q")
-        sh("dvc", "config", "core.analytics", "false")
+        dvc = (sys.executable, "-m", "dvc")
+        sh(*dvc, "init", "-q")
+        sh(*dvc, "config", "core.analytics", "false")
         # Stages replace their outputs by rename and never edit them in place, so linking
         # cached files is safe and saves copying every image into the cache.
-        sh("dvc", "config", "cache.type", "reflink,hardlink,copy")
+        sh(*dvc, "config", "cache.type", "reflink,hardlink,copy")
     sh("git", "add", "-A")
     sh("git", "commit", "-q", "-m", "unclip workspace")
     return root

@@ -1,0 +1,349 @@
+"""The `crawl` stage: a URL list -> WebDataset shards of verified images, with every failure counted.
+
+The URL list is the embedded corpus (``data/corpus/pairs.parquet``, served over loopback HTTP by
+:mod:`pipeline.data.server`, faults included) or a user's parquet/CSV (``crawl.url_list``) with
+``url`` and ``caption`` columns (a relative path is relative to the workspace). img2dataset does
+the downloading, in-process. Then a verification pass decodes every image strictly with PIL, the
+decoder of the stages downstream: img2dataset judges images with OpenCV, whose tolerance of
+damaged JPEGs depends on its build (older ones decode a truncated file with a warning), and with
+``skip_reencode`` it keeps the bytes exactly as downloaded.
+
+Output (``data/raw/``)::
+
+    00000.tar, ...        samples in URL-list order: jpg, txt (caption), json (img2dataset's
+                          metadata: url, caption, width, height, sha256, ...; plus url_index and
+                          the list's key, split, gt where it has them). ``__key__`` (= json key)
+                          is the list's key if it has one (img2dataset's is then kept as
+                          crawl_key), else img2dataset's
+    crawl_log.parquet     one row per URL: url_index, key, url, status, reason, error_message
+    img2dataset/          img2dataset's own per-shard parquet and stats json, as it wrote them
+                          (its shard numbering, before verification: the log is authoritative)
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageFile
+
+from ..progress import progress, say
+from ..stages import StageError
+from ..workspace import atomic_dir
+from .server import serve_corpus
+from .shards import ShardSink, iter_shard, shard_paths
+
+REASONS = ("http_404", "http_5xx", "timeout", "not_an_image", "too_large", "opted_out", "too_small",
+           "corrupt_image", "other")
+# img2dataset's per-sample error_message -> our reason; first match wins, anything else is "other".
+ERROR_RULES: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p, re.I), r) for p, r in (
+    (r"HTTP Error 404\b", "http_404"),
+    (r"HTTP Error 5\d\d\b", "http_5xx"),
+    (r"timed out", "timeout"),
+    (r"X-Robots-Tag", "opted_out"),
+    (r"image area too large", "too_large"),
+    (r"image too small", "too_small"),
+    (r"corrupt or truncated", "corrupt_image"),      # DiagnosingResizer's refinement, below
+    (r"Image decoding error", "not_an_image"),
+))
+INDEX = "url_index"          # row number in the URL list: joins img2dataset's records to it
+SOURCE_KEY = "source_key"    # the list's own key (img2dataset reserves the column name "key")
+KEPT_COLUMNS = ("split", "gt")
+NO_RECORD = "no record from img2dataset"
+OTHER_MESSAGES_SHOWN = 20
+
+
+def classify(message: Optional[str]) -> str:
+    if message:
+        for pattern, reason in ERROR_RULES:
+            if pattern.search(message):
+                return reason
+    return "other"
+
+
+# ---- the URL list -------------------------------------------------------------------------------
+def read_url_list(cfg, ws) -> tuple[pd.DataFrame, Optional[pd.Series]]:
+    """(urls, faults): ``urls`` holds url, caption, url_index and the columns worth keeping;
+    ``faults`` is the corpus's fault kind per row (None for a user's list)."""
+    if cfg.crawl.url_list is None:
+        path = ws.corpus / "pairs.parquet"
+        if not path.exists():
+            raise StageError(f"{path} not found (run the corpus stage first)")
+        table = pd.read_parquet(path)
+        return _url_frame(table, path), table["fault"]
+    path = Path(cfg.crawl.url_list)
+    path = path if path.is_absolute() else ws.root / path
+    if not path.exists():
+        raise StageError(f"crawl.url_list: {path}: no such file")
+    if path.name.endswith(".parquet"):
+        table = pd.read_parquet(path)
+    elif path.name.endswith((".csv", ".csv.gz")):
+        # Keys like "000123" must stay strings.
+        table = pd.read_csv(path, dtype={"key": str})
+    else:
+        raise StageError(f"crawl.url_list: {path}: expected a .parquet or .csv file")
+    missing = [c for c in ("url", "caption") if c not in table.columns]
+    if missing:
+        raise StageError(f"crawl.url_list: {path} has no column {', '.join(map(repr, missing))} "
+                         f"(a URL list needs 'url' and 'caption'; it has {', '.join(map(str, table.columns))})")
+    return _url_frame(table, path), None
+
+
+def _url_frame(table: pd.DataFrame, path: Path) -> pd.DataFrame:
+    if table.empty:
+        raise StageError(f"{path}: the URL list is empty")
+    urls = pd.DataFrame({"url": table["url"], "caption": table["caption"], INDEX: np.arange(len(table))})
+    for col in KEPT_COLUMNS:
+        if col in table.columns:
+            urls[col] = table[col]
+    if "key" in table.columns:
+        keys = table["key"].astype(str)
+        # The key becomes the WebDataset __key__: unique, and free of the "." that separates a
+        # sample's key from its extension in a tar member name.
+        bad = keys[keys.duplicated() | keys.str.contains(r"[./]")]
+        if len(bad):
+            raise StageError(f"{path}: column 'key' must be unique and hold no '.' or '/' "
+                             f"({len(bad)} bad, e.g. {bad.iloc[0]!r})")
+        urls[SOURCE_KEY] = keys.values
+    return urls
+
+
+# ---- img2dataset --------------------------------------------------------------------------------
+class DiagnosingResizer:
+    """img2dataset's Resizer, with its "Image decoding error" split in two.
+
+    OpenCV (4.14 here) refuses a truncated JPEG outright, so img2dataset reports the same
+    "Image decoding error" for an HTML error page and for a damaged image. Bytes that PIL
+    identifies as an image format (from the header alone) are a corrupt image, not a non-image.
+    The decision (drop) is img2dataset's; only the message is refined. Built by img2dataset in
+    place of its Resizer (see ``download``) and pickled to its spawned workers.
+    """
+
+    def __init__(self, **kwargs):
+        from img2dataset.resizer import Resizer
+        self.resizer = Resizer(**kwargs)
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        result = self.resizer(img_stream, blurring_bbox_list)
+        if result[-1] == "Image decoding error":
+            img_stream.seek(0)
+            try:
+                with Image.open(img_stream) as im:
+                    result = (*result[:-1], f"Image decoding error: corrupt or truncated {im.format}")
+            except Exception:  # noqa: BLE001 -- unidentifiable: not an image at all
+                pass
+        return result
+
+
+def download(urls_file: Path, output_folder: Path, cfg, columns: list[str]) -> None:
+    """img2dataset in-process. It makes its own spawn pool (``crawl.processes`` downloaders with
+    ``crawl.threads`` threads each) and a logger process."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")   # albumentations phones home on import
+    from img2dataset.logger import LoggerProcess
+    # The module, not the package attribute: img2dataset/__init__ rebinds ``main`` to a function.
+    i2d_main = importlib.import_module("img2dataset.main")
+
+    c = cfg.crawl
+    previous_sigint = signal.getsignal(signal.SIGINT)
+    # download() builds its Resizer from this module global; swapped for the call only.
+    i2d_main.Resizer, original_resizer = DiagnosingResizer, i2d_main.Resizer
+    try:
+        i2d_main.download(
+            url_list=str(urls_file), input_format="parquet", url_col="url", caption_col="caption",
+            save_additional_columns=columns, output_folder=str(output_folder), output_format="webdataset",
+            resize_mode="no", skip_reencode=True, encode_format="jpg",
+            processes_count=c.processes, thread_count=c.threads, number_sample_per_shard=c.shard_size,
+            timeout=c.timeout_s, retries=c.retries, max_image_area=c.max_image_area,
+            min_image_size=c.min_image_size, enable_wandb=False, distributor="multiprocessing",
+            # Not "overwrite": in 1.47.0 it deletes the output folder *after* creating its _tmp
+            # inside it, and every shard then fails on a missing file (retried for minutes).
+            # The folder is always a fresh temp dir, where "incremental" has nothing to skip.
+            incremental_mode="incremental")
+    except SystemExit as err:
+        # img2dataset's SIGINT handler calls sys.exit(0): an interrupted crawl would look like a
+        # finished one to DVC. Report it as the interrupt it was.
+        raise KeyboardInterrupt("crawl interrupted") from err
+    except BaseException:
+        # img2dataset starts its (non-daemon) logger process before reading the list and only
+        # stops it on success; left running it would keep this process from ever exiting.
+        for child in multiprocessing.active_children():
+            if isinstance(child, LoggerProcess):
+                child.terminate()
+                child.join()
+        raise
+    finally:
+        i2d_main.Resizer = original_resizer
+        signal.signal(signal.SIGINT, previous_sigint)   # its handler outlives the call otherwise
+
+
+# ---- verification -------------------------------------------------------------------------------
+def decode_error(data: Optional[bytes]) -> Optional[str]:
+    """Why ``data`` is not a fully decodable JPEG, or None. Strict: truncation is an error."""
+    if not data:
+        return "no image bytes"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format != "JPEG":
+                return f"not a JPEG ({im.format})"
+            im.load()
+    except Exception as err:  # noqa: BLE001 -- any failure to decode means the image is unusable
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def verify_and_rewrite(src: Path, out: Path, shard_size: int, expected: int) -> tuple[dict[int, str], dict[int, str]]:
+    """Copy the samples of img2dataset's shards in ``src`` that decode strictly into ``out``.
+
+    Returns ({url_index: key} written, {url_index: error} dropped). img2dataset writes a shard's
+    samples in completion order; we sort each shard (its samples only, so memory stays bounded)
+    back into URL-list order, so the output and the filter's "first copy wins" are reproducible.
+    """
+    written: dict[int, str] = {}
+    dropped: dict[int, str] = {}
+    strict, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        with ShardSink(out, shard_size) as sink, \
+                progress(total=expected, desc="crawl: verify", unit="img") as bar:
+            for path in shard_paths(src):
+                good = []
+                for sample in iter_shard(path):
+                    meta = json.loads(sample["json"])
+                    error = decode_error(sample.get("jpg"))
+                    if error:
+                        dropped[meta[INDEX]] = error
+                    else:
+                        good.append((meta[INDEX], sample, meta))
+                    bar.update()
+                for index, sample, meta in sorted(good, key=lambda t: t[0]):
+                    if SOURCE_KEY in meta:
+                        meta["crawl_key"], meta["key"] = meta["key"], meta.pop(SOURCE_KEY)
+                    sink.write({"__key__": meta["key"], "jpg": sample["jpg"], "txt": sample["txt"],
+                                "json": json.dumps(meta).encode()})
+                    written[index] = meta["key"]
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = strict
+    return written, dropped
+
+
+# ---- accounting ---------------------------------------------------------------------------------
+def read_records(i2d: Path) -> pd.DataFrame:
+    """img2dataset's per-URL records (one parquet per shard; none for a shard that failed)."""
+    columns = [INDEX, "status", "error_message"]
+    frames = [pd.read_parquet(p, columns=columns) for p in sorted(i2d.glob("*.parquet"))]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def crawl_log(urls: pd.DataFrame, records: pd.DataFrame, written: dict[int, str],
+              dropped: dict[int, str]) -> pd.DataFrame:
+    """One row per URL: status success/failed and, for failures, our reason and the raw message."""
+    if not records[INDEX].is_unique:
+        raise StageError("img2dataset recorded some URLs twice; cannot account for the crawl")
+    rec = records.set_index(INDEX).reindex(urls[INDEX])
+    rows = []     # (status, reason, message)
+    for index, rec_status, rec_message in zip(urls[INDEX], rec["status"], rec["error_message"]):
+        if index in dropped:
+            rows.append(("failed", "corrupt_image", dropped[index]))
+        elif rec_status == "success":
+            rows.append(("success", None, None))
+        else:
+            msg = rec_message if isinstance(rec_status, str) else NO_RECORD
+            rows.append(("failed", classify(msg), msg))
+    status, reason, message = zip(*rows)
+    keys = urls[SOURCE_KEY] if SOURCE_KEY in urls else pd.Series([None] * len(urls))
+    log = pd.DataFrame({INDEX: urls[INDEX].values, "key": keys.values, "url": urls["url"].values,
+                        "status": status, "reason": reason, "error_message": message})
+    success = set(log.loc[log.status == "success", INDEX])
+    if success != set(written):
+        raise StageError(f"crawl does not reconcile: img2dataset reports {len(success)} successes, "
+                         f"the verified shards hold {len(written)} samples "
+                         f"({len(success ^ set(written))} differ)")
+    # Without a key column in the list, the sample key is img2dataset's.
+    log["key"] = [k if k is not None else written.get(i) for k, i in zip(log["key"], log[INDEX])]
+    return log
+
+
+def failure_metrics(log: pd.DataFrame) -> dict:
+    failed = log[log.status == "failed"]
+    counts = failed.reason.value_counts()
+    other = Counter(failed.loc[failed.reason == "other", "error_message"])
+    return {"failed_by_reason": {r: int(counts.get(r, 0)) for r in REASONS},
+            "other_messages": dict(other.most_common(OTHER_MESSAGES_SHOWN))}
+
+
+def fault_metrics(log: pd.DataFrame, faults: pd.Series) -> dict:
+    """The corpus's planted faults against what the crawl made of them (must never be 'kept')."""
+    kinds = faults.reset_index(drop=True)
+    is_fault = kinds.notna().values
+    outcome = log.reason.fillna("kept")[is_fault]
+    table = pd.crosstab(kinds[is_fault].values, outcome.values)
+    return {"fault_urls_in_shards": int((log.status[is_fault] == "success").sum()),
+            "faults_by_kind_vs_reason": {kind: {r: int(n) for r, n in row.items() if n}
+                                         for kind, row in table.iterrows()}}
+
+
+# ---- the stage ----------------------------------------------------------------------------------
+def run(cfg, ws) -> dict:
+    t0 = time.perf_counter()
+    urls, faults = read_url_list(cfg, ws)
+    columns = [c for c in (INDEX, SOURCE_KEY, *KEPT_COLUMNS) if c in urls.columns]
+    # The embedded corpus is served for the duration of the download, and not a moment longer.
+    server = serve_corpus(ws.corpus, cfg.crawl.timeout_s) if faults is not None else contextlib.nullcontext()
+
+    with atomic_dir(ws.raw) as out:
+        work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
+        i2d = work / "img2dataset"
+        with server as base_url:
+            # Corpus URLs are relative to the server; the log keeps them so (the port is ephemeral).
+            served = urls.assign(url=base_url + "/" + urls["url"]) if base_url else urls
+            served.to_parquet(work / "urls.parquet", index=False)
+            download(work / "urls.parquet", i2d, cfg, columns)
+        t_download = time.perf_counter()
+
+        records = read_records(i2d)
+        written, dropped = verify_and_rewrite(i2d, out, cfg.crawl.shard_size,
+                                              int((records.status == "success").sum()))
+        t_verify = time.perf_counter()
+
+        log = crawl_log(urls, records, written, dropped)
+        log.to_parquet(out / "crawl_log.parquet", index=False)
+        (out / "img2dataset").mkdir()
+        for p in [*i2d.glob("*.parquet"), *i2d.glob("*_stats.json")]:
+            shutil.move(p, out / "img2dataset" / p.name)
+        shutil.rmtree(work)
+
+        n_shards = len(shard_paths(out))
+        metrics = {"attempted": len(urls), "succeeded": len(written), "failed": len(urls) - len(written),
+                   **failure_metrics(log)}
+        if metrics["attempted"] != metrics["succeeded"] + sum(metrics["failed_by_reason"].values()):
+            raise StageError(f"crawl counts do not reconcile: attempted {metrics['attempted']} != "
+                             f"succeeded {metrics['succeeded']} + failed {metrics['failed_by_reason']}")
+        if faults is not None:
+            metrics.update(fault_metrics(log, faults))
+            if metrics["fault_urls_in_shards"]:
+                raise StageError(f"{metrics['fault_urls_in_shards']} fault URLs were crawled as images: "
+                                 f"{metrics['faults_by_kind_vs_reason']}")
+        if not written:
+            raise StageError(f"no URL was crawled successfully (failures: {metrics['failed_by_reason']}; "
+                             f"see the messages under other_messages: {metrics['other_messages']})")
+
+    total_s = time.perf_counter() - t0     # images_per_s: good images per second of the whole stage
+    metrics.update(shards=n_shards, download_s=round(t_download - t0, 2),
+                   verify_s=round(t_verify - t_download, 2),
+                   images_per_s=round(len(written) / total_s, 1))
+    failed = ", ".join(f"{r} {n}" for r, n in metrics["failed_by_reason"].items() if n) or "none"
+    say("crawl", f"{metrics['succeeded']} of {metrics['attempted']} URLs crawled (failed: {failed}) -> "
+                 f"{ws.raw.relative_to(ws.root)}/ ({n_shards} shards; crawl_log.parquet lists every URL)")
+    return metrics
