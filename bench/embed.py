@@ -34,10 +34,13 @@ def main() -> None:
     ap.add_argument("--profile", default=None)
     ap.add_argument("--samples", type=int, default=5000, help="at least this many samples (whole shards)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--num-workers", type=int, default=None, help="override embed.num_workers")
     args = ap.parse_args()
     ws = Workspace.at(args.workspace)
     cfg = config.load(ws.params, args.profile)
     e = cfg.embed
+    if args.num_workers is not None:
+        e = e.model_copy(update={"num_workers": args.num_workers})
     paths, n = [], 0
     for p in shard_paths(ws.filtered):
         if n >= args.samples:

@@ -62,18 +62,25 @@ def repro_stage(stage: str, workspace: str, env: dict, force: bool = False) -> d
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=workspace, env=env, capture_output=True, text=True)
+    # Stream the stage's output into the task log as it comes (progress bars redraw with \r:
+    # each redraw becomes a line), keeping it to classify a failure afterwards.
+    proc = subprocess.Popen(cmd, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1)
+    lines: list[str] = []
+    for chunk in proc.stdout:
+        for line in chunk.replace("\r", "\n").splitlines():
+            if line.strip():
+                lines.append(line)
+                logger.info(line)
+    returncode = proc.wait()
     seconds = round(time.perf_counter() - t0, 1)
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if line.strip() and "\r" not in line:
-            logger.info(line)
-    if proc.returncode != 0:
-        out = proc.stdout + proc.stderr
+    out = "\n".join(lines)
+    if returncode != 0:
         permanent = bool(re.search(r"exited with 2\b", out))
-        tail = "\n".join(out.strip().splitlines()[-15:])
+        tail = "\n".join(lines[-15:])
         raise StageFailed(stage, f"stage {stage!r} failed ({'bad input' if permanent else 'will retry'}):\n{tail}",
                           permanent)
-    ran = f"Running stage '{stage}'" in proc.stdout
+    ran = f"Running stage '{stage}'" in out
     metrics_path = Workspace.at(workspace).metrics_path(stage)
     figures = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     return {"stage": stage, "status": "ran" if ran else "skipped", "seconds": seconds, "figures": figures}

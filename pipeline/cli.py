@@ -68,6 +68,8 @@ def show_config(ctx):
 def run(ctx, force):
     """Run the whole pipeline as a Prefect flow (stages through DVC, tracked in MLflow)."""
     cfg, ws = _load(ctx)
+    # Offline machines: Prefect's server would otherwise log a failed telemetry call per run.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.train import StageFailed, train_flow
     try:
         train_flow(workspace=str(ws.root), profile=cfg.profile, force=force)

@@ -19,6 +19,7 @@ counted; on the embedded corpus the drop is scored against the known mismatched 
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import time
@@ -28,41 +29,69 @@ from typing import Iterator, Optional
 import numpy as np
 import pandas as pd
 import torch
-import webdataset as wds
 
 from . import tracking
 from .clip import model as clip_model
-from .clip.data import decode_image, resize_uint8, sample_meta, single_thread
-from .data.shards import ShardError, ShardSink, shard_paths
+from .clip.data import decode_images, sample_meta, single_thread
+from .data.shards import ShardError, ShardSink, iter_samples, shard_paths
 from .progress import progress, say
 from .stages import StageError
 from .workspace import atomic_dir
 
 
-def npy_bytes(arr: np.ndarray) -> bytes:
+@functools.lru_cache(maxsize=64)
+def _npy_header(dtype: str, shape: tuple) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
     return buf.getvalue()
 
 
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """``np.save`` output, with the header cached per (dtype, shape): 4 arrays per sample add up."""
+    arr = np.ascontiguousarray(arr)
+    return _npy_header(np.lib.format.dtype_to_descr(arr.dtype), arr.shape) + arr.tobytes()
+
+
+class ShardBatches(torch.utils.data.IterableDataset):
+    """Decoded, tokenised batches of whole shards; DataLoader workers take disjoint shards."""
+
+    def __init__(self, paths: list[Path], tokenize, image_size: int, batch_size: int):
+        self.paths, self.tokenize, self.image_size, self.batch_size = paths, tokenize, image_size, batch_size
+
+    def collate(self, samples: list[dict]) -> dict:
+        items = [{"key": s["__key__"], "jpg": s["jpg"], "txt": s["txt"].decode("utf-8"), "meta": sample_meta(s)}
+                 for s in samples]
+        return {"items": items, "images": decode_images([it["jpg"] for it in items], self.image_size),
+                "tokens": self.tokenize([it["txt"] for it in items])}
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        mine = self.paths[info.id::info.num_workers] if info else self.paths
+        pending: list[dict] = []
+        for sample in iter_samples(mine):
+            pending.append(sample)
+            if len(pending) == self.batch_size:
+                yield self.collate(pending)
+                pending = []
+        if pending:
+            yield self.collate(pending)
+
+
 def batches(paths: list[Path], tokenize, image_size: int, batch_size: int, num_workers: int) -> Iterator[dict]:
-    """Decoded, tokenised batches in shard order (decoding in DataLoader workers)."""
-    def to_item(s):
-        return {"key": s["__key__"], "jpg": s["jpg"], "txt": s["txt"].decode("utf-8"), "meta": sample_meta(s),
-                "image": resize_uint8(decode_image(s["jpg"]), image_size)}
+    """Batches in shard order (with workers: interleaved by shard; outputs are keyed, so the
+    order does not matter). On the 2-core CPU machines in-process is fastest (bench/embed.py):
+    a worker competes with the model's threads."""
+    ds = ShardBatches(paths, tokenize, image_size, batch_size)
+    if num_workers == 0:
+        yield from ds
+        return
+    yield from torch.utils.data.DataLoader(ds, batch_size=None, num_workers=min(num_workers, len(paths)),
+                                           worker_init_fn=single_thread, collate_fn=_as_is)
 
-    def collate(items):
-        return {"items": items, "images": torch.stack([it.pop("image") for it in items]),
-                "tokens": tokenize([it["txt"] for it in items])}
 
-    # One worker per shard keeps shard order deterministic within a shard; workers interleave
-    # shards, which only permutes batches (outputs are keyed, so order does not matter).
-    ds = (wds.WebDataset([str(p) for p in paths], shardshuffle=False, empty_check=False,
-                         workersplitter=wds.split_by_worker)
-          .map(to_item).batched(batch_size, collation_fn=collate, partial=True))
-    loader = wds.WebLoader(ds, batch_size=None, num_workers=min(num_workers, len(paths)),
-                           worker_init_fn=single_thread)
-    yield from loader
+def _as_is(batch):
+    # Batches are already collated; DataLoader's default_convert would walk every item again.
+    return batch
 
 
 @torch.no_grad()

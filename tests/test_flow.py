@@ -87,3 +87,29 @@ def test_summary_artifact_published(flow_runs):
     assert arts, "no summary artifact"
     table = arts[0].data if isinstance(arts[0].data, list) else json.loads(arts[0].data)
     assert {row["stage"] for row in table} == {"corpus", "crawl", "filter", "clip", "embed"}
+
+
+def test_bad_input_fails_clearly_without_retries(flow_runs, monkeypatch):
+    """A stage that exits 2 (bad input) fails the flow at once; completed stages stay intact."""
+    import yaml
+    from flows.train import StageFailed, train_flow
+    ws, _, _ = flow_runs
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = yaml.safe_load(ws.params.read_text())
+    params["crawl"]["url_list"] = "no-such-list.csv"
+    ws.params.write_text(yaml.safe_dump(params))
+    corpus_before = ws.metrics_path("corpus").read_text()
+    with pytest.raises(StageFailed) as err:
+        train_flow(workspace=str(ws.root), profile="smoke")
+    assert err.value.stage == "crawl" and err.value.permanent
+    assert "no-such-list.csv" in str(err.value)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+    with get_client(sync_client=True) as client:
+        last = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[last.id])))
+    crawl = next(t for t in tasks if t.name == "crawl")
+    assert crawl.state.is_failed() and crawl.run_count == 1      # bad input is not retried
+    assert ws.metrics_path("corpus").read_text() == corpus_before
+    assert shard_paths(ws.raw)                                   # the last good crawl output is kept
