@@ -67,7 +67,7 @@ def train_loader(paths: list[Path], tokenize: Callable[[list[str]], torch.Tensor
     ds = (wds.WebDataset([str(p) for p in paths], resampled=True, shardshuffle=False, seed=seed,
                          nodesplitter=wds.split_by_node, empty_check=False)
           .select(lambda s: split_of(s) == "train")
-          .shuffle(2000, initial=1000)
+          .shuffle(2000, initial=1000, seed=seed)   # reproducible given the worker count
           .map(_to_pair)
           .batched(batch_size, collation_fn=collate, partial=False))
     return wds.WebLoader(ds, batch_size=None, num_workers=num_workers, worker_init_fn=single_thread,
