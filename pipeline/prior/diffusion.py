@@ -1,0 +1,72 @@
+"""Gaussian diffusion for the prior: training loss and sampling, the network passed in.
+
+Embeddings are diffused at unit per-dimension scale: z_i (unit norm in D dims) times sqrt(D).
+The network predicts x0 (DALL-E 2: the prior predicts the unnoised z_i directly, MSE loss);
+cosine ("squaredcos_cap_v2") schedule, 1000 training steps. Classifier-free guidance: the text
+condition (z_t and token encodings) is dropped for ``p_uncond`` of the training examples; at
+sampling, x0 = x0_uncond + s (x0_cond - x0_uncond). DALL-E 2's rerank: draw ``n_candidates``
+per caption and keep the one with the larger dot product with z_t.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+
+TRAIN_STEPS = 1000
+
+
+def noise_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=TRAIN_STEPS, beta_schedule="squaredcos_cap_v2",
+                         prediction_type="sample", clip_sample=False)
+
+
+def drop_condition(z_t: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor):
+    """Zero the text condition where ``drop`` [B] is True (the 'unconditional' input)."""
+    keep = (~drop).to(z_t.dtype)
+    return z_t * keep[:, None], tokens * keep[:, None, None], mask & ~drop[:, None]
+
+
+def training_loss(model, z_i: torch.Tensor, z_t: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                  scheduler: DDPMScheduler, p_uncond: float = 0.1,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """MSE between the network's x0 and the true (scaled) image embedding. Shapes as in the network."""
+    b, d = z_i.shape
+    x_start = z_i * math.sqrt(d)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), device=z_i.device, generator=generator)
+    noise = torch.randn(x_start.shape, device=z_i.device, generator=generator)
+    x_t = scheduler.add_noise(x_start, noise, t)
+    drop = torch.rand(b, device=z_i.device, generator=generator) < p_uncond
+    x0 = model(x_t, t, *drop_condition(z_t * math.sqrt(d), tokens, mask, drop))
+    return F.mse_loss(x0, x_start)
+
+
+@torch.no_grad()
+def sample(model, z_t: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, *, steps: int = 25,
+           guidance_scale: float = 1.0, n_candidates: int = 2, generator: Optional[torch.Generator] = None,
+           return_candidates: bool = False):
+    """Unit-norm image embeddings [B, D] for text conditions [B, ...] (DDIM, eta = 0); with
+    ``return_candidates``, also every candidate [B, n_candidates, D]."""
+    b, d = z_t.shape
+    sched = DDIMScheduler(num_train_timesteps=TRAIN_STEPS, beta_schedule="squaredcos_cap_v2",
+                          prediction_type="sample", clip_sample=False, set_alpha_to_one=False)
+    sched.set_timesteps(steps)
+    rep = lambda x: x.repeat_interleave(n_candidates, dim=0)          # noqa: E731
+    cz, ct, cm = rep(z_t * math.sqrt(d)), rep(tokens), rep(mask)
+    uz, ut, um = drop_condition(cz, ct, cm, torch.ones(len(cz), dtype=torch.bool, device=cz.device))
+    x = torch.randn((b * n_candidates, d), device=z_t.device, generator=generator)
+    for t in sched.timesteps:
+        tt = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
+        x0 = model(x, tt, cz, ct, cm)
+        if guidance_scale != 1.0:
+            x0_u = model(x, tt, uz, ut, um)
+            x0 = x0_u + guidance_scale * (x0 - x0_u)
+        x = sched.step(x0, t, x).prev_sample
+    z = F.normalize(x, dim=-1).view(b, n_candidates, d)
+    # Rerank: keep the candidate most aligned with the caption's text embedding.
+    best = (z * F.normalize(z_t, dim=-1)[:, None, :]).sum(-1).argmax(dim=1)
+    chosen = z[torch.arange(b), best]
+    return (chosen, z) if return_candidates else chosen

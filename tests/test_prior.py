@@ -1,0 +1,75 @@
+"""The prior's network and diffusion glue: shapes, guidance paths, rerank, a loss that learns."""
+import torch
+
+from pipeline.prior import diffusion
+from pipeline.prior.network import UnclipPrior
+
+B, D, W, L = 3, 16, 24, 8
+
+
+def cond(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z_t = torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=-1)
+    tokens = torch.randn(B, L, W, generator=g)
+    mask = torch.arange(L)[None, :] < torch.tensor([3, 5, 8])[:, None]
+    return z_t, tokens, mask
+
+
+def net():
+    torch.manual_seed(0)
+    return UnclipPrior(D, W, L, layers=1, heads=2, head_dim=8).eval()
+
+
+def test_network_maps_to_image_embedding_shape():
+    z_t, tokens, mask = cond()
+    out = net()(torch.randn(B, D), torch.tensor([0, 500, 999]), z_t, tokens, mask)
+    assert out.shape == (B, D) and torch.isfinite(out).all()
+
+
+def test_dropping_the_condition_changes_the_prediction_and_zeroes_it():
+    z_t, tokens, mask = cond()
+    dz, dt, dm = diffusion.drop_condition(z_t, tokens, mask, torch.tensor([True, False, True]))
+    assert (dz[0] == 0).all() and (dt[0] == 0).all() and not dm[0].any()
+    assert torch.equal(dz[1], z_t[1]) and torch.equal(dm[1], mask[1])
+    m, x, t = net(), torch.randn(B, D), torch.tensor([10, 10, 10])
+    assert not torch.allclose(m(x, t, z_t, tokens, mask)[0], m(x, t, dz, dt, dm)[0])
+    # a fully masked text (the unconditional input) must not produce NaN
+    assert torch.isfinite(m(x, t, dz, dt, dm)).all()
+
+
+def test_sample_with_and_without_guidance_and_rerank():
+    z_t, tokens, mask = cond()
+    m = net()
+    for scale in (1.0, 3.0):
+        z = diffusion.sample(m, z_t, tokens, mask, steps=4, guidance_scale=scale, n_candidates=2,
+                             generator=torch.Generator().manual_seed(0))
+        assert z.shape == (B, D)
+        assert torch.allclose(z.norm(dim=-1), torch.ones(B), atol=1e-5)
+    # rerank keeps the candidate with the larger dot product with z_t
+    best, cands = diffusion.sample(m, z_t, tokens, mask, steps=4, n_candidates=4, return_candidates=True,
+                                   generator=torch.Generator().manual_seed(0))
+    assert cands.shape == (B, 4, D)
+    dots = (cands * z_t[:, None, :]).sum(-1)
+    assert torch.allclose((best * z_t).sum(-1), dots.max(dim=1).values)
+    assert not torch.allclose(cands[:, 0], cands[:, 1])          # candidates differ
+
+
+def test_training_loss_decreases_on_a_fixed_mapping():
+    # z_i is a fixed function of z_t: the prior must learn it.
+    torch.manual_seed(0)
+    m = UnclipPrior(D, W, L, layers=2, heads=2, head_dim=16).train()
+    proj = torch.nn.functional.normalize(torch.randn(D, D), dim=0)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    sched = diffusion.noise_scheduler()
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for step in range(150):
+        z_t = torch.nn.functional.normalize(torch.randn(64, D, generator=g), dim=-1)
+        z_i = torch.nn.functional.normalize(z_t @ proj, dim=-1)
+        tokens, mask = torch.zeros(64, L, W), torch.ones(64, L, dtype=torch.bool)
+        loss = diffusion.training_loss(m, z_i, z_t, tokens, mask, sched, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
