@@ -95,10 +95,6 @@ def _json_default(o):
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
-
-
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 

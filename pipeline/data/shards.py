@@ -211,8 +211,3 @@ def decode_json(sample: dict, key: str = "json") -> dict:
     if value is None:
         return {}
     return json.loads(value.decode() if isinstance(value, bytes) else value)
-
-
-def decode_text(sample: dict, key: str = "txt") -> str:
-    value = sample.get(key, b"")
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
