@@ -32,8 +32,8 @@ import torch
 
 from . import tracking
 from .clip import model as clip_model
-from .clip.data import decode_images, sample_meta, single_thread
-from .data.shards import ShardError, ShardSink, iter_samples, shard_paths
+from .clip.data import decode_images, single_thread
+from .data.shards import ShardError, ShardSink, iter_samples, sample_meta, shard_paths, split_of
 from .progress import progress, say
 from .stages import StageError
 from .workspace import atomic_dir
@@ -149,7 +149,7 @@ def embed_shards(bundle, paths: list[Path], out: Path, *, batch_size: int, shard
                     dropped += 1
                     dropped_mismatched += truth == "mismatched"
                     continue
-                meta = {"key": it["key"], "split": it["meta"].get("split") or "train", "gt": gt,
+                meta = {"key": it["key"], "split": split_of(it["meta"]), "gt": gt,
                         "similarity": round(float(cos[j]), 5)}
                 sink.write({"__key__": it["key"], "jpg": it["jpg"], "txt": it["txt"].encode(),
                             "json": json.dumps(meta).encode(), "img_emb.npy": npy_bytes(z_i[j]),

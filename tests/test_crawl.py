@@ -26,7 +26,7 @@ from PIL import Image
 
 from pipeline import config
 from pipeline.data import corpus, crawl, server
-from pipeline.data.shards import ShardSink, count_samples, decode_json, iter_samples, shard_paths
+from pipeline.data.shards import ShardSink, count_samples, iter_samples, sample_meta, shard_paths
 from pipeline.stages import StageError
 from pipeline.workspace import Workspace
 
@@ -113,7 +113,7 @@ def test_shards_hold_every_good_url_in_list_order_and_no_fault(crawled):
         with Image.open(io.BytesIO(s["jpg"])) as im:
             assert im.format == "JPEG"
             im.load()
-        meta = decode_json(s)
+        meta = json.loads(s["json"])      # raw: gt must be stored exactly as listed
         key = s["__key__"]
         assert meta["key"] == key and meta["status"] == "success"
         assert s["txt"].decode() == truth.caption[key]
@@ -268,4 +268,4 @@ def test_verification_drops_what_pil_cannot_decode_and_restores_list_order(tmp_p
     assert "truncated" in dropped[0] and "not a JPEG" in dropped[3]
     out = list(iter_samples(shard_paths(tmp_path / "out")))
     assert [s["__key__"] for s in out] == ["k1", "k2"]
-    assert decode_json(out[0])["crawl_key"] == "i2d1"
+    assert sample_meta(out[0])["crawl_key"] == "i2d1"

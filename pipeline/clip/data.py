@@ -8,7 +8,6 @@ samples without one count as train.
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -18,18 +17,7 @@ import torchvision.io as tio
 import webdataset as wds
 from PIL import Image
 
-
-def sample_meta(sample: dict) -> dict:
-    raw = sample.get("json")
-    meta = json.loads(raw) if raw else {}
-    gt = meta.get("gt")
-    if isinstance(gt, str):
-        meta["gt"] = json.loads(gt)
-    return meta
-
-
-def split_of(sample: dict) -> str:
-    return sample_meta(sample).get("split") or "train"
+from ..data.shards import iter_samples, sample_meta, split_of
 
 
 def decode_image(data: bytes) -> torch.Tensor:
@@ -66,7 +54,7 @@ def train_loader(paths: list[Path], tokenize: Callable[[list[str]], torch.Tensor
 
     ds = (wds.WebDataset([str(p) for p in paths], resampled=True, shardshuffle=False, seed=seed,
                          nodesplitter=wds.split_by_node, empty_check=False)
-          .select(lambda s: split_of(s) == "train")
+          .select(lambda s: split_of(sample_meta(s)) == "train")
           .shuffle(2000, initial=1000, seed=seed)   # reproducible given the worker count
           .map(_to_pair)
           .batched(batch_size, collation_fn=collate, partial=False))
@@ -90,10 +78,9 @@ def resize_uint8(img: torch.Tensor, size: int) -> torch.Tensor:
 
 def iter_split(paths: list[Path], split: Optional[str]) -> Iterator[dict]:
     """Samples of one split (``None`` = all), in shard order, with ``meta`` decoded."""
-    ds = wds.WebDataset([str(p) for p in paths], shardshuffle=False, empty_check=False)
-    for s in ds:
+    for s in iter_samples(paths):
         meta = sample_meta(s)
-        if split is None or (meta.get("split") or "train") == split:
+        if split is None or split_of(meta) == split:
             s["meta"] = meta
             yield s
 
