@@ -72,48 +72,93 @@ class Checkpointer:
         self.path.unlink(missing_ok=True)
 
 
+def make_accelerator():
+    """An accelerate ``Accelerator`` for whatever launched us: one CPU or GPU process, or one of
+    several under ``accelerate launch`` / ``torchrun`` (DDP; gloo across CPU processes).
+    Mixed precision stays with the models' own bf16 autocast (see ``clip.train.use_bf16``)."""
+    from accelerate import Accelerator
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
 def fit(model: torch.nn.Module, optimizer, scheduler, batches: Iterable, loss_fn: Callable, *, steps: int,
         checkpointer: Optional[Checkpointer] = None, grad_clip: Optional[float] = None, desc: str = "train",
         log_every: int = 10, on_log: Optional[Callable[[int, dict], None]] = None,
-        after_step: Optional[Callable[[int], None]] = None) -> dict:
-    """Train to ``steps`` optimizer steps (resuming if a checkpoint exists). Returns a summary."""
+        after_step: Optional[Callable[[int], None]] = None, ema=None, accelerator=None,
+        on_nonfinite: str = "stop", max_skipped: int = 20) -> dict:
+    """Train to ``steps`` optimizer steps (resuming if a checkpoint exists). Returns a summary.
+
+    ``ema``: a diffusers ``EMAModel`` over ``model``'s parameters, updated after every step and
+    checkpointed with it. ``accelerator``: run under accelerate (several processes: each gets
+    its own ``batches``, gradients are averaged, the main process checkpoints and reports).
+    ``on_nonfinite``: "stop" raises :class:`NonFiniteLoss`; "skip" drops the step (no update,
+    counted in the summary) and stops only after ``max_skipped`` of them.
+    """
+    if on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
     start = 0
     if checkpointer:
-        start, _ = checkpointer.load(model, optimizer, scheduler)
+        start, extra = checkpointer.load(model, optimizer, scheduler)
+        if ema is not None and extra.get("ema"):
+            ema.load_state_dict(extra["ema"])
         if start:
             print(f"[{desc}] resuming from checkpoint at step {start}/{steps}", flush=True)
-    model.train()
+    main = accelerator is None or accelerator.is_main_process
+    train_model = model
+    if accelerator is not None:
+        train_model, optimizer = accelerator.prepare(model, optimizer)
+    train_model.train()
     it = iter(batches)
-    bar = progress(total=steps, desc=desc, unit="step")
+    bar = progress(total=steps, desc=desc, unit="step", disable=not main)
     bar.update(start)
-    t0, losses, last = time.perf_counter(), [], float("nan")
+    t0, losses, last, skipped = time.perf_counter(), [], float("nan"), 0
+    params = [p for p in model.parameters() if p.requires_grad]
     for step in range(start, steps):
         batch = next(it)
-        loss = loss_fn(model, batch)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"[{desc}] loss is {loss.item()} at step {step}: stopping instead of "
-                                f"training a NaN model (lower the learning rate or check the inputs); "
-                                f"the last good checkpoint is kept")
+        loss = loss_fn(train_model, batch)
+        bad = not bool(torch.isfinite(loss.detach()))
+        if accelerator is not None and accelerator.num_processes > 1:
+            # every process must take the same decision, or DDP's gradient all-reduce hangs
+            bad = bool(accelerator.reduce(torch.tensor(float(bad), device=loss.device), "sum") > 0)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        if not bad:
+            accelerator.backward(loss) if accelerator is not None else loss.backward()
+            if grad_clip:
+                norm = (accelerator.clip_grad_norm_(params, grad_clip) if accelerator is not None
+                        else torch.nn.utils.clip_grad_norm_(params, grad_clip))
+                bad = not bool(torch.isfinite(norm))       # all-reduced grads: same on every process
+        if bad:
+            if on_nonfinite == "stop" or skipped >= max_skipped:
+                why = "stopping" if on_nonfinite == "stop" else f"{skipped} steps already skipped, stopping"
+                raise NonFiniteLoss(f"[{desc}] loss is {loss.item()} at step {step}: {why} instead of "
+                                    f"training a NaN model (lower the learning rate or check the inputs); "
+                                    f"the last good checkpoint is kept")
+            skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step()
+            if ema is not None:
+                ema.step(params)
+            last = loss.item()
+            losses.append(last)
         if scheduler:
             scheduler.step()
         if after_step:
             after_step(step + 1)
-        last = loss.item()
-        losses.append(last)
         bar.update(1)
         bar.set_postfix(loss=f"{last:.4f}", refresh=False)
-        if on_log and ((step + 1) % log_every == 0 or step + 1 == steps):
+        if main and on_log and losses and ((step + 1) % log_every == 0 or step + 1 == steps):
             on_log(step + 1, {"loss": sum(losses[-log_every:]) / len(losses[-log_every:]),
                               "lr": optimizer.param_groups[0]["lr"]})
         if checkpointer and ((step + 1) % checkpointer.every == 0) and step + 1 < steps:
-            checkpointer.save(step + 1, model, optimizer, scheduler)
+            if main:
+                checkpointer.save(step + 1, model, optimizer, scheduler,
+                                  {"ema": ema.state_dict()} if ema is not None else None)
+            if accelerator is not None:
+                accelerator.wait_for_everyone()
     bar.close()
+    train_model.eval()
     elapsed = time.perf_counter() - t0
     ran = steps - start
-    return {"steps": steps, "resumed_from": start, "final_loss": round(last, 5),
+    return {"steps": steps, "resumed_from": start, "final_loss": round(last, 5), "skipped_steps": skipped,
+            "processes": accelerator.num_processes if accelerator is not None else 1,
             "train_seconds": round(elapsed, 1), "steps_per_s": round(ran / elapsed, 3) if elapsed > 0 else None}

@@ -60,3 +60,69 @@ def test_non_finite_loss_stops_the_run(tmp_path):
 
     with pytest.raises(NonFiniteLoss, match="loss is nan at step 0"):
         fit(model, opt, sched, batches(), nan_loss, steps=3)
+
+
+def test_skip_mode_drops_non_finite_steps_and_counts_them():
+    model, opt, sched = setup()
+    calls = {"n": 0}
+
+    def sometimes_nan(model, batch):
+        calls["n"] += 1
+        loss = mse(model, batch)
+        return loss * float("nan") if calls["n"] in (2, 4) else loss
+
+    before = model.weight.detach().clone()
+    summary = fit(model, opt, sched, batches(), sometimes_nan, steps=6, on_nonfinite="skip")
+    assert summary["skipped_steps"] == 2 and summary["steps"] == 6
+    assert torch.isfinite(model.weight).all() and not torch.equal(before, model.weight)
+    with pytest.raises(NonFiniteLoss, match="already skipped"):
+        fit(*setup(), batches(), lambda m, b: mse(m, b) * float("nan"), steps=6, on_nonfinite="skip",
+            max_skipped=2)
+
+
+def test_ema_tracks_the_weights_and_resumes_with_them(tmp_path):
+    from diffusers.training_utils import EMAModel
+    model, opt, sched = setup()
+    ema = EMAModel(model.parameters(), decay=0.5)
+    ckpt = Checkpointer(tmp_path, "ema", every=2)
+
+    def die_at_3(step):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(model, opt, sched, batches(), mse, steps=6, checkpointer=ckpt, ema=ema, after_step=die_at_3)
+    saved = torch.load(ckpt.path, weights_only=False)["extra"]["ema"]
+    model2, opt2, sched2 = setup(seed=3)
+    ema2 = EMAModel(model2.parameters(), decay=0.5)
+    fit(model2, opt2, sched2, batches(), mse, steps=6, checkpointer=ckpt, ema=ema2)
+    assert ema2.optimization_step == 6 and saved["optimization_step"] == 2
+    shadow = [p.clone() for p in ema2.shadow_params]
+    assert not torch.equal(shadow[0], model2.weight.detach())      # an average, not a copy
+    ema2.copy_to(model2.parameters())
+    assert torch.equal(model2.weight.detach(), shadow[0])
+
+
+def test_two_cpu_processes_train_one_model(tmp_path):
+    # torchrun (as `accelerate launch` does) starts two CPU processes; the loop runs unchanged
+    # under DDP: gradients averaged, so both processes end with identical weights.
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(root / "tests" / "helpers" / "ddp_fit.py"), str(tmp_path), "12"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert r0["world"] == r1["world"] == 2 and r0["summary"]["processes"] == 2
+    assert r0["weight"] == r1["weight"]
+    assert r0["summary"]["steps"] == 12 and (tmp_path / "ckpt" / "ddp.pt").exists()
+    # a second launch resumes from the last checkpoint (step 10) and ends at the same count
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    assert r0["summary"]["resumed_from"] == 10 and r0["summary"]["steps"] == 12

@@ -14,14 +14,15 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
 
-TRAIN_STEPS = 1000
+from .. import diffusion
+from ..diffusion import Denoiser, make_sampler, sample_loop
+
+PREDICTION = "sample"          # the prior predicts x0 (DALL-E 2, section 2.2)
 
 
-def noise_scheduler() -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=TRAIN_STEPS, beta_schedule="squaredcos_cap_v2",
-                         prediction_type="sample", clip_sample=False)
+def noise_scheduler():
+    return diffusion.noise_schedule(PREDICTION)
 
 
 def drop_condition(z_t: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor):
@@ -31,8 +32,7 @@ def drop_condition(z_t: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, 
 
 
 def training_loss(model, z_i: torch.Tensor, z_t: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
-                  scheduler: DDPMScheduler, p_uncond: float = 0.1,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                  scheduler, p_uncond: float = 0.1, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """MSE between the network's x0 and the true (scaled) image embedding. Shapes as in the network."""
     b, d = z_i.shape
     x_start = z_i * math.sqrt(d)
@@ -41,30 +41,27 @@ def training_loss(model, z_i: torch.Tensor, z_t: torch.Tensor, tokens: torch.Ten
     x_t = scheduler.add_noise(x_start, noise, t)
     drop = torch.rand(b, device=z_i.device, generator=generator) < p_uncond
     x0 = model(x_t, t, *drop_condition(z_t * math.sqrt(d), tokens, mask, drop))
-    return F.mse_loss(x0, x_start)
+    return F.mse_loss(x0.float(), diffusion.training_target(scheduler, x_start, noise, t))
 
 
 @torch.no_grad()
 def sample(model, z_t: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, *, steps: int = 25,
-           guidance_scale: float = 1.0, n_candidates: int = 2, generator: Optional[torch.Generator] = None,
-           return_candidates: bool = False):
-    """Unit-norm image embeddings [B, D] for text conditions [B, ...] (DDIM, eta = 0); with
-    ``return_candidates``, also every candidate [B, n_candidates, D]."""
+           sampler: str = "ddim", guidance_scale: float = 1.0, n_candidates: int = 2,
+           generator: Optional[torch.Generator] = None, return_candidates: bool = False,
+           stats: Optional[dict] = None):
+    """Unit-norm image embeddings [B, D] for text conditions [B, ...]; with ``return_candidates``,
+    also every candidate [B, n_candidates, D]. ``stats`` (a dict) receives the network
+    evaluations per candidate (``nfe``)."""
     b, d = z_t.shape
-    sched = DDIMScheduler(num_train_timesteps=TRAIN_STEPS, beta_schedule="squaredcos_cap_v2",
-                          prediction_type="sample", clip_sample=False, set_alpha_to_one=False)
-    sched.set_timesteps(steps)
     rep = lambda x: x.repeat_interleave(n_candidates, dim=0)          # noqa: E731
     cz, ct, cm = rep(z_t * math.sqrt(d)), rep(tokens), rep(mask)
     uz, ut, um = drop_condition(cz, ct, cm, torch.ones(len(cz), dtype=torch.bool, device=cz.device))
-    x = torch.randn((b * n_candidates, d), device=z_t.device, generator=generator)
-    for t in sched.timesteps:
-        tt = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
-        x0 = model(x, tt, cz, ct, cm)
-        if guidance_scale != 1.0:
-            x0_u = model(x, tt, uz, ut, um)
-            x0 = x0_u + guidance_scale * (x0 - x0_u)
-        x = sched.step(x0, t, x).prev_sample
+    denoiser = Denoiser(lambda x, t: model(x, t, cz, ct, cm).float(),
+                        lambda x, t: model(x, t, uz, ut, um).float(), guidance_scale)
+    x_T = diffusion.randn((b * n_candidates, d), generator, z_t.device)
+    x = sample_loop(denoiser, x_T, make_sampler(sampler, steps, PREDICTION), generator)
+    if stats is not None:
+        stats["nfe"] = denoiser.nfe
     z = F.normalize(x, dim=-1).view(b, n_candidates, d)
     # Rerank: keep the candidate most aligned with the caption's text embedding.
     best = (z * F.normalize(z_t, dim=-1)[:, None, :]).sum(-1).argmax(dim=1)
