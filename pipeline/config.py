@@ -127,6 +127,91 @@ class EmbedConfig(Section):
     token_dtype: Literal["float16", "float32"] = "float16"
 
 
+Sampler = Literal["ddpm", "ddim", "dpm++"]
+Prediction = Literal["epsilon", "v_prediction"]
+Precision = Literal["auto", "bf16", "fp32"]
+
+
+class TrainConfig(Section):
+    """What the three diffusion models' training shares (pipeline/training.py)."""
+    seed: int = 0
+    batch_size: int = Field(64, ge=1)
+    steps: int = Field(1000, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.995, ge=0, lt=1)
+    checkpoint_every: int = Field(200, ge=1)
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    num_workers: int = Field(1, ge=0)
+    precision: Precision = "auto"
+
+
+class SamplingConfig(Section):
+    sampler: Sampler = "ddim"
+    steps: int = Field(25, ge=1, le=1000)
+    guidance_scale: float = Field(1.0, ge=0)
+
+
+class PriorConfig(TrainConfig):
+    layers: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    head_dim: int = Field(32, ge=4)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    p_uncond: float = Field(0.1, ge=0, le=1)          # text condition dropped (classifier-free guidance)
+    sampling: SamplingConfig = SamplingConfig()
+    n_candidates: int = Field(2, ge=1)                # DALL-E 2: draw 2, keep the larger z_i . z_t
+    val_batch_size: int = Field(512, ge=1)
+
+
+class DecoderConfig(TrainConfig):
+    image_size: int = Field(16, ge=8)                 # the base resolution; the upsamplers take it from here
+    block_out_channels: list[int] = [64, 128, 256]
+    attention: list[bool] = [False, False, True]      # cross/self attention per resolution level
+    layers_per_block: int = Field(1, ge=1)
+    head_dim: int = Field(32, ge=4)
+    cross_attention_dim: int = Field(128, ge=8)
+    extra_tokens: int = Field(4, ge=0)                # z_i projected into this many context tokens
+    prediction_type: Prediction = "epsilon"
+    p_drop_image_embed: float = Field(0.1, ge=0, le=1)
+    p_drop_caption: float = Field(0.5, ge=0, le=1)
+    sampling: SamplingConfig = SamplingConfig(guidance_scale=3.0)
+
+    @model_validator(mode="after")
+    def _levels(self):
+        if len(self.attention) != len(self.block_out_channels):
+            raise ValueError("attention needs one flag per entry of block_out_channels")
+        if self.image_size % 2 ** (len(self.block_out_channels) - 1):
+            raise ValueError("image_size must be divisible by 2^(levels - 1)")
+        return self
+
+
+class UpsamplerConfig(TrainConfig):
+    scale: int = Field(2, ge=2, le=8)                 # output size = input size x scale
+    degradation: Literal["blur", "bsr"] = "blur"      # corruption of the low-res input in training
+    block_out_channels: list[int] = [32, 64, 128]
+    layers_per_block: int = Field(1, ge=1)
+    prediction_type: Prediction = "epsilon"
+    crop_fraction: float = Field(0.5, gt=0, le=1)     # crop side / image side: 0.5 = 1/4 of the area
+    sampling: SamplingConfig = SamplingConfig(steps=8)
+
+
+class UpsampleConfig(Section):
+    """The upsampler chain after the decoder; DVC stage ``upsample@<key>`` per entry, in order."""
+    stages: dict[str, UpsamplerConfig] = {"1": UpsamplerConfig(degradation="blur"),
+                                          "2": UpsamplerConfig(degradation="bsr")}
+
+
+class EvaluateConfig(Section):
+    seed: int = 0
+    n_captions: int = Field(64, ge=1)                 # held-out (test split) captions sampled
+    batch_size: int = Field(32, ge=1)
+    grid_prompts: list[str] = ["a small red circle in the top left", "a large blue square in the center",
+                               "a green triangle to the left of a yellow circle", "a purple square above an orange triangle"]
+    grid_seeds: int = Field(4, ge=1)                  # samples per grid prompt
+
+
 class TrackingConfig(Section):
     experiment: str = "unclip-pipeline"
     tracking_uri: Optional[str] = None
@@ -138,6 +223,10 @@ class Config(Section):
     filter: FilterConfig = FilterConfig()
     clip: ClipConfig = ClipConfig()
     embed: EmbedConfig = EmbedConfig()
+    prior: PriorConfig = PriorConfig(batch_size=256, steps=2000, weight_decay=0.06)
+    decoder: DecoderConfig = DecoderConfig()
+    upsample: UpsampleConfig = UpsampleConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
     profile: str = DEFAULT_PROFILE
 

@@ -6,6 +6,7 @@ written atomically, and a closing line that says where the figures went.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import time
 from typing import Callable
@@ -22,6 +23,11 @@ STAGES: dict[str, str] = {
     "filter": "pipeline.data.filter:run",
     "clip": "pipeline.clip.stage:run",
     "embed": "pipeline.embed:run",
+    "prior": "pipeline.prior.stage:run",
+    "decoder": "pipeline.decoder.stage:run",
+    "upsample@1": "pipeline.upsampler.stage:run",     # DVC foreach: upsample@<key of upsample.stages>
+    "upsample@2": "pipeline.upsampler.stage:run",
+    "evaluate": "pipeline.evaluate:run",
 }
 
 
@@ -33,7 +39,10 @@ def stage_function(name: str) -> Callable[[Config, Workspace], dict]:
     if name not in STAGES:
         raise StageError(f"unknown stage {name!r} (known: {', '.join(STAGES)})")
     module, func = STAGES[name].split(":")
-    return getattr(importlib.import_module(module), func)
+    fn = getattr(importlib.import_module(module), func)
+    if "@" in name:                     # a foreach member: the key goes to the stage function
+        return functools.partial(fn, key=name.split("@", 1)[1])
+    return fn
 
 
 def run_stage(name: str, cfg: Config, ws: Workspace) -> dict:

@@ -8,6 +8,7 @@ of training on into a NaN model.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .progress import progress
 
@@ -72,10 +74,35 @@ class Checkpointer:
         self.path.unlink(missing_ok=True)
 
 
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast where the hardware has it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs)."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def attention_kernel(device: torch.device):
+    """On CPU, the plain math attention: for short sequences PyTorch's CPU flash attention
+    backward is the slowest op of a step (CLIP, measured: 0.41 -> 0.23 s/step, batch 256)."""
+    if device.type == "cpu":
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def autocast(precision: str, device: torch.device):
+    """The forward pass's precision context: bf16 autocast where native, math attention on CPU."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(precision, device)), \
+            attention_kernel(device):
+        yield
+
+
 def make_accelerator():
     """An accelerate ``Accelerator`` for whatever launched us: one CPU or GPU process, or one of
     several under ``accelerate launch`` / ``torchrun`` (DDP; gloo across CPU processes).
-    Mixed precision stays with the models' own bf16 autocast (see ``clip.train.use_bf16``)."""
+    Mixed precision stays with the models' own bf16 autocast (:func:`autocast`)."""
     from accelerate import Accelerator
     return Accelerator(cpu=not torch.cuda.is_available())
 
@@ -162,3 +189,35 @@ def fit(model: torch.nn.Module, optimizer, scheduler, batches: Iterable, loss_fn
     return {"steps": steps, "resumed_from": start, "final_loss": round(last, 5), "skipped_steps": skipped,
             "processes": accelerator.num_processes if accelerator is not None else 1,
             "train_seconds": round(elapsed, 1), "steps_per_s": round(ran / elapsed, 3) if elapsed > 0 else None}
+
+
+def train_diffusion_model(model: torch.nn.Module, tc, make_batches: Callable[[int, int], Iterable],
+                          loss_fn: Callable, *, checkpoint_dir: Path, key: Any, desc: str,
+                          on_log: Optional[Callable[[int, dict], None]] = None) -> tuple[dict, Any]:
+    """The recipe the prior, decoder and upsamplers share, from their ``TrainConfig`` ``tc``:
+    AdamW, linear warmup + cosine decay, EMA weights (``tc.ema_decay``), checkpoints keyed by
+    ``key`` (the config that must match to resume), gradient clipping, non-finite policy, run
+    under accelerate. ``make_batches(rank, world)`` gives this process's batch stream.
+
+    On return ``model`` holds the EMA weights (what sampling uses). Returns (summary, accelerator).
+    """
+    from diffusers.training_utils import EMAModel
+
+    accelerator = make_accelerator()
+    model.to(accelerator.device)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in name or name.endswith("bias") else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, fused=True)
+    scheduler = cosine_with_warmup(optimizer, tc.warmup_steps, tc.steps, floor=0.1)
+    ema = EMAModel(model.parameters(), decay=tc.ema_decay)
+    ckpt = Checkpointer(checkpoint_dir, config_hash(key), every=tc.checkpoint_every)
+    summary = fit(model, optimizer, scheduler, make_batches(accelerator.process_index, accelerator.num_processes),
+                  loss_fn, steps=tc.steps, checkpointer=ckpt, grad_clip=tc.grad_clip, desc=desc, on_log=on_log,
+                  ema=ema, accelerator=accelerator, on_nonfinite=tc.on_nonfinite)
+    if accelerator.is_main_process:
+        ckpt.clear()
+    ema.copy_to(model.parameters())
+    model.eval()
+    return summary, accelerator

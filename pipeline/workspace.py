@@ -39,6 +39,15 @@ class Workspace:
     @property
     def clip(self) -> Path: return self.root / "models" / "clip"
     @property
+    def prior(self) -> Path: return self.root / "models" / "prior"
+    @property
+    def decoder(self) -> Path: return self.root / "models" / "decoder"
+    def upsampler(self, key: str) -> Path: return self.root / "models" / f"upsampler_{key}"
+    @property
+    def reports(self) -> Path: return self.root / "reports"
+    @property
+    def checkpoints(self) -> Path: return self.root / ".unclip" / "checkpoints"
+    @property
     def metrics_dir(self) -> Path: return self.root / "metrics"
 
     def metrics_path(self, stage: str) -> Path:

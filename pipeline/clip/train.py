@@ -6,16 +6,14 @@ No image augmentation: flips and crops would change the captions' positions.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from open_clip.loss import ClipLoss
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..training import Checkpointer, config_hash, cosine_with_warmup, fit
+from ..training import Checkpointer, attention_kernel, config_hash, cosine_with_warmup, fit, use_bf16
 from .data import train_loader
 from .model import ClipBundle, build, device_of
 
@@ -29,23 +27,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
         (no_decay if exclude else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast where the hardware has it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs)."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def attention_kernel(device: torch.device):
-    """On CPU, the plain math attention: for our 17-24 token sequences PyTorch's CPU flash
-    attention backward is the slowest op of the step (measured: 0.41 -> 0.23 s/step, batch 256)."""
-    if device.type == "cpu":
-        return sdpa_kernel(SDPBackend.MATH)
-    return contextlib.nullcontext()
 
 
 def train(clip_cfg, shard_paths: list[Path], scratch: Path, checkpoint_dir: Path,

@@ -1,0 +1,71 @@
+"""Saving and loading the trained diffusion models (prior, decoder, upsamplers).
+
+Each model directory is self-describing::
+
+    model.safetensors   the EMA weights (what sampling uses)
+    model.json          kind, constructor arguments, the prediction type, sampling defaults,
+                        the resolved config of the run, package versions, and the CLIP it was
+                        trained against (the sha256 of models/clip/model.safetensors)
+
+A whole unCLIP system is a directory holding ``clip/ prior/ decoder/ upsampler_1/ ...`` (the
+workspace's ``models/``); :mod:`pipeline.generate` loads it and checks that the prior and the
+decoder were trained against the CLIP beside them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .clip.model import versions
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def clip_identity(clip_dir: Path) -> dict:
+    """How a model names the CLIP it was trained against."""
+    weights = Path(clip_dir) / "model.safetensors"
+    return {"path": str(clip_dir), "sha256": file_sha256(weights) if weights.exists() else None}
+
+
+def save_model(out: Path, model: torch.nn.Module, *, kind: str, arch: dict, run_config: dict,
+               info: Optional[dict] = None, clip: Optional[dict] = None) -> None:
+    """``arch``: the keyword arguments that rebuild ``model``'s class; ``info``: anything a loader
+    needs besides (prediction type, sampling defaults, resolution chain)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
+    (out / "model.json").write_text(json.dumps({
+        "kind": kind, "arch": arch, "info": info or {}, "clip": clip, "config": run_config,
+        "versions": versions()}, indent=2))
+
+
+def read_meta(path: Path, kind: str) -> dict[str, Any]:
+    path = Path(path)
+    if not (path / "model.json").exists() or not (path / "model.safetensors").exists():
+        raise FileNotFoundError(f"{path} holds no trained {kind} (model.json + model.safetensors); "
+                                f"run `unclip stage {kind}` or point at a trained bundle")
+    meta = json.loads((path / "model.json").read_text())
+    if meta.get("kind") != kind:
+        raise ValueError(f"{path} holds a {meta.get('kind')!r}, not a {kind!r}")
+    return meta
+
+
+def load_model(path: Path, kind: str, build: Callable[..., torch.nn.Module],
+               device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild with ``build(**arch)``, load the weights, eval mode. Returns (model, meta)."""
+    meta = read_meta(path, kind)
+    model = build(**meta["arch"])
+    model.load_state_dict(load_file(str(Path(path) / "model.safetensors")))
+    return model.to(device).eval(), meta

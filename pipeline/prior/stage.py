@@ -1,0 +1,110 @@
+"""The `prior` stage: train the diffusion prior on the embedding shards, measure it on val.
+
+Val figures, as the field reports them (DALL-E 2 section 5; laion/DALLE2-pytorch's prior
+evaluation), each a mean over the val split:
+
+    cos_pred_image            cos(predicted z_i, true z_i)     how close the prior gets
+    cos_pred_text             cos(predicted z_i, z_t)
+    cos_image_text_baseline   cos(true z_i, z_t)               what "just use the text" would give
+    cos_unrelated_image       cos(z_i predicted from another caption, true z_i): the floor
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import bundle, tracking
+from ..data.shards import shard_paths
+from ..embeddings import load_split, train_batches
+from ..progress import say
+from ..stages import StageError
+from ..training import autocast, train_diffusion_model
+from ..workspace import atomic_dir
+from . import diffusion
+from .network import UnclipPrior
+
+
+def arch_of(p, embed_dim: int, text_width: int, context_length: int) -> dict:
+    return {"embed_dim": embed_dim, "text_width": text_width, "context_length": context_length,
+            "layers": p.layers, "heads": p.heads, "head_dim": p.head_dim, "dropout": p.dropout}
+
+
+@torch.no_grad()
+def sample_in_batches(model, data: dict, sampling, n_candidates: int, batch_size: int, seed: int,
+                      precision: str = "auto", order=None) -> tuple[torch.Tensor, int]:
+    """Predicted z_i [n, D] for the captions of ``data`` (rows reordered by ``order``), and the
+    network evaluations per sample."""
+    device = next(model.parameters()).device
+    order = torch.arange(data["n"]) if order is None else order
+    gen = torch.Generator().manual_seed(seed)
+    out, stats = [], {}
+    for i in range(0, data["n"], batch_size):
+        idx = order[i:i + batch_size]
+        with autocast(precision, device):
+            z = diffusion.sample(model, data["z_t"][idx].to(device), data["tokens"][idx].to(device),
+                                 data["mask"][idx].to(device), steps=sampling.steps, sampler=sampling.sampler,
+                                 guidance_scale=sampling.guidance_scale, n_candidates=n_candidates,
+                                 generator=gen, stats=stats)
+        out.append(z.float().cpu())
+    return torch.cat(out), stats.get("nfe", 0) * n_candidates
+
+
+def evaluate(model, val: dict, p) -> dict:
+    pred, nfe = sample_in_batches(model, val, p.sampling, p.n_candidates, p.val_batch_size, p.seed, p.precision)
+    # unrelated captions: every caption paired with another scene's image (a fixed derangement)
+    shift = torch.roll(torch.arange(val["n"]), 1)
+    unrelated, _ = sample_in_batches(model, val, p.sampling, p.n_candidates, p.val_batch_size, p.seed + 1,
+                                     p.precision, order=shift)
+    cos = lambda a, b: F.cosine_similarity(a, b, dim=-1).mean().item()        # noqa: E731
+    return {"n": val["n"], "sampler": p.sampling.sampler, "steps": p.sampling.steps,
+            "guidance_scale": p.sampling.guidance_scale, "n_candidates": p.n_candidates,
+            "nfe_per_sample": nfe,
+            "cos_pred_image": round(cos(pred, val["z_i"]), 4),
+            "cos_pred_text": round(cos(pred, val["z_t"]), 4),
+            "cos_image_text_baseline": round(cos(val["z_i"], val["z_t"]), 4),
+            "cos_unrelated_image": round(cos(unrelated, val["z_i"]), 4)}
+
+
+def run(cfg, ws) -> dict:
+    p = cfg.prior
+    paths = shard_paths(ws.embeddings)
+    if not paths:
+        raise StageError(f"no shards in {ws.embeddings}: run the embed stage first")
+    val = load_split(paths, "val")
+    if not val["n"]:
+        raise StageError("the val split of the embeddings is empty")
+    _, d = val["z_i"].shape
+    _, length, width = val["tokens"].shape
+    arch = arch_of(p, d, width, length)
+    torch.manual_seed(p.seed)
+    model = UnclipPrior(**arch)
+    schedule = diffusion.noise_scheduler()
+
+    def make_batches(rank, world):
+        return train_batches(paths, p.batch_size, seed=p.seed, rank=rank, world=world)
+
+    def loss_fn(net, batch):
+        dev = next(net.parameters()).device
+        with autocast(p.precision, dev):
+            return diffusion.training_loss(net, batch["z_i"].to(dev), batch["z_t"].to(dev), batch["tokens"].to(dev),
+                                           batch["mask"].to(dev), schedule, p_uncond=p.p_uncond)
+
+    def on_log(step, figures):
+        tracking.log_metrics({"train_loss": figures["loss"], "lr": figures["lr"]}, step=step)
+
+    summary, acc = train_diffusion_model(model, p, make_batches, loss_fn, checkpoint_dir=ws.checkpoints / "prior",
+                                         key={"prior": p.model_dump(mode="json"), "arch": arch}, desc="prior: train",
+                                         on_log=on_log)
+    if not acc.is_main_process:
+        return {"train": summary}
+    val_figs = evaluate(model, val, p)
+    with atomic_dir(ws.prior) as out:
+        bundle.save_model(out, model, kind="prior", arch=arch, run_config=cfg.model_dump(mode="json"),
+                          info={"prediction_type": diffusion.PREDICTION, "sampling": p.sampling.model_dump(),
+                                "n_candidates": p.n_candidates},
+                          clip=bundle.clip_identity(ws.clip))
+    tracking.log_metrics({f"val_{k}": v for k, v in val_figs.items() if k.startswith("cos")})
+    say("prior", f"val: cos(pred, image) {val_figs['cos_pred_image']} vs baseline cos(text, image) "
+                 f"{val_figs['cos_image_text_baseline']} and unrelated {val_figs['cos_unrelated_image']} "
+                 f"-> {ws.prior.relative_to(ws.root)}/ (model.safetensors)")
+    return {"train": summary, "val": val_figs}

@@ -1,0 +1,1 @@
+"""The upsamplers of unCLIP: diffusion models that take the decoder's images up the resolution chain."""

@@ -1,0 +1,58 @@
+"""Diffusion for the upsamplers: training loss, sampling and loading, the network passed in.
+
+The shared glue (pipeline/diffusion.py) does the rest: cosine schedule over 1000 steps, the
+target for the model's prediction type (noise or v), the samplers. An upsampler is
+conditioned only on the low-res image, upsampled bicubically to the output size; there is no
+guidance. The low-res image is corrupted in training (``degrade``) but not at sampling, where
+it is the previous model's output.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import bundle, diffusion
+from ..diffusion import Denoiser, make_sampler, sample_loop
+from ..images import resize
+from .network import Upsampler
+
+
+def training_loss(model, x0: torch.Tensor, low_res_up: torch.Tensor, schedule,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """MSE between the network's output and the target of ``schedule``'s prediction type.
+
+    x0: high-res (crops) [B, 3, H, W] in [-1, 1]; low_res_up: the (corrupted) low-res image
+    upsampled to the same size and cropped at the same place. Timesteps are uniform over the
+    training steps."""
+    t = torch.randint(0, schedule.config.num_train_timesteps, (len(x0),), device=x0.device, generator=generator)
+    noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+    out = model(schedule.add_noise(x0, noise, t), t, low_res_up)
+    return F.mse_loss(out.float(), diffusion.training_target(schedule, x0, noise, t))
+
+
+@torch.no_grad()
+def upsample(model, info: dict, low_res: torch.Tensor, *, sampler: Optional[str] = None,
+             steps: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Low-res images [B, 3, h, h] in [-1, 1] -> high-res [B, 3, h*s, h*s] in [-1, 1], s the
+    model's scale. ``info``: the bundle's ``meta["info"]`` (sizes, prediction type and the
+    default ``sampling``); ``sampler``/``steps`` override its defaults."""
+    b, _, h, w = low_res.shape
+    size = h * (info["out_size"] // info["in_size"])
+    if h != w or size % model.multiple:
+        raise ValueError(f"need square images whose upsampled side is a multiple of {model.multiple}, "
+                         f"got {h}x{w} -> {size}")
+    device = next(model.parameters()).device
+    cond = resize(low_res.float(), size).to(device)
+    scheduler = make_sampler(sampler or info["sampling"]["sampler"], steps or info["sampling"]["steps"],
+                            info["prediction_type"], clip_range=1.0)
+    denoiser = Denoiser(lambda x, t: model(x, t, cond).float())
+    x_T = diffusion.randn((b, 3, size, size), generator, device)
+    return sample_loop(denoiser, x_T, scheduler, generator).clamp(-1, 1)
+
+
+def load(path: Path, device: str | torch.device = "cpu") -> tuple[Upsampler, dict]:
+    """A trained upsampler bundle -> (model in eval mode, meta); ``meta["info"]`` feeds :func:`upsample`."""
+    return bundle.load_model(path, "upsampler", Upsampler, device)

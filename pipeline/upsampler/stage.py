@@ -1,0 +1,187 @@
+"""The `upsample@<key>` stages: train one upsampler of the chain, evaluate it on val, save the bundle.
+
+The chain starts at the decoder's resolution; each stage multiplies it by its ``scale``
+(default 16 -> 32 -> 64 px). Training pairs come from the filtered shards: the image resized
+to the stage's output size (the target x0) and to its input size (the low-res condition, then
+corrupted by the stage's ``degradation``, upsampled bicubically to the output size). As in
+DALL-E 2, the network trains on random crops (``crop_fraction`` of the side) cut at the same
+place from both, and is applied to whole images at sampling.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+import webdataset as wds
+from diffusers.training_utils import EMAModel
+
+from .. import bundle, diffusion, tracking
+from ..clip.data import decode_image, iter_split, single_thread
+from ..clip.train import use_bf16
+from ..data.shards import sample_meta, shard_paths, split_of
+from ..images import grid, resize, save_png, to_model, to_uint8
+from ..progress import say
+from ..stages import StageError
+from ..training import Checkpointer, config_hash, cosine_with_warmup, fit, make_accelerator
+from ..workspace import atomic_dir
+from .degrade import degrade
+from .diffusion import training_loss, upsample
+from .network import Upsampler
+
+VAL_IMAGES = 64          # val images for the PSNR figures
+GRID_IMAGES = 8          # columns of samples.png
+
+
+def chain_sizes(cfg) -> dict[str, tuple[int, int]]:
+    """(input, output) side in px of every upsampler, in chain order, from the decoder's size."""
+    sizes, size = {}, cfg.decoder.image_size
+    for key, stage in cfg.upsample.stages.items():
+        sizes[key] = (size, size * stage.scale)
+        size *= stage.scale
+    return sizes
+
+
+def crop_size(out_size: int, fraction: float, multiple: int) -> int:
+    """The training crop's side: ``fraction`` of the output side, rounded to a multiple of the
+    network's ``multiple`` (its down-sampling factor), at least one multiple."""
+    return max(multiple, round(out_size * fraction / multiple) * multiple)
+
+
+def high_low(images: list[torch.Tensor], in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images [3, H, W] of any size -> (high-res [B, 3, out, out], low-res [B, 3, in, in]),
+    float in [-1, 1], both resized from the original (as the decoder's training images are)."""
+    x = [to_model(img)[None] for img in images]
+    return torch.cat([resize(i, out_size) for i in x]), torch.cat([resize(i, in_size) for i in x])
+
+
+class TrainingPairs:
+    """Collation of decoded images into a training batch (runs in the loader's workers):
+    (x0 crops, conditioning crops), both uint8 [B, 3, crop, crop]; the conditioning image is
+    the corrupted low-res image upsampled bicubically to the output size.
+
+    The corruptions and crop places come from a generator seeded by (``seed``, worker id), made
+    in the worker on first use."""
+
+    def __init__(self, kind: str, in_size: int, out_size: int, crop: int, seed: int):
+        self.kind, self.in_size, self.out_size, self.crop, self.seed = kind, in_size, out_size, crop, seed
+        self.generator: Optional[torch.Generator] = None
+
+    def __call__(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.generator is None:
+            worker = torch.utils.data.get_worker_info()
+            self.generator = torch.Generator().manual_seed((self.seed << 8) + (worker.id if worker else 0))
+        x0, low = high_low(images, self.in_size, self.out_size)
+        cond = resize(degrade(self.kind, low, self.generator).clamp(-1, 1), self.out_size)
+        corners = torch.randint(0, self.out_size - self.crop + 1, (len(x0), 2), generator=self.generator).tolist()
+        window = lambda x, i, j: x[:, i:i + self.crop, j:j + self.crop]       # noqa: E731
+        return (to_uint8(torch.stack([window(x, i, j) for x, (i, j) in zip(x0, corners)])),
+                to_uint8(torch.stack([window(c, i, j) for c, (i, j) in zip(cond, corners)])))
+
+
+def train_loader(paths: list[Path], pairs: TrainingPairs, batch_size: int, num_workers: int,
+                 seed: int) -> wds.WebLoader:
+    """Endless stream of :class:`TrainingPairs` batches from the train split: shards resampled,
+    samples through a seeded shuffle buffer (as ``clip.data.train_loader``)."""
+    ds = (wds.WebDataset([str(p) for p in paths], resampled=True, shardshuffle=False, seed=seed,
+                         nodesplitter=wds.split_by_node, empty_check=False)
+          .select(lambda s: split_of(sample_meta(s)) == "train")
+          .shuffle(2000, initial=1000, seed=seed)
+          .map(lambda s: decode_image(s["jpg"]))
+          .batched(batch_size, collation_fn=pairs, partial=False))
+    return wds.WebLoader(ds, batch_size=None, num_workers=num_workers, worker_init_fn=single_thread,
+                         persistent_workers=num_workers > 0)
+
+
+def train(u, key: str, paths: list[Path], in_size: int, out_size: int, checkpointer: Checkpointer, accelerator):
+    """Train upsampler ``key`` (config ``u``) -> (model holding the EMA weights, arch, fit summary)."""
+    device = accelerator.device
+    arch = {"block_out_channels": list(u.block_out_channels), "layers_per_block": u.layers_per_block}
+    torch.manual_seed(u.seed)                             # the same initial weights on every process
+    model = Upsampler(**arch).to(device)
+    if out_size % model.multiple:
+        raise StageError(f"upsample.stages.{key}: output size {out_size} px must be a multiple of "
+                         f"{model.multiple} (2^(levels - 1) for {len(u.block_out_channels)} levels)")
+    crop = crop_size(out_size, u.crop_fraction, model.multiple)
+    seed = u.seed + accelerator.process_index             # each process its own data and noise
+    torch.manual_seed(seed)
+    pairs = TrainingPairs(u.degradation, in_size, out_size, crop, seed)
+    loader = train_loader(paths, pairs, u.batch_size, u.num_workers, seed)
+    schedule = diffusion.noise_schedule(u.prediction_type)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=u.lr, weight_decay=u.weight_decay, fused=True)
+    scheduler = cosine_with_warmup(optimizer, u.warmup_steps, u.steps)
+    ema = EMAModel(model.parameters(), decay=u.ema_decay)
+    autocast = use_bf16(u.precision, device)
+
+    def loss_fn(model, batch):
+        x0, cond = (to_model(x.to(device)) for x in batch)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            return training_loss(model, x0, cond, schedule)
+
+    def on_log(step, figures):
+        tracking.log_metrics({"train_loss": figures["loss"], "lr": figures["lr"]}, step=step)
+
+    summary = fit(model, optimizer, scheduler, loader, loss_fn, steps=u.steps, checkpointer=checkpointer,
+                  grad_clip=u.grad_clip, desc=f"upsample@{key}: train", on_log=on_log, ema=ema,
+                  accelerator=accelerator, on_nonfinite=u.on_nonfinite)
+    ema.copy_to(model.parameters())
+    summary["crop_size"] = crop
+    return model.eval(), arch, summary
+
+
+def psnr(x: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB [B] of images in [-1, 1], both quantised to uint8 as they are saved."""
+    mse = (to_uint8(x).float() - to_uint8(truth).float()).pow(2).mean(dim=(1, 2, 3))
+    return 10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))
+
+
+def evaluate(model, info: dict, paths: list[Path], seed: int) -> tuple[dict, torch.Tensor]:
+    """PSNR against the true high-res image on up to VAL_IMAGES val images, of the upsampler's
+    output and of plain bicubic upsampling of the same (uncorrupted) low-res image.
+    Returns (figures, uint8 [3 * GRID_IMAGES, 3, out, out] rows for the sample grid)."""
+    images = [decode_image(s["jpg"]) for _, s in zip(range(VAL_IMAGES), iter_split(paths, "val"))]
+    if not images:
+        raise StageError("the val split is empty: no sample's json carries split='val'")
+    truth, low = high_low(images, info["in_size"], info["out_size"])
+    bicubic = resize(low, info["out_size"])
+    out = upsample(model, info, low, generator=torch.Generator().manual_seed(seed)).cpu()
+    ours, base = psnr(out, truth), psnr(bicubic, truth)
+    figures = {"images": len(images), "psnr_db": round(ours.mean().item(), 2),
+               "bicubic_psnr_db": round(base.mean().item(), 2),
+               "psnr_gain_db": round((ours - base).mean().item(), 2),
+               "sampler": info["sampling"]["sampler"], "sampling_steps": info["sampling"]["steps"]}
+    n = min(GRID_IMAGES, len(images))
+    rows = torch.cat([to_uint8(bicubic[:n]), to_uint8(out[:n]), to_uint8(truth[:n])])
+    return figures, rows
+
+
+def run(cfg, ws, key: str) -> dict:
+    if key not in cfg.upsample.stages:
+        raise StageError(f"no upsampler {key!r} in upsample.stages (known: {', '.join(cfg.upsample.stages)})")
+    u = cfg.upsample.stages[key]
+    in_size, out_size = chain_sizes(cfg)[key]
+    paths = shard_paths(ws.filtered)
+    if not paths:
+        raise StageError(f"no shards in {ws.filtered}: run the filter stage first")
+    ckpt = Checkpointer(ws.checkpoints / f"upsampler_{key}", every=u.checkpoint_every,
+                        key=config_hash({"stage": u.model_dump(mode="json"), "in_size": in_size, "out_size": out_size}))
+    accelerator = make_accelerator()
+    model, arch, summary = train(u, key, paths, in_size, out_size, ckpt, accelerator)
+    if not accelerator.is_main_process:                   # under several processes the main one saves
+        return {"train": summary}
+    info = {"key": key, "in_size": in_size, "out_size": out_size, "prediction_type": u.prediction_type,
+            "sampling": u.sampling.model_dump(), "degradation": u.degradation, "crop_size": summary["crop_size"]}
+    with atomic_dir(ws.upsampler(key)) as out:
+        with torch.no_grad():
+            val, rows = evaluate(model, info, paths, u.seed)
+        bundle.save_model(out, model, kind="upsampler", arch=arch, run_config=cfg.model_dump(mode="json"), info=info)
+        save_png(grid(rows, nrow=len(rows) // 3, scale=max(1, math.ceil(128 / out_size)),
+                      row_labels=["bicubic", "upsampler", "truth"]), out / "samples.png")
+    ckpt.clear()
+    tracking.log_artifact(ws.upsampler(key) / "samples.png", f"upsample_{key}")
+    where = ws.upsampler(key).relative_to(ws.root)
+    say(f"upsample@{key}", f"{in_size} -> {out_size} px ({u.degradation} corruption in training); val PSNR "
+                           f"{val['psnr_db']} dB vs bicubic {val['bicubic_psnr_db']} dB on {val['images']} images "
+                           f"-> {where}/ (model.safetensors, samples.png)")
+    return {"in_size": in_size, "out_size": out_size, "train": summary, "val": val}
