@@ -104,6 +104,20 @@ def headline(stage: str, f: dict) -> str:
                 f"position {zs.get('position_acc')}%; R@1 i->t {v.get('image_to_text_r@1')}%")
     if stage == "embed":
         return f"{f.get('kept')} embedded ({f.get('dropped_low_similarity')} dropped), {f.get('images_per_s')} img/s"
+    if stage == "prior":
+        v = f.get("val", {})
+        return (f"val cos(pred, image) {v.get('cos_pred_image')} vs cos(text, image) "
+                f"{v.get('cos_image_text_baseline')}, unrelated {v.get('cos_unrelated_image')}")
+    if stage == "decoder":
+        v = f.get("val", {})
+        return f"val cos(CLIP(decoded), z_i) {v.get('cos_reembed')} (real {v.get('cos_reembed_real')})"
+    if stage.startswith("upsample@"):
+        v = f.get("val", {})
+        return f"val PSNR {v.get('psnr')} dB (bicubic {v.get('psnr_bicubic')} dB)"
+    if stage == "evaluate":
+        cs = f.get("clip_score", {})
+        return (f"CLIP score {list(cs.values())[-1] if cs else None} (real {f.get('clip_score_real_images')}), "
+                f"{f.get('nfe_total')} NFE/image")
     return ""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -76,6 +77,49 @@ def run(ctx, force):
     except StageFailed as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(EXIT_BAD_INPUT if err.permanent else 1)
+
+
+@main.command()
+@click.argument("prompts", nargs=-1, required=True)
+@click.option("--n", "n", default=4, show_default=True, help="Images per prompt.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", default="grid.png", show_default=True, type=click.Path(dir_okay=False),
+              help="The grid (one row per prompt); with --stages also <out>.stage<k>.png per stage.")
+@click.option("--models", default=None, type=click.Path(file_okay=False),
+              help="A trained bundle (clip/ prior/ decoder/ upsampler_*/); default: the workspace's models/.")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpm++"]), default=None, help="Decoder sampler.")
+@click.option("--steps", type=int, default=None, help="Decoder sampling steps.")
+@click.option("--guidance", type=float, default=None, help="Decoder guidance scale.")
+@click.option("--prior-sampler", type=click.Choice(["ddpm", "ddim", "dpm++"]), default=None)
+@click.option("--prior-steps", type=int, default=None)
+@click.option("--prior-guidance", type=float, default=None)
+@click.option("--upsampler-steps", type=int, default=None)
+@click.option("--stages", "save_stages", is_flag=True, help="Also save the grid after every stage.")
+@click.pass_context
+def generate(ctx, prompts, n, seed, out, models, sampler, steps, guidance, prior_sampler, prior_steps,
+             prior_guidance, upsampler_steps, save_stages):
+    """Text to image: PROMPTS through CLIP, the prior, the decoder and the upsamplers."""
+    from .generate import Unclip, save_grid
+    root = Path(models) if models else Workspace.at(ctx.obj["workspace"]).root / "models"
+    try:
+        unclip = Unclip.load(root)
+    except (FileNotFoundError, ValueError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    try:
+        result = unclip.generate(list(prompts), n=n, seed=seed, sampler=sampler, steps=steps, guidance=guidance,
+                                 prior_sampler=prior_sampler, prior_steps=prior_steps,
+                                 prior_guidance=prior_guidance, upsampler_steps=upsampler_steps)
+    except ValueError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    path = save_grid(result, n, Path(out))
+    if save_stages:
+        for k in range(len(result["stages"]) - 1):
+            save_grid(result, n, path.with_suffix(f".stage{k}.png"), stage=k)
+    h = result["images"].shape[-1]
+    click.echo(f"{len(result['captions'])} images at {h} px in {result['seconds']} s "
+               f"(network evaluations per image: {result['nfe']}) -> {path}")
 
 
 @main.command()

@@ -1,0 +1,60 @@
+"""Diffusion for the decoder: the training loss with the two condition drops, and sampling
+with classifier-free guidance. The network is passed in.
+
+DALL-E 2 (section 2.1, after GLIDE): the CLIP embedding is zeroed 10 % of the time and the
+caption dropped 50 % of the time, independently, so the model learns p(x | z_i, caption),
+p(x | z_i), p(x | caption) and p(x). Guidance contrasts the full condition with the empty one:
+out = out(empty) + s (out(z_i, caption) - out(empty)).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import diffusion
+from ..diffusion import Denoiser, make_sampler, sample_loop
+
+
+def drop(z_i: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, drop_image: torch.Tensor,
+         drop_caption: torch.Tensor):
+    """Zero z_i where ``drop_image`` [B]; mask out (and zero) the caption where ``drop_caption`` [B]."""
+    keep_i = (~drop_image).to(z_i.dtype)[:, None]
+    keep_c = ~drop_caption
+    return z_i * keep_i, tokens * keep_c.to(tokens.dtype)[:, None, None], mask & keep_c[:, None]
+
+
+def training_loss(model, x0: torch.Tensor, z_i: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                  schedule, p_drop_image: float = 0.1, p_drop_caption: float = 0.5,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """x0 [B, 3, S, S] in [-1, 1]; MSE on the schedule's target (noise or v)."""
+    b, dev = x0.shape[0], x0.device
+    t = torch.randint(0, schedule.config.num_train_timesteps, (b,), device=dev, generator=generator)
+    noise = torch.randn(x0.shape, device=dev, generator=generator)
+    x_t = schedule.add_noise(x0, noise, t)
+    cond = drop(z_i, tokens, mask, torch.rand(b, device=dev, generator=generator) < p_drop_image,
+                torch.rand(b, device=dev, generator=generator) < p_drop_caption)
+    out = model(x_t, t, *cond)
+    return F.mse_loss(out.float(), diffusion.training_target(schedule, x0, noise, t))
+
+
+@torch.no_grad()
+def sample(model, z_i: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, *, image_size: int,
+           prediction_type: str, sampler: str = "ddim", steps: int = 25, guidance_scale: float = 3.0,
+           generator: Optional[torch.Generator] = None, x_T: Optional[torch.Tensor] = None,
+           stats: Optional[dict] = None) -> torch.Tensor:
+    """Images [B, 3, S, S] in [-1, 1] for image embeddings z_i [B, D] (zeros: none) and captions
+    (tokens [B, L, W], mask [B, L]; an all-False mask: none). ``x_T``: the starting noise
+    (fixed noise for interpolations); drawn from ``generator`` otherwise."""
+    b = z_i.shape[0]
+    no = torch.ones(b, dtype=torch.bool, device=z_i.device)
+    empty = drop(z_i, tokens, mask, no, no)
+    denoiser = Denoiser(lambda x, t: model(x, t, z_i, tokens, mask).float(),
+                        lambda x, t: model(x, t, *empty).float(), guidance_scale)
+    if x_T is None:
+        x_T = diffusion.randn((b, 3, image_size, image_size), generator, z_i.device)
+    x = sample_loop(denoiser, x_T, make_sampler(sampler, steps, prediction_type, clip_range=1.0), generator)
+    if stats is not None:
+        stats["nfe"] = denoiser.nfe
+    return x.clamp(-1, 1)

@@ -1,0 +1,53 @@
+"""The decoder's network: a GLIDE-style UNet (diffusers' UNet2DConditionModel) conditioned on
+the CLIP image embedding z_i two ways, as in DALL-E 2 section 2.1:
+
+- z_i is projected and added to the timestep embedding (the UNet's "projection" class
+  embedding: a linear map of the [B, D] vector, summed with the time embedding);
+- z_i is projected into ``extra_tokens`` (4) context tokens, concatenated with the caption's
+  per-token encodings (projected to the cross-attention width), which the attention layers of
+  the lower resolutions attend to.
+
+Dropping a condition (for classifier-free guidance) is done by the caller: z_i zeroed, the
+caption's tokens masked out. The extra tokens are always attended to, so no attention row is
+ever fully masked.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+
+class UnclipDecoder(nn.Module):
+    def __init__(self, image_size: int, embed_dim: int, text_width: int, block_out_channels: list[int],
+                 attention: list[bool], layers_per_block: int = 1, head_dim: int = 32,
+                 cross_attention_dim: int = 128, extra_tokens: int = 4, out_channels: int = 3):
+        super().__init__()
+        if extra_tokens < 1:
+            raise ValueError("extra_tokens must be >= 1 (the context must never be empty)")
+        self.embed_dim, self.extra_tokens, self.width = embed_dim, extra_tokens, cross_attention_dim
+        self.unet = UNet2DConditionModel(
+            sample_size=image_size, in_channels=3, out_channels=out_channels,
+            block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+            cross_attention_dim=cross_attention_dim, attention_head_dim=head_dim,
+            norm_num_groups=math.gcd(32, *block_out_channels),
+            class_embed_type="projection", projection_class_embeddings_input_dim=embed_dim)
+        self.token_proj = nn.Linear(text_width, cross_attention_dim)
+        self.embed_to_tokens = nn.Linear(embed_dim, extra_tokens * cross_attention_dim)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, z_i: torch.Tensor, tokens: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        """x_t [B, 3, S, S] noised image, t [B] timesteps, z_i [B, D] image embedding (unit norm,
+        or zeros when dropped), tokens [B, L, W] caption encodings, mask [B, L] bool
+        -> the network's prediction [B, out_channels, S, S]."""
+        b = x_t.shape[0]
+        z = z_i * math.sqrt(self.embed_dim)                          # unit variance per component
+        extra = self.embed_to_tokens(z).view(b, self.extra_tokens, self.width)
+        context = torch.cat([extra, self.token_proj(tokens)], dim=1)    # [B, 4 + L, C]
+        context_mask = torch.cat([torch.ones(b, self.extra_tokens, dtype=torch.bool, device=mask.device), mask], 1)
+        return self.unet(x_t, t, encoder_hidden_states=context, class_labels=z,
+                         encoder_attention_mask=context_mask, return_dict=False)[0]

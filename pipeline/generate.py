@@ -1,0 +1,130 @@
+"""Text to image with a trained unCLIP system, from Python and from `unclip generate`.
+
+    from pipeline.generate import Unclip
+    unclip = Unclip.load("models")                       # a workspace's models/ or a bundle dir
+    out = unclip.generate(["a small red circle in the top left"], n=4, seed=0)
+    out["images"]                                        # uint8 [4, 3, 64, 64]
+
+The cascade (DALL-E 2 figure 2): caption -CLIP text encoder-> z_t, tokens -prior-> z_i
+-decoder-> base image -upsampler 1-> -upsampler 2-> final image. Every sampling setting
+defaults to what the model was saved with and can be overridden per call.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from . import bundle
+from .clip import model as clip_model
+from .decoder import diffusion as decoder_diffusion
+from .decoder.network import UnclipDecoder
+from .images import grid, save_png, to_uint8
+from .prior import diffusion as prior_diffusion
+from .prior.network import UnclipPrior
+from .training import autocast
+
+
+@dataclass
+class Unclip:
+    clip: clip_model.ClipBundle
+    prior: UnclipPrior
+    prior_meta: dict
+    decoder: UnclipDecoder
+    decoder_meta: dict
+    upsamplers: list = field(default_factory=list)        # [(model, meta)], in chain order
+    device: torch.device = torch.device("cpu")
+    precision: str = "auto"
+
+    @classmethod
+    def load(cls, models: str | Path, device: Optional[str] = None, precision: str = "auto") -> "Unclip":
+        """Load ``clip/ prior/ decoder/ upsampler_*/`` from ``models``; the prior and the decoder
+        must have been trained against the CLIP found beside them."""
+        from .upsampler import diffusion as up_diffusion
+        models = Path(models)
+        if not models.is_dir():
+            raise FileNotFoundError(f"{models}: no such directory (expected a workspace's models/ with "
+                                    f"clip/, prior/, decoder/, upsampler_*/)")
+        dev = torch.device(device or clip_model.device_of())
+        clip = clip_model.load(models / "clip", dev)
+        prior, prior_meta = bundle.load_model(models / "prior", "prior", UnclipPrior, dev)
+        decoder, decoder_meta = bundle.load_model(models / "decoder", "decoder", UnclipDecoder, dev)
+        sha = bundle.file_sha256(models / "clip" / "model.safetensors")
+        for name, meta in (("prior", prior_meta), ("decoder", decoder_meta)):
+            trained = (meta.get("clip") or {}).get("sha256")
+            if trained and trained != sha:
+                raise ValueError(f"{models / name} was trained against another CLIP than {models / 'clip'} "
+                                 f"(sha256 {trained[:12]} vs {sha[:12]}): retrain it (`unclip stage {name}`)")
+        ups = sorted(models.glob("upsampler_*"), key=lambda p: p.name)
+        upsamplers = [up_diffusion.load(p, dev) for p in ups]
+        return cls(clip, prior, prior_meta, decoder, decoder_meta, upsamplers, dev, precision)
+
+    @property
+    def sizes(self) -> list[int]:
+        """Resolution after each stage: [decoder, upsampler 1, ...]."""
+        return [self.decoder_meta["arch"]["image_size"]] + [m["info"]["out_size"] for _, m in self.upsamplers]
+
+    @torch.no_grad()
+    def encode_text(self, captions: Sequence[str]):
+        tokens = self.clip.tokenize(list(captions)).to(self.device)
+        z_t, enc, mask = self.clip.encode_text(tokens)
+        return z_t.float(), enc.float(), mask
+
+    @torch.no_grad()
+    def generate(self, captions: Sequence[str], n: int = 1, seed: int = 0, *,
+                 prior_sampler: Optional[str] = None, prior_steps: Optional[int] = None,
+                 prior_guidance: Optional[float] = None, n_candidates: Optional[int] = None,
+                 sampler: Optional[str] = None, steps: Optional[int] = None, guidance: Optional[float] = None,
+                 upsampler_sampler: Optional[str] = None, upsampler_steps: Optional[int] = None,
+                 z_i: Optional[torch.Tensor] = None, batch_size: int = 64) -> dict:
+        """``n`` images per caption (caption-major order). Returns ``images`` (final, uint8
+        [len(captions) * n, 3, H, W]), ``stages`` (uint8 images after each stage), ``z_i`` and
+        ``nfe`` (network evaluations per image, per stage). ``z_i``: skip the prior and decode
+        these image embeddings [len(captions) * n, D] instead."""
+        captions = [c for c in captions for _ in range(n)]
+        ps, ds = self.prior_meta["info"]["sampling"], self.decoder_meta["info"]["sampling"]
+        gen = torch.Generator().manual_seed(seed)
+        z_t, tokens, mask = self.encode_text(captions)
+        stats: dict = {}
+        t0 = time.perf_counter()
+        with autocast(self.precision, self.device):
+            if z_i is None:
+                k = n_candidates or self.prior_meta["info"].get("n_candidates", 2)
+                z_i = torch.cat([prior_diffusion.sample(
+                    self.prior, z_t[i:i + batch_size], tokens[i:i + batch_size], mask[i:i + batch_size],
+                    steps=prior_steps or ps["steps"], sampler=prior_sampler or ps["sampler"],
+                    guidance_scale=ps["guidance_scale"] if prior_guidance is None else prior_guidance,
+                    n_candidates=k, generator=gen, stats=stats).float() for i in range(0, len(captions), batch_size)])
+                nfe = {"prior": stats["nfe"] * k}
+            else:
+                z_i, nfe = z_i.to(self.device).float(), {"prior": 0}
+            x = torch.cat([decoder_diffusion.sample(
+                self.decoder, z_i[i:i + batch_size], tokens[i:i + batch_size], mask[i:i + batch_size],
+                image_size=self.sizes[0], prediction_type=self.decoder_meta["info"]["prediction_type"],
+                sampler=sampler or ds["sampler"], steps=steps or ds["steps"],
+                guidance_scale=ds["guidance_scale"] if guidance is None else guidance, generator=gen,
+                stats=stats).float() for i in range(0, len(captions), batch_size)])
+            nfe["decoder"] = stats["nfe"]
+            stages = [to_uint8(x.cpu())]
+            from .upsampler import diffusion as up_diffusion
+            for j, (model, meta) in enumerate(self.upsamplers, start=1):
+                x = torch.cat([up_diffusion.upsample(model, meta["info"], x[i:i + batch_size],
+                                                     sampler=upsampler_sampler, steps=upsampler_steps,
+                                                     generator=gen).float()
+                               for i in range(0, len(captions), batch_size)])
+                stages.append(to_uint8(x.cpu()))
+                nfe[f"upsampler_{j}"] = (upsampler_steps or meta["info"]["sampling"]["steps"])
+        return {"images": stages[-1], "stages": stages, "z_i": z_i.cpu(), "captions": captions, "nfe": nfe,
+                "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def save_grid(result: dict, n: int, out: Path, stage: int = -1, labels: bool = True) -> Path:
+    """One row per caption (``n`` samples each), nearest-upscaled to at least 64 px tiles."""
+    images = result["stages"][stage]
+    scale = max(1, 64 // images.shape[-1])
+    rows = result["captions"][::n] if labels else None
+    save_png(grid(images, n, scale=scale, row_labels=rows), out)
+    return Path(out)

@@ -1,0 +1,122 @@
+"""The decoder's network and diffusion glue: shapes, both conditioning paths, guidance, samplers."""
+import pytest
+import torch
+
+from pipeline.decoder import diffusion as dd
+from pipeline.decoder.network import UnclipDecoder
+from pipeline.diffusion import Denoiser, make_sampler, noise_schedule, training_target
+
+B, D, W, L, S = 3, 16, 12, 6, 8
+
+
+def net(**kw):
+    torch.manual_seed(0)
+    args = dict(image_size=S, embed_dim=D, text_width=W, block_out_channels=[16, 32], attention=[False, True],
+                head_dim=8, cross_attention_dim=16, extra_tokens=4) | kw
+    return UnclipDecoder(**args).eval()
+
+
+def cond(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z_i = torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=-1)
+    tokens = torch.randn(B, L, W, generator=g)
+    mask = torch.arange(L)[None, :] < torch.tensor([2, 4, 6])[:, None]
+    return z_i, tokens, mask
+
+
+def test_output_shape_and_both_conditioning_paths_matter():
+    m, (z_i, tokens, mask) = net(), cond()
+    x, t = torch.randn(B, 3, S, S), torch.tensor([5, 500, 900])
+    out = m(x, t, z_i, tokens, mask)
+    assert out.shape == (B, 3, S, S) and torch.isfinite(out).all()
+    other_z = cond(1)[0]
+    assert not torch.allclose(out, m(x, t, other_z, tokens, mask))               # z_i is used
+    assert not torch.allclose(out, m(x, t, z_i, torch.randn(B, L, W), mask))     # the caption is used
+    # masked-out caption tokens are ignored: changing them changes nothing
+    tok2 = tokens.clone()
+    tok2[0, 3:] = 100.0
+    assert torch.allclose(out[0], m(x, t, z_i, tok2, mask)[0], atol=1e-5)
+
+
+def test_z_i_reaches_the_unet_through_the_time_embedding_alone():
+    # with no attention levels, the extra tokens are unused: z_i still conditions via the time embedding
+    m = net(block_out_channels=[16, 32], attention=[False, False])
+    z_i, tokens, mask = cond()
+    x, t = torch.randn(B, 3, S, S), torch.tensor([5, 5, 5])
+    assert not torch.allclose(m(x, t, z_i, tokens, mask), m(x, t, cond(1)[0], tokens, mask))
+
+
+def test_fully_dropped_condition_is_finite_and_differs():
+    m, (z_i, tokens, mask) = net(), cond()
+    yes = torch.ones(B, dtype=torch.bool)
+    ez, et, em = dd.drop(z_i, tokens, mask, yes, yes)
+    assert (ez == 0).all() and not em.any()
+    x, t = torch.randn(B, 3, S, S), torch.tensor([5, 5, 5])
+    out_u = m(x, t, ez, et, em)
+    assert torch.isfinite(out_u).all() and not torch.allclose(out_u, m(x, t, z_i, tokens, mask))
+
+
+def test_drop_rates_in_training_follow_the_paper():
+    z_i, tokens, mask = torch.ones(4000, D), torch.ones(4000, L, W), torch.ones(4000, L, dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    dz, dt, dm = dd.drop(z_i, tokens, mask, torch.rand(4000, generator=g) < 0.1, torch.rand(4000, generator=g) < 0.5)
+    assert abs((dz[:, 0] == 0).float().mean().item() - 0.1) < 0.02
+    assert abs((~dm[:, 0]).float().mean().item() - 0.5) < 0.03
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+def test_sampling_with_and_without_guidance(sampler):
+    m, (z_i, tokens, mask) = net(), cond()
+    for scale, nfe in ((1.0, 3), (3.0, 6)):
+        stats = {}
+        x = dd.sample(m, z_i, tokens, mask, image_size=S, prediction_type="epsilon", sampler=sampler, steps=3,
+                      guidance_scale=scale, generator=torch.Generator().manual_seed(0), stats=stats)
+        assert x.shape == (B, 3, S, S) and x.abs().max() <= 1 and stats["nfe"] == nfe
+    a = dd.sample(m, z_i, tokens, mask, image_size=S, prediction_type="epsilon", sampler=sampler, steps=3,
+                  generator=torch.Generator().manual_seed(7))
+    b = dd.sample(m, z_i, tokens, mask, image_size=S, prediction_type="epsilon", sampler=sampler, steps=3,
+                  generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)                                                      # seeded
+
+
+def test_guidance_combines_conditional_and_unconditional():
+    d = Denoiser(lambda x, t: torch.full_like(x, 2.0), lambda x, t: torch.full_like(x, 1.0), scale=3.0)
+    out = d(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+    assert torch.allclose(out, torch.full((2, 3), 4.0)) and d.nfe == 2            # 1 + 3 * (2 - 1)
+
+
+def test_ddim_with_a_perfect_denoiser_recovers_x0():
+    # if the network predicted the true noise exactly, DDIM (eta = 0) lands on x0
+    sched = noise_schedule("epsilon")
+    x0 = torch.rand(2, 3, 4, 4) * 2 - 1
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    x_T = sched.add_noise(x0, noise, torch.tensor([999, 999]))
+    alphas = sched.alphas_cumprod
+
+    def oracle(x, t):
+        a = alphas[t].view(-1, 1, 1, 1)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+    from pipeline.diffusion import sample_loop
+    out = sample_loop(oracle, x_T, make_sampler("ddim", 10, "epsilon"))
+    assert torch.allclose(out, x0, atol=1e-3)
+    assert torch.equal(training_target(sched, x0, noise, torch.tensor([3, 4])), noise)
+
+
+def test_training_loss_decreases():
+    torch.manual_seed(0)
+    m = net().train()
+    sched = noise_schedule("epsilon")
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    z_i, tokens, mask = cond()
+    x0 = torch.zeros(B, 3, S, S)
+    x0[:, 0] = 0.8                                                                  # red-ish images
+    losses = []
+    for _ in range(40):
+        loss = dd.training_loss(m, x0, z_i, tokens, mask, sched, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
