@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from pipeline.data.shards import count_samples, shard_paths
+from pipeline.stages import STAGES
 from pipeline.workspace import Workspace, init_workspace
 
 pytestmark = pytest.mark.slow
@@ -33,7 +35,8 @@ def flow_runs(prefect_api, tmp_path_factory):
 
 def test_first_run_runs_every_stage(flow_runs):
     ws, first, _ = flow_runs
-    assert [r["stage"] for r in first["stages"]] == ["corpus", "crawl", "filter", "clip", "embed"]
+    assert [r["stage"] for r in first["stages"]] == list(STAGES)
+    assert list(STAGES)[-5:] == ["prior", "decoder", "upsample@1", "upsample@2", "evaluate"]
     assert all(r["status"] == "ran" for r in first["stages"]), first["stages"]
     assert (ws.root / "dvc.lock").exists()
 
@@ -67,7 +70,7 @@ def test_mlflow_has_a_parent_and_one_nested_run_per_stage(flow_runs):
     parents = {first["mlflow_parent_run_id"], second["mlflow_parent_run_id"]}
     assert parents <= {r.info.run_id for r in runs}
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first["mlflow_parent_run_id"]]
-    assert sorted(r.data.tags["stage"] for r in nested) == sorted(["corpus", "crawl", "filter", "clip", "embed"])
+    assert sorted(r.data.tags["stage"] for r in nested) == sorted(STAGES)
     assert not [r for r in runs if r.data.tags.get("mlflow.parentRunId") == second["mlflow_parent_run_id"]]
     by_stage = {r.data.tags["stage"]: r for r in nested}
     assert by_stage["clip"].data.params["batch_size"] == "32"
@@ -77,6 +80,53 @@ def test_mlflow_has_a_parent_and_one_nested_run_per_stage(flow_runs):
     artifacts = {a.path for a in client.list_artifacts(by_stage["corpus"].info.run_id, "corpus")}
     assert "corpus/samples.png" in artifacts
     assert {a.path for a in client.list_artifacts(by_stage["clip"].info.run_id, "clip")} >= {"clip/clip_figures.png"}
+
+
+def test_generative_half_trained_and_evaluated(flow_runs):
+    ws, _, _ = flow_runs
+    for d in (ws.prior, ws.decoder, ws.upsampler("1"), ws.upsampler("2")):
+        assert (d / "model.safetensors").exists() and (d / "model.json").exists()
+    meta = json.loads((ws.decoder / "model.json").read_text())
+    assert meta["clip"]["sha256"] and meta["versions"]["torch"] and meta["config"]["decoder"]["image_size"] == 8
+    prior = json.loads(ws.metrics_path("prior").read_text())["val"]
+    assert {"cos_pred_image", "cos_pred_text", "cos_image_text_baseline", "cos_unrelated_image"} <= set(prior)
+    ev = json.loads(ws.metrics_path("evaluate").read_text())
+    assert ev["sizes"] == [8, 16, 32] and set(ev["clip_score"]) == {"decoder", "upsample_1", "upsample_2"}
+    assert ev["prior"]["n"] == ev["n_captions"] > 0
+    assert {p.name for p in (ws.reports / "evaluate").glob("*.png")} >= {
+        "prompts_decoder.png", "prompts_upsample_1.png", "prompts_upsample_2.png", "test_real_vs_generated.png"}
+
+
+def test_generate_from_the_command_line(flow_runs, tmp_path):
+    import subprocess
+    import sys
+    from PIL import Image
+    ws, _, _ = flow_runs
+    out = tmp_path / "grid.png"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "--workspace", str(ws.root), "generate",
+                           "a small red circle in the top left", "a blue square", "--n", "3", "--seed", "0",
+                           "--steps", "3", "--out", str(out), "--stages"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "6 images at 32 px" in proc.stdout
+    with Image.open(out) as im:
+        assert im.width > 3 * 64 and im.height > 2 * 64           # 2 rows of 3 tiles, upscaled to 64 px
+    assert out.with_suffix(".stage0.png").exists() and out.with_suffix(".stage1.png").exists()
+    # no trained bundle: a clear error, exit 2
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "generate", "x", "--models", str(tmp_path / "none")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "no such directory" in proc.stderr
+
+
+def test_generate_from_python_is_seeded(flow_runs):
+    from pipeline.generate import Unclip
+    ws, _, _ = flow_runs
+    unclip = Unclip.load(ws.root / "models")
+    a = unclip.generate(["a small red circle in the top left"], n=2, seed=3, steps=3)
+    b = unclip.generate(["a small red circle in the top left"], n=2, seed=3, steps=3)
+    assert a["images"].shape == (2, 3, 32, 32) and a["images"].dtype.is_floating_point is False
+    assert torch.equal(a["images"], b["images"]) and not torch.equal(a["images"][0], a["images"][1])
+    assert [s.shape[-1] for s in a["stages"]] == [8, 16, 32]
+    assert a["nfe"]["decoder"] == 6                                # 3 steps x (conditional + unconditional)
 
 
 def api_filter(path: str, body: dict):
@@ -99,7 +149,7 @@ def test_summary_artifact_published(flow_runs):
     assert arts, "no summary artifact"
     data = arts[0]["data"]
     table = data if isinstance(data, list) else json.loads(data)
-    assert {row["stage"] for row in table} == {"corpus", "crawl", "filter", "clip", "embed"}
+    assert {row["stage"] for row in table} == set(STAGES)
 
 
 def test_bad_input_fails_clearly_without_retries(flow_runs, monkeypatch):

@@ -16,8 +16,9 @@ bsr   Zhang et al. 2021 ("Designing a Practical Degradation Model for Deep Blind
 
 BSRGAN degrades the high-res image down to the low-res one, with kernels sized for the high
 resolution. Here the input is already the (bicubic) low-res image and is degraded in place, so
-its random resize is a down-up round trip and the blur and noise ranges are scaled down for
-images of 16-32 px (the values below; at BSRGAN's own ranges little of a 32 px image survives).
+its random resize is a down-up round trip, and the blur, resize, noise and JPEG ranges are
+milder than BSRGAN's (the values below): at BSRGAN's own ranges the shapes of a 32 px image
+become blobs, and the upsampler would learn to ignore its input.
 
 Every random draw comes from the ``torch.Generator`` passed in: a seed gives the same corruption.
 Images are float [B, 3, h, w] in [-1, 1] in and out.
@@ -35,13 +36,13 @@ from ..images import to_model, to_uint8
 KINDS = ("blur", "bsr")
 
 BLUR_SIGMA = (0.4, 0.6)              # blur: px at the low resolution
-ISO_SIGMA = (0.1, 1.0)               # bsr, isotropic blur: px
-ANISO_SIGMA = (0.1, 1.2)             # bsr, anisotropic blur: px along each principal axis
-RESIZE_FACTOR = (1.0, 2.0)           # bsr: shrink by this factor, then back to the input size
+ISO_SIGMA = (0.1, 0.6)               # bsr, isotropic blur: px
+ANISO_SIGMA = (0.1, 0.8)             # bsr, anisotropic blur: px along each principal axis
+RESIZE_FACTOR = (1.0, 1.5)           # bsr: shrink by this factor, then back to the input size
 DOWN_MODES = ("bilinear", "bicubic", "area")     # BSRGAN's cv2 choices: linear, cubic, area
 UP_MODES = ("bilinear", "bicubic")
-NOISE_LEVEL = (1, 15)                # bsr: noise sigma in 0-255 steps (BSRGAN: 2-25)
-JPEG_QUALITY = (40, 95)              # bsr (BSRGAN: 30-95)
+NOISE_LEVEL = (1, 10)                # bsr: noise sigma in 0-255 steps (BSRGAN: 2-25)
+JPEG_QUALITY = (60, 95)              # bsr (BSRGAN: 30-95)
 JPEG_PROB = 0.9                      # bsr: chance of the JPEG step inside the shuffled sequence
 
 

@@ -15,10 +15,15 @@ from diffusers import UNet2DModel
 from torch import nn
 
 
-def norm_groups(channels: list[int], most: int = 32) -> int:
-    """The largest group count <= ``most`` that divides every channel count (GroupNorm)."""
+def norm_groups(channels: list[int], most: int = 32, least_size: int = 4) -> int:
+    """GroupNorm's group count: the largest <= ``most`` that divides every channel count and
+    leaves at least ``least_size`` channels per group where it can. With one channel per group
+    (32 groups of a 32-channel level) GroupNorm becomes instance norm, which erases each
+    channel's mean over the image, and with it the flat colour of a background. Measured on
+    upsampler 1 (16 -> 32 px, 400 steps): val PSNR 22.0 dB with 32 groups, 29.0 dB with 8."""
     common = math.gcd(*channels)
-    return max(g for g in range(1, min(most, common) + 1) if common % g == 0)
+    fits = [g for g in range(1, min(most, common) + 1) if common % g == 0]
+    return max([g for g in fits if common // g >= least_size] or [1])
 
 
 class Upsampler(nn.Module):

@@ -19,12 +19,11 @@ from diffusers.training_utils import EMAModel
 
 from .. import bundle, diffusion, tracking
 from ..clip.data import decode_image, iter_split, single_thread
-from ..clip.train import use_bf16
 from ..data.shards import sample_meta, shard_paths, split_of
 from ..images import grid, resize, save_png, to_model, to_uint8
 from ..progress import say
 from ..stages import StageError
-from ..training import Checkpointer, config_hash, cosine_with_warmup, fit, make_accelerator
+from ..training import Checkpointer, config_hash, cosine_with_warmup, fit, make_accelerator, use_bf16
 from ..workspace import atomic_dir
 from .degrade import degrade
 from .diffusion import training_loss, upsample
@@ -157,6 +156,7 @@ def evaluate(model, info: dict, paths: list[Path], seed: int) -> tuple[dict, tor
 
 
 def run(cfg, ws, key: str) -> dict:
+    """Stage ``upsample@<key>``: train, evaluate on val, save models/upsampler_<key>/; returns its figures."""
     if key not in cfg.upsample.stages:
         raise StageError(f"no upsampler {key!r} in upsample.stages (known: {', '.join(cfg.upsample.stages)})")
     u = cfg.upsample.stages[key]

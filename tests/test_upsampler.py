@@ -1,0 +1,153 @@
+"""The upsamplers: network shapes, training-time corruptions, a loss that learns, sampling with
+every sampler, and a bundle round trip. Tiny networks; no workspace."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline import bundle
+from pipeline.config import Config, DecoderConfig, UpsampleConfig, UpsamplerConfig
+from pipeline.diffusion import SAMPLERS, noise_schedule
+from pipeline.images import resize
+from pipeline.upsampler import diffusion
+from pipeline.upsampler.degrade import degrade
+from pipeline.upsampler.network import Upsampler, norm_groups
+from pipeline.upsampler.stage import TrainingPairs, chain_sizes, crop_size, psnr
+
+ARCH = {"block_out_channels": [8, 16], "layers_per_block": 1}
+INFO = {"in_size": 8, "out_size": 16, "prediction_type": "epsilon", "sampling": {"sampler": "ddim", "steps": 2}}
+
+
+def net(seed=0):
+    torch.manual_seed(seed)
+    return Upsampler(**ARCH).eval()
+
+
+def shapes(seed=0, b=4, size=16):
+    """Smooth random images [b, 3, size, size] in [-1, 1] with some edges: squares on a gradient."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.linspace(-0.8, 0.8, size).view(1, 1, 1, size).expand(b, 3, size, size).clone()
+    for i in range(b):
+        r, c = torch.randint(0, size // 2, (2,), generator=g).tolist()
+        x[i, :, r:r + size // 2, c:c + size // 2] = torch.rand(3, 1, 1, generator=g) * 2 - 1
+    return x
+
+
+def high_freq_energy(x):
+    lap = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]).view(1, 1, 3, 3).repeat(3, 1, 1, 1)
+    return F.conv2d(x, lap, groups=3).pow(2).mean().item()
+
+
+def test_network_is_fully_convolutional():
+    m, t = net(), torch.tensor([0, 999])
+    for size in (8, 16, 32):                                 # a crop, the full image, larger
+        x = torch.randn(2, 3, size, size)
+        out = m(x, t, torch.randn(2, 3, size, size))
+        assert out.shape == (2, 3, size, size) and torch.isfinite(out).all()
+    # the conditioning image reaches the output
+    x = torch.randn(2, 3, 16, 16)
+    assert not torch.allclose(m(x, t, torch.zeros_like(x)), m(x, t, torch.ones_like(x)))
+    # GroupNorm groups divide every level's channels and keep >= 4 channels per group
+    assert norm_groups([32, 64, 128]) == 8 and norm_groups([48, 96]) == 12 and norm_groups([128, 256]) == 32
+    assert norm_groups([8, 16]) == 2 and norm_groups([2, 4]) == 1
+
+
+@pytest.mark.parametrize("kind", ["blur", "bsr"])
+def test_degradation_shape_range_determinism_and_effect(kind):
+    low = shapes(b=6, size=16)
+    out = degrade(kind, low, torch.Generator().manual_seed(3))
+    assert out.shape == low.shape and out.dtype == low.dtype
+    assert out.min() >= -1 and out.max() <= 1
+    assert torch.equal(out, degrade(kind, low, torch.Generator().manual_seed(3)))
+    assert not torch.equal(out, degrade(kind, low, torch.Generator().manual_seed(4)))
+    # every image is changed, by more than uint8 rounding (at its square's edges at least)
+    assert ((out - low).abs().amax(dim=(1, 2, 3)) > 5 / 255).all()
+    if kind == "blur":                                        # a low-pass filter
+        noise = torch.rand(6, 3, 16, 16) * 2 - 1
+        assert high_freq_energy(degrade(kind, noise, torch.Generator().manual_seed(0))) < 0.5 * high_freq_energy(noise)
+
+
+def test_degradation_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="unknown degradation"):
+        degrade("sharpen", shapes(), torch.Generator())
+
+
+def test_training_pairs_crop_target_and_condition_at_the_same_place():
+    images = [((shapes(seed=i, b=1, size=32)[0] + 1) * 127.5).round().to(torch.uint8) for i in range(3)]
+    x0, cond = TrainingPairs("blur", 8, 16, crop=8, seed=0)(images)
+    assert x0.shape == cond.shape == (3, 3, 8, 8) and x0.dtype == cond.dtype == torch.uint8
+    # the conditioning crop is a blurred version of the target crop: close, not equal
+    diff = (x0.float() - cond.float()).abs().mean()
+    assert 0 < diff < 40
+    assert torch.equal(x0, TrainingPairs("blur", 8, 16, crop=8, seed=0)(images)[0])
+
+
+def test_sizes_of_the_chain_and_crops():
+    cfg = Config(decoder=DecoderConfig(image_size=16),
+                 upsample=UpsampleConfig(stages={"1": UpsamplerConfig(scale=2), "2": UpsamplerConfig(scale=4)}))
+    assert chain_sizes(cfg) == {"1": (16, 32), "2": (32, 128)}
+    assert crop_size(32, 0.5, 4) == 16 and crop_size(64, 0.5, 4) == 32 and crop_size(32, 0.1, 4) == 4
+
+
+def test_training_loss_decreases():
+    # x0: squares on a gradient; condition: its bicubic down-up copy. The network must learn
+    # to separate the noise from the image it is told about.
+    torch.manual_seed(0)
+    m = Upsampler(**ARCH).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    schedule = noise_schedule("epsilon")
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(60):
+        x0 = shapes(seed=int(torch.randint(0, 10_000, (1,), generator=g)), b=16, size=16)
+        cond = resize(resize(x0, 8), 16)
+        loss = diffusion.training_loss(m, x0, cond, schedule, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_upsample_with_each_sampler(sampler):
+    low = shapes(size=8)
+    out = diffusion.upsample(net(), INFO, low, sampler=sampler, steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (4, 3, 16, 16) and out.min() >= -1 and out.max() <= 1 and torch.isfinite(out).all()
+
+
+def test_upsample_rejects_sizes_the_network_cannot_take():
+    m = Upsampler(block_out_channels=[8, 16, 32], layers_per_block=1)     # needs multiples of 4
+    with pytest.raises(ValueError, match="multiple of 4"):
+        diffusion.upsample(m, INFO, shapes(size=5))
+
+
+def test_saved_bundle_gives_the_same_samples(tmp_path):
+    m = net(seed=5)
+    info = {**INFO, "key": "1", "degradation": "blur"}
+    bundle.save_model(tmp_path / "up", m, kind="upsampler", arch=ARCH, run_config={}, info=info)
+    loaded, meta = diffusion.load(tmp_path / "up")
+    assert meta["info"] == info and meta["arch"] == ARCH
+    low = shapes(size=8)
+    a = diffusion.upsample(m, info, low, generator=torch.Generator().manual_seed(7))
+    b = diffusion.upsample(loaded, meta["info"], low, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    c = diffusion.upsample(loaded, meta["info"], low, generator=torch.Generator().manual_seed(8))
+    assert not torch.equal(a, c)
+
+
+def test_psnr():
+    x = shapes()
+    assert (psnr(x, x) > 90).all()
+    noisy = x + 0.1 * torch.randn_like(x)
+    assert 20 < psnr(noisy, x).mean() < 30                   # sigma 0.1 on [-1, 1] = 12.75 / 255: ~26 dB
+
+
+def test_stage_without_shards_or_with_an_unknown_key_says_what_is_wrong(tmp_path):
+    from pipeline.stages import StageError
+    from pipeline.upsampler.stage import run
+    from pipeline.workspace import Workspace
+    ws = Workspace.at(tmp_path)
+    with pytest.raises(StageError, match="run the filter stage first"):
+        run(Config(), ws, "1")
+    with pytest.raises(StageError, match="no upsampler '3'"):
+        run(Config(), ws, "3")
