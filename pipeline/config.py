@@ -174,6 +174,7 @@ class DecoderConfig(TrainConfig):
     cross_attention_dim: int = Field(128, ge=8)
     extra_tokens: int = Field(4, ge=0)                # z_i projected into this many context tokens
     prediction_type: Prediction = "epsilon"
+    snr_gamma: Optional[float] = Field(5.0, gt=0)     # Min-SNR-gamma loss weighting; null = uniform
     p_drop_image_embed: float = Field(0.1, ge=0, le=1)
     p_drop_caption: float = Field(0.5, ge=0, le=1)
     sampling: SamplingConfig = SamplingConfig(guidance_scale=3.0)

@@ -41,6 +41,24 @@ def training_target(schedule: DDPMScheduler, x0: torch.Tensor, noise: torch.Tens
     raise ValueError(f"unknown prediction_type {kind!r}")
 
 
+def min_snr_weight(schedule: DDPMScheduler, t: torch.Tensor, gamma: Optional[float]) -> torch.Tensor:
+    """Per-example loss weights [B] of Min-SNR-gamma (Hang et al. 2023): the easy low-noise steps
+    are down-weighted so they stop dominating the gradient, which speeds up convergence ~3x.
+    Expressed for the schedule's target (epsilon: min(SNR, g)/SNR; v: min(SNR, g)/(SNR + 1);
+    x0: min(SNR, g)). ``gamma`` None: uniform weights."""
+    if gamma is None:
+        return torch.ones(t.shape, device=t.device)
+    a = schedule.alphas_cumprod.to(t.device)[t]
+    snr = a / (1 - a)
+    clipped = snr.clamp(max=gamma)
+    kind = schedule.config.prediction_type
+    if kind == "epsilon":
+        return clipped / snr
+    if kind == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
+
+
 def make_sampler(name: str, steps: int, prediction_type: str, clip_range: Optional[float] = None):
     """A diffusers scheduler set to ``steps`` sampling steps.
 

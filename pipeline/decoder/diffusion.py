@@ -27,8 +27,9 @@ def drop(z_i: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, drop_image
 
 def training_loss(model, x0: torch.Tensor, z_i: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
                   schedule, p_drop_image: float = 0.1, p_drop_caption: float = 0.5,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """x0 [B, 3, S, S] in [-1, 1]; MSE on the schedule's target (noise or v)."""
+                  snr_gamma: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """x0 [B, 3, S, S] in [-1, 1]; MSE on the schedule's target (noise or v), per example
+    weighted by Min-SNR-gamma when ``snr_gamma`` is set."""
     b, dev = x0.shape[0], x0.device
     t = torch.randint(0, schedule.config.num_train_timesteps, (b,), device=dev, generator=generator)
     noise = torch.randn(x0.shape, device=dev, generator=generator)
@@ -36,7 +37,9 @@ def training_loss(model, x0: torch.Tensor, z_i: torch.Tensor, tokens: torch.Tens
     cond = drop(z_i, tokens, mask, torch.rand(b, device=dev, generator=generator) < p_drop_image,
                 torch.rand(b, device=dev, generator=generator) < p_drop_caption)
     out = model(x_t, t, *cond)
-    return F.mse_loss(out.float(), diffusion.training_target(schedule, x0, noise, t))
+    per_example = F.mse_loss(out.float(), diffusion.training_target(schedule, x0, noise, t),
+                             reduction="none").mean(dim=(1, 2, 3))
+    return (per_example * diffusion.min_snr_weight(schedule, t, snr_gamma)).mean()
 
 
 @torch.no_grad()

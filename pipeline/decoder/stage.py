@@ -96,7 +96,7 @@ def run(cfg, ws) -> dict:
         with autocast(d.precision, dev):
             return diffusion.training_loss(net, to_model(batch["images"]).to(dev), batch["z_i"].to(dev),
                                            batch["tokens"].to(dev), batch["mask"].to(dev), schedule,
-                                           d.p_drop_image_embed, d.p_drop_caption)
+                                           d.p_drop_image_embed, d.p_drop_caption, d.snr_gamma)
 
     def on_log(step, figures):
         tracking.log_metrics({"train_loss": figures["loss"], "lr": figures["lr"]}, step=step)
