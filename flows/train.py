@@ -113,7 +113,7 @@ def headline(stage: str, f: dict) -> str:
         return f"val cos(CLIP(decoded), z_i) {v.get('cos_reembed')} (real {v.get('cos_reembed_real')})"
     if stage.startswith("upsample@"):
         v = f.get("val", {})
-        return f"val PSNR {v.get('psnr')} dB (bicubic {v.get('psnr_bicubic')} dB)"
+        return f"val PSNR {v.get('psnr_db')} dB (bicubic {v.get('bicubic_psnr_db')} dB)"
     if stage == "evaluate":
         cs = f.get("clip_score", {})
         return (f"CLIP score {list(cs.values())[-1] if cs else None} (real {f.get('clip_score_real_images')}), "

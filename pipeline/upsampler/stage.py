@@ -15,7 +15,6 @@ from typing import Optional
 
 import torch
 import webdataset as wds
-from diffusers.training_utils import EMAModel
 
 from .. import bundle, diffusion, tracking
 from ..clip.data import decode_image, iter_split, single_thread
@@ -23,7 +22,7 @@ from ..data.shards import sample_meta, shard_paths, split_of
 from ..images import grid, resize, save_png, to_model, to_uint8
 from ..progress import say
 from ..stages import StageError
-from ..training import Checkpointer, config_hash, cosine_with_warmup, fit, make_accelerator, use_bf16
+from ..training import autocast, train_diffusion_model
 from ..workspace import atomic_dir
 from .degrade import degrade
 from .diffusion import training_loss, upsample
@@ -93,40 +92,38 @@ def train_loader(paths: list[Path], pairs: TrainingPairs, batch_size: int, num_w
                          persistent_workers=num_workers > 0)
 
 
-def train(u, key: str, paths: list[Path], in_size: int, out_size: int, checkpointer: Checkpointer, accelerator):
-    """Train upsampler ``key`` (config ``u``) -> (model holding the EMA weights, arch, fit summary)."""
-    device = accelerator.device
+def train(u, key: str, paths: list[Path], in_size: int, out_size: int, checkpoint_dir: Path):
+    """Train upsampler ``key`` (config ``u``) with the shared recipe -> (model holding the EMA
+    weights, arch, fit summary, accelerator)."""
     arch = {"block_out_channels": list(u.block_out_channels), "layers_per_block": u.layers_per_block}
     torch.manual_seed(u.seed)                             # the same initial weights on every process
-    model = Upsampler(**arch).to(device)
+    model = Upsampler(**arch)
     if out_size % model.multiple:
         raise StageError(f"upsample.stages.{key}: output size {out_size} px must be a multiple of "
                          f"{model.multiple} (2^(levels - 1) for {len(u.block_out_channels)} levels)")
     crop = crop_size(out_size, u.crop_fraction, model.multiple)
-    seed = u.seed + accelerator.process_index             # each process its own data and noise
-    torch.manual_seed(seed)
-    pairs = TrainingPairs(u.degradation, in_size, out_size, crop, seed)
-    loader = train_loader(paths, pairs, u.batch_size, u.num_workers, seed)
     schedule = diffusion.noise_schedule(u.prediction_type)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=u.lr, weight_decay=u.weight_decay, fused=True)
-    scheduler = cosine_with_warmup(optimizer, u.warmup_steps, u.steps)
-    ema = EMAModel(model.parameters(), decay=u.ema_decay)
-    autocast = use_bf16(u.precision, device)
 
-    def loss_fn(model, batch):
-        x0, cond = (to_model(x.to(device)) for x in batch)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            return training_loss(model, x0, cond, schedule)
+    def make_batches(rank: int, world: int):
+        seed = u.seed + rank                              # each process its own data and noise
+        torch.manual_seed(seed)
+        return train_loader(paths, TrainingPairs(u.degradation, in_size, out_size, crop, seed), u.batch_size,
+                            u.num_workers, seed)
+
+    def loss_fn(net, batch):
+        dev = next(net.parameters()).device
+        x0, cond = (to_model(x.to(dev)) for x in batch)
+        with autocast(u.precision, dev):
+            return training_loss(net, x0, cond, schedule)
 
     def on_log(step, figures):
         tracking.log_metrics({"train_loss": figures["loss"], "lr": figures["lr"]}, step=step)
 
-    summary = fit(model, optimizer, scheduler, loader, loss_fn, steps=u.steps, checkpointer=checkpointer,
-                  grad_clip=u.grad_clip, desc=f"upsample@{key}: train", on_log=on_log, ema=ema,
-                  accelerator=accelerator, on_nonfinite=u.on_nonfinite)
-    ema.copy_to(model.parameters())
+    key_obj = {"stage": u.model_dump(mode="json"), "in_size": in_size, "out_size": out_size}
+    summary, accelerator = train_diffusion_model(model, u, make_batches, loss_fn, checkpoint_dir=checkpoint_dir,
+                                                 key=key_obj, desc=f"upsample@{key}: train", on_log=on_log)
     summary["crop_size"] = crop
-    return model.eval(), arch, summary
+    return model, arch, summary, accelerator
 
 
 def psnr(x: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -164,10 +161,7 @@ def run(cfg, ws, key: str) -> dict:
     paths = shard_paths(ws.filtered)
     if not paths:
         raise StageError(f"no shards in {ws.filtered}: run the filter stage first")
-    ckpt = Checkpointer(ws.checkpoints / f"upsampler_{key}", every=u.checkpoint_every,
-                        key=config_hash({"stage": u.model_dump(mode="json"), "in_size": in_size, "out_size": out_size}))
-    accelerator = make_accelerator()
-    model, arch, summary = train(u, key, paths, in_size, out_size, ckpt, accelerator)
+    model, arch, summary, accelerator = train(u, key, paths, in_size, out_size, ws.checkpoints / f"upsampler_{key}")
     if not accelerator.is_main_process:                   # under several processes the main one saves
         return {"train": summary}
     info = {"key": key, "in_size": in_size, "out_size": out_size, "prediction_type": u.prediction_type,
@@ -178,7 +172,6 @@ def run(cfg, ws, key: str) -> dict:
         bundle.save_model(out, model, kind="upsampler", arch=arch, run_config=cfg.model_dump(mode="json"), info=info)
         save_png(grid(rows, nrow=len(rows) // 3, scale=max(1, math.ceil(128 / out_size)),
                       row_labels=["bicubic", "upsampler", "truth"]), out / "samples.png")
-    ckpt.clear()
     tracking.log_artifact(ws.upsampler(key) / "samples.png", f"upsample_{key}")
     where = ws.upsampler(key).relative_to(ws.root)
     say(f"upsample@{key}", f"{in_size} -> {out_size} px ({u.degradation} corruption in training); val PSNR "
