@@ -8,13 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import yaml
 
 from pipeline.stages import run_stage
 from pipeline.workspace import Workspace
 
-from .conftest import REPO
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_killed_prior_stage_resumes(data_ws, smoke_cfg, tmp_path):
