@@ -1,1 +1,1 @@
-"""The diffusion prior of unCLIP: caption -> CLIP image embedding (work in progress, issue 3)."""
+"""The diffusion prior of unCLIP: caption (z_t + token encodings) -> CLIP image embedding z_i."""
