@@ -111,11 +111,13 @@ def train_batches(paths: list[Path], batch_size: int, *, seed: int, rank: int = 
             yield from order
 
     order = shard_order()
-    buffer: list[dict] = []
-    resident = min(buffer_shards, len(mine))
-    while len(buffer) < resident:
+
+    def next_part() -> dict:
         part = read_shard(next(order), "train", image_size)
-        buffer.append({k: v for k, v in part.items() if k in want} | {"n": part["n"]})
+        return {k: v for k, v in part.items() if k in want} | {"n": part["n"]}
+
+    resident = min(buffer_shards, len(mine))
+    buffer = [next_part() for _ in range(resident)]
     if not sum(p["n"] for p in buffer):
         raise ValueError("the embedding shards hold no train-split samples")
     pool = concat(buffer)
@@ -126,6 +128,5 @@ def train_batches(paths: list[Path], batch_size: int, *, seed: int, rank: int = 
         drawn += batch_size
         if resident < len(mine) and drawn >= pool["n"]:
             # roll the buffer: drop the oldest shard, read the next one
-            part = read_shard(next(order), "train", image_size)
-            buffer = buffer[1:] + [{k: v for k, v in part.items() if k in want} | {"n": part["n"]}]
+            buffer = buffer[1:] + [next_part()]
             pool, drawn = concat(buffer), 0

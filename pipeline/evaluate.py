@@ -60,7 +60,7 @@ def run(cfg, ws) -> dict:
     idx = torch.tensor(rows)
     captions = [test["captions"][i] for i in rows]
     result = unclip.generate(captions, n=1, seed=e.seed, batch_size=e.batch_size)
-    z_t = unclip.encode_text(captions)[0]
+    z_t = result["z_t"].to(unclip.device)
     shuffled = torch.roll(z_t, 1, 0)
     names = ["decoder"] + [f"upsample_{j}" for j in range(1, len(result["stages"]))]
     scores = {name: clip_score(unclip.clip, imgs, z_t) for name, imgs in zip(names, result["stages"])}

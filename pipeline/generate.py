@@ -26,6 +26,7 @@ from .images import grid, save_png, to_uint8
 from .prior import diffusion as prior_diffusion
 from .prior.network import UnclipPrior
 from .training import autocast
+from .upsampler import diffusion as up_diffusion
 
 
 @dataclass
@@ -43,7 +44,6 @@ class Unclip:
     def load(cls, models: str | Path, device: Optional[str] = None, precision: str = "auto") -> "Unclip":
         """Load ``clip/ prior/ decoder/ upsampler_*/`` from ``models``; the prior and the decoder
         must have been trained against the CLIP found beside them."""
-        from .upsampler import diffusion as up_diffusion
         models = Path(models)
         if not models.is_dir():
             raise FileNotFoundError(f"{models}: no such directory (expected a workspace's models/ with "
@@ -81,7 +81,7 @@ class Unclip:
                  upsampler_sampler: Optional[str] = None, upsampler_steps: Optional[int] = None,
                  z_i: Optional[torch.Tensor] = None, batch_size: int = 64) -> dict:
         """``n`` images per caption (caption-major order). Returns ``images`` (final, uint8
-        [len(captions) * n, 3, H, W]), ``stages`` (uint8 images after each stage), ``z_i`` and
+        [len(captions) * n, 3, H, W]), ``stages`` (uint8 images after each stage), ``z_i``, ``z_t`` and
         ``nfe`` (network evaluations per image, per stage). ``z_i``: skip the prior and decode
         these image embeddings [len(captions) * n, D] instead."""
         captions = [c for c in captions for _ in range(n)]
@@ -109,7 +109,6 @@ class Unclip:
                 stats=stats).float() for i in range(0, len(captions), batch_size)])
             nfe["decoder"] = stats["nfe"]
             stages = [to_uint8(x.cpu())]
-            from .upsampler import diffusion as up_diffusion
             for j, (model, meta) in enumerate(self.upsamplers, start=1):
                 x = torch.cat([up_diffusion.upsample(model, meta["info"], x[i:i + batch_size],
                                                      sampler=upsampler_sampler, steps=upsampler_steps,
@@ -117,7 +116,7 @@ class Unclip:
                                for i in range(0, len(captions), batch_size)])
                 stages.append(to_uint8(x.cpu()))
                 nfe[f"upsampler_{j}"] = (upsampler_steps or meta["info"]["sampling"]["steps"])
-        return {"images": stages[-1], "stages": stages, "z_i": z_i.cpu(), "captions": captions, "nfe": nfe,
+        return {"images": stages[-1], "stages": stages, "z_i": z_i.cpu(), "z_t": z_t.cpu(), "captions": captions, "nfe": nfe,
                 "seconds": round(time.perf_counter() - t0, 2)}
 
 

@@ -45,6 +45,20 @@ def _to_pair(sample: dict) -> tuple[torch.Tensor, str]:
     return decode_image(sample["jpg"]), sample["txt"].decode("utf-8")
 
 
+def train_stream(paths: list[Path], sample_fn: Callable[[dict], object], collate: Callable[[list], object],
+                 batch_size: int, num_workers: int, seed: int) -> wds.WebLoader:
+    """Endless batches of the train split: shards resampled, samples through a seeded shuffle
+    buffer, ``sample_fn`` per sample and ``collate`` per batch in the DataLoader workers."""
+    ds = (wds.WebDataset([str(p) for p in paths], resampled=True, shardshuffle=False, seed=seed,
+                         nodesplitter=wds.split_by_node, empty_check=False)
+          .select(lambda s: split_of(sample_meta(s)) == "train")
+          .shuffle(2000, initial=1000, seed=seed)   # reproducible given the worker count
+          .map(sample_fn)
+          .batched(batch_size, collation_fn=collate, partial=False))
+    return wds.WebLoader(ds, batch_size=None, num_workers=num_workers, worker_init_fn=single_thread,
+                         persistent_workers=num_workers > 0)
+
+
 def train_loader(paths: list[Path], tokenize: Callable[[list[str]], torch.Tensor], batch_size: int,
                  num_workers: int, seed: int, image_size: int) -> wds.WebLoader:
     """Endless stream of (uint8 images [B,3,S,S], tokens [B,L]) from the train split."""
@@ -52,14 +66,7 @@ def train_loader(paths: list[Path], tokenize: Callable[[list[str]], torch.Tensor
         images = torch.stack([resize_uint8(img, image_size) for img, _ in batch])
         return images, tokenize([cap for _, cap in batch])
 
-    ds = (wds.WebDataset([str(p) for p in paths], resampled=True, shardshuffle=False, seed=seed,
-                         nodesplitter=wds.split_by_node, empty_check=False)
-          .select(lambda s: split_of(sample_meta(s)) == "train")
-          .shuffle(2000, initial=1000, seed=seed)   # reproducible given the worker count
-          .map(_to_pair)
-          .batched(batch_size, collation_fn=collate, partial=False))
-    return wds.WebLoader(ds, batch_size=None, num_workers=num_workers, worker_init_fn=single_thread,
-                         persistent_workers=num_workers > 0)
+    return train_stream(paths, _to_pair, collate, batch_size, num_workers, seed)
 
 
 def single_thread(_worker_id: int) -> None:

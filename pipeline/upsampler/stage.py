@@ -17,8 +17,8 @@ import torch
 import webdataset as wds
 
 from .. import bundle, diffusion, tracking
-from ..clip.data import decode_image, iter_split, single_thread
-from ..data.shards import sample_meta, shard_paths, split_of
+from ..clip.data import decode_image, iter_split, train_stream
+from ..data.shards import shard_paths
 from ..images import grid, resize, save_png, to_model, to_uint8
 from ..progress import say
 from ..stages import StageError
@@ -80,16 +80,9 @@ class TrainingPairs:
 
 def train_loader(paths: list[Path], pairs: TrainingPairs, batch_size: int, num_workers: int,
                  seed: int) -> wds.WebLoader:
-    """Endless stream of :class:`TrainingPairs` batches from the train split: shards resampled,
-    samples through a seeded shuffle buffer (as ``clip.data.train_loader``)."""
-    ds = (wds.WebDataset([str(p) for p in paths], resampled=True, shardshuffle=False, seed=seed,
-                         nodesplitter=wds.split_by_node, empty_check=False)
-          .select(lambda s: split_of(sample_meta(s)) == "train")
-          .shuffle(2000, initial=1000, seed=seed)
-          .map(lambda s: decode_image(s["jpg"]))
-          .batched(batch_size, collation_fn=pairs, partial=False))
-    return wds.WebLoader(ds, batch_size=None, num_workers=num_workers, worker_init_fn=single_thread,
-                         persistent_workers=num_workers > 0)
+    """Endless stream of :class:`TrainingPairs` batches from the train split (the CLIP stage's
+    streaming loader: shards resampled, seeded shuffle buffer)."""
+    return train_stream(paths, lambda s: decode_image(s["jpg"]), pairs, batch_size, num_workers, seed)
 
 
 def train(u, key: str, paths: list[Path], in_size: int, out_size: int, checkpoint_dir: Path):
