@@ -114,10 +114,16 @@ def headline(stage: str, f: dict) -> str:
     if stage.startswith("upsample@"):
         v = f.get("val", {})
         return f"val PSNR {v.get('psnr_db')} dB (bicubic {v.get('bicubic_psnr_db')} dB)"
+    if stage == "judge":
+        a = f.get("test_accuracy", {})
+        return "real test images: " + ", ".join(f"{k} {v}%" for k, v in a.items())
     if stage == "evaluate":
-        cs = f.get("clip_score", {})
-        return (f"CLIP score {list(cs.values())[-1] if cs else None} (real {f.get('clip_score_real_images')}), "
-                f"{f.get('nfe_total')} NFE/image")
+        s, p = f.get("quality", {}).get("single", {}), f.get("quality", {}).get("pair", {})
+        missed = [k for k, b in f.get("bars", {}).items() if not b.get("ok")]
+        return (f"one object: color {s.get('color')}% shape {s.get('shape')}% size {s.get('size')}% "
+                f"position {s.get('position')}%; two: colors {p.get('colors')}% relation {p.get('relation')}%; "
+                f"FD {f.get('quality', {}).get('frechet_distance')} (floor {f.get('frechet_floor_real_vs_real')}); "
+                f"{f.get('nfe_total')} NFE/image; " + (f"missed: {', '.join(missed)}" if missed else "all bars met"))
     return ""
 
 

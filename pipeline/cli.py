@@ -123,6 +123,46 @@ def generate(ctx, prompts, n, seed, out, models, sampler, steps, guidance, prior
 
 
 @main.command()
+@click.argument("path", type=click.Path())
+@click.option("--caption", "captions", multiple=True,
+              help="Score against this caption (repeat: one per grid row or one per image).")
+@click.option("--tile", type=int, default=None, help="PATH is a grid of TILE px images (with --cols).")
+@click.option("--cols", type=int, default=None, help="Images per grid row (for --tile).")
+@click.option("--pad", type=int, default=2, show_default=True, help="Grid padding in px.")
+@click.option("--judge", "judge_dir", default=None, type=click.Path(file_okay=False),
+              help="A judge bundle (default: the workspace's models/judge).")
+@click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
+@click.pass_context
+def judge(ctx, path, captions, tile, cols, pad, judge_dir, as_json):
+    """Read colors, shapes, sizes, positions and relations off images (a directory, an image,
+    or a grid) with the ground-truth judge; with --caption, score them."""
+    from .judge.files import judge_files
+    from .judge.stage import Judge
+    try:
+        j = Judge.load(Path(judge_dir) if judge_dir else Workspace.at(ctx.obj["workspace"]).judge)
+        result = judge_files(j, Path(path), captions, tile, cols, pad)
+    except (FileNotFoundError, ValueError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+        return
+    for entry in result["images"]:
+        sees = entry["sees"]
+        objs = f" {sees['relation']} ".join(" ".join(o[k] for k in ("size", "color", "shape", "position") if k in o)
+                                            for o in sees["objects"])
+        verdict = ""
+        if "checks" in entry:
+            wrong = [k for k, ok in entry["checks"].items() if not ok and k != "all"]
+            verdict = "  ok" if not wrong else f"  wrong: {', '.join(wrong)}"
+        click.echo(f"{entry['name']}: {objs} on {sees['background']}{verdict}")
+    if "accuracy" in result:
+        for kind, acc in result["accuracy"].items():
+            if acc["n"]:
+                click.echo(f"{kind} ({acc['n']}): " + ", ".join(f"{k} {v}%" for k, v in acc.items() if k != "n"))
+
+
+@main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 def init(directory):
     """Create a workspace: a git + DVC repo holding params.yaml and dvc.yaml."""

@@ -173,6 +173,8 @@ class DecoderConfig(TrainConfig):
     head_dim: int = Field(32, ge=4)
     cross_attention_dim: int = Field(128, ge=8)
     extra_tokens: int = Field(4, ge=0)                # z_i projected into this many context tokens
+    layout_channels: int = Field(0, ge=0)             # z_i + caption summary projected to a [C, S, S] input map
+    learned_variance: bool = False                    # hybrid loss (Nichol & Dhariwal 2021); DDPM samples with it
     prediction_type: Prediction = "epsilon"
     snr_gamma: Optional[float] = Field(5.0, gt=0)     # Min-SNR-gamma loss weighting; null = uniform
     p_drop_image_embed: float = Field(0.1, ge=0, le=1)
@@ -206,11 +208,28 @@ class UpsampleConfig(Section):
 
 class EvaluateConfig(Section):
     seed: int = 0
-    n_captions: int = Field(64, ge=1)                 # held-out (test split) captions sampled
+    n_single: int = Field(256, ge=0)                  # held-out one-object captions (test split)
+    n_pair: int = Field(256, ge=0)                    # held-out two-object captions
     batch_size: int = Field(32, ge=1)
     grid_prompts: list[str] = ["a small red circle in the top left", "a large blue square in the center",
                                "a green triangle to the left of a yellow circle", "a purple square above an orange triangle"]
     grid_seeds: int = Field(4, ge=1)                  # samples per grid prompt
+
+
+class JudgeConfig(Section):
+    """The ground-truth judge (pipeline/judge): a classifier trained on real corpus images."""
+    seed: int = 0
+    channels: list[int] = [32, 64, 96, 128]          # one stride-2 stage each: 64 px -> 4 px
+    feature_dim: int = Field(256, ge=8)               # the features the Frechet distance is measured in
+    batch_size: int = Field(128, ge=2)
+    steps: int = Field(800, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    p_degrade: float = Field(0.5, ge=0, le=1)         # batches seen blurred/noised like generated images
+    checkpoint_every: int = Field(200, ge=1)
+    precision: Precision = "auto"
 
 
 class TrackingConfig(Section):
@@ -226,6 +245,7 @@ class Config(Section):
     embed: EmbedConfig = EmbedConfig()
     prior: PriorConfig = PriorConfig(batch_size=256, steps=2000, weight_decay=0.06)
     decoder: DecoderConfig = DecoderConfig()
+    judge: JudgeConfig = JudgeConfig()
     upsample: UpsampleConfig = UpsampleConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()

@@ -59,11 +59,76 @@ def min_snr_weight(schedule: DDPMScheduler, t: torch.Tensor, gamma: Optional[flo
     return clipped
 
 
-def make_sampler(name: str, steps: int, prediction_type: str, clip_range: Optional[float] = None):
+# ---- learned variance (Nichol & Dhariwal 2021, "improved DDPM"): the hybrid loss -----------------
+def predicted_x0(schedule: DDPMScheduler, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x0 implied by the network output ``out`` (the schedule's prediction type) at x_t."""
+    a = schedule.alphas_cumprod.to(x_t.device)[t].view(-1, *[1] * (x_t.ndim - 1))
+    kind = schedule.config.prediction_type
+    if kind == "epsilon":
+        return (x_t - (1 - a).sqrt() * out) / a.sqrt()
+    if kind == "v_prediction":
+        return a.sqrt() * x_t - (1 - a).sqrt() * out
+    return out
+
+
+def _posterior(schedule: DDPMScheduler, t: torch.Tensor, shape_like: torch.Tensor):
+    """Coefficients of q(x_{t-1} | x_t, x0) = N(c0 x0 + ct x_t, var) and the clipped log
+    variances at both ends of the learned range: (c0, ct, log_posterior_var, log_beta), each [B, 1, ...]."""
+    dev = shape_like.device
+    ac = schedule.alphas_cumprod.to(dev, torch.float64)
+    ac_prev = torch.cat([torch.ones(1, device=dev, dtype=ac.dtype), ac[:-1]])
+    betas = schedule.betas.to(dev, torch.float64)
+    var = betas * (1 - ac_prev) / (1 - ac)
+    log_var = torch.log(torch.cat([var[1:2], var[1:]]))       # var[0] = 0: clipped as improved-diffusion does
+    view = lambda v: v[t].float().view(-1, *[1] * (shape_like.ndim - 1))     # noqa: E731
+    c0 = betas * ac_prev.sqrt() / (1 - ac)
+    ct = (1 - ac_prev) * (1 - betas).sqrt() / (1 - ac)
+    return view(c0), view(ct), view(log_var), view(torch.log(betas))
+
+
+def learned_log_variance(schedule: DDPMScheduler, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The model's log variance from its variance channels ``v`` in [-1, 1] ("learned_range"):
+    an interpolation between log(posterior variance) (v = -1) and log(beta_t) (v = +1)."""
+    _, _, lo, hi = _posterior(schedule, t, v)
+    frac = (v.float() + 1) / 2
+    return frac * hi + (1 - frac) * lo
+
+
+def _approx_std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x.pow(3))))
+
+
+def vlb_term(schedule: DDPMScheduler, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+             x0_pred: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """L_t of the variational bound per example [B], in bits per dimension: KL(q(x_{t-1}|x_t, x0)
+    || p(x_{t-1}|x_t)) for t > 0, the discretized Gaussian decoder's NLL of x0 (8-bit data) for
+    t = 0. ``x0_pred`` should be detached: the bound trains only the variance (hybrid loss)."""
+    x0, x_t, x0_pred = x0.float(), x_t.float(), x0_pred.float()
+    c0, ct, true_log_var, _ = _posterior(schedule, t, x0)
+    true_mean = c0 * x0 + ct * x_t
+    mean = c0 * x0_pred + ct * x_t
+    log_var = learned_log_variance(schedule, t, v)
+    kl = 0.5 * (-1.0 + log_var - true_log_var + torch.exp(true_log_var - log_var)
+                + (true_mean - mean).pow(2) * torch.exp(-log_var))
+    # t = 0: -log of the probability mass of x0's 8-bit bin under N(mean, var)
+    inv_std = torch.exp(-0.5 * log_var)
+    upper = _approx_std_normal_cdf(inv_std * (x0 - mean + 1 / 255))
+    lower = _approx_std_normal_cdf(inv_std * (x0 - mean - 1 / 255))
+    mass = torch.where(x0 < -0.999, upper, torch.where(x0 > 0.999, 1 - lower, upper - lower))
+    nll = -torch.log(mass.clamp(min=1e-12))
+    per_dim = torch.where((t == 0).view(-1, *[1] * (x0.ndim - 1)), nll, kl)
+    return per_dim.mean(dim=tuple(range(1, x0.ndim))) / 0.6931471805599453
+
+
+def make_sampler(name: str, steps: int, prediction_type: str, clip_range: Optional[float] = None,
+                 learned_variance: bool = False):
     """A diffusers scheduler set to ``steps`` sampling steps.
 
     ``clip_range``: clamp the predicted x0 to [-r, r] at every step (images live in [-1, 1];
     embeddings are not clipped). DPM-Solver++ does this through its thresholding option.
+    ``learned_variance``: the network also outputs variance channels ("learned_range"); DDPM
+    samples with them, the deterministic samplers ignore them (the caller passes the mean
+    channels only).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -71,7 +136,8 @@ def make_sampler(name: str, steps: int, prediction_type: str, clip_range: Option
     clip = clip_range is not None
     if name == "ddpm":
         sched = DDPMScheduler(**common, clip_sample=clip, clip_sample_range=clip_range or 1.0,
-                              timestep_spacing="trailing")
+                              timestep_spacing="trailing",
+                              variance_type="learned_range" if learned_variance else "fixed_small")
     elif name == "ddim":
         sched = DDIMScheduler(**common, clip_sample=clip, clip_sample_range=clip_range or 1.0,
                               set_alpha_to_one=True, timestep_spacing="trailing")
@@ -94,10 +160,12 @@ class Denoiser:
     sample, the cost figure that sampler comparisons use.
     """
 
-    def __init__(self, cond_fn: Callable, uncond_fn: Optional[Callable] = None, scale: float = 1.0):
+    def __init__(self, cond_fn: Callable, uncond_fn: Optional[Callable] = None, scale: float = 1.0,
+                 guided_channels: Optional[int] = None):
         if scale != 1.0 and uncond_fn is None:
             raise ValueError("guidance needs an unconditional branch")
         self.cond_fn, self.uncond_fn, self.scale, self.nfe = cond_fn, uncond_fn, scale, 0
+        self.k = guided_channels       # guide only these leading channels (the rest: learned variance, from cond)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = self.cond_fn(x, t)
@@ -106,6 +174,9 @@ class Denoiser:
             return out
         out_u = self.uncond_fn(x, t)
         self.nfe += 1
+        if self.k is not None and out.shape[1] > self.k:
+            guided = out_u[:, :self.k] + self.scale * (out[:, :self.k] - out_u[:, :self.k])
+            return torch.cat([guided, out[:, self.k:]], dim=1)
         return out_u + self.scale * (out - out_u)
 
 

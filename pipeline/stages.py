@@ -21,6 +21,7 @@ STAGES: dict[str, str] = {
     "corpus": "pipeline.data.corpus:run",
     "crawl": "pipeline.data.crawl:run",
     "filter": "pipeline.data.filter:run",
+    "judge": "pipeline.judge.stage:run",
     "clip": "pipeline.clip.stage:run",
     "embed": "pipeline.embed:run",
     "prior": "pipeline.prior.stage:run",

@@ -44,6 +44,8 @@ class Workspace:
     def decoder(self) -> Path: return self.root / "models" / "decoder"
     def upsampler(self, key: str) -> Path: return self.root / "models" / f"upsampler_{key}"
     @property
+    def judge(self) -> Path: return self.root / "models" / "judge"
+    @property
     def reports(self) -> Path: return self.root / "reports"
     @property
     def checkpoints(self) -> Path: return self.root / ".unclip" / "checkpoints"

@@ -120,3 +120,61 @@ def test_training_loss_decreases():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
+
+
+def test_layout_map_carries_z_i_and_the_caption_summary():
+    m, (z_i, tokens, mask) = net(layout_channels=4), cond()
+    x, t = torch.randn(B, 3, S, S), torch.tensor([5, 500, 900])
+    out = m(x, t, z_i, tokens, mask)
+    assert out.shape == (B, 3, S, S)
+    # the last *valid* token feeds the layout: changing a masked-out token changes nothing
+    tok2 = tokens.clone()
+    tok2[0, 3:] = 100.0
+    assert torch.allclose(out[0], m(x, t, z_i, tok2, mask)[0], atol=1e-5)
+    tok3 = tokens.clone()
+    tok3[0, 1] = tok3[0, 1] + 5.0          # row 0's last valid token (mask length 2)
+    assert not torch.allclose(out[0], m(x, t, z_i, tok3, mask)[0])
+
+
+def test_learned_variance_hybrid_loss_is_finite_and_trains_the_variance_channels():
+    from pipeline.diffusion import learned_log_variance, vlb_term
+    m, (z_i, tokens, mask) = net(learned_variance=True), cond()
+    x0 = torch.rand(B, 3, S, S) * 2 - 1
+    sched = noise_schedule("v_prediction")
+    out = m(torch.randn(B, 3, S, S), torch.tensor([0, 10, 999]), z_i, tokens, mask)
+    assert out.shape == (B, 6, S, S) and out[:, 3:].abs().max() <= 1      # variance channels bounded (tanh)
+    m.train()
+    loss = dd.training_loss(m, x0, z_i, tokens, mask, sched, snr_gamma=5.0, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    loss.backward()
+    head = m.unet.conv_out.weight.grad
+    assert head[3:].abs().sum() > 0          # the bound reaches the variance channels
+    # the log variance stays inside [log posterior var, log beta] for any channel value, and the
+    # bound is finite at the extremes and at t = 0 (the discretized decoder term)
+    t = torch.tensor([0, 1, 500, 999])
+    for v in (-1.0, 0.0, 1.0):
+        lv = learned_log_variance(sched, t, torch.full((4, 3, S, S), v))
+        assert torch.isfinite(lv).all()
+        x0 = torch.rand(4, 3, S, S) * 2 - 1
+        terms = vlb_term(sched, x0, sched.add_noise(x0, torch.randn_like(x0), t), t, x0 + 0.1,
+                         torch.full((4, 3, S, S), v))
+        assert torch.isfinite(terms).all() and (terms >= -1e-4).all()
+
+
+def test_learned_variance_vlb_is_zero_when_the_model_is_the_posterior():
+    from pipeline.diffusion import vlb_term
+    sched = noise_schedule("v_prediction")
+    t = torch.tensor([1, 300, 700])
+    x0 = torch.rand(3, 3, S, S) * 2 - 1
+    x_t = sched.add_noise(x0, torch.randn_like(x0), t)
+    # v = -1: the model's variance is the posterior's, and with the true x0 the KL vanishes
+    kl = vlb_term(sched, x0, x_t, t, x0, torch.full_like(x0, -1.0))
+    assert kl.abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+def test_learned_variance_samples_with_every_sampler(sampler):
+    m, (z_i, tokens, mask) = net(learned_variance=True), cond()
+    x = dd.sample(m, z_i, tokens, mask, image_size=S, prediction_type="v_prediction", sampler=sampler, steps=3,
+                  guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (B, 3, S, S) and torch.isfinite(x).all()

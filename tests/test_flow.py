@@ -92,7 +92,18 @@ def test_generative_half_trained_and_evaluated(flow_runs):
     assert {"cos_pred_image", "cos_pred_text", "cos_image_text_baseline", "cos_unrelated_image"} <= set(prior)
     ev = json.loads(ws.metrics_path("evaluate").read_text())
     assert ev["sizes"] == [8, 16, 32] and set(ev["clip_score"]) == {"decoder", "upsample_1", "upsample_2"}
-    assert ev["prior"]["n"] == ev["n_captions"] > 0
+    assert ev["prior"]["n"] == ev["n_captions"] == 6 and ev["n_single"] == 3
+    # judged: per-attribute figures for the final images, every stage, every ablation, and the bars
+    assert set(ev["ablation"]) == {"unclip", "text_embedding", "caption_only"}
+    for figures in [ev["quality"], *ev["ablation"].values(), *ev["quality_by_stage"].values()]:
+        assert figures["single"]["n"] == 3 and figures["pair"]["n"] == 3
+        assert 0 <= figures["single"]["shape"] <= 100 and 0 <= figures["pair"]["relation"] <= 100
+        assert figures["frechet_distance"] >= 0
+    assert ev["frechet_floor_real_vs_real"] > 0 and ev["bars"]["network evaluations"]["value"] == ev["nfe_total"]
+    assert ev["ablation"]["text_embedding"]["nfe_per_image"] < ev["ablation"]["unclip"]["nfe_per_image"]
+    judge = json.loads(ws.metrics_path("judge").read_text())
+    assert judge["n_test"] > 0 and set(judge["test_accuracy"]) >= {"color", "shape", "size", "position"}
+    assert (ws.judge / "model.safetensors").exists()
     assert {p.name for p in (ws.reports / "evaluate").glob("*.png")} >= {
         "prompts_decoder.png", "prompts_upsample_1.png", "prompts_upsample_2.png", "test_real_vs_generated.png"}
 

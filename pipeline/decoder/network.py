@@ -7,6 +7,13 @@ the CLIP image embedding z_i two ways, as in DALL-E 2 section 2.1:
   per-token encodings (projected to the cross-attention width), which the attention layers of
   the lower resolutions attend to.
 
+Our addition for small compute (``layout_channels`` > 0, 0 turns it off): z_i and the caption's
+summary token (the encoding of its last token, which has seen the whole caption) are also
+projected into a low-channel [C, S, S] map concatenated with the noised image at the input. The
+UNet then gets "what goes where" at full resolution from the first layer, instead of having to
+turn a global vector into a spatial layout through many layers; on 2 CPU cores this is the
+difference between blobs and shapes (see the closing note of the quality issue).
+
 Dropping a condition (for classifier-free guidance) is done by the caller: z_i zeroed, the
 caption's tokens masked out. The extra tokens are always attended to, so no attention row is
 ever fully masked.
@@ -23,13 +30,17 @@ from torch import nn
 class UnclipDecoder(nn.Module):
     def __init__(self, image_size: int, embed_dim: int, text_width: int, block_out_channels: list[int],
                  attention: list[bool], layers_per_block: int = 1, head_dim: int = 32,
-                 cross_attention_dim: int = 128, extra_tokens: int = 4, out_channels: int = 3):
+                 cross_attention_dim: int = 128, extra_tokens: int = 4, out_channels: int = 3,
+                 layout_channels: int = 0, learned_variance: bool = False):
         super().__init__()
         if extra_tokens < 1:
             raise ValueError("extra_tokens must be >= 1 (the context must never be empty)")
         self.embed_dim, self.extra_tokens, self.width = embed_dim, extra_tokens, cross_attention_dim
+        self.image_size, self.layout_channels = image_size, layout_channels
+        self.learned_variance = learned_variance
         self.unet = UNet2DConditionModel(
-            sample_size=image_size, in_channels=3, out_channels=out_channels,
+            sample_size=image_size, in_channels=3 + layout_channels,
+            out_channels=out_channels * (2 if learned_variance else 1),
             block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
             down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
             up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
@@ -38,16 +49,28 @@ class UnclipDecoder(nn.Module):
             class_embed_type="projection", projection_class_embeddings_input_dim=embed_dim)
         self.token_proj = nn.Linear(text_width, cross_attention_dim)
         self.embed_to_tokens = nn.Linear(embed_dim, extra_tokens * cross_attention_dim)
+        if layout_channels:
+            self.layout = nn.Linear(embed_dim + text_width, layout_channels * image_size * image_size)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, z_i: torch.Tensor, tokens: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
         """x_t [B, 3, S, S] noised image, t [B] timesteps, z_i [B, D] image embedding (unit norm,
         or zeros when dropped), tokens [B, L, W] caption encodings, mask [B, L] bool
-        -> the network's prediction [B, out_channels, S, S]."""
+        -> the network's prediction [B, out_channels, S, S] (twice the channels with learned variance)."""
         b = x_t.shape[0]
         z = z_i * math.sqrt(self.embed_dim)                          # unit variance per component
         extra = self.embed_to_tokens(z).view(b, self.extra_tokens, self.width)
         context = torch.cat([extra, self.token_proj(tokens)], dim=1)    # [B, 4 + L, C]
         context_mask = torch.cat([torch.ones(b, self.extra_tokens, dtype=torch.bool, device=mask.device), mask], 1)
-        return self.unet(x_t, t, encoder_hidden_states=context, class_labels=z,
-                         encoder_attention_mask=context_mask, return_dict=False)[0]
+        if self.layout_channels:
+            # the caption's last token [B, W] (zeros when the caption is dropped: all-False mask)
+            last = (mask.sum(1) - 1).clamp(min=0)
+            summary = tokens[torch.arange(b, device=tokens.device), last] * mask.any(1, keepdim=True).to(tokens.dtype)
+            s = self.image_size
+            layout = self.layout(torch.cat([z, summary], dim=1)).view(b, self.layout_channels, s, s)
+            x_t = torch.cat([x_t, layout.to(x_t.dtype)], dim=1)              # [B, 3 + C, S, S]
+        out = self.unet(x_t, t, encoder_hidden_states=context, class_labels=z,
+                        encoder_attention_mask=context_mask, return_dict=False)[0]
+        if self.learned_variance:       # [B, 6, S, S]: the mean's channels, then variance channels in [-1, 1]
+            out = torch.cat([out[:, :3], torch.tanh(out[:, 3:])], dim=1)
+        return out

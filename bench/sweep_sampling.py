@@ -1,0 +1,134 @@
+"""Quality against network evaluations: guidance scales and sampling steps per sampler, judged.
+
+    python bench/sweep_sampling.py [--workspace .] [--n-single 128] [--n-pair 128] [--seed 0]
+                                   [--only decoder_guidance,prior_guidance,decoder_steps,prior_steps,upsampler_steps,reference]
+
+Every point runs the whole cascade (CLIP text -> prior -> decoder -> upsamplers) on the same
+held-out test captions with the same seed, changing one setting from the trained models'
+defaults, and scores the final images with the judge (``evaluate``'s figures). Sweeps:
+
+    decoder_guidance    the decoder's guidance scale at its default sampler and steps
+    prior_guidance      the prior's guidance scale
+    decoder_steps       steps per sampler (ddpm, ddim, dpm++) for the decoder
+    prior_steps         steps per sampler for the prior
+    upsampler_steps     steps per sampler for both upsamplers
+    reference           every stage at 250 steps of its default sampler (what the defaults must match)
+
+Prints one line per point, writes ``reports/sweeps/sweep.json`` and a plot of every sweep
+(quality against network evaluations per image) to ``reports/sweeps/sweep.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.data.shards import shard_paths  # noqa: E402
+from pipeline.embeddings import load_split  # noqa: E402
+from pipeline.evaluate import pick_rows  # noqa: E402
+from pipeline.generate import Unclip  # noqa: E402
+from pipeline.judge.stage import Judge  # noqa: E402
+from pipeline.quality import score  # noqa: E402
+from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402
+
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+FIGS = (("single", "shape"), ("single", "position"), ("single", "size"), ("pair", "colors"), ("pair", "relation"))
+
+
+def sweeps(steps_grid) -> dict[str, list[dict]]:
+    g = steps_grid
+    return {
+        "decoder_guidance": [{"guidance": s} for s in (1.0, 1.5, 2.0, 3.0, 4.0)],
+        "prior_guidance": [{"prior_guidance": s} for s in (1.0, 1.5, 2.0, 3.0)],
+        "decoder_steps": [{"sampler": sm, "steps": n} for sm in SAMPLERS for n in g],
+        "prior_steps": [{"prior_sampler": sm, "prior_steps": n} for sm in SAMPLERS for n in g],
+        "upsampler_steps": [{"upsampler_sampler": sm, "upsampler_steps": n} for sm in SAMPLERS for n in g],
+        "reference": [{"prior_steps": 250, "steps": 250, "upsampler_steps": 250}],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workspace", default=".")
+    ap.add_argument("--n-single", type=int, default=128)
+    ap.add_argument("--n-pair", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", default="2,4,8,16,32", help="steps grid of the per-sampler sweeps")
+    ap.add_argument("--only", default=None, help="comma-separated sweeps to run")
+    ap.add_argument("--batch-size", type=int, default=64)
+    args = ap.parse_args()
+    ws = Workspace.at(args.workspace)
+    unclip, judge = Unclip.load(ws.root / "models"), Judge.load(ws.judge)
+    test = load_split(shard_paths(ws.embeddings), "test", image_size=unclip.sizes[-1])
+    rows = pick_rows(test["gt"], args.n_single, args.n_pair)
+    captions, gts = [test["captions"][i] for i in rows], [test["gt"][i] for i in rows]
+    _, real = judge.predict(test["images"][torch.tensor(rows)])
+    todo = sweeps([int(s) for s in args.steps.split(",")])
+    if args.only:
+        todo = {k: v for k, v in todo.items() if k in args.only.split(",")}
+    defaults = {"prior": unclip.prior_meta["info"]["sampling"], "decoder": unclip.decoder_meta["info"]["sampling"],
+                "upsamplers": [m["info"]["sampling"] for _, m in unclip.upsamplers],
+                "n_candidates": unclip.prior_meta["info"].get("n_candidates", 2)}
+    print(f"{len(rows)} test captions, seed {args.seed}; defaults {json.dumps(defaults)}", flush=True)
+    results: dict = {"n_single": args.n_single, "n_pair": args.n_pair, "seed": args.seed, "defaults": defaults,
+                     "sweeps": {}}
+    out_dir = ws.reports / "sweeps"
+    for name, points in [("default", [{}]), *todo.items()]:
+        results["sweeps"][name] = []
+        for setting in points:
+            t0 = time.perf_counter()
+            out = unclip.generate(captions, n=1, seed=args.seed, batch_size=args.batch_size, **setting)
+            fig = score(judge, out["images"], gts, real) | {"setting": setting, "nfe": sum(out["nfe"].values()),
+                                                            "nfe_by_stage": out["nfe"],
+                                                            "seconds": round(time.perf_counter() - t0, 1)}
+            results["sweeps"][name].append(fig)
+            print(f"{name:16s} {json.dumps(setting):55s} NFE {fig['nfe']:4d}  "
+                  + "  ".join(f"{a}.{b} {fig[a][b]:5.1f}" for a, b in FIGS)
+                  + f"  FD {fig['frechet_distance']:7.1f}  ({fig['seconds']} s)", flush=True)
+            atomic_write_json(out_dir / "sweep.json", results)
+    plot(results, out_dir / "sweep.png")
+    print(f"-> {out_dir / 'sweep.json'}, {out_dir / 'sweep.png'}")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [n for n in results["sweeps"] if n not in ("default", "reference")]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+    default = results["sweeps"]["default"][0]
+    ref = (results["sweeps"].get("reference") or [None])[0]
+    mean = lambda f: sum(f[a][b] for a, b in FIGS) / len(FIGS)          # noqa: E731
+    for ax, name in zip(axes[0], names):
+        pts = results["sweeps"][name]
+        groups: dict = {}
+        for p in pts:
+            key = p["setting"].get("sampler") or p["setting"].get("prior_sampler") or p["setting"].get(
+                "upsampler_sampler") or "guidance"
+            groups.setdefault(key, []).append(p)
+        for key, ps in groups.items():
+            ax.plot([p["nfe"] for p in ps], [mean(p) for p in ps], marker="o", label=key)
+            if key == "guidance":
+                for p in ps:
+                    ax.annotate(str(next(iter(p["setting"].values()))), (p["nfe"], mean(p)), fontsize=7)
+        ax.scatter([default["nfe"]], [mean(default)], marker="*", s=120, color="k", label="default", zorder=5)
+        if ref:
+            ax.axhline(mean(ref), color="gray", ls="--", lw=1, label="250 steps")
+        ax.set_xscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("network evaluations per image")
+        ax.set_ylabel("mean judged accuracy (%)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

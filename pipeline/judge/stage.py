@@ -1,0 +1,171 @@
+"""The `judge` stage: train the judge on real corpus images (train split of the filtered
+shards) against their ground truth, measure it on the real test images, save it.
+
+Training sees the real images as they are and, half the time, degraded the way generated
+images differ from real ones (a bicubic down-and-up round trip through 16-48 px, a slight
+color cast, noise), so that it reads a blurry, tinted or noisy rendering of a shape as that
+shape; what it must tell apart (the 8 colors, 3 shapes, 2 sizes, 9 cells) stays far apart under
+these degradations, and its accuracy on clean real test images is reported beside every figure.
+
+Figures (``metrics/judge.json``): per head accuracy on the real test images (the bars: color
+and shape >= 98 %, the rest >= 95 %), and the caption checks of ``labels.check`` on the same
+images, i.e. what a perfect generator would score.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import bundle, tracking
+from ..clip.data import load_split
+from ..data.shards import shard_paths
+from ..images import resize, to_model, to_uint8
+from ..progress import say
+from ..stages import StageError
+from ..training import Checkpointer, autocast, config_hash, cosine_with_warmup, fit
+from ..workspace import atomic_dir
+from .labels import HEADS, IGNORE, VOCAB, accuracy, parse_gt, target_tensor
+from .network import JudgeNet
+
+DEGRADE_SIZES = (16, 24, 32, 48)
+
+
+class Judge:
+    """A trained judge: ``predict`` uint8 images of any size -> head outputs and features."""
+
+    def __init__(self, net: JudgeNet, meta: dict, device: torch.device):
+        self.net, self.meta, self.device = net, meta, device
+
+    @classmethod
+    def load(cls, path: str | Path, device: Optional[str | torch.device] = None) -> "Judge":
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        net, meta = bundle.load_model(Path(path), "judge", JudgeNet, dev)
+        return cls(net, meta, dev)
+
+    @property
+    def image_size(self) -> int:
+        return self.net.image_size
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, batch_size: int = 256) -> tuple[list[dict[str, int]], torch.Tensor]:
+        """uint8 [N, 3, H, W] (resized to the judge's resolution by ``images.resize``) ->
+        (per image {head: class index}, features [N, feature_dim] float64 on the CPU)."""
+        picks, feats = [], []
+        for i in range(0, len(images), batch_size):
+            x = resize(to_model(images[i:i + batch_size]), self.image_size).to(self.device)
+            logits, f = self.net(x)
+            picks.append(torch.stack([l.argmax(1) for l in logits], dim=1).cpu())
+            feats.append(f.double().cpu())
+        if not picks:
+            return [], torch.empty(0, self.net.heads.in_features, dtype=torch.float64)
+        rows = torch.cat(picks).tolist()
+        return [dict(zip(HEADS, r)) for r in rows], torch.cat(feats)
+
+
+def degrade(x: torch.Tensor, gen: torch.Generator, p: float) -> torch.Tensor:
+    """With probability ``p`` per batch, what generated images do to a clean rendering: a
+    bicubic round trip through a random lower resolution (blur), a small color cast over the
+    whole image (per image and channel, up to +-0.08 of the [-1, 1] range) and Gaussian noise of
+    a random strength (up to 0.12). x in [-1, 1], [B, 3, S, S]."""
+    if torch.rand((), generator=gen).item() >= p:
+        return x
+    size = DEGRADE_SIZES[int(torch.randint(len(DEGRADE_SIZES), (), generator=gen))]
+    if size < x.shape[-1]:
+        x = resize(resize(x, size), x.shape[-1])
+    cast = 0.08 * (2 * torch.rand(x.shape[0], 3, 1, 1, generator=gen) - 1)
+    sigma = 0.12 * torch.rand(x.shape[0], 1, 1, 1, generator=gen)
+    return (x + cast + sigma * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
+
+
+def batches(images: torch.Tensor, targets: torch.Tensor, batch_size: int, seed: int,
+            p_degrade: float) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless seeded random batches (images in [-1, 1], targets [B, heads])."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        idx = torch.randint(len(images), (batch_size,), generator=gen)
+        yield degrade(to_model(images[idx]), gen, p_degrade), targets[idx]
+
+
+def loss_fn(net, batch, precision: str):
+    x, t = batch
+    dev = next(net.parameters()).device
+    with autocast(precision, dev):
+        logits, _ = net(x.to(dev))
+    t = t.to(dev)
+    # each head's cross-entropy over the scenes it applies to
+    return sum(F.cross_entropy(l.float(), t[:, k], ignore_index=IGNORE) for k, l in enumerate(logits)
+               if (t[:, k] != IGNORE).any())
+
+
+def head_accuracy(preds: list[dict[str, int]], targets: torch.Tensor) -> dict:
+    """Percent right per head over the images it applies to."""
+    p = torch.tensor([[r[h] for h in HEADS] for r in preds])
+    out = {}
+    for k, h in enumerate(HEADS):
+        m = targets[:, k] != IGNORE
+        out[h] = round(100 * (p[m, k] == targets[m, k]).float().mean().item(), 2) if m.any() else None
+    return out
+
+
+def attribute_accuracy(heads: dict) -> dict:
+    """The issue's bars per attribute: an object attribute counts both of its readings (the
+    one-object heads and the two-object ones, worst of them)."""
+    worst = lambda *ks: min(heads[k] for k in ks if heads[k] is not None)     # noqa: E731
+    return {"count": heads["count"], "color": worst("color", "color_a", "color_b"),
+            "shape": worst("shape", "shape_a", "shape_b"), "size": worst("size", "size_a", "size_b"),
+            "position": heads["position"], "relation_axis": heads["axis"]}
+
+
+def run(cfg, ws) -> dict:
+    j = cfg.judge
+    paths = shard_paths(ws.filtered)
+    if not paths:
+        raise StageError(f"no shards in {ws.filtered}: run the filter stage first")
+    size = cfg.corpus.image_size
+    train = load_split(paths, "train", size)
+    keep = [i for i, g in enumerate(train["gt"]) if parse_gt(g)]
+    if not keep:
+        raise StageError("the judge needs ground truth (the embedded corpus's json); these shards have none")
+    images, targets = train["images"][keep], target_tensor([train["gt"][i] for i in keep])
+    say("judge", f"training on {len(keep)} real train images at {size} px")
+    torch.manual_seed(j.seed)
+    arch = {"image_size": size, "channels": list(j.channels), "feature_dim": j.feature_dim}
+    net = JudgeNet(**arch)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=j.lr, weight_decay=j.weight_decay)
+    scheduler = cosine_with_warmup(optimizer, j.warmup_steps, j.steps)
+    ckpt = Checkpointer(ws.checkpoints / "judge", config_hash({"judge": j.model_dump(mode="json"), "arch": arch}),
+                        every=j.checkpoint_every)
+    summary = fit(net, optimizer, scheduler, batches(images, targets, j.batch_size, j.seed, j.p_degrade),
+                  lambda m, b: loss_fn(m, b, j.precision), steps=j.steps, checkpointer=ckpt,
+                  grad_clip=j.grad_clip, desc="judge: train",
+                  on_log=lambda s, f: tracking.log_metrics({"train_loss": f["loss"]}, step=s))
+    ckpt.clear()
+    net.eval()
+    judge = Judge(net, {"arch": arch}, torch.device("cpu"))
+
+    test = load_split(paths, "test", size)
+    rows = [i for i, g in enumerate(test["gt"]) if parse_gt(g)]
+    if not rows:
+        raise StageError("the test split of the filtered shards is empty")
+    gts = [test["gt"][i] for i in rows]
+    preds, _ = judge.predict(test["images"][rows])
+    heads = head_accuracy(preds, target_tensor(gts))
+    # the same images after a round trip through 16 px (the decoder's resolution by default):
+    # how much of each attribute a low-resolution rendering can still show
+    blurred = to_uint8(resize(resize(to_model(test["images"][rows]), 16), size))
+    preds_16, _ = judge.predict(blurred)
+    figures = {"train": summary, "n_test": len(rows), "test_accuracy": attribute_accuracy(heads),
+               "test_head_accuracy": heads, "test_caption_checks": accuracy(preds, gts),
+               "test_accuracy_via_16px": attribute_accuracy(head_accuracy(preds_16, target_tensor(gts))),
+               "vocab": {h: list(VOCAB[h]) for h in HEADS}}
+    with atomic_dir(ws.judge) as out:
+        bundle.save_model(out, net, kind="judge", arch=arch, run_config=cfg.model_dump(mode="json"),
+                          info={"test_accuracy": figures["test_accuracy"]})
+    tracking.log_metrics({f"test_acc_{k}": v for k, v in figures["test_accuracy"].items()})
+    acc = figures["test_accuracy"]
+    say("judge", "real test images: " + ", ".join(f"{k} {v}%" for k, v in acc.items())
+        + f" -> models/judge/")
+    return figures
