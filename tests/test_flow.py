@@ -99,7 +99,12 @@ def test_generative_half_trained_and_evaluated(flow_runs):
         assert figures["single"]["n"] == 3 and figures["pair"]["n"] == 3
         assert 0 <= figures["single"]["shape"] <= 100 and 0 <= figures["pair"]["relation"] <= 100
         assert figures["frechet_distance"] >= 0
-    assert ev["frechet_floor_real_vs_real"] > 0 and ev["bars"]["network evaluations"]["value"] == ev["nfe_total"]
+    # the smoke judge (6 steps) can leave its ReLU features dead, so the floor may be exactly 0 here;
+    # the bar then reads "not measurable" (None), never a division by zero
+    floor, fd_bar = ev["frechet_floor_real_vs_real"], ev["bars"]["frechet within 3x floor"]
+    assert floor >= 0 and (fd_bar["value"] is None) == (floor == 0) and fd_bar["ok"] == (
+        floor > 0 and ev["quality"]["frechet_distance"] <= 3 * floor)
+    assert ev["bars"]["network evaluations"]["value"] == ev["nfe_total"]
     assert ev["ablation"]["text_embedding"]["nfe_per_image"] < ev["ablation"]["unclip"]["nfe_per_image"]
     judge = json.loads(ws.metrics_path("judge").read_text())
     assert judge["n_test"] > 0 and set(judge["test_accuracy"]) >= {"color", "shape", "size", "position"}
