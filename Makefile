@@ -9,7 +9,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test test-fast bench clean-venv
+.PHONY: run test test-fast bench report clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,11 +25,23 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/unclip --profile $(PROFILE) run
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -x tests
+# The report tests open the HTML pages in headless Chromium: Debian's package (no browser download).
+CHROMIUM := /usr/bin/chromium
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(CHROMIUM):
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium \
+	  || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
+
+test: $(STAMP) $(CHROMIUM)
+	UNCLIP_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q -x tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -x -m "not slow" tests
+
+# rebuild the latest run's report (reports/<run>/report.html); compare: unclip report compare A B
+report: $(STAMP)
+	$(BIN)/unclip report latest
 
 bench: $(STAMP)
 	$(BIN)/python bench/embed.py

@@ -162,6 +162,42 @@ def judge(ctx, path, captions, tile, cols, pad, judge_dir, as_json):
                 click.echo(f"{kind} ({acc['n']}): " + ", ".join(f"{k} {v}%" for k, v in acc.items() if k != "n"))
 
 
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("args", nargs=-1)
+@click.option("--new", "snapshot_now", is_flag=True,
+              help="Snapshot the workspace's current evaluation as a new run first (normally evaluate does it).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="compare: where to write the page.")
+@click.pass_context
+def report(ctx, args, snapshot_now, out):
+    """Evaluation reports: `report [RUN]` (re)builds reports/RUN/report.html (default: latest);
+    `report compare A B` writes A and B side by side; `report list` lists the runs.
+
+    RUN is a run name, a unique prefix of one, `latest` or `previous`."""
+    from . import report as rep
+    cfg, ws = _load(ctx)
+    try:
+        if args[:1] == ("list",):
+            for run_dir in rep.runs(ws):
+                click.echo(run_dir.name)
+            return
+        if args[:1] == ("compare",):
+            if len(args) != 3:
+                raise click.UsageError("usage: unclip report compare RUN_A RUN_B")
+            click.echo(rep.compare(ws, args[1], args[2], out))
+            return
+        if len(args) > 1:
+            raise click.UsageError("usage: unclip report [RUN] | compare RUN_A RUN_B | list")
+        if snapshot_now:
+            from .report.snapshot import snapshot
+            run_dir = snapshot(cfg, ws)
+            click.echo(rep.build(ws, run_dir))
+            return
+        click.echo(rep.build(ws, args[0] if args else "latest"))
+    except rep.ReportError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 def init(directory):

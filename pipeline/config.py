@@ -214,6 +214,12 @@ class EvaluateConfig(Section):
     grid_prompts: list[str] = ["a small red circle in the top left", "a large blue square in the center",
                                "a green triangle to the left of a yellow circle", "a purple square above an orange triangle"]
     grid_seeds: int = Field(4, ge=1)                  # samples per grid prompt
+    # Standard FID/KID need Inception-v3's weights as a local file (torch-fidelity's
+    # pt_inception-2015-12-05-6726825d.pth); unset, FD-CLIP/KD-CLIP in the pipeline's CLIP are reported.
+    inception_weights: Optional[str] = None
+    kid_subsets: int = Field(100, ge=1)
+    kid_subset_size: int = Field(1000, ge=2)
+    n_worst: int = Field(16, ge=0)                    # worst-judged samples shown in the report
 
 
 class JudgeConfig(Section):

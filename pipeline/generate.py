@@ -74,6 +74,22 @@ class Unclip:
         return z_t.float(), enc.float(), mask
 
     @torch.no_grad()
+    def prior_sample(self, z_t: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, gen: torch.Generator, *,
+                     sampler: Optional[str] = None, steps: Optional[int] = None, guidance: Optional[float] = None,
+                     n_candidates: Optional[int] = None, batch_size: int = 64,
+                     stats: Optional[dict] = None) -> torch.Tensor:
+        """Image embeddings z_i [B, D] for text embeddings z_t [B, D] and their tokens, at the
+        prior's saved sampling defaults unless overridden."""
+        ps = self.prior_meta["info"]["sampling"]
+        k = n_candidates or self.prior_meta["info"].get("n_candidates", 2)
+        stats = {} if stats is None else stats
+        return torch.cat([prior_diffusion.sample(
+            self.prior, z_t[i:i + batch_size], tokens[i:i + batch_size], mask[i:i + batch_size],
+            steps=steps or ps["steps"], sampler=sampler or ps["sampler"],
+            guidance_scale=ps["guidance_scale"] if guidance is None else guidance,
+            n_candidates=k, generator=gen, stats=stats).float() for i in range(0, len(z_t), batch_size)])
+
+    @torch.no_grad()
     def generate(self, captions: Sequence[str], n: int = 1, seed: int = 0, *,
                  prior_sampler: Optional[str] = None, prior_steps: Optional[int] = None,
                  prior_guidance: Optional[float] = None, n_candidates: Optional[int] = None,
@@ -85,7 +101,7 @@ class Unclip:
         ``nfe`` (network evaluations per image, per stage). ``z_i``: skip the prior and decode
         these image embeddings [len(captions) * n, D] instead."""
         captions = [c for c in captions for _ in range(n)]
-        ps, ds = self.prior_meta["info"]["sampling"], self.decoder_meta["info"]["sampling"]
+        ds = self.decoder_meta["info"]["sampling"]
         gen = torch.Generator().manual_seed(seed)
         z_t, tokens, mask = self.encode_text(captions)
         stats: dict = {}
@@ -93,11 +109,8 @@ class Unclip:
         with autocast(self.precision, self.device):
             if z_i is None:
                 k = n_candidates or self.prior_meta["info"].get("n_candidates", 2)
-                z_i = torch.cat([prior_diffusion.sample(
-                    self.prior, z_t[i:i + batch_size], tokens[i:i + batch_size], mask[i:i + batch_size],
-                    steps=prior_steps or ps["steps"], sampler=prior_sampler or ps["sampler"],
-                    guidance_scale=ps["guidance_scale"] if prior_guidance is None else prior_guidance,
-                    n_candidates=k, generator=gen, stats=stats).float() for i in range(0, len(captions), batch_size)])
+                z_i = self.prior_sample(z_t, tokens, mask, gen, sampler=prior_sampler, steps=prior_steps,
+                                        guidance=prior_guidance, n_candidates=k, batch_size=batch_size, stats=stats)
                 nfe = {"prior": stats["nfe"] * k}
             else:
                 z_i, nfe = z_i.to(self.device).float(), {"prior": 0}

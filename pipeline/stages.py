@@ -48,7 +48,7 @@ def stage_function(name: str) -> Callable[[Config, Workspace], dict]:
 
 def run_stage(name: str, cfg: Config, ws: Workspace) -> dict:
     fn = stage_function(name)
-    with tracking.stage_run(cfg, ws.root, name):
+    with tracking.stage_run(cfg, ws.root, name) as run:
         t0 = time.perf_counter()
         metrics = fn(cfg, ws)
         metrics = {"stage": name, "profile": cfg.profile, **metrics,
@@ -57,5 +57,8 @@ def run_stage(name: str, cfg: Config, ws: Workspace) -> dict:
         atomic_write_json(path, metrics)
         tracking.log_metrics(metrics)
         tracking.log_artifact(path)
+        if name == "evaluate":           # the run's report, from the metrics just written
+            from .report import after_evaluate
+            after_evaluate(cfg, ws, run)
     say(name, f"done in {metrics['duration_s']:.1f} s; figures in {path.relative_to(ws.root)}")
     return metrics

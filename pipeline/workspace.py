@@ -140,7 +140,7 @@ def init_workspace(directory: str | os.PathLike, params: Optional[Path] = None) 
     if not (root / "pipeline").exists():
         (root / "pipeline").symlink_to(SOURCE_ROOT / "pipeline", target_is_directory=True)
     (root / ".dvcignore").write_text(DVCIGNORE)
-    (root / ".gitignore").write_text("/pipeline\n/mlflow.db\n/mlartifacts/\n/.unclip/\n")
+    (root / ".gitignore").write_text("/pipeline\n/mlflow.db\n/mlartifacts/\n/.unclip/\n/reports/\n")
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
 
     def sh(*cmd):

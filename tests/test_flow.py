@@ -113,6 +113,75 @@ def test_generative_half_trained_and_evaluated(flow_runs):
         "prompts_decoder.png", "prompts_upsample_1.png", "prompts_upsample_2.png", "test_real_vs_generated.png"}
 
 
+def test_reports_compare_and_dvc_metrics_diff_as_a_reviewer_sees_them(flow_runs, tmp_path, monkeypatch):
+    """evaluate snapshots its run and builds a self-contained report (logged to MLflow); a second
+    evaluation with one parameter changed is compared with the first, both pages open in headless
+    Chromium with every image loaded and the figures of metrics/evaluate.json in their tables, and
+    `dvc metrics diff` reports the change."""
+    import subprocess
+    import sys
+    import mlflow
+    import yaml
+    from flows.train import stage_env
+    from helpers.browser import open_page
+    from pipeline import report
+    from pipeline.tracking import flatten
+    ws, first, _ = flow_runs
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (run_a,) = report.runs(ws)                              # the second flow run skipped evaluate
+    snap = json.loads((run_a / "run.json").read_text())
+    assert snap["identity"]["mlflow"]["parent_run_id"] == first["mlflow_parent_run_id"]
+    assert snap["identity"]["dvc_lock"]["decoder"]["models/decoder"]                     # an md5
+    assert set(snap["curves"]) >= {"clip", "prior", "decoder", "upsample@1", "upsample@2", "judge"}
+    assert snap["metrics"]["evaluate"] == json.loads(ws.metrics_path("evaluate").read_text())
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws.root / 'mlflow.db'}")
+    run_id = snap["identity"]["mlflow"]["evaluate_run_id"]
+    assert [a.path for a in client.list_artifacts(run_id, "report")] == ["report/report.html"]
+
+    # one parameter changed (the evaluation seed), only evaluate reruns, through DVC
+    subprocess.run(["git", "add", "-A"], cwd=ws.root, check=True)
+    subprocess.run(["git", "commit", "-qm", "first evaluation"], cwd=ws.root, check=True)
+    params_before = ws.params.read_text()
+    params = yaml.safe_load(params_before)
+    params["evaluate"]["seed"] = 1
+    ws.params.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "evaluate"], cwd=ws.root,
+                              env=stage_env("smoke", None), capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "Running stage 'evaluate'" in proc.stdout and "Running stage 'decoder'" not in proc.stdout
+        diff = subprocess.run([sys.executable, "-m", "dvc", "metrics", "diff", "--json"], cwd=ws.root,
+                              env=stage_env("smoke", None), capture_output=True, text=True, check=True)
+        changed = json.loads(diff.stdout)["metrics/evaluate.json"]
+        assert changed["seed"] == {"old": 0, "new": 1, "diff": 1}
+    finally:
+        ws.params.write_text(params_before)
+    run_a2, run_b = report.runs(ws)
+    assert run_a2 == run_a
+
+    metrics = json.loads(ws.metrics_path("evaluate").read_text())
+    seen = open_page(run_b / "report.html", tmp_path / "report.png")
+    assert len(seen["images"]) >= 6 and all(i["complete"] and i["width"] > 0 for i in seen["images"]), seen["images"]
+    numeric = {k: v for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for key, value in numeric.items():
+        assert float(seen["cells"][f"evaluate.{key}"]) == pytest.approx(value, rel=1e-5), key
+    assert metrics["standard"]["metric"] == "FD-CLIP"            # no Inception weights: declared, never silent
+    assert "No Inception weights were given" in (run_b / "report.html").read_text()
+    assert (tmp_path / "report.png").stat().st_size > 20_000
+
+    page = report.compare(ws, "previous", "latest")
+    seen = open_page(page, tmp_path / "compare.png")
+    assert all(i["complete"] and i["width"] > 0 for i in seen["images"])
+    assert len(seen["images"]) == 2 * len(list((run_b / "images").glob("prompts_*.png"))) + 2
+    rows = {r["key"]: r["cells"] for r in seen["rows"]}
+    old = flatten(json.loads((run_a / "run.json").read_text())["metrics"]["evaluate"])
+    for key, value in numeric.items():
+        a_text, b_text = rows[f"evaluate.{key}"][1:3]
+        assert float(b_text) == pytest.approx(value, rel=1e-5) and float(a_text) == pytest.approx(old[key], rel=1e-5)
+    assert rows["evaluate.seed"][1:3] == ["0", "1"]
+    assert "evaluate.seed" in page.read_text().split("config-diff", 1)[1].split("</table>", 1)[0]
+
+
 def test_generate_from_the_command_line(flow_runs, tmp_path):
     import subprocess
     import sys

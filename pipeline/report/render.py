@@ -1,0 +1,246 @@
+"""Self-contained HTML pages from snapshots: one report per run, one comparison per pair of runs.
+
+Every image is embedded as a ``data:`` URI and every plot is drawn here (matplotlib -> PNG), so
+a page opens anywhere, offline, as one file. Every figure cell carries ``data-key``: its dotted
+path in ``run.json``'s metrics (``evaluate.quality.single.color``), which is what the tests
+read back.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from ..tracking import flatten
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1280px;color:#222;padding:0 16px}
+h1{font-size:1.5em;margin-bottom:0} h2{border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:32px}
+table{border-collapse:collapse;margin:8px 0 16px;font-size:.9em} th,td{border:1px solid #ddd;padding:3px 8px;text-align:left}
+th{background:#f4f4f4} td.num{text-align:right;font-variant-numeric:tabular-nums} .sub{color:#666;font-size:.9em}
+.better{background:#e3f6e3} .worse{background:#fbe3e3} .ok{color:#17803d;font-weight:600} .missed{color:#b3261e;font-weight:600}
+.note{background:#fff7d6;border:1px solid #e6cf76;padding:8px 12px;border-radius:4px}
+figure{display:inline-block;margin:8px 16px 8px 0;vertical-align:top} figcaption{font-size:.85em;color:#555}
+img.px{image-rendering:pixelated} .pair{display:flex;gap:24px;align-items:flex-start} code{font-size:.9em}
+"""
+ZOOM = 3      # grids are 64 px tiles: show them 3x, pixelated, as reviewers count pixels
+
+
+# ---- pieces ----------------------------------------------------------------------------------------
+def esc(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def img_tag(path: Path, alt: str) -> str:
+    from PIL import Image
+    with Image.open(path) as im:
+        w, h = im.size
+    return (f'<img class="px" alt="{esc(alt)}" width="{w * ZOOM}" height="{h * ZOOM}" '
+            f'src="{data_uri(Path(path).read_bytes())}">')
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def cell(metrics: dict, key: str) -> str:
+    """A figure cell: the value at dotted ``key`` of the run's metrics, tagged with the key."""
+    v = flatten(metrics).get(key)
+    cls = "num" if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
+    return f'<td class="{cls}" data-key="{esc(key)}">{esc(fmt(v))}</td>'
+
+
+def table(head: Iterable[str], rows: Iterable[str], cls: str = "") -> str:
+    head = list(head)
+    top = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>" if any(head) else ""
+    return f'<table class="{cls}">' + top + "".join(rows) + "</table>"
+
+
+def curves_png(curves: dict[str, list]) -> Optional[bytes]:
+    """One panel per trained stage: train loss against step (log scale)."""
+    if not curves:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(curves)
+    cols = min(3, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    for ax, (stage, pts) in zip(axes.flat, curves.items()):
+        steps, losses = zip(*pts)
+        ax.plot(steps, losses, lw=1)
+        ax.set_title(stage, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel("train loss", fontsize=8)
+        if min(losses) > 0:
+            ax.set_yscale("log")
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def page(title: str, body: str) -> str:
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+            f"<style>{STYLE}</style></head><body>{body}</body></html>\n")
+
+
+def grid_images(run_dir: Path) -> list[tuple[str, Path]]:
+    """(label, path) of the run's grids in a fixed order: prompts per stage, then the rest."""
+    imgs = Path(run_dir) / "images"
+    prompts = sorted(imgs.glob("prompts_*.png"), key=lambda p: (p.stem != "prompts_decoder", p.stem))
+    rest = [imgs / n for n in ("test_real_vs_generated.png",) if (imgs / n).exists()]
+    return [(f"prompts after {p.stem.removeprefix('prompts_')}", p) for p in prompts] + \
+           [("test captions: real (odd rows) vs generated (even rows)", p) for p in rest]
+
+
+# ---- the report of one run ----------------------------------------------------------------------------
+QUALITY_ROWS = (("one object: color", "single.color"), ("one object: shape", "single.shape"),
+                ("one object: size", "single.size"), ("one object: position", "single.position"),
+                ("one object: all four", "single.all"), ("two objects: both colors", "pair.colors"),
+                ("two objects: colors on their shapes", "pair.shapes"), ("two objects: relation", "pair.relation"),
+                ("Fréchet distance (judge features)", "frechet_distance"))
+
+
+def identity_rows(run: dict) -> list[str]:
+    i = run["identity"]
+    ml = i["mlflow"]
+    rows = [("run", run["run"]), ("created (UTC)", run["created_utc"]), ("profile", i["profile"]),
+            ("git revision", i["git_revision"] + (" (uncommitted changes)" if i["git_dirty"] else "")),
+            ("MLflow evaluate run", ml.get("evaluate_run_id")), ("MLflow parent run", ml.get("parent_run_id")),
+            ("MLflow store", ml.get("tracking_uri"))]
+    return [f"<tr><th>{esc(k)}</th><td><code>{esc(fmt(v))}</code></td></tr>" for k, v in rows]
+
+
+def lock_rows(run: dict) -> list[str]:
+    return [f"<tr><td>{esc(stage)}</td><td><code>{esc(path)}</code></td><td><code>{esc(md5)}</code></td></tr>"
+            for stage, outs in run["identity"]["dvc_lock"].items() for path, md5 in outs.items()]
+
+
+def standard_note(ev: dict) -> str:
+    std = ev.get("standard") or {}
+    if std.get("metric") == "FID":
+        return f'<p>{esc(std["feature_extractor"])}.</p>'
+    return ('<p class="note"><b>No Inception weights were given</b> (<code>evaluate.inception_weights</code>), so '
+            "these are <b>FD-CLIP / KD-CLIP</b>: Fréchet and kernel distances in the pipeline's own CLIP "
+            "image space. They compare runs that share a CLIP; they are not the FID/KID that papers report.</p>")
+
+
+def report_html(run_dir: Path) -> str:
+    from .snapshot import load
+    run_dir = Path(run_dir)
+    run = load(run_dir)
+    m = run["metrics"]
+    ev = m.get("evaluate", {})
+    out = [f"<h1>unCLIP evaluation report: {esc(run['run'])}</h1>",
+           f'<p class="sub">profile <b>{esc(run["identity"]["profile"])}</b>, '
+           f'git {esc(run["identity"]["git_revision"][:10])}, {esc(run["created_utc"])} UTC</p>',
+           "<h2>Identity</h2>", table(["", ""], identity_rows(run)),
+           "<details><summary>dvc.lock hashes of data and models</summary>",
+           table(["stage", "path", "md5"], lock_rows(run)), "</details>"]
+
+    # quality, the ablation, the bars
+    abl = ev.get("ablation", {})
+    if abl:
+        head = ["judged on the final images", *abl]
+        rows = [f"<tr><th>{esc(label)}</th>" + "".join(cell(m, f"evaluate.ablation.{v}.{k}") for v in abl) + "</tr>"
+                for label, k in QUALITY_ROWS]
+        rows.append("<tr><th>network evaluations per image</th>"
+                    + "".join(cell(m, f"evaluate.ablation.{v}.nfe_per_image") for v in abl) + "</tr>")
+        n = ev.get("quality", {})
+        out += ["<h2>Quality (the judge, against each caption's truth)</h2>",
+                f'<p class="sub">{esc(n.get("single", {}).get("n"))} one-object and {esc(n.get("pair", {}).get("n"))} '
+                f"two-object held-out test captions, one image each, seed {esc(ev.get('seed'))}; "
+                f"percent right. The real-versus-real Fréchet floor: "
+                f"<b data-key=\"evaluate.frechet_floor_real_vs_real\">{esc(fmt(ev.get('frechet_floor_real_vs_real')))}</b>. "
+                "Ablation (DALL·E 2 §5.1): unclip = prior → decoder; text_embedding = decoder fed z_t; "
+                "caption_only = no image embedding.</p>",
+                table(head, rows, "quality")]
+    if ev.get("bars"):
+        rows = [f"<tr><td>{esc(name)}</td>{cell(m, f'evaluate.bars.{name}.value')}{cell(m, f'evaluate.bars.{name}.bar')}"
+                f'<td class="{"ok" if b["ok"] else "missed"}">{"reached" if b["ok"] else "missed"}</td></tr>'
+                for name, b in ev["bars"].items()]
+        out += ["<h3>Bars</h3>", table(["figure", "value", "bar", ""], rows)]
+    if ev.get("quality_by_stage"):
+        stages = list(ev["quality_by_stage"])
+        rows = [f"<tr><th>{esc(label)}</th>" + "".join(cell(m, f"evaluate.quality_by_stage.{s}.{k}") for s in stages)
+                + "</tr>" for label, k in QUALITY_ROWS]
+        out += ["<h3>After every stage of the cascade</h3>", table(["", *stages], rows)]
+
+    # standard metrics
+    std = ev.get("standard")
+    if std:
+        keys = ("fid", "fid_floor_real_vs_real", "kid_mean", "kid_std", "n_generated", "n_real", "kid_subsets",
+                "kid_subset_size", "seed")
+        name = std.get("metric", "FID")
+        labels = {"fid": name, "fid_floor_real_vs_real": f"{name}, real vs real (floor)",
+                  "kid_mean": "KID" if name == "FID" else "KD-CLIP", "kid_std": "KID std over subsets"}
+        out += [f"<h2>Standard metrics: {esc(name)}</h2>", standard_note(ev),
+                table(["figure", "value"], [f"<tr><th>{esc(labels.get(k, k))}</th>{cell(m, f'evaluate.standard.{k}')}</tr>"
+                                             for k in keys])]
+    conv = ev.get("clip_score_conventions")
+    if conv:
+        rows = [f"<tr><th>{esc(s)}</th>{cell(m, f'evaluate.clip_score_conventions.{s}.hessel_2.5')}"
+                f"{cell(m, f'evaluate.clip_score_conventions.{s}.torchmetrics_100')}"
+                f"{cell(m, f'evaluate.clip_score_conventions.{s}.n')}</tr>" for s in conv]
+        out += ["<h2>CLIP score (the pipeline's CLIP)</h2>",
+                table(["images", "Hessel et al. 2.5·max(cos, 0)", "torchmetrics 100·max(cos, 0)", "n"], rows)]
+    prior = ev.get("prior")
+    if prior:
+        rows = [f"<tr><th>{esc(k)}</th>{cell(m, f'evaluate.prior.{k}')}</tr>" for k in prior]
+        out += ["<h3>Prior cosines on these captions</h3>", table(["figure", "value"], rows)]
+
+    png = curves_png(run.get("curves", {}))
+    out.append("<h2>Training curves</h2>")
+    out.append(f'<img alt="training curves" src="{data_uri(png)}">' if png else
+               "<p class=\"note\">No training curves: the MLflow store had no train_loss history.</p>")
+
+    out.append("<h2>Samples: fixed prompts and seeds, every stage of the cascade</h2>")
+    prompts = (run["params"].get("evaluate") or {}).get("grid_prompts", [])
+    out.append("<p class=\"sub\">Rows: " + "; ".join(f"{i + 1}. {esc(p)}" for i, p in enumerate(prompts))
+               + f" (seeds 0..{esc((run['params'].get('evaluate') or {}).get('grid_seeds', 1) - 1)} across).</p>")
+    out += [f"<figure>{img_tag(p, label)}<figcaption>{esc(label)}</figcaption></figure>"
+            for label, p in grid_images(run_dir)]
+
+    if run.get("worst"):
+        wpng = run_dir / "images" / "worst.png"
+        out += ["<h2>Worst-judged samples</h2>",
+                '<p class="sub">Real test image (odd rows) above the generated one (even rows), in the order below.</p>']
+        if wpng.exists():
+            out.append(f"<figure>{img_tag(wpng, 'worst-judged samples')}</figure>")
+        rows = [f"<tr><td class=\"num\">{k + 1}</td><td>{esc(w['caption'])}</td><td class=\"num\">{esc(w['passed'])}</td>"
+                f"<td>{esc(', '.join(w['failed']))}</td><td><code>{esc(json.dumps(w['judge_saw']))}</code></td></tr>"
+                for k, w in enumerate(run["worst"])]
+        out.append(table(["#", "caption", "checks passed", "failed", "the judge saw"], rows))
+
+    flat = {k: v for k, v in flatten(ev).items() if isinstance(v, (int, float, bool, str)) or v is None}
+    out += ["<h2>Every figure of the evaluation</h2>", "<details open><summary>metrics/evaluate.json</summary>",
+            table(["key", "value"], [f"<tr><td><code>{esc(k)}</code></td>{cell(m, 'evaluate.' + k)}</tr>" for k in flat],
+                  "all-metrics"), "</details>"]
+    others = [s for s in m if s != "evaluate"]
+    out += ["<details><summary>the other stages' metrics</summary>",
+            table(["key", "value"], [f"<tr><td><code>{esc(s + '.' + k)}</code></td>{cell(m, s + '.' + k)}</tr>"
+                                     for s in others for k, v in flatten(m[s]).items()
+                                     if isinstance(v, (int, float, bool, str)) or v is None]), "</details>",
+            "<details><summary>params (resolved profile)</summary><pre>"
+            + esc(json.dumps(run["params"], indent=1)) + "</pre></details>"]
+    return page(f"unCLIP report {run['run']}", "\n".join(out))
