@@ -162,6 +162,138 @@ def judge(ctx, path, captions, tile, cols, pad, judge_dir, as_json):
                 click.echo(f"{kind} ({acc['n']}): " + ", ".join(f"{k} {v}%" for k, v in acc.items() if k != "n"))
 
 
+# ---- the applications of the unCLIP latent ---------------------------------------------------------
+def _bundle(ctx, models):
+    from .generate import Unclip
+    root = Path(models) if models else Workspace.at(ctx.obj["workspace"]).root / "models"
+    try:
+        return Unclip.load(root)
+    except (FileNotFoundError, ValueError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=name) from None
+
+
+def _app_options(fn):
+    fn = click.option("--models", default=None, type=click.Path(file_okay=False),
+                      help="A trained bundle; default: the workspace's models/.")(fn)
+    fn = click.option("--seed", default=0, show_default=True)(fn)
+    fn = click.option("--steps", default=100, show_default=True,
+                      help="DDIM steps of the decoder's inversion and sampling.")(fn)
+    return fn
+
+
+def _run_app(fn):
+    """Bad input (an unreadable image, a bad mask) exits 2 with the reason."""
+    try:
+        return fn()
+    except (FileNotFoundError, ValueError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+@main.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--n", "n", default=4, show_default=True, help="Variations per eta.")
+@click.option("--etas", default="0,0.25,0.5,1", show_default=True, help="DDIM eta values (0: the reconstruction).")
+@click.option("--out", default="variations.png", show_default=True, type=click.Path(dir_okay=False))
+@_app_options
+@click.pass_context
+def vary(ctx, image, n, etas, out, models, seed, steps):
+    """Variations of IMAGE: its bipartite latent (CLIP z_i, DDIM-inverted noise) decoded at every eta,
+    and z_i from fresh noise. Prints the reconstruction's PSNR at the decoder's resolution."""
+    from .applications import files, vary as vary_fn
+
+    def go():
+        img = files.load_image(image)                  # bad input fails before the models load
+        unclip = _bundle(ctx, models)
+        res = vary_fn(unclip, img, seed=seed, etas=_floats(etas, "--etas"), n=n, steps=steps)
+        rows = [("input | reconstruction", files.join([img, res["reconstruction"]]))]
+        rows += [(f"eta {eta:g}", x) for eta, x in res["by_eta"].items()] + [("fresh noise", res["fresh"])]
+        path = files.save_rows(rows, out)
+        click.echo(f"reconstruction PSNR {res['psnr'].mean():.2f} dB at {unclip.sizes[0]} px; "
+                   f"{n} variations per eta -> {path}")
+    _run_app(go)
+
+
+@main.command()
+@click.argument("image_a", type=click.Path(dir_okay=False))
+@click.argument("image_b", type=click.Path(dir_okay=False))
+@click.option("--frames", default=8, show_default=True)
+@click.option("--noise", type=click.Choice(["inverted", "shared"]), default="inverted", show_default=True,
+              help="Decoder noise: the two images' inverted noises slerped, or one fresh noise for all frames.")
+@click.option("--out", default="interpolation.gif", show_default=True, type=click.Path(dir_okay=False),
+              help="The GIF; a strip <out>.png beside it.")
+@_app_options
+@click.pass_context
+def interpolate(ctx, image_a, image_b, frames, noise, out, models, seed, steps):
+    """Interpolate between two images: their CLIP image embeddings slerped, the decoder noise held fixed."""
+    from .applications import files, interpolate as interp_fn
+
+    def go():
+        if frames < 2:
+            raise ValueError("--frames must be at least 2")
+        a, b = files.load_image(image_a), files.load_image(image_b)
+        res = interp_fn(_bundle(ctx, models), a, b, frames=frames, seed=seed, noise=noise, steps=steps)
+        gif = files.save_gif(res["frames"], out)
+        strip = files.save_rows([(f"{Path(image_a).name} -> {Path(image_b).name}", res["frames"])],
+                                Path(out).with_suffix(".png"))
+        click.echo(f"{frames} frames -> {gif} and {strip}")
+    _run_app(go)
+
+
+@main.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--from", "before", required=True, help="A caption of the image as it is (e.g. 'a red circle').")
+@click.option("--to", "after", required=True, help="The caption to move toward (e.g. 'a blue circle').")
+@click.option("--thetas", default="0,0.1,0.2,0.3,0.4,0.5", show_default=True,
+              help="Rotation toward the text diff (0: the reconstruction).")
+@click.option("--out", default="textdiff.png", show_default=True, type=click.Path(dir_okay=False))
+@_app_options
+@click.pass_context
+def textdiff(ctx, image, before, after, thetas, out, models, seed, steps):
+    """Edit IMAGE with a text diff: its z_i rotated toward normalize(z_t(--to) - z_t(--from)) by each theta."""
+    from .applications import files, textdiff as textdiff_fn
+
+    def go():
+        img, ts = files.load_image(image), _floats(thetas, "--thetas")
+        res = textdiff_fn(_bundle(ctx, models), img, [before], [after], thetas=ts, seed=seed, steps=steps)
+        path = files.save_rows([(f"theta {t:g}", x) for t, x in res["by_theta"].items()], out)
+        click.echo(f"'{before}' -> '{after}' at theta {thetas} -> {path}")
+    _run_app(go)
+
+
+@main.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--caption", required=True, help="What the repainted image should show.")
+@click.option("--mask", "mask_path", default=None, type=click.Path(dir_okay=False),
+              help="A mask image: white = repaint, black = keep.")
+@click.option("--box", default=None, help="Or the region to repaint as x0,y0,x1,y1 in fractions of the image.")
+@click.option("--n", "n", default=4, show_default=True, help="Samples (seeds seed..seed+n-1).")
+@click.option("--out", default="inpaint.png", show_default=True, type=click.Path(dir_okay=False))
+@_app_options
+@click.pass_context
+def inpaint(ctx, image, caption, mask_path, box, n, out, models, seed, steps):
+    """Repaint the masked region of IMAGE to show CAPTION; everything outside the mask is kept exactly."""
+    from .applications import files, inpaint as inpaint_fn
+
+    def go():
+        img = files.load_image(image)
+        mask = files.load_mask(mask_path, box, img.shape[-2], img.shape[-1])
+        res = inpaint_fn(_bundle(ctx, models), img.expand(n, -1, -1, -1), mask.expand(n, -1, -1, -1), [caption] * n, seed=seed,
+                         steps=steps)
+        shown = (img.float() * (1 - 0.6 * mask)).round().to(img.dtype)          # the masked region darkened
+        path = files.save_rows([("input | mask", files.join([img, shown])), (caption, res["images"])], out)
+        click.echo(f"{n} inpaintings of {int(mask.sum())} masked pixels -> {path}")
+    _run_app(go)
+
+
 @main.command(context_settings={"ignore_unknown_options": False})
 @click.argument("args", nargs=-1)
 @click.option("--new", "snapshot_now", is_flag=True,

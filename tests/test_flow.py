@@ -202,6 +202,62 @@ def test_generate_from_the_command_line(flow_runs, tmp_path):
     assert proc.returncode == 2 and "no such directory" in proc.stderr
 
 
+def test_applications_of_the_latent_from_python_and_the_command_line(flow_runs, tmp_path):
+    """vary / interpolate / textdiff / inpaint on a trained (smoke) bundle: shapes, seeds, the
+    reconstruction, nothing changed outside an inpainting mask, files written, bad input exit 2."""
+    import subprocess
+    import sys
+    from PIL import Image
+    from pipeline import applications as apps
+    from pipeline.applications.files import load_image
+    from pipeline.embeddings import load_split
+    from pipeline.generate import Unclip
+    ws, _, _ = flow_runs
+    unclip = Unclip.load(ws.root / "models")
+    test = load_split(shard_paths(ws.embeddings), "test", image_size=unclip.sizes[-1])
+    img = test["images"][:2]
+    final = unclip.sizes[-1]
+    v = apps.vary(unclip, img, seed=0, etas=(0.0, 1.0), n=2, steps=10)
+    assert v["reconstruction"].shape == (2, 3, unclip.sizes[0], unclip.sizes[0]) and v["psnr"].shape == (2,)
+    assert v["by_eta"][1.0].shape == v["fresh"].shape == (4, 3, final, final)
+    v2 = apps.vary(unclip, img, seed=0, etas=(0.0, 1.0), n=2, steps=10)
+    assert torch.equal(v["by_eta"][1.0], v2["by_eta"][1.0]) and torch.equal(v["reconstruction"], v2["reconstruction"])
+    it = apps.interpolate(unclip, img[:1], img[1:], frames=3, steps=10)
+    assert it["frames"].shape == (3, 3, final, final)
+    assert torch.allclose(it["z_i"][0], v["z_i"][0], atol=1e-5) and torch.allclose(it["z_i"][-1], v["z_i"][1], atol=1e-5)
+    td = apps.textdiff(unclip, img, ["a red circle"] * 2, ["a blue circle"] * 2, thetas=(0.0, 0.5), steps=10)
+    assert set(td["by_theta"]) == {0.0, 0.5} and td["by_theta"][0.5].shape == (2, 3, final, final)
+    masks = torch.zeros(2, 1, final, final)
+    masks[..., 4:20, 6:22] = 1
+    ip = apps.inpaint(unclip, img, masks, ["a blue square"] * 2, seed=1, steps=10)
+    keep = (masks == 0).expand_as(img)
+    assert torch.equal(ip["images"][keep], img[keep]) and not torch.equal(ip["images"], img)
+
+    Image.fromarray(img[0].permute(1, 2, 0).numpy()).save(tmp_path / "a.png")
+    Image.fromarray(img[1].permute(1, 2, 0).numpy()).save(tmp_path / "b.png")
+    assert torch.equal(load_image(tmp_path / "a.png"), img[:1])
+    cli = [sys.executable, "-m", "pipeline.cli", "--workspace", str(ws.root)]
+    for args, out in ((["vary", "a.png", "--n", "2", "--steps", "5", "--out", "v.png"], "v.png"),
+                      (["interpolate", "a.png", "b.png", "--frames", "3", "--steps", "5", "--out", "i.gif"], "i.gif"),
+                      (["textdiff", "a.png", "--from", "a red circle", "--to", "a blue circle", "--thetas", "0,0.4",
+                        "--steps", "5", "--out", "t.png"], "t.png"),
+                      (["inpaint", "a.png", "--caption", "a blue square", "--box", "0.2,0.2,0.6,0.6", "--n", "2",
+                        "--steps", "5", "--out", "p.png"], "p.png")):
+        proc = subprocess.run(cli + args, cwd=tmp_path, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert args[0] != "vary" or "reconstruction PSNR" in proc.stdout
+        with Image.open(tmp_path / out) as im:
+            assert im.width > 64
+    with Image.open(tmp_path / "i.gif") as im:
+        assert im.n_frames == 4                                     # there and back: 3 + 1
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    for args, message in ((["vary", "bad.png"], "not a readable image"),
+                          (["inpaint", "a.png", "--caption", "x", "--box", "0.6,0.2,0.4,0.9"], "need 0 <= x0 < x1"),
+                          (["inpaint", "a.png", "--caption", "x"], "exactly one of --mask")):
+        proc = subprocess.run(cli + args, cwd=tmp_path, capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-1000:]
+
+
 def test_generate_from_python_is_seeded(flow_runs):
     from pipeline.generate import Unclip
     ws, _, _ = flow_runs

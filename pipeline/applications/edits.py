@@ -19,11 +19,11 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .decoder import inversion
-from .diffusion import randn
-from .generate import Unclip
-from .images import resize, to_model, to_uint8
-from .upsampler import diffusion as up_diffusion
+from ..decoder import inversion
+from ..diffusion import randn
+from ..generate import Unclip
+from ..images import resize, to_model, to_uint8
+from ..upsampler import diffusion as up_diffusion
 
 INVERSION_STEPS = 100     # DDIM steps of inversion and reconstruction (the decoder is small: cheap)
 
@@ -75,7 +75,8 @@ class Latent:
     def decode(self, z_i: torch.Tensor, x_T: torch.Tensor, *, eta: float = 0.0,
                generator: Optional[torch.Generator] = None, guidance: float = 1.0) -> torch.Tensor:
         """(z_i, x_T) -> images [B, 3, S, S] in [-1, 1] at the decoder's resolution."""
-        return inversion.sample(self.unclip.decoder, x_T, z_i, self.tokens[:len(z_i)], self.mask[:len(z_i)],
+        tokens, mask = no_caption(self.unclip, len(z_i))
+        return inversion.sample(self.unclip.decoder, x_T, z_i, tokens, mask,
                                 prediction_type=self.prediction_type, steps=self.steps, eta=eta,
                                 generator=generator, guidance_scale=guidance)
 
