@@ -135,7 +135,7 @@ def compare_html(dir_a: Path, dir_b: Path) -> str:
     for label in dict.fromkeys([*ga, *gb]):
         out.append(f"<h3>{esc(label)}</h3><div class=\"pair\">")
         for side, g in (("A", ga), ("B", gb)):
-            out.append(f"<figure>{img_tag(g[label], f'{side}: {label}')}<figcaption>{side}</figcaption></figure>"
+            out.append(f"<figure>{img_tag(g[label], f'{side}: {label}', target_width=600)}<figcaption>{side}</figcaption></figure>"
                        if label in g else f"<p>{side}: none</p>")
         out.append("</div>")
 

@@ -26,7 +26,7 @@ th{background:#f4f4f4} td.num{text-align:right;font-variant-numeric:tabular-nums
 figure{display:inline-block;margin:8px 16px 8px 0;vertical-align:top} figcaption{font-size:.85em;color:#555}
 img.px{image-rendering:pixelated} .pair{display:flex;gap:24px;align-items:flex-start} code{font-size:.9em}
 """
-ZOOM = 3      # grids are 64 px tiles: show them 3x, pixelated, as reviewers count pixels
+MAX_ZOOM, TARGET_WIDTH = 3, 900   # small grids are shown enlarged (pixelated: reviewers count pixels)
 
 
 # ---- pieces ----------------------------------------------------------------------------------------
@@ -38,11 +38,12 @@ def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def img_tag(path: Path, alt: str) -> str:
+def img_tag(path: Path, alt: str, target_width: int = TARGET_WIDTH) -> str:
     from PIL import Image
     with Image.open(path) as im:
         w, h = im.size
-    return (f'<img class="px" alt="{esc(alt)}" width="{w * ZOOM}" height="{h * ZOOM}" '
+    zoom = max(1, min(MAX_ZOOM, target_width // w))
+    return (f'<img class="px" alt="{esc(alt)}" width="{w * zoom}" height="{h * zoom}" '
             f'src="{data_uri(Path(path).read_bytes())}">')
 
 
@@ -233,7 +234,7 @@ def report_html(run_dir: Path) -> str:
         out.append(table(["#", "caption", "checks passed", "failed", "the judge saw"], rows))
 
     flat = {k: v for k, v in flatten(ev).items() if isinstance(v, (int, float, bool, str)) or v is None}
-    out += ["<h2>Every figure of the evaluation</h2>", "<details open><summary>metrics/evaluate.json</summary>",
+    out += ["<h2>Every figure of the evaluation</h2>", "<details><summary>metrics/evaluate.json (every figure)</summary>",
             table(["key", "value"], [f"<tr><td><code>{esc(k)}</code></td>{cell(m, 'evaluate.' + k)}</tr>" for k in flat],
                   "all-metrics"), "</details>"]
     others = [s for s in m if s != "evaluate"]
