@@ -9,7 +9,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test test-fast bench report clean-venv
+.PHONY: run test test-fast bench report serve clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,14 @@ test: $(STAMP) $(CHROMIUM)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -x -m "not slow" tests
+
+# ML ops: a Prefect server on 127.0.0.1:$(PREFECT_PORT) (UI and API) and the scheduled retraining
+# deployment served from this process (flows/deploy.py); CRON and PROFILE choose when and what.
+PREFECT_PORT ?= 4200
+CRON    ?= 0 3 * * *
+serve: $(STAMP)
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m flows.deploy --start-server \
+	  --port $(PREFECT_PORT) --cron "$(CRON)" --profile $(PROFILE) --workspace .
 
 # rebuild the latest run's report (reports/<run>/report.html); compare: unclip report compare A B
 report: $(STAMP)

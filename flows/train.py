@@ -127,6 +127,18 @@ def headline(stage: str, f: dict) -> str:
     return ""
 
 
+@task(task_run_name="promote")
+def promote_task(cfg, ws: Workspace, parent_run_id: str) -> dict:
+    """Register the evaluated bundle in MLflow's model registry; the gate decides the alias."""
+    from pipeline import registry
+    t0 = time.perf_counter()
+    verdict = registry.register_and_gate(cfg, ws, parent_run_id=parent_run_id)
+    line = registry.describe(verdict)
+    get_run_logger().info(line)
+    return {"stage": "promote", "status": "promoted" if verdict["promoted"] else "candidate",
+            "seconds": round(time.perf_counter() - t0, 1), "figures": verdict, "line": line}
+
+
 def recorded_profile(ws: Workspace, stage: str) -> Optional[str]:
     path = ws.metrics_path(stage)
     try:
@@ -158,8 +170,12 @@ def train_flow(workspace: str = ".", profile: str = config_mod.DEFAULT_PROFILE, 
             except StageFailed as err:
                 failed = err
                 rows.append({"stage": stage, "status": "failed", "seconds": 0, "figures": {}, "error": str(err)})
+        # the promotion gate, when this run produced a new evaluation
+        evaluated = any(r["stage"] == "evaluate" and r["status"] == "ran" for r in rows)
+        if not failed and evaluated and cfg.promote.enabled:
+            rows.append(promote_task(cfg, ws, parent.info.run_id))
         table = [{"stage": r["stage"], "status": r["status"], "seconds": r["seconds"],
-                  "figures": headline(r["stage"], r["figures"])} for r in rows]
+                  "figures": r.get("line") or headline(r["stage"], r["figures"])} for r in rows]
         tracking.log_metrics({"stages_ran": sum(r["status"] == "ran" for r in rows),
                               "stages_failed": sum(r["status"] == "failed" for r in rows)})
         import mlflow

@@ -85,8 +85,9 @@ def run(ctx, force):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", default="grid.png", show_default=True, type=click.Path(dir_okay=False),
               help="The grid (one row per prompt); with --stages also <out>.stage<k>.png per stage.")
-@click.option("--models", default=None, type=click.Path(file_okay=False),
-              help="A trained bundle (clip/ prior/ decoder/ upsampler_*/); default: the workspace's models/.")
+@click.option("--models", default=None, metavar="DIR|champion|workspace",
+              help="A trained bundle (clip/ prior/ decoder/ upsampler_*/), `champion` (the registry's) or "
+                   "`workspace` (models/); default: the champion when one is registered, else models/.")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpm++"]), default=None, help="Decoder sampler.")
 @click.option("--steps", type=int, default=None, help="Decoder sampling steps.")
 @click.option("--guidance", type=float, default=None, help="Decoder guidance scale.")
@@ -99,13 +100,8 @@ def run(ctx, force):
 def generate(ctx, prompts, n, seed, out, models, sampler, steps, guidance, prior_sampler, prior_steps,
              prior_guidance, upsampler_steps, save_stages):
     """Text to image: PROMPTS through CLIP, the prior, the decoder and the upsamplers."""
-    from .generate import Unclip, save_grid
-    root = Path(models) if models else Workspace.at(ctx.obj["workspace"]).root / "models"
-    try:
-        unclip = Unclip.load(root)
-    except (FileNotFoundError, ValueError) as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
+    from .generate import save_grid
+    unclip = _bundle(ctx, models)
     try:
         result = unclip.generate(list(prompts), n=n, seed=seed, sampler=sampler, steps=steps, guidance=guidance,
                                  prior_sampler=prior_sampler, prior_steps=prior_steps,
@@ -163,9 +159,29 @@ def judge(ctx, path, captions, tile, cols, pad, judge_dir, as_json):
 
 
 # ---- the applications of the unCLIP latent ---------------------------------------------------------
+def models_dir(ctx, models: str | None) -> Path:
+    """--models: a directory, `workspace` (models/), `champion` (the registry's alias), or by default
+    the champion when one is registered and the workspace's models/ otherwise."""
+    ws = Workspace.at(ctx.obj["workspace"])
+    if models not in (None, "champion", "workspace"):
+        return Path(models)
+    if models != "workspace" and (ws.params.exists() or models == "champion"):
+        from .registry import champion_models
+        cfg, _ = _load(ctx)
+        found = champion_models(cfg, ws)
+        if found is not None:
+            click.echo(f"[models] {cfg.promote.registered_model}@{cfg.promote.alias} ({found})", err=True)
+            return found
+        if models == "champion":
+            click.echo(f"error: no {cfg.promote.registered_model}@{cfg.promote.alias} in the model registry "
+                       f"(run the pipeline, or pass --models DIR)", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+    return ws.root / "models"
+
+
 def _bundle(ctx, models):
     from .generate import Unclip
-    root = Path(models) if models else Workspace.at(ctx.obj["workspace"]).root / "models"
+    root = models_dir(ctx, models)
     try:
         return Unclip.load(root)
     except (FileNotFoundError, ValueError) as err:
@@ -181,8 +197,8 @@ def _floats(text: str, name: str) -> list[float]:
 
 
 def _app_options(fn):
-    fn = click.option("--models", default=None, type=click.Path(file_okay=False),
-                      help="A trained bundle; default: the workspace's models/.")(fn)
+    fn = click.option("--models", default=None, metavar="DIR|champion|workspace",
+                      help="A trained bundle; default: the registry's champion, else the workspace's models/.")(fn)
     fn = click.option("--seed", default=0, show_default=True)(fn)
     fn = click.option("--steps", default=100, show_default=True,
                       help="DDIM steps of the decoder's inversion and sampling.")(fn)
@@ -328,6 +344,21 @@ def report(ctx, args, snapshot_now, out):
     except rep.ReportError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(EXIT_BAD_INPUT)
+
+
+@main.command()
+@click.pass_context
+def promote(ctx):
+    """Register the workspace's evaluated bundle in MLflow's model registry and run the gate
+    (the flow does this after every evaluate)."""
+    from . import registry
+    cfg, ws = _load(ctx)
+    try:
+        verdict = registry.register_and_gate(cfg, ws)
+    except registry.GateError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    click.echo(registry.describe(verdict))
 
 
 @main.command()

@@ -243,6 +243,29 @@ class TrackingConfig(Section):
     tracking_uri: Optional[str] = None
 
 
+class GateRule(Section):
+    """One figure of ``metrics/evaluate.json`` (a dotted key) that a candidate may not lose by
+    more than ``tolerance`` (absolute, in the figure's units) against the champion."""
+    metric: str
+    higher_is_better: bool = True
+    tolerance: float = Field(0.0, ge=0)
+
+
+class PromoteConfig(Section):
+    """The promotion gate after evaluate: the bundle is registered in MLflow's model registry and
+    gets ``alias`` only if no rule finds it worse than the current holder of the alias."""
+    enabled: bool = True
+    registered_model: str = Field("unclip-pipeline", min_length=1)
+    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    rules: list[GateRule] = [
+        GateRule(metric="quality.single.color", tolerance=2.0),
+        GateRule(metric="quality.single.shape", tolerance=2.0),
+        GateRule(metric="quality.pair.colors", tolerance=2.0),
+        GateRule(metric="quality.pair.relation", tolerance=2.0),
+        GateRule(metric="quality.frechet_distance", higher_is_better=False, tolerance=25.0),
+    ]
+
+
 class Config(Section):
     corpus: CorpusConfig = CorpusConfig()
     crawl: CrawlConfig = CrawlConfig()
@@ -255,6 +278,7 @@ class Config(Section):
     upsample: UpsampleConfig = UpsampleConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+    promote: PromoteConfig = PromoteConfig()
     profile: str = DEFAULT_PROFILE
 
     def section(self, name: str) -> dict[str, Any]:

@@ -3,6 +3,9 @@ MLflow runs, publishes its summary, and a second run does nothing."""
 from __future__ import annotations
 
 import json
+import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from pipeline.stages import STAGES
 from pipeline.workspace import Workspace, init_workspace
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +39,12 @@ def flow_runs(prefect_api, tmp_path_factory):
 
 def test_first_run_runs_every_stage(flow_runs):
     ws, first, _ = flow_runs
-    assert [r["stage"] for r in first["stages"]] == list(STAGES)
+    assert [r["stage"] for r in first["stages"]] == list(STAGES) + ["promote"]
     assert list(STAGES)[-5:] == ["prior", "decoder", "upsample@1", "upsample@2", "evaluate"]
-    assert all(r["status"] == "ran" for r in first["stages"]), first["stages"]
+    assert all(r["status"] == "ran" for r in first["stages"][:-1]), first["stages"]
+    # the gate after a new evaluation: the first bundle has no champion to beat
+    gate = first["stages"][-1]
+    assert gate["status"] == "promoted" and gate["figures"]["version"] == 1, gate
     assert (ws.root / "dvc.lock").exists()
 
 
@@ -70,7 +77,7 @@ def test_mlflow_has_a_parent_and_one_nested_run_per_stage(flow_runs):
     parents = {first["mlflow_parent_run_id"], second["mlflow_parent_run_id"]}
     assert parents <= {r.info.run_id for r in runs}
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first["mlflow_parent_run_id"]]
-    assert sorted(r.data.tags["stage"] for r in nested) == sorted(STAGES)
+    assert sorted(r.data.tags["stage"] for r in nested) == sorted([*STAGES, "promote"])
     assert not [r for r in runs if r.data.tags.get("mlflow.parentRunId") == second["mlflow_parent_run_id"]]
     by_stage = {r.data.tags["stage"]: r for r in nested}
     assert by_stage["clip"].data.params["batch_size"] == "32"
@@ -193,6 +200,7 @@ def test_generate_from_the_command_line(flow_runs, tmp_path):
                            "--steps", "3", "--out", str(out), "--stages"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "6 images at 32 px" in proc.stdout
+    assert "unclip-pipeline@champion" in proc.stderr          # the registry's champion, unless told otherwise
     with Image.open(out) as im:
         assert im.width > 3 * 64 and im.height > 2 * 64           # 2 rows of 3 tiles, upscaled to 64 px
     assert out.with_suffix(".stage0.png").exists() and out.with_suffix(".stage1.png").exists()
@@ -270,6 +278,67 @@ def test_generate_from_python_is_seeded(flow_runs):
     assert a["nfe"]["decoder"] == 6                                # 3 steps x (conditional + unconditional)
 
 
+def test_scheduled_deployment_runs_on_a_real_prefect_server(flow_runs, tmp_path):
+    """`prefect server start` on a free loopback port, the deployment served by flows.deploy,
+    a run triggered with `prefect deployment run` and executed to completion, and the cron
+    schedule creating scheduled runs."""
+    import re
+    import subprocess
+    import sys
+    import urllib.request
+    from flows.deploy import free_port, start_server
+    ws, _, _ = flow_runs
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    server, api = start_server(free_port(), env=env)
+    env["PREFECT_API_URL"] = api
+
+    def get(path):
+        with urllib.request.urlopen(api + path, timeout=10) as r:
+            return json.loads(r.read())
+
+    def post(path, body):
+        req = urllib.request.Request(api + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    serving = subprocess.Popen([sys.executable, "-m", "flows.deploy", "--name", "test-retrain", "--cron",
+                                "*/5 * * * *", "--profile", "smoke", "--workspace", str(ws.root)],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, dep = time.monotonic() + 120, None
+        while dep is None and time.monotonic() < deadline:
+            try:
+                dep = get("/deployments/name/unclip-train/test-retrain")
+            except OSError:
+                assert serving.poll() is None, serving.stdout.read()[-3000:]
+                time.sleep(2)
+        assert dep is not None, "the deployment was not registered"
+        assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["*/5 * * * *"]
+        assert dep["parameters"]["profile"] == "smoke"
+        proc = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "unclip-train/test-retrain"],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", proc.stdout).group(1)
+        deadline, state = time.monotonic() + 600, None
+        while time.monotonic() < deadline:
+            state = get(f"/flow_runs/{run_id}")["state"]["type"]
+            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            time.sleep(3)
+        assert state == "COMPLETED", state
+        scheduled = post("/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}},
+                                               "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+                                               "limit": 10, "offset": 0})
+        assert scheduled, "the cron schedule created no scheduled runs"
+    finally:
+        serving.terminate()
+        server.terminate()
+        serving.wait(timeout=60)
+        server.wait(timeout=60)
+
+
 def api_filter(path: str, body: dict):
     """POST a filter query to the Prefect API. (prefect 3.8.8's client sends explicit nulls for
     unset limit/sort/filters, which its own server rejects with 422, so we send the body.)"""
@@ -290,7 +359,8 @@ def test_summary_artifact_published(flow_runs):
     assert arts, "no summary artifact"
     data = arts[0]["data"]
     table = data if isinstance(data, list) else json.loads(data)
-    assert {row["stage"] for row in table} == set(STAGES)
+    stages = {row["stage"] for row in table}           # the latest run: "promote" only when it evaluated
+    assert set(STAGES) <= stages <= set(STAGES) | {"promote"}
 
 
 def test_bad_input_fails_clearly_without_retries(flow_runs, monkeypatch):

@@ -13,6 +13,7 @@ from pipeline.report.compare import direction, verdict
 from pipeline.tracking import flatten
 
 from helpers.browser import open_page
+from helpers.fake_eval import fake_evaluation
 
 
 def _kid_reference(x: np.ndarray, y: np.ndarray) -> float:
@@ -96,32 +97,6 @@ def test_directions_of_figures():
 
 
 # ---- the pages, on a synthetic evaluation --------------------------------------------------------------
-def _fake_evaluation(ws, seed: int, color: float, fid: float):
-    from PIL import Image
-    figures = {"stage": "evaluate", "profile": "smoke", "seed": seed, "n_captions": 4, "n_single": 2,
-               "quality": {"single": {"n": 2, "color": color, "shape": 50.0, "size": 100.0, "position": 100.0, "all": 50.0},
-                           "pair": {"n": 2, "colors": 50.0, "shapes": 0.0, "relation": 50.0, "all": 0.0},
-                           "frechet_distance": 12.5},
-               "frechet_floor_real_vs_real": 3.25,
-               "standard": {"metric": "FD-CLIP", "feature_extractor": "the pipeline's CLIP", "fid": fid,
-                            "fid_floor_real_vs_real": 0.5, "kid_mean": 0.01, "kid_std": 0.002, "n_generated": 4,
-                            "n_real": 4, "kid_subsets": 100, "kid_subset_size": 4, "seed": seed},
-               "clip_score_conventions": {"decoder": {"hessel_2.5": 0.61, "torchmetrics_100": 24.4, "n": 4}},
-               "bars": {"single color": {"value": color, "bar": 95, "ok": color >= 95}},
-               "nfe_total": 40}
-    figures["ablation"] = {"unclip": figures["quality"] | {"nfe_per_image": 40}}
-    ws.metrics_dir.mkdir(exist_ok=True)
-    ws.metrics_path("evaluate").write_text(json.dumps(figures))
-    out = ws.reports / "evaluate"
-    out.mkdir(parents=True, exist_ok=True)
-    for name, shade in (("prompts_decoder", 40), ("prompts_upsample_1", 90), ("test_real_vs_generated", 150),
-                        ("worst", 200)):
-        Image.new("RGB", (66, 34), (shade + seed, 20, 20)).save(out / f"{name}.png")
-    (out / "worst.json").write_text(json.dumps([{"index": 1, "passed": 0.25, "failed": ["shape", "size", "position"],
-                                                 "judge_saw": {"n_objects": 1}, "caption": "a red circle"}]))
-    return figures
-
-
 def test_report_and_comparison_pages_in_a_browser(tmp_path, smoke_cfg, monkeypatch):
     from pipeline import report
     from pipeline.report.snapshot import snapshot
@@ -129,10 +104,10 @@ def test_report_and_comparison_pages_in_a_browser(tmp_path, smoke_cfg, monkeypat
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     ws = Workspace.at(tmp_path / "ws")
     ws.root.mkdir()
-    a_fig = _fake_evaluation(ws, seed=0, color=90.0, fid=20.0)
+    a_fig = fake_evaluation(ws, seed=0, color=90.0, fid=20.0)
     run_a = snapshot(smoke_cfg, ws, evaluate_run_id="aaaaaaaa1111")
     b_cfg = smoke_cfg.model_copy(update={"evaluate": smoke_cfg.evaluate.model_copy(update={"seed": 1})})
-    b_fig = _fake_evaluation(ws, seed=1, color=96.0, fid=25.0)
+    b_fig = fake_evaluation(ws, seed=1, color=96.0, fid=25.0)
     run_b = snapshot(b_cfg, ws, evaluate_run_id="bbbbbbbb2222")
     assert [p.name for p in report.runs(ws)] == [run_a.name, run_b.name]
     assert report.find(ws, "latest") == run_b and report.find(ws, "previous") == run_a

@@ -1,0 +1,166 @@
+"""The promotion gate: every evaluated bundle is registered in MLflow's model registry; it becomes
+the champion (``promote.alias``) only if it is not worse than the current one.
+
+A registered version's source is an artifact directory of an MLflow run holding the bundle that
+``generate.Unclip.load`` reads (``clip/ prior/ decoder/ upsampler_*/``) plus its
+``evaluate.json``; its tags name the report run (``reports/<run>/``), the git revision and the
+gate's verdict. ``unclip generate`` and the applications load ``models:/<name>@<alias>`` unless
+told otherwise (``champion_models``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from . import tracking
+from .tracking import flatten
+from .workspace import Workspace
+
+BUNDLE_PARTS = ("clip", "prior", "decoder")       # plus every upsampler_*
+
+
+class GateError(RuntimeError):
+    """Nothing to register (no trained bundle or no evaluation)."""
+
+
+def decide(candidate: dict, champion: Optional[dict], rules) -> tuple[bool, list[str], list[dict]]:
+    """(promote?, reasons, rows) for two ``metrics/evaluate.json`` dicts under the gate's rules.
+    No champion: promote. A figure missing on either side cannot pass its rule."""
+    if champion is None:
+        return True, ["no champion yet"], []
+    fc, fo = flatten(candidate), flatten(champion)
+    rows, reasons = [], []
+    for r in rules:
+        new, old = fc.get(r.metric), fo.get(r.metric)
+        if not isinstance(new, (int, float)) or not isinstance(old, (int, float)):
+            ok, delta = False, None
+            reasons.append(f"{r.metric}: missing (candidate {new}, champion {old})")
+        else:
+            delta = new - old
+            loss = -delta if r.higher_is_better else delta
+            ok = loss <= r.tolerance
+            if not ok:
+                reasons.append(f"{r.metric}: {new} vs champion {old} "
+                               f"({'lower' if r.higher_is_better else 'higher'} by {abs(delta):.4g} > tolerance {r.tolerance})")
+        rows.append({"metric": r.metric, "candidate": new, "champion": old, "delta": delta,
+                     "higher_is_better": r.higher_is_better, "tolerance": r.tolerance, "ok": ok})
+    promote = all(row["ok"] for row in rows)
+    return promote, (reasons or ["not worse on any rule"]), rows
+
+
+def _client(cfg, ws: Workspace):
+    import mlflow
+    tracking._setup(cfg, ws.root)
+    return mlflow.MlflowClient()
+
+
+def champion_version(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _evaluation_of(version) -> Optional[dict]:
+    import mlflow
+    try:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=version.source.rstrip("/") + "/evaluate.json")
+        return json.loads(Path(path).read_text())
+    except Exception:          # an unreadable champion is treated as absent, and said so
+        return None
+
+
+def register_and_gate(cfg, ws: Workspace, *, report_run: Optional[str] = None,
+                      parent_run_id: Optional[str] = None) -> dict:
+    """Register the workspace's bundle and evaluation as a new version; move the alias to it if the
+    gate passes; tag it with the verdict. Returns the verdict (and the comparison page's path when
+    it was refused and both runs have report snapshots)."""
+    import mlflow
+    p = cfg.promote
+    models = ws.root / "models"
+    parts = [models / n for n in BUNDLE_PARTS] + sorted(models.glob("upsampler_*"))
+    missing = [str(x.relative_to(ws.root)) for x in parts if not (x / "model.safetensors").exists()]
+    ev_path = ws.metrics_path("evaluate")
+    if missing or not ev_path.exists():
+        raise GateError(f"nothing to register: missing {', '.join(missing) or 'metrics/evaluate.json'}")
+    evaluation = json.loads(ev_path.read_text())
+    client = _client(cfg, ws)
+    if report_run is None:
+        from .report import runs
+        snaps = runs(ws)
+        report_run = snaps[-1].name if snaps else None
+
+    with tracking.start_run(cfg, ws.root, "promote", stage="promote",
+                            parent_run_id=parent_run_id or os.environ.get(tracking.PARENT_ENV)) as run:
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle = Path(tmp) / "bundle"
+            bundle.mkdir()
+            for part in parts:
+                shutil.copytree(part, bundle / part.name)
+            shutil.copy(ev_path, bundle / "evaluate.json")
+            mlflow.log_artifacts(str(bundle), "bundle")
+        source = client.get_run(run.info.run_id).info.artifact_uri.rstrip("/") + "/bundle"
+        try:
+            client.get_registered_model(p.registered_model)
+        except Exception:
+            client.create_registered_model(p.registered_model, description="unCLIP bundles (clip, prior, decoder, "
+                                                                          "upsamplers) with their evaluation")
+        old = champion_version(client, p.registered_model, p.alias)
+        old_eval = _evaluation_of(old) if old is not None else None
+        promote, reasons, rows = decide(evaluation, old_eval, p.rules)
+        if old is not None and old_eval is None:
+            reasons = [f"the champion (version {old.version}) has no readable evaluation: replaced"]
+            promote = True
+        tags = {"git_revision": tracking.git_revision(ws.root), "profile": cfg.profile,
+                "report_run": report_run or "", "gate": "promoted" if promote else "candidate",
+                "gate_reasons": "; ".join(reasons)[:4900]}
+        version = client.create_model_version(p.registered_model, source=source, run_id=run.info.run_id, tags=tags)
+        compare_page = None
+        if promote:
+            client.set_registered_model_alias(p.registered_model, p.alias, version.version)
+        elif report_run and old is not None and old.tags.get("report_run"):
+            try:
+                from . import report
+                compare_page = str(report.compare(ws, old.tags["report_run"], report_run))
+                client.set_model_version_tag(p.registered_model, version.version, "compare_report", compare_page)
+            except Exception as err:      # a missing snapshot must not hide the verdict
+                compare_page = f"(no comparison page: {err})"
+        verdict = {"registered_model": p.registered_model, "version": int(version.version),
+                   "promoted": promote, "alias": p.alias, "reasons": reasons, "rules": rows,
+                   "previous_champion": int(old.version) if old is not None else None,
+                   "champion": int(version.version) if promote else int(old.version),
+                   "compare_report": compare_page, "report_run": report_run}
+        mlflow.log_dict(verdict, "gate.json")
+        tracking.log_metrics({"promoted": float(promote), "version": float(version.version)})
+    return verdict
+
+
+def champion_models(cfg, ws: Workspace) -> Optional[Path]:
+    """The champion bundle's directory (from the registry's artifact store), or None when the
+    registry has no champion (or no registry is reachable)."""
+    import mlflow
+    uri = tracking.tracking_uri(cfg, ws.root)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return None                    # no store yet: do not create one just to look
+    try:
+        client = _client(cfg, ws)
+        v = champion_version(client, cfg.promote.registered_model, cfg.promote.alias)
+        if v is None:
+            return None
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=v.source))
+    except Exception:
+        return None
+
+
+def describe(verdict: dict) -> str:
+    v = verdict
+    if v["promoted"]:
+        return (f"version {v['version']} of {v['registered_model']} is now @{v['alias']} "
+                f"({'; '.join(v['reasons'])})")
+    return (f"version {v['version']} stays a candidate, @{v['alias']} remains version {v['champion']}: "
+            f"{'; '.join(v['reasons'])}" + (f"; comparison: {v['compare_report']}" if v.get("compare_report") else ""))
