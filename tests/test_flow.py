@@ -288,7 +288,9 @@ def test_scheduled_deployment_runs_on_a_real_prefect_server(flow_runs, tmp_path)
     import urllib.request
     from flows.deploy import free_port, start_server
     ws, _, _ = flow_runs
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           # the server's scheduler service creates the schedule's runs every loop (default 60 s)
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1"}
     env.pop("PREFECT_API_URL", None)
     server, api = start_server(free_port(), env=env)
     env["PREFECT_API_URL"] = api
@@ -328,10 +330,14 @@ def test_scheduled_deployment_runs_on_a_real_prefect_server(flow_runs, tmp_path)
                 break
             time.sleep(3)
         assert state == "COMPLETED", state
-        scheduled = post("/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}},
-                                               "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
-                                               "limit": 10, "offset": 0})
+        deadline, scheduled = time.monotonic() + 90, []
+        while not scheduled and time.monotonic() < deadline:
+            scheduled = post("/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}},
+                                                   "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+                                                   "limit": 10, "offset": 0})
+            time.sleep(0 if scheduled else 2)
         assert scheduled, "the cron schedule created no scheduled runs"
+        assert all(r["deployment_id"] == dep["id"] for r in scheduled)
     finally:
         serving.terminate()
         server.terminate()
