@@ -291,7 +291,7 @@ def textdiff(ctx, image, before, after, thetas, out, models, seed, steps):
 @click.option("--mask", "mask_path", default=None, type=click.Path(dir_okay=False),
               help="A mask image: white = repaint, black = keep.")
 @click.option("--box", default=None, help="Or the region to repaint as x0,y0,x1,y1 in fractions of the image.")
-@click.option("--n", "n", default=4, show_default=True, help="Samples (seeds seed..seed+n-1).")
+@click.option("--n", "n", default=4, show_default=True, help="Samples, all drawn from one generator seeded with --seed.")
 @click.option("--out", default="inpaint.png", show_default=True, type=click.Path(dir_okay=False))
 @_app_options
 @click.pass_context

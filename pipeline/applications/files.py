@@ -79,7 +79,7 @@ def save_rows(rows: Sequence[tuple[str, torch.Tensor]], out: str | Path) -> Path
 def save_gif(frames: torch.Tensor, out: str | Path, ms_per_frame: int = 250) -> Path:
     """uint8 frames [N, 3, H, W] -> a looping GIF there and back, upscaled to >= 128 px."""
     size = frames.shape[-1] * max(1, 128 // frames.shape[-1])
-    pics = [Image.fromarray(f.permute(1, 2, 0).numpy()).resize((size, size), Image.NEAREST) for f in _fit(frames, frames.shape[-1])]
+    pics = [Image.fromarray(f.permute(1, 2, 0).numpy()).resize((size, size), Image.NEAREST) for f in frames]
     seq = pics + pics[-2:0:-1]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

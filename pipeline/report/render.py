@@ -57,9 +57,9 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
-def cell(metrics: dict, key: str) -> str:
-    """A figure cell: the value at dotted ``key`` of the run's metrics, tagged with the key."""
-    v = flatten(metrics).get(key)
+def cell(flat: dict, key: str) -> str:
+    """A figure cell: the value at dotted ``key`` of the run's flattened metrics, tagged with the key."""
+    v = flat.get(key)
     cls = "num" if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
     return f'<td class="{cls}" data-key="{esc(key)}">{esc(fmt(v))}</td>'
 
@@ -152,6 +152,7 @@ def report_html(run_dir: Path) -> str:
     run = load(run_dir)
     m = run["metrics"]
     ev = m.get("evaluate", {})
+    mf = flatten(m)                  # every cell reads this one flattening
     out = [f"<h1>unCLIP evaluation report: {esc(run['run'])}</h1>",
            f'<p class="sub">profile <b>{esc(run["identity"]["profile"])}</b>, '
            f'git {esc(run["identity"]["git_revision"][:10])}, {esc(run["created_utc"])} UTC</p>',
@@ -163,10 +164,10 @@ def report_html(run_dir: Path) -> str:
     abl = ev.get("ablation", {})
     if abl:
         head = ["judged on the final images", *abl]
-        rows = [f"<tr><th>{esc(label)}</th>" + "".join(cell(m, f"evaluate.ablation.{v}.{k}") for v in abl) + "</tr>"
+        rows = [f"<tr><th>{esc(label)}</th>" + "".join(cell(mf, f"evaluate.ablation.{v}.{k}") for v in abl) + "</tr>"
                 for label, k in QUALITY_ROWS]
         rows.append("<tr><th>network evaluations per image</th>"
-                    + "".join(cell(m, f"evaluate.ablation.{v}.nfe_per_image") for v in abl) + "</tr>")
+                    + "".join(cell(mf, f"evaluate.ablation.{v}.nfe_per_image") for v in abl) + "</tr>")
         n = ev.get("quality", {})
         out += ["<h2>Quality (the judge, against each caption's truth)</h2>",
                 f'<p class="sub">{esc(n.get("single", {}).get("n"))} one-object and {esc(n.get("pair", {}).get("n"))} '
@@ -177,13 +178,13 @@ def report_html(run_dir: Path) -> str:
                 "caption_only = no image embedding.</p>",
                 table(head, rows, "quality")]
     if ev.get("bars"):
-        rows = [f"<tr><td>{esc(name)}</td>{cell(m, f'evaluate.bars.{name}.value')}{cell(m, f'evaluate.bars.{name}.bar')}"
+        rows = [f"<tr><td>{esc(name)}</td>{cell(mf, f'evaluate.bars.{name}.value')}{cell(mf, f'evaluate.bars.{name}.bar')}"
                 f'<td class="{"ok" if b["ok"] else "missed"}">{"reached" if b["ok"] else "missed"}</td></tr>'
                 for name, b in ev["bars"].items()]
         out += ["<h3>Bars</h3>", table(["figure", "value", "bar", ""], rows)]
     if ev.get("quality_by_stage"):
         stages = list(ev["quality_by_stage"])
-        rows = [f"<tr><th>{esc(label)}</th>" + "".join(cell(m, f"evaluate.quality_by_stage.{s}.{k}") for s in stages)
+        rows = [f"<tr><th>{esc(label)}</th>" + "".join(cell(mf, f"evaluate.quality_by_stage.{s}.{k}") for s in stages)
                 + "</tr>" for label, k in QUALITY_ROWS]
         out += ["<h3>After every stage of the cascade</h3>", table(["", *stages], rows)]
 
@@ -196,18 +197,18 @@ def report_html(run_dir: Path) -> str:
         labels = {"fid": name, "fid_floor_real_vs_real": f"{name}, real vs real (floor)",
                   "kid_mean": "KID" if name == "FID" else "KD-CLIP", "kid_std": "KID std over subsets"}
         out += [f"<h2>Standard metrics: {esc(name)}</h2>", standard_note(ev),
-                table(["figure", "value"], [f"<tr><th>{esc(labels.get(k, k))}</th>{cell(m, f'evaluate.standard.{k}')}</tr>"
+                table(["figure", "value"], [f"<tr><th>{esc(labels.get(k, k))}</th>{cell(mf, f'evaluate.standard.{k}')}</tr>"
                                              for k in keys])]
     conv = ev.get("clip_score_conventions")
     if conv:
-        rows = [f"<tr><th>{esc(s)}</th>{cell(m, f'evaluate.clip_score_conventions.{s}.hessel_2.5')}"
-                f"{cell(m, f'evaluate.clip_score_conventions.{s}.torchmetrics_100')}"
-                f"{cell(m, f'evaluate.clip_score_conventions.{s}.n')}</tr>" for s in conv]
+        rows = [f"<tr><th>{esc(s)}</th>{cell(mf, f'evaluate.clip_score_conventions.{s}.hessel_2.5')}"
+                f"{cell(mf, f'evaluate.clip_score_conventions.{s}.torchmetrics_100')}"
+                f"{cell(mf, f'evaluate.clip_score_conventions.{s}.n')}</tr>" for s in conv]
         out += ["<h2>CLIP score (the pipeline's CLIP)</h2>",
                 table(["images", "Hessel et al. 2.5·max(cos, 0)", "torchmetrics 100·max(cos, 0)", "n"], rows)]
     prior = ev.get("prior")
     if prior:
-        rows = [f"<tr><th>{esc(k)}</th>{cell(m, f'evaluate.prior.{k}')}</tr>" for k in prior]
+        rows = [f"<tr><th>{esc(k)}</th>{cell(mf, f'evaluate.prior.{k}')}</tr>" for k in prior]
         out += ["<h3>Prior cosines on these captions</h3>", table(["figure", "value"], rows)]
 
     png = curves_png(run.get("curves", {}))
@@ -235,11 +236,11 @@ def report_html(run_dir: Path) -> str:
 
     flat = {k: v for k, v in flatten(ev).items() if isinstance(v, (int, float, bool, str)) or v is None}
     out += ["<h2>Every figure of the evaluation</h2>", "<details><summary>metrics/evaluate.json (every figure)</summary>",
-            table(["key", "value"], [f"<tr><td><code>{esc(k)}</code></td>{cell(m, 'evaluate.' + k)}</tr>" for k in flat],
+            table(["key", "value"], [f"<tr><td><code>{esc(k)}</code></td>{cell(mf, 'evaluate.' + k)}</tr>" for k in flat],
                   "all-metrics"), "</details>"]
     others = [s for s in m if s != "evaluate"]
     out += ["<details><summary>the other stages' metrics</summary>",
-            table(["key", "value"], [f"<tr><td><code>{esc(s + '.' + k)}</code></td>{cell(m, s + '.' + k)}</tr>"
+            table(["key", "value"], [f"<tr><td><code>{esc(s + '.' + k)}</code></td>{cell(mf, s + '.' + k)}</tr>"
                                      for s in others for k, v in flatten(m[s]).items()
                                      if isinstance(v, (int, float, bool, str)) or v is None]), "</details>",
             "<details><summary>params (resolved profile)</summary><pre>"

@@ -122,7 +122,7 @@ def snapshot(cfg, ws: Workspace, *, evaluate_run_id: Optional[str] = None,
         "run": name,
         "created_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "identity": {
-            "git_revision": _git(ws.root, "rev-parse", "HEAD") or "unknown",
+            "git_revision": tracking.git_revision(ws.root),
             "git_dirty": bool(_git(ws.root, "status", "--porcelain", "--untracked-files=no")),
             "profile": cfg.profile,
             "mlflow": {"tracking_uri": tracking_uri, "experiment": cfg.tracking.experiment,
