@@ -127,6 +127,26 @@ def headline(stage: str, f: dict) -> str:
     return ""
 
 
+def how(stage: str, status: str, f: dict) -> str:
+    """How a stage that ran treated the last run's output: incremental data, kept, continued."""
+    if status != "ran" or not f:
+        return ""
+    inc, rt = f.get("incremental"), f.get("retrain")
+    if inc:
+        if inc.get("part") is None:
+            return "nothing new"
+        new = {"crawl": f"{inc.get('new_urls')} new URLs", "filter": f"{inc.get('new_raw_shards')} new shard(s)",
+               "embed": f"{inc.get('new_filtered_shards')} new shard(s)"}.get(stage, "")
+        return f"part {inc['part']}: {new}" if inc["part"] else f"all ({inc.get('why') or 'first run'})"
+    if rt:
+        if rt["mode"] == "continued":
+            return f"continued: {rt['steps']} steps from the last weights"
+        if rt["mode"] == "kept":
+            return "kept (data grew; retrain: keep)"
+        return "from scratch" + (f" ({rt['why']})" if rt.get("why") else "")
+    return ""
+
+
 @task(task_run_name="promote")
 def promote_task(cfg, ws: Workspace, parent_run_id: str) -> dict:
     """Register the evaluated bundle in MLflow's model registry; the gate decides the alias."""
@@ -175,6 +195,7 @@ def train_flow(workspace: str = ".", profile: str = config_mod.DEFAULT_PROFILE, 
         if not failed and evaluated and cfg.promote.enabled:
             rows.append(promote_task(cfg, ws, parent.info.run_id))
         table = [{"stage": r["stage"], "status": r["status"], "seconds": r["seconds"],
+                  "how": how(r["stage"], r["status"], r["figures"]),
                   "figures": r.get("line") or headline(r["stage"], r["figures"])} for r in rows]
         tracking.log_metrics({"stages_ran": sum(r["status"] == "ran" for r in rows),
                               "stages_failed": sum(r["status"] == "failed" for r in rows)})
@@ -183,7 +204,8 @@ def train_flow(workspace: str = ".", profile: str = config_mod.DEFAULT_PROFILE, 
     create_table_artifact(key="unclip-pipeline-summary", table=table,
                           description=f"unclip pipeline, profile {cfg.profile}, workspace {ws.root}")
     width = max(len(r["stage"]) for r in table)
-    print("\n".join(f"{r['stage']:<{width}}  {r['status']:<8} {r['seconds']:>7.1f} s  {r['figures']}" for r in table))
+    print("\n".join(f"{r['stage']:<{width}}  {r['status']:<8} {r['seconds']:>7.1f} s  "
+                    + (f"[{r['how']}] " if r["how"] else "") + r["figures"] for r in table))
     summary = {"profile": cfg.profile, "workspace": str(ws.root), "stages": rows,
                "mlflow_parent_run_id": parent.info.run_id}
     if failed:

@@ -51,6 +51,16 @@ class CorpusConfig(Section):
     near_duplicate_fraction: float = Field(0.01, ge=0, lt=1)
     jpeg_quality: int = Field(95, ge=50, le=100)
     workers: int = Field(2, ge=1)
+    # New data arriving: each entry appends a block of that many scenes (ids after the earlier
+    # ones, their own duplicates and faults). Earlier blocks stay byte-identical, so appending an
+    # entry is "new pairs in the source" and the next run crawls only their URLs.
+    additions: list[int] = []
+
+    @model_validator(mode="after")
+    def _additions(self):
+        if any(n < 1 for n in self.additions):
+            raise ValueError("every entry of additions must be a scene count >= 1")
+        return self
 
 
 class CrawlConfig(Section):
@@ -238,6 +248,15 @@ class JudgeConfig(Section):
     precision: Precision = "auto"
 
 
+class RetrainConfig(Section):
+    """What a rerun does with what the last run left (pipeline/incremental.py)."""
+    incremental_data: bool = True                     # crawl new URLs only; filter/embed new shards only
+    clip: Literal["keep", "retrain"] = "keep"         # keep: a CLIP of the same config stays frozen as data grows
+    judge: Literal["keep", "retrain"] = "keep"        # the gate's yardstick: candidate and champion judged alike
+    init_from: Literal["last", "scratch"] = "last"    # prior/decoder/upsamplers: continue from compatible weights
+    finetune_fraction: float = Field(0.25, gt=0, le=1)   # of a stage's steps, when it continues
+
+
 class TrackingConfig(Section):
     experiment: str = "unclip-pipeline"
     tracking_uri: Optional[str] = None
@@ -279,6 +298,7 @@ class Config(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
     promote: PromoteConfig = PromoteConfig()
+    retrain: RetrainConfig = RetrainConfig()
     profile: str = DEFAULT_PROFILE
 
     def section(self, name: str) -> dict[str, Any]:

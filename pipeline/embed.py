@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import tracking
+from . import incremental, tracking
 from .clip import model as clip_model
 from .clip.data import decode_images, single_thread
 from .data.shards import ShardError, ShardSink, iter_samples, sample_meta, shard_paths, split_of
@@ -106,11 +106,15 @@ def encode_batch(bundle, images: torch.Tensor, tokens: torch.Tensor):
 class RetrievalWriter:
     """clip-retrieval's embedding folders, one .npy/.parquet triple per ``flush``."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, first_part: int = 0):
         self.root = root
         for sub in ("img_emb", "text_emb", "metadata"):
             (root / sub).mkdir(parents=True, exist_ok=True)
-        self.part, self.rows, self.img, self.txt = 0, [], [], []
+        self.part, self.rows, self.img, self.txt = first_part, [], [], []
+        self.written: list[str] = []
+
+    def files(self, part: int) -> list[str]:
+        return [f"img_emb/img_emb_{part}.npy", f"text_emb/text_emb_{part}.npy", f"metadata/metadata_{part}.parquet"]
 
     def add(self, z_i: np.ndarray, z_t: np.ndarray, row: dict) -> None:
         self.img.append(z_i)
@@ -123,20 +127,24 @@ class RetrievalWriter:
         np.save(self.root / "img_emb" / f"img_emb_{self.part}.npy", np.stack(self.img).astype(np.float16))
         np.save(self.root / "text_emb" / f"text_emb_{self.part}.npy", np.stack(self.txt).astype(np.float16))
         pd.DataFrame(self.rows).to_parquet(self.root / "metadata" / f"metadata_{self.part}.parquet", index=False)
+        self.written += self.files(self.part)
         self.part, self.rows, self.img, self.txt = self.part + 1, [], [], []
 
 
 def embed_shards(bundle, paths: list[Path], out: Path, *, batch_size: int, shard_size: int, num_workers: int,
-                 min_similarity: Optional[float], token_dtype: str, total: Optional[int] = None) -> dict:
-    """Write embedding shards for ``paths`` into ``out``; returns counts and similarity figures."""
+                 min_similarity: Optional[float], token_dtype: str, total: Optional[int] = None,
+                 prefix: str = "", retrieval_part: int = 0) -> dict:
+    """Write embedding shards for ``paths`` into ``out`` (names ``{prefix}00000.tar``..., the
+    retrieval files from number ``retrieval_part``); returns counts, similarity figures and
+    ``files``, what it wrote."""
     dtype = np.float16 if token_dtype == "float16" else np.float32
-    retrieval = RetrievalWriter(out)
+    retrieval = RetrievalWriter(out, retrieval_part)
     kept = dropped = 0
     sims: dict[str, list[float]] = {"matched": [], "mismatched": [], "unknown": []}
     dropped_mismatched = 0
     bar = progress(total=total, desc="embed", unit="img")
     t0 = time.perf_counter()
-    with ShardSink(out, shard_size) as sink:
+    with ShardSink(out, shard_size, prefix) as sink:
         for batch in batches(paths, bundle.tokenize, bundle.image_size, batch_size, num_workers):
             z_i, z_t, enc, mask = encode_batch(bundle, batch["images"], batch["tokens"])
             cos = (z_i * z_t).sum(-1)
@@ -166,7 +174,8 @@ def embed_shards(bundle, paths: list[Path], out: Path, *, batch_size: int, shard
     n_mis = len(sims["mismatched"])
     out_figs = {"input": kept + dropped, "kept": kept, "dropped_low_similarity": dropped,
                 "images_per_s": round((kept + dropped) / seconds, 1), "seconds": round(seconds, 2),
-                "similarity": {k: {"n": len(v), "mean": round(float(np.mean(v)), 4)} for k, v in sims.items() if v}}
+                "similarity": {k: {"n": len(v), "mean": round(float(np.mean(v)), 4)} for k, v in sims.items() if v},
+                "files": [f"{prefix}{i:05d}.tar" for i in range(sink.shards)] + retrieval.written}
     if n_mis and min_similarity is not None:
         out_figs["mismatch_filter"] = {
             "threshold": min_similarity, "mismatched_total": n_mis, "dropped_mismatched": dropped_mismatched,
@@ -180,22 +189,64 @@ def embed_shards(bundle, paths: list[Path], out: Path, *, batch_size: int, shard
     return out_figs
 
 
+CODE = ("embed.py", "clip/model.py", "clip/data.py", "data/shards.py")
+
+
+def embed_recipe(cfg, ws) -> str:
+    """The embed config (bar the worker count), its code and the CLIP's weights: another CLIP
+    is another embedding space, and every shard is embedded again."""
+    section = {k: v for k, v in cfg.embed.model_dump(mode="json").items() if k != "num_workers"}
+    return incremental.recipe({"embed": section}, CODE, extra={"clip": bundle_identity(ws)})
+
+
+def bundle_identity(ws) -> Optional[str]:
+    weights = ws.clip / "model.safetensors"
+    return incremental.file_sha256(weights) if weights.exists() else None
+
+
 def run(cfg, ws) -> dict:
+    """Embed the filtered shards not embedded before (all of them the first time, or when the
+    CLIP, the embed config or its code changed)."""
     e = cfg.embed
-    paths = shard_paths(ws.filtered)
-    if not paths:
+    if not shard_paths(ws.filtered):
         raise StageError(f"no shards in {ws.filtered}: run the filter stage first")
+    rec = embed_recipe(cfg, ws)
+    state, why = incremental.previous(ws.embeddings, rec, cfg.retrain.incremental_data)
+    paths, inputs, changed = incremental.new_inputs(state, ws.filtered)
+    if paths is None:
+        state, why, paths = None, changed or why, shard_paths(ws.filtered)
+    part = incremental.next_part(state)
+    say("embed", f"{len(paths)} new filtered shard(s) of {len(inputs)}" + (f"; {why}" if why else ""))
+    if state is not None and not paths:
+        say("embed", f"nothing new to embed: {ws.embeddings.relative_to(ws.root)}/ is kept as it is")
+        return {"input": 0, "kept": 0, "dropped_low_similarity": 0, "shards": len(shard_paths(ws.embeddings)),
+                "totals": state["totals"], "incremental": {"part": None, "new_filtered_shards": 0, "why": why}}
+
     bundle = clip_model.load(ws.clip, clip_model.device_of())
     filter_metrics = ws.metrics_path("filter")
     total = json.loads(filter_metrics.read_text()).get("kept") if filter_metrics.exists() else None
+    # The clip-retrieval files are numbered on from the earlier parts' (one triple per shard).
+    retrieval_part = len(list((ws.embeddings / "img_emb").glob("*.npy"))) if state else 0
     try:
         with atomic_dir(ws.embeddings) as out:
+            if state is not None:
+                incremental.link_outputs(state, ws.embeddings, out)
             figures = embed_shards(bundle, paths, out, batch_size=e.batch_size, shard_size=e.shard_size,
                                    num_workers=e.num_workers, min_similarity=e.min_similarity,
-                                   token_dtype=e.token_dtype, total=total)
+                                   token_dtype=e.token_dtype, total=total,
+                                   prefix=incremental.part_prefix(part), retrieval_part=retrieval_part)
+            before = state["totals"] if state else {"input": 0, "kept": 0}
+            totals = {"input": before["input"] + figures["input"], "kept": before["kept"] + figures["kept"],
+                      "parts": part + 1}
+            incremental.write_state(out, {
+                "recipe": rec, "inputs": inputs, "totals": totals,
+                "parts": [*(state["parts"] if state else []),
+                          {"part": part, "filtered_shards": [p.name for p in paths], "kept": figures["kept"],
+                           "outputs": figures.pop("files")}]})
     except ShardError as err:
         raise StageError(str(err)) from None
-    figures["shards"] = len(shard_paths(ws.embeddings))
+    figures.update(shards=len(shard_paths(ws.embeddings)), totals=totals,
+                   incremental={"part": part, "new_filtered_shards": len(paths), "why": why})
     tracking.log_metrics({"images_per_s": figures["images_per_s"]})
     say("embed", f"{figures['kept']} samples ({figures['dropped_low_similarity']} dropped below similarity "
                  f"{e.min_similarity}) at {figures['images_per_s']} img/s -> "

@@ -193,16 +193,25 @@ def fit(model: torch.nn.Module, optimizer, scheduler, batches: Iterable, loss_fn
 
 def train_diffusion_model(model: torch.nn.Module, tc, make_batches: Callable[[int, int], Iterable],
                           loss_fn: Callable, *, checkpoint_dir: Path, key: Any, desc: str,
-                          on_log: Optional[Callable[[int, dict], None]] = None) -> tuple[dict, Any]:
+                          on_log: Optional[Callable[[int, dict], None]] = None, warm=None) -> tuple[dict, Any]:
     """The recipe the prior, decoder and upsamplers share, from their ``TrainConfig`` ``tc``:
     AdamW, linear warmup + cosine decay, EMA weights (``tc.ema_decay``), checkpoints keyed by
     ``key`` (the config that must match to resume), gradient clipping, non-finite policy, run
     under accelerate. ``make_batches(rank, world)`` gives this process's batch stream.
 
+    ``warm``: a :class:`pipeline.retrain.WarmStart`: start from its weights (the last run's EMA
+    weights) and train its (fewer) steps with its warmup, on the same schedule's shape.
+
     On return ``model`` holds the EMA weights (what sampling uses). Returns (summary, accelerator).
     """
     from diffusers.training_utils import EMAModel
+    from safetensors.torch import load_file
 
+    if warm is not None:
+        model.load_state_dict(load_file(str(warm.weights)))       # strict: same architecture
+        tc = tc.model_copy(update={"steps": warm.steps, "warmup_steps": warm.warmup_steps})
+        key = {"run": key, "continued_from": warm.sha256, "steps": warm.steps}
+        print(f"[{desc}] continuing: {warm.why}", flush=True)
     accelerator = make_accelerator()
     model.to(accelerator.device)
     decay, no_decay = [], []

@@ -278,6 +278,62 @@ def test_generate_from_python_is_seeded(flow_runs):
     assert a["nfe"]["decoder"] == 6                                # 3 steps x (conditional + unconditional)
 
 
+def test_new_pairs_crawl_filter_and_embed_alone_and_training_continues(flow_runs, monkeypatch):
+    """10 % more corpus pairs: the next flow run crawls only their URLs, filters and embeds only
+    the new shards, keeps CLIP and the judge, continues the diffusion models from their last
+    weights, evaluates and gates; its summary says how each stage ran."""
+    import math
+    import pandas as pd
+    import yaml
+    from flows.train import train_flow
+    from pipeline import config
+    ws, _, _ = flow_runs
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = config.load(ws.params, "smoke")
+    log_before = pd.read_parquet(ws.raw / "crawl_log.parquet")
+    raw_before = {p.name: p.read_bytes() for p in shard_paths(ws.raw)}
+    kept_before = {d: (d / "model.safetensors").read_bytes() for d in (ws.clip, ws.judge)}
+    params = yaml.safe_load(ws.params.read_text())
+    params["corpus"]["additions"] = [cfg.corpus.n_scenes // 10]
+    ws.params.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        run = train_flow(workspace=str(ws.root), profile="smoke")
+    finally:
+        params["corpus"]["additions"] = []
+        ws.params.write_text(yaml.safe_dump(params, sort_keys=False))
+    rows = {r["stage"]: r for r in run["stages"]}
+    assert all(r["status"] == "ran" for s, r in rows.items() if s != "promote"), run["stages"]
+    assert rows["promote"]["status"] in ("promoted", "candidate")
+
+    pairs = pd.read_parquet(ws.corpus / "pairs.parquet")
+    new_urls = set(pairs.url) - set(log_before.url)
+    assert len(new_urls) == len(pairs) - len(log_before) >= cfg.corpus.n_scenes // 10
+    crawl = rows["crawl"]["figures"]
+    assert crawl["attempted"] == crawl["incremental"]["new_urls"] == len(new_urls)   # only those
+    log = pd.read_parquet(ws.raw / "crawl_log.parquet")
+    assert set(log.url[log.part == 1]) == new_urls and len(log) == len(pairs)
+    for name, data in raw_before.items():
+        assert (ws.raw / name).read_bytes() == data                                 # untouched
+    new_raw = [p for p in shard_paths(ws.raw) if p.name not in raw_before]
+    assert new_raw and all(p.name.startswith("part001-") for p in new_raw)
+
+    filt, embed = rows["filter"]["figures"], rows["embed"]["figures"]
+    assert filt["shards_in"] == len(new_raw) and filt["input"] == crawl["succeeded"]
+    assert embed["incremental"]["part"] == 1 and embed["input"] == filt["kept"]
+    assert embed["totals"]["input"] == filt["totals"]["kept"]
+    for d, data in kept_before.items():
+        assert (d / "model.safetensors").read_bytes() == data
+    assert rows["clip"]["figures"]["retrain"]["mode"] == rows["judge"]["figures"]["retrain"]["mode"] == "kept"
+    for stage, tc in (("prior", cfg.prior), ("decoder", cfg.decoder),
+                      ("upsample@1", cfg.upsample.stages["1"]), ("upsample@2", cfg.upsample.stages["2"])):
+        f = rows[stage]["figures"]
+        assert f["retrain"]["mode"] == "continued", (stage, f["retrain"])
+        assert f["train"]["steps"] == math.ceil(tc.steps * cfg.retrain.finetune_fraction)
+    from flows.train import how
+    assert how("crawl", "ran", crawl) == f"part 1: {len(new_urls)} new URLs"
+    assert how("prior", "ran", rows["prior"]["figures"]).startswith("continued")
+
+
 def test_scheduled_deployment_runs_on_a_real_prefect_server(flow_runs, tmp_path):
     """`prefect server start` on a free loopback port, the deployment served by flows.deploy,
     a run triggered with `prefect deployment run` and executed to completion, and the cron

@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from .. import tracking
+from .. import retrain, tracking
 from ..data.shards import shard_paths
 from ..progress import say
 from ..stages import StageError
@@ -21,6 +21,11 @@ def run(cfg, ws) -> dict:
     paths = shard_paths(ws.filtered)
     if not paths:
         raise StageError(f"no shards in {ws.filtered}: run the filter stage first")
+    kept, why = retrain.keep_frozen(cfg, ws, "clip", cfg.retrain.clip, ws.clip, ws.filtered, "clip")
+    if kept is not None:
+        say("clip", f"kept as it is: {why}")
+        return kept
+    say("clip", f"training: {why}")
     checkpoints = ws.root / ".unclip" / "checkpoints" / "clip"
     curve: list[tuple[int, float]] = []
 
@@ -46,13 +51,14 @@ def run(cfg, ws) -> dict:
         (out / "train_curve.json").write_text(json.dumps(curve))
         plot = out / "clip_figures.png"
         _plot(curve, figures, plot)
+        retrain.write_lineage(out, ws.filtered, {"train": summary, "val": figures})
 
     tracking.log_artifact(ws.clip / "clip_figures.png", "clip")
     zs = figures.get("zero_shot", {})
     say("clip", f"val: zero-shot color {zs.get('color_acc')}%, shape {zs.get('shape_acc')}%, position "
                 f"{zs.get('position_acc')}%; recall@1 i->t {figures.get('image_to_text_r@1')}% "
                 f"-> {ws.clip.relative_to(ws.root)}/ (model.safetensors)")
-    return {"train": summary, "val": figures}
+    return {"train": summary, "val": figures, "retrain": {"mode": "trained", "why": why}}
 
 
 def _plot(curve, figures, path) -> None:

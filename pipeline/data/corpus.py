@@ -5,6 +5,14 @@ Scenes of one or two colored shapes on a plain background, drawn anti-aliased (r
 Everything is a deterministic function of ``corpus.seed``: scene ``i`` draws from its own RNG
 ``default_rng([seed, i])``, so the output does not depend on the number of workers.
 
+New data arriving (``corpus.additions``): each entry appends a block of that many new scenes,
+ids running on after the earlier blocks, with its own splits, mismatched captions and faults
+(keys ``a<b>f...``), and exact and near duplicates (``a<b>d...``, ``a<b>n...``) of any scene so
+far, older blocks included, as re-posts of old images are. Each block draws from RNGs of its
+own and its rows are appended after the earlier blocks', so appending an entry never changes an
+earlier row or image: the pairs of ``[a]`` are a prefix of those of ``[a, b]``, and block 0 is
+the corpus without additions.
+
 Output (``data/corpus/``)::
 
     images/<key>.jpg        one file per URL (exact and near duplicates are files of their own)
@@ -205,14 +213,31 @@ def _render_chunk(args) -> int:
 
 
 # ---- the stage ----------------------------------------------------------------------------------
-def build_pairs(cfg) -> tuple[list[Scene], pd.DataFrame]:
-    """All scenes and the pairs table (one row per URL), without touching the disk."""
-    c = cfg.corpus
-    scenes = [sample_scene(c.seed, i, c.two_object_fraction) for i in range(c.n_scenes)]
-    rng = np.random.default_rng([c.seed, 1_000_003])
-    # Splits by scene, so no scene (nor its duplicates) leaks across splits.
-    u = rng.random(len(scenes))
-    for s, ui in zip(scenes, u):
+# The stage-wide draws of a block (scene-level draws use the scene's own streams [seed, scene_id, k]).
+SPLIT_DRAW, EXACT_DRAW, NEAR_DRAW, FAULT_DRAW, ORDER_DRAW = 1, 2, 3, 4, 5
+ADDITIONS_SALT = 1_000_003    # block 0's split salt, far above any scene id: the added blocks' namespace
+
+
+def _block_rng(seed: int, block: int, draw: int) -> np.random.Generator:
+    """The RNG of one stage-wide draw of a block.
+
+    Block 0 keeps the seeds the corpus has always had, so its rows do not move. An added block
+    draws from ``[seed, ADDITIONS_SALT, block, draw]``: four words, so it can meet neither the
+    per-scene streams ``[seed, i]`` and ``[seed, i, k]`` nor the other blocks' draws.
+    """
+    if block == 0:
+        return np.random.default_rng([seed, ADDITIONS_SALT] if draw == SPLIT_DRAW else [seed, draw])
+    return np.random.default_rng([seed, ADDITIONS_SALT, block, draw])
+
+
+def _block_pairs(c, block: int, new: list[Scene], seen: list[Scene]) -> pd.DataFrame:
+    """The rows of one block, in URL-list order. ``new`` are the block's scenes; ``seen`` are all
+    scenes so far (earlier blocks and this one), which the block's duplicates re-post."""
+    # Key prefix of the block's extra URLs; block 0 keeps its historical keys ("d000000", ...).
+    prefix = "" if block == 0 else f"a{block}"
+    # Splits by scene, so no scene (nor its duplicates, in any block) leaks across splits.
+    u = _block_rng(c.seed, block, SPLIT_DRAW).random(len(new))
+    for s, ui in zip(new, u):
         s.split = "test" if ui < c.split.test else "val" if ui < c.split.test + c.split.val else "train"
 
     rows = []
@@ -235,13 +260,13 @@ def build_pairs(cfg) -> tuple[list[Scene], pd.DataFrame]:
                      "gt": json.dumps(gt) if gt else None})
 
     by_split: dict[str, list[Scene]] = {}
-    for s in scenes:
+    for s in new:
         by_split.setdefault(s.split, []).append(s)
-    for s in scenes:
+    for s in new:
         r = np.random.default_rng([c.seed, s.scene_id, 1])
         key = f"{s.scene_id:07d}"
         if r.random() < c.mismatch_fraction and len(by_split[s.split]) > 1:
-            # Web-data noise: the caption of another scene of the same split.
+            # Web-data noise: the caption of another scene of the same split (and block).
             other = by_split[s.split][int(r.integers(len(by_split[s.split])))]
             while other.scene_id == s.scene_id:
                 other = by_split[s.split][int(r.integers(len(by_split[s.split])))]
@@ -249,32 +274,65 @@ def build_pairs(cfg) -> tuple[list[Scene], pd.DataFrame]:
         else:
             row(key, f"images/{key}.jpg", s, caption(s, r), caption_scene=s.scene_id)
 
-    def pick(n, salt):
-        r = np.random.default_rng([c.seed, salt])
-        return r.choice(len(scenes), size=min(n, len(scenes)), replace=False)
+    def pick(n, draw):
+        # Re-posts come from any scene so far, older blocks included: an incremental filter
+        # must catch them against data it has already kept.
+        r = _block_rng(c.seed, block, draw)
+        return r.choice(len(seen), size=min(n, len(seen)), replace=False)
 
-    n = c.n_scenes
-    for j, i in enumerate(pick(round(n * c.duplicate_fraction), 2)):
-        s = scenes[int(i)]
-        r = np.random.default_rng([c.seed, s.scene_id, 2])
-        row(f"d{j:06d}", f"images/d{j:06d}.jpg", s, caption(s, r), caption_scene=s.scene_id,
+    def caption_rng(s, k):
+        # Block 0: the scene's historical stream. A later re-post of the same scene gets a
+        # caption of its own, not a copy of an earlier re-post's.
+        return np.random.default_rng([c.seed, s.scene_id, k] if block == 0 else [c.seed, s.scene_id, k, block])
+
+    n = len(new)
+    for j, i in enumerate(pick(round(n * c.duplicate_fraction), EXACT_DRAW)):
+        s = seen[int(i)]
+        key = f"{prefix}d{j:06d}"
+        row(key, f"images/{key}.jpg", s, caption(s, caption_rng(s, 2)), caption_scene=s.scene_id,
             dup_of=f"{s.scene_id:07d}", dup_kind="exact")
-    for j, i in enumerate(pick(round(n * c.near_duplicate_fraction), 3)):
-        s = scenes[int(i)]
-        r = np.random.default_rng([c.seed, s.scene_id, 3])
-        row(f"n{j:06d}", f"images/n{j:06d}.jpg", s, caption(s, r), caption_scene=s.scene_id,
+    for j, i in enumerate(pick(round(n * c.near_duplicate_fraction), NEAR_DRAW)):
+        s = seen[int(i)]
+        key = f"{prefix}n{j:06d}"
+        row(key, f"images/{key}.jpg", s, caption(s, caption_rng(s, 3)), caption_scene=s.scene_id,
             dup_of=f"{s.scene_id:07d}", dup_kind="near")
     n_faults = round(n * c.fault_fraction)
-    r = np.random.default_rng([c.seed, 4])
+    r = _block_rng(c.seed, block, FAULT_DRAW)
     for j in range(n_faults):
         kind = FAULT_KINDS[j % len(FAULT_KINDS)]
-        donor = scenes[int(r.integers(len(scenes)))]
-        row(f"f{j:06d}", f"fault/{kind}/{j}.jpg", None, caption(donor, r), fault=kind)
+        donor = new[int(r.integers(len(new)))]
+        # The fault server answers by <kind> alone (fault/<kind>/<anything>), so the last part
+        # only has to be unique: "a1-0.jpg" for an added block.
+        name = f"{j}" if block == 0 else f"{prefix}-{j}"
+        row(f"{prefix}f{j:06d}", f"fault/{kind}/{name}.jpg", None, caption(donor, r), fault=kind)
 
     df = pd.DataFrame(rows)
     # Interleave the extra URLs with the scenes, as a real URL list would be (deterministic).
-    order = np.random.default_rng([c.seed, 5]).permutation(len(df))
-    return scenes, df.iloc[order].reset_index(drop=True)
+    order = _block_rng(c.seed, block, ORDER_DRAW).permutation(len(df))
+    return df.iloc[order].reset_index(drop=True)
+
+
+def build_blocks(cfg) -> tuple[list[Scene], list[pd.DataFrame]]:
+    """All scenes, and the pairs of each block: the base ``n_scenes``, then one per ``additions`` entry."""
+    c = cfg.corpus
+    scenes: list[Scene] = []
+    blocks = []
+    for block, n in enumerate([c.n_scenes, *c.additions]):
+        # Scene ids run on across blocks; scene i is drawn the same whichever block holds it.
+        new = [sample_scene(c.seed, i, c.two_object_fraction) for i in range(len(scenes), len(scenes) + n)]
+        scenes.extend(new)
+        blocks.append(_block_pairs(c, block, new, scenes))
+    return scenes, blocks
+
+
+def build_pairs(cfg) -> tuple[list[Scene], pd.DataFrame]:
+    """All scenes and the pairs table (one row per URL), without touching the disk.
+
+    The blocks are appended in order, so appending an entry to ``additions`` never changes a row
+    that was there before.
+    """
+    scenes, blocks = build_blocks(cfg)
+    return scenes, pd.concat(blocks, ignore_index=True)
 
 
 def write_fault_bodies(out: Path, image_size: int) -> None:
@@ -302,7 +360,9 @@ def sample_grid(paths: list[Path], cols: int = 8) -> Image.Image:
 
 def run(cfg, ws) -> dict:
     c = cfg.corpus
-    scenes, pairs = build_pairs(cfg)
+    scenes, blocks = build_blocks(cfg)
+    pairs = pd.concat(blocks, ignore_index=True)
+    # A near duplicate is rendered with its source scene, whichever block the source is in.
     near = pairs[pairs.duplicate_kind == "near"]
     near_keys: dict[str, list[str]] = {}
     for k, src in zip(near.key, near.duplicate_of):
@@ -348,6 +408,9 @@ def run(cfg, ws) -> dict:
         "faults": {k: int(v) for k, v in pairs.fault.value_counts().items()},
         "image_size": c.image_size,
     }
+    if c.additions:   # only then, so the metrics of a corpus without additions stay as they were
+        metrics["additions"] = {"blocks": len(c.additions), "scenes": sum(c.additions),
+                                "urls": sum(len(b) for b in blocks[1:])}
     say("corpus", f"{len(scenes)} scenes, {len(pairs)} URLs ({sum(metrics['faults'].values())} faults) "
                   f"-> {ws.corpus.relative_to(ws.root)}/ (pairs.parquet, images/, samples.png)")
     return metrics

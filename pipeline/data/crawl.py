@@ -18,6 +18,11 @@ Output (``data/raw/``)::
     crawl_log.parquet     one row per URL: url_index, key, url, status, reason, error_message
     img2dataset/          img2dataset's own per-shard parquet and stats json, as it wrote them
                           (its shard numbering, before verification: the log is authoritative)
+    incremental.json      the parts crawled so far (pipeline/incremental.py)
+
+Incremental: a rerun crawls only the URLs its log has not seen (a URL list that grew, a new file
+in a ``url_list`` folder, ``corpus.additions``) into part k's shards ``partNNN-00000.tar``...,
+links the earlier shards into the new output unchanged, and appends to the log (column ``part``).
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile
 
+from .. import incremental
 from ..progress import progress, say
 from ..stages import StageError
 from ..workspace import atomic_dir
@@ -87,19 +93,31 @@ def read_url_list(cfg, ws) -> tuple[pd.DataFrame, Optional[pd.Series]]:
     path = Path(cfg.crawl.url_list)
     path = path if path.is_absolute() else ws.root / path
     if not path.exists():
-        raise StageError(f"crawl.url_list: {path}: no such file")
-    if path.name.endswith(".parquet"):
-        table = pd.read_parquet(path)
-    elif path.name.endswith((".csv", ".csv.gz")):
-        # Keys like "000123" must stay strings.
-        table = pd.read_csv(path, dtype={"key": str})
+        raise StageError(f"crawl.url_list: {path}: no such file or directory")
+    if path.is_dir():
+        # A folder of lists: new pairs arrive as a new file (named to sort after the earlier ones).
+        files = sorted(p for p in path.iterdir() if p.name.endswith(LIST_SUFFIXES))
+        if not files:
+            raise StageError(f"crawl.url_list: {path}: the folder holds no .parquet or .csv URL list")
+        table = pd.concat([_read_list(p) for p in files], ignore_index=True)
     else:
-        raise StageError(f"crawl.url_list: {path}: expected a .parquet or .csv file")
+        table = _read_list(path)
     missing = [c for c in ("url", "caption") if c not in table.columns]
     if missing:
         raise StageError(f"crawl.url_list: {path} has no column {', '.join(map(repr, missing))} "
                          f"(a URL list needs 'url' and 'caption'; it has {', '.join(map(str, table.columns))})")
     return _url_frame(table, path), None
+
+
+LIST_SUFFIXES = (".parquet", ".csv", ".csv.gz")
+
+
+def _read_list(path: Path) -> pd.DataFrame:
+    if path.name.endswith(".parquet"):
+        return pd.read_parquet(path)
+    if path.name.endswith((".csv", ".csv.gz")):
+        return pd.read_csv(path, dtype={"key": str})        # keys like "000123" must stay strings
+    raise StageError(f"crawl.url_list: {path}: expected a .parquet or .csv file (or a folder of them)")
 
 
 def _url_frame(table: pd.DataFrame, path: Path) -> pd.DataFrame:
@@ -204,7 +222,8 @@ def decode_error(data: Optional[bytes]) -> Optional[str]:
     return None
 
 
-def verify_and_rewrite(src: Path, out: Path, shard_size: int, expected: int) -> tuple[dict[int, str], dict[int, str]]:
+def verify_and_rewrite(src: Path, out: Path, shard_size: int, expected: int,
+                       prefix: str = "") -> tuple[dict[int, str], dict[int, str]]:
     """Copy the samples of img2dataset's shards in ``src`` that decode strictly into ``out``.
 
     Returns ({url_index: key} written, {url_index: error} dropped). img2dataset writes a shard's
@@ -215,7 +234,7 @@ def verify_and_rewrite(src: Path, out: Path, shard_size: int, expected: int) -> 
     dropped: dict[int, str] = {}
     strict, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
-        with ShardSink(out, shard_size) as sink, \
+        with ShardSink(out, shard_size, prefix) as sink, \
                 progress(total=expected, desc="crawl: verify", unit="img") as bar:
             for path in shard_paths(src):
                 good = []
@@ -295,55 +314,115 @@ def fault_metrics(log: pd.DataFrame, faults: pd.Series) -> dict:
 
 
 # ---- the stage ----------------------------------------------------------------------------------
+CODE = ("data/crawl.py", "data/server.py", "data/shards.py")
+LOG = "crawl_log.parquet"
+
+
+def crawl_recipe(cfg) -> str:
+    """What makes crawled shards differ, beside the URLs: a change re-crawls everything. (Speed
+    knobs, timeouts and the list's location do not: the diff by URL covers a new list.)"""
+    c = cfg.crawl
+    return incremental.recipe({"shard_size": c.shard_size, "max_image_area": c.max_image_area,
+                               "min_image_size": c.min_image_size}, CODE)
+
+
+def previous_crawl(cfg, ws, rec: str) -> tuple[Optional[dict], Optional[pd.DataFrame], str]:
+    state, why = incremental.previous(ws.raw, rec, cfg.retrain.incremental_data)
+    if state is None or not (ws.raw / LOG).exists():
+        return None, None, why if state is None else f"{LOG} missing: everything is re-crawled"
+    log = pd.read_parquet(ws.raw / LOG)
+    if "part" not in log:
+        log["part"] = 0
+    return state, log, why
+
+
+def crawl_part(cfg, ws, out: Path, urls: pd.DataFrame, faults: Optional[pd.Series], part: int,
+               columns: list[str]) -> tuple[pd.DataFrame, dict[int, str], dict]:
+    """img2dataset over ``urls``, verified into part ``part``'s shards in ``out``; returns the
+    part's crawl log, what was written and timings. img2dataset's records go to
+    ``img2dataset/`` (part 0) or ``img2dataset/partNNN/``."""
+    # The embedded corpus is served for the duration of the download, and not a moment longer.
+    server = serve_corpus(ws.corpus, cfg.crawl.timeout_s) if faults is not None else contextlib.nullcontext()
+    t0 = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
+    i2d = work / "img2dataset"
+    with server as base_url:
+        # Corpus URLs are relative to the server; the log keeps them so (the port is ephemeral).
+        served = urls.assign(url=base_url + "/" + urls["url"]) if base_url else urls
+        served.to_parquet(work / "urls.parquet", index=False)
+        download(work / "urls.parquet", i2d, cfg, columns)
+    t_download = time.perf_counter()
+
+    records = read_records(i2d)
+    written, dropped = verify_and_rewrite(i2d, out, cfg.crawl.shard_size,
+                                          int((records.status == "success").sum()),
+                                          prefix=incremental.part_prefix(part))
+    t_verify = time.perf_counter()
+    log = crawl_log(urls, records, written, dropped)
+    log["part"] = part
+    records_dir = out / "img2dataset" / (f"part{part:03d}" if part else "")
+    records_dir.mkdir(parents=True, exist_ok=True)
+    for p in [*i2d.glob("*.parquet"), *i2d.glob("*_stats.json")]:
+        shutil.move(p, records_dir / p.name)
+    shutil.rmtree(work)
+    return log, written, {"download_s": round(t_download - t0, 2), "verify_s": round(t_verify - t_download, 2)}
+
+
 def run(cfg, ws) -> dict:
+    """Crawl the URLs not crawled before (all of them the first time, or when the recipe changed)."""
     t0 = time.perf_counter()
     urls, faults = read_url_list(cfg, ws)
     columns = [c for c in (INDEX, SOURCE_KEY, *KEPT_COLUMNS) if c in urls.columns]
-    # The embedded corpus is served for the duration of the download, and not a moment longer.
-    server = serve_corpus(ws.corpus, cfg.crawl.timeout_s) if faults is not None else contextlib.nullcontext()
+    rec = crawl_recipe(cfg)
+    state, old_log, why = previous_crawl(cfg, ws, rec)
+    # A URL attempted before (crawled or failed) is not fetched again: the diff is by URL, as a
+    # URL list's identity for img2dataset (whose own incremental mode only resumes shards of one list).
+    todo = urls if old_log is None else urls[~urls["url"].isin(set(old_log["url"]))]
+    part = incremental.next_part(state)
+    reused = 0 if old_log is None else len(old_log)
+    say("crawl", f"{len(todo)} new URLs of {len(urls)}" + (f"; {why}" if why else ""))
+    if state is not None and todo.empty:
+        figures = {"attempted": 0, "succeeded": 0, "failed": 0, **failure_metrics(old_log.iloc[:0]),
+                   "shards": len(shard_paths(ws.raw)), "totals": state["totals"],
+                   "incremental": {"part": None, "reused_urls": reused, "new_urls": 0, "why": why}}
+        say("crawl", f"nothing new to crawl: {ws.raw.relative_to(ws.root)}/ is kept as it is")
+        return figures
 
     with atomic_dir(ws.raw) as out:
-        work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
-        i2d = work / "img2dataset"
-        with server as base_url:
-            # Corpus URLs are relative to the server; the log keeps them so (the port is ephemeral).
-            served = urls.assign(url=base_url + "/" + urls["url"]) if base_url else urls
-            served.to_parquet(work / "urls.parquet", index=False)
-            download(work / "urls.parquet", i2d, cfg, columns)
-        t_download = time.perf_counter()
-
-        records = read_records(i2d)
-        written, dropped = verify_and_rewrite(i2d, out, cfg.crawl.shard_size,
-                                              int((records.status == "success").sum()))
-        t_verify = time.perf_counter()
-
-        log = crawl_log(urls, records, written, dropped)
-        log.to_parquet(out / "crawl_log.parquet", index=False)
-        (out / "img2dataset").mkdir()
-        for p in [*i2d.glob("*.parquet"), *i2d.glob("*_stats.json")]:
-            shutil.move(p, out / "img2dataset" / p.name)
-        shutil.rmtree(work)
-
-        n_shards = len(shard_paths(out))
-        metrics = {"attempted": len(urls), "succeeded": len(written), "failed": len(urls) - len(written),
+        if state is not None:
+            old_records = [str(p.relative_to(ws.raw)) for p in (ws.raw / "img2dataset").rglob("*") if p.is_file()]
+            incremental.link_outputs(state, ws.raw, out, extra=old_records)
+        log, written, times = crawl_part(cfg, ws, out, todo, faults, part, columns)
+        metrics = {"attempted": len(todo), "succeeded": len(written), "failed": len(todo) - len(written),
                    **failure_metrics(log)}
         if metrics["attempted"] != metrics["succeeded"] + sum(metrics["failed_by_reason"].values()):
             raise StageError(f"crawl counts do not reconcile: attempted {metrics['attempted']} != "
                              f"succeeded {metrics['succeeded']} + failed {metrics['failed_by_reason']}")
         if faults is not None:
-            metrics.update(fault_metrics(log, faults))
+            metrics.update(fault_metrics(log, faults.loc[todo.index]))
             if metrics["fault_urls_in_shards"]:
                 raise StageError(f"{metrics['fault_urls_in_shards']} fault URLs were crawled as images: "
                                  f"{metrics['faults_by_kind_vs_reason']}")
-        if not written:
+        full_log = log if old_log is None else pd.concat([old_log, log], ignore_index=True)
+        if not (full_log.status == "success").any():
             raise StageError(f"no URL was crawled successfully (failures: {metrics['failed_by_reason']}; "
                              f"see the messages under other_messages: {metrics['other_messages']})")
+        full_log.to_parquet(out / LOG, index=False)
+        outputs = [p.name for p in shard_paths(out) if p.name.startswith(incremental.part_prefix(part))
+                   and (part or "-" not in p.name)]
+        totals = {"urls": len(full_log), "crawled": int((full_log.status == "success").sum()),
+                  "parts": part + 1}
+        incremental.write_state(out, {
+            "recipe": rec, "totals": totals,
+            "parts": [*(state["parts"] if state else []),
+                      {"part": part, "urls": len(todo), "succeeded": len(written), "outputs": outputs}]})
+        n_shards = len(shard_paths(out))
 
     total_s = time.perf_counter() - t0     # images_per_s: good images per second of the whole stage
-    metrics.update(shards=n_shards, download_s=round(t_download - t0, 2),
-                   verify_s=round(t_verify - t_download, 2),
-                   images_per_s=round(len(written) / total_s, 1))
+    metrics.update(shards=n_shards, **times, images_per_s=round(len(written) / total_s, 1),
+                   totals=totals, incremental={"part": part, "reused_urls": reused, "new_urls": len(todo),
+                                               "why": why})
     failed = ", ".join(f"{r} {n}" for r, n in metrics["failed_by_reason"].items() if n) or "none"
     say("crawl", f"{metrics['succeeded']} of {metrics['attempted']} URLs crawled (failed: {failed}) -> "
-                 f"{ws.raw.relative_to(ws.root)}/ ({n_shards} shards; crawl_log.parquet lists every URL)")
+                 f"{ws.raw.relative_to(ws.root)}/ ({n_shards} shards; {LOG} lists every URL)")
     return metrics

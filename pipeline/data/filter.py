@@ -9,6 +9,10 @@ surviving sample: a pixel hash, a pHash, an 8x8 color thumbnail):
 2. *Write*: kept samples go unchanged (same bytes, same keys) to ``data/filtered/`` via
    ``atomic_dir``, so a failed run leaves the previous output (or none) in place.
 
+Incremental (pipeline/incremental.py): a rerun on an addition scans only the new raw shards; its
+samples are deduplicated against the earlier run's survivors (their pixel hashes, pHashes and
+thumbnails are kept in ``fingerprints.npz``), so the result equals a full filter of all shards.
+
 Every input sample is either kept or dropped for exactly one reason, and the stage asserts that
 the counts reconcile. ``dropped.parquet`` beside the shards lists each dropped sample with its
 reason and, for duplicates, the key of the earlier sample it matched, so any drop can be audited.
@@ -34,6 +38,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from .. import incremental
 from ..progress import progress, say
 from ..stages import StageError
 from ..workspace import atomic_dir, dir_size, human_bytes
@@ -108,8 +113,11 @@ def thumb_distance(thumbs: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarr
 
 
 def near_duplicates(phash: np.ndarray, thumbs: np.ndarray, max_distance: int,
-                    max_rmse: float) -> tuple[np.ndarray, dict]:
+                    max_rmse: float, first: int = 0) -> tuple[np.ndarray, dict]:
     """For each sample, the index of the earlier kept sample it nearly duplicates, else -1.
+
+    Samples before ``first`` are an earlier run's kept samples (incremental): compared against,
+    never dropped.
 
     phash: (N,) uint64; thumbs: (N, G, G, 3) uint8. A pair is a candidate when the pHash Hamming
     distance is <= ``max_distance`` and confirmed when no thumbnail cell differs by more than
@@ -124,7 +132,7 @@ def near_duplicates(phash: np.ndarray, thumbs: np.ndarray, max_distance: int,
     kept = np.ones(n, bool)
     candidates = confirmed = 0
     rows = max(1, PAIR_BUDGET // max(n, 1))
-    for start in range(0, n, rows):
+    for start in range(first, n, rows):
         stop = min(n, start + rows)
         dist = np.bitwise_count(phash[start:stop, None] ^ phash[None, :stop])        # (rows, stop)
         earlier = np.arange(stop)[None, :] < np.arange(start, stop)[:, None]
@@ -174,6 +182,7 @@ class Scan:
     drops: list[dict] = field(default_factory=list)
     index: list[int] = field(default_factory=list)
     where: list[tuple[str, str]] = field(default_factory=list)     # (key, shard)
+    pixels: dict[bytes, str] = field(default_factory=dict)          # pixel hash -> first key (survivors)
     phash: list[int] = field(default_factory=list)
     thumbs: list[np.ndarray] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
@@ -187,10 +196,13 @@ def count_all(paths: list[Path]) -> int:
     return sum(count_samples(p) for p in paths)
 
 
-def scan(paths: list[Path], f, total: int, keep_keys: bool) -> Scan:
-    """Pass 1: rules, exact dedup (first occurrence of a pixel hash wins), fingerprints."""
+def scan(paths: list[Path], f, total: int, keep_keys: bool, seen_pixels: Optional[dict[bytes, str]] = None) -> Scan:
+    """Pass 1: rules, exact dedup (first occurrence of a pixel hash wins), fingerprints.
+
+    ``seen_pixels``: the pixel hashes of an earlier run's survivors (incremental), matched first.
+    """
     out = Scan()
-    first_by_pixels: dict[bytes, str] = {}
+    first_by_pixels: dict[bytes, str] = dict(seen_pixels or {})
     for sample in progress(iter_samples(paths), total=total, desc="filter: scan", unit="img"):
         out.n += 1
         key, shard = sample["__key__"], sample["__shard__"]
@@ -205,7 +217,7 @@ def scan(paths: list[Path], f, total: int, keep_keys: bool) -> Scan:
             if digest in first_by_pixels:
                 out.drop(key, shard, "exact_duplicate", first_by_pixels[digest])
                 continue
-            first_by_pixels[digest] = key
+            first_by_pixels[digest] = out.pixels[digest] = key
         out.index.append(out.n - 1)
         out.where.append((key, shard))
         if f.near_dedup:
@@ -214,10 +226,10 @@ def scan(paths: list[Path], f, total: int, keep_keys: bool) -> Scan:
     return out
 
 
-def write_kept(paths: list[Path], keep: np.ndarray, out_dir: Path, shard_size: int) -> int:
+def write_kept(paths: list[Path], keep: np.ndarray, out_dir: Path, shard_size: int, prefix: str = "") -> int:
     """Pass 2: copy the samples whose input index is in ``keep`` unchanged; returns the count."""
     keep_set = set(keep.tolist())
-    with ShardSink(out_dir, shard_size) as sink:
+    with ShardSink(out_dir, shard_size, prefix) as sink:
         bar = progress(total=len(keep), desc="filter: write", unit="img")
         for idx, sample in enumerate(iter_samples(paths)):
             if idx in keep_set:
@@ -229,29 +241,95 @@ def write_kept(paths: list[Path], keep: np.ndarray, out_dir: Path, shard_size: i
     return sink.count
 
 
+# ---- incremental: the fingerprints an addition is deduplicated against --------------------------
+CODE = ("data/filter.py", "data/shards.py")
+FINGERPRINTS = "fingerprints.npz"
+DROPPED = "dropped.parquet"
+
+
+@dataclass
+class Earlier:
+    """What an earlier run kept, for deduplicating new samples against it (``fingerprints.npz``)."""
+    pixels: dict[bytes, str]         # pixel hash -> key, of every sample that passed exact dedup
+    keys: np.ndarray                 # kept samples, in output order: key, pHash, thumbnail
+    phash: np.ndarray
+    thumbs: np.ndarray
+    drops: pd.DataFrame
+    inputs: int
+
+    @classmethod
+    def empty(cls) -> "Earlier":
+        return cls({}, np.array([], object), np.array([], np.uint64),
+                   np.zeros((0, THUMB_GRID, THUMB_GRID, 3), np.uint8),
+                   pd.DataFrame(columns=["key", "shard", "reason", "duplicate_of"]), 0)
+
+    @classmethod
+    def load(cls, directory: Path, state: dict) -> "Earlier":
+        z = np.load(directory / FINGERPRINTS, allow_pickle=False)
+        pixels = dict(zip((bytes(d) for d in z["pixel_digest"]), z["pixel_key"].tolist()))
+        return cls(pixels, z["kept_key"].astype(object), z["phash"], z["thumbs"],
+                   pd.read_parquet(directory / DROPPED), int(state["totals"]["input"]))
+
+    def save(self, directory: Path) -> None:
+        digests = np.frombuffer(b"".join(self.pixels), np.uint8).reshape(len(self.pixels), 32)
+        np.savez(directory / FINGERPRINTS, pixel_digest=digests,
+                 pixel_key=np.array(list(self.pixels.values()), dtype=str),
+                 kept_key=np.array(self.keys.tolist(), dtype=str), phash=self.phash, thumbs=self.thumbs)
+
+
+def filter_recipe(cfg) -> str:
+    return incremental.recipe({"filter": cfg.filter.model_dump(mode="json")}, CODE)
+
+
 def run(cfg, ws) -> dict:
+    """Filter the raw shards not filtered before (all of them the first time, or when the
+    filter's config or code changed); new samples are deduplicated against the earlier ones."""
     f = cfg.filter
-    paths = shard_paths(ws.raw)
-    if not paths:
+    if not shard_paths(ws.raw):
         raise StageError(f"no shards in {ws.raw} (run the crawl stage first)")
     # Ground truth only describes the embedded corpus, not a user's URL list.
     truth_path = ws.corpus / "pairs.parquet"
     truth = (pd.read_parquet(truth_path, columns=["key", "duplicate_of", "duplicate_kind"])
              if cfg.crawl.url_list is None and truth_path.exists() else None)
 
+    rec = filter_recipe(cfg)
+    state, why = incremental.previous(ws.filtered, rec, cfg.retrain.incremental_data)
+    paths, inputs, changed = incremental.new_inputs(state, ws.raw)
+    if paths is None:
+        state, why, paths = None, changed or why, shard_paths(ws.raw)
+    elif state is not None and not (ws.filtered / FINGERPRINTS).exists():
+        state, why, paths = None, f"{FINGERPRINTS} missing: everything is redone", shard_paths(ws.raw)
+    earlier = Earlier.load(ws.filtered, state) if state else Earlier.empty()
+    part = incremental.next_part(state)
+    say("filter", f"{len(paths)} new raw shard(s) of {len(inputs)}" + (f"; {why}" if why else ""))
+    if state is not None and not paths:
+        say("filter", f"nothing new to filter: {ws.filtered.relative_to(ws.root)}/ is kept as it is")
+        return {"input": 0, "kept": 0, "dropped_by_reason": {r: 0 for r in REASONS}, "shards_in": 0,
+                "shards_out": len(shard_paths(ws.filtered)), "totals": state["totals"],
+                "incremental": {"part": None, "new_raw_shards": 0, "why": why}}
+
     try:
-        s = scan(paths, f, count_all(paths), keep_keys=truth is not None)
+        s = scan(paths, f, count_all(paths), keep_keys=truth is not None, seen_pixels=earlier.pixels)
     except ShardError as err:
         raise StageError(str(err)) from err
 
     index = np.asarray(s.index, np.int64)
+    n_old = len(earlier.keys)
+    new_phash = np.asarray(s.phash, np.uint64)
+    new_thumbs = np.stack(s.thumbs) if s.thumbs else np.zeros((0, THUMB_GRID, THUMB_GRID, 3), np.uint8)
     near_stats = {"phash_candidates": 0, "color_confirmed": 0, "color_rejected": 0}
+    near_kept = np.ones(len(index), bool)
     if f.near_dedup and len(index):
-        match, near_stats = near_duplicates(np.asarray(s.phash, np.uint64), np.stack(s.thumbs),
-                                            f.phash_max_distance, f.thumb_max_cell_rmse)
+        # The earlier kept samples come first, as they came first in the data.
+        match, near_stats = near_duplicates(np.concatenate([earlier.phash, new_phash]),
+                                            np.concatenate([earlier.thumbs, new_thumbs]),
+                                            f.phash_max_distance, f.thumb_max_cell_rmse, first=n_old)
+        match = match[n_old:]
         for a in np.flatnonzero(match >= 0):
-            s.drop(*s.where[a], "near_duplicate", s.where[match[a]][0])
-        index = index[match < 0]
+            b = match[a]
+            s.drop(*s.where[a], "near_duplicate", earlier.keys[b] if b < n_old else s.where[b - n_old][0])
+        near_kept = match < 0
+        index = index[near_kept]
 
     drops = pd.DataFrame(s.drops, columns=["key", "shard", "reason", "duplicate_of"])
     dropped = {r: int((drops.reason == r).sum()) for r in REASONS}
@@ -259,22 +337,42 @@ def run(cfg, ws) -> dict:
         raise StageError(f"filter counts do not reconcile: input {s.n} != kept {len(index)} "
                          f"+ dropped {sum(dropped.values())}")
 
+    all_drops = pd.concat([earlier.drops, drops], ignore_index=True) if len(earlier.drops) else drops
+    kept_keys = np.array([k for (k, _), ok in zip(s.where, near_kept) if ok], object)
+    now = Earlier({**earlier.pixels, **s.pixels}, np.concatenate([earlier.keys, kept_keys]),
+                  np.concatenate([earlier.phash, new_phash[near_kept]]) if f.near_dedup else earlier.phash,
+                  np.concatenate([earlier.thumbs, new_thumbs[near_kept]]) if f.near_dedup else earlier.thumbs,
+                  all_drops, earlier.inputs + s.n)
+    totals = {"input": now.inputs, "kept": len(now.keys),
+              "dropped_by_reason": {r: int((all_drops.reason == r).sum()) for r in REASONS}, "parts": part + 1}
+    prefix = incremental.part_prefix(part)
     try:
         with atomic_dir(ws.filtered) as out:
-            written = write_kept(paths, index, out, f.shard_size)
+            if state is not None:
+                incremental.link_outputs(state, ws.filtered, out)
+            written = write_kept(paths, index, out, f.shard_size, prefix)
             if written != len(index):
                 raise StageError(f"raw shards changed while filtering: wrote {written}, "
                                  f"expected {len(index)}")
-            drops.to_parquet(out / "dropped.parquet", index=False)
+            all_drops.to_parquet(out / DROPPED, index=False)
+            now.save(out)
+            outputs = [p.name for p in shard_paths(out) if p.name.startswith(prefix) and (part or "-" not in p.name)]
+            incremental.write_state(out, {
+                "recipe": rec, "inputs": inputs, "totals": totals,
+                "parts": [*(state["parts"] if state else []),
+                          {"part": part, "raw_shards": [p.name for p in paths], "kept": len(index),
+                           "outputs": outputs}]})
     except ShardError as err:
         raise StageError(str(err)) from err
 
     metrics = {"input": s.n, "kept": len(index), "dropped_by_reason": dropped, "shards_in": len(paths),
-               "shards_out": len(shard_paths(ws.filtered)), "near_dedup": near_stats}
+               "shards_out": len(shard_paths(ws.filtered)), "near_dedup": near_stats, "totals": totals,
+               "incremental": {"part": part, "new_raw_shards": len(paths), "why": why}}
     if truth is not None:
-        metrics["dedup_vs_truth"] = score_against_truth(drops, truth, s.seen)
+        seen = s.seen | set(earlier.keys.tolist()) | set(earlier.drops.key)
+        metrics["dedup_vs_truth"] = score_against_truth(all_drops, truth, seen)
     nonzero = ", ".join(f"{r} {n}" for r, n in dropped.items() if n) or "none"
     say("filter", f"kept {len(index)} of {s.n} samples (dropped: {nonzero}) -> "
                   f"{ws.filtered.relative_to(ws.root)}/ ({metrics['shards_out']} shards, "
-                  f"{human_bytes(dir_size(ws.filtered))}; dropped.parquet lists every drop)")
+                  f"{human_bytes(dir_size(ws.filtered))}; {DROPPED} lists every drop)")
     return metrics

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import bundle, tracking
+from .. import bundle, retrain, tracking
 from ..clip import model as clip_model
 from ..data.shards import shard_paths
 from ..diffusion import noise_schedule
@@ -102,9 +102,11 @@ def run(cfg, ws) -> dict:
     def on_log(step, figures):
         tracking.log_metrics({"train_loss": figures["loss"], "lr": figures["lr"]}, step=step)
 
+    warm, scratch_why = retrain.warm_start(cfg, ws.decoder, ws.embeddings, "decoder", d, arch,
+                                           clip_sha=bundle.clip_identity(ws.clip)["sha256"])
     summary, acc = train_diffusion_model(model, d, make_batches, loss_fn, checkpoint_dir=ws.checkpoints / "decoder",
                                          key={"decoder": d.model_dump(mode="json"), "arch": arch},
-                                         desc="decoder: train", on_log=on_log)
+                                         desc="decoder: train", on_log=on_log, warm=warm)
     if not acc.is_main_process:
         return {"train": summary}
     val_figs, images = evaluate(model, val, d, clip)
@@ -112,6 +114,7 @@ def run(cfg, ws) -> dict:
         bundle.save_model(out, model, kind="decoder", arch=arch, run_config=cfg.model_dump(mode="json"),
                           info={"prediction_type": d.prediction_type, "sampling": d.sampling.model_dump()},
                           clip=bundle.clip_identity(ws.clip))
+        retrain.write_lineage(out, ws.embeddings)
         # rows of 8: real (at the decoder's resolution) above decoded-from-z_i, 4 pairs of rows
         k = min(32, val_figs["n"])
         real = val["images"][:k]
@@ -123,4 +126,4 @@ def run(cfg, ws) -> dict:
     say("decoder", f"val: cos(CLIP(decoded), z_i) {val_figs['cos_reembed']} (real images at "
                    f"{d.image_size} px: {val_figs['cos_reembed_real']}, shuffled: {val_figs['cos_reembed_shuffled']}) "
                    f"-> {ws.decoder.relative_to(ws.root)}/ (model.safetensors, val_decoded.png)")
-    return {"train": summary, "val": val_figs}
+    return {"train": summary, "val": val_figs, "retrain": retrain.describe(warm, scratch_why)}

@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from .. import bundle, tracking
+from .. import bundle, retrain, tracking
 from ..clip.data import load_split
 from ..data.shards import shard_paths
 from ..images import resize, to_model, to_uint8
@@ -124,6 +124,11 @@ def run(cfg, ws) -> dict:
     paths = shard_paths(ws.filtered)
     if not paths:
         raise StageError(f"no shards in {ws.filtered}: run the filter stage first")
+    kept, why = retrain.keep_frozen(cfg, ws, "judge", cfg.retrain.judge, ws.judge, ws.filtered, "judge")
+    if kept is not None:
+        say("judge", f"kept as it is: {why}")
+        return kept
+    say("judge", f"training: {why}")
     size = cfg.corpus.image_size
     train = load_split(paths, "train", size)
     keep = [i for i, g in enumerate(train["gt"]) if parse_gt(g)]
@@ -164,8 +169,9 @@ def run(cfg, ws) -> dict:
     with atomic_dir(ws.judge) as out:
         bundle.save_model(out, net, kind="judge", arch=arch, run_config=cfg.model_dump(mode="json"),
                           info={"test_accuracy": figures["test_accuracy"]})
+        retrain.write_lineage(out, ws.filtered, figures)
     tracking.log_metrics({f"test_acc_{k}": v for k, v in figures["test_accuracy"].items()})
     acc = figures["test_accuracy"]
     say("judge", "real test images: " + ", ".join(f"{k} {v}%" for k, v in acc.items())
         + f" -> models/judge/")
-    return figures
+    return {**figures, "retrain": {"mode": "trained", "why": why}}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import bundle, tracking
+from .. import bundle, retrain, tracking
 from ..data.shards import shard_paths
 from ..embeddings import load_split, train_batches
 from ..progress import say
@@ -92,9 +92,11 @@ def run(cfg, ws) -> dict:
     def on_log(step, figures):
         tracking.log_metrics({"train_loss": figures["loss"], "lr": figures["lr"]}, step=step)
 
+    warm, scratch_why = retrain.warm_start(cfg, ws.prior, ws.embeddings, "prior", p, arch,
+                                           clip_sha=bundle.clip_identity(ws.clip)["sha256"])
     summary, acc = train_diffusion_model(model, p, make_batches, loss_fn, checkpoint_dir=ws.checkpoints / "prior",
                                          key={"prior": p.model_dump(mode="json"), "arch": arch}, desc="prior: train",
-                                         on_log=on_log)
+                                         on_log=on_log, warm=warm)
     if not acc.is_main_process:
         return {"train": summary}
     val_figs = evaluate(model, val, p)
@@ -103,8 +105,9 @@ def run(cfg, ws) -> dict:
                           info={"prediction_type": diffusion.PREDICTION, "sampling": p.sampling.model_dump(),
                                 "n_candidates": p.n_candidates},
                           clip=bundle.clip_identity(ws.clip))
+        retrain.write_lineage(out, ws.embeddings)
     tracking.log_metrics({f"val_{k}": v for k, v in val_figs.items() if k.startswith("cos")})
     say("prior", f"val: cos(pred, image) {val_figs['cos_pred_image']} vs baseline cos(text, image) "
                  f"{val_figs['cos_image_text_baseline']} and unrelated {val_figs['cos_unrelated_image']} "
                  f"-> {ws.prior.relative_to(ws.root)}/ (model.safetensors)")
-    return {"train": summary, "val": val_figs}
+    return {"train": summary, "val": val_figs, "retrain": retrain.describe(warm, scratch_why)}

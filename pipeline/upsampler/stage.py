@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import webdataset as wds
 
-from .. import bundle, diffusion, tracking
+from .. import bundle, diffusion, retrain, tracking
 from ..clip.data import decode_image, iter_split, train_stream
 from ..data.shards import shard_paths
 from ..images import grid, resize, save_png, to_model, to_uint8
@@ -85,9 +85,10 @@ def train_loader(paths: list[Path], pairs: TrainingPairs, batch_size: int, num_w
     return train_stream(paths, lambda s: decode_image(s["jpg"]), pairs, batch_size, num_workers, seed)
 
 
-def train(u, key: str, paths: list[Path], in_size: int, out_size: int, checkpoint_dir: Path):
+def train(u, key: str, paths: list[Path], in_size: int, out_size: int, checkpoint_dir: Path, warm_from=None):
     """Train upsampler ``key`` (config ``u``) with the shared recipe -> (model holding the EMA
-    weights, arch, fit summary, accelerator)."""
+    weights, arch, fit summary, accelerator, how it started). ``warm_from(arch)``: the
+    :func:`pipeline.retrain.warm_start` decision for this architecture."""
     arch = {"block_out_channels": list(u.block_out_channels), "layers_per_block": u.layers_per_block}
     torch.manual_seed(u.seed)                             # the same initial weights on every process
     model = Upsampler(**arch)
@@ -113,10 +114,12 @@ def train(u, key: str, paths: list[Path], in_size: int, out_size: int, checkpoin
         tracking.log_metrics({"train_loss": figures["loss"], "lr": figures["lr"]}, step=step)
 
     key_obj = {"stage": u.model_dump(mode="json"), "in_size": in_size, "out_size": out_size}
+    warm, scratch_why = warm_from(arch) if warm_from else (None, "")
     summary, accelerator = train_diffusion_model(model, u, make_batches, loss_fn, checkpoint_dir=checkpoint_dir,
-                                                 key=key_obj, desc=f"upsample@{key}: train", on_log=on_log)
+                                                 key=key_obj, desc=f"upsample@{key}: train", on_log=on_log,
+                                                 warm=warm)
     summary["crop_size"] = crop
-    return model, arch, summary, accelerator
+    return model, arch, summary, accelerator, retrain.describe(warm, scratch_why)
 
 
 def psnr(x: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -154,7 +157,11 @@ def run(cfg, ws, key: str) -> dict:
     paths = shard_paths(ws.filtered)
     if not paths:
         raise StageError(f"no shards in {ws.filtered}: run the filter stage first")
-    model, arch, summary, accelerator = train(u, key, paths, in_size, out_size, ws.checkpoints / f"upsampler_{key}")
+    def warm_from(arch):
+        return retrain.warm_start(cfg, ws.upsampler(key), ws.filtered, f"upsample.stages.{key}", u, arch)
+
+    model, arch, summary, accelerator, how = train(u, key, paths, in_size, out_size,
+                                                   ws.checkpoints / f"upsampler_{key}", warm_from)
     if not accelerator.is_main_process:                   # under several processes the main one saves
         return {"train": summary}
     info = {"key": key, "in_size": in_size, "out_size": out_size, "prediction_type": u.prediction_type,
@@ -163,6 +170,7 @@ def run(cfg, ws, key: str) -> dict:
         with torch.no_grad():
             val, rows = evaluate(model, info, paths, u.seed)
         bundle.save_model(out, model, kind="upsampler", arch=arch, run_config=cfg.model_dump(mode="json"), info=info)
+        retrain.write_lineage(out, ws.filtered)
         save_png(grid(rows, nrow=len(rows) // 3, scale=max(1, math.ceil(128 / out_size)),
                       row_labels=["bicubic", "upsampler", "truth"]), out / "samples.png")
     tracking.log_artifact(ws.upsampler(key) / "samples.png", f"upsample_{key}")
@@ -170,4 +178,4 @@ def run(cfg, ws, key: str) -> dict:
     say(f"upsample@{key}", f"{in_size} -> {out_size} px ({u.degradation} corruption in training); val PSNR "
                            f"{val['psnr_db']} dB vs bicubic {val['bicubic_psnr_db']} dB on {val['images']} images "
                            f"-> {where}/ (model.safetensors, samples.png)")
-    return {"in_size": in_size, "out_size": out_size, "train": summary, "val": val}
+    return {"in_size": in_size, "out_size": out_size, "train": summary, "val": val, "retrain": how}
