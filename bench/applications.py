@@ -2,6 +2,7 @@
 judge (issue 6's figures).
 
     python bench/applications.py [--workspace .] [--n 64] [--steps 100] [--out reports/applications]
+        [--textdiff-caption none|after] [--textdiff-guidance 1.0] [--skip vary,inpaint]
 
 Needs a workspace after `make run`. On the first ``--n`` one-object test images (no planted
 mismatches):
@@ -11,7 +12,8 @@ mismatches):
 - variations (each eta of the bipartite latent, and fresh noise): cos(CLIP(variation), z_i of the
   source) and PSNR against the source at the final resolution (identical would be infinite);
 - text diffs "a <color> <shape>" -> "a <other color> <shape>" over theta: the judge sees the new
-  color (target) and keeps shape, size and position (kept);
+  color (target) and keeps shape, size and position (kept); with ``--textdiff-caption after`` the
+  decoder also gets the target caption (and ``--textdiff-guidance`` its guidance scale);
 - inpainting: the object's box (its half-width + 0.08 of the canvas) repainted with the caption
   "a <size> <other color> <shape> in the <position>": pixels outside the mask unchanged (max
   |difference|), and the judge sees the caption's color there.
@@ -67,6 +69,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=edits.INVERSION_STEPS)
     ap.add_argument("--thetas", default="0,0.2,0.3,0.4,0.5,0.6")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--textdiff-caption", choices=("none", "after"), default="none",
+                    help="the decoder's text condition in text diffs: none (z_theta alone) or the target caption")
+    ap.add_argument("--textdiff-guidance", type=float, default=1.0)
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: vary,inpaint")
     ap.add_argument("--out", default="reports/applications")
     args = ap.parse_args()
     ws = Workspace.at(args.workspace)
@@ -83,33 +89,35 @@ def main() -> None:
     print(f"{len(rows)} one-object test images; decoder at {unclip.sizes[0]} px, final {size} px; "
           f"{args.steps} DDIM steps for inversion and sampling", flush=True)
 
-    # 1. reconstruction and variations
-    t0 = time.perf_counter()
-    res = edits.vary(unclip, images, seed=args.seed, etas=(0.0, 0.5, 1.0), n=1, steps=args.steps)
-    z_src = res["z_i"]
-    var = {}
-    for name, imgs in [(f"eta {e:g}", x) for e, x in res["by_eta"].items()] + [("fresh noise", res["fresh"])]:
-        with torch.no_grad():
-            z = unclip.clip.encode_image(imgs.to(unclip.device)).float().cpu()
-        p = edits.psnr(imgs, images)
-        var[name] = {"cos_to_source": round(F.cosine_similarity(z, z_src).mean().item(), 4),
-                     "psnr_to_source_db": round(p.mean().item(), 2),
-                     "identical": int((imgs == images).flatten(1).all(1).sum())}
-    figures["reconstruction"] = {"psnr_db_mean": round(res["psnr"].mean().item(), 2),
-                                 "psnr_db_median": round(res["psnr"].median().item(), 2),
-                                 "psnr_db_min": round(res["psnr"].min().item(), 2),
-                                 "at_px": unclip.sizes[0]}
-    figures["variations"] = var
-    figures["vary_seconds"] = round(time.perf_counter() - t0, 1)
+    skip = set(filter(None, args.skip.split(",")))
     k = min(8, len(rows))
-    save_rows([("input", images[:k]), ("reconstruction (decoder px)", res["reconstruction"][:k])]
-              + [(f"eta {e:g}", x[:k]) for e, x in res["by_eta"].items()] + [("fresh noise", res["fresh"][:k])],
-              out / "variations.png")
-    print(f"reconstruction PSNR at {unclip.sizes[0]} px: mean {figures['reconstruction']['psnr_db_mean']} dB "
-          f"(median {figures['reconstruction']['psnr_db_median']}, min {figures['reconstruction']['psnr_db_min']})")
-    for name, v in var.items():
-        print(f"  variations {name:12s} cos to source {v['cos_to_source']:.4f}  PSNR to source "
-              f"{v['psnr_to_source_db']:.2f} dB  identical {v['identical']}/{len(rows)}")
+    # 1. reconstruction and variations
+    if "vary" not in skip:
+        t0 = time.perf_counter()
+        res = edits.vary(unclip, images, seed=args.seed, etas=(0.0, 0.5, 1.0), n=1, steps=args.steps)
+        z_src = res["z_i"]
+        var = {}
+        for name, imgs in [(f"eta {e:g}", x) for e, x in res["by_eta"].items()] + [("fresh noise", res["fresh"])]:
+            with torch.no_grad():
+                z = unclip.clip.encode_image(imgs.to(unclip.device)).float().cpu()
+            p = edits.psnr(imgs, images)
+            var[name] = {"cos_to_source": round(F.cosine_similarity(z, z_src).mean().item(), 4),
+                         "psnr_to_source_db": round(p.mean().item(), 2),
+                         "identical": int((imgs == images).flatten(1).all(1).sum())}
+        figures["reconstruction"] = {"psnr_db_mean": round(res["psnr"].mean().item(), 2),
+                                     "psnr_db_median": round(res["psnr"].median().item(), 2),
+                                     "psnr_db_min": round(res["psnr"].min().item(), 2),
+                                     "at_px": unclip.sizes[0]}
+        figures["variations"] = var
+        figures["vary_seconds"] = round(time.perf_counter() - t0, 1)
+        save_rows([("input", images[:k]), ("reconstruction (decoder px)", res["reconstruction"][:k])]
+                  + [(f"eta {e:g}", x[:k]) for e, x in res["by_eta"].items()] + [("fresh noise", res["fresh"][:k])],
+                  out / "variations.png")
+        print(f"reconstruction PSNR at {unclip.sizes[0]} px: mean {figures['reconstruction']['psnr_db_mean']} dB "
+              f"(median {figures['reconstruction']['psnr_db_median']}, min {figures['reconstruction']['psnr_db_min']})")
+        for name, v in var.items():
+            print(f"  variations {name:12s} cos to source {v['cos_to_source']:.4f}  PSNR to source "
+                  f"{v['psnr_to_source_db']:.2f} dB  identical {v['identical']}/{len(rows)}")
 
     # 2. text diffs: one attribute (the color)
     t0 = time.perf_counter()
@@ -117,7 +125,8 @@ def main() -> None:
     new = [other_color(o["color"], j) for j, o in enumerate(objs)]
     before = [f"a {o['color']} {o['shape']}" for o in objs]
     after = [f"a {c} {o['shape']}" for c, o in zip(new, objs)]
-    td = edits.textdiff(unclip, images, before, after, thetas=thetas, seed=args.seed, steps=args.steps)
+    td = edits.textdiff(unclip, images, before, after, thetas=thetas, seed=args.seed, steps=args.steps,
+                        caption=args.textdiff_caption, guidance=args.textdiff_guidance)
     by_theta = {}
     for theta, imgs in td["by_theta"].items():
         seen = read(judge, imgs)
@@ -129,6 +138,7 @@ def main() -> None:
                                    for a in ("shape", "size", "position")}}
     best = max(by_theta, key=lambda t: (min(by_theta[t]["target"], by_theta[t]["kept"]), by_theta[t]["target"]))
     figures["textdiff"] = {"edit": "color", "by_theta": by_theta, "chosen_theta": float(best),
+                           "decoder_caption": args.textdiff_caption, "guidance": args.textdiff_guidance,
                            "seconds": round(time.perf_counter() - t0, 1)}
     save_rows([("input", images[:k])] + [(f"theta {t:g}", x[:k]) for t, x in td["by_theta"].items()],
               out / "textdiff.png")
@@ -136,33 +146,34 @@ def main() -> None:
                                               for t, v in by_theta.items()) + f"; chosen theta {best}")
 
     # 3. inpainting: the object's box, repainted in another color
-    t0 = time.perf_counter()
-    masks = torch.zeros(len(rows), 1, size, size)
-    for j, o in enumerate(objs):
-        h = SIZES[o["size"]] + MARGIN
-        x0, x1 = max(0, round((o["x"] - h) * size)), min(size, round((o["x"] + h) * size))
-        y0, y1 = max(0, round((o["y"] - h) * size)), min(size, round((o["y"] + h) * size))
-        masks[j, :, y0:y1, x0:x1] = 1
-    captions = [f"a {o['size']} {c} {o['shape']} in the {o['position']}" for c, o in zip(new, objs)]
-    inp = edits.inpaint(unclip, images, masks, captions, seed=args.seed, steps=args.steps)
-    keep = (masks == 0).expand_as(images)
-    outside = (inp["images"].int() - images.int()).abs()[keep]
-    seen = read(judge, inp["images"])
-    figures["inpaint"] = {"max_abs_change_outside_mask": int(outside.max()) if outside.numel() else 0,
-                          "caption_color_inside": pct(s["count"] == 1 and s["color"] == c for s, c in zip(seen, new)),
-                          "caption_color_and_shape": pct(s["count"] == 1 and s["color"] == c and s["shape"] == o["shape"]
-                                                         for s, c, o in zip(seen, new, objs)),
-                          "mask_fraction_mean": round(masks.mean().item(), 3),
-                          "seconds": round(time.perf_counter() - t0, 1)}
-    shown = (images.float() * (1 - 0.6 * masks)).round().to(torch.uint8)
-    save_rows([("input", images[:k]), ("mask", shown[:k]), ("inpainted", inp["images"][:k])], out / "inpaint.png")
-    print(f"inpainting: max |change| outside the mask {figures['inpaint']['max_abs_change_outside_mask']}; "
-          f"caption's color inside {figures['inpaint']['caption_color_inside']}% "
-          f"(color and shape {figures['inpaint']['caption_color_and_shape']}%)")
+    if "inpaint" not in skip:
+        t0 = time.perf_counter()
+        masks = torch.zeros(len(rows), 1, size, size)
+        for j, o in enumerate(objs):
+            h = SIZES[o["size"]] + MARGIN
+            x0, x1 = max(0, round((o["x"] - h) * size)), min(size, round((o["x"] + h) * size))
+            y0, y1 = max(0, round((o["y"] - h) * size)), min(size, round((o["y"] + h) * size))
+            masks[j, :, y0:y1, x0:x1] = 1
+        captions = [f"a {o['size']} {c} {o['shape']} in the {o['position']}" for c, o in zip(new, objs)]
+        inp = edits.inpaint(unclip, images, masks, captions, seed=args.seed, steps=args.steps)
+        keep = (masks == 0).expand_as(images)
+        outside = (inp["images"].int() - images.int()).abs()[keep]
+        seen = read(judge, inp["images"])
+        figures["inpaint"] = {"max_abs_change_outside_mask": int(outside.max()) if outside.numel() else 0,
+                              "caption_color_inside": pct(s["count"] == 1 and s["color"] == c for s, c in zip(seen, new)),
+                              "caption_color_and_shape": pct(s["count"] == 1 and s["color"] == c and s["shape"] == o["shape"]
+                                                             for s, c, o in zip(seen, new, objs)),
+                              "mask_fraction_mean": round(masks.mean().item(), 3),
+                              "seconds": round(time.perf_counter() - t0, 1)}
+        shown = (images.float() * (1 - 0.6 * masks)).round().to(torch.uint8)
+        save_rows([("input", images[:k]), ("mask", shown[:k]), ("inpainted", inp["images"][:k])], out / "inpaint.png")
+        print(f"inpainting: max |change| outside the mask {figures['inpaint']['max_abs_change_outside_mask']}; "
+              f"caption's color inside {figures['inpaint']['caption_color_inside']}% "
+              f"(color and shape {figures['inpaint']['caption_color_and_shape']}%)")
 
-    # 4. interpolation: one strip, for the eye
-    inter = edits.interpolate(unclip, images[:1], images[1:2], frames=8, seed=args.seed, steps=args.steps)
-    save_rows([("interpolation", join([images[:1], inter["frames"], images[1:2]]))], out / "interpolation.png")
+        # 4. interpolation: one strip, for the eye
+        inter = edits.interpolate(unclip, images[:1], images[1:2], frames=8, seed=args.seed, steps=args.steps)
+        save_rows([("interpolation", join([images[:1], inter["frames"], images[1:2]]))], out / "interpolation.png")
 
     (out / "applications.json").write_text(json.dumps(figures, indent=1))
     print(f"-> {out.relative_to(ws.root)}/ (applications.json, variations.png, textdiff.png, inpaint.png, "

@@ -270,16 +270,21 @@ def interpolate(ctx, image_a, image_b, frames, noise, out, models, seed, steps):
 @click.option("--to", "after", required=True, help="The caption to move toward (e.g. 'a blue circle').")
 @click.option("--thetas", default="0,0.1,0.2,0.3,0.4,0.5", show_default=True,
               help="Rotation toward the text diff (0: the reconstruction).")
+@click.option("--caption", "decoder_caption", type=click.Choice(["none", "after"]), default="none", show_default=True,
+              help="The decoder's text condition: none (z_theta alone, the paper's text diff) or the --to caption.")
+@click.option("--guidance", default=1.0, show_default=True, type=float,
+              help="Classifier-free guidance of the decoder (with --caption after: toward z_theta and the caption).")
 @click.option("--out", default="textdiff.png", show_default=True, type=click.Path(dir_okay=False))
 @_app_options
 @click.pass_context
-def textdiff(ctx, image, before, after, thetas, out, models, seed, steps):
+def textdiff(ctx, image, before, after, thetas, decoder_caption, guidance, out, models, seed, steps):
     """Edit IMAGE with a text diff: its z_i rotated toward normalize(z_t(--to) - z_t(--from)) by each theta."""
     from .applications import files, textdiff as textdiff_fn
 
     def go():
         img, ts = files.load_image(image), _floats(thetas, "--thetas")
-        res = textdiff_fn(_bundle(ctx, models), img, [before], [after], thetas=ts, seed=seed, steps=steps)
+        res = textdiff_fn(_bundle(ctx, models), img, [before], [after], thetas=ts, seed=seed, steps=steps,
+                          caption=decoder_caption, guidance=guidance)
         path = files.save_rows([(f"theta {t:g}", x) for t, x in res["by_theta"].items()], out)
         click.echo(f"'{before}' -> '{after}' at theta {thetas} -> {path}")
     _run_app(go)

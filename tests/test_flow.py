@@ -235,6 +235,12 @@ def test_applications_of_the_latent_from_python_and_the_command_line(flow_runs, 
     assert torch.allclose(it["z_i"][0], v["z_i"][0], atol=1e-5) and torch.allclose(it["z_i"][-1], v["z_i"][1], atol=1e-5)
     td = apps.textdiff(unclip, img, ["a red circle"] * 2, ["a blue circle"] * 2, thetas=(0.0, 0.5), steps=10)
     assert set(td["by_theta"]) == {0.0, 0.5} and td["by_theta"][0.5].shape == (2, 3, final, final)
+    # with the target caption as the decoder's text condition and guidance, the edit differs
+    guided = apps.textdiff(unclip, img, ["a red circle"] * 2, ["a blue circle"] * 2, thetas=(0.5,), steps=10,
+                           caption="after", guidance=3.0)
+    assert not torch.equal(guided["by_theta"][0.5], td["by_theta"][0.5])
+    with pytest.raises(ValueError, match="caption"):
+        apps.textdiff(unclip, img, ["a"] * 2, ["b"] * 2, caption="before")
     masks = torch.zeros(2, 1, final, final)
     masks[..., 4:20, 6:22] = 1
     ip = apps.inpaint(unclip, img, masks, ["a blue square"] * 2, seed=1, steps=10)
@@ -248,7 +254,7 @@ def test_applications_of_the_latent_from_python_and_the_command_line(flow_runs, 
     for args, out in ((["vary", "a.png", "--n", "2", "--steps", "5", "--out", "v.png"], "v.png"),
                       (["interpolate", "a.png", "b.png", "--frames", "3", "--steps", "5", "--out", "i.gif"], "i.gif"),
                       (["textdiff", "a.png", "--from", "a red circle", "--to", "a blue circle", "--thetas", "0,0.4",
-                        "--steps", "5", "--out", "t.png"], "t.png"),
+                        "--caption", "after", "--guidance", "2", "--steps", "5", "--out", "t.png"], "t.png"),
                       (["inpaint", "a.png", "--caption", "a blue square", "--box", "0.2,0.2,0.6,0.6", "--n", "2",
                         "--steps", "5", "--out", "p.png"], "p.png")):
         proc = subprocess.run(cli + args, cwd=tmp_path, capture_output=True, text=True)
@@ -435,7 +441,7 @@ def test_bad_input_fails_clearly_without_retries(flow_runs, monkeypatch):
     params["crawl"]["url_list"] = "no-such-list.csv"
     ws.params.write_text(yaml.safe_dump(params))
     corpus_before = ws.metrics_path("corpus").read_text()
-    crawled_before = json.loads(ws.metrics_path("crawl").read_text())["succeeded"]
+    crawled_before = json.loads(ws.metrics_path("crawl").read_text())["totals"]["crawled"]   # all parts
     with pytest.raises(StageFailed) as err:
         train_flow(workspace=str(ws.root), profile="smoke")
     assert err.value.stage == "crawl" and err.value.permanent
@@ -446,10 +452,6 @@ def test_bad_input_fails_clearly_without_retries(flow_runs, monkeypatch):
     crawl = next(t for t in tasks if t["name"] == "crawl")
     assert crawl["state"]["type"] == "FAILED" and crawl["run_count"] == 1      # bad input is not retried
     assert ws.metrics_path("corpus").read_text() == corpus_before
-    # DVC clears a stage's outputs before running it, but the last good ones stay in its cache
-    # and in dvc.lock: one checkout restores them.
-    import subprocess
-    import sys
-    subprocess.run([sys.executable, "-m", "dvc", "checkout", "data/raw"], cwd=ws.root, check=True,
-                   capture_output=True)
+    # data/raw is `persist: true` (the crawl builds on it) and replaced only atomically on
+    # success: the failed crawl left it as it was, and dvc.lock still describes it.
     assert sum(count_samples(p) for p in shard_paths(ws.raw)) == crawled_before

@@ -73,9 +73,11 @@ class Latent:
         return self._x_T
 
     def decode(self, z_i: torch.Tensor, x_T: torch.Tensor, *, eta: float = 0.0,
-               generator: Optional[torch.Generator] = None, guidance: float = 1.0) -> torch.Tensor:
-        """(z_i, x_T) -> images [B, 3, S, S] in [-1, 1] at the decoder's resolution."""
-        tokens, mask = no_caption(self.unclip, len(z_i))
+               generator: Optional[torch.Generator] = None, guidance: float = 1.0,
+               caption: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """(z_i, x_T) -> images [B, 3, S, S] in [-1, 1] at the decoder's resolution. ``caption``:
+        (tokens, mask) of a caption for the decoder's text condition (default: none, as inverted)."""
+        tokens, mask = caption if caption is not None else no_caption(self.unclip, len(z_i))
         return inversion.sample(self.unclip.decoder, x_T, z_i, tokens, mask,
                                 prediction_type=self.prediction_type, steps=self.steps, eta=eta,
                                 generator=generator, guidance_scale=guidance)
@@ -157,22 +159,28 @@ def interpolate(unclip: Unclip, image_a: torch.Tensor, image_b: torch.Tensor, *,
 @torch.no_grad()
 def textdiff(unclip: Unclip, images: torch.Tensor, before: Sequence[str], after: Sequence[str], *,
              thetas: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5), seed: int = 0,
-             steps: int = INVERSION_STEPS) -> dict:
+             steps: int = INVERSION_STEPS, caption: str = "none", guidance: float = 1.0) -> dict:
     """Edit each image toward ``after[k]`` away from ``before[k]`` (its current description):
     z_d = normalize(z_t(after) - z_t(before)); z_theta = slerp(z_i, z_d, theta), decoded from the
-    image's inverted noise (so what the edit does not touch stays). Returns ``by_theta``
-    {theta: uint8 final images [B]} and ``z_d``."""
+    image's inverted noise (so what the edit does not touch stays). ``caption``: "none" decodes
+    from z_theta alone (the paper's text diff); "after" also gives the decoder, whose text
+    condition is GLIDE's, the target caption (with ``guidance`` > 1: classifier-free guidance
+    toward both). Returns ``by_theta`` {theta: uint8 final images [B]} and ``z_d``."""
+    if caption not in ("none", "after"):
+        raise ValueError(f"caption must be 'none' or 'after', got {caption!r}")
     if not (len(images) == len(before) == len(after)):
         raise ValueError("one 'before' and one 'after' caption per image")
     lat = Latent(unclip, images, steps)
     gen = torch.Generator().manual_seed(seed)
     z_before, _, _ = unclip.encode_text(list(before))
-    z_after, _, _ = unclip.encode_text(list(after))
+    z_after, tok_after, mask_after = unclip.encode_text(list(after))
     z_d = F.normalize(z_after - z_before, dim=-1).to(lat.z_i.device)
+    cond = (tok_after.to(lat.z_i.device), mask_after.to(lat.z_i.device)) if caption == "after" else None
     out = {"by_theta": {}, "z_d": z_d.cpu()}
     for theta in thetas:
         z = F.normalize(slerp(lat.z_i, z_d, float(theta)), dim=-1)
-        out["by_theta"][float(theta)] = upsample_chain(unclip, lat.decode(z, lat.x_T), gen)[-1]
+        x = lat.decode(z, lat.x_T, caption=cond, guidance=guidance)
+        out["by_theta"][float(theta)] = upsample_chain(unclip, x, gen)[-1]
     return out
 
 
