@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=edits.INVERSION_STEPS)
     ap.add_argument("--thetas", default="0,0.2,0.3,0.4,0.5,0.6")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--textdiff-caption", choices=("none", "after"), default="none",
+    ap.add_argument("--textdiff-caption", choices=("none", "after", "before_after"), default="none",
                     help="the decoder's text condition in text diffs: none (z_theta alone) or the target caption")
     ap.add_argument("--textdiff-guidance", type=float, default=1.0)
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: vary,inpaint")

@@ -270,8 +270,9 @@ def interpolate(ctx, image_a, image_b, frames, noise, out, models, seed, steps):
 @click.option("--to", "after", required=True, help="The caption to move toward (e.g. 'a blue circle').")
 @click.option("--thetas", default="0,0.1,0.2,0.3,0.4,0.5", show_default=True,
               help="Rotation toward the text diff (0: the reconstruction).")
-@click.option("--caption", "decoder_caption", type=click.Choice(["none", "after"]), default="none", show_default=True,
-              help="The decoder's text condition: none (z_theta alone, the paper's text diff) or the --to caption.")
+@click.option("--caption", "decoder_caption", type=click.Choice(["none", "after", "before_after"]), default="none",
+              show_default=True, help="The decoder's text condition: none (z_theta alone, the paper's text diff), "
+              "the --to caption, or before_after (inverted under --from, decoded under --to).")
 @click.option("--guidance", default=1.0, show_default=True, type=float,
               help="Classifier-free guidance of the decoder (with --caption after: toward z_theta and the caption).")
 @click.option("--out", default="textdiff.png", show_default=True, type=click.Path(dir_okay=False))

@@ -239,6 +239,9 @@ def test_applications_of_the_latent_from_python_and_the_command_line(flow_runs, 
     guided = apps.textdiff(unclip, img, ["a red circle"] * 2, ["a blue circle"] * 2, thetas=(0.5,), steps=10,
                            caption="after", guidance=3.0)
     assert not torch.equal(guided["by_theta"][0.5], td["by_theta"][0.5])
+    swapped = apps.textdiff(unclip, img, ["a red circle"] * 2, ["a blue circle"] * 2, thetas=(0.0,), steps=10,
+                            caption="before_after")
+    assert swapped["by_theta"][0.0].shape == (2, 3, final, final)
     with pytest.raises(ValueError, match="caption"):
         apps.textdiff(unclip, img, ["a"] * 2, ["b"] * 2, caption="before")
     masks = torch.zeros(2, 1, final, final)

@@ -49,7 +49,9 @@ def psnr(a_uint8: torch.Tensor, b_uint8: torch.Tensor) -> torch.Tensor:
 class Latent:
     """The decoder's view of an image: its CLIP embedding and, inverted, its noise."""
 
-    def __init__(self, unclip: Unclip, images_uint8: torch.Tensor, steps: int = INVERSION_STEPS):
+    def __init__(self, unclip: Unclip, images_uint8: torch.Tensor, steps: int = INVERSION_STEPS,
+                 captions: Optional[Sequence[str]] = None):
+        """``captions``: invert under these (the decoder's text condition); default none."""
         self.unclip, self.steps = unclip, steps
         dev = unclip.device
         self.size = unclip.sizes[0]
@@ -57,7 +59,11 @@ class Latent:
         self.x0 = resize(to_model(images_uint8), self.size).to(dev)           # [B, 3, S, S] in [-1, 1]
         with torch.no_grad():
             self.z_i = unclip.clip.encode_image(images_uint8.to(dev)).float()   # [B, D], unit norm
-        self.tokens, self.mask = no_caption(unclip, len(images_uint8))
+        if captions is None:
+            self.tokens, self.mask = no_caption(unclip, len(images_uint8))
+        else:
+            _, tokens, mask = unclip.encode_text(list(captions))
+            self.tokens, self.mask = tokens.to(dev), mask.to(dev)
         self._x_T: Optional[torch.Tensor] = None
 
     @property
@@ -165,17 +171,18 @@ def textdiff(unclip: Unclip, images: torch.Tensor, before: Sequence[str], after:
     image's inverted noise (so what the edit does not touch stays). ``caption``: "none" decodes
     from z_theta alone (the paper's text diff); "after" also gives the decoder, whose text
     condition is GLIDE's, the target caption (with ``guidance`` > 1: classifier-free guidance
-    toward both). Returns ``by_theta`` {theta: uint8 final images [B]} and ``z_d``."""
-    if caption not in ("none", "after"):
-        raise ValueError(f"caption must be 'none' or 'after', got {caption!r}")
+    toward both); "before_after" inverts the image under ``before`` and decodes under ``after``.
+    Returns ``by_theta`` {theta: uint8 final images [B]} and ``z_d``."""
+    if caption not in ("none", "after", "before_after"):
+        raise ValueError(f"caption must be 'none', 'after' or 'before_after', got {caption!r}")
     if not (len(images) == len(before) == len(after)):
         raise ValueError("one 'before' and one 'after' caption per image")
-    lat = Latent(unclip, images, steps)
+    lat = Latent(unclip, images, steps, captions=list(before) if caption == "before_after" else None)
     gen = torch.Generator().manual_seed(seed)
     z_before, _, _ = unclip.encode_text(list(before))
     z_after, tok_after, mask_after = unclip.encode_text(list(after))
     z_d = F.normalize(z_after - z_before, dim=-1).to(lat.z_i.device)
-    cond = (tok_after.to(lat.z_i.device), mask_after.to(lat.z_i.device)) if caption == "after" else None
+    cond = (tok_after.to(lat.z_i.device), mask_after.to(lat.z_i.device)) if caption != "none" else None
     out = {"by_theta": {}, "z_d": z_d.cpu()}
     for theta in thetas:
         z = F.normalize(slerp(lat.z_i, z_d, float(theta)), dim=-1)
