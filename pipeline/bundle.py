@@ -13,7 +13,6 @@ decoder were trained against the CLIP beside them.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -22,14 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .clip.model import versions
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from .workspace import file_sha256
 
 
 def clip_identity(clip_dir: Path) -> dict:

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import incremental, tracking
+from . import bundle, incremental, tracking
 from .clip import model as clip_model
 from .clip.data import decode_images, single_thread
 from .data.shards import ShardError, ShardSink, iter_samples, sample_meta, shard_paths, split_of
@@ -196,12 +196,7 @@ def embed_recipe(cfg, ws) -> str:
     """The embed config (bar the worker count), its code and the CLIP's weights: another CLIP
     is another embedding space, and every shard is embedded again."""
     section = {k: v for k, v in cfg.embed.model_dump(mode="json").items() if k != "num_workers"}
-    return incremental.recipe({"embed": section}, CODE, extra={"clip": bundle_identity(ws)})
-
-
-def bundle_identity(ws) -> Optional[str]:
-    weights = ws.clip / "model.safetensors"
-    return incremental.file_sha256(weights) if weights.exists() else None
+    return incremental.recipe({"embed": section}, CODE, extra={"clip": bundle.clip_identity(ws.clip)["sha256"]})
 
 
 def run(cfg, ws) -> dict:

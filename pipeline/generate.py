@@ -27,6 +27,7 @@ from .prior import diffusion as prior_diffusion
 from .prior.network import UnclipPrior
 from .training import autocast
 from .upsampler import diffusion as up_diffusion
+from .workspace import file_sha256
 
 
 @dataclass
@@ -52,7 +53,7 @@ class Unclip:
         clip = clip_model.load(models / "clip", dev)
         prior, prior_meta = bundle.load_model(models / "prior", "prior", UnclipPrior, dev)
         decoder, decoder_meta = bundle.load_model(models / "decoder", "decoder", UnclipDecoder, dev)
-        sha = bundle.file_sha256(models / "clip" / "model.safetensors")
+        sha = file_sha256(models / "clip" / "model.safetensors")
         for name, meta in (("prior", prior_meta), ("decoder", decoder_meta)):
             trained = (meta.get("clip") or {}).get("sha256")
             if trained and trained != sha:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from .data.shards import shard_paths
-from .workspace import atomic_write_json
+from .workspace import atomic_write_json, file_sha256
 
 STATE = "incremental.json"
 PACKAGE = Path(__file__).resolve().parent
@@ -38,14 +38,6 @@ PACKAGE = Path(__file__).resolve().parent
 def part_prefix(part: int) -> str:
     """The shard-name prefix of part ``part`` (part 0 keeps the plain ``00000.tar`` names)."""
     return "" if part == 0 else f"part{part:03d}-"
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def recipe(sections: dict, code: Iterable[str], extra: Optional[dict] = None) -> str:
@@ -79,8 +71,10 @@ def digests(paths: Iterable[Path]) -> dict[str, str]:
     return {p.name: file_sha256(p) for p in paths}
 
 
-def previous(directory: Path, current_recipe: str, enabled: bool) -> tuple[Optional[dict], str]:
-    """The state of the output in ``directory`` if a rerun may build on it, and why (not)."""
+def previous(directory: Path, current_recipe: str, enabled: bool,
+             required: Iterable[str] = ()) -> tuple[Optional[dict], str]:
+    """The state of the output in ``directory`` if a rerun may build on it, and why (not).
+    ``required``: the stage's own files beside the shards that a rerun reads (its log, ...)."""
     if not enabled:
         return None, "retrain.incremental_data is false: everything is redone"
     state = read_state(directory)
@@ -88,10 +82,10 @@ def previous(directory: Path, current_recipe: str, enabled: bool) -> tuple[Optio
         return None, "no earlier output to build on"
     if state.get("recipe") != current_recipe:
         return None, "the stage's config or code changed since the earlier output: everything is redone"
-    missing = [name for part in state["parts"] for name in part["outputs"]
-               if not (Path(directory) / name).exists()]
+    names = [name for part in state["parts"] for name in part["outputs"]] + list(required)
+    missing = [name for name in names if not (Path(directory) / name).exists()]
     if missing:
-        return None, f"the earlier output lacks {len(missing)} of its shards (e.g. {missing[0]}): everything is redone"
+        return None, f"the earlier output lacks {len(missing)} of its files (e.g. {missing[0]}): everything is redone"
     return state, f"{len(state['parts'])} earlier part(s) kept"
 
 
@@ -123,6 +117,12 @@ def link_outputs(state: dict, src: Path, dst: Path, extra: Iterable[str] = ()) -
             os.link(Path(src) / name, target)
         except OSError:
             shutil.copy2(Path(src) / name, target)
+
+
+def part_outputs(directory: Path, part: int) -> list[str]:
+    """The names of part ``part``'s shards in ``directory`` (part 0's have no prefix)."""
+    prefix = part_prefix(part)
+    return [p.name for p in shard_paths(directory) if p.name.startswith(prefix) and (part or "-" not in p.name)]
 
 
 def next_part(state: Optional[dict]) -> int:

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Optional
 
 from .data.shards import shard_paths
-from .incremental import digests, file_sha256
-from .workspace import atomic_write_json
+from .incremental import digests
+from .workspace import atomic_write_json, file_sha256
 
 LINEAGE = "lineage.json"
 FIGURES = "figures.json"      # a kept model's figures: DVC deletes metrics/<stage>.json before a rerun

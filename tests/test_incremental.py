@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from pipeline import config, incremental, retrain
 from pipeline.data import corpus, filter as filt
 from pipeline.data.shards import ShardSink, iter_samples, shard_paths
-from pipeline.workspace import Workspace
+from pipeline.workspace import Workspace, file_sha256
 
 
 def cfg_with(additions=(), **retrain_keys):
@@ -128,7 +128,7 @@ def test_warm_start_only_when_the_data_grew_and_nothing_else_changed(tmp_path):
     shard(data, "part001-00000.tar", b"b")                  # an addition
     warm, _ = decide()
     assert warm is not None and warm.steps == -(-cfg.prior.steps * cfg.retrain.finetune_fraction // 1)
-    assert warm.warmup_steps <= cfg.prior.warmup_steps and warm.sha256 == incremental.file_sha256(model / "model.safetensors")
+    assert warm.warmup_steps <= cfg.prior.warmup_steps and warm.sha256 == file_sha256(model / "model.safetensors")
     assert decide(a={"layers": 3})[1] == "the architecture changed"
     assert "CLIP changed" in decide(sha="c1")[1]
     lr = cfg.model_copy(update={"prior": cfg.prior.model_copy(update={"lr": 1e-5})})

@@ -327,13 +327,8 @@ def crawl_recipe(cfg) -> str:
 
 
 def previous_crawl(cfg, ws, rec: str) -> tuple[Optional[dict], Optional[pd.DataFrame], str]:
-    state, why = incremental.previous(ws.raw, rec, cfg.retrain.incremental_data)
-    if state is None or not (ws.raw / LOG).exists():
-        return None, None, why if state is None else f"{LOG} missing: everything is re-crawled"
-    log = pd.read_parquet(ws.raw / LOG)
-    if "part" not in log:
-        log["part"] = 0
-    return state, log, why
+    state, why = incremental.previous(ws.raw, rec, cfg.retrain.incremental_data, required=(LOG,))
+    return state, (pd.read_parquet(ws.raw / LOG) if state is not None else None), why
 
 
 def crawl_part(cfg, ws, out: Path, urls: pd.DataFrame, faults: Optional[pd.Series], part: int,
@@ -408,8 +403,7 @@ def run(cfg, ws) -> dict:
             raise StageError(f"no URL was crawled successfully (failures: {metrics['failed_by_reason']}; "
                              f"see the messages under other_messages: {metrics['other_messages']})")
         full_log.to_parquet(out / LOG, index=False)
-        outputs = [p.name for p in shard_paths(out) if p.name.startswith(incremental.part_prefix(part))
-                   and (part or "-" not in p.name)]
+        outputs = incremental.part_outputs(out, part)
         totals = {"urls": len(full_log), "crawled": int((full_log.status == "success").sum()),
                   "parts": part + 1}
         incremental.write_state(out, {

@@ -293,12 +293,11 @@ def run(cfg, ws) -> dict:
              if cfg.crawl.url_list is None and truth_path.exists() else None)
 
     rec = filter_recipe(cfg)
-    state, why = incremental.previous(ws.filtered, rec, cfg.retrain.incremental_data)
+    state, why = incremental.previous(ws.filtered, rec, cfg.retrain.incremental_data,
+                                      required=(FINGERPRINTS, DROPPED))
     paths, inputs, changed = incremental.new_inputs(state, ws.raw)
     if paths is None:
         state, why, paths = None, changed or why, shard_paths(ws.raw)
-    elif state is not None and not (ws.filtered / FINGERPRINTS).exists():
-        state, why, paths = None, f"{FINGERPRINTS} missing: everything is redone", shard_paths(ws.raw)
     earlier = Earlier.load(ws.filtered, state) if state else Earlier.empty()
     part = incremental.next_part(state)
     say("filter", f"{len(paths)} new raw shard(s) of {len(inputs)}" + (f"; {why}" if why else ""))
@@ -356,7 +355,7 @@ def run(cfg, ws) -> dict:
                                  f"expected {len(index)}")
             all_drops.to_parquet(out / DROPPED, index=False)
             now.save(out)
-            outputs = [p.name for p in shard_paths(out) if p.name.startswith(prefix) and (part or "-" not in p.name)]
+            outputs = incremental.part_outputs(out, part)
             incremental.write_state(out, {
                 "recipe": rec, "inputs": inputs, "totals": totals,
                 "parts": [*(state["parts"] if state else []),
