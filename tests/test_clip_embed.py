@@ -11,7 +11,7 @@ import torch
 
 from pipeline.clip import model as clip_model
 from pipeline.clip.zeroshot import canonical_caption, recall_at_k
-from pipeline.data.shards import count_samples, iter_samples, shard_paths
+from pipeline.data.shards import count_samples, iter_samples, sample_meta, shard_paths
 from pipeline.stages import StageError, run_stage
 
 
@@ -106,6 +106,7 @@ def test_embed_shards_hold_every_field(embedded, smoke_cfg):
     assert m["input"] == filt["kept"] == m["kept"]                 # no threshold in the smoke profile
     assert sum(count_samples(p) for p in shard_paths(ws.embeddings)) == m["kept"]
     mc = smoke_cfg.clip.model
+    filtered = {s["__key__"]: sample_meta(s) for s in iter_samples(shard_paths(ws.filtered))}
     n = 0
     for s in iter_samples(shard_paths(ws.embeddings)):
         z_i, z_t = load_npy(s["img_emb.npy"]), load_npy(s["txt_emb.npy"])
@@ -116,6 +117,8 @@ def test_embed_shards_hold_every_field(embedded, smoke_cfg):
         assert mask.dtype == np.bool_ and mask.shape == (mc.context_length,)
         meta = json.loads(s["json"])
         assert meta["key"] == s["__key__"] and meta["split"] in {"train", "val", "test"}
+        assert meta["gt"] == filtered[meta["key"]]["gt"] and meta["split"] == filtered[meta["key"]]["split"]
+        assert meta["gt"]["objects"]                                      # spliced in as an object, not a string
         assert abs(meta["similarity"] - float(z_i @ z_t)) < 1e-3
         assert s["txt"] and s["jpg"][:2] == b"\xff\xd8"
         n += 1

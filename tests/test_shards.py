@@ -69,3 +69,17 @@ def test_flipped_header_byte_is_a_checksum_error(tmp_path):
     p.write_bytes(bytes(raw))
     with pytest.raises(ShardError, match="checksum"):
         list(iter_samples([p]))
+
+
+def test_checksum_modulo_agrees_with_the_exact_sum():
+    import random
+    from pipeline.data.shards import checksum_ok, ustar_header
+    rng = random.Random(0)
+    for _ in range(300):
+        header = bytearray(ustar_header(f"{rng.randrange(10 ** 6):07d}.txt_tokens.npy", rng.randrange(10 ** 7)))
+        exact = sum(header) - sum(header[148:156]) + 8 * 32
+        assert checksum_ok(bytes(header), exact)
+        for i in rng.sample([i for i in range(512) if not 148 <= i < 156], rng.randint(1, 256)):
+            header[i] = rng.randrange(256)
+        changed = sum(header) - sum(header[148:156]) + 8 * 32
+        assert checksum_ok(bytes(header), exact) == (changed == exact)

@@ -8,12 +8,14 @@ samples without one count as train.
 from __future__ import annotations
 
 import io
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+import cv2
 import numpy as np
 import torch
-import torchvision.io as tio
 import webdataset as wds
 from PIL import Image
 
@@ -30,15 +32,51 @@ def decode_image(data: bytes) -> torch.Tensor:
 def decode_images(blobs: list[bytes], size: int) -> torch.Tensor:
     """A batch of JPEG bytes -> uint8 [B, 3, size, size].
 
-    torchvision's batched libjpeg-turbo decode is 4x faster than PIL one by one here (30 vs
-    120 us per 64 px image); anything it cannot decode (a PNG from a user's data) goes to PIL.
+    OpenCV's libjpeg-turbo decode gives PIL's pixels exactly (checked in the tests) at a quarter of
+    PIL's time and half of torchvision's here (31 vs 115 and 61 us per 64 px image), which counts
+    in the embed stage. It releases the GIL, so a batch is split over as many threads as torch
+    may use (the model waits for its batch meanwhile; in single-threaded DataLoader workers, one).
+    EXIF orientation is ignored, as PIL's ``decode_image`` does; anything OpenCV cannot decode (a
+    format it lacks) goes to PIL, which raises on bad bytes.
     """
-    try:
-        images = tio.decode_jpeg([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs],
-                                 mode=tio.ImageReadMode.RGB)
-    except RuntimeError:
-        images = [decode_image(b) for b in blobs]
-    return torch.stack([resize_uint8(img, size) for img in images])
+    out = np.empty((len(blobs), 3, size, size), dtype=np.uint8)
+    threads = min(torch.get_num_threads(), len(blobs) // 32)
+    if threads > 1:
+        step = -(-len(blobs) // threads)
+        futures = [_decode_pool(threads - 1).submit(_decode_into, out[i:i + step], blobs[i:i + step])
+                   for i in range(step, len(blobs), step)]
+        _decode_into(out[:step], blobs[:step])
+        for f in futures:
+            f.result()
+    else:
+        _decode_into(out, blobs)
+    return torch.from_numpy(out)
+
+
+def _decode_into(out: np.ndarray, blobs: list[bytes]) -> None:
+    """JPEG bytes -> ``out`` [n, 3, size, size] uint8 (PIL and a resize for what OpenCV refuses)."""
+    size = out.shape[-1]
+    for i, blob in enumerate(blobs):
+        arr = cv2.imdecode(np.frombuffer(blob, dtype=np.uint8), _CV2_RGB)
+        if arr is None or arr.shape[:2] != (size, size):
+            img = decode_image(blob) if arr is None else torch.from_numpy(arr).permute(2, 0, 1)
+            out[i] = resize_uint8(img, size).numpy()
+        else:
+            out[i] = arr.transpose(2, 0, 1)
+
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _decode_pool(workers: int) -> ThreadPoolExecutor:
+    """A process's own decode threads (a forked DataLoader worker must not reuse its parent's)."""
+    key = (os.getpid(), workers)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+    return _POOLS[key]
+
+
+_CV2_RGB = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
 
 
 def _to_pair(sample: dict) -> tuple[torch.Tensor, str]:

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from safetensors.torch import load_file, save_file
 
+from .tokenize import fast_tokenizer
+
 MODEL_NAME = "unclip-small-vit"
 
 
@@ -124,18 +126,8 @@ class ClipBundle:
         return (x - mean) / std
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
-        """captions -> token ids [B, context_length] int64.
-
-        Memoised per caption: open_clip's tokenizer spends ~45 us on each (ftfy cleaning, BPE),
-        as much as a third of the embed stage's overhead, and captions repeat (43 % of the
-        embedded corpus's pairs; boilerplate alt-text on the web)."""
-        cache = self.__dict__.setdefault("_token_cache", {})
-        missing = list(dict.fromkeys(c for c in captions if c not in cache))
-        if missing:
-            if len(cache) + len(missing) > 200_000:
-                cache.clear()
-            cache.update(zip(missing, self.tokenizer(missing)))
-        return torch.stack([cache[c] for c in captions])
+        """captions -> token ids [B, context_length] int64 (open_clip's ids, see clip/tokenize.py)."""
+        return self.tokenizer(list(captions))
 
     def encode_image(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 images [B, 3, H, W] -> unit-norm image embeddings z_i [B, D]."""
@@ -166,7 +158,7 @@ def build(model_cfg, scratch: Path) -> ClipBundle:
     config = open_clip_config(model_cfg)
     _register(MODEL_NAME, config, scratch)
     model = _create(MODEL_NAME, model_cfg.vision_stem)
-    return ClipBundle(model, open_clip.get_tokenizer(MODEL_NAME), MODEL_NAME, config,
+    return ClipBundle(model, fast_tokenizer(open_clip.get_tokenizer(MODEL_NAME)), MODEL_NAME, config,
                       model_cfg.image_size, MEAN, STD, model_cfg.vision_stem)
 
 
@@ -194,7 +186,7 @@ def load(path: Path, device: str | torch.device = "cpu") -> ClipBundle:
     model = _create(name, stem)
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     model.to(device).eval()
-    return ClipBundle(model, open_clip.get_tokenizer(name), name, cfg, pre["image_size"],
+    return ClipBundle(model, fast_tokenizer(open_clip.get_tokenizer(name)), name, cfg, pre["image_size"],
                       tuple(pre["mean"]), tuple(pre["std"]), stem)
 
 
@@ -223,7 +215,7 @@ def load_pretrained(spec: str, scratch: Path) -> ClipBundle:
     config = open_clip.get_model_config(arch)
     pre = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
     size = config["vision_cfg"].get("image_size", 224)
-    return ClipBundle(model.eval(), open_clip.get_tokenizer(arch), arch, config,
+    return ClipBundle(model.eval(), fast_tokenizer(open_clip.get_tokenizer(arch)), arch, config,
                       size if isinstance(size, int) else size[0],
                       tuple(pre.get("mean", MEAN)), tuple(pre.get("std", STD)))
 
