@@ -215,7 +215,7 @@ def embed_shards(bundle, paths: list[Path], out: Path, *, batch_size: int, shard
     return out_figs
 
 
-CODE = ("embed.py", "clip/model.py", "clip/data.py", "data/shards.py")
+CODE = ("embed.py", "clip/model.py", "clip/tokenize.py", "clip/data.py", "data/shards.py")
 
 
 def embed_recipe(cfg, ws) -> str:
