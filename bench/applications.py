@@ -34,6 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.applications import edits  # noqa: E402
+from pipeline.clip.zeroshot import canonical_caption  # noqa: E402
 from pipeline.applications.files import join, save_rows  # noqa: E402
 from pipeline.data.corpus import COLORS, SIZES  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
@@ -72,6 +73,9 @@ def main() -> None:
     ap.add_argument("--textdiff-caption", choices=("none", "after", "before_after"), default="none",
                     help="the decoder's text condition in text diffs: none (z_theta alone) or the target caption")
     ap.add_argument("--textdiff-guidance", type=float, default=1.0)
+    ap.add_argument("--textdiff-captions", choices=("short", "full"), default="short",
+                    help="short: 'a red circle' -> 'a blue circle'; full: the whole description, size and "
+                         "position words on both sides ('a small red circle in the top left' -> 'a small blue ...')")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: vary,inpaint")
     ap.add_argument("--out", default="reports/applications")
     args = ap.parse_args()
@@ -123,8 +127,12 @@ def main() -> None:
     t0 = time.perf_counter()
     thetas = [float(t) for t in args.thetas.split(",")]
     new = [other_color(o["color"], j) for j, o in enumerate(objs)]
-    before = [f"a {o['color']} {o['shape']}" for o in objs]
-    after = [f"a {c} {o['shape']}" for c, o in zip(new, objs)]
+    if args.textdiff_captions == "full":
+        before = [canonical_caption(o["color"], o["shape"], o["size"], o["position"]) for o in objs]
+        after = [canonical_caption(c, o["shape"], o["size"], o["position"]) for c, o in zip(new, objs)]
+    else:
+        before = [f"a {o['color']} {o['shape']}" for o in objs]
+        after = [f"a {c} {o['shape']}" for c, o in zip(new, objs)]
     td = edits.textdiff(unclip, images, before, after, thetas=thetas, seed=args.seed, steps=args.steps,
                         caption=args.textdiff_caption, guidance=args.textdiff_guidance)
     by_theta = {}
@@ -139,6 +147,7 @@ def main() -> None:
     best = max(by_theta, key=lambda t: (min(by_theta[t]["target"], by_theta[t]["kept"]), by_theta[t]["target"]))
     figures["textdiff"] = {"edit": "color", "by_theta": by_theta, "chosen_theta": float(best),
                            "decoder_caption": args.textdiff_caption, "guidance": args.textdiff_guidance,
+                           "captions": args.textdiff_captions, "example": [before[0], after[0]],
                            "seconds": round(time.perf_counter() - t0, 1)}
     save_rows([("input", images[:k])] + [(f"theta {t:g}", x[:k]) for t, x in td["by_theta"].items()],
               out / "textdiff.png")
