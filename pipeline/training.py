@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,16 @@ def use_bf16(precision: str, device: torch.device) -> bool:
         return precision == "bf16"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return native_cpu_bf16()
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively. oneDNN's own check is true on every AVX512 CPU,
+    where bf16 is emulated: there a CLIP step of batch 256 took 1.18 s under bf16 autocast
+    against 0.53 s in fp32 (measured on a 2-core AVX512 machine without AVX512-BF16 or AMX)."""
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())      # Arm: bf16 where oneDNN has it
 
 
 def attention_kernel(device: torch.device):
