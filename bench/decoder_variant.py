@@ -56,11 +56,18 @@ def main() -> None:
     ap.add_argument("--samplers", default="dpm++:12:2,ddpm:12:2", help="sampler:steps:guidance, comma-separated")
     args = ap.parse_args()
     ws = Workspace.at(args.workspace)
+    cfg = config.load(ws.root / "params.yaml")
+    try:                                                # the section's own validation of the overrides
+        overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+        d = type(cfg.decoder).model_validate(cfg.decoder.model_dump() | overrides)
+    except ValueError as err:                           # a malformed --set, bad JSON, or pydantic's verdict
+        if hasattr(err, "errors"):
+            why = "; ".join(f"decoder.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        else:
+            why = f"{err} (expected key=<json value>)"
+        sys.exit(f"bad --set {args.set}: {why}")
     out_dir = Path(args.out) if args.out else ws.reports / "decoder_variants"
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = config.load(ws.root / "params.yaml")
-    d = cfg.decoder.model_copy(update={k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)})
-    d = type(d).model_validate(d.model_dump())         # the section's own validation of the overrides
     paths = shard_paths(ws.embeddings)
     if not paths:
         sys.exit(f"no embedding shards in {ws.embeddings}: run the embed stage first")

@@ -287,6 +287,32 @@ def test_generate_from_python_is_seeded(flow_runs):
     assert a["nfe"]["decoder"] == 6                                # 3 steps x (conditional + unconditional)
 
 
+def test_decoder_variant_bench_trains_and_judges_without_touching_the_workspace(flow_runs, tmp_path):
+    import subprocess
+    import sys
+    ws, _, _ = flow_runs
+    before = (ws.decoder / "model.safetensors").read_bytes()
+    env = dict(os.environ, UNCLIP_PROFILE="smoke")
+    cmd = [sys.executable, str(REPO / "bench" / "decoder_variant.py"), "--workspace", str(ws.root), "--name", "v",
+           "--set", "steps=3", "--set", "checkpoint_every=2", "--set", "p_drop_caption=0.2", "--n", "2",
+           "--samplers", "ddpm:2:2,dpm++:2:1", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    fig = json.loads((tmp_path / "v.json").read_text())
+    assert fig["decoder"]["p_drop_caption"] == 0.2 and fig["train"]["steps"] == 3
+    assert set(fig["samplers"]) == {"ddpm:2:2", "dpm++:2:1"}
+    for f in fig["samplers"].values():
+        assert 0 <= f["single"]["shape"] <= 100 and f["frechet_distance"] >= 0
+    assert sum(fig["shape_readings"].values()) == fig["samplers"]["dpm++:2:1"]["single"]["n"]
+    assert (tmp_path / "v.pt").exists() and (tmp_path / "v_ddpm2_g2.png").exists()
+    assert (ws.decoder / "model.safetensors").read_bytes() == before
+    # a bad override fails with the section's own validation message, before any training
+    bad = subprocess.run(cmd[:-1] + [str(tmp_path / "bad"), "--set", "steps=0"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0 and "decoder.steps" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_new_pairs_crawl_filter_and_embed_alone_and_training_continues(flow_runs, monkeypatch):
     """10 % more corpus pairs: the next flow run crawls only their URLs, filters and embeds only
     the new shards, keeps CLIP and the judge, continues the diffusion models from their last
