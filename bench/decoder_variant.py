@@ -31,17 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import bundle, config  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
-from pipeline.decoder import diffusion  # noqa: E402
 from pipeline.decoder.network import UnclipDecoder  # noqa: E402
-from pipeline.decoder.stage import arch_of, decode  # noqa: E402
-from pipeline.diffusion import noise_schedule  # noqa: E402
-from pipeline.embeddings import load_split, train_batches  # noqa: E402
+from pipeline.decoder.stage import arch_of, decode, training_fns  # noqa: E402
+from pipeline.embeddings import load_split  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402
-from pipeline.images import grid, save_png, to_model, to_uint8  # noqa: E402
+from pipeline.images import grid, save_png, to_uint8  # noqa: E402
 from pipeline.judge.labels import VOCAB, parse_gt  # noqa: E402
 from pipeline.judge.stage import Judge  # noqa: E402
 from pipeline.quality import score  # noqa: E402
-from pipeline.training import autocast, train_diffusion_model  # noqa: E402
+from pipeline.training import train_diffusion_model  # noqa: E402
 from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402
 
 
@@ -82,19 +80,7 @@ def main() -> None:
         if args.load:
             model.load_state_dict(torch.load(args.load))
         else:
-            schedule = noise_schedule(d.prediction_type)
-
-            def make_batches(rank, world):
-                return train_batches(paths, d.batch_size, seed=d.seed, rank=rank, world=world,
-                                     image_size=d.image_size)
-
-            def loss_fn(net, batch):
-                dev = next(net.parameters()).device
-                with autocast(d.precision, dev):
-                    return diffusion.training_loss(net, to_model(batch["images"]).to(dev), batch["z_i"].to(dev),
-                                                   batch["tokens"].to(dev), batch["mask"].to(dev), schedule,
-                                                   d.p_drop_image_embed, d.p_drop_caption, d.snr_gamma)
-
+            make_batches, loss_fn = training_fns(d, paths)
             summary, _ = train_diffusion_model(model, d, make_batches, loss_fn,
                                                checkpoint_dir=out_dir / "checkpoints" / args.name,
                                                key={"variant": args.name, "decoder": figures["decoder"]},
@@ -115,7 +101,8 @@ def main() -> None:
         images = to_uint8(decode(model, test["z_i"][rows], test["tokens"][rows], test["mask"][rows],
                                  image_size=d.image_size, prediction_type=d.prediction_type, sampling=sampling,
                                  seed=0, precision=d.precision))
-        fig = score(judge, images, gts, real)
+        readings: list = []
+        fig = score(judge, images, gts, real, preds=readings)
         figures["samplers"][spec] = fig
         print(f"{args.name} {spec}: one object color {fig['single']['color']} shape {fig['single']['shape']} "
               f"size {fig['single']['size']} position {fig['single']['position']}; two objects colors "
@@ -125,7 +112,7 @@ def main() -> None:
                  out_dir / f"{args.name}_{sampler}{steps}_g{guidance}.png")
     # where shapes are lost (the last spec): true (shape, size) -> the shape the judge read
     read = Counter()
-    for p, g in zip(judge.predict(images)[0], gts):
+    for p, g in zip(readings, gts):
         g = parse_gt(g)
         if len(g["objects"]) == 1:
             o = g["objects"][0]

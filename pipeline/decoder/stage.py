@@ -75,6 +75,25 @@ def evaluate(model, val: dict, d, clip) -> tuple[dict, torch.Tensor]:
     return figures, images
 
 
+def training_fns(d, paths: list) -> tuple:
+    """The decoder's recipe for ``train_diffusion_model`` from its config ``d`` and the embedding
+    shards: ``make_batches(rank, world)`` (the train split's batches) and ``loss_fn(net, batch)``
+    (the diffusion loss with both condition drops). The stage and bench/decoder_variant.py use it."""
+    schedule = noise_schedule(d.prediction_type)
+
+    def make_batches(rank, world):
+        return train_batches(paths, d.batch_size, seed=d.seed, rank=rank, world=world, image_size=d.image_size)
+
+    def loss_fn(net, batch):
+        dev = next(net.parameters()).device
+        with autocast(d.precision, dev):
+            return diffusion.training_loss(net, to_model(batch["images"]).to(dev), batch["z_i"].to(dev),
+                                           batch["tokens"].to(dev), batch["mask"].to(dev), schedule,
+                                           d.p_drop_image_embed, d.p_drop_caption, d.snr_gamma)
+
+    return make_batches, loss_fn
+
+
 def run(cfg, ws) -> dict:
     d = cfg.decoder
     paths = shard_paths(ws.embeddings)
@@ -87,17 +106,7 @@ def run(cfg, ws) -> dict:
     arch = arch_of(d, val["z_i"].shape[1], val["tokens"].shape[2])
     torch.manual_seed(d.seed)
     model = UnclipDecoder(**arch)
-    schedule = noise_schedule(d.prediction_type)
-
-    def make_batches(rank, world):
-        return train_batches(paths, d.batch_size, seed=d.seed, rank=rank, world=world, image_size=d.image_size)
-
-    def loss_fn(net, batch):
-        dev = next(net.parameters()).device
-        with autocast(d.precision, dev):
-            return diffusion.training_loss(net, to_model(batch["images"]).to(dev), batch["z_i"].to(dev),
-                                           batch["tokens"].to(dev), batch["mask"].to(dev), schedule,
-                                           d.p_drop_image_embed, d.p_drop_caption, d.snr_gamma)
+    make_batches, loss_fn = training_fns(d, paths)
 
     def on_log(step, figures):
         tracking.log_metrics({"train_loss": figures["loss"], "lr": figures["lr"]}, step=step)
