@@ -12,6 +12,8 @@ defaults, and scores the final images with the judge (``evaluate``'s figures). S
     decoder_steps       steps per sampler (ddpm, ddim, dpm++) for the decoder
     prior_steps         steps per sampler for the prior
     upsampler_steps     steps per sampler for both upsamplers
+    upsampler_strength  where both upsamplers start (1: pure noise, as the paper; s < 1: the bicubic
+                        upsample noised to t = s T, SDEdit) at their default steps
     reference           every stage at 250 steps of its default sampler (what the defaults must match)
     reference_base      the prior and the decoder at 250 steps (the decoder also with DDPM), upsamplers at default
 
@@ -30,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline import background  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
 from pipeline.embeddings import load_split  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402
@@ -50,6 +53,7 @@ def sweeps(steps_grid) -> dict[str, list[dict]]:
         "decoder_steps": [{"sampler": sm, "steps": n} for sm in SAMPLERS for n in g],
         "prior_steps": [{"prior_sampler": sm, "prior_steps": n} for sm in SAMPLERS for n in g],
         "upsampler_steps": [{"upsampler_sampler": sm, "upsampler_steps": n} for sm in SAMPLERS for n in g],
+        "upsampler_strength": [{"upsampler_strength": s} for s in (1.0, 0.7, 0.5, 0.35, 0.2)],
         "reference": [{"prior_steps": 250, "steps": 250, "upsampler_steps": 250}],
         # the prior and the decoder at 250 steps (their default sampler, then ancestral DDPM for the
         # decoder), the upsamplers at their defaults: their steps sweep is flat from 2 steps, and at
@@ -74,6 +78,7 @@ def main() -> None:
     rows = pick_rows(test["gt"], args.n_single, args.n_pair)
     captions, gts = [test["captions"][i] for i in rows], [test["gt"][i] for i in rows]
     _, real = judge.predict(test["images"][torch.tensor(rows)])
+    real_noise = background.figures(test["images"][torch.tensor(rows)], gts, captions, real=True)["noise"]
     todo = sweeps([int(s) for s in args.steps.split(",")])
     if args.only:
         todo = {k: v for k, v in todo.items() if k in args.only.split(",")}
@@ -90,12 +95,15 @@ def main() -> None:
             t0 = time.perf_counter()
             out = unclip.generate(captions, n=1, seed=args.seed, batch_size=args.batch_size, **setting)
             fig = score(judge, out["images"], gts, real) | {"setting": setting, "nfe": sum(out["nfe"].values()),
+                                                            "background": background.figures(
+                                                                out["images"], gts, captions, real_noise=real_noise),
                                                             "nfe_by_stage": out["nfe"],
                                                             "seconds": round(time.perf_counter() - t0, 1)}
             results["sweeps"][name].append(fig)
             print(f"{name:16s} {json.dumps(setting):55s} NFE {fig['nfe']:4d}  "
                   + "  ".join(f"{a}.{b} {fig[a][b]:5.1f}" for a, b in FIGS)
-                  + f"  FD {fig['frechet_distance']:7.1f}  ({fig['seconds']} s)", flush=True)
+                  + f"  FD {fig['frechet_distance']:7.1f}  bg noise {fig['background']['noise']:5.2f}"
+                  + f"  ({fig['seconds']} s)", flush=True)
             atomic_write_json(out_dir / "sweep.json", results)
     plot(results, out_dir / "sweep.png")
     print(f"-> {out_dir / 'sweep.json'}, {out_dir / 'sweep.png'}")

@@ -164,6 +164,13 @@ class SamplingConfig(Section):
     guidance_scale: float = Field(1.0, ge=0)
 
 
+class UpsamplerSamplingConfig(SamplingConfig):
+    # The fraction of the noise schedule the sampler runs: 1 starts from pure noise, as the paper's
+    # upsamplers sample; s < 1 starts from the bicubic upsample of the low-res image noised to
+    # t = s T (SDEdit, Meng et al. 2022), so the few steps end at a lower noise level
+    strength: float = Field(1.0, gt=0, le=1)
+
+
 class PriorConfig(TrainConfig):
     layers: int = Field(4, ge=1)
     heads: int = Field(4, ge=1)
@@ -207,7 +214,11 @@ class UpsamplerConfig(TrainConfig):
     layers_per_block: int = Field(1, ge=1)
     prediction_type: Prediction = "epsilon"
     crop_fraction: float = Field(0.5, gt=0, le=1)     # crop side / image side: 0.5 = 1/4 of the area
-    sampling: SamplingConfig = SamplingConfig(steps=8)
+    sampling: UpsamplerSamplingConfig = UpsamplerSamplingConfig(steps=8)
+    # none: the paper's upsampler (the low-res image only). image_embed: also z_i, added to the
+    # time embedding as the decoder does (a declared deviation: the low-res base drops shape)
+    condition: Literal["none", "image_embed"] = "none"
+    p_drop_image_embed: float = Field(0.1, ge=0, le=1)   # with condition image_embed: z_i zeroed this often
 
 
 class UpsampleConfig(Section):
@@ -230,6 +241,10 @@ class EvaluateConfig(Section):
     kid_subsets: int = Field(100, ge=1)
     kid_subset_size: int = Field(1000, ge=2)
     n_worst: int = Field(16, ge=0)                    # worst-judged samples shown in the report
+    # Diversity (pipeline/diversity.py): samples per caption for held-out captions, half one-object,
+    # for unCLIP and the caption-only path, beside real renders of the same scenes; 0 prompts: none.
+    diversity_prompts: int = Field(16, ge=0)
+    diversity_seeds: int = Field(4, ge=2)             # at least a pair per caption
 
 
 class JudgeConfig(Section):

@@ -121,8 +121,12 @@ def vlb_term(schedule: DDPMScheduler, x0: torch.Tensor, x_t: torch.Tensor, t: to
 
 
 def make_sampler(name: str, steps: int, prediction_type: str, clip_range: Optional[float] = None,
-                 learned_variance: bool = False):
+                 learned_variance: bool = False, strength: float = 1.0):
     """A diffusers scheduler set to ``steps`` sampling steps.
+
+    ``strength`` < 1: only the last ``steps`` of a ``steps / strength``-step schedule (the
+    sampler starts at t ~ strength * T; the caller noises its starting image to
+    ``run_timesteps(sampler)[0]``), as diffusers' image-to-image pipelines truncate theirs.
 
     ``clip_range``: clamp the predicted x0 to [-r, r] at every step (images live in [-1, 1];
     embeddings are not clipped). DPM-Solver++ does this through its thresholding option.
@@ -147,33 +151,67 @@ def make_sampler(name: str, steps: int, prediction_type: str, clip_range: Option
                                             timestep_spacing="trailing", final_sigmas_type="zero")
     else:
         raise ValueError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
-    sched.set_timesteps(steps)
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    total = max(steps, round(steps / strength))
+    sched.set_timesteps(total)
+    if total > steps:
+        skip = total - steps
+        if hasattr(sched, "set_begin_index"):
+            # multistep solvers index their sigmas by step and must see the whole schedule (their
+            # last step is first order because it is the schedule's last): start at step ``skip``
+            sched.set_begin_index(skip)
+        else:                                            # DDPM, DDIM: a step is known by its t alone
+            sched.timesteps = sched.timesteps[skip:]
     return sched
+
+
+def run_timesteps(sampler) -> torch.Tensor:
+    """The timesteps a sampling loop visits: the schedule's, from its begin index when truncated."""
+    return sampler.timesteps[getattr(sampler, "begin_index", None) or 0:]
 
 
 class Denoiser:
     """``fn(x_t, t [B]) -> network output`` with classifier-free guidance folded in.
 
     ``cond_fn`` and ``uncond_fn`` map (x_t, t) to the network's output with and without the
-    condition; at ``scale`` != 1 both run (one batch, counted as two network evaluations) and
-    out = uncond + scale (cond - uncond) (Ho & Salimans 2021). ``nfe`` counts evaluations per
-    sample, the cost figure that sampler comparisons use.
+    condition; at ``scale`` != 1 both run and out = uncond + scale (cond - uncond) (Ho & Salimans
+    2021). ``joint_fn`` (x_t, t) -> (cond, uncond), when given, runs both in one call on a doubled
+    batch (:meth:`guided` builds it): one network call per step instead of two, which halves the
+    per-call fixed cost that dominates small-batch sampling on CPU. ``nfe`` counts evaluations per
+    sample (guidance's second pass counted either way), the cost figure sampler comparisons use.
     """
 
     def __init__(self, cond_fn: Callable, uncond_fn: Optional[Callable] = None, scale: float = 1.0,
-                 guided_channels: Optional[int] = None):
-        if scale != 1.0 and uncond_fn is None:
+                 guided_channels: Optional[int] = None, joint_fn: Optional[Callable] = None):
+        if scale != 1.0 and uncond_fn is None and joint_fn is None:
             raise ValueError("guidance needs an unconditional branch")
         self.cond_fn, self.uncond_fn, self.scale, self.nfe = cond_fn, uncond_fn, scale, 0
+        self.joint_fn = joint_fn
         self.k = guided_channels       # guide only these leading channels (the rest: learned variance, from cond)
 
+    @classmethod
+    def guided(cls, net: Callable, cond: tuple, uncond: tuple, scale: float,
+               guided_channels: Optional[int] = None) -> "Denoiser":
+        """Guidance of ``net(x_t, t, *condition)`` between the ``cond`` and ``uncond`` argument
+        tuples (tensors with the batch first), the two passes as one doubled batch."""
+        both = tuple(torch.cat([c, u]) for c, u in zip(cond, uncond))
+
+        def joint(x, t):
+            return net(torch.cat([x, x]), torch.cat([t, t]), *both).float().chunk(2)
+
+        return cls(lambda x, t: net(x, t, *cond).float(), lambda x, t: net(x, t, *uncond).float(), scale,
+                   guided_channels, joint_fn=joint)
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = self.cond_fn(x, t)
-        self.nfe += 1
         if self.scale == 1.0:
-            return out
-        out_u = self.uncond_fn(x, t)
-        self.nfe += 1
+            self.nfe += 1
+            return self.cond_fn(x, t)
+        self.nfe += 2
+        if self.joint_fn is not None:
+            out, out_u = self.joint_fn(x, t)
+        else:
+            out, out_u = self.cond_fn(x, t), self.uncond_fn(x, t)
         if self.k is not None and out.shape[1] > self.k:
             guided = out_u[:, :self.k] + self.scale * (out[:, :self.k] - out_u[:, :self.k])
             return torch.cat([guided, out[:, self.k:]], dim=1)
@@ -185,7 +223,7 @@ def sample_loop(denoiser: Callable, x_T: torch.Tensor, sampler, generator: Optio
                 on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
     """Run ``sampler`` from pure noise ``x_T`` to x_0; the same loop for every model and sampler."""
     x = x_T
-    for i, t in enumerate(sampler.timesteps):
+    for i, t in enumerate(run_timesteps(sampler)):
         tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
         out = denoiser(sampler.scale_model_input(x, t), tt)
         x = sampler.step(out, t, x, generator=generator).prev_sample

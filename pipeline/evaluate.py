@@ -12,6 +12,17 @@ Figures (``metrics/evaluate.json``, and MLflow):
 - ``ablation``: DALL-E 2 section 5.1 with the same captions, seeds and sampling budget:
   ``unclip`` (prior -> decoder), ``text_embedding`` (the decoder fed z_t in place of z_i, no
   prior) and ``caption_only`` (z_i dropped: the decoder's caption path alone);
+- ``background`` (in ``quality`` and every ``ablation`` variant): the background read from the
+  pixels outside the objects' boxes (``pipeline.background``): of the captions that name one,
+  the percent whose image shows it (``named_right``); its noise in 8-bit levels (``noise``, stray
+  pixels apart: ``stray``) and ``noise_ratio`` against the real test images of the same captions,
+  whose figures (and the reading's accuracy on them, ``read_right``) are ``background_real_images``;
+- ``diversity``: DALL-E 2's claim that unCLIP keeps more diversity than GLIDE at equal guidance
+  (``pipeline.diversity``): ``evaluate.diversity_seeds`` samples of each of
+  ``evaluate.diversity_prompts`` held-out captions (half one-object), their mean pairwise distance
+  in the judge's features and their judged fidelity, for ``unclip`` and ``caption_only`` at the
+  decoder's trained guidance, beside real renders of the same scenes (``real_images``);
+  ``bench/diversity_sweep.py`` sweeps the guidance;
 - ``bars``: the issue's targets, each with its figure and whether it is reached;
 - ``standard``: FID and KID through torchmetrics of the final images against the real test
   images (and FID's real-versus-real floor), in Inception-v3 when ``evaluate.inception_weights``
@@ -34,7 +45,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from . import tracking
+from . import background, diversity, tracking
 from .config import PriorConfig
 from .data.shards import shard_paths
 from .embeddings import load_split
@@ -54,6 +65,8 @@ BARS = (("single color", ("single", "color"), 95), ("single shape", ("single", "
         ("single position", ("single", "position"), 90), ("single size", ("single", "size"), 85),
         ("pair colors", ("pair", "colors"), 85), ("pair relation", ("pair", "relation"), 75))
 FD_FLOOR_FACTOR = 3.0
+BACKGROUND_NAMED_BAR = 95          # percent of the captions that name a background whose image shows it
+BACKGROUND_NOISE_FACTOR = 2.0      # the background's noise at most this times the real images' (floored)
 NFE_BUDGET = 40
 ABLATIONS = ("unclip", "text_embedding", "caption_only")
 
@@ -100,7 +113,43 @@ def bars(quality: dict, floor: float, nfe_total: int) -> dict:
     out["frechet within 3x floor"] = {"value": round(fd / floor, 2) if floor > 0 else None,
                                       "bar": FD_FLOOR_FACTOR, "ok": floor > 0 and fd <= FD_FLOOR_FACTOR * floor}
     out["network evaluations"] = {"value": nfe_total, "bar": NFE_BUDGET, "ok": nfe_total <= NFE_BUDGET}
+    bg = quality.get("background") or {}
+    named, ratio = bg.get("named_right"), bg.get("noise_ratio")
+    out["background named right"] = {"value": named, "bar": BACKGROUND_NAMED_BAR,
+                                     "ok": named is not None and named >= BACKGROUND_NAMED_BAR}
+    out["background noise within 2x real"] = {"value": ratio, "bar": BACKGROUND_NOISE_FACTOR,
+                                              "ok": ratio is not None and ratio <= BACKGROUND_NOISE_FACTOR}
     return out
+
+
+def diversity_figures(e, corpus, unclip, judge, captions: list, gts: list,
+                      size: int) -> tuple[dict, torch.Tensor, list]:
+    """``evaluate.diversity_seeds`` samples of each of ``evaluate.diversity_prompts`` of the captions
+    (half one-object) through unCLIP and the caption-only path, and as many real renders of each
+    caption's scene: diversity and fidelity of each (``pipeline.diversity``). Also a grid's rows:
+    per caption (the first 4 of each kind) its real renders, unCLIP's and caption-only's samples,
+    and those captions."""
+    pick = diversity.pick(range(len(captions)), gts, e.diversity_prompts)
+    caps, truths, k = [captions[i] for i in pick], [gts[i] for i in pick], e.diversity_seeds
+    out = {"n_prompts": len(pick), "n_single": sum(len(parse_gt(g)["objects"]) == 1 for g in truths),
+           "seeds": k, "seed": e.seed, "guidance": unclip.decoder_meta["info"]["sampling"]["guidance_scale"]}
+    images = {}
+    for variant in ("unclip", "caption_only"):
+        z_i = None
+        if variant == "caption_only":
+            z_i = torch.zeros_like(unclip.encode_text(caps[:1])[0]).expand(len(caps) * k, -1)
+        say("evaluate", f"diversity {variant}: {len(caps)} captions x {k} samples")
+        gen = unclip.generate(caps, n=k, seed=e.seed, batch_size=e.batch_size, z_i=z_i)
+        images[variant] = gen["images"]
+        out[variant] = diversity.figures(judge, gen["images"], truths, k) | {
+            "seconds_per_image": round(gen["seconds"] / (len(caps) * k), 3)}
+    images["real_images"] = diversity.render_real(truths, k, corpus, size, seed=e.seed)
+    out["real_images"] = diversity.figures(judge, images["real_images"], truths, k)
+    cap = out["caption_only"]["diversity"]
+    out["unclip_over_caption_only"] = round(out["unclip"]["diversity"] / cap, 3) if cap > 0 else None
+    shown = list(range(min(4, out["n_single"]))) + list(range(out["n_single"], len(pick)))[:4]
+    rows = torch.cat([images[v][p * k:(p + 1) * k] for p in shown for v in ("real_images", "unclip", "caption_only")])
+    return out, rows, [caps[p] for p in shown]
 
 
 def run(cfg, ws) -> dict:
@@ -129,6 +178,7 @@ def run(cfg, ws) -> dict:
     _, real_feats = judge.predict(test["images"][idx])
     _, floor_feats = judge.predict(val["images"][torch.tensor(floor_rows)])
     floor = round(frechet_distance(floor_feats, real_feats), 3)
+    real_background = background.figures(test["images"][idx], gts, captions, real=True)
 
     ablation, result, preds = {}, None, []
     for variant in ABLATIONS:
@@ -141,7 +191,8 @@ def run(cfg, ws) -> dict:
         out = unclip.generate(captions, n=1, seed=e.seed, batch_size=e.batch_size, z_i=z_i)
         ablation[variant] = score(judge, out["images"], gts, real_feats,
                                   preds=preds if variant == "unclip" else None) | {
-            "nfe_per_image": sum(out["nfe"].values()), "seconds_per_image": round(out["seconds"] / len(rows), 3)}
+            "nfe_per_image": sum(out["nfe"].values()), "seconds_per_image": round(out["seconds"] / len(rows), 3),
+            "background": background.figures(out["images"], gts, captions, real_noise=real_background["noise"])}
         if variant == "unclip":
             result = out
     quality = ablation["unclip"]
@@ -164,12 +215,15 @@ def run(cfg, ws) -> dict:
     standard["fid_floor_real_vs_real"] = fid_kid(
         extract(extractor, val["images"][torch.tensor(floor_rows)]), real_std, seed=e.seed, kid=False)["fid"]
     worst = worst_samples(preds, gts, e.n_worst)
+    spread, spread_rows, spread_captions = (diversity_figures(e, cfg.corpus, unclip, judge, captions, gts, size)
+                                            if e.diversity_prompts else (None, None, []))
     nfe_total = sum(result["nfe"].values())
     figures = {
         "n_captions": len(rows), "n_single": len(rows) - sum(len(parse_gt(g)["objects"]) == 2 for g in gts),
         "seed": e.seed, "sizes": unclip.sizes,
         "quality": quality, "frechet_floor_real_vs_real": floor, "quality_by_stage": by_stage,
         "ablation": ablation, "bars": bars(quality, floor, nfe_total),
+        "background_real_images": real_background,
         "judge_test_accuracy": judge.meta.get("info", {}).get("test_accuracy"),
         "standard": standard,
         "clip_score": clip_scores,
@@ -179,6 +233,8 @@ def run(cfg, ws) -> dict:
         "nfe_per_image": result["nfe"], "nfe_total": nfe_total,
         "seconds_per_image": round(result["seconds"] / len(rows), 3),
     }
+    if spread is not None:
+        figures["diversity"] = spread
     prior = unclip.prior_meta["config"]["prior"]
     test_sub = {k: (v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in rows]) for k, v in test.items()
                 if k != "n"} | {"n": len(rows)}
@@ -204,6 +260,13 @@ def run(cfg, ws) -> dict:
             save_png(grid(torch.cat(both), 8), out / "worst.png")
         (out / "worst.json").write_text(json.dumps(
             [w | {"caption": captions[w["index"]]} for w in worst], indent=1))
+        # diversity: per caption, its real renders, unCLIP's samples, caption-only's samples (a row each)
+        if spread_rows is not None and len(spread_rows):
+            labels = [f"{kind}: {c}" if kind == "real" else kind for c in spread_captions
+                      for kind in ("real", "unclip", "caption-only")]
+            save_png(grid(spread_rows, e.diversity_seeds, row_labels=labels), out / "diversity.png")
+            (out / "diversity_captions.json").write_text(json.dumps(
+                {"rows_per_caption": ["real_images", "unclip", "caption_only"], "captions": spread_captions}, indent=1))
     for png in sorted((ws.reports / "evaluate").glob("*.png")):
         tracking.log_artifact(png, "evaluate")
     flat = {f"{kind}_{k}": v for kind in ("single", "pair") for k, v in quality[kind].items() if k != "n"}
@@ -212,13 +275,23 @@ def run(cfg, ws) -> dict:
                          | {f"clip_score_{k}": v for k, v in clip_scores.items()}
                          | {"clip_score_real_images": figures["clip_score_real_images"], "nfe_total": nfe_total}
                          | {f"{extractor.name}_{k}": standard[k] for k in ("fid", "kid_mean", "fid_floor_real_vs_real")}
-                         | {f"prior_{k}": v for k, v in figures["prior"].items() if k.startswith("cos")})
+                         | {f"prior_{k}": v for k, v in figures["prior"].items() if k.startswith("cos")}
+                         | {f"background_{k}": v for k, v in quality["background"].items() if v is not None}
+                         | ({f"diversity_{v}_{k}": spread[v][k] for v in ("unclip", "caption_only", "real_images")
+                             for k in ("diversity", "fidelity") if spread[v][k] is not None} if spread else {}))
     missed = [k for k, b in figures["bars"].items() if not b["ok"]]
     s, p = quality["single"], quality["pair"]
     say("evaluate", f"{len(rows)} test captions: one object color {s['color']}% shape {s['shape']}% "
                     f"size {s['size']}% position {s['position']}%; two objects colors {p['colors']}% "
                     f"relation {p['relation']}%; FD {quality['frechet_distance']} (real vs real "
-                    f"{floor}); {nfe_total} network evaluations per image; "
+                    f"{floor}); background named right {quality['background']['named_right']}% "
+                    f"(n={quality['background']['n_named']}), noise {quality['background']['noise']} vs real "
+                    f"{real_background['noise']}; "
+                    + (f"diversity unCLIP {spread['unclip']['diversity']} (fidelity {spread['unclip']['fidelity']}%) "
+                       f"vs caption-only {spread['caption_only']['diversity']} "
+                       f"({spread['caption_only']['fidelity']}%), "
+                       f"real {spread['real_images']['diversity']}; " if spread else "")
+                    + f"{nfe_total} network evaluations per image; "
                     + (f"bars missed: {', '.join(missed)}" if missed else "every bar reached")
                     + f" -> {(ws.reports / 'evaluate').relative_to(ws.root)}/")
     return figures

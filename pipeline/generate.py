@@ -96,6 +96,7 @@ class Unclip:
                  prior_guidance: Optional[float] = None, n_candidates: Optional[int] = None,
                  sampler: Optional[str] = None, steps: Optional[int] = None, guidance: Optional[float] = None,
                  upsampler_sampler: Optional[str] = None, upsampler_steps: Optional[int] = None,
+                 upsampler_strength: Optional[float] = None,
                  z_i: Optional[torch.Tensor] = None, batch_size: int = 64) -> dict:
         """``n`` images per caption (caption-major order). Returns ``images`` (final, uint8
         [len(captions) * n, 3, H, W]), ``stages`` (uint8 images after each stage), ``z_i``, ``z_t`` and
@@ -126,7 +127,8 @@ class Unclip:
             for j, (model, meta) in enumerate(self.upsamplers, start=1):
                 x = torch.cat([up_diffusion.upsample(model, meta["info"], x[i:i + batch_size],
                                                      sampler=upsampler_sampler, steps=upsampler_steps,
-                                                     generator=gen).float()
+                                                     strength=upsampler_strength,
+                                                     generator=gen, z_i=z_i[i:i + batch_size]).float()
                                for i in range(0, len(captions), batch_size)])
                 stages.append(to_uint8(x.cpu()))
                 nfe[f"upsampler_{j}"] = (upsampler_steps or meta["info"]["sampling"]["steps"])

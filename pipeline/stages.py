@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import resource
+import sys
 import time
 from typing import Callable
 
@@ -46,13 +48,22 @@ def stage_function(name: str) -> Callable[[Config, Workspace], dict]:
     return fn
 
 
+def peak_rss_mb() -> dict:
+    """Peak resident memory in MiB of this process (so far: a CLI or DVC stage is one process) and
+    of the largest of its finished children (DataLoader workers, img2dataset's processes)."""
+    kib = 1 if sys.platform != "darwin" else 1 / 1024          # ru_maxrss: KiB on Linux, bytes on macOS
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kib
+    return {"process": round(own / 1024, 1), "largest_child": round(children / 1024, 1)}
+
+
 def run_stage(name: str, cfg: Config, ws: Workspace) -> dict:
     fn = stage_function(name)
     with tracking.stage_run(cfg, ws.root, name) as run:
         t0 = time.perf_counter()
         metrics = fn(cfg, ws)
         metrics = {"stage": name, "profile": cfg.profile, **metrics,
-                   "duration_s": round(time.perf_counter() - t0, 2)}
+                   "duration_s": round(time.perf_counter() - t0, 2), "peak_rss_mb": peak_rss_mb()}
         path = ws.metrics_path(name)
         atomic_write_json(path, metrics)
         tracking.log_metrics(metrics)

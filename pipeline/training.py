@@ -9,11 +9,15 @@ of training on into a NaN model.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import copy
 import hashlib
+import itertools
 import json
 import math
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,13 +79,92 @@ class Checkpointer:
         self.path.unlink(missing_ok=True)
 
 
+# What "auto" resolved to for the training loop running in this context (set by ``measured_precision``)
+_AUTO = contextvars.ContextVar("unclip_auto_precision", default=None)
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast where the hardware has it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs)."""
+    """Whether to autocast to bf16. "bf16"/"fp32" as given. "auto": inside a training loop, what
+    :func:`choose_precision` measured for it; elsewhere (sampling), bf16 where the hardware has it
+    natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs)."""
     if precision != "auto":
         return precision == "bf16"
+    if _AUTO.get() is not None:
+        return _AUTO.get() == "bf16"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return native_cpu_bf16()
+
+
+@contextlib.contextmanager
+def resolved_precision(choice: Optional[str]):
+    """Within this context ``precision: auto`` means ``choice`` ("bf16" or "fp32"; None: the flags)."""
+    token = _AUTO.set(choice)
+    try:
+        yield
+    finally:
+        _AUTO.reset(token)
+
+
+def machine_signature(device: torch.device) -> str:
+    """What a precision timing depends on besides the model: the processor, threads and torch."""
+    if device.type == "cuda":
+        chip = torch.cuda.get_device_name(device)
+    else:
+        chip = platform.processor() or platform.machine()
+        try:
+            chip = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    return f"{chip} | {device.type} | threads {torch.get_num_threads()} | torch {torch.__version__}"
+
+
+def choose_precision(precision: str, model: torch.nn.Module, loss_fn: Callable, batch, *, key: Any,
+                     cache: Optional[Path] = None, repeats: int = 3) -> dict:
+    """Resolve ``precision`` for training ``model``: "bf16"/"fp32" as given; "auto": fp32 where the
+    hardware has no native bf16, else the faster of the two measured on the stage's own step.
+
+    Whether bf16 pays is a measurement, not a flag: on CPUs with AVX512-BF16 but no AMX, autocast's
+    casts can cost more than the matmuls save for small networks. The step (forward, loss and
+    backward on ``batch``, on a copy of the model, with the RNG state restored afterwards, so the
+    run that follows is the same whether the timing ran or came from the cache) is timed
+    ``repeats`` times per precision, interleaved, after one warm-up each; the median decides.
+    The result is cached in ``cache`` (a JSON file) under the machine and ``key`` (the model's
+    config and batch size). Returns {"choice", "why", and the timings "bf16_s", "fp32_s"}."""
+    device = next(model.parameters()).device
+    if precision != "auto":
+        return {"choice": precision, "why": "set in params.yaml"}
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else native_cpu_bf16()
+    if not native:
+        return {"choice": "fp32", "why": "no native bf16 on this machine (emulated bf16 is slower)"}
+    entry = f"{machine_signature(device)} | {config_hash(key)}"
+    store = json.loads(cache.read_text()) if cache is not None and cache.exists() else {}
+    if entry in store:
+        return store[entry] | {"cached": True}
+    probe = copy.deepcopy(model).train()
+    times: dict[str, list[float]] = {"bf16": [], "fp32": []}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for rep in range(repeats + 1):
+            for choice in times:
+                with resolved_precision(choice):
+                    t0 = time.perf_counter()
+                    loss_fn(probe, batch).backward()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    if rep:                                  # the first round warms up
+                        times[choice].append(time.perf_counter() - t0)
+                probe.zero_grad(set_to_none=True)
+    med = {c: statistics.median(t) for c, t in times.items()}
+    choice = min(med, key=med.get)
+    result = {"choice": choice, "why": f"measured: forward+backward {med['bf16']:.3f} s in bf16, "
+                                       f"{med['fp32']:.3f} s in fp32", "bf16_s": round(med["bf16"], 4),
+              "fp32_s": round(med["fp32"], 4)}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(store | {entry: result}, indent=1))
+        os.replace(tmp, cache)
+    return result | {"cached": False}
 
 
 def native_cpu_bf16() -> bool:
@@ -121,7 +204,8 @@ def fit(model: torch.nn.Module, optimizer, scheduler, batches: Iterable, loss_fn
         checkpointer: Optional[Checkpointer] = None, grad_clip: Optional[float] = None, desc: str = "train",
         log_every: int = 10, on_log: Optional[Callable[[int, dict], None]] = None,
         after_step: Optional[Callable[[int], None]] = None, ema=None, accelerator=None,
-        on_nonfinite: str = "stop", max_skipped: int = 20) -> dict:
+        on_nonfinite: str = "stop", max_skipped: int = 20, precision: Optional[str] = None,
+        precision_cache: Optional[Path] = None) -> dict:
     """Train to ``steps`` optimizer steps (resuming if a checkpoint exists). Returns a summary.
 
     ``ema``: a diffusers ``EMAModel`` over ``model``'s parameters, updated after every step and
@@ -129,7 +213,40 @@ def fit(model: torch.nn.Module, optimizer, scheduler, batches: Iterable, loss_fn
     its own ``batches``, gradients are averaged, the main process checkpoints and reports).
     ``on_nonfinite``: "stop" raises :class:`NonFiniteLoss`; "skip" drops the step (no update,
     counted in the summary) and stops only after ``max_skipped`` of them.
+    ``precision``: the config's setting, which ``loss_fn`` passes to :func:`autocast`; "auto" is
+    resolved by timing the step itself on the first batch (:func:`choose_precision`, cached in
+    ``precision_cache``) and the summary says what was chosen and why.
     """
+    it = iter(batches)
+    chosen = None
+    if precision is not None:
+        first = next(it)
+        chosen = choose_precision(precision, model, loss_fn, first, cache=precision_cache,
+                                  key={"desc": desc, "params": sum(p.numel() for p in model.parameters()),
+                                       "shapes": _shapes(first)})
+        it = itertools.chain([first], it)
+        print(f"[{desc}] precision {chosen['choice']}: {chosen['why']}", flush=True)
+    with resolved_precision(chosen["choice"] if chosen else None):
+        summary = _fit(model, optimizer, scheduler, it, loss_fn, steps=steps, checkpointer=checkpointer,
+                       grad_clip=grad_clip, desc=desc, log_every=log_every, on_log=on_log, after_step=after_step,
+                       ema=ema, accelerator=accelerator, on_nonfinite=on_nonfinite, max_skipped=max_skipped)
+    return summary | ({"precision": chosen} if chosen else {})
+
+
+def _shapes(batch) -> Any:
+    """The tensor shapes of a batch (a tensor, or a tuple/list/dict of them): part of a timing's key."""
+    if isinstance(batch, torch.Tensor):
+        return list(batch.shape)
+    if isinstance(batch, dict):
+        return {k: _shapes(v) for k, v in batch.items() if isinstance(v, (torch.Tensor, dict, list, tuple))}
+    if isinstance(batch, (list, tuple)):
+        return [_shapes(v) for v in batch if isinstance(v, (torch.Tensor, dict, list, tuple))]
+    return None
+
+
+def _fit(model, optimizer, scheduler, it, loss_fn, *, steps, checkpointer, grad_clip, desc, log_every, on_log,
+         after_step, ema, accelerator, on_nonfinite, max_skipped) -> dict:
+    """:func:`fit`'s loop over the batch iterator ``it``."""
     if on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
     start = 0
@@ -144,7 +261,6 @@ def fit(model: torch.nn.Module, optimizer, scheduler, batches: Iterable, loss_fn
     if accelerator is not None:
         train_model, optimizer = accelerator.prepare(model, optimizer)
     train_model.train()
-    it = iter(batches)
     bar = progress(total=steps, desc=desc, unit="step", disable=not main)
     bar.update(start)
     t0, losses, last, skipped = time.perf_counter(), [], float("nan"), 0
@@ -201,6 +317,23 @@ def fit(model: torch.nn.Module, optimizer, scheduler, batches: Iterable, loss_fn
             "train_seconds": round(elapsed, 1), "steps_per_s": round(ran / elapsed, 3) if elapsed > 0 else None}
 
 
+def build_optimizer(model: torch.nn.Module, tc):
+    """The diffusion models' optimizer, lr schedule and EMA from their ``TrainConfig`` ``tc``:
+    fused AdamW (no decay on biases and norms), linear warmup + cosine decay to 0.1 x lr, and
+    diffusers' ``EMAModel``. Its ``foreach`` updates did not pay on the decoder (a step 1.02x
+    either way, bench/train_levers.py): the EMA is ~5 ms of a ~115 ms step on 2 CPU cores."""
+    from diffusers.training_utils import EMAModel
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in name or name.endswith("bias") else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, fused=True)
+    scheduler = cosine_with_warmup(optimizer, tc.warmup_steps, tc.steps, floor=0.1)
+    ema = EMAModel(model.parameters(), decay=tc.ema_decay)
+    return optimizer, scheduler, ema
+
+
 def train_diffusion_model(model: torch.nn.Module, tc, make_batches: Callable[[int, int], Iterable],
                           loss_fn: Callable, *, checkpoint_dir: Path, key: Any, desc: str,
                           on_log: Optional[Callable[[int, dict], None]] = None, warm=None) -> tuple[dict, Any]:
@@ -214,7 +347,6 @@ def train_diffusion_model(model: torch.nn.Module, tc, make_batches: Callable[[in
 
     On return ``model`` holds the EMA weights (what sampling uses). Returns (summary, accelerator).
     """
-    from diffusers.training_utils import EMAModel
     from safetensors.torch import load_file
 
     if warm is not None:
@@ -224,17 +356,12 @@ def train_diffusion_model(model: torch.nn.Module, tc, make_batches: Callable[[in
         print(f"[{desc}] continuing: {warm.why}", flush=True)
     accelerator = make_accelerator()
     model.to(accelerator.device)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "norm" in name or name.endswith("bias") else decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, fused=True)
-    scheduler = cosine_with_warmup(optimizer, tc.warmup_steps, tc.steps, floor=0.1)
-    ema = EMAModel(model.parameters(), decay=tc.ema_decay)
+    optimizer, scheduler, ema = build_optimizer(model, tc)
     ckpt = Checkpointer(checkpoint_dir, config_hash(key), every=tc.checkpoint_every)
     summary = fit(model, optimizer, scheduler, make_batches(accelerator.process_index, accelerator.num_processes),
                   loss_fn, steps=tc.steps, checkpointer=ckpt, grad_clip=tc.grad_clip, desc=desc, on_log=on_log,
-                  ema=ema, accelerator=accelerator, on_nonfinite=tc.on_nonfinite)
+                  ema=ema, accelerator=accelerator, on_nonfinite=tc.on_nonfinite, precision=tc.precision,
+                  precision_cache=Path(checkpoint_dir).parent / "precision.json")
     if accelerator.is_main_process:
         ckpt.clear()
     ema.copy_to(model.parameters())

@@ -85,6 +85,27 @@ def test_guidance_combines_conditional_and_unconditional():
     assert torch.allclose(out, torch.full((2, 3), 4.0)) and d.nfe == 2            # 1 + 3 * (2 - 1)
 
 
+def test_guidance_in_one_doubled_batch_equals_two_passes():
+    m, (z_i, tokens, mask) = net(), cond()
+    no = torch.ones(B, dtype=torch.bool)
+    empty = dd.drop(z_i, tokens, mask, no, no)
+    x, t = torch.randn(B, 3, S, S), torch.tensor([5, 500, 900])
+    joint = Denoiser.guided(m, (z_i, tokens, mask), empty, 2.5)
+    two = Denoiser(lambda x, t: m(x, t, z_i, tokens, mask), lambda x, t: m(x, t, *empty), 2.5)
+    assert torch.allclose(joint(x, t), two(x, t), atol=1e-5)
+    assert joint.nfe == two.nfe == 2        # the second pass counts, batched or not
+
+
+def test_attention_heads_have_head_dim_dimensions_and_norm_groups_keep_channels_together():
+    # diffusers reads attention_head_dim as the number of heads: 32 of 4 dimensions unless corrected
+    m = UnclipDecoder(image_size=16, embed_dim=D, text_width=W, block_out_channels=[32, 64, 128],
+                      attention=[False, False, True], head_dim=32, cross_attention_dim=32)
+    attn = [a for a in m.modules() if type(a).__name__ == "Attention"]
+    assert attn and all(a.heads == 4 and a.inner_dim // a.heads == 32 for a in attn)
+    norms = [g for g in m.unet.modules() if isinstance(g, torch.nn.GroupNorm)]
+    assert norms and min(g.num_channels // g.num_groups for g in norms) >= 4     # never instance norm
+
+
 def test_ddim_with_a_perfect_denoiser_recovers_x0():
     # if the network predicted the true noise exactly, DDIM (eta = 0) lands on x0
     sched = noise_schedule("epsilon")

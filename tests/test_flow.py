@@ -113,11 +113,23 @@ def test_generative_half_trained_and_evaluated(flow_runs):
         floor > 0 and ev["quality"]["frechet_distance"] <= 3 * floor)
     assert ev["bars"]["network evaluations"]["value"] == ev["nfe_total"]
     assert ev["ablation"]["text_embedding"]["nfe_per_image"] < ev["ablation"]["unclip"]["nfe_per_image"]
+    # the background read from pixels (right on every real test image) and its noise; diversity
+    real_bg = ev["background_real_images"]
+    assert real_bg["read_right"] == 100.0 and 0 <= real_bg["noise"] < 1.5
+    for figures in ev["ablation"].values():
+        bg = figures["background"]
+        assert bg["noise_ratio"] == pytest.approx(bg["noise"] / max(real_bg["noise"], 1.0), abs=1e-3)
+        assert (bg["named_right"] is None) == (bg["n_named"] == 0)
+    assert {"background named right", "background noise within 2x real"} <= set(ev["bars"])
+    div = ev["diversity"]
+    assert (div["n_prompts"], div["n_single"], div["seeds"]) == (2, 1, 2) and div["real_images"]["diversity"] > 0
+    assert all(div[v]["diversity"] >= 0 and 0 <= div[v]["fidelity"] <= 100 for v in ("unclip", "caption_only"))
     judge = json.loads(ws.metrics_path("judge").read_text())
     assert judge["n_test"] > 0 and set(judge["test_accuracy"]) >= {"color", "shape", "size", "position"}
     assert (ws.judge / "model.safetensors").exists()
     assert {p.name for p in (ws.reports / "evaluate").glob("*.png")} >= {
-        "prompts_decoder.png", "prompts_upsample_1.png", "prompts_upsample_2.png", "test_real_vs_generated.png"}
+        "prompts_decoder.png", "prompts_upsample_1.png", "prompts_upsample_2.png", "test_real_vs_generated.png",
+        "diversity.png"}
 
 
 def test_reports_compare_and_dvc_metrics_diff_as_a_reviewer_sees_them(flow_runs, tmp_path, monkeypatch):
@@ -311,6 +323,38 @@ def test_decoder_variant_bench_trains_and_judges_without_touching_the_workspace(
                          text=True, timeout=300)
     assert bad.returncode != 0 and "decoder.steps" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_binding_bench_tables_the_chain_without_touching_the_workspace(flow_runs, tmp_path):
+    import hashlib
+    import subprocess
+    import sys
+    ws, _, _ = flow_runs
+    models = sorted(p for p in (ws.root / "models").rglob("*") if p.is_file())
+    state = lambda: {p: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) for p in models}  # noqa: E731
+    before = state()
+    out = tmp_path / "binding.json"
+    cmd = [sys.executable, str(REPO / "bench" / "binding.py"), "--workspace", str(ws.root), "--n", "3",
+           "--batch-size", "2", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    fig = json.loads(out.read_text())
+    table = fig["table"]
+    assert fig["rows"] == ["real_images", "z_t", "z_i", "z_i_hat", "decoder_true_z_i", "decoder_z_i_hat", "cascade"]
+    assert set(table) == set(fig["rows"])                            # the JSON's keys are sorted; "rows" keeps the order
+    assert fig["n_asked"] == 3 and fig["n"] == 3                     # the smoke test split holds at least 3 two-object scenes
+    assert fig["n_candidates_per_scene"] == 3 + 2 * 6                # true, swapped, reversed, 12 colors replaced
+    for name, row in table.items():
+        assert row["n"] == fig["n"], name                            # every link on the same scenes
+        assert row["reader"] == ("clip zero-shot" if name.startswith("z_") else "judge")
+        for col in ("colors", "binding", "relation", "all"):
+            assert 0 <= row[col]["value"] <= 100 and 0 <= row[col]["se"] <= 50, (name, col)
+    assert table["z_i"]["cos_to_z_i"] is None and -1 <= table["z_i_hat"]["cos_to_z_i"]["value"] <= 1
+    ex = fig["example_counterfactuals"]
+    assert len(ex["color_replaced"]) == 12 and len({ex["true"], ex["colors_swapped"], ex["relation_reversed"]}) == 3
+    assert "true z_i" in done.stdout and "cascade" in done.stdout    # the printed table
+    assert state() == before                                         # models read, never written
+    assert not (ws.reports / "bench").exists()
 
 
 def test_new_pairs_crawl_filter_and_embed_alone_and_training_continues(flow_runs, monkeypatch):

@@ -141,3 +141,43 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it_natively():
         pytest.skip("the CPU flags are read from Linux's /proc/cpuinfo on x86")
     flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
     assert native_cpu_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def noisy_mse(model, batch):
+    """A loss that draws from the global RNG (as the diffusion losses draw t and noise)."""
+    x, y = batch
+    from pipeline.training import autocast
+    with autocast("auto", x.device):
+        out = model(x + 0.01 * torch.randn(x.shape))
+    return torch.nn.functional.mse_loss(out.float(), y)
+
+
+def test_auto_precision_is_measured_cached_and_leaves_the_run_unchanged(tmp_path, monkeypatch):
+    import pipeline.training as training
+    monkeypatch.setattr(training, "native_cpu_bf16", lambda: True)     # as on an AVX512-BF16 machine
+    cache = tmp_path / "precision.json"
+    runs = []
+    for _ in range(2):                                   # measured, then from the cache
+        model, opt, sched = setup()
+        summary = fit(model, opt, sched, batches(), noisy_mse, steps=5, precision="auto", precision_cache=cache)
+        runs.append((summary, model.weight.detach().clone()))
+    (first, w1), (second, w2) = runs
+    assert first["precision"]["choice"] in ("bf16", "fp32") and first["precision"]["cached"] is False
+    assert first["precision"]["bf16_s"] > 0 and first["precision"]["fp32_s"] > 0
+    assert second["precision"] == first["precision"] | {"cached": True}
+    assert torch.equal(w1, w2)          # the timing consumed no randomness of the run
+    # a setting in params.yaml is taken as it is; no native bf16: fp32 without timing anything
+    model, opt, sched = setup()
+    assert fit(model, opt, sched, batches(), mse, steps=1, precision="fp32")["precision"]["choice"] == "fp32"
+    monkeypatch.setattr(training, "native_cpu_bf16", lambda: False)
+    got = training.choose_precision("auto", model, mse, next(batches()), key="k", cache=tmp_path / "other.json")
+    assert got["choice"] == "fp32" and "no native bf16" in got["why"] and not (tmp_path / "other.json").exists()
+
+
+def test_auto_precision_decides_autocast_inside_the_loop_only():
+    from pipeline.training import resolved_precision, use_bf16
+    cpu = torch.device("cpu")
+    with resolved_precision("fp32"):
+        assert not use_bf16("auto", cpu) and use_bf16("bf16", cpu)
+    with resolved_precision("bf16"):
+        assert use_bf16("auto", cpu) and not use_bf16("fp32", cpu)

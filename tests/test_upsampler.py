@@ -51,6 +51,36 @@ def test_network_is_fully_convolutional():
     assert norm_groups([8, 16]) == 2 and norm_groups([2, 4]) == 1
 
 
+def test_conditioned_upsampler_sees_z_i_and_needs_it():
+    torch.manual_seed(0)
+    m = Upsampler(**ARCH, embed_dim=8).eval()
+    x, t, low = torch.randn(2, 3, 16, 16), torch.tensor([10, 500]), torch.randn(2, 3, 16, 16)
+    z = F.normalize(torch.randn(2, 8), dim=-1)
+    assert not torch.allclose(m(x, t, low, z), m(x, t, low, torch.zeros_like(z)))
+    with pytest.raises(ValueError, match="z_i"):
+        m(x, t, low)
+    with pytest.raises(ValueError, match="z_i"):
+        diffusion.upsample(m, INFO, torch.zeros(2, 3, 8, 8))
+    out = diffusion.upsample(m, INFO, torch.zeros(2, 3, 8, 8), z_i=z, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 16, 16)
+    # training: the loss reaches z_i's projection; dropped embeddings are zeros
+    loss = diffusion.training_loss(m.train(), shapes(b=2), low, noise_schedule("v_prediction"), z_i=z,
+                                   p_drop_image=0.5, generator=torch.Generator().manual_seed(1))
+    loss.backward()
+    assert m.embed_proj.linear_1.weight.grad.abs().sum() > 0
+    # the unconditioned network ignores z_i (the paper's upsampler)
+    plain = net()
+    assert torch.equal(plain(x, t, low, z), plain(x, t, low))
+
+
+def test_training_pairs_carry_z_i_for_a_conditioned_upsampler():
+    pairs = TrainingPairs("blur", 8, 16, 8, seed=0)
+    imgs = [((shapes(seed=i, b=1)[0] + 1) * 127.5).round().to(torch.uint8) for i in range(3)]
+    z = [torch.full((8,), float(i)) for i in range(3)]
+    x0, low, z_i = pairs(list(zip(imgs, z)))
+    assert x0.shape == low.shape == (3, 3, 8, 8) and torch.equal(z_i, torch.stack(z))
+
+
 @pytest.mark.parametrize("kind", ["blur", "bsr"])
 def test_degradation_shape_range_determinism_and_effect(kind):
     low = shapes(b=6, size=16)
@@ -79,6 +109,36 @@ def test_training_pairs_crop_target_and_condition_at_the_same_place():
     diff = (x0.float() - cond.float()).abs().mean()
     assert 0 < diff < 40
     assert torch.equal(x0, TrainingPairs("blur", 8, 16, crop=8, seed=0)(images)[0])
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_strength_truncates_the_schedule_and_starts_near_the_condition(sampler):
+    from pipeline.diffusion import make_sampler
+    full = make_sampler(sampler, 4, "v_prediction")
+    half = make_sampler(sampler, 4, "v_prediction", strength=0.5)
+    from pipeline.diffusion import run_timesteps
+    assert len(run_timesteps(half)) == 4 and int(run_timesteps(full)[0]) == 999
+    assert torch.equal(run_timesteps(half), make_sampler(sampler, 8, "v_prediction").timesteps[4:])
+    with pytest.raises(ValueError, match="strength"):
+        make_sampler(sampler, 4, "v_prediction", strength=0)
+    # a network that predicts v = 0 (x0 = the noised input, scaled): from a low strength the
+    # output stays near the bicubic upsample it started from; from pure noise it does not
+    class ZeroV(torch.nn.Module):
+        multiple = 2
+
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, t, cond, z_i=None):
+            return torch.zeros_like(x)
+
+    low = shapes(b=2, size=8)
+    info = INFO | {"prediction_type": "v_prediction", "sampling": {"sampler": sampler, "steps": 2}}
+    near = diffusion.upsample(ZeroV(), info, low, strength=0.05, generator=torch.Generator().manual_seed(0))
+    far = diffusion.upsample(ZeroV(), info, low, generator=torch.Generator().manual_seed(0))
+    assert near.shape == (2, 3, 16, 16) and torch.isfinite(near).all()
+    assert (near - resize(low, 16)).abs().mean() < 0.1 < (far - resize(low, 16)).abs().mean()
 
 
 def test_sizes_of_the_chain_and_crops():

@@ -95,10 +95,10 @@ def no_caption(unclip: Unclip, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros_like(tokens).expand(b, -1, -1), torch.zeros_like(mask).expand(b, -1)
 
 
-def upsample_chain(unclip: Unclip, x: torch.Tensor, generator: torch.Generator,
+def upsample_chain(unclip: Unclip, x: torch.Tensor, generator: torch.Generator, z_i: torch.Tensor,
                    keep: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> list[torch.Tensor]:
-    """Decoder output [B, 3, S, S] in [-1, 1] through every upsampler -> uint8 images after each
-    stage. ``keep`` = (original float images, mask with 1 where kept): after every stage the kept
+    """Decoder output [B, 3, S, S] in [-1, 1], decoded from z_i [B, D], through every upsampler
+    (a conditioned one also sees z_i) -> uint8 images after each stage. ``keep`` = (original float images, mask with 1 where kept): after every stage the kept
     region is the original at that resolution, so nothing outside an inpainting mask changes."""
     def composite(img: torch.Tensor) -> torch.Tensor:
         if keep is None:
@@ -109,7 +109,7 @@ def upsample_chain(unclip: Unclip, x: torch.Tensor, generator: torch.Generator,
 
     stages = [to_uint8(composite(x).cpu())]
     for model, meta in unclip.upsamplers:
-        x = up_diffusion.upsample(model, meta["info"], composite(x), generator=generator).float()
+        x = up_diffusion.upsample(model, meta["info"], composite(x), generator=generator, z_i=z_i).float()
         stages.append(to_uint8(composite(x).cpu()))
     return stages
 
@@ -131,9 +131,9 @@ def vary(unclip: Unclip, images: torch.Tensor, *, seed: int = 0, etas: Sequence[
     rep = lambda t: t.repeat_interleave(n, 0)          # noqa: E731  n per image, image-major
     for eta in etas:
         x = lat.decode(rep(lat.z_i), rep(lat.x_T), eta=eta, generator=gen)
-        out["by_eta"][float(eta)] = upsample_chain(unclip, x, gen)[-1]
+        out["by_eta"][float(eta)] = upsample_chain(unclip, x, gen, rep(lat.z_i))[-1]
     fresh = lat.decode(rep(lat.z_i), randn(rep(lat.x_T).shape, gen, unclip.device), generator=gen)
-    out["fresh"] = upsample_chain(unclip, fresh, gen)[-1]
+    out["fresh"] = upsample_chain(unclip, fresh, gen, rep(lat.z_i))[-1]
     return out
 
 
@@ -158,7 +158,7 @@ def interpolate(unclip: Unclip, image_a: torch.Tensor, image_b: torch.Tensor, *,
         x_T = randn(lat.x_T[:1].shape, gen, unclip.device).expand(frames, -1, -1, -1)
     tokens, mask = no_caption(unclip, frames)
     x = inversion.sample(unclip.decoder, x_T, z, tokens, mask, prediction_type=lat.prediction_type, steps=steps)
-    return {"frames": upsample_chain(unclip, x, gen)[-1], "z_i": z.cpu(), "t": ts}
+    return {"frames": upsample_chain(unclip, x, gen, z)[-1], "z_i": z.cpu(), "t": ts}
 
 
 # ---- 3. text diffs ----------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def textdiff(unclip: Unclip, images: torch.Tensor, before: Sequence[str], after:
     for theta in thetas:
         z = F.normalize(slerp(lat.z_i, z_d, float(theta)), dim=-1)
         x = lat.decode(z, lat.x_T, caption=cond, guidance=guidance)
-        out["by_theta"][float(theta)] = upsample_chain(unclip, x, gen)[-1]
+        out["by_theta"][float(theta)] = upsample_chain(unclip, x, gen, z)[-1]
     return out
 
 
@@ -214,7 +214,7 @@ def inpaint(unclip: Unclip, images: torch.Tensor, masks: torch.Tensor, captions:
                          prediction_type=unclip.decoder_meta["info"]["prediction_type"], steps=steps,
                          guidance_scale=ds["guidance_scale"] if guidance is None else guidance, eta=1.0,
                          generator=gen, known=resize(orig, size), known_mask=known_mask)
-    stages = upsample_chain(unclip, x, gen, keep=(orig, keep.to(dev)))
+    stages = upsample_chain(unclip, x, gen, z_i, keep=(orig, keep.to(dev)))
     final = stages[-1]
     if final.shape[-1] == images.shape[-1]:
         # exactly the input outside the mask (the resampled masks above are for the lower stages)

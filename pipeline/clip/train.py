@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from open_clip.loss import ClipLoss
 
-from ..training import Checkpointer, attention_kernel, config_hash, cosine_with_warmup, fit, use_bf16
+from ..training import Checkpointer, autocast, config_hash, cosine_with_warmup, fit
 from .data import train_loader
 from .model import ClipBundle, build, device_of
 
@@ -43,11 +43,9 @@ def train(clip_cfg, shard_paths: list[Path], scratch: Path, checkpoint_dir: Path
                           clip_cfg.seed, bundle.image_size)
     contrastive = ClipLoss()
 
-    autocast = use_bf16(clip_cfg.precision, device)
-
     def loss_fn(model, batch):
         images, tokens = batch                              # uint8 [B,3,S,S], int64 [B,L]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), attention_kernel(device):
+        with autocast(clip_cfg.precision, device):
             z_i = model.encode_image(bundle.preprocess(images.to(device)), normalize=True)
             z_t = model.encode_text(tokens.to(device), normalize=True)
         return contrastive(z_i.float(), z_t.float(), model.logit_scale.exp())
@@ -59,7 +57,8 @@ def train(clip_cfg, shard_paths: list[Path], scratch: Path, checkpoint_dir: Path
 
     ckpt = Checkpointer(checkpoint_dir, config_hash(clip_cfg.model_dump(mode="json")), every=100)
     summary = fit(model, optimizer, scheduler, loader, loss_fn, steps=clip_cfg.steps, checkpointer=ckpt,
-                  grad_clip=clip_cfg.grad_clip, desc="clip: train", on_log=on_log, after_step=clamp_temperature)
+                  grad_clip=clip_cfg.grad_clip, desc="clip: train", on_log=on_log, after_step=clamp_temperature,
+                  precision=clip_cfg.precision, precision_cache=Path(checkpoint_dir).parent / "precision.json")
     ckpt.clear()
     model.eval()
     summary["logit_scale"] = round(model.logit_scale.exp().item(), 2)

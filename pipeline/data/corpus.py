@@ -151,6 +151,36 @@ def sample_scene(seed: int, scene_id: int, two_object_fraction: float) -> Scene:
     return Scene(scene_id, background, [_object(rng, c0, *p0), _object(rng, c1, *p1)], relation)
 
 
+def scene_from_ground_truth(gt: dict, rng: Optional[np.random.Generator] = None) -> Scene:
+    """The scene a ground-truth dict (``Scene.ground_truth()``, as the pairs and shards store it)
+    describes, to draw again with ``render``.
+
+    Without ``rng``: the stored centres and rotations, each object in its color's base RGB (the
+    ground truth does not keep the jittered RGB, so this is not the corpus's image byte for
+    byte). With ``rng``: another draw of the same scene under the corpus's jitter, i.e. another
+    real image of the same caption: a one-object scene's centre anew within ``CENTER_JITTER`` of
+    its named grid cell, a two-object scene's centres within ``CENTER_JITTER`` of the stored ones
+    (the relation still holds), and every object's color (``COLOR_JITTER``) and rotation
+    (``ROTATION_JITTER``) drawn anew. Colors, shapes, sizes, positions, relation and background
+    are the ground truth's.
+    """
+    objects = []
+    single = len(gt["objects"]) == 1
+    for o in gt["objects"]:
+        x, y, rotation, rgb = float(o["x"]), float(o["y"]), float(o.get("rotation", 0.0)), COLORS[o["color"]]
+        if rng is not None:
+            if single:
+                cell = POSITIONS.index(o["position"])
+                x, y = GRID[cell % 3], GRID[cell // 3]
+            x = x + rng.uniform(-CENTER_JITTER, CENTER_JITTER)
+            y = y + rng.uniform(-CENTER_JITTER, CENTER_JITTER)
+            rotation = float(rng.uniform(-ROTATION_JITTER, ROTATION_JITTER))
+            rgb = _jitter_rgb(rng, rgb)
+        objects.append(Obj(color=o["color"], shape=o["shape"], size=o["size"], position=o["position"],
+                           x=float(x), y=float(y), rotation=rotation, rgb=tuple(rgb)))
+    return Scene(int(gt.get("scene_id", -1)), gt["background"], objects, gt.get("relation"))
+
+
 def caption(scene: Scene, rng) -> str:
     return re.sub(r"\ba (?=[aeiou])", "an ", _caption(scene, rng))   # "an orange circle"
 

@@ -69,8 +69,7 @@ def sample(model, z_i: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, *
     b = z_i.shape[0]
     no = torch.ones(b, dtype=torch.bool, device=z_i.device)
     empty = drop(z_i, tokens, mask, no, no)
-    denoiser = Denoiser(lambda x, t: model(x, t, z_i, tokens, mask).float(),
-                        lambda x, t: model(x, t, *empty).float(), guidance_scale, guided_channels=3)
+    denoiser = Denoiser.guided(model, (z_i, tokens, mask), empty, guidance_scale, guided_channels=3)
     learned = getattr(model, "learned_variance", False)
     step_fn = denoiser
     if learned and sampler != "ddpm":

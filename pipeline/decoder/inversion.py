@@ -46,8 +46,7 @@ def _denoiser(model, z_i, tokens, mask, guidance_scale: float) -> Denoiser:
     b = z_i.shape[0]
     no = torch.ones(b, dtype=torch.bool, device=z_i.device)
     empty = drop(z_i, tokens, mask, no, no)
-    return Denoiser(lambda x, t: model(x, t, z_i, tokens, mask)[:, :3].float(),
-                    lambda x, t: model(x, t, *empty)[:, :3].float(), guidance_scale)
+    return Denoiser.guided(lambda *a: model(*a)[:, :3], (z_i, tokens, mask), empty, guidance_scale)
 
 
 def _alpha(t: int, device) -> torch.Tensor:

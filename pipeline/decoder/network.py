@@ -26,6 +26,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from ..unets import heads_per_level, norm_groups
+
 
 class UnclipDecoder(nn.Module):
     def __init__(self, image_size: int, embed_dim: int, text_width: int, block_out_channels: list[int],
@@ -44,8 +46,9 @@ class UnclipDecoder(nn.Module):
             block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
             down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
             up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
-            cross_attention_dim=cross_attention_dim, attention_head_dim=head_dim,
-            norm_num_groups=math.gcd(32, *block_out_channels),
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=heads_per_level(block_out_channels, head_dim),    # read as heads: see unets.py
+            norm_num_groups=norm_groups(block_out_channels),
             class_embed_type="projection", projection_class_embeddings_input_dim=embed_dim)
         self.token_proj = nn.Linear(text_width, cross_attention_dim)
         self.embed_to_tokens = nn.Linear(embed_dim, extra_tokens * cross_attention_dim)

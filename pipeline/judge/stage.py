@@ -145,7 +145,8 @@ def run(cfg, ws) -> dict:
                         every=j.checkpoint_every)
     summary = fit(net, optimizer, scheduler, batches(images, targets, j.batch_size, j.seed, j.p_degrade),
                   lambda m, b: loss_fn(m, b, j.precision), steps=j.steps, checkpointer=ckpt,
-                  grad_clip=j.grad_clip, desc="judge: train",
+                  grad_clip=j.grad_clip, desc="judge: train", precision=j.precision,
+                  precision_cache=ws.checkpoints / "precision.json",
                   on_log=lambda s, f: tracking.log_metrics({"train_loss": f["loss"]}, step=s))
     ckpt.clear()
     net.eval()

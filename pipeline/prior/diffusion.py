@@ -56,8 +56,7 @@ def sample(model, z_t: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, *
     rep = lambda x: x.repeat_interleave(n_candidates, dim=0)          # noqa: E731
     cz, ct, cm = rep(z_t * math.sqrt(d)), rep(tokens), rep(mask)
     uz, ut, um = drop_condition(cz, ct, cm, torch.ones(len(cz), dtype=torch.bool, device=cz.device))
-    denoiser = Denoiser(lambda x, t: model(x, t, cz, ct, cm).float(),
-                        lambda x, t: model(x, t, uz, ut, um).float(), guidance_scale)
+    denoiser = Denoiser.guided(model, (cz, ct, cm), (uz, ut, um), guidance_scale)
     x_T = diffusion.randn((b * n_candidates, d), generator, z_t.device)
     x = sample_loop(denoiser, x_T, make_sampler(sampler, steps, PREDICTION), generator)
     if stats is not None:

@@ -15,10 +15,10 @@ from .snapshot import load
 # real images, shuffled captions, sample sizes, seeds) have no direction: they are context.
 NEUTRAL = re.compile(r"(floor|baseline|real_images|real_vs_real|shuffled|unrelated|bicubic|ceiling|"
                      r"\.n$|\.n_|seed|subset|\.bar$|\.steps$|threshold|shards|input|attempted|"
-                     r"^evaluate\.sizes|kid_std|\.lr$)")
-LOWER = re.compile(r"(frechet|\.fid$|kid_mean|\.nfe|nfe_|seconds|duration|loss$)")
+                     r"^evaluate\.sizes|kid_std|\.lr$|\.guidance$)")
+LOWER = re.compile(r"(frechet|\.fid$|kid_mean|\.nfe|nfe_|seconds|duration|loss$|noise|\.stray$)")
 HIGHER = re.compile(r"(quality|ablation|accuracy|clip_score|cos_pred|cos_reembed|psnr|recall|zero_shot|"
-                    r"images_per_s|\.auroc|mismatch_auroc|precision)")
+                    r"images_per_s|\.auroc|mismatch_auroc|precision|diversity|fidelity)")
 
 
 def direction(key: str) -> Optional[str]:
@@ -27,7 +27,7 @@ def direction(key: str) -> Optional[str]:
         name = key.split(".")[2]
         if not key.endswith(".value"):
             return None
-        return "lower" if ("frechet" in name or "network" in name) else "higher"
+        return "lower" if ("frechet" in name or "network" in name or "noise" in name) else "higher"
     if NEUTRAL.search(key):
         return None
     if LOWER.search(key):

@@ -27,24 +27,33 @@ from .network import Upsampler
 
 
 def training_loss(model, x0: torch.Tensor, low_res_up: torch.Tensor, schedule,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                  generator: Optional[torch.Generator] = None, z_i: Optional[torch.Tensor] = None,
+                  p_drop_image: float = 0.0) -> torch.Tensor:
     """MSE between the network's output and the target of ``schedule``'s prediction type.
 
     x0: high-res (crops) [B, 3, H, W] in [-1, 1]; low_res_up: the (corrupted) low-res image
     upsampled to the same size and cropped at the same place. Timesteps are uniform over the
-    training steps."""
+    training steps. z_i [B, D]: the image embeddings of a conditioned upsampler, zeroed with
+    probability ``p_drop_image`` (as the decoder's), so it also upsamples without one."""
     t = torch.randint(0, schedule.config.num_train_timesteps, (len(x0),), device=x0.device, generator=generator)
     noise = torch.randn(x0.shape, device=x0.device, generator=generator)
-    out = model(schedule.add_noise(x0, noise, t), t, low_res_up)
+    if z_i is not None and p_drop_image > 0:
+        keep = torch.rand(len(x0), device=x0.device, generator=generator) >= p_drop_image
+        z_i = z_i * keep.to(z_i.dtype)[:, None]
+    out = model(schedule.add_noise(x0, noise, t), t, low_res_up, z_i)
     return F.mse_loss(out.float(), diffusion.training_target(schedule, x0, noise, t))
 
 
 @torch.no_grad()
 def upsample(model, info: dict, low_res: torch.Tensor, *, sampler: Optional[str] = None,
-             steps: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             steps: Optional[int] = None, generator: Optional[torch.Generator] = None,
+             z_i: Optional[torch.Tensor] = None, strength: Optional[float] = None) -> torch.Tensor:
     """Low-res images [B, 3, h, h] in [-1, 1] -> high-res [B, 3, h*s, h*s] in [-1, 1], s the
     model's scale. ``info``: the bundle's ``meta["info"]`` (sizes, prediction type and the
-    default ``sampling``); ``sampler``/``steps`` override its defaults."""
+    default ``sampling``); ``sampler``/``steps`` override its defaults. ``z_i`` [B, D]: the
+    image embeddings the images were decoded from; used by a conditioned upsampler only.
+    ``strength`` (default: the bundle's ``sampling.strength``, else 1): < 1 starts from the bicubic
+    upsample noised to t = strength T instead of pure noise (SDEdit), the same number of steps."""
     b, _, h, w = low_res.shape
     size = h * (info["out_size"] // info["in_size"])
     if h != w or size % model.multiple:
@@ -52,10 +61,20 @@ def upsample(model, info: dict, low_res: torch.Tensor, *, sampler: Optional[str]
                          f"got {h}x{w} -> {size}")
     device = next(model.parameters()).device
     cond = resize(low_res.float(), size).to(device)
+    strength = info["sampling"].get("strength", 1.0) if strength is None else strength
     scheduler = make_sampler(sampler or info["sampling"]["sampler"], steps or info["sampling"]["steps"],
-                            info["prediction_type"], clip_range=1.0)
-    denoiser = Denoiser(lambda x, t: model(x, t, cond).float())
+                             info["prediction_type"], clip_range=1.0, strength=strength)
+    if getattr(model, "embed_dim", 0):
+        if z_i is None:
+            raise ValueError("this upsampler is conditioned on the image embedding: pass z_i")
+        z_i = z_i.to(device)
+    else:
+        z_i = None
+    denoiser = Denoiser(lambda x, t: model(x, t, cond, z_i).float())
     x_T = diffusion.randn((b, 3, size, size), generator, device)
+    if strength < 1:                       # q(x_t | bicubic) at the first timestep: the image, noised
+        t0 = torch.full((b,), int(diffusion.run_timesteps(scheduler)[0]), dtype=torch.long, device=device)
+        x_T = diffusion.noise_schedule(info["prediction_type"]).add_noise(cond, x_T, t0)
     return sample_loop(denoiser, x_T, scheduler, generator).clamp(-1, 1)
 
 

@@ -6,13 +6,19 @@ to the stage's output size (the target x0) and to its input size (the low-res co
 corrupted by the stage's ``degradation``, upsampled bicubically to the output size). As in
 DALL-E 2, the network trains on random crops (``crop_fraction`` of the side) cut at the same
 place from both, and is applied to whole images at sampling.
+
+A conditioned upsampler (``condition: image_embed``, a declared deviation) also sees each image's
+CLIP embedding z_i, so it reads its images and embeddings from the embed stage's shards (which
+carry both) instead of the filtered ones.
 """
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import webdataset as wds
 
@@ -66,7 +72,15 @@ class TrainingPairs:
         self.kind, self.in_size, self.out_size, self.crop, self.seed = kind, in_size, out_size, crop, seed
         self.generator: Optional[torch.Generator] = None
 
-    def __call__(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, items: list) -> tuple[torch.Tensor, ...]:
+        """items: uint8 images [3, H, W], or (image, z_i [D]) pairs for a conditioned upsampler,
+        whose batch then also carries the embeddings [B, D]."""
+        if isinstance(items[0], tuple):
+            images, z_i = zip(*items)
+            return (*self.pairs(list(images)), torch.stack(z_i))
+        return self.pairs(items)
+
+    def pairs(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.generator is None:
             worker = torch.utils.data.get_worker_info()
             self.generator = torch.Generator().manual_seed((self.seed << 8) + (worker.id if worker else 0))
@@ -78,18 +92,47 @@ class TrainingPairs:
                 to_uint8(torch.stack([window(c, i, j) for c, (i, j) in zip(cond, corners)])))
 
 
+def image_embedding(sample: dict) -> torch.Tensor:
+    """An embed-stage sample's CLIP image embedding z_i [D] (float32)."""
+    return torch.from_numpy(np.load(io.BytesIO(sample["img_emb.npy"])).astype(np.float32))
+
+
+def _image(sample: dict) -> torch.Tensor:
+    return decode_image(sample["jpg"])
+
+
+def _image_and_embedding(sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return decode_image(sample["jpg"]), image_embedding(sample)
+
+
 def train_loader(paths: list[Path], pairs: TrainingPairs, batch_size: int, num_workers: int,
-                 seed: int) -> wds.WebLoader:
+                 seed: int, conditioned: bool = False) -> wds.WebLoader:
     """Endless stream of :class:`TrainingPairs` batches from the train split (the CLIP stage's
-    streaming loader: shards resampled, seeded shuffle buffer)."""
-    return train_stream(paths, lambda s: decode_image(s["jpg"]), pairs, batch_size, num_workers, seed)
+    streaming loader: shards resampled, seeded shuffle buffer); ``conditioned``: embed-stage
+    shards, each batch with its z_i."""
+    return train_stream(paths, _image_and_embedding if conditioned else _image, pairs, batch_size,
+                        num_workers, seed)
 
 
-def train(u, key: str, paths: list[Path], in_size: int, out_size: int, checkpoint_dir: Path, warm_from=None):
+def conditioned(u) -> bool:
+    return u.condition == "image_embed"
+
+
+def source_dir(ws, u) -> Path:
+    """Where an upsampler's training images come from: the embed stage's shards when it is
+    conditioned on z_i (they carry image and embedding), else the filter stage's."""
+    return ws.embeddings if conditioned(u) else ws.filtered
+
+
+def train(u, key: str, paths: list[Path], in_size: int, out_size: int, checkpoint_dir: Path, warm_from=None,
+          embed_dim: int = 0):
     """Train upsampler ``key`` (config ``u``) with the shared recipe -> (model holding the EMA
     weights, arch, fit summary, accelerator, how it started). ``warm_from(arch)``: the
-    :func:`pipeline.retrain.warm_start` decision for this architecture."""
+    :func:`pipeline.retrain.warm_start` decision for this architecture. ``embed_dim``: z_i's
+    size for a conditioned upsampler (its ``paths`` are then embed-stage shards)."""
     arch = {"block_out_channels": list(u.block_out_channels), "layers_per_block": u.layers_per_block}
+    if conditioned(u):
+        arch["embed_dim"] = embed_dim
     torch.manual_seed(u.seed)                             # the same initial weights on every process
     model = Upsampler(**arch)
     if out_size % model.multiple:
@@ -102,13 +145,14 @@ def train(u, key: str, paths: list[Path], in_size: int, out_size: int, checkpoin
         seed = u.seed + rank                              # each process its own data and noise
         torch.manual_seed(seed)
         return train_loader(paths, TrainingPairs(u.degradation, in_size, out_size, crop, seed), u.batch_size,
-                            u.num_workers, seed)
+                            u.num_workers, seed, conditioned=conditioned(u))
 
     def loss_fn(net, batch):
         dev = next(net.parameters()).device
-        x0, cond = (to_model(x.to(dev)) for x in batch)
+        x0, cond = (to_model(x.to(dev)) for x in batch[:2])
+        z_i = batch[2].to(dev) if len(batch) > 2 else None
         with autocast(u.precision, dev):
-            return training_loss(net, x0, cond, schedule)
+            return training_loss(net, x0, cond, schedule, z_i=z_i, p_drop_image=u.p_drop_image_embed)
 
     def on_log(step, figures):
         tracking.log_metrics({"train_loss": figures["loss"], "lr": figures["lr"]}, step=step)
@@ -132,12 +176,14 @@ def evaluate(model, info: dict, paths: list[Path], seed: int) -> tuple[dict, tor
     """PSNR against the true high-res image on up to VAL_IMAGES val images, of the upsampler's
     output and of plain bicubic upsampling of the same (uncorrupted) low-res image.
     Returns (figures, uint8 [3 * GRID_IMAGES, 3, out, out] rows for the sample grid)."""
-    images = [decode_image(s["jpg"]) for _, s in zip(range(VAL_IMAGES), iter_split(paths, "val"))]
-    if not images:
+    samples = [s for _, s in zip(range(VAL_IMAGES), iter_split(paths, "val"))]
+    if not samples:
         raise StageError("the val split is empty: no sample's json carries split='val'")
+    images = [decode_image(s["jpg"]) for s in samples]
+    z_i = torch.stack([image_embedding(s) for s in samples]) if getattr(model, "embed_dim", 0) else None
     truth, low = high_low(images, info["in_size"], info["out_size"])
     bicubic = resize(low, info["out_size"])
-    out = upsample(model, info, low, generator=torch.Generator().manual_seed(seed)).cpu()
+    out = upsample(model, info, low, generator=torch.Generator().manual_seed(seed), z_i=z_i).cpu()
     ours, base = psnr(out, truth), psnr(bicubic, truth)
     figures = {"images": len(images), "psnr_db": round(ours.mean().item(), 2),
                "bicubic_psnr_db": round(base.mean().item(), 2),
@@ -154,23 +200,29 @@ def run(cfg, ws, key: str) -> dict:
         raise StageError(f"no upsampler {key!r} in upsample.stages (known: {', '.join(cfg.upsample.stages)})")
     u = cfg.upsample.stages[key]
     in_size, out_size = chain_sizes(cfg)[key]
-    paths = shard_paths(ws.filtered)
+    source = source_dir(ws, u)
+    paths = shard_paths(source)
     if not paths:
-        raise StageError(f"no shards in {ws.filtered}: run the filter stage first")
+        stage = "embed" if conditioned(u) else "filter"
+        raise StageError(f"no shards in {source}: run the {stage} stage first")
+    embed_dim = image_embedding(next(iter_split(paths[:1], None))).shape[0] if conditioned(u) else 0
+
     def warm_from(arch):
-        return retrain.warm_start(cfg, ws.upsampler(key), ws.filtered, f"upsample.stages.{key}", u, arch)
+        clip_sha = bundle.clip_identity(ws.clip)["sha256"] if conditioned(u) else None
+        return retrain.warm_start(cfg, ws.upsampler(key), source, f"upsample.stages.{key}", u, arch, clip_sha)
 
     model, arch, summary, accelerator, how = train(u, key, paths, in_size, out_size,
-                                                   ws.checkpoints / f"upsampler_{key}", warm_from)
+                                                   ws.checkpoints / f"upsampler_{key}", warm_from, embed_dim)
     if not accelerator.is_main_process:                   # under several processes the main one saves
         return {"train": summary}
     info = {"key": key, "in_size": in_size, "out_size": out_size, "prediction_type": u.prediction_type,
+            "condition": u.condition,
             "sampling": u.sampling.model_dump(), "degradation": u.degradation, "crop_size": summary["crop_size"]}
     with atomic_dir(ws.upsampler(key)) as out:
         with torch.no_grad():
             val, rows = evaluate(model, info, paths, u.seed)
         bundle.save_model(out, model, kind="upsampler", arch=arch, run_config=cfg.model_dump(mode="json"), info=info)
-        retrain.write_lineage(out, ws.filtered)
+        retrain.write_lineage(out, source)
         save_png(grid(rows, nrow=len(rows) // 3, scale=max(1, math.ceil(128 / out_size)),
                       row_labels=["bicubic", "upsampler", "truth"]), out / "samples.png")
     tracking.log_artifact(ws.upsampler(key) / "samples.png", f"upsample_{key}")

@@ -1,0 +1,123 @@
+"""The background of an image, read from its pixels against the scene's ground truth.
+
+The corpus draws every scene on one of three flat backgrounds (``data.corpus.BACKGROUNDS``:
+white, gray, black) and its ground truth says where the objects are, so the background's pixels
+are known without a model: everything outside each object's box, widened by a margin.
+
+- ``read``: the background's color, the per-channel median of those pixels, classified to the
+  nearest of the three background colors (Euclidean in RGB). Some captions name the background
+  ("... on a white background"; ``named``); on the corpus's real images this reading is right
+  every time (a test renders all three), so on generated images it measures the generator.
+- ``noise``: the background's pixel noise, per image the standard deviation of those pixels per
+  channel, averaged over the channels, in 8-bit levels. Pixels further than ``STRAY_LEVELS``
+  from the background's median in any channel are not noise but something drawn there (an
+  object the generator put elsewhere than the caption says, a blob): they are left out of the
+  standard deviation and counted apart (``stray``), so that a misplaced object reads as a stray
+  fraction, not as noise. The nearest object color of the corpus is more than 60 levels from
+  every background in some channel, and Gaussian noise of up to 16 levels loses under 2 % of
+  its standard deviation to the cut.
+
+``figures`` gives both for a set of images; ``evaluate`` reports them for the generated images
+beside the real test images of the same captions, and the ratio of the noises with the real
+noise floored at ``NOISE_FLOOR`` (a JPEG of a flat color is within a fraction of a level of
+flat; the ratio against such a floor would measure the JPEG codec, not the generator).
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional, Sequence
+
+import torch
+
+from .data.corpus import BACKGROUNDS, SIZES
+from .judge.labels import parse_gt
+
+NAMES = tuple(BACKGROUNDS)
+RGB = torch.tensor([BACKGROUNDS[n] for n in NAMES], dtype=torch.float64)     # [3 backgrounds, 3 channels]
+EXTENT = 1.2        # an object's box half-width per half-width of its size: rotated squares reach 1.16, triangles 1.155
+MARGIN = 0.08       # of the canvas, around each box: anti-aliasing, JPEG ringing, a generated object a little off
+STRAY_LEVELS = 48   # further than this from the background's median in some channel: drawn there, not noise
+NOISE_FLOOR = 1.0   # 8-bit levels: the real images' noise under this counts as this in the ratio
+_NAMED = re.compile(r"\b(" + "|".join(NAMES) + r") background\b")
+
+
+def named(caption: str) -> Optional[str]:
+    """The background a caption names ("... on a gray background" -> "gray"), or None."""
+    m = _NAMED.search(caption.lower())
+    return m.group(1) if m else None
+
+
+def mask(gt, size: int, margin: float = MARGIN) -> torch.Tensor:
+    """bool [size, size]: True on the background, i.e. outside every object's box (its half-width
+    ``EXTENT`` * the size's half-width, plus ``margin``, around its centre; fractions of the canvas)."""
+    gt = parse_gt(gt)
+    c = (torch.arange(size, dtype=torch.float64) + 0.5) / size       # pixel centres, fraction of the canvas
+    keep = torch.ones(size, size, dtype=torch.bool)
+    for o in gt["objects"]:
+        r = EXTENT * SIZES[o["size"]] + margin
+        inside_x = (c - o["x"]).abs() <= r
+        inside_y = (c - o["y"]).abs() <= r
+        keep &= ~(inside_y[:, None] & inside_x[None, :])
+    return keep
+
+
+def _pixels(image: torch.Tensor, gt) -> torch.Tensor:
+    """One image's background pixels, float64 [n, 3]; the outermost ring of pixels if the boxes
+    leave fewer than 16 (they cannot on the corpus's grammar)."""
+    m = mask(gt, image.shape[-1])
+    if m.sum() < 16:
+        m = torch.zeros_like(m)
+        m[0, :] = m[-1, :] = m[:, 0] = m[:, -1] = True
+    return image.permute(1, 2, 0)[m].double()
+
+
+def read(images: torch.Tensor, gts: Sequence) -> tuple[list[str], torch.Tensor]:
+    """uint8 [N, 3, H, W] and their ground truths -> (the background's name read per image,
+    the background's median color [N, 3])."""
+    medians = torch.stack([_pixels(img, g).median(0).values for img, g in zip(images, gts)]) if len(gts) else \
+        torch.empty(0, 3, dtype=torch.float64)
+    nearest = torch.cdist(medians, RGB).argmin(1) if len(gts) else torch.empty(0, dtype=torch.long)
+    return [NAMES[i] for i in nearest.tolist()], medians
+
+
+def noise(images: torch.Tensor, gts: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise [N]: per image the background's standard deviation per channel, averaged over the
+    channels, stray pixels left out; stray [N]: the fraction of background pixels that are stray)."""
+    sd, stray = [], []
+    for img, g in zip(images, gts):
+        px = _pixels(img, g)
+        far = (px - px.median(0).values).abs().amax(1) > STRAY_LEVELS
+        kept = px[~far]
+        sd.append(kept.std(0, unbiased=False).mean().item() if len(kept) >= 2 else 0.0)
+        stray.append(far.double().mean().item())
+    return torch.tensor(sd, dtype=torch.float64), torch.tensor(stray, dtype=torch.float64)
+
+
+def figures(images: torch.Tensor, gts: Sequence, captions: Sequence[str], *, real: bool = False,
+            real_noise: Optional[float] = None) -> dict:
+    """The background figures of a set of images (uint8 [N, 3, H, W]) of ``captions`` whose truth
+    is ``gts``:
+
+    - ``n_named``, ``named_right``: the captions that name a background, and the percent of their
+      images whose background reads as the one named (None when no caption names one);
+    - ``real`` images only: ``read_right``, the percent of all images whose background reads as the
+      ground truth's (of a generated image only a caption that names one says what is asked for);
+    - ``noise``: the mean background noise (8-bit levels), ``stray``: the mean percent of
+      background pixels that are stray;
+    - with ``real_noise`` (the real images' ``noise``): ``noise_ratio`` = noise / max(real_noise,
+      ``NOISE_FLOOR``).
+    """
+    gts = [parse_gt(g) for g in gts]
+    seen, _ = read(images, gts)
+    asked = [(i, named(c)) for i, c in enumerate(captions) if named(c)]
+    sd, stray = noise(images, gts)
+    out = {"n_named": len(asked),
+           "named_right": round(100 * sum(seen[i] == b for i, b in asked) / len(asked), 2) if asked else None,
+           "noise": round(sd.mean().item(), 3) if len(gts) else None,
+           "stray": round(100 * stray.mean().item(), 2) if len(gts) else None}
+    if real:
+        out["read_right"] = round(100 * sum(s == g["background"] for s, g in zip(seen, gts)) / len(gts), 2) \
+            if gts else None
+    if real_noise is not None and out["noise"] is not None:
+        out["noise_ratio"] = round(out["noise"] / max(real_noise, NOISE_FLOOR), 3)
+    return out

@@ -1,0 +1,43 @@
+"""bench/train_throughput.py at tiny sizes: every figure present and sane, the JSON written."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_bench():
+    """The script as a module (bench/ is no package); registered first, as dataclasses need."""
+    if "train_throughput" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("train_throughput", REPO / "bench" / "train_throughput.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["train_throughput"]
+
+
+def test_fixed_cost_is_the_least_squares_intercept():
+    bench = load_bench()
+    a, b = bench.fixed_cost({8: 0.05 + 8 * 0.01, 16: 0.05 + 16 * 0.01, 32: 0.05 + 32 * 0.01})
+    assert abs(a - 0.05) < 1e-9 and abs(b - 0.01) < 1e-9
+    assert bench.sweep_sizes(32, quick=False) == [8, 16, 32] and bench.sweep_sizes(2, quick=False) == [1, 2]
+
+
+def test_quick_run_reports_every_figure(params_path, tmp_path):
+    bench = load_bench()
+    out = tmp_path / "bench" / "tt.json"
+    report = bench.main(["--quick", "--profile", "smoke", "--params", str(params_path),
+                         "--models", "judge,prior,decoder,upsample@2", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert set(report["models"]) == {"judge", "prior", "decoder", "upsample@2"}
+    assert report["machine"]["peak_gflops"]["cpu fp32"]["median"] > 0
+    for name, f in report["models"].items():
+        assert f["batch"] == 2 and f["precision"] in ("bf16", "fp32"), name
+        assert f["gflop_per_step"] > f["gflop_forward"] > 0, name        # backward costs FLOPs too
+        assert f["s_per_step"] > 0 and f["mfu_pct"] > 0 and set(f["sweep_s_per_step"]) == {"1", "2"}, name
+    prof = report["step_profile"]
+    assert prof["model"] == "decoder" and set(prof["phases_ms"]) == set(bench.PHASES)
+    assert prof["top_ops"] and all(o["self_cpu_ms"] >= 0 for o in prof["top_ops"])
