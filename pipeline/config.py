@@ -185,7 +185,7 @@ class PriorConfig(TrainConfig):
 class DecoderConfig(TrainConfig):
     image_size: int = Field(16, ge=8)                 # the base resolution; the upsamplers take it from here
     block_out_channels: list[int] = [64, 128, 256]
-    attention: list[bool] = [False, False, True]      # cross/self attention per resolution level
+    attention: list[bool] = [False, True, True]       # cross/self attention per resolution level
     layers_per_block: int = Field(1, ge=1)
     head_dim: int = Field(32, ge=4)
     cross_attention_dim: int = Field(128, ge=8)
