@@ -10,10 +10,13 @@ fixed seed, once per variant and batch size, the variants interleaved round-robi
 times (the machine is shared and noisy: the medians and the median of the paired ratios are
 printed):
 
-    two_passes   classifier-free guidance as two network calls per step (the code before)
-    one_batch    guidance's two passes as one call on a doubled batch (``Denoiser.guided``)
+    two_passes   the code before the throughput issue: classifier-free guidance as two network
+                 calls per step, the upsamplers in NCHW with fp32 weights under bf16 autocast
+    one_batch    ... guidance's two passes as one call on a doubled batch (``Denoiser.guided``)
+    upsampler_layout  ... and the upsamplers in channels_last with bf16 weights where sampling runs
+                 in bf16 (``upsampler.diffusion.for_sampling``, what ``Unclip.load`` does now)
 
-at each evaluate batch size. Both variants draw the same noise, so their images agree up to
+at each evaluate batch size. All variants draw the same noise, so their images agree up to
 float rounding (the largest pixel difference is printed: a claim of "only faster" checked).
 """
 from __future__ import annotations
@@ -31,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.diffusion import Denoiser  # noqa: E402
 from pipeline.generate import Unclip  # noqa: E402
+from pipeline.upsampler import diffusion as up_diffusion  # noqa: E402
 from pipeline.workspace import atomic_write_json  # noqa: E402
 
 CAPTIONS = ["a small red circle in the top left", "a large blue square in the center",
@@ -45,10 +49,16 @@ def two_passes(net, cond, uncond, scale, guided_channels=None):
                     guided_channels)
 
 
-def run(unclip: Unclip, captions: list[str], batch_size: int, variant: str) -> tuple[float, torch.Tensor]:
+VARIANTS = ("two_passes", "one_batch", "upsampler_layout")
+
+
+def run(unclip: Unclip, captions: list[str], batch_size: int, variant: str,
+        plain_upsamplers: list) -> tuple[float, torch.Tensor]:
     patch = mock.patch.object(Denoiser, "guided", staticmethod(two_passes)) if variant == "two_passes" \
         else mock.patch.object(Denoiser, "guided", Denoiser.guided)
-    with patch:
+    laid_out = unclip.upsamplers
+    ups = laid_out if variant == "upsampler_layout" else plain_upsamplers
+    with patch, mock.patch.object(unclip, "upsamplers", ups):
         t0 = time.perf_counter()
         out = unclip.generate(captions, n=1, seed=0, batch_size=batch_size)
         return (time.perf_counter() - t0) / len(captions), out["images"]
@@ -64,15 +74,17 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(args.workspace)
     unclip = Unclip.load(root / "models")
+    plain = [up_diffusion.load(p, unclip.device) for p in sorted((root / "models").glob("upsampler_*"))]
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(args.captions)]
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    variants = [(v, b) for b in sizes for v in ("two_passes", "one_batch")]
+    variants = [(v, b) for b in sizes for v in VARIANTS]
     times: dict[str, list[float]] = {f"{v}@{b}": [] for v, b in variants}
     images: dict[str, torch.Tensor] = {}
-    run(unclip, captions[:8], 8, "one_batch")                       # warm-up
+    for v in VARIANTS:                                              # warm-up
+        run(unclip, captions[:8], 8, v, plain)
     for r in range(args.repeats):
         for v, b in variants:
-            s, imgs = run(unclip, captions, b, v)
+            s, imgs = run(unclip, captions, b, v, plain)
             times[f"{v}@{b}"].append(s)
             images.setdefault(f"{v}@{b}", imgs)
         print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{k} {t[-1]:.4f}" for k, t in times.items()), flush=True)

@@ -45,7 +45,6 @@ mean nothing. Writes the figures to ``--out`` (JSON, atomically).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -68,20 +67,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import config, diffusion  # noqa: E402
 from pipeline.clip import model as clip_model  # noqa: E402
+from pipeline.clip import train as clip_train  # noqa: E402
 from pipeline.clip.train import param_groups  # noqa: E402
 from pipeline.data.corpus import BACKGROUNDS, COLORS, POSITIONS, RELATIONS, SHAPES, SIZES  # noqa: E402
 from pipeline.decoder.network import UnclipDecoder  # noqa: E402
 from pipeline.decoder.stage import arch_of as decoder_arch, training_fns  # noqa: E402
-from pipeline.images import to_model  # noqa: E402
 from pipeline.judge import stage as judge_stage  # noqa: E402
 from pipeline.judge.labels import target_tensor  # noqa: E402
 from pipeline.judge.network import JudgeNet  # noqa: E402
 from pipeline.prior import diffusion as prior_diffusion  # noqa: E402
 from pipeline.prior.network import UnclipPrior  # noqa: E402
+from pipeline.prior import stage as prior_stage  # noqa: E402
 from pipeline.prior.stage import arch_of as prior_arch  # noqa: E402
-from pipeline.training import autocast, build_optimizer, cosine_with_warmup, native_cpu_bf16, use_bf16  # noqa: E402
-from pipeline.upsampler.diffusion import training_loss as upsampler_loss  # noqa: E402
+from pipeline.training import build_optimizer, cosine_with_warmup, native_cpu_bf16, use_bf16  # noqa: E402
 from pipeline.upsampler.network import Upsampler  # noqa: E402
+from pipeline.upsampler import stage as upsampler_stage  # noqa: E402
 from pipeline.upsampler.stage import TrainingPairs, chain_sizes, conditioned, crop_size  # noqa: E402
 from pipeline.workspace import atomic_write_json  # noqa: E402
 
@@ -169,8 +169,7 @@ def draw(pool, batch_size: int, seed: int) -> Iterator:
 
 def clip_bench(cfg, device: torch.device, pool_n: int, scratch: Path) -> Bench:
     """pipeline/clip/train.py: open_clip model, AdamW (open_clip's groups, fused), InfoNCE, the
-    temperature clamp after every step. Its loss is a closure of ``train``: the same lines here."""
-    from open_clip.loss import ClipLoss
+    temperature clamp after every step: ``make_loss`` and ``clamp_temperature`` of the stage."""
     c = cfg.clip
     torch.manual_seed(c.seed)
     bundle = clip_model.build(c.model, scratch)
@@ -178,24 +177,12 @@ def clip_bench(cfg, device: torch.device, pool_n: int, scratch: Path) -> Bench:
     optimizer = torch.optim.AdamW(param_groups(model, c.weight_decay), lr=c.lr, betas=(0.9, 0.98), eps=1e-6,
                                   fused=True)
     scheduler = cosine_with_warmup(optimizer, c.warmup_steps, c.steps)
-    contrastive = ClipLoss()
-
-    def loss_fn(model, batch):
-        images, tokens = batch                              # uint8 [B,3,S,S], int64 [B,L]
-        with autocast(c.precision, device):
-            z_i = model.encode_image(bundle.preprocess(images.to(device)), normalize=True)
-            z_t = model.encode_text(tokens.to(device), normalize=True)
-        return contrastive(z_i.float(), z_t.float(), model.logit_scale.exp())
-
-    def clamp_temperature():
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))      # as clip.train's clamp_temperature
-
     gen = torch.Generator().manual_seed(c.seed)
     texts, _ = captions(pool_n, gen)
     pool = (images_u8(pool_n, c.model.image_size, gen), bundle.tokenize(texts))
-    return Bench("clip", c.batch_size, c.precision, device, model, loss_fn, optimizer, scheduler, c.grad_clip,
-                 lambda b: draw(pool, b, c.seed), after_step=clamp_temperature)
+    return Bench("clip", c.batch_size, c.precision, device, model, clip_train.make_loss(bundle, c.precision, device),
+                 optimizer, scheduler, c.grad_clip, lambda b: draw(pool, b, c.seed),
+                 after_step=lambda: clip_train.clamp_temperature(model))
 
 
 def judge_bench(cfg, pool_n: int) -> Bench:
@@ -234,20 +221,13 @@ def diffusion_bench(name: str, tc, model: torch.nn.Module, loss_fn, pool, device
 
 
 def prior_bench(cfg, device: torch.device, pool_n: int) -> Bench:
-    """pipeline/prior/stage.py; its loss is a closure of ``run``: the same lines here."""
+    """pipeline/prior/stage.py: ``arch_of`` + UnclipPrior, the stage's ``make_loss``."""
     p, m = cfg.prior, cfg.clip.model
     torch.manual_seed(p.seed)
     model = UnclipPrior(**prior_arch(p, m.embed_dim, m.text_width, m.context_length))
     schedule = prior_diffusion.noise_scheduler()
 
-    def loss_fn(net, batch):
-        dev = next(net.parameters()).device
-        with autocast(p.precision, dev):
-            return prior_diffusion.training_loss(net, batch["z_i"].to(dev), batch["z_t"].to(dev),
-                                                 batch["tokens"].to(dev), batch["mask"].to(dev), schedule,
-                                                 p_uncond=p.p_uncond)
-
-    return diffusion_bench("prior", p, model, loss_fn, embedding_pool(cfg, pool_n, None, p.seed), device)
+    return diffusion_bench("prior", p, model, prior_stage.make_loss(p, schedule), embedding_pool(cfg, pool_n, None, p.seed), device)
 
 
 def decoder_bench(cfg, device: torch.device, pool_n: int) -> Bench:
@@ -262,7 +242,7 @@ def decoder_bench(cfg, device: torch.device, pool_n: int) -> Bench:
 def upsampler_bench(cfg, key: str, device: torch.device, pool_n: int) -> Bench:
     """pipeline/upsampler/stage.py ``train``: Upsampler (given z_i when ``condition:
     image_embed``), crops of ``crop_size``, batches made by the stage's ``TrainingPairs`` from
-    corpus-size images (with their z_i when conditioned); its loss is a closure of ``train``."""
+    corpus-size images (with their z_i when conditioned), the stage's ``make_loss``."""
     u = cfg.upsample.stages[key]
     in_size, out_size = chain_sizes(cfg)[key]
     arch = {"block_out_channels": list(u.block_out_channels), "layers_per_block": u.layers_per_block}
@@ -273,20 +253,13 @@ def upsampler_bench(cfg, key: str, device: torch.device, pool_n: int) -> Bench:
     crop = crop_size(out_size, u.crop_fraction, model.multiple)
     schedule = diffusion.noise_schedule(u.prediction_type)
 
-    def loss_fn(net, batch):
-        dev = next(net.parameters()).device
-        x0, cond = (to_model(x.to(dev)) for x in batch[:2])
-        z_i = batch[2].to(dev) if len(batch) > 2 else None
-        with autocast(u.precision, dev):
-            return upsampler_loss(net, x0, cond, schedule, z_i=z_i, p_drop_image=u.p_drop_image_embed)
-
     gen = torch.Generator().manual_seed(u.seed)
     items = list(images_u8(pool_n, cfg.corpus.image_size, gen))           # uint8 [3, S, S] each
     if conditioned(u):
         items = list(zip(items, unit(pool_n, cfg.clip.model.embed_dim, gen)))
     # (x0 crops, conditioning crops) uint8 [n, 3, crop, crop] (+ z_i [n, D] when conditioned)
     pool = TrainingPairs(u.degradation, in_size, out_size, crop, u.seed)(items)
-    return diffusion_bench(f"upsample@{key}", u, model, loss_fn, pool, device)
+    return diffusion_bench(f"upsample@{key}", u, model, upsampler_stage.make_loss(u, schedule), pool, device)
 
 
 def build(cfg, names: list[str], device: torch.device, pool_n: Callable[[int], int], scratch: Path) -> list[Bench]:

@@ -25,7 +25,7 @@ from .decoder.network import UnclipDecoder
 from .images import grid, save_png, to_uint8
 from .prior import diffusion as prior_diffusion
 from .prior.network import UnclipPrior
-from .training import autocast
+from .training import autocast, use_bf16
 from .upsampler import diffusion as up_diffusion
 from .workspace import file_sha256
 
@@ -60,7 +60,8 @@ class Unclip:
                 raise ValueError(f"{models / name} was trained against another CLIP than {models / 'clip'} "
                                  f"(sha256 {trained[:12]} vs {sha[:12]}): retrain it (`unclip stage {name}`)")
         ups = sorted(models.glob("upsampler_*"), key=lambda p: p.name)
-        upsamplers = [up_diffusion.load(p, dev) for p in ups]
+        bf16 = use_bf16(precision, dev)
+        upsamplers = [(up_diffusion.for_sampling(m, bf16), meta) for m, meta in (up_diffusion.load(p, dev) for p in ups)]
         return cls(clip, prior, prior_meta, decoder, decoder_meta, upsamplers, dev, precision)
 
     @property
@@ -95,13 +96,14 @@ class Unclip:
                  prior_sampler: Optional[str] = None, prior_steps: Optional[int] = None,
                  prior_guidance: Optional[float] = None, n_candidates: Optional[int] = None,
                  sampler: Optional[str] = None, steps: Optional[int] = None, guidance: Optional[float] = None,
-                 upsampler_sampler: Optional[str] = None, upsampler_steps: Optional[int] = None,
+                 upsampler_sampler: Optional[str] = None, upsampler_steps: Optional[int | Sequence[int]] = None,
                  upsampler_strength: Optional[float] = None,
                  z_i: Optional[torch.Tensor] = None, batch_size: int = 64) -> dict:
         """``n`` images per caption (caption-major order). Returns ``images`` (final, uint8
         [len(captions) * n, 3, H, W]), ``stages`` (uint8 images after each stage), ``z_i``, ``z_t`` and
         ``nfe`` (network evaluations per image, per stage). ``z_i``: skip the prior and decode
-        these image embeddings [len(captions) * n, D] instead."""
+        these image embeddings [len(captions) * n, D] instead. ``upsampler_steps``: one count for
+        every upsampler, or a list with one per upsampler in chain order."""
         captions = [c for c in captions for _ in range(n)]
         ds = self.decoder_meta["info"]["sampling"]
         gen = torch.Generator().manual_seed(seed)
@@ -125,13 +127,14 @@ class Unclip:
             nfe["decoder"] = stats["nfe"]
             stages = [to_uint8(x.cpu())]
             for j, (model, meta) in enumerate(self.upsamplers, start=1):
+                up_steps = upsampler_steps[j - 1] if isinstance(upsampler_steps, (list, tuple)) else upsampler_steps
                 x = torch.cat([up_diffusion.upsample(model, meta["info"], x[i:i + batch_size],
-                                                     sampler=upsampler_sampler, steps=upsampler_steps,
+                                                     sampler=upsampler_sampler, steps=up_steps,
                                                      strength=upsampler_strength,
                                                      generator=gen, z_i=z_i[i:i + batch_size]).float()
                                for i in range(0, len(captions), batch_size)])
                 stages.append(to_uint8(x.cpu()))
-                nfe[f"upsampler_{j}"] = (upsampler_steps or meta["info"]["sampling"]["steps"])
+                nfe[f"upsampler_{j}"] = (up_steps or meta["info"]["sampling"]["steps"])
         return {"images": stages[-1], "stages": stages, "z_i": z_i.cpu(), "z_t": z_t.cpu(), "captions": captions, "nfe": nfe,
                 "seconds": round(time.perf_counter() - t0, 2)}
 

@@ -211,3 +211,24 @@ def test_stage_without_shards_or_with_an_unknown_key_says_what_is_wrong(tmp_path
         run(Config(), ws, "1")
     with pytest.raises(StageError, match="no upsampler '3'"):
         run(Config(), ws, "3")
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_sampling_layout_changes_speed_not_samples(bf16):
+    """for_sampling (channels_last, bf16 weights) gives the plain network's samples up to rounding,
+    and a conditioned upsampler still takes its z_i."""
+    torch.manual_seed(3)
+    arch = {**ARCH, "embed_dim": 8}
+    plain = Upsampler(**arch).eval()
+    fast = diffusion.for_sampling(Upsampler(**arch).eval(), bf16)
+    fast.load_state_dict(plain.state_dict())
+    conv = next(p for p in fast.parameters() if p.dim() == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert conv.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    low, z_i = shapes(size=8), F.normalize(torch.randn(4, 8), dim=-1)
+    info = {**INFO, "prediction_type": "v_prediction"}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        a = diffusion.upsample(plain, info, low, generator=torch.Generator().manual_seed(1), z_i=z_i)
+        b = diffusion.upsample(fast, info, low, generator=torch.Generator().manual_seed(1), z_i=z_i)
+    assert b.dtype == torch.float32 and b.is_contiguous()
+    assert (a - b).abs().max() < (0.1 if bf16 else 1e-4)

@@ -29,6 +29,26 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
+def make_loss(bundle: ClipBundle, precision: str, device: torch.device):
+    """The training step's loss: ``loss_fn(model, batch)``, InfoNCE over a batch of (uint8
+    images [B, 3, S, S], int64 tokens [B, L]) at the model's learned temperature."""
+    contrastive = ClipLoss()
+
+    def loss_fn(model, batch):
+        images, tokens = batch
+        with autocast(precision, device):
+            z_i = model.encode_image(bundle.preprocess(images.to(device)), normalize=True)
+            z_t = model.encode_text(tokens.to(device), normalize=True)
+        return contrastive(z_i.float(), z_t.float(), model.logit_scale.exp())
+    return loss_fn
+
+
+def clamp_temperature(model: torch.nn.Module) -> None:
+    """After every step. CLIP paper: the learned temperature is clipped so logits are scaled by at most 100."""
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+
+
 def train(clip_cfg, shard_paths: list[Path], scratch: Path, checkpoint_dir: Path,
           on_log: Optional[Callable[[int, dict], None]] = None) -> tuple[ClipBundle, dict]:
     torch.manual_seed(clip_cfg.seed)
@@ -41,23 +61,11 @@ def train(clip_cfg, shard_paths: list[Path], scratch: Path, checkpoint_dir: Path
     scheduler = cosine_with_warmup(optimizer, clip_cfg.warmup_steps, clip_cfg.steps)
     loader = train_loader(shard_paths, bundle.tokenize, clip_cfg.batch_size, clip_cfg.num_workers,
                           clip_cfg.seed, bundle.image_size)
-    contrastive = ClipLoss()
-
-    def loss_fn(model, batch):
-        images, tokens = batch                              # uint8 [B,3,S,S], int64 [B,L]
-        with autocast(clip_cfg.precision, device):
-            z_i = model.encode_image(bundle.preprocess(images.to(device)), normalize=True)
-            z_t = model.encode_text(tokens.to(device), normalize=True)
-        return contrastive(z_i.float(), z_t.float(), model.logit_scale.exp())
-
-    def clamp_temperature(_step):
-        # CLIP paper: the learned temperature is clipped so logits are scaled by at most 100.
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+    loss_fn = make_loss(bundle, clip_cfg.precision, device)
 
     ckpt = Checkpointer(checkpoint_dir, config_hash(clip_cfg.model_dump(mode="json")), every=100)
     summary = fit(model, optimizer, scheduler, loader, loss_fn, steps=clip_cfg.steps, checkpointer=ckpt,
-                  grad_clip=clip_cfg.grad_clip, desc="clip: train", on_log=on_log, after_step=clamp_temperature,
+                  grad_clip=clip_cfg.grad_clip, desc="clip: train", on_log=on_log, after_step=lambda _step: clamp_temperature(model),
                   precision=clip_cfg.precision, precision_cache=Path(checkpoint_dir).parent / "precision.json")
     ckpt.clear()
     model.eval()

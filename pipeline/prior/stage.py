@@ -65,6 +65,17 @@ def evaluate(model, val: dict, p) -> dict:
             "cos_unrelated_image": round(cos(unrelated, val["z_i"]), 4)}
 
 
+def make_loss(p, schedule):
+    """The training step's loss: ``loss_fn(net, batch)`` for batches of ``train_batches``
+    (z_i, z_t [B, D], tokens [B, L, W], mask [B, L]), under the stage's precision."""
+    def loss_fn(net, batch):
+        dev = next(net.parameters()).device
+        with autocast(p.precision, dev):
+            return diffusion.training_loss(net, batch["z_i"].to(dev), batch["z_t"].to(dev), batch["tokens"].to(dev),
+                                           batch["mask"].to(dev), schedule, p_uncond=p.p_uncond)
+    return loss_fn
+
+
 def run(cfg, ws) -> dict:
     p = cfg.prior
     paths = shard_paths(ws.embeddings)
@@ -83,11 +94,7 @@ def run(cfg, ws) -> dict:
     def make_batches(rank, world):
         return train_batches(paths, p.batch_size, seed=p.seed, rank=rank, world=world)
 
-    def loss_fn(net, batch):
-        dev = next(net.parameters()).device
-        with autocast(p.precision, dev):
-            return diffusion.training_loss(net, batch["z_i"].to(dev), batch["z_t"].to(dev), batch["tokens"].to(dev),
-                                           batch["mask"].to(dev), schedule, p_uncond=p.p_uncond)
+    loss_fn = make_loss(p, schedule)
 
     def on_log(step, figures):
         tracking.log_metrics({"train_loss": figures["loss"], "lr": figures["lr"]}, step=step)

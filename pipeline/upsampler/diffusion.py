@@ -70,12 +70,31 @@ def upsample(model, info: dict, low_res: torch.Tensor, *, sampler: Optional[str]
         z_i = z_i.to(device)
     else:
         z_i = None
-    denoiser = Denoiser(lambda x, t: model(x, t, cond, z_i).float())
+    # the network's own layout and dtype (see for_sampling); the sampler's arithmetic stays fp32
+    conv = next((p for p in model.parameters() if p.dim() == 4), None)          # a convolution's weight
+    dtype = conv.dtype if conv is not None else torch.float32
+    fmt = torch.channels_last if conv is not None and conv.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+    cond_in = cond.to(dtype).contiguous(memory_format=fmt)
+    z_in = None if z_i is None else z_i.to(dtype)
+    denoiser = Denoiser(lambda x, t: model(x.to(dtype).contiguous(memory_format=fmt), t, cond_in,
+                                           z_in).float().contiguous())
     x_T = diffusion.randn((b, 3, size, size), generator, device)
     if strength < 1:                       # q(x_t | bicubic) at the first timestep: the image, noised
         t0 = torch.full((b,), int(diffusion.run_timesteps(scheduler)[0]), dtype=torch.long, device=device)
         x_T = diffusion.noise_schedule(info["prediction_type"]).add_noise(cond, x_T, t0)
     return sample_loop(denoiser, x_T, scheduler, generator).clamp(-1, 1)
+
+
+def for_sampling(model: Upsampler, bf16: bool) -> Upsampler:
+    """The upsampler laid out as it samples fastest: channels_last activations and weights (a
+    fully convolutional UNet: oneDNN's convolutions skip their NCHW reorders), and bf16 weights
+    where sampling runs in bf16 anyway (autocast would cast them on every call). Measured per
+    network evaluation, batch 32, 2 cores with AVX512-BF16 (bench/sampling_throughput.py):
+    upsampler 2 (64 px) 483 -> 210 ms, upsampler 1 (32 px) 63 -> 56 ms. The decoder (16 px, with
+    attention) is 0.86x in channels_last and stays as it is."""
+    model = model.to(memory_format=torch.channels_last)
+    return model.to(torch.bfloat16) if bf16 else model
 
 
 def load(path: Path, device: str | torch.device = "cpu") -> tuple[Upsampler, dict]:

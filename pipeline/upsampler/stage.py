@@ -124,6 +124,19 @@ def source_dir(ws, u) -> Path:
     return ws.embeddings if conditioned(u) else ws.filtered
 
 
+def make_loss(u, schedule):
+    """The training step's loss: ``loss_fn(net, batch)`` for batches of ``TrainingPairs`` (uint8
+    x0 crops and conditioning crops [B, 3, c, c], + z_i [B, D] when conditioned), under the
+    stage's precision."""
+    def loss_fn(net, batch):
+        dev = next(net.parameters()).device
+        x0, cond = (to_model(x.to(dev)) for x in batch[:2])
+        z_i = batch[2].to(dev) if len(batch) > 2 else None
+        with autocast(u.precision, dev):
+            return training_loss(net, x0, cond, schedule, z_i=z_i, p_drop_image=u.p_drop_image_embed)
+    return loss_fn
+
+
 def train(u, key: str, paths: list[Path], in_size: int, out_size: int, checkpoint_dir: Path, warm_from=None,
           embed_dim: int = 0):
     """Train upsampler ``key`` (config ``u``) with the shared recipe -> (model holding the EMA
@@ -147,12 +160,7 @@ def train(u, key: str, paths: list[Path], in_size: int, out_size: int, checkpoin
         return train_loader(paths, TrainingPairs(u.degradation, in_size, out_size, crop, seed), u.batch_size,
                             u.num_workers, seed, conditioned=conditioned(u))
 
-    def loss_fn(net, batch):
-        dev = next(net.parameters()).device
-        x0, cond = (to_model(x.to(dev)) for x in batch[:2])
-        z_i = batch[2].to(dev) if len(batch) > 2 else None
-        with autocast(u.precision, dev):
-            return training_loss(net, x0, cond, schedule, z_i=z_i, p_drop_image=u.p_drop_image_embed)
+    loss_fn = make_loss(u, schedule)
 
     def on_log(step, figures):
         tracking.log_metrics({"train_loss": figures["loss"], "lr": figures["lr"]}, step=step)
