@@ -11,7 +11,8 @@ embeddings and captions (the decoder alone: no prior, no upsamplers) once per sa
 ``sampler:steps:guidance``, with one seed. The judge scores each set; printed per spec: one-object
 color / shape / size / position, two-object both colors / relation, the Frechet distance in the
 judge's features to the same real test images, and for the last spec the one-object shapes the
-judge read, by true shape and size (where shapes are lost). Writes ``<out>/<name>.json``, a grid
+judge read, by true shape and size (where shapes are lost); and the background's pixel noise
+(``pipeline.background``) of the output taken bicubically to 64 px. Writes ``<out>/<name>.json``, a grid
 of the first 32 images per spec, and the variant's EMA weights (``<name>.pt``).
 
 Nothing here touches the workspace's models, metrics or DVC state.
@@ -29,13 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import bundle, config  # noqa: E402
+from pipeline import background, bundle, config  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
 from pipeline.decoder.network import UnclipDecoder  # noqa: E402
 from pipeline.decoder.stage import arch_of, decode, training_fns  # noqa: E402
 from pipeline.embeddings import load_split  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402
-from pipeline.images import grid, save_png, to_uint8  # noqa: E402
+from pipeline.images import grid, resize, save_png, to_uint8  # noqa: E402
 from pipeline.judge.labels import VOCAB, parse_gt  # noqa: E402
 from pipeline.judge.stage import Judge  # noqa: E402
 from pipeline.quality import score  # noqa: E402
@@ -91,7 +92,7 @@ def main() -> None:
 
     judge = Judge.load(ws.judge)
     rows = torch.tensor(pick_rows(test["gt"], args.n, args.n))
-    gts = [test["gt"][i] for i in rows]
+    gts, captions = [test["gt"][i] for i in rows], [test["captions"][i] for i in rows]
     real = judge.predict(load_split(paths, "test", image_size=64)["images"][rows])[1]
     figures["samplers"] = {}
     for spec in args.samplers.split(","):
@@ -103,10 +104,13 @@ def main() -> None:
                                  seed=0, precision=d.precision))
         readings: list = []
         fig = score(judge, images, gts, real, preds=readings)
+        # the background's pixel noise, the 16 px output taken bicubically to 64 px (real images so: ~0.3)
+        fig["background"] = background.figures(to_uint8(resize(images.float() / 127.5 - 1, 64)), gts, captions)
         figures["samplers"][spec] = fig
         print(f"{args.name} {spec}: one object color {fig['single']['color']} shape {fig['single']['shape']} "
               f"size {fig['single']['size']} position {fig['single']['position']}; two objects colors "
-              f"{fig['pair']['colors']} relation {fig['pair']['relation']}; FD {fig['frechet_distance']} "
+              f"{fig['pair']['colors']} relation {fig['pair']['relation']}; FD {fig['frechet_distance']}; background noise "
+              f"{fig['background']['noise']:.2f} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
         save_png(grid(images[:32], 8, scale=max(1, 64 // d.image_size)),
                  out_dir / f"{args.name}_{sampler}{steps}_g{guidance}.png")

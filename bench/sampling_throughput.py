@@ -1,7 +1,8 @@
 """Benchmark: the cascade's sampling speed (evaluate's seconds per image) under its levers.
 
     python bench/sampling_throughput.py [--workspace .] [--captions 64] [--repeats 5]
-        [--batch-sizes 32,64,128] [--out reports/bench/sampling_throughput.json]
+        [--batch-sizes 32,64,128] [--decoder-steps 8 --upsampler-steps 4,2]
+        [--out reports/bench/sampling_throughput.json]
 
 Needs a workspace with trained models (``models/``: clip, prior, decoder, upsamplers). Runs
 ``Unclip.generate`` (prior -> decoder -> upsamplers, the models' own sampling defaults: the
@@ -15,6 +16,9 @@ printed):
     one_batch    ... guidance's two passes as one call on a doubled batch (``Denoiser.guided``)
     upsampler_layout  ... and the upsamplers in channels_last with bf16 weights where sampling runs
                  in bf16 (``upsampler.diffusion.for_sampling``, what ``Unclip.load`` does now)
+    steps        ... and ``--decoder-steps`` / ``--upsampler-steps`` instead of the models' saved
+                 sampling steps (fewer network evaluations: its images differ, its quality is
+                 bench/sweep_sampling.py's to judge)
 
 at each evaluate batch size. All variants draw the same noise, so their images agree up to
 float rounding (the largest pixel difference is printed: a claim of "only faster" checked).
@@ -25,6 +29,7 @@ import argparse
 import statistics
 import sys
 import time
+from typing import Optional
 from pathlib import Path
 from unittest import mock
 
@@ -53,14 +58,16 @@ VARIANTS = ("two_passes", "one_batch", "upsampler_layout")
 
 
 def run(unclip: Unclip, captions: list[str], batch_size: int, variant: str,
-        plain_upsamplers: list) -> tuple[float, torch.Tensor]:
+        plain_upsamplers: list, steps: Optional[dict] = None) -> tuple[float, torch.Tensor]:
+    """Seconds per image and the images of one variant; ``steps``: generate's step overrides
+    (the ``steps`` variant: the upsampler layout with fewer sampling steps)."""
     patch = mock.patch.object(Denoiser, "guided", staticmethod(two_passes)) if variant == "two_passes" \
         else mock.patch.object(Denoiser, "guided", Denoiser.guided)
     laid_out = unclip.upsamplers
-    ups = laid_out if variant == "upsampler_layout" else plain_upsamplers
+    ups = laid_out if variant in ("upsampler_layout", "steps") else plain_upsamplers
     with patch, mock.patch.object(unclip, "upsamplers", ups):
         t0 = time.perf_counter()
-        out = unclip.generate(captions, n=1, seed=0, batch_size=batch_size)
+        out = unclip.generate(captions, n=1, seed=0, batch_size=batch_size, **(steps if variant == "steps" else {}))
         return (time.perf_counter() - t0) / len(captions), out["images"]
 
 
@@ -70,21 +77,29 @@ def main() -> None:
     ap.add_argument("--captions", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch-sizes", default="32,64,128")
+    ap.add_argument("--decoder-steps", type=int, default=None,
+                    help="adds the variant 'steps': upsampler_layout with the decoder at this many steps")
+    ap.add_argument("--upsampler-steps", default=None,
+                    help="... and the upsamplers at these steps (one per upsampler, comma-separated)")
     ap.add_argument("--out", default=None, help="default: <workspace>/reports/bench/sampling_throughput.json")
     args = ap.parse_args()
+    steps = {k: v for k, v in (("steps", args.decoder_steps),
+                               ("upsampler_steps", [int(n) for n in args.upsampler_steps.split(",")]
+                                if args.upsampler_steps else None)) if v}
+    names = VARIANTS + (("steps",) if steps else ())
     root = Path(args.workspace)
     unclip = Unclip.load(root / "models")
     plain = [up_diffusion.load(p, unclip.device) for p in sorted((root / "models").glob("upsampler_*"))]
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(args.captions)]
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    variants = [(v, b) for b in sizes for v in VARIANTS]
+    variants = [(v, b) for b in sizes for v in names]
     times: dict[str, list[float]] = {f"{v}@{b}": [] for v, b in variants}
     images: dict[str, torch.Tensor] = {}
-    for v in VARIANTS:                                              # warm-up
-        run(unclip, captions[:8], 8, v, plain)
+    for v in names:                                                 # warm-up
+        run(unclip, captions[:8], 8, v, plain, steps)
     for r in range(args.repeats):
         for v, b in variants:
-            s, imgs = run(unclip, captions, b, v, plain)
+            s, imgs = run(unclip, captions, b, v, plain, steps)
             times[f"{v}@{b}"].append(s)
             images.setdefault(f"{v}@{b}", imgs)
         print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{k} {t[-1]:.4f}" for k, t in times.items()), flush=True)
@@ -100,6 +115,7 @@ def main() -> None:
     out = Path(args.out) if args.out else root / "reports" / "bench" / "sampling_throughput.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, {"captions": len(captions), "threads": torch.get_num_threads(), "base": base,
+                            "steps_variant": steps,
                             "variants": rows})
     print(f"-> {out}")
 

@@ -193,7 +193,7 @@ class DecoderConfig(TrainConfig):
     layout_channels: int = Field(0, ge=0)             # z_i + caption summary projected to a [C, S, S] input map
     learned_variance: bool = False                    # hybrid loss (Nichol & Dhariwal 2021); DDPM samples with it
     prediction_type: Prediction = "epsilon"
-    snr_gamma: Optional[float] = Field(5.0, gt=0)     # Min-SNR-gamma loss weighting; null = uniform
+    snr_gamma: Optional[float] = Field(None, gt=0)    # Min-SNR-gamma loss weighting; null = uniform (the default)
     p_drop_image_embed: float = Field(0.1, ge=0, le=1)
     p_drop_caption: float = Field(0.5, ge=0, le=1)
     sampling: SamplingConfig = SamplingConfig(guidance_scale=3.0)
@@ -219,6 +219,9 @@ class UpsamplerConfig(TrainConfig):
     # time embedding as the decoder does (a declared deviation: the low-res base drops shape)
     condition: Literal["none", "image_embed"] = "none"
     p_drop_image_embed: float = Field(0.1, ge=0, le=1)   # with condition image_embed: z_i zeroed this often
+    # what is diffused: image (SR3: the high-res image) or residual (SRDiff, Li et al. 2022: the
+    # high-res image minus the bicubic upsample of the low-res one; sampling adds it back)
+    target: Literal["image", "residual"] = "image"
 
 
 class UpsampleConfig(Section):

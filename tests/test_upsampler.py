@@ -232,3 +232,19 @@ def test_sampling_layout_changes_speed_not_samples(bf16):
         b = diffusion.upsample(fast, info, low, generator=torch.Generator().manual_seed(1), z_i=z_i)
     assert b.dtype == torch.float32 and b.is_contiguous()
     assert (a - b).abs().max() < (0.1 if bf16 else 1e-4)
+
+
+def test_residual_target_diffuses_the_difference_to_the_bicubic_upsample(monkeypatch):
+    """SRDiff's target: the loss on x0 with ``residual`` is the plain loss on x0 - bicubic, and
+    sampling adds the bicubic upsample back to what the sampler returns."""
+    m, schedule = net(seed=2), noise_schedule("v_prediction")
+    x0 = shapes(b=4, size=16)
+    cond = resize(resize(x0, 8), 16)
+    a = diffusion.training_loss(m, x0, cond, schedule, generator=torch.Generator().manual_seed(0), residual=True)
+    b = diffusion.training_loss(m, x0 - cond, cond, schedule, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    monkeypatch.setattr(diffusion, "sample_loop", lambda denoiser, x_T, scheduler, generator: torch.zeros_like(x_T))
+    low = shapes(size=8)
+    info = INFO | {"prediction_type": "v_prediction", "target": "residual"}
+    assert torch.allclose(diffusion.upsample(m, info, low), resize(low, 16).clamp(-1, 1))
+    assert diffusion.upsample(m, INFO | {"prediction_type": "v_prediction"}, low).abs().max() == 0

@@ -28,13 +28,17 @@ from .network import Upsampler
 
 def training_loss(model, x0: torch.Tensor, low_res_up: torch.Tensor, schedule,
                   generator: Optional[torch.Generator] = None, z_i: Optional[torch.Tensor] = None,
-                  p_drop_image: float = 0.0) -> torch.Tensor:
+                  p_drop_image: float = 0.0, residual: bool = False) -> torch.Tensor:
     """MSE between the network's output and the target of ``schedule``'s prediction type.
 
     x0: high-res (crops) [B, 3, H, W] in [-1, 1]; low_res_up: the (corrupted) low-res image
     upsampled to the same size and cropped at the same place. Timesteps are uniform over the
     training steps. z_i [B, D]: the image embeddings of a conditioned upsampler, zeroed with
-    probability ``p_drop_image`` (as the decoder's), so it also upsamples without one."""
+    probability ``p_drop_image`` (as the decoder's), so it also upsamples without one.
+    ``residual``: diffuse x0 - low_res_up instead of x0 (SRDiff), so that a network that has
+    learnt nothing yet returns the bicubic upsample rather than noise."""
+    if residual:
+        x0 = x0 - low_res_up                                 # [-2, 2]; zero on flat regions
     t = torch.randint(0, schedule.config.num_train_timesteps, (len(x0),), device=x0.device, generator=generator)
     noise = torch.randn(x0.shape, device=x0.device, generator=generator)
     if z_i is not None and p_drop_image > 0:
@@ -62,8 +66,9 @@ def upsample(model, info: dict, low_res: torch.Tensor, *, sampler: Optional[str]
     device = next(model.parameters()).device
     cond = resize(low_res.float(), size).to(device)
     strength = info["sampling"].get("strength", 1.0) if strength is None else strength
+    residual = info.get("target", "image") == "residual"
     scheduler = make_sampler(sampler or info["sampling"]["sampler"], steps or info["sampling"]["steps"],
-                             info["prediction_type"], clip_range=1.0, strength=strength)
+                             info["prediction_type"], clip_range=2.0 if residual else 1.0, strength=strength)
     if getattr(model, "embed_dim", 0):
         if z_i is None:
             raise ValueError("this upsampler is conditioned on the image embedding: pass z_i")
@@ -82,8 +87,10 @@ def upsample(model, info: dict, low_res: torch.Tensor, *, sampler: Optional[str]
     x_T = diffusion.randn((b, 3, size, size), generator, device)
     if strength < 1:                       # q(x_t | bicubic) at the first timestep: the image, noised
         t0 = torch.full((b,), int(diffusion.run_timesteps(scheduler)[0]), dtype=torch.long, device=device)
-        x_T = diffusion.noise_schedule(info["prediction_type"]).add_noise(cond, x_T, t0)
-    return sample_loop(denoiser, x_T, scheduler, generator).clamp(-1, 1)
+        start = torch.zeros_like(cond) if residual else cond          # the residual of the bicubic upsample: 0
+        x_T = diffusion.noise_schedule(info["prediction_type"]).add_noise(start, x_T, t0)
+    x0 = sample_loop(denoiser, x_T, scheduler, generator)
+    return (x0 + cond if residual else x0).clamp(-1, 1)
 
 
 def for_sampling(model: Upsampler, bf16: bool) -> Upsampler:

@@ -1,0 +1,143 @@
+"""Train an upsampler variant (or load one) and measure what it does to the cascade's images.
+
+    python bench/upsampler_variant.py --key 2 --name steps900 --set steps=900 \
+        [--workspace .] [--n 128] [--load models/upsampler_2]
+
+The quick loop for upsampler experiments, as ``bench/decoder_variant.py`` is for the decoder.
+``--set key=json`` overrides keys of ``upsample.stages.<key>``; the variant trains with the stage's
+own recipe (``upsampler.stage.train``: its data, crops, corruption, loss and checkpoints under
+``--out``), or ``--load`` takes a trained bundle (the baseline: the workspace's own). Then, printed
+and written to ``<out>/<name>.json``:
+
+    val PSNR          the stage's own figure (val images, uncorrupted low-res input) and bicubic's
+    real-input noise  the background's pixel noise (``pipeline.background``) when the input is a
+                      real test image taken down to the upsampler's input size: what the network
+                      adds to a clean image (real images: about 0.5 levels)
+    cascade           the whole stack (prior, decoder, the workspace's other upsamplers, this
+                      variant in its place) on ``--n`` one-object and ``--n`` two-object held-out
+                      test captions, one seed, judged as ``evaluate`` judges, with its
+                      background noise and seconds per image
+
+Nothing here touches the workspace's models, metrics or DVC state.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline import background, config  # noqa: E402
+from pipeline.clip.data import iter_split  # noqa: E402
+from pipeline.data.shards import shard_paths  # noqa: E402
+from pipeline.embeddings import load_split  # noqa: E402
+from pipeline.evaluate import pick_rows  # noqa: E402
+from pipeline.generate import Unclip  # noqa: E402
+from pipeline.images import grid, resize, save_png, to_model, to_uint8  # noqa: E402
+from pipeline.judge.stage import Judge  # noqa: E402
+from pipeline.quality import score  # noqa: E402
+from pipeline.training import autocast, use_bf16  # noqa: E402
+from pipeline.upsampler import diffusion as up_diffusion  # noqa: E402
+from pipeline.upsampler.stage import chain_sizes, conditioned, evaluate, image_embedding, source_dir, train  # noqa: E402
+from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402
+
+
+def stage_config(cfg, key: str, sets: list[str]):
+    """``upsample.stages.<key>`` with the ``--set`` overrides, validated by the section itself."""
+    u = cfg.upsample.stages[key]
+    try:
+        overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in sets)}
+        return type(u).model_validate(u.model_dump() | overrides)
+    except ValueError as err:                           # a malformed --set, bad JSON, or pydantic's verdict
+        if hasattr(err, "errors"):
+            why = "; ".join(f"upsample.stages.{key}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        else:
+            why = f"{err} (expected key=<json value>)"
+        sys.exit(f"bad --set {sets}: {why}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--key", default="2", help="which upsampler of upsample.stages")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--set", action="append", default=[], help="upsample.stages.<key>.<k>=<json value>, repeatable")
+    ap.add_argument("--load", default=None, help="measure this upsampler bundle instead of training one")
+    ap.add_argument("--workspace", default=".")
+    ap.add_argument("--out", default=None, help="default: <workspace>/reports/upsampler_variants")
+    ap.add_argument("--n", type=int, default=128, help="one-object and two-object test captions each")
+    args = ap.parse_args()
+    ws = Workspace.at(args.workspace)
+    cfg = config.load(ws.root / "params.yaml")
+    if args.key not in cfg.upsample.stages:
+        sys.exit(f"no upsampler {args.key!r} in upsample.stages (known: {', '.join(cfg.upsample.stages)})")
+    u = stage_config(cfg, args.key, args.set)
+    in_size, out_size = chain_sizes(cfg)[args.key]
+    out_dir = Path(args.out) if args.out else ws.reports / "upsampler_variants"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = shard_paths(source_dir(ws, u))
+    if not paths:
+        sys.exit(f"no shards in {source_dir(ws, u)}: run the data stages first")
+    figures: dict = {"name": args.name, "key": args.key, "stage": u.model_dump(mode="json")}
+
+    if args.load:
+        model, meta = up_diffusion.load(Path(args.load))
+        info = meta["info"]
+    else:
+        embed_dim = image_embedding(next(iter_split(paths[:1], None))).shape[0] if conditioned(u) else 0
+        t0 = time.perf_counter()
+        model, _, summary, _, _ = train(u, args.key, paths, in_size, out_size, out_dir / "checkpoints" / args.name,
+                                        embed_dim=embed_dim)
+        figures["train"] = summary | {"wall_s": round(time.perf_counter() - t0, 1)}
+        model.eval()
+        info = {"key": args.key, "in_size": in_size, "out_size": out_size, "prediction_type": u.prediction_type,
+                "condition": u.condition, "target": u.target, "sampling": u.sampling.model_dump(), "degradation": u.degradation}
+    with torch.no_grad():
+        figures["val"], rows = evaluate(model, info, paths, u.seed)
+    save_png(grid(rows, nrow=len(rows) // 3, scale=max(1, 128 // out_size)), out_dir / f"{args.name}_val.png")
+    print(f"{args.name}: val PSNR {figures['val']['psnr_db']} dB (bicubic {figures['val']['bicubic_psnr_db']})",
+          flush=True)
+
+    unclip = Unclip.load(ws.root / "models")
+    fast = up_diffusion.for_sampling(model, use_bf16("auto", unclip.device))
+    j = int(args.key) - 1 if args.key.isdigit() else [m["info"]["key"] for _, m in unclip.upsamplers].index(args.key)
+    unclip.upsamplers[j] = (fast, {"info": info})
+    test = load_split(shard_paths(ws.embeddings), "test", image_size=64)
+    rows = pick_rows(test["gt"], args.n, args.n)
+    captions, gts = [test["captions"][i] for i in rows], [test["gt"][i] for i in rows]
+    real = test["images"][torch.tensor(rows)]
+    real_noise = background.figures(real, gts, captions, real=True)["noise"]
+
+    # what the network adds to a clean input: real images taken down to its input size
+    with torch.no_grad(), autocast("auto", unclip.device):
+        low = resize(to_model(real), in_size)
+        up = torch.cat([up_diffusion.upsample(fast, info, low[i:i + 32], generator=torch.Generator().manual_seed(0),
+                                              z_i=test["z_i"][torch.tensor(rows[i:i + 32])]).float()
+                        for i in range(0, len(low), 32)])
+    noise = lambda x: background.figures(to_uint8(resize(x, 64)), gts, captions, real_noise=real_noise)["noise"]  # noqa: E731
+    figures["real_input_noise"] = {"upsampler": round(noise(up), 2), "bicubic": round(noise(resize(low, out_size)), 2),
+                                   "real": round(real_noise, 2)}
+    print(f"{args.name}: background noise from real {in_size} px input: {figures['real_input_noise']}", flush=True)
+
+    judge = Judge.load(ws.judge)
+    _, real_preds = judge.predict(real)
+    t0 = time.perf_counter()
+    out = unclip.generate(captions, n=1, seed=0, batch_size=32)
+    seconds = (time.perf_counter() - t0) / len(captions)
+    fig = score(judge, out["images"], gts, real_preds)
+    bg = background.figures(out["images"], gts, captions, real_noise=real_noise)
+    figures["cascade"] = fig | {"background": bg, "s_per_image": round(seconds, 4), "nfe": out["nfe"]}
+    print(f"{args.name}: cascade one object color {fig['single']['color']} shape {fig['single']['shape']} size "
+          f"{fig['single']['size']} position {fig['single']['position']}; two objects colors {fig['pair']['colors']} "
+          f"relation {fig['pair']['relation']}; FD {fig['frechet_distance']}; background noise {bg['noise']:.2f} "
+          f"(real {real_noise:.2f}); {seconds:.4f} s/image", flush=True)
+    save_png(grid(out["images"][:32], 8), out_dir / f"{args.name}_cascade.png")
+    atomic_write_json(out_dir / f"{args.name}.json", figures)
+
+
+if __name__ == "__main__":
+    main()
