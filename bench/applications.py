@@ -185,7 +185,7 @@ def main() -> None:
         save_rows([("interpolation", join([images[:1], inter["frames"], images[1:2]]))], out / "interpolation.png")
 
     (out / "applications.json").write_text(json.dumps(figures, indent=1))
-    print(f"-> {out.relative_to(ws.root)}/ (applications.json, variations.png, textdiff.png, inpaint.png, "
+    print(f"-> {out}/ (applications.json, variations.png, textdiff.png, inpaint.png, "
           f"interpolation.png)")
 
 
