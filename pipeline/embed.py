@@ -32,6 +32,7 @@ import torch
 from . import bundle, incremental, tracking
 from .clip import model as clip_model
 from .clip.data import decode_images, single_thread
+from .clip.tokenize import truncated
 from .data.shards import ShardError, ShardSink, iter_samples, loads_json, shard_paths, split_of
 from .progress import progress, say
 from .stages import StageError
@@ -156,12 +157,13 @@ def embed_shards(bundle, paths: list[Path], out: Path, *, batch_size: int, shard
     retrieval = RetrievalWriter(out, retrieval_part)
     kept = dropped = 0
     sims: dict[str, list[float]] = {"matched": [], "mismatched": [], "unknown": []}
-    dropped_mismatched = 0
+    dropped_mismatched = cut = 0
     bar = progress(total=total, desc="embed", unit="img")
     t0 = time.perf_counter()
     with ShardSink(out, shard_size, prefix) as sink:
         for batch in batches(paths, bundle.tokenize, bundle.image_size, batch_size, num_workers):
             z_i, z_t, enc, mask = encode_batch(bundle, batch["images"], batch["tokens"])
+            cut += sum(truncated(bundle.tokenize, [it["txt"] for it in batch["items"]], batch["tokens"]))
             # Per-sample values as Python floats and numpy rows: indexing torch tensors costs ~us each.
             cos = (z_i * z_t).sum(-1).tolist()
             z_i, z_t = z_i.numpy(), z_t.numpy()
@@ -190,6 +192,8 @@ def embed_shards(bundle, paths: list[Path], out: Path, *, batch_size: int, shard
     n_mis = len(sims["mismatched"])
     out_figs = {"input": kept + dropped, "kept": kept, "dropped_low_similarity": dropped,
                 "images_per_s": round((kept + dropped) / seconds, 1), "seconds": round(seconds, 2),
+                # captions longer than CLIP's context: their tokens are cut there (open_clip's rule)
+                "captions_truncated": cut,
                 "similarity": {k: {"n": len(v), "mean": round(float(np.mean(v)), 4)} for k, v in sims.items() if v},
                 "files": [f"{prefix}{i:05d}.tar" for i in range(sink.shards)] + retrieval.written}
     if n_mis and min_similarity is not None:
