@@ -20,12 +20,14 @@ PALETTE = [(220, 40, 40), (40, 170, 60), (40, 70, 220), (235, 210, 40), (140, 50
 
 
 def _scene(i: int, size: tuple[int, int] = (SIZE, SIZE)) -> Image.Image:
-    """An RGBA scene: a colored disc on a transparent background (alpha 0 outside the disc)."""
+    """An RGBA scene: a colored disc on a transparent background (alpha 0 outside the disc); its
+    place, color and size differ for every i below 588, so no two images are duplicates."""
     w, h = size
     img = Image.new("RGBA", size, (0, 0, 0, 0))
-    r = min(w, h) // 4
-    cx, cy = w // 2 + (i % 5 - 2) * 3, h // 2 + (i % 3 - 1) * 3
-    ImageDraw.Draw(img).ellipse((cx - r, cy - r, cx + r, cy + r), fill=(*PALETTE[i % len(PALETTE)], 255))
+    r = min(w, h) // 5 + (i // 294) * 4
+    cx, cy = w // 2 + (i % 7 - 3) * max(1, w // 16), h // 2 + ((i // 7) % 7 - 3) * max(1, h // 16)
+    color = PALETTE[(i // 49) % len(PALETTE)]
+    ImageDraw.Draw(img).ellipse((cx - r, cy - r, cx + r, cy + r), fill=(*color, 255))
     return img
 
 
@@ -75,7 +77,7 @@ def encode(kind: str, i: int) -> tuple[str, bytes]:
 
 KINDS = ("jpeg", "png_rgba", "png_la", "png_palette", "jpeg_gray", "jpeg_cmyk", "jpeg_exif_rotated", "webp",
          "gif_animated", "nonsquare", "too_small")
-LONG = " ".join(["a very long caption about a colored disc on a plain background"] * 5)    # 55 words, > 24 tokens
+LONG = " ".join(["a very long caption about a colored disc on a plain background"] * 3)   # 33 words: > 24 tokens, < 40 words
 CAPTIONS = ("a colored disc", "un disque coloré, café crème", "🐱 a disc 🎨", "disc", "", LONG)
 MISSING = 3          # URLs that answer 404
 
