@@ -268,3 +268,10 @@ def test_pretrained_open_clip_checkpoint_through_embed_into_the_prior(data_ws, s
     meta = json.loads((ws.prior / "model.json").read_text())
     assert meta["arch"]["embed_dim"] == 256 and meta["arch"]["context_length"] == 77
     assert -1 <= p["val"]["cos_pred_image"] <= 1 and p["val"]["n"] == val["n"]
+
+    # a similarity threshold that empties a held-out split stops embed with the knob named, and
+    # leaves the last embeddings in place
+    before = [p.read_bytes() for p in shard_paths(ws.embeddings)]
+    with pytest.raises(StageError, match="embed.min_similarity 0.999 dropped every val and test pair"):
+        run_stage("embed", with_(cfg, "embed", min_similarity=0.999), ws)
+    assert [p.read_bytes() for p in shard_paths(ws.embeddings)] == before

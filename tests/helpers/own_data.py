@@ -20,14 +20,15 @@ PALETTE = [(220, 40, 40), (40, 170, 60), (40, 70, 220), (235, 210, 40), (140, 50
 
 
 def _scene(i: int, size: tuple[int, int] = (SIZE, SIZE)) -> Image.Image:
-    """An RGBA scene: a colored disc on a transparent background (alpha 0 outside the disc); its
-    place, color and size differ for every i below 588, so no two images are duplicates."""
+    """An RGBA scene: a colored disc (or square) on a transparent background (alpha 0 outside it);
+    place, color, size and shape differ for every i below 2352, so no two images are duplicates."""
     w, h = size
     img = Image.new("RGBA", size, (0, 0, 0, 0))
-    r = min(w, h) // 5 + (i // 294) * 4
+    r = min(w, h) // 6 + ((i // 294) % 4) * 3
     cx, cy = w // 2 + (i % 7 - 3) * max(1, w // 16), h // 2 + ((i // 7) % 7 - 3) * max(1, h // 16)
     color = PALETTE[(i // 49) % len(PALETTE)]
-    ImageDraw.Draw(img).ellipse((cx - r, cy - r, cx + r, cy + r), fill=(*color, 255))
+    draw = ImageDraw.Draw(img).ellipse if (i // 1176) % 2 == 0 else ImageDraw.Draw(img).rectangle
+    draw((cx - r, cy - r, cx + r, cy + r), fill=(*color, 255))
     return img
 
 
