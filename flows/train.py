@@ -83,27 +83,39 @@ def repro_stage(stage: str, workspace: str, env: dict, force: bool = False) -> d
     ran = f"Running stage '{stage}'" in out
     metrics_path = Workspace.at(workspace).metrics_path(stage)
     figures = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    return {"stage": stage, "status": "ran" if ran else "skipped", "seconds": seconds, "figures": figures}
+    # "n/a": a stage that does not apply to this data (the corpus beside a URL list, the judge
+    # without ground truth); its figures say why (pipeline/truth.py)
+    status = "n/a" if figures.get("skipped") else "ran" if ran else "skipped"
+    return {"stage": stage, "status": status, "seconds": seconds, "figures": figures}
 
 
 def headline(stage: str, f: dict) -> str:
     """One line of a stage's figures for the summary table."""
     if not f:
         return ""
+    if f.get("skipped"):
+        return f"not run: {f['skipped']}"
     if stage == "corpus":
         return f"{f.get('scenes')} scenes, {f.get('urls')} URLs, faults {sum(f.get('faults', {}).values())}"
     if stage == "crawl":
         return (f"{f.get('succeeded')}/{f.get('attempted')} ok; failed "
                 + ", ".join(f"{k} {v}" for k, v in f.get("failed_by_reason", {}).items() if v))
     if stage == "filter":
+        squared = sum((f.get("squared") or {}).values())
         return (f"{f.get('kept')}/{f.get('input')} kept; dropped "
-                + ", ".join(f"{k} {v}" for k, v in f.get("dropped_by_reason", {}).items() if v))
+                + ", ".join(f"{k} {v}" for k, v in f.get("dropped_by_reason", {}).items() if v)
+                + (f"; {squared} made square ({', '.join(f.get('squared'))})" if squared else ""))
     if stage == "clip":
         zs, v = f.get("val", {}).get("zero_shot", {}), f.get("val", {})
+        if not zs:
+            return (f"val R@1 i->t {v.get('image_to_text_r@1')}%, t->i {v.get('text_to_image_r@1')}% "
+                    f"({v.get('n_pairs')} pairs; zero-shot attributes need ground truth)")
         return (f"zero-shot color {zs.get('color_acc')}%, shape {zs.get('shape_acc')}%, "
                 f"position {zs.get('position_acc')}%; R@1 i->t {v.get('image_to_text_r@1')}%")
     if stage == "embed":
-        return f"{f.get('kept')} embedded ({f.get('dropped_low_similarity')} dropped), {f.get('images_per_s')} img/s"
+        cut = f.get("captions_truncated")
+        return (f"{f.get('kept')} embedded ({f.get('dropped_low_similarity')} dropped), {f.get('images_per_s')} img/s"
+                + (f"; {cut} captions cut at CLIP's context" if cut else ""))
     if stage == "prior":
         v = f.get("val", {})
         return (f"val cos(pred, image) {v.get('cos_pred_image')} vs cos(text, image) "
@@ -117,6 +129,13 @@ def headline(stage: str, f: dict) -> str:
     if stage == "judge":
         a = f.get("test_accuracy", {})
         return "real test images: " + ", ".join(f"{k} {v}%" for k, v in a.items())
+    if stage == "evaluate" and f.get("ground_truth") is False:
+        std, abl = f.get("standard", {}), f.get("ablation", {})
+        return (f"no ground truth, nothing judged; {std.get('metric')} {std.get('fid')} "
+                f"(real vs real {std.get('fid_floor_real_vs_real')}), CLIP score {f.get('clip_score_final')} "
+                f"(real images {f.get('clip_score_real_images')}); ablation {std.get('metric')}: "
+                + ", ".join(f"{v} {a.get('standard', {}).get('fid')}" for v, a in abl.items())
+                + f"; {f.get('nfe_total')} NFE/image")
     if stage == "evaluate":
         s, p = f.get("quality", {}).get("single", {}), f.get("quality", {}).get("pair", {})
         missed = [k for k, b in f.get("bars", {}).items() if not b.get("ok")]
@@ -193,10 +212,16 @@ def train_flow(workspace: str = ".", profile: str = config_mod.DEFAULT_PROFILE, 
         # the promotion gate, when this run produced a new evaluation
         evaluated = any(r["stage"] == "evaluate" and r["status"] == "ran" for r in rows)
         if not failed and evaluated and cfg.promote.enabled:
-            rows.append(promote_task(cfg, ws, parent.info.run_id))
+            from pipeline.registry import GateError
+            try:
+                rows.append(promote_task(cfg, ws, parent.info.run_id))
+            except GateError as err:     # a rule on a figure this evaluation lacks: the config's fault
+                failed = StageFailed("promote", f"promotion gate: {err}", permanent=True)
+                rows.append({"stage": "promote", "status": "failed", "seconds": 0, "figures": {}, "error": str(err)})
         table = [{"stage": r["stage"], "status": r["status"], "seconds": r["seconds"],
                   "how": how(r["stage"], r["status"], r["figures"]),
-                  "figures": r.get("line") or headline(r["stage"], r["figures"])} for r in rows]
+                  "figures": r.get("line") or headline(r["stage"], r["figures"]) or r.get("error", "")[:300]}
+                 for r in rows]
         tracking.log_metrics({"stages_ran": sum(r["status"] == "ran" for r in rows),
                               "stages_failed": sum(r["status"] == "failed" for r in rows)})
         import mlflow

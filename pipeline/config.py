@@ -63,8 +63,16 @@ class CorpusConfig(Section):
         return self
 
 
+RGB = tuple[int, int, int]
+
+
 class CrawlConfig(Section):
     url_list: Optional[str] = None
+    # A list without a ``split`` column (or rows where it is empty) is split by a stable hash of
+    # each row's key (its URL when the list has no key): these fractions go to val and test.
+    split: SplitFractions = SplitFractions()
+    # Transparent pixels (RGBA/LA/palette PNGs, WebP, GIF) are composited onto this RGB color.
+    background: RGB = (255, 255, 255)
     processes: int = Field(2, ge=1)
     threads: int = Field(16, ge=1)
     shard_size: int = Field(2500, ge=1)
@@ -77,13 +85,19 @@ class CrawlConfig(Section):
 class FilterConfig(Section):
     min_size: int = Field(32, ge=1)
     max_aspect_ratio: float = Field(2.0, ge=1)
-    min_caption_words: int = Field(2, ge=0)
+    # An empty caption is always dropped (caption_empty); one word is a caption (real data sets
+    # have many: "sunset", "logo"), so by default no word count is required beyond that.
+    min_caption_words: int = Field(1, ge=0)
     max_caption_words: int = Field(40, ge=1)
     exact_dedup: bool = True
     near_dedup: bool = True
     phash_max_distance: int = Field(4, ge=0, le=64)
     thumb_max_cell_rmse: float = Field(3.25, ge=0)
     shard_size: int = Field(2500, ge=1)
+    # A kept image that is not square is made square (the models see square images):
+    # center_crop keeps the middle (the shorter side's square); pad extends the shorter side
+    # with crawl.background, so nothing is cut off.
+    square: Literal["center_crop", "pad"] = "center_crop"
 
     @model_validator(mode="after")
     def _caption_bounds(self):
@@ -233,10 +247,12 @@ class UpsampleConfig(Section):
 class EvaluateConfig(Section):
     seed: int = 0
     n_single: int = Field(256, ge=0)                  # held-out one-object captions (test split)
-    n_pair: int = Field(256, ge=0)                    # held-out two-object captions
+    n_pair: int = Field(256, ge=0)                    # held-out two-object captions; on data without
+                                                      # ground truth: the first n_single + n_pair test captions
     batch_size: int = Field(32, ge=1)
-    grid_prompts: list[str] = ["a small red circle in the top left", "a large blue square in the center",
-                               "a green triangle to the left of a yellow circle", "a purple square above an orange triangle"]
+    # The grids' prompts; None: the embedded corpus's example prompts (evaluate.EXAMPLE_PROMPTS) on
+    # data with ground truth, else the first 4 held-out test captions of the data.
+    prompts: Optional[list[str]] = None
     grid_seeds: int = Field(4, ge=1)                  # samples per grid prompt
     # Standard FID/KID need Inception-v3's weights as a local file (torch-fidelity's
     # pt_inception-2015-12-05-6726825d.pth); unset, FD-CLIP/KD-CLIP in the pipeline's CLIP are reported.
@@ -300,6 +316,13 @@ class PromoteConfig(Section):
         GateRule(metric="quality.pair.colors", tolerance=2.0),
         GateRule(metric="quality.pair.relation", tolerance=2.0),
         GateRule(metric="quality.frechet_distance", higher_is_better=False, tolerance=25.0),
+    ]
+    # The rules for an evaluation of data without ground truth (a user's URL list), where the
+    # judge's figures do not exist: the standard metrics and the CLIP score. The tolerance on
+    # standard.fid suits FD-CLIP (values about 0.03 on the corpus); with Inception weights, FID points.
+    rules_without_ground_truth: list[GateRule] = [
+        GateRule(metric="standard.fid", higher_is_better=False, tolerance=0.02),
+        GateRule(metric="clip_score_final", tolerance=1.0),
     ]
 
 

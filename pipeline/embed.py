@@ -32,6 +32,7 @@ import torch
 from . import bundle, incremental, tracking
 from .clip import model as clip_model
 from .clip.data import decode_images, single_thread
+from .clip.tokenize import truncated
 from .data.shards import ShardError, ShardSink, iter_samples, loads_json, shard_paths, split_of
 from .progress import progress, say
 from .stages import StageError
@@ -156,12 +157,15 @@ def embed_shards(bundle, paths: list[Path], out: Path, *, batch_size: int, shard
     retrieval = RetrievalWriter(out, retrieval_part)
     kept = dropped = 0
     sims: dict[str, list[float]] = {"matched": [], "mismatched": [], "unknown": []}
-    dropped_mismatched = 0
+    dropped_mismatched = cut = 0
+    split_in: dict[str, int] = {}
+    split_kept: dict[str, int] = {}
     bar = progress(total=total, desc="embed", unit="img")
     t0 = time.perf_counter()
     with ShardSink(out, shard_size, prefix) as sink:
         for batch in batches(paths, bundle.tokenize, bundle.image_size, batch_size, num_workers):
             z_i, z_t, enc, mask = encode_batch(bundle, batch["images"], batch["tokens"])
+            cut += sum(truncated(bundle.tokenize, [it["txt"] for it in batch["items"]], batch["tokens"]))
             # Per-sample values as Python floats and numpy rows: indexing torch tensors costs ~us each.
             cos = (z_i * z_t).sum(-1).tolist()
             z_i, z_t = z_i.numpy(), z_t.numpy()
@@ -171,6 +175,7 @@ def embed_shards(bundle, paths: list[Path], out: Path, *, batch_size: int, shard
                 gt = it["gt"]
                 truth = "unknown" if not gt else "mismatched" if gt.get("mismatched") else "matched"
                 sims[truth].append(cos[j])
+                split_in[it["split"]] = split_in.get(it["split"], 0) + 1
                 if min_similarity is not None and cos[j] < min_similarity:
                     dropped += 1
                     dropped_mismatched += truth == "mismatched"
@@ -181,6 +186,7 @@ def embed_shards(bundle, paths: list[Path], out: Path, *, batch_size: int, shard
                             "txt_tokens.npy": tok_npy[j], "txt_mask.npy": mask_npy[j]})
                 retrieval.add(z_i[j], z_t[j], {"key": it["key"], "caption": it["txt"], "split": it["split"]})
                 kept += 1
+                split_kept[it["split"]] = split_kept.get(it["split"], 0) + 1
                 if kept % shard_size == 0:
                     retrieval.flush()     # keep the npy parts aligned with the tar shards
             bar.update(len(batch["items"]))
@@ -190,6 +196,9 @@ def embed_shards(bundle, paths: list[Path], out: Path, *, batch_size: int, shard
     n_mis = len(sims["mismatched"])
     out_figs = {"input": kept + dropped, "kept": kept, "dropped_low_similarity": dropped,
                 "images_per_s": round((kept + dropped) / seconds, 1), "seconds": round(seconds, 2),
+                # captions longer than CLIP's context: their tokens are cut there (open_clip's rule)
+                "captions_truncated": cut,
+                "kept_by_split": {k: {"input": n, "kept": split_kept.get(k, 0)} for k, n in sorted(split_in.items())},
                 "similarity": {k: {"n": len(v), "mean": round(float(np.mean(v)), 4)} for k, v in sims.items() if v},
                 "files": [f"{prefix}{i:05d}.tar" for i in range(sink.shards)] + retrieval.written}
     if n_mis and min_similarity is not None:
@@ -254,6 +263,12 @@ def run(cfg, ws) -> dict:
                 "parts": [*(state["parts"] if state else []),
                           {"part": part, "filtered_shards": [p.name for p in paths], "kept": figures["kept"],
                            "outputs": figures.pop("files")}]})
+            lost = [k for k in ("val", "test") if state is None and figures["kept_by_split"].get(k, {}).get("input")
+                    and not figures["kept_by_split"][k]["kept"]]
+            if lost:         # the stages after would stop on an empty split; say which knob did it
+                raise StageError(f"embed.min_similarity {e.min_similarity} dropped every {' and '.join(lost)} pair "
+                                 f"({figures['kept_by_split']}); the threshold suits the CLIP it was chosen for: "
+                                 f"on your own data set it lower, or null to keep every pair")
     except ShardError as err:
         raise StageError(str(err)) from None
     figures.update(shards=len(shard_paths(ws.embeddings)), totals=totals,

@@ -33,7 +33,14 @@ Figures (``metrics/evaluate.json``, and MLflow):
   torchmetrics' 100 * max(cos, 0), labelled; the prior's cosines on these captions;
 - network evaluations per image (guidance's second pass counted) and seconds per image.
 
-Grids (``reports/evaluate/``, logged as MLflow artifacts): the README's prompts x seeds after
+On data without ground truth (a user's URL list: the judge stage was skipped, ``pipeline.truth``)
+nothing is judged: ``ground_truth: false`` and ``not_measured`` name the figures that do not exist
+and why; the figures are ``standard`` (with its real-versus-real floor from val images), the CLIP
+score, the prior's cosines and ``ablation`` in those figures, on the first ``n_single + n_pair``
+test captions. ``clip_score_final`` (the last stage's) is in both, for the promotion gate.
+
+Grids (``reports/evaluate/``, logged as MLflow artifacts): ``evaluate.prompts`` (unset: the
+README's prompts on the corpus, the first 4 test captions on a URL list) x seeds after
 every stage, test captions beside their real images, and the ``n_worst`` samples the judge
 scores worst (``worst.png`` / ``worst.json``). The run's HTML report (``pipeline.report``) is
 built from these after the stage's metrics are written.
@@ -45,7 +52,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from . import background, diversity, tracking
+from . import background, diversity, tracking, truth
 from .config import PriorConfig
 from .data.shards import shard_paths
 from .embeddings import load_split
@@ -69,6 +76,9 @@ BACKGROUND_NAMED_BAR = 95          # percent of the captions that name a backgro
 BACKGROUND_NOISE_FACTOR = 2.0      # the background's noise at most this times the real images' (floored)
 NFE_BUDGET = 40
 ABLATIONS = ("unclip", "text_embedding", "caption_only")
+# The grids' prompts on the embedded corpus when evaluate.prompts is unset (the README's examples)
+EXAMPLE_PROMPTS = ("a small red circle in the top left", "a large blue square in the center",
+                   "a green triangle to the left of a yellow circle", "a purple square above an orange triangle")
 
 
 def clip_cosines(clip, images_uint8: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
@@ -152,19 +162,35 @@ def diversity_figures(e, corpus, unclip, judge, captions: list, gts: list,
     return out, rows, [caps[p] for p in shown]
 
 
-def run(cfg, ws) -> dict:
-    e = cfg.evaluate
-    paths = shard_paths(ws.embeddings)
-    if not paths:
-        raise StageError(f"no shards in {ws.embeddings}: run the embed stage first")
-    try:
-        unclip = Unclip.load(ws.root / "models")
-        judge = Judge.load(ws.judge, unclip.device)
-    except (FileNotFoundError, ValueError) as err:
-        raise StageError(str(err)) from None
-    extractor = feature_extractor(e, unclip)          # before any work: a bad weights path fails fast
-    size = unclip.sizes[-1]
-    test = load_split(paths, "test", image_size=size)
+def clip_figures(unclip, result: dict, names: list[str], real_images: torch.Tensor) -> dict:
+    """CLIP score after every stage (100 * mean cos), in both clamped conventions, of the real
+    images of the same captions and of the final images against shuffled captions."""
+    z_t = result["z_t"].to(unclip.device)
+    cosines = {name: clip_cosines(unclip.clip, imgs, z_t) for name, imgs in zip(names, result["stages"])}
+    cosines["real_images"] = clip_cosines(unclip.clip, real_images, z_t)
+    clip_scores = {name: round(100 * c.mean().item(), 2) for name, c in cosines.items() if name != "real_images"}
+    return {"clip_score": clip_scores, "clip_score_final": clip_scores[names[-1]],
+            "clip_score_conventions": {name: clip_scores_both(c) for name, c in cosines.items()},
+            "clip_score_real_images": round(100 * cosines["real_images"].mean().item(), 2),
+            "clip_score_shuffled_captions": clip_score(unclip.clip, result["images"], torch.roll(z_t, 1, 0))}
+
+
+def stage_names(result: dict) -> list[str]:
+    return ["decoder"] + [f"upsample_{j}" for j in range(1, len(result["stages"]))]
+
+
+def ablation_inputs(unclip, variant: str, captions: list[str]):
+    """The image embedding each variant of DALL-E 2 section 5.1 feeds the decoder (None: the prior's)."""
+    if variant == "text_embedding":
+        return unclip.encode_text(captions)[0]
+    if variant == "caption_only":
+        return torch.zeros_like(unclip.encode_text(captions[:1])[0]).expand(len(captions), -1)
+    return None
+
+
+def judged_figures(e, cfg, unclip, judge, extractor, test: dict, val: dict, size: int) -> tuple[dict, dict]:
+    """Data with ground truth (the embedded corpus): everything, judged. Returns the figures and
+    what the grids need (``held``: rows, captions, the unCLIP result, the worst, diversity rows)."""
     rows = pick_rows(test["gt"], e.n_single, e.n_pair)
     if not rows:
         raise StageError("no test-split captions with ground truth in the embeddings")
@@ -172,7 +198,6 @@ def run(cfg, ws) -> dict:
     captions, gts = [test["captions"][i] for i in rows], [test["gt"][i] for i in rows]
 
     # real-versus-real floor: val images of the same one/two-object mix, as many
-    val = load_split(paths, "val", image_size=size)
     floor_rows = pick_rows(val["gt"], sum(len(parse_gt(g)["objects"]) == 1 for g in gts),
                            sum(len(parse_gt(g)["objects"]) == 2 for g in gts))
     _, real_feats = judge.predict(test["images"][idx])
@@ -182,11 +207,7 @@ def run(cfg, ws) -> dict:
 
     ablation, result, preds = {}, None, []
     for variant in ABLATIONS:
-        z_i = {"unclip": None, "text_embedding": None, "caption_only": None}[variant]
-        if variant == "text_embedding":
-            z_i = unclip.encode_text(captions)[0]
-        elif variant == "caption_only":
-            z_i = torch.zeros_like(unclip.encode_text(captions[:1])[0]).expand(len(captions), -1)
+        z_i = ablation_inputs(unclip, variant, captions)
         say("evaluate", f"ablation {variant}: {len(captions)} captions through the cascade")
         out = unclip.generate(captions, n=1, seed=e.seed, batch_size=e.batch_size, z_i=z_i)
         ablation[variant] = score(judge, out["images"], gts, real_feats,
@@ -196,13 +217,9 @@ def run(cfg, ws) -> dict:
         if variant == "unclip":
             result = out
     quality = ablation["unclip"]
-    names = ["decoder"] + [f"upsample_{j}" for j in range(1, len(result["stages"]))]
+    names = stage_names(result)
     by_stage = {name: score(judge, imgs, gts, real_feats) for name, imgs in zip(names, result["stages"])}
-
-    z_t = result["z_t"].to(unclip.device)
-    cosines = {name: clip_cosines(unclip.clip, imgs, z_t) for name, imgs in zip(names, result["stages"])}
-    cosines["real_images"] = clip_cosines(unclip.clip, test["images"][idx], z_t)
-    clip_scores = {name: round(100 * c.mean().item(), 2) for name, c in cosines.items() if name != "real_images"}
+    clips = clip_figures(unclip, result, names, test["images"][idx])
 
     # standard FID / KID (or the declared FD-CLIP fallback) of the final images, and its floor
     say("evaluate", f"{extractor.name}: features of {len(rows)} generated, {len(rows)} real and "
@@ -219,63 +236,184 @@ def run(cfg, ws) -> dict:
                                             if e.diversity_prompts else (None, None, []))
     nfe_total = sum(result["nfe"].values())
     figures = {
+        "ground_truth": True,
         "n_captions": len(rows), "n_single": len(rows) - sum(len(parse_gt(g)["objects"]) == 2 for g in gts),
         "seed": e.seed, "sizes": unclip.sizes,
         "quality": quality, "frechet_floor_real_vs_real": floor, "quality_by_stage": by_stage,
         "ablation": ablation, "bars": bars(quality, floor, nfe_total),
         "background_real_images": real_background,
         "judge_test_accuracy": judge.meta.get("info", {}).get("test_accuracy"),
-        "standard": standard,
-        "clip_score": clip_scores,
-        "clip_score_conventions": {name: clip_scores_both(c) for name, c in cosines.items()},
-        "clip_score_real_images": round(100 * cosines["real_images"].mean().item(), 2),
-        "clip_score_shuffled_captions": clip_score(unclip.clip, result["images"], torch.roll(z_t, 1, 0)),
+        "standard": standard, **clips,
         "nfe_per_image": result["nfe"], "nfe_total": nfe_total,
         "seconds_per_image": round(result["seconds"] / len(rows), 3),
     }
     if spread is not None:
         figures["diversity"] = spread
+    # the grids' held-out captions: the first 8 of each kind
+    n_single = figures["n_single"]
+    shown = [i for i in range(len(rows)) if i < 8] + [i for i in range(n_single, len(rows))][:8]
+    held = {"rows": rows, "captions": captions, "result": result, "shown": shown, "worst": worst,
+            "spread_rows": spread_rows, "spread_captions": spread_captions}
+    return figures, held
+
+
+def unjudged_figures(e, unclip, extractor, test: dict, val: dict) -> tuple[dict, dict]:
+    """Data without ground truth (a user's URL list): no judge, so the figures are the standard
+    metrics (FID/KID or the declared FD-CLIP/KD-CLIP, with their real-versus-real floor), the CLIP
+    score, the prior's cosines and the ablation of DALL-E 2 section 5.1 in those figures, on the
+    first ``n_single + n_pair`` test captions, one image each."""
+    rows = list(range(min(e.n_single + e.n_pair, test["n"])))
+    if len(rows) < 2:
+        raise StageError(f"the test split of the embeddings holds {test['n']} pair(s); FID/KID need at least 2 "
+                         f"(a larger list, or a larger crawl.split.test)")
+    idx = torch.tensor(rows)
+    captions = [test["captions"][i] for i in rows]
+    real_std = extract(extractor, test["images"][idx])
+    n_floor = min(len(rows), val["n"])
+    floor_std = extract(extractor, val["images"][:n_floor]) if n_floor >= 2 else None
+
+    def standard_of(images: torch.Tensor) -> dict:
+        return fid_kid(extract(extractor, images), real_std, seed=e.seed, subsets=e.kid_subsets,
+                       subset_size=e.kid_subset_size)
+
+    ablation, result = {}, None
+    for variant in ABLATIONS:
+        z_i = ablation_inputs(unclip, variant, captions)
+        say("evaluate", f"ablation {variant}: {len(captions)} captions through the cascade")
+        out = unclip.generate(captions, n=1, seed=e.seed, batch_size=e.batch_size, z_i=z_i)
+        z_t = out["z_t"].to(unclip.device)
+        ablation[variant] = {"standard": standard_of(out["images"]),
+                             "clip_score": clip_score(unclip.clip, out["images"], z_t),
+                             "nfe_per_image": sum(out["nfe"].values()),
+                             "seconds_per_image": round(out["seconds"] / len(rows), 3)}
+        if variant == "unclip":
+            result = out
+    names = stage_names(result)
+    say("evaluate", f"{extractor.name}: features of {len(rows)} generated, {len(rows)} real and "
+                    f"{n_floor} more real images")
+    standard = {"metric": extractor.name, "feature_extractor": extractor.description,
+                "n_generated": len(rows), "n_real": len(rows), "seed": e.seed, **ablation["unclip"]["standard"],
+                "fid_floor_real_vs_real": (fid_kid(floor_std, real_std, seed=e.seed, kid=False)["fid"]
+                                           if floor_std is not None else None),
+                "n_floor": n_floor}
+    nfe_total = sum(result["nfe"].values())
+    figures = {
+        "ground_truth": False,
+        "not_measured": {"why": truth.NO_TRUTH, "figures": list(truth.NOT_MEASURED)},
+        "n_captions": len(rows), "seed": e.seed, "sizes": unclip.sizes,
+        "ablation": ablation, "standard": standard,
+        **clip_figures(unclip, result, names, test["images"][idx]),
+        "nfe_per_image": result["nfe"], "nfe_total": nfe_total,
+        "seconds_per_image": round(result["seconds"] / len(rows), 3),
+    }
+    held = {"rows": rows, "captions": captions, "result": result, "shown": list(range(min(16, len(rows)))),
+            "worst": [], "spread_rows": None, "spread_captions": []}
+    return figures, held
+
+
+def grid_prompts(e, test: dict, judged: bool) -> list[str]:
+    """``evaluate.prompts``; unset, the corpus's example prompts on data with ground truth, else
+    the first 4 held-out test captions of the data."""
+    if e.prompts:
+        return list(e.prompts)
+    return list(EXAMPLE_PROMPTS) if judged else list(test["captions"][:len(EXAMPLE_PROMPTS)])
+
+
+def write_grids(e, out, unclip, prompts: list[str], test: dict, held: dict) -> None:
+    """The report's images: the prompts x seeds after every stage, held-out captions' real images
+    above their generated ones, the worst-judged samples and the diversity rows (judged data)."""
+    rows, captions, result = held["rows"], held["captions"], held["result"]
+    idx = torch.tensor(rows)
+    examples = unclip.generate(prompts, n=e.grid_seeds, seed=e.seed, batch_size=e.batch_size)
+    for k, name in enumerate(stage_names(result)):
+        save_grid(examples, e.grid_seeds, out / f"prompts_{name}.png", stage=k)
+    (out / "prompts.json").write_text(json.dumps({"prompts": prompts, "seeds": e.grid_seeds}, indent=1))
+    # held-out captions: real test image above the generated one, 8 per row pair
+    half = held["shown"]
+    sel = torch.tensor(half)
+    real, gen = test["images"][idx[sel]], result["images"][sel]
+    pairs = [t for i in range(0, len(half), 8) for t in (real[i:i + 8], gen[i:i + 8])]
+    save_png(grid(torch.cat(pairs), 8), out / "test_real_vs_generated.png")
+    (out / "test_captions.json").write_text(json.dumps([captions[i] for i in half], indent=1))
+    # the worst-judged samples: generated image beside the real one, and what the judge saw
+    worst = held["worst"]
+    if worst:
+        sel = torch.tensor([w["index"] for w in worst])
+        both = [t for i in range(0, len(worst), 8) for t in (test["images"][idx[sel]][i:i + 8],
+                                                             result["images"][sel][i:i + 8])]
+        save_png(grid(torch.cat(both), 8), out / "worst.png")
+    (out / "worst.json").write_text(json.dumps(
+        [w | {"caption": captions[w["index"]]} for w in worst], indent=1))
+    # diversity: per caption, its real renders, unCLIP's samples, caption-only's samples (a row each)
+    spread_rows, spread_captions = held["spread_rows"], held["spread_captions"]
+    if spread_rows is not None and len(spread_rows):
+        labels = [f"{kind}: {c}" if kind == "real" else kind for c in spread_captions
+                  for kind in ("real", "unclip", "caption-only")]
+        save_png(grid(spread_rows, e.diversity_seeds, row_labels=labels), out / "diversity.png")
+        (out / "diversity_captions.json").write_text(json.dumps(
+            {"rows_per_caption": ["real_images", "unclip", "caption_only"], "captions": spread_captions}, indent=1))
+
+
+def run(cfg, ws) -> dict:
+    e = cfg.evaluate
+    paths = shard_paths(ws.embeddings)
+    if not paths:
+        raise StageError(f"no shards in {ws.embeddings}: run the embed stage first")
+    no_judge = truth.skipped(ws.judge)
+    try:
+        unclip = Unclip.load(ws.root / "models")
+        judge = None if no_judge else Judge.load(ws.judge, unclip.device)
+    except (FileNotFoundError, ValueError) as err:
+        raise StageError(str(err)) from None
+    extractor = feature_extractor(e, unclip)          # before any work: a bad weights path fails fast
+    size = unclip.sizes[-1]
+    test = load_split(paths, "test", image_size=size)
+    val = load_split(paths, "val", image_size=size)
+    judged = judge is not None
+    if judged:
+        figures, held = judged_figures(e, cfg, unclip, judge, extractor, test, val, size)
+    else:
+        if any(parse_gt(g) for g in test["gt"]):
+            raise StageError(f"the test split carries ground truth but the judge was skipped ({no_judge}): "
+                             f"run the judge stage again (`dvc repro -f judge`)")
+        say("evaluate", f"no judged figures: {no_judge}")
+        figures, held = unjudged_figures(e, unclip, extractor, test, val)
+    rows = held["rows"]
     prior = unclip.prior_meta["config"]["prior"]
-    test_sub = {k: (v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in rows]) for k, v in test.items()
-                if k != "n"} | {"n": len(rows)}
+    test_sub = {k: (v[torch.tensor(rows)] if isinstance(v, torch.Tensor) else [v[i] for i in rows])
+                for k, v in test.items() if k != "n"} | {"n": len(rows)}
     figures["prior"] = prior_figures(unclip.prior, test_sub, PriorConfig.model_validate(prior))
+    prompts = grid_prompts(e, test, judged)
+    figures["prompts"] = prompts
 
     with atomic_dir(ws.reports / "evaluate") as out:
-        prompts = list(e.grid_prompts)
-        examples = unclip.generate(prompts, n=e.grid_seeds, seed=e.seed, batch_size=e.batch_size)
-        for k, name in enumerate(names):
-            save_grid(examples, e.grid_seeds, out / f"prompts_{name}.png", stage=k)
-        # held-out captions: real test image above the generated one, 8 per row pair, both kinds
-        half = [i for i in range(len(rows)) if i < 8] + [i for i in range(figures["n_single"], len(rows))][:8]
-        sel = torch.tensor(half)
-        real, gen = test["images"][idx[sel]], result["images"][sel]
-        pairs = [t for i in range(0, len(half), 8) for t in (real[i:i + 8], gen[i:i + 8])]
-        save_png(grid(torch.cat(pairs), 8), out / "test_real_vs_generated.png")
-        (out / "test_captions.json").write_text(json.dumps([captions[i] for i in half], indent=1))
-        # the worst-judged samples: generated image beside the real one, and what the judge saw
-        if worst:
-            sel = torch.tensor([w["index"] for w in worst])
-            both = [t for i in range(0, len(worst), 8) for t in (test["images"][idx[sel]][i:i + 8],
-                                                                 result["images"][sel][i:i + 8])]
-            save_png(grid(torch.cat(both), 8), out / "worst.png")
-        (out / "worst.json").write_text(json.dumps(
-            [w | {"caption": captions[w["index"]]} for w in worst], indent=1))
-        # diversity: per caption, its real renders, unCLIP's samples, caption-only's samples (a row each)
-        if spread_rows is not None and len(spread_rows):
-            labels = [f"{kind}: {c}" if kind == "real" else kind for c in spread_captions
-                      for kind in ("real", "unclip", "caption-only")]
-            save_png(grid(spread_rows, e.diversity_seeds, row_labels=labels), out / "diversity.png")
-            (out / "diversity_captions.json").write_text(json.dumps(
-                {"rows_per_caption": ["real_images", "unclip", "caption_only"], "captions": spread_captions}, indent=1))
+        write_grids(e, out, unclip, prompts, test, held)
     for png in sorted((ws.reports / "evaluate").glob("*.png")):
         tracking.log_artifact(png, "evaluate")
+    standard, nfe_total = figures["standard"], figures["nfe_total"]
+    common = ({f"clip_score_{k}": v for k, v in figures["clip_score"].items()}
+              | {"clip_score_real_images": figures["clip_score_real_images"], "nfe_total": nfe_total}
+              | {f"{extractor.name}_{k}": standard[k] for k in ("fid", "kid_mean", "fid_floor_real_vs_real")
+                 if standard[k] is not None}
+              | {f"prior_{k}": v for k, v in figures["prior"].items() if k.startswith("cos")})
+    if not judged:
+        tracking.log_metrics(common | {f"ablation_{v}_{k}": a[k] for v, a in figures["ablation"].items()
+                                       for k in ("clip_score",)})
+        say("evaluate", f"{len(rows)} test captions (no ground truth: nothing judged): {extractor.name} "
+                        f"{standard['fid']} (real vs real {standard['fid_floor_real_vs_real']}), KID "
+                        f"{standard['kid_mean']}; CLIP score {figures['clip_score_final']} (real images "
+                        f"{figures['clip_score_real_images']}, shuffled captions {figures['clip_score_shuffled_captions']}); "
+                        f"ablation {extractor.name} " + ", ".join(f"{v} {a['standard']['fid']}" for v, a in
+                                                                  figures["ablation"].items())
+                        + f"; {nfe_total} network evaluations per image -> {(ws.reports / 'evaluate').relative_to(ws.root)}/")
+        return figures
+
+    quality, floor, spread = figures["quality"], figures["frechet_floor_real_vs_real"], figures.get("diversity")
+    real_background = figures["background_real_images"]
     flat = {f"{kind}_{k}": v for kind in ("single", "pair") for k, v in quality[kind].items() if k != "n"}
     tracking.log_metrics({f"quality_{k}": v for k, v in flat.items() if v is not None}
                          | {"frechet_distance": quality["frechet_distance"], "frechet_floor": floor}
-                         | {f"clip_score_{k}": v for k, v in clip_scores.items()}
-                         | {"clip_score_real_images": figures["clip_score_real_images"], "nfe_total": nfe_total}
-                         | {f"{extractor.name}_{k}": standard[k] for k in ("fid", "kid_mean", "fid_floor_real_vs_real")}
-                         | {f"prior_{k}": v for k, v in figures["prior"].items() if k.startswith("cos")}
+                         | common
                          | {f"background_{k}": v for k, v in quality["background"].items() if v is not None}
                          | ({f"diversity_{v}_{k}": spread[v][k] for v in ("unclip", "caption_only", "real_images")
                              for k in ("diversity", "fidelity") if spread[v][k] is not None} if spread else {}))

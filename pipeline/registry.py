@@ -4,7 +4,10 @@ the champion (``promote.alias``) only if it is not worse than the current one.
 A registered version's source is an artifact directory of an MLflow run holding the bundle that
 ``generate.Unclip.load`` reads (``clip/ prior/ decoder/ upsampler_*/``) plus its
 ``evaluate.json``; its tags name the report run (``reports/<run>/``), the git revision and the
-gate's verdict. ``unclip generate`` and the applications load ``models:/<name>@<alias>`` unless
+gate's verdict. The rules are ``promote.rules`` for an evaluation with ground truth (the judge's
+figures) and ``promote.rules_without_ground_truth`` for one without (a user's URL list); a rule
+naming a figure the evaluation does not have stops the gate with a :class:`GateConfigError`
+before anything is registered, on the first run (no champion) as on any other. ``unclip generate`` and the applications load ``models:/<name>@<alias>`` unless
 told otherwise (``champion_models``).
 """
 from __future__ import annotations
@@ -25,6 +28,35 @@ BUNDLE_PARTS = ("clip", "prior", "decoder")       # plus every upsampler_*
 
 class GateError(RuntimeError):
     """Nothing to register (no trained bundle or no evaluation)."""
+
+
+class GateConfigError(GateError):
+    """A rule names a figure the evaluation does not have: a configuration error, never a pass."""
+
+
+def rules_for(p, evaluation: dict) -> tuple[str, list]:
+    """(the params key, its rules) that apply to ``evaluation``: ``promote.rules`` where the data
+    has ground truth (judged figures), ``promote.rules_without_ground_truth`` where it has none."""
+    if evaluation.get("ground_truth", True):
+        return "promote.rules", list(p.rules)
+    return "promote.rules_without_ground_truth", list(p.rules_without_ground_truth)
+
+
+def check_rules(key: str, rules, evaluation: dict) -> None:
+    """Every rule must name a number of ``evaluation``; else a GateConfigError naming the rule,
+    why the figure is absent and what the rule could name instead."""
+    flat = flatten(evaluation)
+    bad = [(k, r.metric) for k, r in enumerate(rules) if not isinstance(flat.get(r.metric), (int, float))
+           or isinstance(flat.get(r.metric), bool)]
+    if not bad:
+        return
+    why = (f" (this evaluation has no ground truth: {evaluation['not_measured']['why']})"
+           if not evaluation.get("ground_truth", True) else "")
+    numbers = sorted(k for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    shown = [k for k in numbers if k.startswith(("standard.", "clip_score", "quality.", "prior."))] or numbers
+    raise GateConfigError(
+        "; ".join(f"{key}[{k}]: {m!r} is not a figure of metrics/evaluate.json" for k, m in bad) + why
+        + f". Figures a rule can name include: {', '.join(shown[:24])}")
 
 
 def decide(candidate: dict, champion: Optional[dict], rules) -> tuple[bool, list[str], list[dict]]:
@@ -89,6 +121,8 @@ def register_and_gate(cfg, ws: Workspace, *, report_run: Optional[str] = None,
     if missing or not ev_path.exists():
         raise GateError(f"nothing to register: missing {', '.join(missing) or 'metrics/evaluate.json'}")
     evaluation = json.loads(ev_path.read_text())
+    rules_key, rules = rules_for(p, evaluation)
+    check_rules(rules_key, rules, evaluation)            # before anything is registered
     client = _client(cfg, ws)
     if report_run is None:
         from .report import runs
@@ -112,7 +146,7 @@ def register_and_gate(cfg, ws: Workspace, *, report_run: Optional[str] = None,
                                                                           "upsamplers) with their evaluation")
         old = champion_version(client, p.registered_model, p.alias)
         old_eval = _evaluation_of(old) if old is not None else None
-        promote, reasons, rows = decide(evaluation, old_eval, p.rules)
+        promote, reasons, rows = decide(evaluation, old_eval, rules)
         if old is not None and old_eval is None:
             reasons = [f"the champion (version {old.version}) has no readable evaluation: replaced"]
             promote = True
@@ -134,7 +168,7 @@ def register_and_gate(cfg, ws: Workspace, *, report_run: Optional[str] = None,
                    "promoted": promote, "alias": p.alias, "reasons": reasons, "rules": rows,
                    "previous_champion": int(old.version) if old is not None else None,
                    "champion": int(version.version) if promote else int(old.version),
-                   "compare_report": compare_page, "report_run": report_run}
+                   "compare_report": compare_page, "report_run": report_run, "rule_set": rules_key}
         mlflow.log_dict(verdict, "gate.json")
         tracking.log_metrics({"promoted": float(promote), "version": float(version.version)})
     return verdict

@@ -81,7 +81,8 @@ def crafted_samples() -> list[tuple[str, bytes, str, str | None]]:
         ("html", b"<html>soft 404</html>", CAPTION, "unreadable"),
         ("tiny", encode(red.resize((16, 16)), quality=95), CAPTION, "too_small"),
         ("wide", encode(red.resize((160, 64)), quality=95), CAPTION, "aspect_ratio"),
-        ("oneword", red_jpg, "circle", "caption_too_short"),
+        ("empty", red_jpg, "  ", "caption_empty"),
+        ("oneword", red_jpg, "circle", "caption_too_short"),       # with min_caption_words: 2 (default 1)
         ("wordy", red_jpg, " ".join(["red"] * 41), "caption_too_long"),
         ("copy", red_jpg, CAPTION, "exact_duplicate"),
         # Other bytes, same pixels: a lossless re-encode of the decoded JPEG.
@@ -94,6 +95,7 @@ def crafted_samples() -> list[tuple[str, bytes, str, str | None]]:
 @pytest.fixture(scope="module")
 def crafted(tmp_path_factory):
     cfg = smoke_cfg()
+    cfg = cfg.model_copy(update={"filter": cfg.filter.model_copy(update={"min_caption_words": 2})})
     ws = Workspace.at(tmp_path_factory.mktemp("crafted"))
     samples = crafted_samples()
     with ShardSink(ws.raw, shard_size=5) as sink:        # several shards: dedup spans them

@@ -44,7 +44,8 @@ def run(cfg, ws) -> dict:
             bundle, summary = train(c, paths, out / ".open_clip", checkpoints, on_log=on_log)
         val = load_split(paths, "val", bundle.image_size)
         if not val["keys"]:
-            raise StageError("the val split is empty: no sample's json carries split='val'")
+            raise StageError("the val split is empty: no sample's json carries split='val' (a URL list: give "
+                             "some rows split 'val', or leave split empty and set crawl.split.val above 0)")
         with torch.no_grad():
             figures = evaluate(bundle, val, c.eval_batch_size)
         clip_model.save(bundle, out, cfg.model_dump(mode="json"))

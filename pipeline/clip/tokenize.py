@@ -76,3 +76,12 @@ def fast_tokenizer(base):
             and base.clean_fn is oc_tokenizer._clean_lower):
         return WordMemoTokenizer(base)
     return base
+
+
+def truncated(tokenizer, texts: list[str], tokens: torch.Tensor) -> list[bool]:
+    """Which of ``texts`` did not fit the context (``tokens``: their ids [B, L], 0 = padding):
+    only a row that fills the context can have been cut, and only those are measured again."""
+    length = tokens.shape[1]
+    full = (tokens[:, -1] != 0).tolist()
+    encode = getattr(tokenizer, "encode", None) or getattr(getattr(tokenizer, "base", None), "encode", None)
+    return [bool(f) and (encode is None or len(encode(t)) + 2 > length) for f, t in zip(full, texts)]

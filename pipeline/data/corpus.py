@@ -390,6 +390,14 @@ def sample_grid(paths: list[Path], cols: int = 8) -> Image.Image:
 
 def run(cfg, ws) -> dict:
     c = cfg.corpus
+    if cfg.crawl.url_list is not None:
+        # The user's list replaces the embedded corpus: nothing is generated, and the output says why.
+        from ..truth import write_skipped
+        reason = f"crawl.url_list is set ({cfg.crawl.url_list}): your own data replaces the embedded corpus"
+        with atomic_dir(ws.corpus) as out:
+            figures = write_skipped(out, "corpus", reason)
+        say("corpus", f"skipped: {reason}")
+        return figures
     scenes, blocks = build_blocks(cfg)
     pairs = pd.concat(blocks, ignore_index=True)
     # A near duplicate is rendered with its source scene, whichever block the source is in.

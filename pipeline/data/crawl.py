@@ -2,11 +2,15 @@
 
 The URL list is the embedded corpus (``data/corpus/pairs.parquet``, served over loopback HTTP by
 :mod:`pipeline.data.server`, faults included) or a user's parquet/CSV (``crawl.url_list``) with
-``url`` and ``caption`` columns (a relative path is relative to the workspace). img2dataset does
-the downloading, in-process. Then a verification pass decodes every image strictly with PIL, the
-decoder of the stages downstream: img2dataset judges images with OpenCV, whose tolerance of
-damaged JPEGs depends on its build (older ones decode a truncated file with a warning), and with
-``skip_reencode`` it keeps the bytes exactly as downloaded.
+``url`` and ``caption`` columns (a relative path is relative to the workspace). A user's list is
+split by its ``split`` column where a row has one, else by a stable hash of the row's key (or URL)
+with ``crawl.split``'s fractions (:func:`hash_split`). img2dataset does the downloading,
+in-process; a plain RGB JPEG is kept byte for byte, any other image (PNG with alpha or a palette,
+WebP, GIF, grayscale/CMYK or EXIF-rotated JPEG) is made an upright RGB JPEG, transparency
+composited onto ``crawl.background`` (:class:`NormalizingResizer`). Then a verification pass
+decodes every image strictly with PIL, the decoder of the stages downstream: img2dataset judges
+images with OpenCV, whose tolerance of damaged JPEGs depends on its build (older ones decode a
+truncated file with a warning), and with ``skip_reencode`` it keeps the bytes exactly as downloaded.
 
 Output (``data/raw/``)::
 
@@ -27,6 +31,8 @@ links the earlier shards into the new output unchanged, and appends to the log (
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import importlib
 import io
 import json
@@ -43,7 +49,7 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from .. import incremental
 from ..progress import progress, say
@@ -62,7 +68,7 @@ ERROR_RULES: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p, re.I), r)
     (r"X-Robots-Tag", "opted_out"),
     (r"image area too large", "too_large"),
     (r"image too small", "too_small"),
-    (r"corrupt or truncated", "corrupt_image"),      # DiagnosingResizer's refinement, below
+    (r"corrupt or truncated", "corrupt_image"),      # NormalizingResizer's refinement, below
     (r"Image decoding error", "not_an_image"),
 ))
 INDEX = "url_index"          # row number in the URL list: joins img2dataset's records to it
@@ -82,8 +88,8 @@ def classify(message: Optional[str]) -> str:
 
 # ---- the URL list -------------------------------------------------------------------------------
 def read_url_list(cfg, ws) -> tuple[pd.DataFrame, Optional[pd.Series]]:
-    """(urls, faults): ``urls`` holds url, caption, url_index and the columns worth keeping;
-    ``faults`` is the corpus's fault kind per row (None for a user's list)."""
+    """(urls, faults): ``urls`` holds url, caption, url_index, split and the columns worth
+    keeping; ``faults`` is the corpus's fault kind per row (None for a user's list)."""
     if cfg.crawl.url_list is None:
         path = ws.corpus / "pairs.parquet"
         if not path.exists():
@@ -106,10 +112,42 @@ def read_url_list(cfg, ws) -> tuple[pd.DataFrame, Optional[pd.Series]]:
     if missing:
         raise StageError(f"crawl.url_list: {path} has no column {', '.join(map(repr, missing))} "
                          f"(a URL list needs 'url' and 'caption'; it has {', '.join(map(str, table.columns))})")
-    return _url_frame(table, path), None
+    no_url = table["url"].isna() | (table["url"].astype(str).str.strip() == "")
+    if no_url.any():
+        raise StageError(f"crawl.url_list: {path}: {int(no_url.sum())} row(s) have no url "
+                         f"(the first is row {int(np.flatnonzero(no_url.values)[0])})")
+    # A missing caption is an empty one (the filter drops and counts it), never the text "nan".
+    table = table.assign(caption=table["caption"].fillna("").astype(str))
+    return _url_frame(table.assign(split=list_splits(table, path, cfg.crawl.split)), path), None
 
 
 LIST_SUFFIXES = (".parquet", ".csv", ".csv.gz")
+SPLITS = ("train", "val", "test")
+
+
+def hash_split(ids: pd.Series, fractions) -> np.ndarray:
+    """train / val / test per id (a row's key, else its URL) by a stable hash: u = the first 8
+    bytes of sha256(id) / 2^64 is test below ``fractions.test``, val below test + val, else train.
+    The same id gets the same split in any list, in any order, however the list grows."""
+    u = np.array([int.from_bytes(hashlib.sha256(str(i).encode("utf-8")).digest()[:8], "big") / 2 ** 64
+                  for i in ids])
+    return np.where(u < fractions.test, "test", np.where(u < fractions.test + fractions.val, "val", "train"))
+
+
+def list_splits(table: pd.DataFrame, path: Path, fractions) -> np.ndarray:
+    """A user's list's split per row: its ``split`` column where the row has one, else
+    :func:`hash_split` of its key (or URL) with ``crawl.split``'s fractions."""
+    ids = table["key"].astype(str) if "key" in table.columns else table["url"].astype(str)
+    hashed = hash_split(ids, fractions)
+    if "split" not in table.columns:
+        return hashed
+    given = table["split"].astype("string").str.strip()
+    present = given.notna() & (given != "")
+    bad = given[present & ~given.isin(SPLITS)]
+    if len(bad):
+        raise StageError(f"crawl.url_list: {path}: column 'split' holds {bad.iloc[0]!r} ({len(bad)} row(s)); "
+                         f"expected one of {', '.join(SPLITS)}, or empty for a split by hash")
+    return np.where(present.fillna(False).to_numpy(bool), given.fillna("").to_numpy(str), hashed)
 
 
 def _read_list(path: Path) -> pd.DataFrame:
@@ -140,21 +178,79 @@ def _url_frame(table: pd.DataFrame, path: Path) -> pd.DataFrame:
 
 
 # ---- img2dataset --------------------------------------------------------------------------------
-class DiagnosingResizer:
-    """img2dataset's Resizer, with its "Image decoding error" split in two.
+JPEG_QUALITY = 95     # of a converted image (img2dataset's own default)
 
-    OpenCV (4.14 here) refuses a truncated JPEG outright, so img2dataset reports the same
-    "Image decoding error" for an HTML error page and for a damaged image. Bytes that PIL
-    identifies as an image format (from the header alone) are a corrupt image, not a non-image.
-    The decision (drop) is img2dataset's; only the message is refined. Built by img2dataset in
-    place of its Resizer (see ``download``) and pickled to its spawned workers.
+
+def is_plain_jpeg(im: Image.Image) -> bool:
+    """An RGB JPEG without an EXIF rotation: what the stages downstream read as it is."""
+    return im.format == "JPEG" and im.mode == "RGB" and im.getexif().get(ORIENTATION, 1) == 1
+
+
+ORIENTATION = 0x0112
+
+
+def to_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """An image as the pipeline reads it: the first frame (animated GIF/WebP), turned upright by
+    its EXIF orientation, transparency (RGBA, LA, PA, palette or RGB with a transparent color)
+    composited onto ``background``, grayscale/CMYK converted: RGB."""
+    im.seek(0)
+    im = ImageOps.exif_transpose(im)        # also loads the pixels: a truncated file fails here
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+class NormalizingResizer:
+    """img2dataset's Resizer for plain RGB JPEGs (kept byte for byte); every other image is made
+    one here, so the raw shards hold only RGB JPEGs (:func:`to_rgb`; PNG, WebP, GIF, grayscale
+    and CMYK JPEG, EXIF-rotated JPEG), with the Resizer's size rules and messages.
+
+    Also splits img2dataset's "Image decoding error" in two: OpenCV (4.14 here) refuses a
+    truncated JPEG outright, so img2dataset reports the same error for an HTML error page and
+    for a damaged image. Bytes that PIL identifies as an image format (from the header alone)
+    are a corrupt image, not a non-image. Built by img2dataset in place of its Resizer (see
+    ``download``) and pickled to its spawned workers.
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, background=(255, 255, 255), **kwargs):
         from img2dataset.resizer import Resizer
         self.resizer = Resizer(**kwargs)
+        self.background = tuple(int(c) for c in background)
 
     def __call__(self, img_stream, blurring_bbox_list=None):
+        img_stream.seek(0)
+        data = img_stream.read()
+        img_stream.seek(0)
+        try:
+            im = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:
+            return None, None, None, None, None, "image area too large"
+        except Exception:  # noqa: BLE001 -- unidentifiable: img2dataset's path says so
+            im = None
+        if im is not None and not is_plain_jpeg(im):
+            return self.convert(im)
+        return self.diagnose(img_stream, blurring_bbox_list)
+
+    def convert(self, im: Image.Image):
+        """(JPEG bytes, width, height, original width, original height, None), or img2dataset's
+        tuple of Nones with the reason."""
+        fail = (None,) * 5
+        w, h = im.size                                  # from the header: nothing decoded yet
+        if min(w, h) < self.resizer.min_image_size:
+            return (*fail, "image too small")
+        if w * h > self.resizer.max_image_area:
+            return (*fail, "image area too large")
+        try:
+            rgb = to_rgb(im, self.background)
+            buf = io.BytesIO()
+            rgb.save(buf, format="JPEG", quality=JPEG_QUALITY)
+        except Exception:  # noqa: BLE001 -- any failure to decode means the image is unusable
+            return (*fail, f"Image decoding error: corrupt or truncated {im.format}")
+        return buf.getvalue(), rgb.width, rgb.height, w, h, None
+
+    def diagnose(self, img_stream, blurring_bbox_list=None):
         result = self.resizer(img_stream, blurring_bbox_list)
         if result[-1] == "Image decoding error":
             img_stream.seek(0)
@@ -177,7 +273,8 @@ def download(urls_file: Path, output_folder: Path, cfg, columns: list[str]) -> N
     c = cfg.crawl
     previous_sigint = signal.getsignal(signal.SIGINT)
     # download() builds its Resizer from this module global; swapped for the call only.
-    i2d_main.Resizer, original_resizer = DiagnosingResizer, i2d_main.Resizer
+    resizer = functools.partial(NormalizingResizer, tuple(c.background))
+    i2d_main.Resizer, original_resizer = resizer, i2d_main.Resizer
     try:
         i2d_main.download(
             url_list=str(urls_file), input_format="parquet", url_col="url", caption_col="caption",
@@ -390,6 +487,8 @@ def run(cfg, ws) -> dict:
         log, written, times = crawl_part(cfg, ws, out, todo, faults, part, columns)
         metrics = {"attempted": len(todo), "succeeded": len(written), "failed": len(todo) - len(written),
                    **failure_metrics(log)}
+        if faults is None:      # a user's list: its split column, else crawl.split's hash (read_url_list)
+            metrics["split_by_url"] = {k: int((todo["split"] == k).sum()) for k in SPLITS}
         if metrics["attempted"] != metrics["succeeded"] + sum(metrics["failed_by_reason"].values()):
             raise StageError(f"crawl counts do not reconcile: attempted {metrics['attempted']} != "
                              f"succeeded {metrics['succeeded']} + failed {metrics['failed_by_reason']}")

@@ -7,7 +7,9 @@ surviving sample: a pixel hash, a pHash, an 8x8 color thumbnail):
    the first that fails. A survivor is fingerprinted; if its pixels were already seen it is an
    exact duplicate. After the scan, near duplicates are found among the remaining survivors.
 2. *Write*: kept samples go unchanged (same bytes, same keys) to ``data/filtered/`` via
-   ``atomic_dir``, so a failed run leaves the previous output (or none) in place.
+   ``atomic_dir``, so a failed run leaves the previous output (or none) in place; a kept image
+   that is not square is made square first (``filter.square``: center crop, or pad with
+   ``crawl.background``) and counted (``squared``), since every model downstream sees squares.
 
 Incremental (pipeline/incremental.py): a rerun on an addition scans only the new raw shards; its
 samples are deduplicated against the earlier run's survivors (their pixel hashes, pHashes and
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -45,7 +48,7 @@ from ..workspace import atomic_dir, dir_size, human_bytes
 from .shards import ShardError, ShardSink, count_samples, iter_samples, shard_paths
 
 # Reasons in the order they are checked; a sample is counted under the first it fails.
-REASONS = ("unreadable", "too_small", "aspect_ratio", "caption_too_short", "caption_too_long",
+REASONS = ("unreadable", "too_small", "aspect_ratio", "caption_empty", "caption_too_short", "caption_too_long",
            "exact_duplicate", "near_duplicate")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")   # the first present is the sample's image
 THUMB_GRID = 8        # thumbnail cells per side; 8x8 averages out re-encoding noise per cell
@@ -77,6 +80,8 @@ def check(sample: dict, f) -> tuple[Optional[str], Optional[Image.Image]]:
     if max(w, h) / min(w, h) > f.max_aspect_ratio:
         return "aspect_ratio", img
     words = len(caption.split())
+    if not words:
+        return "caption_empty", img
     if words < f.min_caption_words:
         return "caption_too_short", img
     if words > f.max_caption_words:
@@ -97,6 +102,41 @@ def phash64(img: Image.Image) -> int:
 def thumbnail(img: Image.Image) -> np.ndarray:
     """(THUMB_GRID, THUMB_GRID, 3) uint8 cell means; BOX averages, so it hardly depends on input size."""
     return np.asarray(img.resize((THUMB_GRID, THUMB_GRID), Image.BOX), dtype=np.uint8)
+
+
+def make_square(img: Image.Image, policy: str, background: tuple[int, int, int]) -> Image.Image:
+    """A non-square image made square by ``filter.square``: center_crop keeps the middle square
+    of side min(w, h); pad centres the image on a square of side max(w, h) filled with
+    ``background``."""
+    w, h = img.size
+    if w == h:
+        return img
+    if policy == "center_crop":
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        return img.crop((left, top, left + side, top + side))
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), tuple(background))
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def squared_sample(fields: dict, policy: str, background: tuple[int, int, int]) -> dict:
+    """A kept sample whose image is not square, with its image made square (a JPEG, as the crawl
+    writes them) and its json saying so (``square``: the policy and the size it came in)."""
+    ext = next(e for e in IMAGE_EXTS if e in fields)
+    with Image.open(io.BytesIO(fields[ext])) as im:
+        img = im.convert("RGB")
+    out = make_square(img, policy, background)
+    buf = io.BytesIO()
+    out.save(buf, format="JPEG", quality=SQUARE_JPEG_QUALITY)
+    meta = json.loads(fields["json"]) if fields.get("json") else {}
+    meta.update(square={"policy": policy, "from": list(img.size)}, width=out.width, height=out.height)
+    fields = {k: v for k, v in fields.items() if k not in IMAGE_EXTS}
+    return {"jpg": buf.getvalue(), **fields, "json": json.dumps(meta).encode()}
+
+
+SQUARE_JPEG_QUALITY = 95
 
 
 # ---- near duplicates ----------------------------------------------------------------------------
@@ -182,6 +222,7 @@ class Scan:
     drops: list[dict] = field(default_factory=list)
     index: list[int] = field(default_factory=list)
     where: list[tuple[str, str]] = field(default_factory=list)     # (key, shard)
+    not_square: set[int] = field(default_factory=set)               # input indices of survivors to square
     pixels: dict[bytes, str] = field(default_factory=dict)          # pixel hash -> first key (survivors)
     phash: list[int] = field(default_factory=list)
     thumbs: list[np.ndarray] = field(default_factory=list)
@@ -220,14 +261,19 @@ def scan(paths: list[Path], f, total: int, keep_keys: bool, seen_pixels: Optiona
             first_by_pixels[digest] = out.pixels[digest] = key
         out.index.append(out.n - 1)
         out.where.append((key, shard))
+        if img.width != img.height:
+            out.not_square.add(out.n - 1)
         if f.near_dedup:
             out.phash.append(phash64(img))
             out.thumbs.append(thumbnail(img))
     return out
 
 
-def write_kept(paths: list[Path], keep: np.ndarray, out_dir: Path, shard_size: int, prefix: str = "") -> int:
-    """Pass 2: copy the samples whose input index is in ``keep`` unchanged; returns the count."""
+def write_kept(paths: list[Path], keep: np.ndarray, out_dir: Path, shard_size: int, prefix: str = "",
+               not_square: frozenset = frozenset(), square: str = "center_crop",
+               background: tuple[int, int, int] = (255, 255, 255)) -> int:
+    """Pass 2: copy the samples whose input index is in ``keep`` unchanged (those in
+    ``not_square`` made square by :func:`squared_sample`); returns the count."""
     keep_set = set(keep.tolist())
     with ShardSink(out_dir, shard_size, prefix) as sink:
         bar = progress(total=len(keep), desc="filter: write", unit="img")
@@ -235,6 +281,8 @@ def write_kept(paths: list[Path], keep: np.ndarray, out_dir: Path, shard_size: i
             if idx in keep_set:
                 # Meta fields (__url__, __shard__, ...) describe where it was read, not the sample.
                 fields = {k: v for k, v in sample.items() if not k.startswith("__")}
+                if idx in not_square:
+                    fields = squared_sample(fields, square, background)
                 sink.write({"__key__": sample["__key__"], **fields})
                 bar.update()
         bar.close()
@@ -278,7 +326,8 @@ class Earlier:
 
 
 def filter_recipe(cfg) -> str:
-    return incremental.recipe({"filter": cfg.filter.model_dump(mode="json")}, CODE)
+    return incremental.recipe({"filter": cfg.filter.model_dump(mode="json"), "background": list(cfg.crawl.background)},
+                              CODE)
 
 
 def run(cfg, ws) -> dict:
@@ -349,7 +398,9 @@ def run(cfg, ws) -> dict:
         with atomic_dir(ws.filtered) as out:
             if state is not None:
                 incremental.link_outputs(state, ws.filtered, out)
-            written = write_kept(paths, index, out, f.shard_size, prefix)
+            squared = s.not_square & set(index.tolist())
+            written = write_kept(paths, index, out, f.shard_size, prefix, frozenset(squared), f.square,
+                                 tuple(cfg.crawl.background))
             if written != len(index):
                 raise StageError(f"raw shards changed while filtering: wrote {written}, "
                                  f"expected {len(index)}")
@@ -364,7 +415,8 @@ def run(cfg, ws) -> dict:
     except ShardError as err:
         raise StageError(str(err)) from err
 
-    metrics = {"input": s.n, "kept": len(index), "dropped_by_reason": dropped, "shards_in": len(paths),
+    metrics = {"input": s.n, "kept": len(index), "dropped_by_reason": dropped, "squared": {f.square: len(squared)},
+               "shards_in": len(paths),
                "shards_out": len(shard_paths(ws.filtered)), "near_dedup": near_stats, "totals": totals,
                "incremental": {"part": part, "new_raw_shards": len(paths), "why": why}}
     if truth is not None:

@@ -1,5 +1,7 @@
 """The `judge` stage: train the judge on real corpus images (train split of the filtered
-shards) against their ground truth, measure it on the real test images, save it.
+shards) against their ground truth, measure it on the real test images, save it. On data
+without ground truth (a user's URL list) the stage is skipped: ``models/judge/skipped.json``
+says why, and evaluate reports no judged figures (``pipeline.truth``).
 
 Training sees the real images as they are and, half the time, degraded the way generated
 images differ from real ones (a bicubic down-and-up round trip through 16-48 px, a slight
@@ -19,7 +21,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from .. import bundle, retrain, tracking
+from .. import bundle, retrain, tracking, truth
 from ..clip.data import load_split
 from ..data.shards import shard_paths
 from ..images import resize, to_model, to_uint8
@@ -124,6 +126,12 @@ def run(cfg, ws) -> dict:
     paths = shard_paths(ws.filtered)
     if not paths:
         raise StageError(f"no shards in {ws.filtered}: run the filter stage first")
+    if not truth.has_ground_truth(paths):
+        # A URL list: nothing to train the judge on, and nothing it could check. Evaluate reads the skip.
+        with atomic_dir(ws.judge) as out:
+            figures = truth.write_skipped(out, "judge", truth.NO_TRUTH)
+        say("judge", f"skipped: {truth.NO_TRUTH}")
+        return figures
     kept, why = retrain.keep_frozen(cfg, ws, "judge", cfg.retrain.judge, ws.judge, ws.filtered, "judge")
     if kept is not None:
         say("judge", f"kept as it is: {why}")

@@ -160,9 +160,28 @@ def report_html(run_dir: Path) -> str:
            "<details><summary>dvc.lock hashes of data and models</summary>",
            table(["stage", "path", "md5"], lock_rows(run)), "</details>"]
 
-    # quality, the ablation, the bars
+    # quality, the ablation, the bars (judged: data with ground truth); else what was not measured
     abl = ev.get("ablation", {})
-    if abl:
+    if ev.get("ground_truth") is False:
+        nm = ev.get("not_measured", {})
+        out += ["<h2>Quality: not judged</h2>",
+                f'<p class="note" data-key="evaluate.ground_truth"><b>No ground truth.</b> {esc(nm.get("why", ""))}. '
+                "The judge was not trained and these figures were not measured (none is shown as a zero): "
+                + ", ".join(f"<code>{esc(k)}</code>" for k in nm.get("figures", []))
+                + ". The figures below are those that need no ground truth: FID/KID (or FD-CLIP/KD-CLIP), "
+                "the CLIP score and the prior's cosines.</p>"]
+        if abl:
+            std_name = (ev.get("standard") or {}).get("metric", "FID")
+            labels = ((std_name, "standard.fid"), ("KID" if std_name == "FID" else "KD-CLIP", "standard.kid_mean"),
+                      ("CLIP score (100·mean cos)", "clip_score"), ("network evaluations per image", "nfe_per_image"),
+                      ("seconds per image", "seconds_per_image"))
+            rows = [f"<tr><th>{esc(label)}</th>" + "".join(cell(mf, f"evaluate.ablation.{v}.{k}") for v in abl)
+                    + "</tr>" for label, k in labels]
+            out += ["<h3>Ablation (DALL·E 2 §5.1) in these figures</h3>",
+                    f'<p class="sub">{esc(ev.get("n_captions"))} held-out test captions, one image each, seed '
+                    f"{esc(ev.get('seed'))}. unclip = prior → decoder; text_embedding = decoder fed z_t; "
+                    "caption_only = no image embedding.</p>", table(["", *abl], rows, "ablation")]
+    elif abl:
         head = ["judged on the final images", *abl]
         rows = [f"<tr><th>{esc(label)}</th>" + "".join(cell(mf, f"evaluate.ablation.{v}.{k}") for v in abl) + "</tr>"
                 for label, k in QUALITY_ROWS]
@@ -217,7 +236,8 @@ def report_html(run_dir: Path) -> str:
                "<p class=\"note\">No training curves: the MLflow store had no train_loss history.</p>")
 
     out.append("<h2>Samples: fixed prompts and seeds, every stage of the cascade</h2>")
-    prompts = (run["params"].get("evaluate") or {}).get("grid_prompts", [])
+    params_ev = run["params"].get("evaluate") or {}
+    prompts = ev.get("prompts") or params_ev.get("prompts") or params_ev.get("grid_prompts", [])   # older snapshots
     out.append("<p class=\"sub\">Rows: " + "; ".join(f"{i + 1}. {esc(p)}" for i, p in enumerate(prompts))
                + f" (seeds 0..{esc((run['params'].get('evaluate') or {}).get('grid_seeds', 1) - 1)} across).</p>")
     out += [f"<figure>{img_tag(p, label)}<figcaption>{esc(label)}</figcaption></figure>"
