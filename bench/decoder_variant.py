@@ -20,7 +20,6 @@ Nothing here touches the workspace's models, metrics or DVC state.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import Counter
@@ -57,14 +56,9 @@ def main() -> None:
     ws = Workspace.at(args.workspace)
     cfg = config.load(ws.root / "params.yaml")
     try:                                                # the section's own validation of the overrides
-        overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
-        d = type(cfg.decoder).model_validate(cfg.decoder.model_dump() | overrides)
-    except ValueError as err:                           # a malformed --set, bad JSON, or pydantic's verdict
-        if hasattr(err, "errors"):
-            why = "; ".join(f"decoder.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        else:
-            why = f"{err} (expected key=<json value>)"
-        sys.exit(f"bad --set {args.set}: {why}")
+        d = config.with_overrides(cfg.decoder, args.set, "decoder")
+    except ValueError as err:
+        sys.exit(str(err))
     out_dir = Path(args.out) if args.out else ws.reports / "decoder_variants"
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = shard_paths(ws.embeddings)

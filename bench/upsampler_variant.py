@@ -23,7 +23,6 @@ Nothing here touches the workspace's models, metrics or DVC state.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -47,20 +46,6 @@ from pipeline.upsampler.stage import chain_sizes, conditioned, evaluate, image_e
 from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402
 
 
-def stage_config(cfg, key: str, sets: list[str]):
-    """``upsample.stages.<key>`` with the ``--set`` overrides, validated by the section itself."""
-    u = cfg.upsample.stages[key]
-    try:
-        overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in sets)}
-        return type(u).model_validate(u.model_dump() | overrides)
-    except ValueError as err:                           # a malformed --set, bad JSON, or pydantic's verdict
-        if hasattr(err, "errors"):
-            why = "; ".join(f"upsample.stages.{key}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        else:
-            why = f"{err} (expected key=<json value>)"
-        sys.exit(f"bad --set {sets}: {why}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--key", default="2", help="which upsampler of upsample.stages")
@@ -75,7 +60,10 @@ def main() -> None:
     cfg = config.load(ws.root / "params.yaml")
     if args.key not in cfg.upsample.stages:
         sys.exit(f"no upsampler {args.key!r} in upsample.stages (known: {', '.join(cfg.upsample.stages)})")
-    u = stage_config(cfg, args.key, args.set)
+    try:
+        u = config.with_overrides(cfg.upsample.stages[args.key], args.set, f"upsample.stages.{args.key}")
+    except ValueError as err:
+        sys.exit(str(err))
     in_size, out_size = chain_sizes(cfg)[args.key]
     out_dir = Path(args.out) if args.out else ws.reports / "upsampler_variants"
     out_dir.mkdir(parents=True, exist_ok=True)

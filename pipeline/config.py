@@ -7,6 +7,7 @@ the sections. Validation happens before any work starts: an unknown key or a bad
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -398,3 +399,18 @@ def load(path: str | os.PathLike = "params.yaml", profile: str | None = None) ->
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return resolve(raw, profile, source=str(path))
+
+
+def with_overrides(section, sets: list[str], where: str):
+    """``section`` (a validated config model) with ``key=<json value>`` overrides (a bench's
+    ``--set``), validated by the section itself. Raises ValueError with one line per problem,
+    each named ``<where>.<key>``."""
+    try:
+        overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in sets)}
+        return type(section).model_validate(section.model_dump() | overrides)
+    except ValueError as err:                           # a malformed --set, bad JSON, or pydantic's verdict
+        if hasattr(err, "errors"):
+            why = "; ".join(f"{where}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        else:
+            why = f"{err} (expected key=<json value>)"
+        raise ValueError(f"bad --set {sets}: {why}") from None

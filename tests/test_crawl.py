@@ -5,25 +5,23 @@ conftest.py sets NO_ALBUMENTATIONS_UPDATE and HF_HUB_OFFLINE before anything imp
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import io
 import json
 import multiprocessing
 import signal
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from PIL import Image
 
+from helpers.own_data import static_server      # the loopback server of the own-data tests
 from pipeline import config
 from pipeline.data import corpus, crawl, server
 from pipeline.data.shards import ShardSink, count_samples, iter_samples, sample_meta, shard_paths
@@ -181,21 +179,6 @@ def test_server_is_stopped_when_img2dataset_raises(tmp_path, monkeypatch, crawle
 
 
 # ---- a user's URL list --------------------------------------------------------------------------
-class QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@contextmanager
-def static_server(directory: Path):
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(directory)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_port}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def test_user_csv_list(tmp_path, crawled):
