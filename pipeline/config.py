@@ -77,10 +77,25 @@ class CrawlConfig(Section):
     processes: int = Field(2, ge=1)
     threads: int = Field(16, ge=1)
     shard_size: int = Field(2500, ge=1)
-    timeout_s: float = Field(2.0, gt=0)
-    retries: int = Field(0, ge=0)
-    max_image_area: int = Field(1048576, ge=1)
+    timeout_s: float = Field(2.0, gt=0)          # each socket operation of a download (connect, a read)
+    deadline_s: float = Field(30.0, gt=0)        # a whole URL: connect, redirects, headers and body
+    max_bytes: int = Field(32 << 20, ge=1024, le=1 << 30)   # of one downloaded body; more is too_large
+    retries: int = Field(0, ge=0)                # img2dataset's immediate retries of a failed download
+    # A URL whose download failed transiently (timeout, 5xx, other) is fetched again by the next
+    # crawl, until it has been tried this many times (crawl_log.parquet's ``attempts``).
+    max_attempts: int = Field(3, ge=1)
+    # Bounded: an image is decoded whole (up to 4 B/px, per download thread) once its header passed.
+    max_image_area: int = Field(1048576, ge=1, le=1 << 26)
     min_image_size: int = Field(8, ge=1)
+    # A user's list may name only public hosts (pipeline/data/fetch.py, SECURITY.md); true also
+    # fetches from loopback and private networks (a list served from this machine or the LAN).
+    allow_private_hosts: bool = False
+
+    @model_validator(mode="after")
+    def _deadline(self):
+        if self.deadline_s < self.timeout_s:
+            raise ValueError("deadline_s (a whole URL) must be >= timeout_s (one socket operation)")
+        return self
 
 
 class FilterConfig(Section):

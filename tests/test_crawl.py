@@ -193,7 +193,9 @@ def test_user_csv_list(tmp_path, crawled):
         urls = [f"{base}/{p.name}" for p in images] + [f"{base}/missing.jpg"]
         captions = ["a red circle", "a blue square", "a green triangle", "gone"]
         pd.DataFrame({"url": urls, "caption": captions}).to_csv(tmp_path / "list.csv", index=False)
-        cfg = cfg.model_copy(update={"crawl": cfg.crawl.model_copy(update={"url_list": str(tmp_path / "list.csv")})})
+        # the list names the loopback server: the opt-in a list served from this machine needs
+        cfg = cfg.model_copy(update={"crawl": cfg.crawl.model_copy(update={"url_list": str(tmp_path / "list.csv"),
+                                                                           "allow_private_hosts": True})})
         m = crawl.run(cfg, ws)
     assert (m["attempted"], m["succeeded"], m["failed_by_reason"]["http_404"]) == (4, 3, 1)
     assert "faults_by_kind_vs_reason" not in m

@@ -1,6 +1,6 @@
 """Your own data, end to end: a URL list without ground truth (every image format and caption kind
 of tests/helpers/own_data.py, served over loopback) through the Prefect flow, crawl to gate, on the
-smoke profile, in a fresh workspace where only crawl.url_list (and the grids' prompts) are set."""
+smoke profile, in a fresh workspace where only crawl.url_list (plus crawl.allow_private_hosts: the site is on loopback, and the grids' prompts) are set."""
 from __future__ import annotations
 
 import json
@@ -40,7 +40,10 @@ def own_flow(prefect_api, tmp_path_factory):
     root = init_workspace(tmp / "ws")
     params = (root / "params.yaml").read_text()
     assert "  url_list: null" in params and "  prompts: null" in params
+    assert "  allow_private_hosts: false" in params
     params = params.replace("  url_list: null", "  url_list: my_pairs.parquet", 1)
+    # the list names this machine's loopback server: the opt-in such a list needs (SECURITY.md)
+    params = params.replace("  allow_private_hosts: false", "  allow_private_hosts: true", 1)
     params = params.replace("  prompts: null", f"  prompts: {json.dumps(PROMPTS, ensure_ascii=False)}", 1)
     (root / "params.yaml").write_text(params)
     with static_server(tmp / "site") as base:

@@ -19,7 +19,8 @@ Output (``data/raw/``)::
                           the list's key, split, gt where it has them). ``__key__`` (= json key)
                           is the list's key if it has one (img2dataset's is then kept as
                           crawl_key), else img2dataset's
-    crawl_log.parquet     one row per URL: url_index, key, url, status, reason, error_message
+    crawl_log.parquet     one row per URL: url_index, key, url, status, reason, error_message,
+                          part, attempts (how many crawls have tried it)
     img2dataset/          img2dataset's own per-shard parquet and stats json, as it wrote them
                           (its shard numbering, before verification: the log is authoritative)
     incremental.json      the parts crawled so far (pipeline/incremental.py)
@@ -27,6 +28,13 @@ Output (``data/raw/``)::
 Incremental: a rerun crawls only the URLs its log has not seen (a URL list that grew, a new file
 in a ``url_list`` folder, ``corpus.additions``) into part k's shards ``partNNN-00000.tar``...,
 links the earlier shards into the new output unchanged, and appends to the log (column ``part``).
+A URL that failed transiently (timeout, 5xx, other: :data:`TRANSIENT`) is tried again by the next
+crawl, up to ``crawl.max_attempts`` crawls; its log row is replaced by the latest attempt's. A crawl
+in which img2dataset lost URLs (a download shard that failed: no record) fails as a whole.
+
+Every URL is fetched under :mod:`pipeline.data.fetch`'s rules (http/https to public hosts, redirects
+checked, a byte cap and a deadline per URL, X-Robots-Tag opt-outs) and every image's size is judged
+from its header before anything decodes it (:class:`NormalizingResizer`); see SECURITY.md.
 """
 from __future__ import annotations
 
@@ -43,6 +51,7 @@ import shutil
 import signal
 import tempfile
 import time
+import urllib.parse
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -55,13 +64,19 @@ from .. import incremental
 from ..progress import progress, say
 from ..stages import StageError
 from ..workspace import atomic_dir
+from . import fetch
 from .server import serve_corpus
-from .shards import ShardSink, iter_shard, shard_paths
+from .shards import ShardSink, iter_shard, key_problem, shard_paths
 
-REASONS = ("http_404", "http_5xx", "timeout", "not_an_image", "too_large", "opted_out", "too_small",
+REASONS = ("refused_url", "http_404", "http_5xx", "timeout", "not_an_image", "too_large", "opted_out", "too_small",
            "corrupt_image", "other")
+# Failures the next crawl tries again (up to crawl.max_attempts): the same request may well work
+# then. The others are answers about the URL or its image, which a retry would only repeat.
+TRANSIENT = ("http_5xx", "timeout", "other")
 # img2dataset's per-sample error_message -> our reason; first match wins, anything else is "other".
 ERROR_RULES: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p, re.I), r) for p, r in (
+    (re.escape(fetch.REFUSED), "refused_url"),        # pipeline/data/fetch.py: scheme, host, redirect
+    (re.escape(fetch.TOO_LARGE), "too_large"),        # a body over crawl.max_bytes
     (r"HTTP Error 404\b", "http_404"),
     (r"HTTP Error 5\d\d\b", "http_5xx"),
     (r"timed out", "timeout"),
@@ -167,12 +182,17 @@ def _url_frame(table: pd.DataFrame, path: Path) -> pd.DataFrame:
             urls[col] = table[col]
     if "key" in table.columns:
         keys = table["key"].astype(str)
-        # The key becomes the WebDataset __key__: unique, and free of the "." that separates a
-        # sample's key from its extension in a tar member name.
-        bad = keys[keys.duplicated() | keys.str.contains(r"[./]")]
-        if len(bad):
-            raise StageError(f"{path}: column 'key' must be unique and hold no '.' or '/' "
-                             f"({len(bad)} bad, e.g. {bad.iloc[0]!r})")
+        # The key becomes the WebDataset __key__ and the stem of every tar member name of the
+        # sample, in every stage (shards.key_problem: no '.', '/', NUL or control characters,
+        # short enough for the longest member name the embed stage writes).
+        dup = keys[keys.duplicated()]
+        if len(dup):
+            raise StageError(f"{path}: column 'key' must be unique ({len(dup)} repeated, e.g. {dup.iloc[0]!r})")
+        for row, key in enumerate(keys):
+            why = key_problem(key)
+            if why:
+                raise StageError(f"{path}: column 'key', row {row}: {key[:40]!r}{'...' if len(key) > 40 else ''} "
+                                 f"is not a usable sample key: {why}")
         urls[SOURCE_KEY] = keys.values
     return urls
 
@@ -219,6 +239,13 @@ class NormalizingResizer:
         self.resizer = Resizer(**kwargs)
         self.background = tuple(int(c) for c in background)
 
+    def __setstate__(self, state):
+        # Unpickled in img2dataset's worker: PIL's own cap there is the crawl's (a decode that
+        # gets past the header check below still stops at 2 x max_image_area, as PIL's
+        # DecompressionBombError). OpenCV's is set by ``download`` through the environment.
+        self.__dict__.update(state)
+        Image.MAX_IMAGE_PIXELS = self.resizer.max_image_area
+
     def __call__(self, img_stream, blurring_bbox_list=None):
         img_stream.seek(0)
         data = img_stream.read()
@@ -231,17 +258,31 @@ class NormalizingResizer:
             im = None
         if im is not None and not is_plain_jpeg(im):
             return self.convert(im)
+        if im is not None:
+            # The size from the header, before OpenCV decodes the whole image (img2dataset's
+            # Resizer checks max_image_area only after decoding: a small file that declares a
+            # huge image would cost gigabytes first).
+            refused = self.size_refusal(*im.size)
+            if refused:
+                return (None,) * 5 + (refused,)
         return self.diagnose(img_stream, blurring_bbox_list)
+
+    def size_refusal(self, w: int, h: int) -> Optional[str]:
+        """img2dataset's size messages, judged on the header's size."""
+        if min(w, h) < self.resizer.min_image_size:
+            return "image too small"
+        if w * h > self.resizer.max_image_area:
+            return "image area too large"
+        return None
 
     def convert(self, im: Image.Image):
         """(JPEG bytes, width, height, original width, original height, None), or img2dataset's
         tuple of Nones with the reason."""
         fail = (None,) * 5
         w, h = im.size                                  # from the header: nothing decoded yet
-        if min(w, h) < self.resizer.min_image_size:
-            return (*fail, "image too small")
-        if w * h > self.resizer.max_image_area:
-            return (*fail, "image area too large")
+        refused = self.size_refusal(w, h)
+        if refused:
+            return (*fail, refused)
         try:
             rgb = to_rgb(im, self.background)
             buf = io.BytesIO()
@@ -262,9 +303,23 @@ class NormalizingResizer:
         return result
 
 
-def download(urls_file: Path, output_folder: Path, cfg, columns: list[str]) -> None:
+def fetch_policy(cfg, corpus_origin: Optional[str] = None) -> fetch.FetchPolicy:
+    """What the crawl may fetch (pipeline/data/fetch.py): ``corpus_origin`` is the embedded
+    corpus's own loopback server (``http://127.0.0.1:PORT``), the one inside host always allowed."""
+    c = cfg.crawl
+    origins = frozenset()
+    if corpus_origin:
+        parts = urllib.parse.urlsplit(corpus_origin)
+        origins = frozenset({(parts.hostname, parts.port)})
+    return fetch.FetchPolicy(timeout_s=c.timeout_s, deadline_s=c.deadline_s, max_bytes=c.max_bytes,
+                             allow_private_hosts=c.allow_private_hosts, allowed_origins=origins)
+
+
+def download(urls_file: Path, output_folder: Path, cfg, columns: list[str],
+             corpus_origin: Optional[str] = None) -> None:
     """img2dataset in-process. It makes its own spawn pool (``crawl.processes`` downloaders with
-    ``crawl.threads`` threads each) and a logger process."""
+    ``crawl.threads`` threads each) and a logger process. Its downloads go through
+    :mod:`pipeline.data.fetch` (``fetch_policy``), its images through :class:`NormalizingResizer`."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")   # albumentations phones home on import
     from img2dataset.logger import LoggerProcess
     # The module, not the package attribute: img2dataset/__init__ rebinds ``main`` to a function.
@@ -272,9 +327,14 @@ def download(urls_file: Path, output_folder: Path, cfg, columns: list[str]) -> N
 
     c = cfg.crawl
     previous_sigint = signal.getsignal(signal.SIGINT)
-    # download() builds its Resizer from this module global; swapped for the call only.
+    # download() builds its Resizer and Downloader from these module globals; swapped for the call only.
     resizer = functools.partial(NormalizingResizer, tuple(c.background))
     i2d_main.Resizer, original_resizer = resizer, i2d_main.Resizer
+    downloader = functools.partial(fetch.guarded_downloader, fetch_policy(cfg, corpus_origin), i2d_main.Downloader)
+    i2d_main.Downloader, original_downloader = downloader, i2d_main.Downloader
+    # OpenCV reads its pixel cap once, when it loads: in the spawned workers, from this environment.
+    previous_cv_cap = os.environ.get(CV_CAP)
+    os.environ[CV_CAP] = str(c.max_image_area)
     try:
         i2d_main.download(
             url_list=str(urls_file), input_format="parquet", url_col="url", caption_col="caption",
@@ -283,6 +343,7 @@ def download(urls_file: Path, output_folder: Path, cfg, columns: list[str]) -> N
             processes_count=c.processes, thread_count=c.threads, number_sample_per_shard=c.shard_size,
             timeout=c.timeout_s, retries=c.retries, max_image_area=c.max_image_area,
             min_image_size=c.min_image_size, enable_wandb=False, distributor="multiprocessing",
+            user_agent_token=fetch.USER_AGENT_TOKENS[0], disallowed_header_directives=list(fetch.DISALLOWED_DIRECTIVES),
             # Not "overwrite": in 1.47.0 it deletes the output folder *after* creating its _tmp
             # inside it, and every shard then fails on a missing file (retried for minutes).
             # The folder is always a fresh temp dir, where "incremental" has nothing to skip.
@@ -301,7 +362,15 @@ def download(urls_file: Path, output_folder: Path, cfg, columns: list[str]) -> N
         raise
     finally:
         i2d_main.Resizer = original_resizer
+        i2d_main.Downloader = original_downloader
+        if previous_cv_cap is None:
+            os.environ.pop(CV_CAP, None)
+        else:
+            os.environ[CV_CAP] = previous_cv_cap
         signal.signal(signal.SIGINT, previous_sigint)   # its handler outlives the call otherwise
+
+
+CV_CAP = "OPENCV_IO_MAX_IMAGE_PIXELS"
 
 
 # ---- verification -------------------------------------------------------------------------------
@@ -346,6 +415,10 @@ def verify_and_rewrite(src: Path, out: Path, shard_size: int, expected: int,
                 for index, sample, meta in sorted(good, key=lambda t: t[0]):
                     if SOURCE_KEY in meta:
                         meta["crawl_key"], meta["key"] = meta["key"], meta.pop(SOURCE_KEY)
+                    else:
+                        # img2dataset's keys restart at 000000000 in every crawl: a later part's
+                        # are made unique by its prefix (part 0 keeps them as they were).
+                        meta["key"] = prefix + meta["key"]
                     sink.write({"__key__": meta["key"], "jpg": sample["jpg"], "txt": sample["txt"],
                                 "json": json.dumps(meta).encode()})
                     written[index] = meta["key"]
@@ -389,6 +462,13 @@ def crawl_log(urls: pd.DataFrame, records: pd.DataFrame, written: dict[int, str]
     # Without a key column in the list, the sample key is img2dataset's.
     log["key"] = [k if k is not None else written.get(i) for k, i in zip(log["key"], log[INDEX])]
     return log
+
+
+def retry_due(log: pd.DataFrame, max_attempts: int) -> set:
+    """The URLs of ``log`` whose last attempt failed transiently (:data:`TRANSIENT`) and that
+    have been tried fewer than ``max_attempts`` times."""
+    due = (log["status"] == "failed") & log["reason"].isin(TRANSIENT) & (log["attempts"] < max_attempts)
+    return set(log.loc[due, "url"])
 
 
 def failure_metrics(log: pd.DataFrame) -> dict:
@@ -442,10 +522,18 @@ def crawl_part(cfg, ws, out: Path, urls: pd.DataFrame, faults: Optional[pd.Serie
         # Corpus URLs are relative to the server; the log keeps them so (the port is ephemeral).
         served = urls.assign(url=base_url + "/" + urls["url"]) if base_url else urls
         served.to_parquet(work / "urls.parquet", index=False)
-        download(work / "urls.parquet", i2d, cfg, columns)
+        download(work / "urls.parquet", i2d, cfg, columns, corpus_origin=base_url)
     t_download = time.perf_counter()
 
     records = read_records(i2d)
+    lost = len(urls) - int(urls[INDEX].isin(records[INDEX]).sum())
+    if lost:
+        # img2dataset retries a failed shard once, then only prints: its URLs have no record. Kept,
+        # they would be logged as attempted and never fetched again; failing here keeps data/raw as
+        # it was, and the next run crawls them.
+        raise StageError(f"img2dataset lost {lost} of {len(urls)} URLs: a download shard failed (see its "
+                         f"traceback above: a worker crash, a full disk...); nothing was written, run the "
+                         f"crawl again")
     written, dropped = verify_and_rewrite(i2d, out, cfg.crawl.shard_size,
                                           int((records.status == "success").sum()),
                                           prefix=incremental.part_prefix(part))
@@ -467,12 +555,20 @@ def run(cfg, ws) -> dict:
     columns = [c for c in (INDEX, SOURCE_KEY, *KEPT_COLUMNS) if c in urls.columns]
     rec = crawl_recipe(cfg)
     state, old_log, why = previous_crawl(cfg, ws, rec)
-    # A URL attempted before (crawled or failed) is not fetched again: the diff is by URL, as a
-    # URL list's identity for img2dataset (whose own incremental mode only resumes shards of one list).
-    todo = urls if old_log is None else urls[~urls["url"].isin(set(old_log["url"]))]
+    # A URL crawled before, or failed for good, is not fetched again: the diff is by URL, as a URL
+    # list's identity for img2dataset (whose own incremental mode only resumes shards of one list).
+    # A transient failure (retry_due) is fetched again, its log row replaced by the new attempt's.
+    max_attempts = cfg.crawl.max_attempts if faults is None else 1    # the corpus's faults are planted
+    if old_log is not None and "attempts" not in old_log:
+        old_log = old_log.assign(attempts=1)                         # a log from before retries
+    retry = set() if old_log is None else retry_due(old_log, max_attempts)
+    todo = urls if old_log is None else urls[~urls["url"].isin(set(old_log["url"]) - retry)]
     part = incremental.next_part(state)
-    reused = 0 if old_log is None else len(old_log)
-    say("crawl", f"{len(todo)} new URLs of {len(urls)}" + (f"; {why}" if why else ""))
+    reused = 0 if old_log is None else len(old_log) - len(retry & set(todo["url"]))
+    retried = len(retry & set(todo["url"]))
+    say("crawl", f"{len(todo) - retried} new URLs of {len(urls)}"
+                 + (f", {retried} failed transiently before and tried again" if retried else "")
+                 + (f"; {why}" if why else ""))
     if state is not None and todo.empty:
         figures = {"attempted": 0, "succeeded": 0, "failed": 0, **failure_metrics(old_log.iloc[:0]),
                    "shards": len(shard_paths(ws.raw)), "totals": state["totals"],
@@ -485,6 +581,8 @@ def run(cfg, ws) -> dict:
             old_records = [str(p.relative_to(ws.raw)) for p in (ws.raw / "img2dataset").rglob("*") if p.is_file()]
             incremental.link_outputs(state, ws.raw, out, extra=old_records)
         log, written, times = crawl_part(cfg, ws, out, todo, faults, part, columns)
+        earlier = {} if old_log is None else dict(zip(old_log["url"], old_log["attempts"]))
+        log["attempts"] = [int(earlier.get(u, 0)) + 1 for u in log["url"]]
         metrics = {"attempted": len(todo), "succeeded": len(written), "failed": len(todo) - len(written),
                    **failure_metrics(log)}
         if faults is None:      # a user's list: its split column, else crawl.split's hash (read_url_list)
@@ -497,7 +595,8 @@ def run(cfg, ws) -> dict:
             if metrics["fault_urls_in_shards"]:
                 raise StageError(f"{metrics['fault_urls_in_shards']} fault URLs were crawled as images: "
                                  f"{metrics['faults_by_kind_vs_reason']}")
-        full_log = log if old_log is None else pd.concat([old_log, log], ignore_index=True)
+        full_log = log if old_log is None else pd.concat([old_log[~old_log["url"].isin(set(log["url"]))], log],
+                                                         ignore_index=True)
         if not (full_log.status == "success").any():
             raise StageError(f"no URL was crawled successfully (failures: {metrics['failed_by_reason']}; "
                              f"see the messages under other_messages: {metrics['other_messages']})")
@@ -513,8 +612,8 @@ def run(cfg, ws) -> dict:
 
     total_s = time.perf_counter() - t0     # images_per_s: good images per second of the whole stage
     metrics.update(shards=n_shards, **times, images_per_s=round(len(written) / total_s, 1),
-                   totals=totals, incremental={"part": part, "reused_urls": reused, "new_urls": len(todo),
-                                               "why": why})
+                   totals=totals, incremental={"part": part, "reused_urls": reused, "new_urls": len(todo) - retried,
+                                               "retried_urls": retried, "why": why})
     failed = ", ".join(f"{r} {n}" for r, n in metrics["failed_by_reason"].items() if n) or "none"
     say("crawl", f"{metrics['succeeded']} of {metrics['attempted']} URLs crawled (failed: {failed}) -> "
                  f"{ws.raw.relative_to(ws.root)}/ ({n_shards} shards; {LOG} lists every URL)")

@@ -24,6 +24,27 @@ def shard_paths(directory: Path) -> list[Path]:
 
 
 ZERO_BLOCK = bytes(512)
+# The longest member name a stage writes is <key>.txt_tokens.npy (the embed stage): ustar holds
+# 100 bytes of name, so a sample key may have 100 - 15 bytes of UTF-8.
+LONGEST_EXTENSION = ".txt_tokens.npy"
+MAX_KEY_BYTES = 100 - len(LONGEST_EXTENSION)
+
+
+def key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be a sample key (the stem of its tar members in every stage), or None.
+    A '.' would end the key early (WebDataset splits a member name at its first dot), a '/' or
+    '\\' makes a path, NUL ends a tar name (the sample would vanish on reading) and other
+    control characters break logs and file names."""
+    if not key:
+        return "it is empty"
+    if any(c in key for c in "./\\"):
+        return "it holds '.', '/' or '\\'"
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        return "it holds a control character (NUL, newline, ...)"
+    n = len(key.encode("utf-8", "surrogatepass"))
+    if n > MAX_KEY_BYTES:
+        return f"it is {n} bytes of UTF-8, over {MAX_KEY_BYTES} (tar member names hold 100, the longest extension is {LONGEST_EXTENSION})"
+    return None
 
 
 def tar_members(path: Path) -> Iterator[tuple[str, bytes]]:
@@ -46,11 +67,13 @@ def tar_members(path: Path) -> Iterator[tuple[str, bytes]]:
     pos, end, long_name = 0, len(data), None
     while True:
         if pos + 512 > end:
-            if pos == end and pos > 0:
-                return                                   # no end-of-archive blocks: tolerated
-            raise bad("truncated header" if pos else "empty file")
+            # No end-of-archive: a shard cut off, here at a member boundary, would otherwise read
+            # back as its first samples without a word (ShardSink, tarfile and tar all write it).
+            raise bad(f"truncated: no end-of-archive after {pos} bytes" if pos else "empty file")
         header = data[pos:pos + 512]
         if header == ZERO_BLOCK:
+            if data[pos + 512:pos + 1024] != ZERO_BLOCK:
+                raise bad(f"truncated: one end-of-archive block of two at byte {pos}")
             return
         try:
             stored = int(header[148:156].rstrip(b" \0") or b"0", 8)
@@ -65,22 +88,25 @@ def tar_members(path: Path) -> Iterator[tuple[str, bytes]]:
             raise bad(f"truncated member at byte {body_start}")
         body = data[body_start:body_start + size]
         kind = header[156:157]
-        if kind == b"x":                                 # pax extended header for the next member
-            for record in body.decode("utf-8").splitlines():
-                _, _, kv = record.partition(" ")
-                if kv.startswith("path="):
-                    long_name = kv[5:]
-            continue
-        if kind == b"L":                                 # GNU long name for the next member
-            long_name = body.rstrip(b"\0").decode("utf-8")
-            continue
-        if kind not in (b"0", b"\0"):                     # directories, links, global headers
-            long_name = None
-            continue
-        name = long_name or header[0:100].split(b"\0", 1)[0].decode("utf-8")
-        prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
-        if prefix and not long_name:
-            name = prefix.decode("utf-8") + "/" + name
+        try:
+            if kind == b"x":                             # pax extended header for the next member
+                for record in body.decode("utf-8").splitlines():
+                    _, _, kv = record.partition(" ")
+                    if kv.startswith("path="):
+                        long_name = kv[5:]
+                continue
+            if kind == b"L":                             # GNU long name for the next member
+                long_name = body.rstrip(b"\0").decode("utf-8")
+                continue
+            if kind not in (b"0", b"\0"):                 # directories, links, global headers
+                long_name = None
+                continue
+            name = long_name or header[0:100].split(b"\0", 1)[0].decode("utf-8")
+            prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+            if prefix and not long_name:
+                name = prefix.decode("utf-8") + "/" + name
+        except UnicodeDecodeError as err:
+            raise bad(f"member name at byte {body_start - 512} is not UTF-8 ({err.reason})") from None
         long_name = None
         yield name, body
 
