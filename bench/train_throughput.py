@@ -49,7 +49,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,12 +166,12 @@ def draw(pool, batch_size: int, seed: int) -> Iterator:
 
 # ---- the models, as their stages build them ------------------------------------------------------
 
-def clip_bench(cfg, device: torch.device, pool_n: int, scratch: Path) -> Bench:
+def clip_bench(cfg, device: torch.device, pool_n: int) -> Bench:
     """pipeline/clip/train.py: open_clip model, AdamW (open_clip's groups, fused), InfoNCE, the
     temperature clamp after every step: ``make_loss`` and ``clamp_temperature`` of the stage."""
     c = cfg.clip
     torch.manual_seed(c.seed)
-    bundle = clip_model.build(c.model, scratch)
+    bundle = clip_model.build(c.model)
     model = bundle.model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, c.weight_decay), lr=c.lr, betas=(0.9, 0.98), eps=1e-6,
                                   fused=True)
@@ -262,9 +261,9 @@ def upsampler_bench(cfg, key: str, device: torch.device, pool_n: int) -> Bench:
     return diffusion_bench(f"upsample@{key}", u, model, upsampler_stage.make_loss(u, schedule), pool, device)
 
 
-def build(cfg, names: list[str], device: torch.device, pool_n: Callable[[int], int], scratch: Path) -> list[Bench]:
+def build(cfg, names: list[str], device: torch.device, pool_n: Callable[[int], int]) -> list[Bench]:
     """The benches of ``names``; ``pool_n(config batch)`` samples in each one's pool."""
-    makers = {"clip": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), scratch),
+    makers = {"clip": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size)),
               "judge": lambda: judge_bench(cfg, pool_n(cfg.judge.batch_size)),
               "prior": lambda: prior_bench(cfg, device, pool_n(cfg.prior.batch_size)),
               "decoder": lambda: decoder_bench(cfg, device, pool_n(cfg.decoder.batch_size))}
@@ -516,9 +515,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(f"profile {cfg.profile}, models {', '.join(names)}, device {device}, {torch.get_num_threads()} threads"
           + (" (quick: the figures mean nothing)" if args.quick else ""), flush=True)
 
-    with tempfile.TemporaryDirectory() as scratch:           # open_clip's registered model config
-        # pools: twice the largest batch drawn, so batches differ from step to step
-        benches = build(cfg, names, device, lambda batch: 2 * (QUICK_BATCH if args.quick else batch), Path(scratch))
+    # pools: twice the largest batch drawn, so batches differ from step to step
+    benches = build(cfg, names, device, lambda batch: 2 * (QUICK_BATCH if args.quick else batch))
     flops = {b.name: count_flops(b, QUICK_BATCH if args.quick else b.batch) for b in benches}
 
     # the peak of every (device, precision) a model trains in (fp32 always, for reference)

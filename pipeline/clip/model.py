@@ -16,6 +16,8 @@ import json
 import logging
 import math
 import platform
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -83,12 +85,25 @@ def _create(name: str, stem: str):
     return model
 
 
-def _register(name: str, config: dict, scratch: Path) -> None:
-    # open_clip reads model configs from JSON files on its search path.
-    scratch.mkdir(parents=True, exist_ok=True)
-    path = scratch / f"{name}.json"
-    path.write_text(json.dumps(config))
-    open_clip.add_model_config(path)
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+
+
+def _register(name: str, config: dict) -> None:
+    """Make ``config`` open_clip's model ``name`` in this process.
+
+    open_clip registers model configs only from JSON files on its search path; the file goes to
+    a private temp dir and is gone when this returns (open_clip keeps what it read). Never under
+    the bundle being loaded: that may be read-only (DVC's hardlinked cache is 0444), a DVC cache
+    object or a registry artifact, and a write there would change what DVC and MLflow track.
+    ``name`` comes from a bundle's open_clip_config.json: it becomes a file name, so it must be
+    a plain one."""
+    if not NAME.fullmatch(name):
+        raise ValueError(f"CLIP model name {name!r}: expected letters, digits, '_', '.', '+' or '-' (a bundle's "
+                         f"open_clip_config.json 'name')")
+    with tempfile.TemporaryDirectory(prefix="unclip-open_clip-") as scratch:
+        path = Path(scratch) / f"{name}.json"
+        path.write_text(json.dumps(config))
+        open_clip.add_model_config(path)
 
 
 @dataclass
@@ -153,10 +168,10 @@ class ClipBundle:
         return F.normalize(z_t, dim=-1), x, mask
 
 
-def build(model_cfg, scratch: Path) -> ClipBundle:
+def build(model_cfg) -> ClipBundle:
     """A freshly initialised small CLIP from ``clip.model``."""
     config = open_clip_config(model_cfg)
-    _register(MODEL_NAME, config, scratch)
+    _register(MODEL_NAME, config)
     model = _create(MODEL_NAME, model_cfg.vision_stem)
     return ClipBundle(model, fast_tokenizer(open_clip.get_tokenizer(MODEL_NAME)), MODEL_NAME, config,
                       model_cfg.image_size, MEAN, STD, model_cfg.vision_stem)
@@ -182,7 +197,7 @@ def load(path: Path, device: str | torch.device = "cpu") -> ClipBundle:
     cfg = json.loads((path / "open_clip_config.json").read_text())
     name, stem = cfg.pop("name"), cfg.pop("stem", "patch")
     pre = json.loads((path / "preprocess.json").read_text())
-    _register(name, cfg, path / ".open_clip")
+    _register(name, cfg)                  # nothing is written under ``path``
     model = _create(name, stem)
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     model.to(device).eval()
@@ -190,7 +205,7 @@ def load(path: Path, device: str | torch.device = "cpu") -> ClipBundle:
                       tuple(pre["mean"]), tuple(pre["std"]), stem)
 
 
-def load_pretrained(spec: str, scratch: Path) -> ClipBundle:
+def load_pretrained(spec: str) -> ClipBundle:
     """Resolve ``clip.pretrained``: a bundle directory, or ``<arch>:<open_clip tag | checkpoint file>``.
 
     Offline, an open_clip tag that is not in the local cache fails with a message saying so.
