@@ -1,10 +1,14 @@
 """The training loop shared by the pipeline's models: checkpoints, resume, guards, progress.
 
 ``fit`` runs ``loss_fn(model, batch)`` for a fixed number of optimizer steps. Checkpoints
-(model, optimizer, scheduler, step) are written atomically every ``ckpt_every`` steps into a
-directory keyed by a hash of the run's config; a run that was killed resumes from the last
-one and ends at the same step count. A non-finite loss stops the run with a clear error instead
-of training on into a NaN model.
+(model, optimizer, scheduler, step) are written atomically (fsynced, then renamed) every
+``ckpt_every`` steps and after the last one, into a directory keyed by a hash of what the run
+depends on (its config, and the stages add their data's shard digests and the CLIP's sha256);
+a run that was killed resumes from the last one and ends at the same step count. The stage
+clears its checkpoints (:func:`clear_checkpoints`) only once its output is committed, so a kill
+during validation or saving loses no training. Checkpoints load with ``weights_only=True`` (no
+pickled code); one that does not load is set aside (``.corrupt-*``) and the run starts over. A
+non-finite loss stops the run with a clear error instead of training on into a NaN model.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .progress import progress
+from .workspace import fsync_dir, pid_alive
 
 
 class NonFiniteLoss(RuntimeError):
@@ -61,22 +66,64 @@ class Checkpointer:
     def save(self, step: int, model, optimizer, scheduler, extra: Optional[dict] = None) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler else None, "extra": extra or {}}, tmp)
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict() if scheduler else None, "extra": extra or {}}, f)
+                f.flush()
+                os.fsync(f.fileno())           # the bytes on disk before the name: no empty checkpoint after a crash
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)         # a full disk leaves no partial file behind
+            raise
+        fsync_dir(self.path.parent)
 
     def load(self, model, optimizer, scheduler) -> tuple[int, dict]:
+        """(step, extra) of this key's checkpoint, loaded into the objects; (0, {}) when there
+        is none, or when it does not load (truncated, corrupt, holding more than tensors and
+        plain data): that one is set aside, named in a message, and the run starts over."""
+        sweep_temporaries(self.directory)
         if not self.path.exists():
             return 0, {}
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler and state["scheduler"]:
-            scheduler.load_state_dict(state["scheduler"])
-        return int(state["step"]), state["extra"]
+        try:
+            # weights_only: tensors, numbers, strings and containers, never pickled code (a checkpoint
+            # directory can be written by others: a shared or restored workspace)
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler and state["scheduler"]:
+                scheduler.load_state_dict(state["scheduler"])
+            return int(state["step"]), state["extra"]
+        except Exception as err:  # noqa: BLE001 -- any checkpoint that does not load is unusable
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(self.path, aside)
+            print(f"checkpoint {self.path} does not load ({type(err).__name__}: {str(err)[:300]}); "
+                  f"moved aside to {aside.name}, training starts over", flush=True)
+            return 0, {}
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def clear_checkpoints(directory: Path) -> None:
+    """A stage's checkpoints, once its output is committed: every key's (an earlier config's
+    are stale now) and any temporary file; a set-aside ``.corrupt-*`` one is kept for a look."""
+    directory = Path(directory)
+    if directory.is_dir():
+        for p in directory.iterdir():
+            if p.is_file() and (p.suffix == ".pt" or ".tmp" in p.suffix):
+                p.unlink(missing_ok=True)
+
+
+def sweep_temporaries(directory: Path) -> None:
+    """Remove ``<key>.tmp<pid>`` files of processes that are gone (killed during a save)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for p in directory.glob("*.tmp*"):
+        pid = p.suffix.removeprefix(".tmp")
+        if pid.isdigit() and not pid_alive(int(pid)):
+            p.unlink(missing_ok=True)
 
 
 # What "auto" resolved to for the training loop running in this context (set by ``measured_precision``)
@@ -249,11 +296,12 @@ def _fit(model, optimizer, scheduler, it, loss_fn, *, steps, checkpointer, grad_
     """:func:`fit`'s loop over the batch iterator ``it``."""
     if on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
-    start = 0
+    start, last = 0, float("nan")
     if checkpointer:
         start, extra = checkpointer.load(model, optimizer, scheduler)
         if ema is not None and extra.get("ema"):
             ema.load_state_dict(extra["ema"])
+        last = float(extra.get("last_loss", last))
         if start:
             print(f"[{desc}] resuming from checkpoint at step {start}/{steps}", flush=True)
     main = accelerator is None or accelerator.is_main_process
@@ -263,7 +311,7 @@ def _fit(model, optimizer, scheduler, it, loss_fn, *, steps, checkpointer, grad_
     train_model.train()
     bar = progress(total=steps, desc=desc, unit="step", disable=not main)
     bar.update(start)
-    t0, losses, last, skipped = time.perf_counter(), [], float("nan"), 0
+    t0, losses, skipped = time.perf_counter(), [], 0
     params = [p for p in model.parameters() if p.requires_grad]
     for step in range(start, steps):
         batch = next(it)
@@ -302,10 +350,12 @@ def _fit(model, optimizer, scheduler, it, loss_fn, *, steps, checkpointer, grad_
         if main and on_log and losses and ((step + 1) % log_every == 0 or step + 1 == steps):
             on_log(step + 1, {"loss": sum(losses[-log_every:]) / len(losses[-log_every:]),
                               "lr": optimizer.param_groups[0]["lr"]})
-        if checkpointer and ((step + 1) % checkpointer.every == 0) and step + 1 < steps:
+        # Also after the last step: the stage validates and saves after training, and a kill
+        # there must not cost the training (the stage clears the checkpoint once it has saved).
+        if checkpointer and ((step + 1) % checkpointer.every == 0 or step + 1 == steps):
             if main:
                 checkpointer.save(step + 1, model, optimizer, scheduler,
-                                  {"ema": ema.state_dict()} if ema is not None else None)
+                                  {"last_loss": last, **({"ema": ema.state_dict()} if ema is not None else {})})
             if accelerator is not None:
                 accelerator.wait_for_everyone()
     bar.close()
@@ -340,7 +390,8 @@ def train_diffusion_model(model: torch.nn.Module, tc, make_batches: Callable[[in
     """The recipe the prior, decoder and upsamplers share, from their ``TrainConfig`` ``tc``:
     AdamW, linear warmup + cosine decay, EMA weights (``tc.ema_decay``), checkpoints keyed by
     ``key`` (the config that must match to resume), gradient clipping, non-finite policy, run
-    under accelerate. ``make_batches(rank, world)`` gives this process's batch stream.
+    under accelerate. ``make_batches(rank, world)`` gives this process's batch stream. The
+    checkpoint stays in ``checkpoint_dir`` until the stage calls :func:`clear_checkpoints`.
 
     ``warm``: a :class:`pipeline.retrain.WarmStart`: start from its weights (the last run's EMA
     weights) and train its (fewer) steps with its warmup, on the same schedule's shape.
@@ -362,8 +413,6 @@ def train_diffusion_model(model: torch.nn.Module, tc, make_batches: Callable[[in
                   loss_fn, steps=tc.steps, checkpointer=ckpt, grad_clip=tc.grad_clip, desc=desc, on_log=on_log,
                   ema=ema, accelerator=accelerator, on_nonfinite=tc.on_nonfinite, precision=tc.precision,
                   precision_cache=Path(checkpoint_dir).parent / "precision.json")
-    if accelerator.is_main_process:
-        ckpt.clear()
     ema.copy_to(model.parameters())
     model.eval()
     return summary, accelerator

@@ -62,12 +62,19 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp dir beside ``final``; on success it replaces ``final`` in one rename.
 
     On error the temp dir is removed and ``final`` (the previous good output, if any) is kept.
+    The files are fsynced before the rename and the rename after it, so a crash or power loss
+    leaves the old output or the new one, never a new one of empty files. A process killed
+    outright (SIGKILL, OOM) runs no cleanup: its ``.<name>.tmp-<pid>-*`` dir, or the previous
+    output it had moved to ``.<name>.old-<pid>-*``, is dealt with by the next call
+    (:func:`sweep_stale`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    sweep_stale(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     try:
         yield tmp
+        sync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -75,7 +82,65 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
+    fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def sweep_stale(final: Path) -> list[str]:
+    """Clean up after an :func:`atomic_dir` of ``final`` whose process died: remove its temp
+    dirs, and its moved-aside previous output, unless ``final`` itself is missing (killed
+    between the two renames): that one is put back. Dirs of a live process are left alone;
+    one whose name carries no pid (written before names did) counts as stale. Returns what
+    was done, one line each."""
+    final = Path(final)
+    done = []
+    for kind in ("old", "tmp"):                  # an .old first: it may be the output to restore
+        for p in sorted(final.parent.glob(f".{final.name}.{kind}-*")):
+            pid = p.name[len(f".{final.name}.{kind}-"):].split("-", 1)[0]
+            if pid.isdigit() and pid_alive(int(pid)):
+                continue
+            if kind == "old" and not final.exists():
+                os.replace(p, final)
+                done.append(f"restored {final.name}/ from {p.name} (its stage was killed between two renames)")
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+                done.append(f"removed {p.name} (left by a killed stage)")
+    for line in done:
+        print(f"[workspace] {line}", flush=True)
+    return done
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True                              # another user's process
+    return True
+
+
+def sync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (before it is renamed into place)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the entries of ``directory`` (a rename into it) durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def file_sha256(path: Path) -> str:
@@ -131,6 +196,8 @@ def human_bytes(n: float) -> str:
 # ---- creating a workspace -----------------------------------------------------------------------
 SOURCE_ROOT = Path(__file__).resolve().parent.parent      # the checkout holding dvc.yaml
 DVCIGNORE = "__pycache__/\n*.pyc\n.unclip/\n"
+# .<name>.tmp-* / .<name>.old-*: atomic_dir's work in progress (gigabytes for a crawl), never for git
+GITIGNORE = "/pipeline\n/mlflow.db\n/mlartifacts/\n/.unclip/\n/reports/\n.*.tmp-*\n.*.old-*\n"
 
 
 def init_workspace(directory: str | os.PathLike, params: Optional[Path] = None) -> Path:
@@ -150,7 +217,7 @@ def init_workspace(directory: str | os.PathLike, params: Optional[Path] = None) 
     if not (root / "pipeline").exists():
         (root / "pipeline").symlink_to(SOURCE_ROOT / "pipeline", target_is_directory=True)
     (root / ".dvcignore").write_text(DVCIGNORE)
-    (root / ".gitignore").write_text("/pipeline\n/mlflow.db\n/mlartifacts/\n/.unclip/\n/reports/\n")
+    (root / ".gitignore").write_text(GITIGNORE)
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
 
     def sh(*cmd):

@@ -20,6 +20,7 @@ import webdataset as wds
 from PIL import Image
 
 from ..data.shards import iter_samples, sample_meta, split_of
+from ..stages import StageError
 
 
 def decode_image(data: bytes) -> torch.Tensor:
@@ -86,7 +87,10 @@ def _to_pair(sample: dict) -> tuple[torch.Tensor, str]:
 def train_stream(paths: list[Path], sample_fn: Callable[[dict], object], collate: Callable[[list], object],
                  batch_size: int, num_workers: int, seed: int) -> wds.WebLoader:
     """Endless batches of the train split: shards resampled, samples through a seeded shuffle
-    buffer, ``sample_fn`` per sample and ``collate`` per batch in the DataLoader workers."""
+    buffer, ``sample_fn`` per sample and ``collate`` per batch in the DataLoader workers.
+    Shards without a single train sample are a StageError here: resampled, the stream would
+    look for one for ever."""
+    require_train_samples(paths)
     ds = (wds.WebDataset([str(p) for p in paths], resampled=True, shardshuffle=False, seed=seed,
                          nodesplitter=wds.split_by_node, empty_check=False)
           .select(lambda s: split_of(sample_meta(s)) == "train")
@@ -95,6 +99,21 @@ def train_stream(paths: list[Path], sample_fn: Callable[[dict], object], collate
           .batched(batch_size, collation_fn=collate, partial=False))
     return wds.WebLoader(ds, batch_size=None, num_workers=num_workers, worker_init_fn=single_thread,
                          persistent_workers=num_workers > 0)
+
+
+def require_train_samples(paths: list[Path]) -> None:
+    """Raise StageError unless some sample of ``paths`` is in the train split. Stops at the first
+    one (normally in the first shard); a whole pass only when there is none."""
+    splits: dict[str, int] = {}
+    for s in iter_samples(paths):
+        split = split_of(sample_meta(s))
+        if split == "train":
+            return
+        splits[split] = splits.get(split, 0) + 1
+    found = ", ".join(f"{n} {k}" for k, n in sorted(splits.items())) or "no samples at all"
+    raise StageError(f"no train samples in the {len(paths)} shard(s) of {Path(paths[0]).parent if paths else '?'} "
+                     f"({found}): nothing to train on (a URL list: give some rows split 'train', or leave "
+                     f"split empty to split by hash)")
 
 
 def train_loader(paths: list[Path], tokenize: Callable[[list[str]], torch.Tensor], batch_size: int,

@@ -9,6 +9,7 @@ from .. import retrain, tracking
 from ..data.shards import shard_paths
 from ..progress import say
 from ..stages import StageError
+from ..training import clear_checkpoints
 from ..workspace import atomic_dir
 from . import model as clip_model
 from .data import load_split
@@ -36,12 +37,13 @@ def run(cfg, ws) -> dict:
     with atomic_dir(ws.clip) as out:
         if c.pretrained:
             try:
-                bundle = clip_model.load_pretrained(c.pretrained, out / ".open_clip")
+                bundle = clip_model.load_pretrained(c.pretrained)
             except (ValueError, RuntimeError, FileNotFoundError) as err:
                 raise StageError(str(err)) from None
             summary = {"pretrained": c.pretrained}
         else:
-            bundle, summary = train(c, paths, out / ".open_clip", checkpoints, on_log=on_log)
+            bundle, summary = train(c, paths, checkpoints, on_log=on_log,
+                                    depends={"data": retrain.lineage(ws.filtered)["shards"]})
         val = load_split(paths, "val", bundle.image_size)
         if not val["keys"]:
             raise StageError("the val split is empty: no sample's json carries split='val' (a URL list: give "
@@ -53,6 +55,7 @@ def run(cfg, ws) -> dict:
         plot = out / "clip_figures.png"
         _plot(curve, figures, plot)
         retrain.write_lineage(out, ws.filtered, {"train": summary, "val": figures})
+    clear_checkpoints(checkpoints)                          # only now: a kill before this resumes at the end
 
     tracking.log_artifact(ws.clip / "clip_figures.png", "clip")
     zs = figures.get("zero_shot", {})

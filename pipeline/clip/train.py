@@ -49,10 +49,13 @@ def clamp_temperature(model: torch.nn.Module) -> None:
         model.logit_scale.clamp_(0, math.log(100))
 
 
-def train(clip_cfg, shard_paths: list[Path], scratch: Path, checkpoint_dir: Path,
-          on_log: Optional[Callable[[int, dict], None]] = None) -> tuple[ClipBundle, dict]:
+def train(clip_cfg, shard_paths: list[Path], checkpoint_dir: Path,
+          on_log: Optional[Callable[[int, dict], None]] = None, depends: Optional[dict] = None) -> tuple[ClipBundle, dict]:
+    """Train the small CLIP of ``clip_cfg`` on the train split of ``shard_paths`` -> (bundle,
+    summary). A checkpoint in ``checkpoint_dir`` is resumed only by the same config and
+    ``depends`` (the data's shard digests); the caller clears it once the bundle is saved."""
     torch.manual_seed(clip_cfg.seed)
-    bundle = build(clip_cfg.model, scratch)
+    bundle = build(clip_cfg.model)
     model = bundle.model.to(device_of())
     device = next(model.parameters()).device
     # fused: one kernel for the whole update instead of ~100 small ones (CPU and CUDA).
@@ -63,11 +66,11 @@ def train(clip_cfg, shard_paths: list[Path], scratch: Path, checkpoint_dir: Path
                           clip_cfg.seed, bundle.image_size)
     loss_fn = make_loss(bundle, clip_cfg.precision, device)
 
-    ckpt = Checkpointer(checkpoint_dir, config_hash(clip_cfg.model_dump(mode="json")), every=100)
+    ckpt = Checkpointer(checkpoint_dir, config_hash({"clip": clip_cfg.model_dump(mode="json"), **(depends or {})}),
+                        every=100)
     summary = fit(model, optimizer, scheduler, loader, loss_fn, steps=clip_cfg.steps, checkpointer=ckpt,
                   grad_clip=clip_cfg.grad_clip, desc="clip: train", on_log=on_log, after_step=lambda _step: clamp_temperature(model),
                   precision=clip_cfg.precision, precision_cache=Path(checkpoint_dir).parent / "precision.json")
-    ckpt.clear()
     model.eval()
     summary["logit_scale"] = round(model.logit_scale.exp().item(), 2)
     return bundle, summary

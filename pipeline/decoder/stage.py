@@ -20,7 +20,7 @@ from ..embeddings import load_split, train_batches
 from ..images import grid, resize, save_png, to_model, to_uint8
 from ..progress import say
 from ..stages import StageError
-from ..training import autocast, train_diffusion_model
+from ..training import autocast, clear_checkpoints, train_diffusion_model
 from ..workspace import atomic_dir
 from . import diffusion
 from .network import UnclipDecoder
@@ -111,11 +111,13 @@ def run(cfg, ws) -> dict:
     def on_log(step, figures):
         tracking.log_metrics({"train_loss": figures["loss"], "lr": figures["lr"]}, step=step)
 
-    warm, scratch_why = retrain.warm_start(cfg, ws.decoder, ws.embeddings, "decoder", d, arch,
-                                           clip_sha=bundle.clip_identity(ws.clip)["sha256"])
+    clip_sha = bundle.clip_identity(ws.clip)["sha256"]
+    warm, scratch_why = retrain.warm_start(cfg, ws.decoder, ws.embeddings, "decoder", d, arch, clip_sha=clip_sha)
+    # a checkpoint is resumed only by the same config, on the same embeddings, of the same CLIP
+    key = {"decoder": d.model_dump(mode="json"), "arch": arch, "data": retrain.lineage(ws.embeddings)["shards"],
+           "clip": clip_sha}
     summary, acc = train_diffusion_model(model, d, make_batches, loss_fn, checkpoint_dir=ws.checkpoints / "decoder",
-                                         key={"decoder": d.model_dump(mode="json"), "arch": arch},
-                                         desc="decoder: train", on_log=on_log, warm=warm)
+                                         key=key, desc="decoder: train", on_log=on_log, warm=warm)
     if not acc.is_main_process:
         return {"train": summary}
     val_figs, images = evaluate(model, val, d, clip)
@@ -130,6 +132,7 @@ def run(cfg, ws) -> dict:
         gen = to_uint8(images[:k])
         rows = [t for i in range(0, k, 8) for t in (real[i:i + 8], gen[i:i + 8])]
         save_png(grid(torch.cat(rows), 8, scale=max(1, 64 // d.image_size)), out / "val_decoded.png")
+    clear_checkpoints(ws.checkpoints / "decoder")       # only now: a kill before this resumes at the end
     tracking.log_artifact(ws.decoder / "val_decoded.png", "decoder")
     tracking.log_metrics({f"val_{k}": v for k, v in val_figs.items() if k.startswith("cos")})
     say("decoder", f"val: cos(CLIP(decoded), z_i) {val_figs['cos_reembed']} (real images at "

@@ -27,7 +27,7 @@ from ..data.shards import shard_paths
 from ..images import resize, to_model, to_uint8
 from ..progress import say
 from ..stages import StageError
-from ..training import Checkpointer, autocast, config_hash, cosine_with_warmup, fit
+from ..training import Checkpointer, autocast, clear_checkpoints, config_hash, cosine_with_warmup, fit
 from ..workspace import atomic_dir
 from .labels import HEADS, IGNORE, VOCAB, accuracy, parse_gt, target_tensor
 from .network import JudgeNet
@@ -149,14 +149,15 @@ def run(cfg, ws) -> dict:
     net = JudgeNet(**arch)
     optimizer = torch.optim.AdamW(net.parameters(), lr=j.lr, weight_decay=j.weight_decay)
     scheduler = cosine_with_warmup(optimizer, j.warmup_steps, j.steps)
-    ckpt = Checkpointer(ws.checkpoints / "judge", config_hash({"judge": j.model_dump(mode="json"), "arch": arch}),
+    # resumed only by a run of the same config on the same data
+    ckpt = Checkpointer(ws.checkpoints / "judge", config_hash({"judge": j.model_dump(mode="json"), "arch": arch,
+                                                               "data": retrain.lineage(ws.filtered)["shards"]}),
                         every=j.checkpoint_every)
     summary = fit(net, optimizer, scheduler, batches(images, targets, j.batch_size, j.seed, j.p_degrade),
                   lambda m, b: loss_fn(m, b, j.precision), steps=j.steps, checkpointer=ckpt,
                   grad_clip=j.grad_clip, desc="judge: train", precision=j.precision,
                   precision_cache=ws.checkpoints / "precision.json",
                   on_log=lambda s, f: tracking.log_metrics({"train_loss": f["loss"]}, step=s))
-    ckpt.clear()
     net.eval()
     judge = Judge(net, {"arch": arch}, torch.device("cpu"))
 
@@ -179,6 +180,7 @@ def run(cfg, ws) -> dict:
         bundle.save_model(out, net, kind="judge", arch=arch, run_config=cfg.model_dump(mode="json"),
                           info={"test_accuracy": figures["test_accuracy"]})
         retrain.write_lineage(out, ws.filtered, figures)
+    clear_checkpoints(ws.checkpoints / "judge")           # only now: a kill before this resumes at the end
     tracking.log_metrics({f"test_acc_{k}": v for k, v in figures["test_accuracy"].items()})
     acc = figures["test_accuracy"]
     say("judge", "real test images: " + ", ".join(f"{k} {v}%" for k, v in acc.items())

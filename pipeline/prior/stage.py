@@ -18,7 +18,7 @@ from ..data.shards import shard_paths
 from ..embeddings import load_split, train_batches
 from ..progress import say
 from ..stages import StageError
-from ..training import autocast, train_diffusion_model
+from ..training import autocast, clear_checkpoints, train_diffusion_model
 from ..workspace import atomic_dir
 from . import diffusion
 from .network import UnclipPrior
@@ -99,11 +99,13 @@ def run(cfg, ws) -> dict:
     def on_log(step, figures):
         tracking.log_metrics({"train_loss": figures["loss"], "lr": figures["lr"]}, step=step)
 
-    warm, scratch_why = retrain.warm_start(cfg, ws.prior, ws.embeddings, "prior", p, arch,
-                                           clip_sha=bundle.clip_identity(ws.clip)["sha256"])
+    clip_sha = bundle.clip_identity(ws.clip)["sha256"]
+    warm, scratch_why = retrain.warm_start(cfg, ws.prior, ws.embeddings, "prior", p, arch, clip_sha=clip_sha)
+    # a checkpoint is resumed only by the same config, on the same embeddings, of the same CLIP
+    key = {"prior": p.model_dump(mode="json"), "arch": arch, "data": retrain.lineage(ws.embeddings)["shards"],
+           "clip": clip_sha}
     summary, acc = train_diffusion_model(model, p, make_batches, loss_fn, checkpoint_dir=ws.checkpoints / "prior",
-                                         key={"prior": p.model_dump(mode="json"), "arch": arch}, desc="prior: train",
-                                         on_log=on_log, warm=warm)
+                                         key=key, desc="prior: train", on_log=on_log, warm=warm)
     if not acc.is_main_process:
         return {"train": summary}
     val_figs = evaluate(model, val, p)
@@ -113,6 +115,7 @@ def run(cfg, ws) -> dict:
                                 "n_candidates": p.n_candidates},
                           clip=bundle.clip_identity(ws.clip))
         retrain.write_lineage(out, ws.embeddings)
+    clear_checkpoints(ws.checkpoints / "prior")         # only now: a kill before this resumes at the end
     tracking.log_metrics({f"val_{k}": v for k, v in val_figs.items() if k.startswith("cos")})
     say("prior", f"val: cos(pred, image) {val_figs['cos_pred_image']} vs baseline cos(text, image) "
                  f"{val_figs['cos_image_text_baseline']} and unrelated {val_figs['cos_unrelated_image']} "

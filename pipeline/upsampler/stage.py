@@ -28,7 +28,7 @@ from ..data.shards import shard_paths
 from ..images import grid, resize, save_png, to_model, to_uint8
 from ..progress import say
 from ..stages import StageError
-from ..training import autocast, train_diffusion_model
+from ..training import autocast, clear_checkpoints, train_diffusion_model
 from ..workspace import atomic_dir
 from .degrade import degrade
 from .diffusion import training_loss, upsample
@@ -139,11 +139,12 @@ def make_loss(u, schedule):
 
 
 def train(u, key: str, paths: list[Path], in_size: int, out_size: int, checkpoint_dir: Path, warm_from=None,
-          embed_dim: int = 0):
+          embed_dim: int = 0, depends: Optional[dict] = None):
     """Train upsampler ``key`` (config ``u``) with the shared recipe -> (model holding the EMA
     weights, arch, fit summary, accelerator, how it started). ``warm_from(arch)``: the
     :func:`pipeline.retrain.warm_start` decision for this architecture. ``embed_dim``: z_i's
-    size for a conditioned upsampler (its ``paths`` are then embed-stage shards)."""
+    size for a conditioned upsampler (its ``paths`` are then embed-stage shards). ``depends``:
+    what a checkpoint must have been trained on to be resumed (data digests, the CLIP's sha256)."""
     arch = {"block_out_channels": list(u.block_out_channels), "layers_per_block": u.layers_per_block}
     if conditioned(u):
         arch["embed_dim"] = embed_dim
@@ -166,7 +167,7 @@ def train(u, key: str, paths: list[Path], in_size: int, out_size: int, checkpoin
     def on_log(step, figures):
         tracking.log_metrics({"train_loss": figures["loss"], "lr": figures["lr"]}, step=step)
 
-    key_obj = {"stage": u.model_dump(mode="json"), "in_size": in_size, "out_size": out_size}
+    key_obj = {"stage": u.model_dump(mode="json"), "in_size": in_size, "out_size": out_size, **(depends or {})}
     warm, scratch_why = warm_from(arch) if warm_from else (None, "")
     summary, accelerator = train_diffusion_model(model, u, make_batches, loss_fn, checkpoint_dir=checkpoint_dir,
                                                  key=key_obj, desc=f"upsample@{key}: train", on_log=on_log,
@@ -220,8 +221,10 @@ def run(cfg, ws, key: str) -> dict:
         clip_sha = bundle.clip_identity(ws.clip)["sha256"] if conditioned(u) else None
         return retrain.warm_start(cfg, ws.upsampler(key), source, f"upsample.stages.{key}", u, arch, clip_sha)
 
+    depends = {"data": retrain.lineage(source)["shards"],
+               "clip": bundle.clip_identity(ws.clip)["sha256"] if conditioned(u) else None}
     model, arch, summary, accelerator, how = train(u, key, paths, in_size, out_size,
-                                                   ws.checkpoints / f"upsampler_{key}", warm_from, embed_dim)
+                                                   ws.checkpoints / f"upsampler_{key}", warm_from, embed_dim, depends)
     if not accelerator.is_main_process:                   # under several processes the main one saves
         return {"train": summary}
     info = {"key": key, "in_size": in_size, "out_size": out_size, "prediction_type": u.prediction_type,
@@ -234,6 +237,7 @@ def run(cfg, ws, key: str) -> dict:
         retrain.write_lineage(out, source)
         save_png(grid(rows, nrow=len(rows) // 3, scale=max(1, math.ceil(128 / out_size)),
                       row_labels=["bicubic", "upsampler", "truth"]), out / "samples.png")
+    clear_checkpoints(ws.checkpoints / f"upsampler_{key}")   # only now: a kill before this resumes at the end
     tracking.log_artifact(ws.upsampler(key) / "samples.png", f"upsample_{key}")
     where = ws.upsampler(key).relative_to(ws.root)
     say(f"upsample@{key}", f"{in_size} -> {out_size} px ({u.degradation} corruption in training); val PSNR "
