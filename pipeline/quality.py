@@ -80,6 +80,15 @@ class InceptionFeatures(torch.nn.Module):
             raise FileNotFoundError(
                 f"evaluate.inception_weights: {weights_path} is not a file (expected torch-fidelity's "
                 f"{INCEPTION_WEIGHTS_FILE}; unset the key to report FD-CLIP instead)")
+        try:
+            # torch-fidelity loads the file with weights_only=False (it would run any pickled code
+            # in it): it gets only a file that loads as plain tensors and data.
+            torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 -- whatever the reason, the file is not usable
+            from .stages import StageError
+            raise StageError(f"evaluate.inception_weights: {weights_path} does not load as plain weights "
+                             f"({type(err).__name__}: {str(err)[:200]}); expected torch-fidelity's "
+                             f"{INCEPTION_WEIGHTS_FILE}") from None
         from torchmetrics.image.fid import NoTrainInceptionV3
         self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                                       feature_extractor_weights_path=str(weights_path))

@@ -66,6 +66,15 @@ def test_checkpoint_with_pickled_code_is_refused_and_set_aside(tmp_path):
     assert [p.name.split(".corrupt-")[0] for p in (tmp_path / "ckpt").glob("*.corrupt-*")] == ["k.pt"]
 
 
+def test_inception_weights_with_pickled_code_are_refused(tmp_path):
+    from pipeline.quality import InceptionFeatures
+    marker, weights = tmp_path / "marker", tmp_path / "pt_inception.pth"
+    torch.save({"conv.weight": torch.zeros(1), "hook": Payload(str(marker))}, weights)
+    with pytest.raises(StageError, match="does not load as plain weights"):
+        InceptionFeatures(str(weights))
+    assert not marker.exists()
+
+
 def test_truncated_checkpoint_is_set_aside_and_training_starts_over(tmp_path, capsys):
     model, opt, sched = setup()
     ckpt = Checkpointer(tmp_path, "k", every=2)
