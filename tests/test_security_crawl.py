@@ -268,8 +268,8 @@ def test_transient_failures_are_retried_next_run(tmp_path, server):
     rows.append((f"{base}/img/31.jpg", "new"))
     pd.DataFrame(rows, columns=["url", "caption"]).to_csv(tmp_path / "list.csv", index=False)
     m2 = crawl.run(cfg, ws)
-    assert m2["incremental"]["new_urls"] == 1 and m2["incremental"]["retried_urls"] == 2
     assert (m2["attempted"], m2["succeeded"], m2["failed_by_reason"]["http_5xx"]) == (3, 2, 1)
+    assert m2["incremental"]["new_urls"] == 1 and m2["incremental"]["retried_urls"] == 2
     log = pd.read_parquet(ws.raw / crawl.LOG).set_index("url")
     assert len(log) == len(rows) and log.index.is_unique
     assert log.loc[rows[1][0], ["status", "attempts", "part"]].tolist() == ["success", 2, 1]

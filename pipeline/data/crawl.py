@@ -491,7 +491,7 @@ def fault_metrics(log: pd.DataFrame, faults: pd.Series) -> dict:
 
 
 # ---- the stage ----------------------------------------------------------------------------------
-CODE = ("data/crawl.py", "data/server.py", "data/shards.py")
+CODE = ("data/crawl.py", "data/fetch.py", "data/server.py", "data/shards.py")
 LOG = "crawl_log.parquet"
 
 
