@@ -28,7 +28,7 @@ from pipeline.stages import StageError
 from pipeline.workspace import Workspace
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
-FUZZ_EXAMPLES = 150
+FUZZ_EXAMPLES = 100
 settings.register_profile("unclip-fuzz", max_examples=FUZZ_EXAMPLES, deadline=2000, database=None,
                           derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
