@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers.own_data import KINDS, LONG, MISSING, build_site, static_server
+from helpers.own_data import MISSING, STYLES, build_site, static_server
 from pipeline import truth
 from pipeline.data import filter as filt
 from pipeline.data.shards import iter_samples, sample_meta, shard_paths
@@ -20,7 +20,7 @@ from pipeline.workspace import Workspace, init_workspace
 
 pytestmark = pytest.mark.slow
 N_IMAGES = 330              # 30 of each of the 11 formats; + MISSING URLs that answer 404
-PROMPTS = ["a colored disc", "🐱 a disc 🎨"]
+PROMPTS = ["a large red disc, center", "🐱 a small blue square, top left 🎨"]
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +96,11 @@ def test_every_url_is_kept_or_dropped_by_reason(own_flow):
     assert fil["dropped_by_reason"]["caption_empty"] == ((key_row.caption == "") & ~small).sum() > 0
     assert set(dropped.key[dropped.reason == "too_small"]) == set(key_row.key[small])
     # one word, Unicode and emoji captions are kept; the long one too, cut at CLIP's context and counted
-    captions = {s["txt"].decode() for s in kept.values()}
-    assert {"disc", "un disque coloré, café crème", "🐱 a disc 🎨", LONG} <= captions
-    assert emb["captions_truncated"] == sum(s["txt"].decode() == LONG for s in kept.values()) > 0
+    style = dict(zip(key_row.key, key_row["style"]))
+    kept_styles = {style[k] for k in kept}
+    assert kept_styles == set(STYLES) - {"empty"}
+    assert all(kept[k]["txt"].decode() == c for k, c in zip(key_row.key, key_row.caption) if k in kept)
+    assert emb["captions_truncated"] == sum(style[k] == "long" for k in kept) > 0
     # every kept image is square; the wide and the EXIF-rotated ones were made so
     non_square = key_row.kind.isin(["nonsquare", "jpeg_exif_rotated"]) & key_row.key.isin(list(kept))
     assert fil["squared"] == {"center_crop": int(non_square.sum())} and non_square.sum() > 0
@@ -139,5 +141,5 @@ def test_report_shows_the_figures_and_says_what_was_not_judged(own_flow):
     assert 'data-key="evaluate.standard.fid"' in page and "FD-CLIP" in page
     assert 'data-key="evaluate.ablation.caption_only.clip_score"' in page
     assert "clip_score_final" in page and f"{ev['clip_score_final']:.6g}" in page
-    assert "🐱 a disc 🎨" in page                                   # the user's prompts label the grids
+    assert PROMPTS[1] in page                                   # the user's prompts label the grids
     assert "two objects: relation" not in page                    # no judged table of dashes

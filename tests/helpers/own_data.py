@@ -19,17 +19,58 @@ BACKGROUND = (255, 255, 255)
 PALETTE = [(220, 40, 40), (40, 170, 60), (40, 70, 220), (235, 210, 40), (140, 50, 170), (240, 140, 30)]
 
 
+COLORS = ("red", "green", "blue", "yellow", "purple", "orange")     # PALETTE's names
+COULEURS = ("rouge", "vert", "bleu", "jaune", "violet", "orange")
+SIZES = ("small", "medium", "large", "huge")
+SHAPES = ("disc", "square")
+
+
+def _layout(i: int) -> dict:
+    """What image ``i`` shows: place (7 x 7), color (6), size (4) and shape (2) differ for every i
+    below 2352, so no two images are duplicates."""
+    return {"col": i % 7, "row": (i // 7) % 7, "color": (i // 49) % len(PALETTE), "size": (i // 294) % 4,
+            "shape": (i // 1176) % 2}
+
+
 def _scene(i: int, size: tuple[int, int] = (SIZE, SIZE)) -> Image.Image:
-    """An RGBA scene: a colored disc (or square) on a transparent background (alpha 0 outside it);
-    place, color, size and shape differ for every i below 2352, so no two images are duplicates."""
+    """An RGBA scene (see :func:`_layout`): a colored disc or square on a transparent background
+    (alpha 0 outside it)."""
     w, h = size
+    lay = _layout(i)
     img = Image.new("RGBA", size, (0, 0, 0, 0))
-    r = min(w, h) // 6 + ((i // 294) % 4) * 3
-    cx, cy = w // 2 + (i % 7 - 3) * max(1, w // 16), h // 2 + ((i // 7) % 7 - 3) * max(1, h // 16)
-    color = PALETTE[(i // 49) % len(PALETTE)]
-    draw = ImageDraw.Draw(img).ellipse if (i // 1176) % 2 == 0 else ImageDraw.Draw(img).rectangle
-    draw((cx - r, cy - r, cx + r, cy + r), fill=(*color, 255))
+    r = min(w, h) // 6 + lay["size"] * 3
+    cx, cy = w // 2 + (lay["col"] - 3) * max(1, w // 16), h // 2 + (lay["row"] - 3) * max(1, h // 16)
+    draw = ImageDraw.Draw(img).ellipse if lay["shape"] == 0 else ImageDraw.Draw(img).rectangle
+    draw((cx - r, cy - r, cx + r, cy + r), fill=(*PALETTE[lay["color"]], 255))
     return img
+
+
+def describe(i: int) -> str:
+    """The English caption of image ``i``: what a user's list would say about it."""
+    lay = _layout(i)
+    where = (("top " if lay["row"] < 2 else "bottom " if lay["row"] > 4 else "")
+             + ("left" if lay["col"] < 2 else "right" if lay["col"] > 4 else "center"))
+    return f"a {SIZES[lay['size']]} {COLORS[lay['color']]} {SHAPES[lay['shape']]}, {where}"
+
+
+def caption(style: str, i: int) -> str:
+    """Caption of image ``i`` in ``style`` (see :data:`STYLES`): all but the empty one say what the
+    image shows, so a model trained on the list has something to learn."""
+    lay = _layout(i)
+    if style == "english":
+        return describe(i)
+    if style == "french":                    # Unicode (accents, a cedilla) in the middle of the words
+        forme = ("disque", "carré")[lay["shape"]]
+        return f"un {forme} {COULEURS[lay['color']]}, façon café crème"
+    if style == "emoji":
+        return f"🐱 {describe(i)} 🎨"
+    if style == "one_word":
+        return COLORS[lay["color"]]
+    if style == "empty":
+        return ""
+    if style == "long":                      # 8-9 words, then filler: > CLIP's context, < 40 words
+        return f"{describe(i)} " + " ".join(["on a plain background seen from far away"] * 3)
+    raise ValueError(style)
 
 
 def _on(img: Image.Image, bg=(90, 120, 150)) -> Image.Image:
@@ -78,15 +119,15 @@ def encode(kind: str, i: int) -> tuple[str, bytes]:
 
 KINDS = ("jpeg", "png_rgba", "png_la", "png_palette", "jpeg_gray", "jpeg_cmyk", "jpeg_exif_rotated", "webp",
          "gif_animated", "nonsquare", "too_small")
-LONG = " ".join(["a very long caption about a colored disc on a plain background"] * 3)   # 33 words: > 24 tokens, < 40 words
-CAPTIONS = ("a colored disc", "un disque coloré, café crème", "🐱 a disc 🎨", "disc", "", LONG)
+STYLES = ("english", "french", "emoji", "one_word", "empty", "long")
 MISSING = 3          # URLs that answer 404
 
 
 def build_site(site: Path, n: int) -> list[dict]:
-    """Write ``n`` images (formats cycling through :data:`KINDS`) into ``site`` and return the
-    list's rows (``path``, ``caption``, ``kind``; URLs are made once the server's port is known),
-    plus :data:`MISSING` rows whose files do not exist."""
+    """Write ``n`` images (formats cycling through :data:`KINDS`, caption styles through
+    :data:`STYLES`) into ``site`` and return the list's rows (``path``, ``caption``, ``kind``,
+    ``style``; URLs are made once the server's port is known), plus :data:`MISSING` rows whose
+    files do not exist."""
     site.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(n):
@@ -94,9 +135,10 @@ def build_site(site: Path, n: int) -> list[dict]:
         suffix, data = encode(kind, i)
         name = f"img{i:05d}{suffix}"
         (site / name).write_bytes(data)
-        caption = CAPTIONS[(i // len(KINDS)) % len(CAPTIONS)]
-        rows.append({"path": name, "caption": caption, "kind": kind})
-    rows += [{"path": f"missing{k}.jpg", "caption": "gone", "kind": "missing"} for k in range(MISSING)]
+        style = STYLES[(i // len(KINDS)) % len(STYLES)]
+        rows.append({"path": name, "caption": caption(style, i), "kind": kind, "style": style})
+    rows += [{"path": f"missing{k}.jpg", "caption": "gone", "kind": "missing", "style": "english"}
+             for k in range(MISSING)]
     return rows
 
 
