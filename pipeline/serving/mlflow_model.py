@@ -1,0 +1,70 @@
+"""A bundle saved as an MLflow Model (pyfunc flavor, models from code), and the bundle found again
+in a registered version however it was registered.
+
+The signature is what the scoring server checks before ``predict`` runs:
+
+    inputs   caption: string (required); seed: long, n: long, steps: long, guidance: double (optional)
+    params   seed (0), n (1), steps (the bundle's), guidance (the bundle's): defaults for every row
+    outputs  prompt: long (the row), caption: string, seed: long, image: binary (PNG bytes; base64 in JSON)
+"""
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+CODE = Path(__file__).with_name("model_code.py")
+ARTIFACT = "bundle"                      # the key in ``context.artifacts`` and the folder under artifacts/
+EXAMPLE_CAPTIONS = ["a small red circle in the top left", "a large blue square in the center"]
+# what the model needs at inference, pinned to the versions it was saved with; `mlflow models serve
+# --env-manager local` serves it in the current environment (this project's venv), which holds them
+RUNTIME = ("unclip-pipeline", "mlflow", "torch", "diffusers", "open_clip_torch", "safetensors", "pandas", "pillow")
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+    inputs = Schema([ColSpec("string", "caption"), ColSpec("long", "seed", required=False),
+                     ColSpec("long", "n", required=False), ColSpec("long", "steps", required=False),
+                     ColSpec("double", "guidance", required=False)])
+    outputs = Schema([ColSpec("long", "prompt"), ColSpec("string", "caption"), ColSpec("long", "seed"),
+                      ColSpec("binary", "image")])
+    params = ParamSchema([ParamSpec("seed", "long", 0), ParamSpec("n", "long", 1),
+                          ParamSpec("steps", "long", None), ParamSpec("guidance", "double", None)])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def input_example():
+    """Two captions with their seeds, one image each."""
+    import pandas as pd
+    return pd.DataFrame({"caption": EXAMPLE_CAPTIONS, "seed": [0, 1]}), {"n": 1}
+
+
+def requirements() -> list[str]:
+    out = []
+    for name in RUNTIME:
+        try:
+            out.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def save(bundle: Path, out: Path, *, metadata: Optional[dict] = None) -> Path:
+    """Write ``bundle`` (clip/ prior/ decoder/ upsampler_*/, as ``Unclip.load`` reads it) as an MLflow
+    Model in the new directory ``out``: the code file, the bundle copied under
+    ``artifacts/bundle/``, signature, input example, requirements. Nothing is loaded or run on the
+    weights (MLflow's own validation of the example, which would sample, is for ``log_model``)."""
+    import mlflow
+    mlflow.pyfunc.save_model(path=str(out), python_model=str(CODE), artifacts={ARTIFACT: str(bundle)},
+                             signature=signature(), input_example=input_example(),
+                             pip_requirements=requirements(), metadata=metadata)
+    return Path(out)
+
+
+def bundle_in(path: Path) -> Path:
+    """The bundle directory inside a downloaded registered version: ``artifacts/bundle`` of an MLflow
+    Model, or ``path`` itself for a version registered before versions were MLflow Models (a raw
+    bundle folder, source ``<run>/bundle``)."""
+    path = Path(path)
+    return path / "artifacts" / ARTIFACT if (path / "MLmodel").exists() else path
