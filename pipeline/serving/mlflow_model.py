@@ -3,7 +3,7 @@ in a registered version however it was registered.
 
 The signature is what the scoring server checks before ``predict`` runs:
 
-    inputs   caption: string (required); seed: long, n: long, steps: long, guidance: double (optional)
+    inputs   caption: string (required); seed, n, steps, guidance: double (optional; whole numbers but guidance)
     params   seed (0), n (1), steps (the bundle's), guidance (the bundle's): defaults for every row
     outputs  prompt: long (the row), caption: string, seed: long, image: binary (PNG bytes; base64 in JSON)
 """
@@ -24,8 +24,11 @@ RUNTIME = ("unclip-pipeline", "mlflow", "torch", "diffusers", "open_clip_torch",
 def signature():
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
-    inputs = Schema([ColSpec("string", "caption"), ColSpec("long", "seed", required=False),
-                     ColSpec("long", "n", required=False), ColSpec("long", "steps", required=False),
+    # double, not long: a column that some rows leave out arrives as NaN (unset), which MLflow cannot
+    # cast to int64, and a long column would truncate 1.5 silently; request.py checks whole numbers
+    # (seeds are exact up to its MAX_SEED, 2**53 - 1)
+    inputs = Schema([ColSpec("string", "caption"), ColSpec("double", "seed", required=False),
+                     ColSpec("double", "n", required=False), ColSpec("double", "steps", required=False),
                      ColSpec("double", "guidance", required=False)])
     outputs = Schema([ColSpec("long", "prompt"), ColSpec("string", "caption"), ColSpec("long", "seed"),
                       ColSpec("binary", "image")])
