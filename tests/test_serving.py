@@ -119,6 +119,17 @@ def test_versions_registered_before_the_mlflow_model_still_load_and_gate(tmp_pat
     assert not list(model.rglob("*.pkl")) and not list(model.rglob("*.pickle"))       # models from code
 
 
+def test_a_saved_model_names_its_bundle_whatever_the_folder_was_called(tmp_path):
+    from pipeline.serving import mlflow_model
+    ws = Workspace.at(tmp_path / "ws")
+    fake_bundle(ws)
+    model = mlflow_model.save(ws.root / "models", tmp_path / "model")
+    assert mlflow_model.bundle_in(model) == model / "artifacts" / "models"
+    assert (mlflow_model.bundle_in(model) / "prior" / "model.safetensors").read_bytes() == b"weights of prior"
+    assert mlflow_model.bundle_in(ws.root / "models") == ws.root / "models"          # a raw bundle: itself
+    assert "unclip-pipeline==" in (model / "requirements.txt").read_text()
+
+
 # ---- the served champion ----------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:

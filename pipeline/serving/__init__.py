@@ -11,7 +11,7 @@ loads and `mlflow models serve` serves.
 
 An MLflow Model directory of this project (a registered version's source, ``<run>/model``)::
 
-    MLmodel  model_code.py (under code/)  python_env.yaml  requirements.txt  input_example.json
+    MLmodel  model_code.py  python_env.yaml  conda.yaml  requirements.txt  input_example.json
     serving_input_example.json  evaluate.json (the gate reads it here)
     artifacts/bundle/   clip/ prior/ decoder/ upsampler_*/ (safetensors + model.json) evaluate.json
 """

@@ -56,7 +56,7 @@ def requirements() -> list[str]:
 def save(bundle: Path, out: Path, *, metadata: Optional[dict] = None) -> Path:
     """Write ``bundle`` (clip/ prior/ decoder/ upsampler_*/, as ``Unclip.load`` reads it) as an MLflow
     Model in the new directory ``out``: the code file, the bundle copied under
-    ``artifacts/bundle/``, signature, input example, requirements. Nothing is loaded or run on the
+    ``artifacts/<its folder's name>/``, signature, input example, requirements. Nothing is loaded or run on the
     weights (MLflow's own validation of the example, which would sample, is for ``log_model``)."""
     import mlflow
     mlflow.pyfunc.save_model(path=str(out), python_model=str(CODE), artifacts={ARTIFACT: str(bundle)},
@@ -66,8 +66,12 @@ def save(bundle: Path, out: Path, *, metadata: Optional[dict] = None) -> Path:
 
 
 def bundle_in(path: Path) -> Path:
-    """The bundle directory inside a downloaded registered version: ``artifacts/bundle`` of an MLflow
-    Model, or ``path`` itself for a version registered before versions were MLflow Models (a raw
-    bundle folder, source ``<run>/bundle``)."""
+    """The bundle directory inside a downloaded registered version: the MLflow Model's ``bundle``
+    artifact (``artifacts/<the saved folder's name>``, as its MLmodel file records it), or ``path``
+    itself for a version registered before versions were MLflow Models (a raw bundle folder, source
+    ``<run>/bundle``)."""
     path = Path(path)
-    return path / "artifacts" / ARTIFACT if (path / "MLmodel").exists() else path
+    if not (path / "MLmodel").exists():
+        return path
+    from mlflow.models import Model
+    return path / Model.load(str(path / "MLmodel")).flavors["python_function"]["artifacts"][ARTIFACT]["path"]
