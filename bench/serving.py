@@ -94,7 +94,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     import requests
 
-    from pipeline.generate import Prompt, Unclip, generate_each
+    from pipeline.generate import Unclip
+    from pipeline.seeded import Prompt, generate_each
     from pipeline.serving import mlflow_model
     from pipeline.workspace import atomic_write_json
 

@@ -105,7 +105,8 @@ def run(ctx, force):
 def generate(ctx, prompts, n, seed, out, out_dir, models, sampler, steps, guidance, prior_sampler, prior_steps,
              prior_guidance, upsampler_steps, save_stages):
     """Text to image: PROMPTS through CLIP, the prior, the decoder and the upsamplers."""
-    from .generate import Prompt, generate_each, save_grid, save_images
+    from .generate import save_grid
+    from .seeded import Prompt, generate_each, sampling, save_images
     if n < 1:
         raise click.BadParameter("must be at least 1", param_hint="--n")
     root, identity = _models(ctx, models)
@@ -128,7 +129,7 @@ def generate(ctx, prompts, n, seed, out, out_dir, models, sampler, steps, guidan
             for k in range(len(result["stages"]) - 1):
                 save_grid(result, n, path.with_suffix(f".stage{k}.png"), stage=k)
     if out_dir:
-        written.append(str(save_images(result, Path(out_dir), sampling=unclip.sampling(**settings), model=identity)))
+        written.append(str(save_images(result, Path(out_dir), sampling=sampling(unclip, **settings), model=identity)))
     h = result["images"].shape[-1]
     click.echo(f"{len(result['captions'])} images at {h} px in {result['seconds']} s "
                f"(network evaluations per image: {result['nfe']}) -> {', '.join(written)}")

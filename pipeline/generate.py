@@ -5,19 +5,9 @@
     out = unclip.generate(["a small red circle in the top left"], n=4, seed=0)
     out["images"]                                        # uint8 [4, 3, 64, 64]
 
-    each = generate_each(unclip, [Prompt("a small red circle in the top left", seed=0, n=4)])
-    each["png"]                                          # 4 PNG files' bytes, from seeds 0, 1, 2, 3
-
 The cascade (DALL-E 2 figure 2): caption -CLIP text encoder-> z_t, tokens -prior-> z_i
 -decoder-> base image -upsampler 1-> -upsampler 2-> final image. Every sampling setting
 defaults to what the model was saved with and can be overridden per call.
-
-Two ways to seed. ``Unclip.generate`` samples a whole batch from one generator (fast; what
-evaluate and the grid of `unclip generate` use): an image depends on everything else in the
-batch. ``generate_each`` samples every image alone from its own seed (image k of a prompt: seed
-+ k): an image depends on its caption, its seed and the settings only. It is the one path from
-seeds to PNG bytes for `unclip generate --out-dir` and the served MLflow Model
-(``pipeline.serving``), so the two give the same files byte for byte.
 """
 from __future__ import annotations
 
@@ -32,12 +22,12 @@ from . import bundle
 from .clip import model as clip_model
 from .decoder import diffusion as decoder_diffusion
 from .decoder.network import UnclipDecoder
-from .images import grid, png_bytes, save_png, to_uint8
+from .images import grid, save_png, to_uint8
 from .prior import diffusion as prior_diffusion
 from .prior.network import UnclipPrior
 from .training import autocast, use_bf16
 from .upsampler import diffusion as up_diffusion
-from .workspace import atomic_write_bytes, atomic_write_json, file_sha256
+from .workspace import file_sha256
 
 
 @dataclass
@@ -73,27 +63,6 @@ class Unclip:
         bf16 = use_bf16(precision, dev)
         upsamplers = [(up_diffusion.for_sampling(m, bf16), meta) for m, meta in (up_diffusion.load(p, dev) for p in ups)]
         return cls(clip, prior, prior_meta, decoder, decoder_meta, upsamplers, dev, precision)
-
-    def sampling(self, *, prior_sampler: Optional[str] = None, prior_steps: Optional[int] = None,
-                 prior_guidance: Optional[float] = None, n_candidates: Optional[int] = None,
-                 sampler: Optional[str] = None, steps: Optional[int] = None, guidance: Optional[float] = None,
-                 upsampler_sampler: Optional[str] = None, upsampler_steps: Optional[int | Sequence[int]] = None,
-                 upsampler_strength: Optional[float] = None) -> dict:
-        """The settings ``generate`` samples with under these overrides, the bundle's saved defaults
-        filled in as ``generate`` fills them (what a manifest records)."""
-        ps, ds = self.prior_meta["info"]["sampling"], self.decoder_meta["info"]["sampling"]
-        ups = []
-        for j, (_, meta) in enumerate(self.upsamplers):
-            us = meta["info"]["sampling"]
-            k = upsampler_steps[j] if isinstance(upsampler_steps, (list, tuple)) else upsampler_steps
-            ups.append({"sampler": upsampler_sampler or us["sampler"], "steps": k or us["steps"],
-                        "strength": us.get("strength", 1.0) if upsampler_strength is None else upsampler_strength})
-        return {"prior": {"sampler": prior_sampler or ps["sampler"], "steps": prior_steps or ps["steps"],
-                          "guidance": ps["guidance_scale"] if prior_guidance is None else prior_guidance,
-                          "n_candidates": n_candidates or self.prior_meta["info"].get("n_candidates", 2)},
-                "decoder": {"sampler": sampler or ds["sampler"], "steps": steps or ds["steps"],
-                            "guidance": ds["guidance_scale"] if guidance is None else guidance},
-                "upsamplers": ups}
 
     @property
     def sizes(self) -> list[int]:
@@ -168,64 +137,6 @@ class Unclip:
                 nfe[f"upsampler_{j}"] = (up_steps or meta["info"]["sampling"]["steps"])
         return {"images": stages[-1], "stages": stages, "z_i": z_i.cpu(), "z_t": z_t.cpu(), "captions": captions, "nfe": nfe,
                 "seconds": round(time.perf_counter() - t0, 2)}
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One caption's share of a request: ``n`` images from the seeds ``seed, seed + 1, ...``,
-    sampled with ``settings`` (``Unclip.generate``'s keyword overrides; empty: the bundle's defaults)."""
-    caption: str
-    seed: int = 0
-    n: int = 1
-    settings: dict = field(default_factory=dict)
-
-    @property
-    def seeds(self) -> list[int]:
-        return list(range(self.seed, self.seed + self.n))
-
-
-def generate_each(unclip: Unclip, prompts: Sequence[Prompt]) -> dict:
-    """Every image sampled alone (a batch of one) from its own seed: image k of a prompt is
-    ``unclip.generate([caption], n=1, seed=seed + k, **settings)``, whatever else is asked in the
-    same call, so a (caption, seed, settings) gives the same bytes alone or in any request.
-    About 2.4x the time per image of one batched ``generate`` on the default bundle (2 cores).
-    Returns ``generate``'s keys over all images in prompt order (``images``, ``stages``,
-    ``captions``, ``nfe`` of the last image, ``seconds``) with ``prompts`` (each image's prompt
-    index), ``seeds`` (each image's seed) and ``png`` (each final image's PNG bytes)."""
-    outs, index, seeds = [], [], []
-    t0 = time.perf_counter()
-    for i, p in enumerate(prompts):
-        for seed in p.seeds:
-            outs.append(unclip.generate([p.caption], n=1, seed=seed, **p.settings))
-            index.append(i)
-            seeds.append(seed)
-    if not outs:
-        raise ValueError("nothing to generate: no prompt asks for an image")
-    images = torch.cat([o["images"] for o in outs])
-    return {"images": images, "stages": [torch.cat(s) for s in zip(*(o["stages"] for o in outs))],
-            "captions": [c for o in outs for c in o["captions"]], "prompts": index, "seeds": seeds,
-            "png": [png_bytes(x) for x in images], "nfe": outs[-1]["nfe"],
-            "seconds": round(time.perf_counter() - t0, 2)}
-
-
-def image_name(prompt: int, seed: int) -> str:
-    return f"prompt{prompt:03d}_seed{seed}.png"
-
-
-def save_images(result: dict, out_dir: Path, *, sampling: dict, model: dict) -> Path:
-    """``generate_each``'s images as files: ``prompt<i>_seed<s>.png`` (exactly ``result["png"]``)
-    and ``manifest.json`` (per image: file, prompt index, caption, seed; the sampling settings and
-    the model they came from). Returns the manifest's path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    images = []
-    for i, caption, seed, png in zip(result["prompts"], result["captions"], result["seeds"], result["png"]):
-        atomic_write_bytes(out_dir / image_name(i, seed), png)
-        images.append({"file": image_name(i, seed), "prompt": i, "caption": caption, "seed": seed})
-    manifest = {"images": images, "size": int(result["images"].shape[-1]), "sampling": sampling, "model": model,
-                "seeding": "image k of a prompt: seed + k, each image sampled alone (generate_each)"}
-    atomic_write_json(out_dir / "manifest.json", manifest)
-    return out_dir / "manifest.json"
 
 
 def save_grid(result: dict, n: int, out: Path, stage: int = -1, labels: bool = True) -> Path:

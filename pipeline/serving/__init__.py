@@ -3,7 +3,7 @@ loads and `mlflow models serve` serves.
 
     request.py      a request table (+ params) -> validated prompts; bad input -> BadRequest
     pyfunc.py       UnclipModel, the pyfunc PythonModel: load_context loads the bundle, predict
-                    turns captions into PNG bytes through generate.generate_each
+                    turns captions into PNG bytes through seeded.generate_each
     model_code.py   the models-from-code file (mlflow.models.set_model): logging and loading
                     run this code, nothing is pickled
     mlflow_model.py signature, input example, requirements; save a bundle as an MLflow Model;

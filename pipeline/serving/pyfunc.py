@@ -7,7 +7,7 @@
 
 ``load_context`` loads the bundle the MLflow Model carries as its ``bundle`` artifact with
 ``Unclip.load`` (safetensors and JSON only); ``predict`` checks the request
-(``serving.request``) and samples through ``generate.generate_each``, the path
+(``serving.request``) and samples through ``seeded.generate_each``, the path
 `unclip generate --out-dir` takes, so a caption and seed give the same PNG bytes in both.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ class UnclipModel(mlflow.pyfunc.PythonModel):
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        from ..generate import generate_each
+        from ..seeded import generate_each
         from .request import prompts
         try:
             asked = prompts(model_input, params)

@@ -1,4 +1,4 @@
-"""A request to the served model -> the prompts ``generate.generate_each`` samples.
+"""A request to the served model -> the prompts ``seeded.generate_each`` samples.
 
 A request is a table with one row per caption: ``caption`` (required), and optionally ``seed``,
 ``n``, ``steps`` (the decoder's sampling steps) and ``guidance`` (the decoder's guidance scale)
@@ -15,7 +15,7 @@ import math
 import numbers
 from typing import Any, Optional
 
-from ..generate import Prompt
+from ..seeded import Prompt
 
 MAX_N = 16               # images per caption
 MAX_IMAGES = 64          # images per request: each is sampled alone (about 0.3 s at the default bundle on
