@@ -83,8 +83,13 @@ def run(ctx, force):
 @click.argument("prompts", nargs=-1, required=True)
 @click.option("--n", "n", default=4, show_default=True, help="Images per prompt.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--out", default="grid.png", show_default=True, type=click.Path(dir_okay=False),
-              help="The grid (one row per prompt); with --stages also <out>.stage<k>.png per stage.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="The grid (one row per prompt); with --stages also <out>.stage<k>.png per stage. "
+                   "[default: grid.png, none with --out-dir]")
+@click.option("--out-dir", default=None, type=click.Path(file_okay=False),
+              help="Also one PNG per image, prompt<i>_seed<s>.png, and manifest.json (captions, seeds, sampling "
+                   "settings, model version). Each image is sampled alone from its own seed (image k of a "
+                   "prompt: --seed + k), as the served model samples it: the same bytes for the same seed.")
 @click.option("--models", default=None, metavar="DIR|champion|workspace",
               help="A trained bundle (clip/ prior/ decoder/ upsampler_*/), `champion` (the registry's) or "
                    "`workspace` (models/); default: the champion when one is registered, else models/.")
@@ -97,25 +102,37 @@ def run(ctx, force):
 @click.option("--upsampler-steps", type=int, default=None)
 @click.option("--stages", "save_stages", is_flag=True, help="Also save the grid after every stage.")
 @click.pass_context
-def generate(ctx, prompts, n, seed, out, models, sampler, steps, guidance, prior_sampler, prior_steps,
+def generate(ctx, prompts, n, seed, out, out_dir, models, sampler, steps, guidance, prior_sampler, prior_steps,
              prior_guidance, upsampler_steps, save_stages):
     """Text to image: PROMPTS through CLIP, the prior, the decoder and the upsamplers."""
     from .generate import save_grid
-    unclip = _bundle(ctx, models)
+    from .seeded import Prompt, generate_each, sampling, save_images
+    if n < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--n")
+    root, identity = _models(ctx, models)
+    unclip = _load_bundle(root)
+    settings = dict(sampler=sampler, steps=steps, guidance=guidance, prior_sampler=prior_sampler,
+                    prior_steps=prior_steps, prior_guidance=prior_guidance, upsampler_steps=upsampler_steps)
     try:
-        result = unclip.generate(list(prompts), n=n, seed=seed, sampler=sampler, steps=steps, guidance=guidance,
-                                 prior_sampler=prior_sampler, prior_steps=prior_steps,
-                                 prior_guidance=prior_guidance, upsampler_steps=upsampler_steps)
+        if out_dir:                    # image by image, each from its own seed (what the server does)
+            result = generate_each(unclip, [Prompt(p, seed=seed, n=n, settings=settings) for p in prompts])
+        else:                          # one batch from one generator
+            result = unclip.generate(list(prompts), n=n, seed=seed, **settings)
     except ValueError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(EXIT_BAD_INPUT)
-    path = save_grid(result, n, Path(out))
-    if save_stages:
-        for k in range(len(result["stages"]) - 1):
-            save_grid(result, n, path.with_suffix(f".stage{k}.png"), stage=k)
+    written = []
+    if out or not out_dir:
+        path = save_grid(result, n, Path(out or "grid.png"))
+        written.append(str(path))
+        if save_stages:
+            for k in range(len(result["stages"]) - 1):
+                save_grid(result, n, path.with_suffix(f".stage{k}.png"), stage=k)
+    if out_dir:
+        written.append(str(save_images(result, Path(out_dir), sampling=sampling(unclip, **settings), model=identity)))
     h = result["images"].shape[-1]
     click.echo(f"{len(result['captions'])} images at {h} px in {result['seconds']} s "
-               f"(network evaluations per image: {result['nfe']}) -> {path}")
+               f"(network evaluations per image: {result['nfe']}) -> {', '.join(written)}")
 
 
 @main.command()
@@ -162,26 +179,34 @@ def judge(ctx, path, captions, tile, cols, pad, judge_dir, as_json):
 def models_dir(ctx, models: str | None) -> Path:
     """--models: a directory, `workspace` (models/), `champion` (the registry's alias), or by default
     the champion when one is registered and the workspace's models/ otherwise."""
+    return _models(ctx, models)[0]
+
+
+def _models(ctx, models: str | None) -> tuple[Path, dict]:
+    """models_dir, and where the bundle came from: the registry's name, version and alias, or a path."""
     ws = Workspace.at(ctx.obj["workspace"])
     if models not in (None, "champion", "workspace"):
-        return Path(models)
+        return Path(models), {"path": str(Path(models).resolve())}
     if models != "workspace" and (ws.params.exists() or models == "champion"):
-        from .registry import champion_models
+        from .registry import champion
         cfg, _ = _load(ctx)
-        found = champion_models(cfg, ws)
+        found = champion(cfg, ws)
         if found is not None:
-            click.echo(f"[models] {cfg.promote.registered_model}@{cfg.promote.alias} ({found})", err=True)
-            return found
+            click.echo(f"[models] {cfg.promote.registered_model}@{cfg.promote.alias} ({found['path']})", err=True)
+            return found["path"], {k: (str(v) if k == "path" else v) for k, v in found.items()}
         if models == "champion":
             click.echo(f"error: no {cfg.promote.registered_model}@{cfg.promote.alias} in the model registry "
                        f"(run the pipeline, or pass --models DIR)", err=True)
             sys.exit(EXIT_BAD_INPUT)
-    return ws.root / "models"
+    return ws.root / "models", {"path": str((ws.root / "models").resolve())}
 
 
 def _bundle(ctx, models):
+    return _load_bundle(models_dir(ctx, models))
+
+
+def _load_bundle(root: Path):
     from .generate import Unclip
-    root = models_dir(ctx, models)
     try:
         return Unclip.load(root)
     except (FileNotFoundError, ValueError) as err:

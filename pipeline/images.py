@@ -2,6 +2,7 @@
 [-1, 1]), resizing done one way everywhere, and sample grids."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -49,6 +50,15 @@ def grid(images: torch.Tensor, nrow: int, pad: int = 2, scale: int = 1,
     for r, label in enumerate(row_labels or []):
         draw.text((4, pad + r * (h + pad) + h // 2 - 5), label, fill=(0, 0, 0))
     return canvas
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    """uint8 [3, H, W] -> the PNG file's bytes. PIL's encoder with its defaults and no metadata:
+    the same pixels always give the same bytes (what makes the server's images and
+    `unclip generate --out-dir`'s files comparable byte for byte)."""
+    buf = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).cpu().numpy().astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def save_png(img: Image.Image, path: Path) -> None:

@@ -1,10 +1,14 @@
 """The promotion gate: every evaluated bundle is registered in MLflow's model registry; it becomes
 the champion (``promote.alias``) only if it is not worse than the current one.
 
-A registered version's source is an artifact directory of an MLflow run holding the bundle that
-``generate.Unclip.load`` reads (``clip/ prior/ decoder/ upsampler_*/``) plus its
-``evaluate.json``; its tags name the report run (``reports/<run>/``), the git revision and the
-gate's verdict. The rules are ``promote.rules`` for an evaluation with ground truth (the judge's
+A registered version's source is an MLflow Model in the ``promote`` run's artifacts
+(``<run>/model``, see ``pipeline.serving``): a pyfunc flavor from code, so
+``mlflow.pyfunc.load_model("models:/<name>@<alias>")`` and `mlflow models serve` take it, carrying
+the bundle that ``generate.Unclip.load`` reads (``clip/ prior/ decoder/ upsampler_*/``, safetensors)
+under ``artifacts/bundle/`` and its ``evaluate.json`` beside the MLmodel file. Versions
+registered before that point at a raw bundle folder (``<run>/bundle``, ``evaluate.json`` inside);
+``champion_models`` and the gate read both. A version's tags name the report run
+(``reports/<run>/``), the git revision and the gate's verdict. The rules are ``promote.rules`` for an evaluation with ground truth (the judge's
 figures) and ``promote.rules_without_ground_truth`` for one without (a user's URL list); a rule
 naming a figure the evaluation does not have stops the gate with a :class:`GateConfigError`
 before anything is registered, on the first run (no champion) as on any other. ``unclip generate`` and the applications load ``models:/<name>@<alias>`` unless
@@ -20,10 +24,12 @@ from pathlib import Path
 from typing import Optional
 
 from . import tracking
+from .serving import mlflow_model
 from .tracking import flatten
 from .workspace import Workspace
 
 BUNDLE_PARTS = ("clip", "prior", "decoder")       # plus every upsampler_*
+MODEL_ARTIFACT = "model"                           # the MLflow Model's folder in the promote run's artifacts
 
 
 class GateError(RuntimeError):
@@ -137,8 +143,14 @@ def register_and_gate(cfg, ws: Workspace, *, report_run: Optional[str] = None,
             for part in parts:
                 shutil.copytree(part, bundle / part.name)
             shutil.copy(ev_path, bundle / "evaluate.json")
-            mlflow.log_artifacts(str(bundle), "bundle")
-        source = client.get_run(run.info.run_id).info.artifact_uri.rstrip("/") + "/bundle"
+            # saved, then logged as run artifacts: mlflow.pyfunc.log_model would also check the
+            # input example by loading the bundle and sampling it, a whole cascade per registration
+            model = mlflow_model.save(bundle, Path(tmp) / MODEL_ARTIFACT, metadata={
+                "bundle": f"artifacts/{mlflow_model.ARTIFACT}", "git_revision": tracking.git_revision(ws.root),
+                "profile": cfg.profile, "report_run": report_run or ""})
+            shutil.copy(ev_path, model / "evaluate.json")          # where the gate reads a version's figures
+            mlflow.log_artifacts(str(model), MODEL_ARTIFACT)
+        source = client.get_run(run.info.run_id).info.artifact_uri.rstrip("/") + "/" + MODEL_ARTIFACT
         try:
             client.get_registered_model(p.registered_model)
         except Exception:
@@ -174,9 +186,11 @@ def register_and_gate(cfg, ws: Workspace, *, report_run: Optional[str] = None,
     return verdict
 
 
-def champion_models(cfg, ws: Workspace) -> Optional[Path]:
-    """The champion bundle's directory (from the registry's artifact store), or None when the
-    registry has no champion (or no registry is reachable)."""
+def champion(cfg, ws: Workspace) -> Optional[dict]:
+    """The champion: ``path`` (its bundle's directory, downloaded from the registry's artifact
+    store; inside the MLflow Model, or the raw folder of an older version), ``registered_model``,
+    ``version``, ``alias``, ``run_id``; None when the registry has no champion (or no registry
+    is reachable)."""
     import mlflow
     uri = tracking.tracking_uri(cfg, ws.root)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
@@ -186,9 +200,17 @@ def champion_models(cfg, ws: Workspace) -> Optional[Path]:
         v = champion_version(client, cfg.promote.registered_model, cfg.promote.alias)
         if v is None:
             return None
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=v.source))
+        path = mlflow_model.bundle_in(Path(mlflow.artifacts.download_artifacts(artifact_uri=v.source)))
+        return {"path": path, "registered_model": cfg.promote.registered_model, "version": int(v.version),
+                "alias": cfg.promote.alias, "run_id": v.run_id}
     except Exception:
         return None
+
+
+def champion_models(cfg, ws: Workspace) -> Optional[Path]:
+    """The champion bundle's directory, or None (see ``champion``)."""
+    found = champion(cfg, ws)
+    return found["path"] if found else None
 
 
 def describe(verdict: dict) -> str:
