@@ -24,6 +24,22 @@ from .clip.model import versions
 from .workspace import file_sha256
 
 
+PARTS = ("clip", "prior", "decoder")       # plus every upsampler_*, in order
+
+
+def parts(models: Path) -> list[Path]:
+    """The part directories of a bundle ``models``: clip, prior, decoder, upsampler_1, ..."""
+    models = Path(models)
+    return [models / n for n in PARTS] + sorted(models.glob("upsampler_*"))
+
+
+def digests(models: Path) -> dict[str, Optional[str]]:
+    """{part: sha256 of its model.safetensors (None where absent)}: which weights an evaluation
+    measured, so the promotion gate registers exactly those (``pipeline.registry``)."""
+    return {p.name: file_sha256(p / "model.safetensors") if (p / "model.safetensors").exists() else None
+            for p in parts(models)}
+
+
 def clip_identity(clip_dir: Path) -> dict:
     """How a model names the CLIP it was trained against."""
     weights = Path(clip_dir) / "model.safetensors"

@@ -326,6 +326,9 @@ class PromoteConfig(Section):
     enabled: bool = True
     registered_model: str = Field("unclip-pipeline", min_length=1)
     alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    # a champion whose evaluate.json cannot be read: false keeps it (the candidate is refused);
+    # true lets a candidate with finite figures replace it
+    replace_unreadable: bool = False
     rules: list[GateRule] = [
         GateRule(metric="quality.single.color", tolerance=2.0),
         GateRule(metric="quality.single.shape", tolerance=2.0),

@@ -52,7 +52,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from . import background, diversity, tracking, truth
+from . import background, bundle, diversity, tracking, truth
 from .config import PriorConfig
 from .data.shards import shard_paths
 from .embeddings import load_split
@@ -385,6 +385,7 @@ def run(cfg, ws) -> dict:
     figures["prior"] = prior_figures(unclip.prior, test_sub, PriorConfig.model_validate(prior))
     prompts = grid_prompts(e, test, judged)
     figures["prompts"] = prompts
+    figures["bundle"] = bundle.digests(ws.root / "models")   # the weights measured: the gate registers only these
 
     with atomic_dir(ws.reports / "evaluate") as out:
         write_grids(e, out, unclip, prompts, test, held)

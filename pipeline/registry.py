@@ -23,17 +23,24 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from . import tracking
+import math
+
+from . import bundle as bundle_mod, tracking
 from .serving import mlflow_model
 from .tracking import flatten
 from .workspace import Workspace
 
-BUNDLE_PARTS = ("clip", "prior", "decoder")       # plus every upsampler_*
+BUNDLE_PARTS = bundle_mod.PARTS                    # plus every upsampler_*
 MODEL_ARTIFACT = "model"                           # the MLflow Model's folder in the promote run's artifacts
 
 
 class GateError(RuntimeError):
     """Nothing to register (no trained bundle or no evaluation)."""
+
+
+class GateRegistryError(GateError):
+    """The registry could not say who the champion is, or what it measured: the gate fails closed
+    (the candidate is not promoted) rather than treat an error as "no champion"."""
 
 
 class GateConfigError(GateError):
@@ -65,18 +72,28 @@ def check_rules(key: str, rules, evaluation: dict) -> None:
         + f". Figures a rule can name include: {', '.join(shown[:24])}")
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def decide(candidate: dict, champion: Optional[dict], rules) -> tuple[bool, list[str], list[dict]]:
     """(promote?, reasons, rows) for two ``metrics/evaluate.json`` dicts under the gate's rules.
-    No champion: promote. A figure missing on either side cannot pass its rule."""
+    A candidate whose rule figures are not all finite is never promoted, not even as the first
+    version (a NaN champion could never be replaced: every comparison with NaN fails). No
+    champion: promote. A figure missing on either side cannot pass its rule."""
+    fc = flatten(candidate)
+    bad = [f"{r.metric}: {fc.get(r.metric)} is not a finite number" for r in rules if not _finite(fc.get(r.metric))]
+    if bad:
+        return False, bad, []
     if champion is None:
         return True, ["no champion yet"], []
-    fc, fo = flatten(candidate), flatten(champion)
+    fo = flatten(champion)
     rows, reasons = [], []
     for r in rules:
         new, old = fc.get(r.metric), fo.get(r.metric)
-        if not isinstance(new, (int, float)) or not isinstance(old, (int, float)):
+        if not _finite(new) or not _finite(old):
             ok, delta = False, None
-            reasons.append(f"{r.metric}: missing (candidate {new}, champion {old})")
+            reasons.append(f"{r.metric}: missing or not finite (candidate {new}, champion {old})")
         else:
             delta = new - old
             loss = -delta if r.higher_is_better else delta
@@ -97,20 +114,45 @@ def _client(cfg, ws: Workspace):
 
 
 def champion_version(client, name: str, alias: str):
+    """The version holding ``alias``, or None when the model or the alias does not exist. Any other
+    registry error (connection, permission, server) raises GateRegistryError: "no champion"
+    would promote whatever comes next."""
     from mlflow.exceptions import MlflowException
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+                err.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(err).lower()):
+            return None          # no such registered model / no version holds the alias yet
+        raise GateRegistryError(f"the model registry could not say which version is @{alias} of {name}: "
+                                f"{err.error_code}: {err}") from None
 
 
-def _evaluation_of(version) -> Optional[dict]:
+def _evaluation_of(version) -> dict:
+    """The champion's evaluate.json; GateRegistryError when it cannot be read (the gate then
+    refuses the candidate unless promote.replace_unreadable is set)."""
     import mlflow
     try:
         path = mlflow.artifacts.download_artifacts(artifact_uri=version.source.rstrip("/") + "/evaluate.json")
         return json.loads(Path(path).read_text())
-    except Exception:          # an unreadable champion is treated as absent, and said so
-        return None
+    except Exception as err:
+        raise GateRegistryError(f"the champion (version {version.version}) has no readable evaluation "
+                                f"({type(err).__name__}: {err})") from None
+
+
+def check_bundle(evaluation: dict, models: Path) -> None:
+    """The models about to be registered must be the ones ``evaluation`` measured (its ``bundle``
+    digests, written by evaluate): a stage rerun after evaluate, or another run's models, is a
+    GateError, never a registration on someone else's figures."""
+    measured = evaluation.get("bundle")
+    if not isinstance(measured, dict):
+        raise GateError("metrics/evaluate.json does not say which weights it measured (written before the gate "
+                        "checked it): run the evaluate stage again (`unclip stage evaluate`), then promote")
+    now = bundle_mod.digests(models)
+    changed = sorted(k for k in set(measured) | set(now) if measured.get(k) != now.get(k))
+    if changed:
+        raise GateError(f"models changed since evaluate measured them: {', '.join(changed)} (sha256 differs "
+                        f"or the part is new/missing): run the evaluate stage again, then promote")
 
 
 def register_and_gate(cfg, ws: Workspace, *, report_run: Optional[str] = None,
@@ -129,6 +171,7 @@ def register_and_gate(cfg, ws: Workspace, *, report_run: Optional[str] = None,
     evaluation = json.loads(ev_path.read_text())
     rules_key, rules = rules_for(p, evaluation)
     check_rules(rules_key, rules, evaluation)            # before anything is registered
+    check_bundle(evaluation, models)
     client = _client(cfg, ws)
     if report_run is None:
         from .report import runs
@@ -156,12 +199,21 @@ def register_and_gate(cfg, ws: Workspace, *, report_run: Optional[str] = None,
         except Exception:
             client.create_registered_model(p.registered_model, description="unCLIP bundles (clip, prior, decoder, "
                                                                           "upsamplers) with their evaluation")
-        old = champion_version(client, p.registered_model, p.alias)
-        old_eval = _evaluation_of(old) if old is not None else None
-        promote, reasons, rows = decide(evaluation, old_eval, rules)
-        if old is not None and old_eval is None:
-            reasons = [f"the champion (version {old.version}) has no readable evaluation: replaced"]
-            promote = True
+        old = champion_version(client, p.registered_model, p.alias)       # fails closed on registry errors
+        unreadable = None
+        try:
+            old_eval = _evaluation_of(old) if old is not None else None
+        except GateRegistryError as err:
+            old_eval, unreadable = None, str(err)
+        if unreadable is None:
+            promote, reasons, rows = decide(evaluation, old_eval, rules)
+        else:                      # fail closed, unless told to replace an unreadable champion
+            promote, reasons, rows = decide(evaluation, None, rules)
+            if p.replace_unreadable:
+                reasons = [f"{unreadable}: replaced (promote.replace_unreadable)"] if promote else reasons
+            else:
+                promote, reasons = False, [f"{unreadable}: the candidate is not promoted (set "
+                                           f"promote.replace_unreadable: true to replace such a champion)"]
         tags = {"git_revision": tracking.git_revision(ws.root), "profile": cfg.profile,
                 "report_run": report_run or "", "gate": "promoted" if promote else "candidate",
                 "gate_reasons": "; ".join(reasons)[:4900]}
@@ -179,7 +231,7 @@ def register_and_gate(cfg, ws: Workspace, *, report_run: Optional[str] = None,
         verdict = {"registered_model": p.registered_model, "version": int(version.version),
                    "promoted": promote, "alias": p.alias, "reasons": reasons, "rules": rows,
                    "previous_champion": int(old.version) if old is not None else None,
-                   "champion": int(version.version) if promote else int(old.version),
+                   "champion": (int(version.version) if promote else int(old.version) if old is not None else None),
                    "compare_report": compare_page, "report_run": report_run, "rule_set": rules_key}
         mlflow.log_dict(verdict, "gate.json")
         tracking.log_metrics({"promoted": float(promote), "version": float(version.version)})
@@ -218,5 +270,6 @@ def describe(verdict: dict) -> str:
     if v["promoted"]:
         return (f"version {v['version']} of {v['registered_model']} is now @{v['alias']} "
                 f"({'; '.join(v['reasons'])})")
-    return (f"version {v['version']} stays a candidate, @{v['alias']} remains version {v['champion']}: "
+    holder = f"remains version {v['champion']}" if v["champion"] is not None else "stays unset"
+    return (f"version {v['version']} stays a candidate, @{v['alias']} {holder}: "
             f"{'; '.join(v['reasons'])}" + (f"; comparison: {v['compare_report']}" if v.get("compare_report") else ""))

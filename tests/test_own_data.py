@@ -170,7 +170,7 @@ def unjudged_evaluation(ws, fid: float, clip: float) -> dict:
                "not_measured": {"why": truth.NO_TRUTH, "figures": list(truth.NOT_MEASURED)},
                "standard": {"metric": "FD-CLIP", "fid": fid, "kid_mean": 0.01, "fid_floor_real_vs_real": 0.02},
                "clip_score": {"decoder": clip - 1, "upsample_1": clip}, "clip_score_final": clip}
-    fake_evaluation(ws, seed=0, color=0.0, fid=fid)          # the grids, bundle and report pieces
+    figures["bundle"] = fake_evaluation(ws, seed=0, color=0.0, fid=fid)["bundle"]   # the grids, bundle, report pieces
     ws.metrics_path("evaluate").write_text(json.dumps(figures))
     return figures
 

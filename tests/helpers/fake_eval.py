@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from pipeline import bundle
+
 
 def fake_evaluation(ws, seed: int, color: float, fid: float, shape: float = 50.0, fd: float = 12.5):
     from PIL import Image
@@ -18,6 +20,7 @@ def fake_evaluation(ws, seed: int, color: float, fid: float, shape: float = 50.0
                "bars": {"single color": {"value": color, "bar": 95, "ok": color >= 95}},
                "nfe_total": 40}
     figures["ablation"] = {"unclip": figures["quality"] | {"nfe_per_image": 40}}
+    figures["bundle"] = bundle.digests(ws.root / "models")       # as evaluate writes it: the weights measured
     ws.metrics_dir.mkdir(exist_ok=True)
     ws.metrics_path("evaluate").write_text(json.dumps(figures))
     out = ws.reports / "evaluate"

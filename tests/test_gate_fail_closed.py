@@ -1,0 +1,103 @@
+"""The promotion gate fails closed (issue 19, H3 and M5 of ../shared/reviews/reliability-review.md):
+an unreadable champion evaluation or a registry error never promotes; a candidate with a NaN or
+missing rule figure is never promoted, not even as the first version; and the gate registers only
+the weights that evaluate measured."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from helpers.fake_eval import fake_evaluation
+from pipeline import registry
+from pipeline.workspace import Workspace
+
+
+@pytest.fixture
+def gate_ws(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    ws = Workspace.at(tmp_path / "ws")
+    for part in ("clip", "prior", "decoder", "upsampler_1"):
+        d = ws.root / "models" / part
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"weights of " + part.encode())
+    return ws
+
+
+def champion_number(cfg):
+    import mlflow
+    return int(mlflow.MlflowClient().get_model_version_by_alias(cfg.promote.registered_model, "champion").version)
+
+
+def test_gate_refuses_when_champion_evaluation_unreadable(gate_ws, smoke_cfg):
+    import mlflow
+    ws, cfg = gate_ws, smoke_cfg
+    fake_evaluation(ws, seed=0, color=90.0, fid=20.0, shape=60.0)
+    assert registry.register_and_gate(cfg, ws)["promoted"]
+    v1 = mlflow.MlflowClient().get_model_version(cfg.promote.registered_model, "1")
+    stored = mlflow.artifacts.download_artifacts(artifact_uri=v1.source)       # the local store's own folder
+    from pathlib import Path
+    evaluation = Path(v1.source.removeprefix("file://")) / "evaluate.json"
+    if not evaluation.exists():                                          # mlartifacts/ under the workspace
+        evaluation = Path(stored) / "evaluate.json"
+    assert evaluation.exists()
+    evaluation.unlink()
+    fake_evaluation(ws, seed=0, color=10.0, fid=90.0, shape=5.0)             # far worse
+    verdict = registry.register_and_gate(cfg, ws)
+    assert not verdict["promoted"] and "no readable evaluation" in verdict["reasons"][0]
+    assert champion_number(cfg) == 1
+    # replace_unreadable: true lets a candidate with finite figures take over
+    from pipeline.config import Config
+    loose = Config.model_validate(cfg.model_dump() | {"promote": cfg.promote.model_dump() | {"replace_unreadable": True}})
+    assert registry.register_and_gate(loose, ws)["promoted"] and champion_number(cfg) == 3
+
+
+def test_gate_refuses_on_registry_error(gate_ws, smoke_cfg, monkeypatch):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    ws, cfg = gate_ws, smoke_cfg
+    fake_evaluation(ws, seed=0, color=90.0, fid=20.0, shape=60.0)
+    assert registry.register_and_gate(cfg, ws)["promoted"]
+
+    def broken(self, name, alias):
+        raise MlflowException("the registry is down", error_code="INTERNAL_ERROR")
+    monkeypatch.setattr(mlflow.MlflowClient, "get_model_version_by_alias", broken)
+    fake_evaluation(ws, seed=0, color=95.0, fid=10.0, shape=70.0)
+    with pytest.raises(registry.GateRegistryError, match="INTERNAL_ERROR"):
+        registry.register_and_gate(cfg, ws)
+    monkeypatch.undo()
+    assert champion_number(cfg) == 1
+
+
+@pytest.mark.parametrize("value", [math.nan, None])
+def test_first_candidate_with_nan_metric_is_not_promoted(gate_ws, smoke_cfg, value):
+    ws, cfg = gate_ws, smoke_cfg
+    ev = fake_evaluation(ws, seed=0, color=90.0, fid=20.0, shape=60.0)
+    ev["quality"]["single"]["shape"] = value
+    ws.metrics_path("evaluate").write_text(json.dumps(ev))
+    if value is None:                     # a missing figure: a configuration error before registering
+        with pytest.raises(registry.GateConfigError):
+            registry.register_and_gate(cfg, ws)
+        return
+    verdict = registry.register_and_gate(cfg, ws)
+    assert not verdict["promoted"] and "quality.single.shape" in verdict["reasons"][0]
+    assert registry.champion_models(cfg, ws) is None
+    fake_evaluation(ws, seed=0, color=50.0, fid=50.0, shape=30.0)        # finite: it becomes the champion
+    assert registry.register_and_gate(cfg, ws)["promoted"] and champion_number(cfg) == 2
+
+
+def test_promote_refuses_models_changed_since_evaluate(gate_ws, smoke_cfg):
+    ws, cfg = gate_ws, smoke_cfg
+    fake_evaluation(ws, seed=0, color=90.0, fid=20.0, shape=60.0)
+    (ws.root / "models" / "prior" / "model.safetensors").write_bytes(b"a prior trained after evaluate")
+    with pytest.raises(registry.GateError, match="models changed since evaluate.*prior"):
+        registry.register_and_gate(cfg, ws)
+    assert registry.champion_models(cfg, ws) is None
+    ev = json.loads(ws.metrics_path("evaluate").read_text())
+    del ev["bundle"]                                                     # an evaluation from before the check
+    ws.metrics_path("evaluate").write_text(json.dumps(ev))
+    with pytest.raises(registry.GateError, match="does not say which weights"):
+        registry.register_and_gate(cfg, ws)
+    fake_evaluation(ws, seed=0, color=90.0, fid=20.0, shape=60.0)       # evaluated again: registered
+    assert registry.register_and_gate(cfg, ws)["promoted"]
