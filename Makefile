@@ -41,6 +41,8 @@ test-fast: $(STAMP)
 
 # ML ops: a Prefect server on 127.0.0.1:$(PREFECT_PORT) (UI and API) and the scheduled retraining
 # deployment served from this process (flows/deploy.py); CRON and PROFILE choose when and what.
+# The API is locked: an auth string (PREFECT_API_AUTH_STRING, else .unclip/prefect-auth, generated
+# 0600), CORS for its own origin only, CSRF on; runs only in this workspace, one at a time.
 PREFECT_PORT ?= 4200
 CRON    ?= 0 3 * * *
 serve: $(STAMP)

@@ -11,11 +11,23 @@ stopping it pauses the schedule. With ``--start-server`` it first starts ``prefe
 on loopback (when ``PREFECT_API_URL`` does not answer) and stops it on exit. Watch the runs in
 Prefect's UI at the server's address; every run's record (stages ran and skipped, figures, the
 gate's verdict) is the flow run's summary artifact and its MLflow parent run.
+
+The API can start runs, so it is not left open (anyone who reaches loopback: other local users,
+containers on the host network, a web page in the operator's browser):
+
+- the server it starts requires an auth string (HTTP basic; ``PREFECT_SERVER_API_AUTH_STRING``,
+  which clients send as ``PREFECT_API_AUTH_STRING``): the one in the environment, else the
+  workspace's ``.unclip/prefect-auth`` (generated, mode 0600; the UI asks for it);
+- CORS allows only the server's own origin, and CSRF protection is on;
+- the served flow refuses any ``workspace`` but the pinned one and unknown stage names
+  (``flows.train.SERVE_WORKSPACE_ENV``), and the deployment runs one flow at a time
+  (``concurrency_limit=1``: a run still going when the next cron tick comes delays that one).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -35,6 +47,7 @@ def deployment(name: str = DEFAULT_NAME, cron: str = DEFAULT_CRON, profile: str 
     return train_flow.to_deployment(
         name=name, cron=cron, parameters={"workspace": str(Path(workspace).resolve()), "profile": profile,
                                           "force": force},
+        concurrency_limit=1,
         description="unCLIP pipeline retraining: every stage through DVC (only what changed reruns), "
                     "then the promotion gate", tags=["unclip", profile])
 
@@ -53,12 +66,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, wait_s: float = 120.0, env: Optional[dict] = None) -> tuple[subprocess.Popen, str]:
-    """`prefect server start` on 127.0.0.1:port (its database under ``PREFECT_HOME``); returns
-    (process, API URL) once it answers."""
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**(os.environ if env is None else env), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+AUTH_FILE = ".unclip/prefect-auth"
+
+
+def auth_string(workspace: str | os.PathLike, environ: Optional[dict] = None) -> str:
+    """The API's auth string: from the environment (``PREFECT_SERVER_API_AUTH_STRING`` or
+    ``PREFECT_API_AUTH_STRING``), else the workspace's :data:`AUTH_FILE`, created (0600) when missing."""
+    environ = os.environ if environ is None else environ
+    given = environ.get("PREFECT_SERVER_API_AUTH_STRING") or environ.get("PREFECT_API_AUTH_STRING")
+    if given:
+        return given
+    path = Path(workspace).resolve() / AUTH_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        os.chmod(path, 0o600)
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write("unclip:" + secrets.token_urlsafe(32) + "\n")
+    return path.read_text().strip()
+
+
+def server_env(port: int, auth: str, env: Optional[dict] = None) -> dict:
+    """The environment `prefect server start` runs with: auth string, CORS for its own origin
+    only, CSRF protection on, no telemetry."""
+    env = {**(os.environ if env is None else env), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_API_AUTH_STRING": auth,
+           "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": f"http://127.0.0.1:{port}",
+           "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true"}
     env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def start_server(port: int, wait_s: float = 120.0, env: Optional[dict] = None,
+                 auth: Optional[str] = None) -> tuple[subprocess.Popen, str]:
+    """`prefect server start` on 127.0.0.1:port (its database under ``PREFECT_HOME``), locked down
+    by :func:`server_env` with ``auth`` (default: the environment's auth string; one is required);
+    returns (process, API URL) once it answers."""
+    api = f"http://127.0.0.1:{port}/api"
+    base = os.environ if env is None else env
+    auth = auth or base.get("PREFECT_SERVER_API_AUTH_STRING") or base.get("PREFECT_API_AUTH_STRING")
+    if not auth:
+        raise ValueError("start_server needs an auth string (auth=, or PREFECT_SERVER_API_AUTH_STRING)")
+    env = server_env(port, auth, base)
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + wait_s
@@ -83,13 +134,19 @@ def main(argv: Optional[list[str]] = None) -> None:
                     help="start `prefect server start` on loopback first if PREFECT_API_URL does not answer")
     ap.add_argument("--port", type=int, default=int(os.environ.get("PREFECT_PORT", 4200)))
     args = ap.parse_args(argv)
+    from flows.train import SERVE_WORKSPACE_ENV
     server = None
+    workspace = Path(args.workspace).resolve()
+    auth = auth_string(workspace)
+    os.environ["PREFECT_API_AUTH_STRING"] = auth                  # this process's client (and its flow runs)
+    os.environ[SERVE_WORKSPACE_ENV] = str(workspace)              # the only workspace a run may use
     api = os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{args.port}/api"
     if not healthy(api):
         if not args.start_server:
             sys.exit(f"no Prefect server answers at {api}: start one (`prefect server start`) or pass --start-server")
-        server, api = start_server(args.port)
-        print(f"Prefect server at {api.removesuffix('/api')} (UI), API {api}", flush=True)
+        server, api = start_server(args.port, auth=auth)
+        where = "the environment" if os.environ.get("PREFECT_SERVER_API_AUTH_STRING") else workspace / AUTH_FILE
+        print(f"Prefect server at {api.removesuffix('/api')} (UI), API {api}; auth string in {where}", flush=True)
     os.environ["PREFECT_API_URL"] = api
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:

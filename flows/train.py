@@ -1,32 +1,45 @@
 """The training flow: every stage in order, each a Prefect task that runs `dvc repro <stage>`.
 
-DVC decides whether a stage is stale (so a second run does nothing) and takes a lock per
-workspace, so the tasks run one at a time. A stage that fails on bad input (exit code 2 from
-`unclip stage`) is not retried; anything else is retried per the task's policy. MLflow gets one
-parent run per flow run; the stage subprocesses attach their nested runs to it through
-``UNCLIP_PARENT_RUN_ID``. The flow ends by publishing a table artifact of every stage's figures.
+DVC decides whether a stage is stale (so a second run does nothing). The flow holds the
+workspace's lock (``.unclip/run.lock``, :mod:`pipeline.lock`) from start to end, so a second run,
+stage or promote on the same workspace fails at once with the holder's pid; its stage children
+run under it. A stage that fails permanently (exit code 2 from `unclip stage`, read from the
+record it writes, ``.unclip/last_exit.json``, never from its log) is not retried; anything else
+is retried per the task's policy. A task that is cancelled or interrupted kills its `dvc repro`
+(and the stage under it) before it returns. MLflow gets one parent run per flow run; the stage
+subprocesses attach their nested runs to it through ``UNCLIP_PARENT_RUN_ID``. The flow ends by
+publishing a table artifact of every stage's figures.
+
+Served (``flows/deploy.py``), the flow's parameters come from the Prefect API: it refuses a
+``workspace`` other than the one the deployment pinned (:data:`SERVE_WORKSPACE_ENV`) and stage
+names it does not know, before it runs anything.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
+import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from pipeline import config as config_mod
 from pipeline import tracking
-from pipeline.stages import STAGES
+from pipeline.lock import WorkspaceBusy, workspace_lock
+from pipeline.stages import EXIT_TOKEN_ENV, STAGES, read_exit
 from pipeline.workspace import Workspace
 
 RETRIES = 2
 RETRY_DELAY_S = 5
+# Set by flows/deploy.py when serving: the one workspace that runs from the API may use.
+SERVE_WORKSPACE_ENV = "UNCLIP_SERVE_WORKSPACE"
+KILL_GRACE_S = 10
 
 
 class StageFailed(RuntimeError):
@@ -55,6 +68,47 @@ def stage_env(profile: str, parent_run_id: Optional[str]) -> dict:
     return env
 
 
+def run_logged(cmd: list[str], cwd: str, env: dict, log: Callable[[str], None]) -> tuple[int, list[str]]:
+    """Run ``cmd``, passing each line of its output to ``log`` as it comes (progress bars redraw
+    with \r: each redraw becomes a line); returns (exit code, lines).
+
+    The command runs in its own process group; if this returns by an exception (the task
+    cancelled, Ctrl-C, SIGTERM turned into an exception by Prefect) the whole group is stopped
+    (SIGTERM, then SIGKILL after :data:`KILL_GRACE_S`), so no orphaned `dvc repro` keeps running
+    and holding DVC's lock."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1, start_new_session=True)
+    lines: list[str] = []
+    try:
+        for chunk in proc.stdout:
+            for line in chunk.replace("\r", "\n").splitlines():
+                if line.strip():
+                    lines.append(line)
+                    log(line)
+        return proc.wait(), lines
+    finally:
+        if proc.poll() is None:
+            _stop_group(proc)
+        proc.stdout.close()
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            # the group may outlive its leader (a stage under dvc): make sure it is gone
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        return
+
+
 @task(retries=RETRIES, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=_retry_transient,
       task_run_name="{stage}")
 def repro_stage(stage: str, workspace: str, env: dict, force: bool = False) -> dict:
@@ -62,23 +116,16 @@ def repro_stage(stage: str, workspace: str, env: dict, force: bool = False) -> d
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
     t0 = time.perf_counter()
-    # Stream the stage's output into the task log as it comes (progress bars redraw with \r:
-    # each redraw becomes a line), keeping it to classify a failure afterwards.
-    proc = subprocess.Popen(cmd, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1)
-    lines: list[str] = []
-    for chunk in proc.stdout:
-        for line in chunk.replace("\r", "\n").splitlines():
-            if line.strip():
-                lines.append(line)
-                logger.info(line)
-    returncode = proc.wait()
+    token = uuid.uuid4().hex               # this attempt's: `unclip stage` signs its exit record with it
+    returncode, lines = run_logged(cmd, workspace, {**env, EXIT_TOKEN_ENV: token}, logger.info)
     seconds = round(time.perf_counter() - t0, 1)
     out = "\n".join(lines)
     if returncode != 0:
-        permanent = bool(re.search(r"exited with 2\b", out))
+        record = read_exit(workspace, stage, token)
+        permanent = bool(record and record.get("permanent"))
         tail = "\n".join(lines[-15:])
-        raise StageFailed(stage, f"stage {stage!r} failed ({'bad input' if permanent else 'will retry'}):\n{tail}",
+        why = f"\n{record['error']}" if permanent and record.get("error") and record["error"] not in tail else ""
+        raise StageFailed(stage, f"stage {stage!r} failed ({'bad input' if permanent else 'will retry'}):\n{tail}{why}",
                           permanent)
     ran = f"Running stage '{stage}'" in out
     metrics_path = Workspace.at(workspace).metrics_path(stage)
@@ -191,8 +238,29 @@ def train_flow(workspace: str = ".", profile: str = config_mod.DEFAULT_PROFILE, 
                stages: Optional[list[str]] = None) -> dict:
     """Run the pipeline's stages in order through DVC; returns (and publishes) the summary."""
     ws = Workspace.at(workspace)
+    check_parameters(ws, stages)
     cfg = config_mod.load(ws.params, profile)          # validate before any work starts
     selected = stages or list(STAGES)
+    try:
+        with workspace_lock(ws.root, f"unclip run (flow, profile {cfg.profile})"):
+            return _train(ws, cfg, selected, force)
+    except WorkspaceBusy as err:
+        raise StageFailed("workspace", str(err), permanent=True) from None
+
+
+def check_parameters(ws: Workspace, stages: Optional[list[str]]) -> None:
+    """Refuse, before anything runs, what the API may not ask for (a permanent failure)."""
+    pinned = os.environ.get(SERVE_WORKSPACE_ENV)
+    if pinned and ws.root != Path(pinned).resolve():
+        raise StageFailed("workspace", f"workspace {str(ws.root)!r} refused: this deployment serves only "
+                                       f"{str(Path(pinned).resolve())!r}", permanent=True)
+    unknown = [s for s in (stages or []) if s not in STAGES]
+    if unknown or (stages is not None and not isinstance(stages, list)):
+        raise StageFailed("stages", f"unknown stage(s) {unknown or stages!r} (known: {', '.join(STAGES)})",
+                          permanent=True)
+
+
+def _train(ws: Workspace, cfg, selected: list[str], force: bool) -> dict:
     rows, failed = [], None
     with tracking.start_run(cfg, ws.root, f"pipeline[{cfg.profile}]") as parent:
         env = stage_env(cfg.profile, parent.info.run_id)

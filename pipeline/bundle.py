@@ -59,6 +59,13 @@ def save_model(out: Path, model: torch.nn.Module, *, kind: str, arch: dict, run_
         "versions": versions()}, indent=2))
 
 
+def run_config(cfg) -> dict:
+    """The resolved config a bundle records (``model.json``'s ``config``, the CLIP's
+    ``run_config.json``): everything but ``tracking``, whose URI may hold credentials and which a
+    model does not depend on. Bundles go to the MLflow registry and to whoever is given them."""
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k != "tracking"}
+
+
 def read_meta(path: Path, kind: str) -> dict[str, Any]:
     path = Path(path)
     if not (path / "model.json").exists() or not (path / "model.safetensors").exists():
@@ -66,7 +73,8 @@ def read_meta(path: Path, kind: str) -> dict[str, Any]:
                                 f"run `unclip stage {kind}` or point at a trained bundle")
     meta = json.loads((path / "model.json").read_text())
     if meta.get("kind") != kind:
-        raise ValueError(f"{path} holds a {meta.get('kind')!r}, not a {kind!r}")
+        from .stages import BundleError
+        raise BundleError(f"{path} holds a {meta.get('kind')!r}, not a {kind!r}")
     return meta
 
 

@@ -45,14 +45,33 @@ def main(ctx, profile, workspace):
 @click.argument("name", type=click.Choice(list(STAGES)))
 @click.pass_context
 def stage(ctx, name):
-    """Run one stage now (what `dvc repro <name>` calls)."""
-    cfg, ws = _load(ctx)
-    os.chdir(ws.root)
+    """Run one stage now (what `dvc repro <name>` calls).
+
+    Exits 2 with the message on a failure that a retry would meet again (bad input, config,
+    data or model, a non-finite loss, an unreadable file, a busy workspace: see
+    ``stages.permanent_errors``), 1 with a traceback on anything else; either way the outcome is
+    recorded in ``.unclip/last_exit.json`` for the flow (``stages.write_exit``)."""
+    from .lock import workspace_lock
+    from .stages import permanent_errors, write_exit
+    ws = Workspace.at(ctx.obj["workspace"])
     try:
-        run_stage(name, cfg, ws)
-    except (StageError, config_mod.ConfigError, FileNotFoundError) as err:
-        click.echo(f"error: [{name}] {err}", err=True)
+        cfg, ws = _load(ctx)
+        os.chdir(ws.root)
+        with workspace_lock(ws.root, f"unclip stage {name}"):
+            run_stage(name, cfg, ws)
+    except permanent_errors() as err:
+        plain = isinstance(err, (StageError, config_mod.ConfigError))
+        message = f"[{name}] {'' if plain else type(err).__name__ + ': '}{err}"
+        click.echo(f"error: {message}", err=True)
+        write_exit(ws, name, EXIT_BAD_INPUT, message)
         sys.exit(EXIT_BAD_INPUT)
+    except SystemExit as err:                   # _load: a bad params.yaml
+        write_exit(ws, name, err.code if isinstance(err.code, int) else 1, "bad configuration")
+        raise
+    except BaseException as err:
+        write_exit(ws, name, 1, f"{type(err).__name__}: {err}")
+        raise
+    write_exit(ws, name, 0)
 
 
 @main.command("config")
@@ -383,10 +402,13 @@ def promote(ctx):
     """Register the workspace's evaluated bundle in MLflow's model registry and run the gate
     (the flow does this after every evaluate)."""
     from . import registry
+    from .lock import WorkspaceBusy, workspace_lock
     cfg, ws = _load(ctx)
     try:
-        verdict = registry.register_and_gate(cfg, ws)
-    except registry.GateError as err:
+        # one promote at a time, and none while a stage may be renaming models/ (registry.py copies it)
+        with workspace_lock(ws.root, "unclip promote"):
+            verdict = registry.register_and_gate(cfg, ws)
+    except (registry.GateError, WorkspaceBusy) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(EXIT_BAD_INPUT)
     click.echo(registry.describe(verdict))

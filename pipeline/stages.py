@@ -38,6 +38,61 @@ class StageError(RuntimeError):
     """A stage failed on bad input or configuration: retrying will not help."""
 
 
+class BundleError(StageError, ValueError):
+    """A model bundle that cannot be what it claims (a bad name, another kind): a ValueError for
+    the callers that load bundles, a StageError (permanent) for the stages."""
+
+
+# How `unclip stage` tells whoever ran it (the flow, through `dvc repro`) how it ended, instead
+# of that caller reading its log: {"stage", "exit_code", "permanent", "error", "token", "pid"}.
+# ``token`` is the caller's UNCLIP_EXIT_TOKEN, so a record left by an earlier run never counts.
+EXIT_FILE = ".unclip/last_exit.json"
+EXIT_TOKEN_ENV = "UNCLIP_EXIT_TOKEN"
+EXIT_BAD_INPUT = 2
+
+
+def permanent_errors() -> tuple[type[BaseException], ...]:
+    """Failures that the same run would meet again: bad input, config, data or model, a loss that
+    went non-finite (deterministic: a retry resumes the same checkpoint into the same NaN), files
+    the user cannot read or write, a workspace another command holds. `unclip stage` exits 2 on
+    them with the message (no traceback) and the flow does not retry them."""
+    from PIL import Image
+
+    from .config import ConfigError
+    from .data.shards import ShardError
+    from .lock import WorkspaceBusy
+    from .training import NonFiniteLoss
+    return (StageError, ConfigError, FileNotFoundError, NotADirectoryError, PermissionError, UnicodeDecodeError,
+            NonFiniteLoss, ShardError, Image.DecompressionBombError, WorkspaceBusy)
+
+
+def write_exit(ws: Workspace, stage: str, code: int, error: str = "") -> None:
+    """Record how ``unclip stage`` ended (see :data:`EXIT_FILE`); never fails the stage itself."""
+    import os
+    if not ws.root.is_dir():                 # a mistyped --workspace: create nothing
+        return
+    try:
+        atomic_write_json(ws.root / EXIT_FILE, {
+            "stage": stage, "exit_code": code, "permanent": code == EXIT_BAD_INPUT, "error": error[-4000:],
+            "token": os.environ.get(EXIT_TOKEN_ENV), "pid": os.getpid()})
+    except OSError:
+        pass
+
+
+def read_exit(root, stage: str, token: str) -> dict | None:
+    """The record of ``stage`` written under ``token``, or None (the stage never got to write it:
+    DVC itself failed, or the process was killed)."""
+    import json
+    from pathlib import Path
+    try:
+        record = json.loads((Path(root) / EXIT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("token") != token or record.get("stage") != stage:
+        return None
+    return record
+
+
 def stage_function(name: str) -> Callable[[Config, Workspace], dict]:
     if name not in STAGES:
         raise StageError(f"unknown stage {name!r} (known: {', '.join(STAGES)})")

@@ -21,6 +21,37 @@ def tracking_uri(cfg, root: Path) -> str:
             or f"sqlite:///{(Path(root) / 'mlflow.db').resolve()}")
 
 
+def redact_uri(uri: Optional[str]) -> Optional[str]:
+    """``uri`` fit to be written down: no user or password (``https://user:token@host``) and no
+    query or fragment (``?token=...``, presigned signatures); what is left says where, not how to
+    get in."""
+    if not uri:
+        return uri
+    from urllib.parse import urlsplit, urlunsplit
+    try:
+        parts = urlsplit(uri)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "<unparsable URI redacted>"
+    netloc = parts.netloc
+    if "@" not in netloc and not parts.query and not parts.fragment:
+        return uri
+    if "@" in netloc:
+        netloc = "***@" + (f"[{host}]" if ":" in host else host) + (f":{port}" if port else "")
+    out = (f"{parts.scheme}://{netloc}{parts.path}" if uri.startswith(f"{parts.scheme}://")   # sqlite:////abs
+           else urlunsplit((parts.scheme, netloc, parts.path, "", "")))
+    return out + ("?<redacted>" if parts.query else "")
+
+
+def redact_urls_in(text: Optional[str]) -> Optional[str]:
+    """Every URL inside ``text`` (an error message that echoes one) through :func:`redact_uri`."""
+    if not text:
+        return text
+    import re
+    return re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+", lambda m: redact_uri(m.group(0)), text)
+
+
 def _setup(cfg, root: Path):
     import logging
     import mlflow

@@ -31,7 +31,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .progress import progress
-from .workspace import fsync_dir, pid_alive
+from .workspace import fsync_dir, kill_point, pid_alive
 
 
 class NonFiniteLoss(RuntimeError):
@@ -72,6 +72,7 @@ class Checkpointer:
                             "scheduler": scheduler.state_dict() if scheduler else None, "extra": extra or {}}, f)
                 f.flush()
                 os.fsync(f.fileno())           # the bytes on disk before the name: no empty checkpoint after a crash
+            kill_point("checkpoint")
             os.replace(tmp, self.path)
         except BaseException:
             tmp.unlink(missing_ok=True)         # a full disk leaves no partial file behind
@@ -277,6 +278,7 @@ def fit(model: torch.nn.Module, optimizer, scheduler, batches: Iterable, loss_fn
         summary = _fit(model, optimizer, scheduler, it, loss_fn, steps=steps, checkpointer=checkpointer,
                        grad_clip=grad_clip, desc=desc, log_every=log_every, on_log=on_log, after_step=after_step,
                        ema=ema, accelerator=accelerator, on_nonfinite=on_nonfinite, max_skipped=max_skipped)
+    kill_point("validation")                  # what every stage does next
     return summary | ({"precision": chosen} if chosen else {})
 
 
@@ -358,6 +360,7 @@ def _fit(model, optimizer, scheduler, it, loss_fn, *, steps, checkpointer, grad_
                                   {"last_loss": last, **({"ema": ema.state_dict()} if ema is not None else {})})
             if accelerator is not None:
                 accelerator.wait_for_everyone()
+        kill_point("step", step + 1)
     bar.close()
     train_model.eval()
     elapsed = time.perf_counter() - t0

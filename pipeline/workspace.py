@@ -57,6 +57,25 @@ class Workspace:
         return self.metrics_dir / f"{stage.replace('@', '_')}.json"
 
 
+KILL_ENV = "UNCLIP_KILL_AT"
+
+
+def kill_point(phase: str, step: Optional[int] = None) -> None:
+    """Fault injection for the kill campaign (tests/test_kill_campaign.py): SIGKILL this process
+    when ``$UNCLIP_KILL_AT`` names ``phase`` -- ``step:N`` (after optimizer step N), ``checkpoint``
+    (a checkpoint written, not yet renamed), ``validation`` (training done, before the stage
+    validates), ``saving`` (an output written into its temp dir, not yet renamed) or ``renaming``
+    (between :func:`atomic_dir`'s two renames). Unset, it does nothing."""
+    want = os.environ.get(KILL_ENV)
+    if not want:
+        return
+    name, _, n = want.partition(":")
+    if name != phase or (phase == "step" and (step is None or not n.isdigit() or step < int(n))):
+        return
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp dir beside ``final``; on success it replaces ``final`` in one rename.
@@ -74,6 +93,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     try:
         yield tmp
+        kill_point("saving")
         sync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -81,6 +101,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     old = final.parent / f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}"
     if final.exists():
         os.replace(final, old)
+    kill_point("renaming")
     os.replace(tmp, final)
     fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
@@ -206,9 +227,15 @@ def init_workspace(directory: str | os.PathLike, params: Optional[Path] = None) 
     The stages' code dependencies (``pipeline/...`` in dvc.yaml) resolve through a symlink to
     this checkout, so editing the code marks the stages it touches stale here too.
     """
-    import subprocess
+    from .lock import workspace_lock
     root = Path(directory).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    with workspace_lock(root, "unclip init"):      # not while a run or stage works in it
+        return _init_workspace(root, params)
+
+
+def _init_workspace(root: Path, params: Optional[Path]) -> Path:
+    import subprocess
     for name in ("dvc.yaml", "params.yaml"):
         if not (SOURCE_ROOT / name).exists():
             raise FileNotFoundError(f"{SOURCE_ROOT / name} not found: `unclip init` needs the project checkout")

@@ -426,22 +426,52 @@ def test_scheduled_deployment_runs_on_a_real_prefect_server(flow_runs, tmp_path)
     import urllib.request
     from flows.deploy import free_port, start_server
     ws, _, _ = flow_runs
+    import base64
+    import urllib.error
+    auth = "unclip:test-" + os.urandom(8).hex()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            # the server's scheduler service creates the schedule's runs every loop (default 60 s)
-           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1"}
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1",
+           # what `make serve` does with the workspace's generated one (flows/deploy.py)
+           "PREFECT_API_AUTH_STRING": auth}
     env.pop("PREFECT_API_URL", None)
     server, api = start_server(free_port(), env=env)
     env["PREFECT_API_URL"] = api
+    basic = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
+
+    def request(path, body=None, headers=None):
+        req = urllib.request.Request(api + path, data=None if body is None else json.dumps(body).encode(),
+                                     method="GET" if body is None else "POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read()), r.headers
+
+    # H4: without the auth string, nothing but the health probe answers
+    assert request("/health")[0] is True
+    for path, body in (("/deployments/filter", {"limit": 1}), ("/flow_runs/filter", {"limit": 1}),
+                       ("/admin/version", None)):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            request(path, body)
+        assert refused.value.code == 401, path
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        request("/deployments/filter", {"limit": 1}, {"Authorization": "Basic " + base64.b64encode(b"x:y").decode()})
+    assert refused.value.code == 401
+    # CSRF: a state-changing request with the auth string but no CSRF token is refused too
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        request("/flow_runs/filter", {"limit": 1}, basic)
+    assert refused.value.code == 403
+    client_id = os.urandom(8).hex()
+    token = request(f"/csrf-token?client={client_id}", headers=basic)[0]["token"]
+    csrf = {**basic, "Prefect-Csrf-Token": token, "Prefect-Csrf-Client": client_id}
+    # CORS: a page from another origin gets no Access-Control-Allow-Origin for it
+    _, headers = request("/admin/version", headers={**basic, "Origin": "http://evil.example"})
+    assert headers.get("access-control-allow-origin") in (None, api.removesuffix("/api"))
 
     def get(path):
-        with urllib.request.urlopen(api + path, timeout=10) as r:
-            return json.loads(r.read())
+        return request(path, headers=basic)[0]
 
     def post(path, body):
-        req = urllib.request.Request(api + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return json.loads(r.read())
+        return request(path, body, csrf)[0]
 
     serving = subprocess.Popen([sys.executable, "-m", "flows.deploy", "--name", "test-retrain", "--cron",
                                 "*/5 * * * *", "--profile", "smoke", "--workspace", str(ws.root)],
@@ -505,6 +535,32 @@ def test_summary_artifact_published(flow_runs):
     table = data if isinstance(data, list) else json.loads(data)
     stages = {row["stage"] for row in table}           # the latest run: "promote" only when it evaluated
     assert set(STAGES) <= stages <= set(STAGES) | {"promote"}
+
+
+def test_nan_loss_fails_permanently_without_retries(flow_runs, monkeypatch):
+    """prior.lr 1e30: the loss goes non-finite; `unclip stage` exits 2 and records it, the flow
+    fails at once (one attempt, no retries) with the message, and the last prior stays."""
+    import yaml
+    from flows.train import StageFailed, train_flow
+    ws, _, _ = flow_runs
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before, prior_before = ws.params.read_text(), (ws.prior / "model.safetensors").read_bytes()
+    params = yaml.safe_load(before)
+    params["profiles"]["smoke"]["prior"]["lr"] = 1e30
+    ws.params.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        with pytest.raises(StageFailed) as err:
+            train_flow(workspace=str(ws.root), profile="smoke", stages=["prior"])
+    finally:
+        ws.params.write_text(before)
+    assert err.value.stage == "prior" and err.value.permanent, str(err.value)
+    assert "NonFiniteLoss" in str(err.value) and "loss is" in str(err.value)
+    last = api_filter("/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1, "offset": 0})[0]
+    tasks = api_filter("/task_runs/filter", {"flow_runs": {"id": {"any_": [last["id"]]}},
+                                              "sort": "EXPECTED_START_TIME_DESC", "limit": 50, "offset": 0})
+    (prior,) = [t for t in tasks if t["name"] == "prior"]
+    assert prior["state"]["type"] == "FAILED" and prior["run_count"] == 1      # not retried
+    assert (ws.prior / "model.safetensors").read_bytes() == prior_before
 
 
 def test_bad_input_fails_clearly_without_retries(flow_runs, monkeypatch):

@@ -98,7 +98,8 @@ def _register(name: str, config: dict) -> None:
     ``name`` comes from a bundle's open_clip_config.json: it becomes a file name, so it must be
     a plain one."""
     if not NAME.fullmatch(name):
-        raise ValueError(f"CLIP model name {name!r}: expected letters, digits, '_', '.', '+' or '-' (a bundle's "
+        from ..stages import BundleError
+        raise BundleError(f"CLIP model name {name!r}: expected letters, digits, '_', '.', '+' or '-' (a bundle's "
                          f"open_clip_config.json 'name')")
     with tempfile.TemporaryDirectory(prefix="unclip-open_clip-") as scratch:
         path = Path(scratch) / f"{name}.json"

@@ -6,6 +6,7 @@ import json
 import torch
 
 from .. import retrain, tracking
+from ..bundle import run_config
 from ..data.shards import shard_paths
 from ..progress import say
 from ..stages import StageError
@@ -50,7 +51,7 @@ def run(cfg, ws) -> dict:
                              "some rows split 'val', or leave split empty and set crawl.split.val above 0)")
         with torch.no_grad():
             figures = evaluate(bundle, val, c.eval_batch_size)
-        clip_model.save(bundle, out, cfg.model_dump(mode="json"))
+        clip_model.save(bundle, out, run_config(cfg))
         (out / "train_curve.json").write_text(json.dumps(curve))
         plot = out / "clip_figures.png"
         _plot(curve, figures, plot)

@@ -63,6 +63,7 @@ from PIL import Image, ImageFile, ImageOps
 from .. import incremental
 from ..progress import progress, say
 from ..stages import StageError
+from ..tracking import redact_urls_in
 from ..workspace import atomic_dir
 from . import fetch
 from .server import serve_corpus
@@ -449,7 +450,9 @@ def crawl_log(urls: pd.DataFrame, records: pd.DataFrame, written: dict[int, str]
             rows.append(("success", None, None))
         else:
             msg = rec_message if isinstance(rec_status, str) else NO_RECORD
-            rows.append(("failed", classify(msg), msg))
+            # classified on the raw message; kept with its URLs' credentials and queries redacted
+            # (urllib echoes the URL: a presigned one's signature would land in metrics and reports)
+            rows.append(("failed", classify(msg), redact_urls_in(msg)))
     status, reason, message = zip(*rows)
     keys = urls[SOURCE_KEY] if SOURCE_KEY in urls else pd.Series([None] * len(urls))
     log = pd.DataFrame({INDEX: urls[INDEX].values, "key": keys.values, "url": urls["url"].values,
@@ -474,7 +477,7 @@ def retry_due(log: pd.DataFrame, max_attempts: int) -> set:
 def failure_metrics(log: pd.DataFrame) -> dict:
     failed = log[log.status == "failed"]
     counts = failed.reason.value_counts()
-    other = Counter(failed.loc[failed.reason == "other", "error_message"])
+    other = Counter(redact_urls_in(m) for m in failed.loc[failed.reason == "other", "error_message"])
     return {"failed_by_reason": {r: int(counts.get(r, 0)) for r in REASONS},
             "other_messages": dict(other.most_common(OTHER_MESSAGES_SHOWN))}
 

@@ -122,7 +122,7 @@ def run(cfg, ws) -> dict:
         return {"train": summary}
     val_figs, images = evaluate(model, val, d, clip)
     with atomic_dir(ws.decoder) as out:
-        bundle.save_model(out, model, kind="decoder", arch=arch, run_config=cfg.model_dump(mode="json"),
+        bundle.save_model(out, model, kind="decoder", arch=arch, run_config=bundle.run_config(cfg),
                           info={"prediction_type": d.prediction_type, "sampling": d.sampling.model_dump()},
                           clip=bundle.clip_identity(ws.clip))
         retrain.write_lineage(out, ws.embeddings)

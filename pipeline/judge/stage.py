@@ -177,7 +177,7 @@ def run(cfg, ws) -> dict:
                "test_accuracy_via_16px": attribute_accuracy(head_accuracy(preds_16, target_tensor(gts))),
                "vocab": {h: list(VOCAB[h]) for h in HEADS}}
     with atomic_dir(ws.judge) as out:
-        bundle.save_model(out, net, kind="judge", arch=arch, run_config=cfg.model_dump(mode="json"),
+        bundle.save_model(out, net, kind="judge", arch=arch, run_config=bundle.run_config(cfg),
                           info={"test_accuracy": figures["test_accuracy"]})
         retrain.write_lineage(out, ws.filtered, figures)
     clear_checkpoints(ws.checkpoints / "judge")           # only now: a kill before this resumes at the end

@@ -110,7 +110,7 @@ def run(cfg, ws) -> dict:
         return {"train": summary}
     val_figs = evaluate(model, val, p)
     with atomic_dir(ws.prior) as out:
-        bundle.save_model(out, model, kind="prior", arch=arch, run_config=cfg.model_dump(mode="json"),
+        bundle.save_model(out, model, kind="prior", arch=arch, run_config=bundle.run_config(cfg),
                           info={"prediction_type": diffusion.PREDICTION, "sampling": p.sampling.model_dump(),
                                 "n_candidates": p.n_candidates},
                           clip=bundle.clip_identity(ws.clip))

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from ..tracking import flatten
+from ..tracking import flatten, redact_uri
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1280px;color:#222;padding:0 16px}
@@ -128,7 +128,7 @@ def identity_rows(run: dict) -> list[str]:
     rows = [("run", run["run"]), ("created (UTC)", run["created_utc"]), ("profile", i["profile"]),
             ("git revision", i["git_revision"] + (" (uncommitted changes)" if i["git_dirty"] else "")),
             ("MLflow evaluate run", ml.get("evaluate_run_id")), ("MLflow parent run", ml.get("parent_run_id")),
-            ("MLflow store", ml.get("tracking_uri"))]
+            ("MLflow store", redact_uri(ml.get("tracking_uri")))]
     return [f"<tr><th>{esc(k)}</th><td><code>{esc(fmt(v))}</code></td></tr>" for k, v in rows]
 
 

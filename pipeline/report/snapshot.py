@@ -107,6 +107,15 @@ def training_curves(tracking_uri: str, experiment: str) -> dict[str, list]:
     return curves
 
 
+def _params(cfg) -> dict:
+    """The resolved config as the report shows it, its tracking URI redacted."""
+    from .. import tracking
+    params = cfg.model_dump(mode="json")
+    if params.get("tracking", {}).get("tracking_uri"):
+        params["tracking"]["tracking_uri"] = tracking.redact_uri(params["tracking"]["tracking_uri"])
+    return params
+
+
 def snapshot(cfg, ws: Workspace, *, evaluate_run_id: Optional[str] = None,
              parent_run_id: Optional[str] = None, tracking_uri: Optional[str] = None) -> Path:
     """Freeze the workspace's current evaluation into ``reports/<run>/`` (atomically) and return it."""
@@ -125,11 +134,12 @@ def snapshot(cfg, ws: Workspace, *, evaluate_run_id: Optional[str] = None,
             "git_revision": tracking.git_revision(ws.root),
             "git_dirty": bool(_git(ws.root, "status", "--porcelain", "--untracked-files=no")),
             "profile": cfg.profile,
-            "mlflow": {"tracking_uri": tracking_uri, "experiment": cfg.tracking.experiment,
+            # where, never how to get in: a tracking URI may carry a user, a token or a signed query
+            "mlflow": {"tracking_uri": tracking.redact_uri(tracking_uri), "experiment": cfg.tracking.experiment,
                        "evaluate_run_id": evaluate_run_id, "parent_run_id": parent_run_id},
             "dvc_lock": lock_hashes(ws.root),
         },
-        "params": cfg.model_dump(mode="json"),
+        "params": _params(cfg),
         "metrics": metrics,
         "curves": training_curves(tracking_uri, cfg.tracking.experiment),
         "worst": json.loads(worst_json.read_text()) if worst_json.exists() else [],

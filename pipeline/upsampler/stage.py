@@ -233,7 +233,7 @@ def run(cfg, ws, key: str) -> dict:
     with atomic_dir(ws.upsampler(key)) as out:
         with torch.no_grad():
             val, rows = evaluate(model, info, paths, u.seed)
-        bundle.save_model(out, model, kind="upsampler", arch=arch, run_config=cfg.model_dump(mode="json"), info=info)
+        bundle.save_model(out, model, kind="upsampler", arch=arch, run_config=bundle.run_config(cfg), info=info)
         retrain.write_lineage(out, source)
         save_png(grid(rows, nrow=len(rows) // 3, scale=max(1, math.ceil(128 / out_size)),
                       row_labels=["bicubic", "upsampler", "truth"]), out / "samples.png")
