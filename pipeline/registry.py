@@ -220,6 +220,14 @@ def register_and_gate(cfg, ws: Workspace, *, report_run: Optional[str] = None,
         version = client.create_model_version(p.registered_model, source=source, run_id=run.info.run_id, tags=tags)
         compare_page = None
         if promote:
+            # compare-and-set: another gate may have moved the alias since it was read above
+            now = champion_version(client, p.registered_model, p.alias)
+            if (now.version if now is not None else None) != (old.version if old is not None else None):
+                client.set_model_version_tag(p.registered_model, version.version, "gate", "candidate")
+                raise GateRegistryError(
+                    f"@{p.alias} moved from version {old.version if old is not None else None} to "
+                    f"{now.version if now is not None else None} while this gate ran (another promote): version "
+                    f"{version.version} stays a candidate; run `unclip promote` again to compare with the new champion")
             client.set_registered_model_alias(p.registered_model, p.alias, version.version)
         elif report_run and old is not None and old.tags.get("report_run"):
             try:

@@ -101,3 +101,28 @@ def test_promote_refuses_models_changed_since_evaluate(gate_ws, smoke_cfg):
         registry.register_and_gate(cfg, ws)
     fake_evaluation(ws, seed=0, color=90.0, fid=20.0, shape=60.0)       # evaluated again: registered
     assert registry.register_and_gate(cfg, ws)["promoted"]
+
+
+def test_gate_alias_compare_and_set(gate_ws, smoke_cfg, monkeypatch):
+    """Two gates at once: the alias moves between this gate's read and its set; it must not
+    overwrite the other gate's champion (M4)."""
+    import mlflow
+    ws, cfg = gate_ws, smoke_cfg
+    fake_evaluation(ws, seed=0, color=90.0, fid=20.0, shape=60.0)
+    assert registry.register_and_gate(cfg, ws)["promoted"]
+    real = registry.champion_version
+    calls = []
+
+    def racing(client, name, alias):
+        calls.append(alias)
+        if len(calls) == 2:         # the other gate promotes its own version in between
+            other = client.create_model_version(name, source=client.get_model_version(name, "1").source)
+            client.set_registered_model_alias(name, alias, other.version)
+        return real(client, name, alias)
+    monkeypatch.setattr(registry, "champion_version", racing)
+    fake_evaluation(ws, seed=0, color=95.0, fid=10.0, shape=70.0)              # better: would be promoted
+    with pytest.raises(registry.GateRegistryError, match="moved from version 1 to 3"):
+        registry.register_and_gate(cfg, ws)
+    assert champion_number(cfg) == 3                                          # the other gate's, kept
+    v2 = mlflow.MlflowClient().get_model_version(cfg.promote.registered_model, "2")   # this gate's
+    assert v2.tags["gate"] == "candidate"
