@@ -385,7 +385,9 @@ def _format_error(err: ValidationError, source: str) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {key}: {msg}" + ("" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"))
+        # a check across a section's keys names them in its message; the section itself is no help
+        quiet = e["type"] == "extra_forbidden" or (e["type"] == "value_error" and isinstance(e.get("input"), dict))
+        lines.append(f"  {key}: {msg}" + ("" if quiet else f" (got {e.get('input')!r})"))
     return "\n".join(lines)
 
 
