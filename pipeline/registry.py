@@ -82,7 +82,8 @@ def decide(candidate: dict, champion: Optional[dict], rules) -> tuple[bool, list
     version (a NaN champion could never be replaced: every comparison with NaN fails). No
     champion: promote. A figure missing on either side cannot pass its rule."""
     fc = flatten(candidate)
-    bad = [f"{r.metric}: {fc.get(r.metric)} is not a finite number" for r in rules if not _finite(fc.get(r.metric))]
+    bad = [f"{r.metric}: missing or not a finite number (candidate {fc.get(r.metric)})" for r in rules
+           if not _finite(fc.get(r.metric))]
     if bad:
         return False, bad, []
     if champion is None:

@@ -71,6 +71,8 @@ def write_exit(ws: Workspace, stage: str, code: int, error: str = "") -> None:
     import os
     if not ws.root.is_dir():                 # a mistyped --workspace: create nothing
         return
+    if os.environ.get(EXIT_TOKEN_ENV) is None:   # not under the flow: nobody reads it, so write nothing
+        return
     try:
         atomic_write_json(ws.root / EXIT_FILE, {
             "stage": stage, "exit_code": code, "permanent": code == EXIT_BAD_INPUT, "error": error[-4000:],
