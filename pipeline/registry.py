@@ -17,20 +17,18 @@ told otherwise (``champion_models``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
 
-import math
-
 from . import bundle as bundle_mod, tracking
 from .serving import mlflow_model
 from .tracking import flatten
 from .workspace import Workspace
 
-BUNDLE_PARTS = bundle_mod.PARTS                    # plus every upsampler_*
 MODEL_ARTIFACT = "model"                           # the MLflow Model's folder in the promote run's artifacts
 
 
@@ -164,7 +162,7 @@ def register_and_gate(cfg, ws: Workspace, *, report_run: Optional[str] = None,
     import mlflow
     p = cfg.promote
     models = ws.root / "models"
-    parts = [models / n for n in BUNDLE_PARTS] + sorted(models.glob("upsampler_*"))
+    parts = bundle_mod.parts(models)
     missing = [str(x.relative_to(ws.root)) for x in parts if not (x / "model.safetensors").exists()]
     ev_path = ws.metrics_path("evaluate")
     if missing or not ev_path.exists():

@@ -5,6 +5,7 @@ exits 2 with the key in its message and writes nothing (the workspace holds para
 The counts print at the end of the module."""
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from pathlib import Path
 
@@ -40,7 +41,7 @@ FUZZ = settings(max_examples=300, deadline=2000, database=None, derandomize=True
 
 
 def with_value(path: tuple, value) -> dict:
-    raw = yaml.safe_load(PARAMS.read_text())
+    raw = copy.deepcopy(RAW)
     node = raw
     for k in path[:-1]:
         node = node[k]

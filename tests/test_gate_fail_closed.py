@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -36,11 +37,7 @@ def test_gate_refuses_when_champion_evaluation_unreadable(gate_ws, smoke_cfg):
     fake_evaluation(ws, seed=0, color=90.0, fid=20.0, shape=60.0)
     assert registry.register_and_gate(cfg, ws)["promoted"]
     v1 = mlflow.MlflowClient().get_model_version(cfg.promote.registered_model, "1")
-    stored = mlflow.artifacts.download_artifacts(artifact_uri=v1.source)       # the local store's own folder
-    from pathlib import Path
-    evaluation = Path(v1.source.removeprefix("file://")) / "evaluate.json"
-    if not evaluation.exists():                                          # mlartifacts/ under the workspace
-        evaluation = Path(stored) / "evaluate.json"
+    evaluation = Path(v1.source.removeprefix("file://")) / "evaluate.json"   # in the local artifact store
     assert evaluation.exists()
     evaluation.unlink()
     fake_evaluation(ws, seed=0, color=10.0, fid=90.0, shape=5.0)             # far worse
