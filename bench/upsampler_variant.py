@@ -1,12 +1,14 @@
 """Train an upsampler variant (or load one) and measure what it does to the cascade's images.
 
     python bench/upsampler_variant.py --key 2 --name steps900 --set steps=900 \
-        [--workspace .] [--n 128] [--load models/upsampler_2]
+        [--workspace .] [--n 128] [--load models/upsampler_2] [--with 1=DIR] [--save DIR]
 
 The quick loop for upsampler experiments, as ``bench/decoder_variant.py`` is for the decoder.
 ``--set key=json`` overrides keys of ``upsample.stages.<key>``; the variant trains with the stage's
 own recipe (``upsampler.stage.train``: its data, crops, corruption, loss and checkpoints under
-``--out``), or ``--load`` takes a trained bundle (the baseline: the workspace's own). Then, printed
+``--out``), or ``--load`` takes a trained bundle (the baseline: the workspace's own). ``--save DIR`` keeps the
+trained variant as a bundle, and ``--with KEY=DIR`` puts such a bundle in place of another
+upsampler of the chain, so that variants of both can be measured together. Then, printed
 and written to ``<out>/<name>.json``:
 
     val PSNR          the stage's own figure (val images, uncorrupted low-res input) and bicubic's
@@ -31,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import background, config  # noqa: E402
+from pipeline import background, bundle, config  # noqa: E402
 from pipeline.clip.data import iter_split  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
 from pipeline.embeddings import load_split  # noqa: E402
@@ -52,6 +54,9 @@ def main() -> None:
     ap.add_argument("--name", required=True)
     ap.add_argument("--set", action="append", default=[], help="upsample.stages.<key>.<k>=<json value>, repeatable")
     ap.add_argument("--load", default=None, help="measure this upsampler bundle instead of training one")
+    ap.add_argument("--with", dest="others", action="append", default=[], metavar="KEY=DIR",
+                    help="another upsampler bundle in place of the workspace's upsampler KEY, repeatable")
+    ap.add_argument("--save", default=None, help="write the trained variant as an upsampler bundle here")
     ap.add_argument("--workspace", default=".")
     ap.add_argument("--out", default=None, help="default: <workspace>/reports/upsampler_variants")
     ap.add_argument("--n", type=int, default=128, help="one-object and two-object test captions each")
@@ -83,7 +88,14 @@ def main() -> None:
         figures["train"] = summary | {"wall_s": round(time.perf_counter() - t0, 1)}
         model.eval()
         info = {"key": args.key, "in_size": in_size, "out_size": out_size, "prediction_type": u.prediction_type,
-                "condition": u.condition, "target": u.target, "sampling": u.sampling.model_dump(), "degradation": u.degradation}
+                "condition": u.condition, "target": u.target, "residual_scale": u.residual_scale,
+                "sampling": u.sampling.model_dump(), "degradation": u.degradation}
+        if args.save:
+            arch = {"block_out_channels": list(u.block_out_channels), "layers_per_block": u.layers_per_block}
+            if embed_dim:
+                arch["embed_dim"] = embed_dim
+            bundle.save_model(Path(args.save), model, kind="upsampler", arch=arch,
+                              run_config=bundle.run_config(cfg), info=info | {"crop_size": summary["crop_size"]})
     with torch.no_grad():
         figures["val"], rows = evaluate(model, info, paths, u.seed)
     save_png(grid(rows, nrow=len(rows) // 3, scale=max(1, 128 // out_size)), out_dir / f"{args.name}_val.png")
@@ -91,9 +103,16 @@ def main() -> None:
           flush=True)
 
     unclip = Unclip.load(ws.root / "models")
-    fast = up_diffusion.for_sampling(model, use_bf16("auto", unclip.device))
-    j = int(args.key) - 1 if args.key.isdigit() else [m["info"]["key"] for _, m in unclip.upsamplers].index(args.key)
-    unclip.upsamplers[j] = (fast, {"info": info})
+    bf16 = use_bf16("auto", unclip.device)
+    keys = [m["info"]["key"] for _, m in unclip.upsamplers]
+    for key, directory in [o.split("=", 1) for o in args.others] + [(args.key, None)]:
+        if directory is None:
+            unclip.upsamplers[keys.index(key)] = (up_diffusion.for_sampling(model, bf16), {"info": info})
+        else:
+            other, meta = up_diffusion.load(Path(directory))
+            unclip.upsamplers[keys.index(key)] = (up_diffusion.for_sampling(other, bf16), meta)
+            figures.setdefault("with", {})[key] = directory
+    fast = unclip.upsamplers[keys.index(args.key)][0]
     test = load_split(shard_paths(ws.embeddings), "test", image_size=64)
     rows = pick_rows(test["gt"], args.n, args.n)
     captions, gts = [test["captions"][i] for i in rows], [test["gt"][i] for i in rows]

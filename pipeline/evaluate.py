@@ -57,7 +57,7 @@ from .config import PriorConfig
 from .data.shards import shard_paths
 from .embeddings import load_split
 from .generate import Unclip, save_grid
-from .images import grid, save_png
+from .images import grid, resize, save_png, to_model, to_uint8
 from .judge.labels import parse_gt
 from .judge.stage import Judge
 from .prior.stage import evaluate as prior_figures
@@ -218,7 +218,11 @@ def judged_figures(e, cfg, unclip, judge, extractor, test: dict, val: dict, size
             result = out
     quality = ablation["unclip"]
     names = stage_names(result)
-    by_stage = {name: score(judge, imgs, gts, real_feats) for name, imgs in zip(names, result["stages"])}
+    # each stage's background taken bicubically to the final size (where the speckle comes from)
+    final = result["stages"][-1].shape[-1]
+    by_stage = {name: score(judge, imgs, gts, real_feats) | {"background": background.figures(
+                    to_uint8(resize(to_model(imgs), final)), gts, captions, real_noise=real_background["noise"])}
+                for name, imgs in zip(names, result["stages"])}
     clips = clip_figures(unclip, result, names, test["images"][idx])
 
     # standard FID / KID (or the declared FD-CLIP fallback) of the final images, and its floor

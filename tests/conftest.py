@@ -18,6 +18,13 @@ os.environ.setdefault("DVC_SITE_CACHE_DIR", tempfile.mkdtemp(prefix="dvc-site-")
 os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + str(Path(tempfile.mkdtemp(prefix="mlflow-")) / "mlflow.db"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.pop("UNCLIP_PROFILE", None)
+# Under pytest-xdist each worker gets its share of the cores for torch (and the stage subprocesses
+# it starts), set before anything imports torch: two workers of two threads each on 2 cores would
+# oversubscribe them, which slows torch 10-20 times.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // _workers)))
 
 
 @pytest.fixture(scope="session")

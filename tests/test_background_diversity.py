@@ -105,6 +105,23 @@ def test_noise_of_flat_backgrounds_and_of_noised_ones(corpus_scenes):
                               real_noise=4.0)["noise_ratio"] == pytest.approx(fig["noise"] / 4.0, abs=1e-3)
 
 
+def test_speckle_tells_pixel_noise_from_a_smooth_background(corpus_scenes):
+    """White noise of sigma reads as about 0.94 sigma of speckle (a pixel minus its 3x3 mean) and
+    sigma of noise; a smooth shading across the background reads as noise but not as speckle."""
+    gray = [s for s in corpus_scenes if s.background == "gray"]
+    gts = [s.ground_truth() for s in gray]
+    drawn = as_tensor([render(s, 64, 4) for s in gray])
+    assert background.speckle(drawn, gts).max() == 0
+    noised = (drawn.float() + 6.0 * torch.randn(drawn.shape, generator=torch.Generator().manual_seed(0)))
+    sp = background.speckle(noised.round().clamp(0, 255).to(torch.uint8), gts)
+    assert sp.mean().item() == pytest.approx(6.0 * (8 / 9) ** 0.5, rel=0.06)
+    ramp = torch.linspace(-12, 12, 64)[None, None, None, :]                       # a left-to-right shading
+    shaded = (drawn.float() + ramp).round().clamp(0, 255).to(torch.uint8)
+    sd, _ = background.noise(shaded, gts)
+    assert sd.mean() > 4 and background.speckle(shaded, gts).max() < 0.5
+    assert background.figures(shaded, gts, [""] * len(gts))["speckle"] < 0.5
+
+
 def test_a_misplaced_object_is_stray_not_noise():
     s = next(s for s in scenes(60) if len(s.objects) == 1 and s.objects[0].position == "center")
     img = as_tensor([render(s, 64, 4)])

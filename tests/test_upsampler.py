@@ -248,3 +248,27 @@ def test_residual_target_diffuses_the_difference_to_the_bicubic_upsample(monkeyp
     info = INFO | {"prediction_type": "v_prediction", "target": "residual"}
     assert torch.allclose(diffusion.upsample(m, info, low), resize(low, 16).clamp(-1, 1))
     assert diffusion.upsample(m, INFO | {"prediction_type": "v_prediction"}, low).abs().max() == 0
+
+
+def test_residual_scale_diffuses_k_times_the_residual_and_divides_the_sample_by_k(monkeypatch):
+    """``residual_scale`` k: the loss is the plain loss on k (x0 - bicubic); sampling divides what
+    the sampler returns by k before adding the bicubic upsample back, and widens the sampler's
+    x0 clipping to the scaled residual's range [-2k, 2k]."""
+    m, schedule = net(seed=2), noise_schedule("v_prediction")
+    x0 = shapes(b=4, size=16)
+    cond = resize(resize(x0, 8), 16)
+    a = diffusion.training_loss(m, x0, cond, schedule, generator=torch.Generator().manual_seed(0), residual=True,
+                                residual_scale=8.0)
+    b = diffusion.training_loss(m, 8.0 * (x0 - cond), cond, schedule, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    seen = {}
+
+    def fake_loop(denoiser, x_T, scheduler, generator):
+        seen["clip"] = scheduler.config.clip_sample_range
+        return torch.full_like(x_T, 0.8)                     # a scaled residual of 0.8 -> 0.1 in the image
+
+    monkeypatch.setattr(diffusion, "sample_loop", fake_loop)
+    low = shapes(size=8)
+    info = INFO | {"prediction_type": "v_prediction", "target": "residual", "residual_scale": 8.0}
+    assert torch.allclose(diffusion.upsample(m, info, low), (resize(low, 16) + 0.1).clamp(-1, 1))
+    assert seen["clip"] == 16.0

@@ -120,6 +120,9 @@ QUALITY_ROWS = (("one object: color", "single.color"), ("one object: shape", "si
                 ("one object: all four", "single.all"), ("two objects: both colors", "pair.colors"),
                 ("two objects: colors on their shapes", "pair.shapes"), ("two objects: relation", "pair.relation"),
                 ("Fréchet distance (judge features)", "frechet_distance"))
+# after every stage, each taken to the final size: where the background's noise comes from
+STAGE_BACKGROUND_ROWS = (("background noise (8-bit levels)", "background.noise"),
+                         ("background speckle (high-pass)", "background.speckle"))
 
 
 def identity_rows(run: dict) -> list[str]:
@@ -204,7 +207,7 @@ def report_html(run_dir: Path) -> str:
     if ev.get("quality_by_stage"):
         stages = list(ev["quality_by_stage"])
         rows = [f"<tr><th>{esc(label)}</th>" + "".join(cell(mf, f"evaluate.quality_by_stage.{s}.{k}") for s in stages)
-                + "</tr>" for label, k in QUALITY_ROWS]
+                + "</tr>" for label, k in QUALITY_ROWS + STAGE_BACKGROUND_ROWS]
         out += ["<h3>After every stage of the cascade</h3>", table(["", *stages], rows)]
 
     # standard metrics

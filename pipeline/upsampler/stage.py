@@ -134,7 +134,7 @@ def make_loss(u, schedule):
         z_i = batch[2].to(dev) if len(batch) > 2 else None
         with autocast(u.precision, dev):
             return training_loss(net, x0, cond, schedule, z_i=z_i, p_drop_image=u.p_drop_image_embed,
-                                 residual=u.target == "residual")
+                                 residual=u.target == "residual", residual_scale=u.residual_scale)
     return loss_fn
 
 
@@ -228,7 +228,7 @@ def run(cfg, ws, key: str) -> dict:
     if not accelerator.is_main_process:                   # under several processes the main one saves
         return {"train": summary}
     info = {"key": key, "in_size": in_size, "out_size": out_size, "prediction_type": u.prediction_type,
-            "condition": u.condition, "target": u.target,
+            "condition": u.condition, "target": u.target, "residual_scale": u.residual_scale,
             "sampling": u.sampling.model_dump(), "degradation": u.degradation, "crop_size": summary["crop_size"]}
     with atomic_dir(ws.upsampler(key)) as out:
         with torch.no_grad():
