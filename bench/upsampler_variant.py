@@ -44,7 +44,8 @@ from pipeline.judge.stage import Judge  # noqa: E402
 from pipeline.quality import score  # noqa: E402
 from pipeline.training import autocast, use_bf16  # noqa: E402
 from pipeline.upsampler import diffusion as up_diffusion  # noqa: E402
-from pipeline.upsampler.stage import chain_sizes, conditioned, evaluate, image_embedding, source_dir, train  # noqa: E402
+from pipeline.upsampler.stage import (bundle_info, chain_sizes, conditioned, evaluate, image_embedding,  # noqa: E402
+                                      source_dir, train)
 from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402
 
 
@@ -83,19 +84,14 @@ def main() -> None:
     else:
         embed_dim = image_embedding(next(iter_split(paths[:1], None))).shape[0] if conditioned(u) else 0
         t0 = time.perf_counter()
-        model, _, summary, _, _ = train(u, args.key, paths, in_size, out_size, out_dir / "checkpoints" / args.name,
-                                        embed_dim=embed_dim)
+        model, arch, summary, _, _ = train(u, args.key, paths, in_size, out_size,
+                                           out_dir / "checkpoints" / args.name, embed_dim=embed_dim)
         figures["train"] = summary | {"wall_s": round(time.perf_counter() - t0, 1)}
         model.eval()
-        info = {"key": args.key, "in_size": in_size, "out_size": out_size, "prediction_type": u.prediction_type,
-                "condition": u.condition, "target": u.target, "residual_scale": u.residual_scale,
-                "sampling": u.sampling.model_dump(), "degradation": u.degradation}
+        info = bundle_info(u, args.key, in_size, out_size, summary["crop_size"])
         if args.save:
-            arch = {"block_out_channels": list(u.block_out_channels), "layers_per_block": u.layers_per_block}
-            if embed_dim:
-                arch["embed_dim"] = embed_dim
-            bundle.save_model(Path(args.save), model, kind="upsampler", arch=arch,
-                              run_config=bundle.run_config(cfg), info=info | {"crop_size": summary["crop_size"]})
+            bundle.save_model(Path(args.save), model, kind="upsampler", arch=arch, run_config=bundle.run_config(cfg),
+                              info=info)
     with torch.no_grad():
         figures["val"], rows = evaluate(model, info, paths, u.seed)
     save_png(grid(rows, nrow=len(rows) // 3, scale=max(1, 128 // out_size)), out_dir / f"{args.name}_val.png")
@@ -105,14 +101,14 @@ def main() -> None:
     unclip = Unclip.load(ws.root / "models")
     bf16 = use_bf16("auto", unclip.device)
     keys = [m["info"]["key"] for _, m in unclip.upsamplers]
-    for key, directory in [o.split("=", 1) for o in args.others] + [(args.key, None)]:
-        if directory is None:
-            unclip.upsamplers[keys.index(key)] = (up_diffusion.for_sampling(model, bf16), {"info": info})
-        else:
-            other, meta = up_diffusion.load(Path(directory))
-            unclip.upsamplers[keys.index(key)] = (up_diffusion.for_sampling(other, bf16), meta)
-            figures.setdefault("with", {})[key] = directory
-    fast = unclip.upsamplers[keys.index(args.key)][0]
+    for key, directory in (o.split("=", 1) for o in args.others):
+        if key not in keys:
+            sys.exit(f"--with {key}=...: no upsampler {key!r} in the chain (known: {', '.join(keys)})")
+        other, meta = up_diffusion.load(Path(directory))
+        unclip.upsamplers[keys.index(key)] = (up_diffusion.for_sampling(other, bf16), meta)
+        figures.setdefault("with", {})[key] = directory
+    fast = up_diffusion.for_sampling(model, bf16)
+    unclip.upsamplers[keys.index(args.key)] = (fast, {"info": info})
     test = load_split(shard_paths(ws.embeddings), "test", image_size=64)
     rows = pick_rows(test["gt"], args.n, args.n)
     captions, gts = [test["captions"][i] for i in rows], [test["gt"][i] for i in rows]

@@ -176,6 +176,14 @@ def train(u, key: str, paths: list[Path], in_size: int, out_size: int, checkpoin
     return model, arch, summary, accelerator, retrain.describe(warm, scratch_why)
 
 
+def bundle_info(u, key: str, in_size: int, out_size: int, crop_size: int) -> dict:
+    """An upsampler bundle's ``meta["info"]`` (what :func:`upsample` and the chain read) for
+    upsampler ``key`` trained with config ``u``."""
+    return {"key": key, "in_size": in_size, "out_size": out_size, "prediction_type": u.prediction_type,
+            "condition": u.condition, "target": u.target, "residual_scale": u.residual_scale,
+            "sampling": u.sampling.model_dump(), "degradation": u.degradation, "crop_size": crop_size}
+
+
 def psnr(x: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB [B] of images in [-1, 1], both quantised to uint8 as they are saved."""
     mse = (to_uint8(x).float() - to_uint8(truth).float()).pow(2).mean(dim=(1, 2, 3))
@@ -227,9 +235,7 @@ def run(cfg, ws, key: str) -> dict:
                                                    ws.checkpoints / f"upsampler_{key}", warm_from, embed_dim, depends)
     if not accelerator.is_main_process:                   # under several processes the main one saves
         return {"train": summary}
-    info = {"key": key, "in_size": in_size, "out_size": out_size, "prediction_type": u.prediction_type,
-            "condition": u.condition, "target": u.target, "residual_scale": u.residual_scale,
-            "sampling": u.sampling.model_dump(), "degradation": u.degradation, "crop_size": summary["crop_size"]}
+    info = bundle_info(u, key, in_size, out_size, summary["crop_size"])
     with atomic_dir(ws.upsampler(key)) as out:
         with torch.no_grad():
             val, rows = evaluate(model, info, paths, u.seed)
