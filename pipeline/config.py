@@ -201,7 +201,28 @@ class UpsamplerSamplingConfig(SamplingConfig):
     strength: float = Field(1.0, gt=0, le=1)
 
 
+class AutoregressivePriorConfig(Section):
+    """The autoregressive prior's code (pipeline/prior/codebook.py) and sampling. DALL-E 2 keeps
+    319 of 1024 PCA components and 1024 buckets each, on hundreds of millions of pairs."""
+    components: int = Field(32, ge=1)                 # PCA components kept (of the embedding's width)
+    buckets: int = Field(64, ge=2)                    # equal-mass buckets per component
+    dot_buckets: int = Field(32, ge=2)                # buckets of z_i . z_t; sampling draws from the top half
+    lr: float = Field(1e-3, gt=0)                     # in place of prior.lr (the diffusion prior's)
+    guidance_scale: float = Field(2.0, ge=0)          # classifier-free guidance on the logits
+    temperature: float = Field(0.5, gt=0)
+
+    @model_validator(mode="after")
+    def _even_dot_buckets(self):
+        if self.dot_buckets % 2:
+            raise ValueError(f"dot_buckets must be even (its top half is sampled), got {self.dot_buckets}")
+        return self
+
+
 class PriorConfig(TrainConfig):
+    # diffusion: DALL-E 2's diffusion prior (pipeline/prior/diffusion.py); autoregressive: its other
+    # prior over quantized PCA codes of z_i (pipeline/prior/autoregressive.py, settings below)
+    kind: Literal["diffusion", "autoregressive"] = "diffusion"
+    autoregressive: AutoregressivePriorConfig = AutoregressivePriorConfig()
     layers: int = Field(4, ge=1)
     heads: int = Field(4, ge=1)
     head_dim: int = Field(32, ge=4)
@@ -286,6 +307,10 @@ class EvaluateConfig(Section):
     # for unCLIP and the caption-only path, beside real renders of the same scenes; 0 prompts: none.
     diversity_prompts: int = Field(16, ge=0)
     diversity_seeds: int = Field(4, ge=2)             # at least a pair per caption
+    # DALL-E 2's comparison of priors (pipeline/prior_comparison.py): {name: prior bundle dir, relative
+    # to the workspace}, each fed through the same cascade, captions and seeds as models/prior; {}: none
+    # (bench/prior_comparison.py trains the other kind beside models/prior and fills this in)
+    compare_priors: dict[str, str] = {}
 
 
 class JudgeConfig(Section):

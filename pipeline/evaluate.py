@@ -52,7 +52,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from . import background, bundle, diversity, tracking, truth
+from . import background, bundle, diversity, prior_comparison, tracking, truth
 from .config import PriorConfig
 from .data.shards import shard_paths
 from .embeddings import load_split
@@ -315,6 +315,18 @@ def unjudged_figures(e, unclip, extractor, test: dict, val: dict) -> tuple[dict,
     return figures, held
 
 
+def compare_priors(e, ws, unclip, judge, test: dict, held: dict) -> dict:
+    """DALL-E 2's comparison of priors on these captions (``pipeline.prior_comparison``)."""
+    rows, captions = held["rows"], held["captions"]
+    idx = torch.tensor(rows)
+    test_sub = {k: test[k][idx] for k in ("z_i", "z_t", "tokens", "mask")} | {"n": len(rows)}
+    priors = prior_comparison.load_priors(ws.root, ws.root / "models", e.compare_priors, unclip.device)
+    say("evaluate", f"prior comparison: {', '.join(priors)} through the same cascade, {len(rows)} captions")
+    truth_of = {} if judge is None else {"judge": judge, "gts": [test["gt"][i] for i in rows],
+                                         "real_feats": judge.predict(test["images"][idx])[1]}
+    return prior_comparison.compare(e, unclip, priors, captions, test_sub, **truth_of)
+
+
 def grid_prompts(e, test: dict, judged: bool) -> list[str]:
     """``evaluate.prompts``; unset, the corpus's example prompts on data with ground truth, else
     the first 4 held-out test captions of the data."""
@@ -387,6 +399,8 @@ def run(cfg, ws) -> dict:
     test_sub = {k: (v[torch.tensor(rows)] if isinstance(v, torch.Tensor) else [v[i] for i in rows])
                 for k, v in test.items() if k != "n"} | {"n": len(rows)}
     figures["prior"] = prior_figures(unclip.prior, test_sub, PriorConfig.model_validate(prior))
+    if e.compare_priors:
+        figures["prior_comparison"] = compare_priors(e, ws, unclip, judge, test, held)
     prompts = grid_prompts(e, test, judged)
     figures["prompts"] = prompts
     figures["bundle"] = bundle.digests(ws.root / "models")   # the weights measured: the gate registers only these

@@ -23,8 +23,7 @@ from .clip import model as clip_model
 from .decoder import diffusion as decoder_diffusion
 from .decoder.network import UnclipDecoder
 from .images import grid, save_png, to_uint8
-from .prior import diffusion as prior_diffusion
-from .prior.network import UnclipPrior
+from .prior import kinds as prior_kinds
 from .training import autocast, use_bf16
 from .upsampler import diffusion as up_diffusion
 from .workspace import file_sha256
@@ -33,7 +32,7 @@ from .workspace import file_sha256
 @dataclass
 class Unclip:
     clip: clip_model.ClipBundle
-    prior: UnclipPrior
+    prior: torch.nn.Module                                  # either kind (pipeline.prior.kinds)
     prior_meta: dict
     decoder: UnclipDecoder
     decoder_meta: dict
@@ -51,7 +50,7 @@ class Unclip:
                                     f"clip/, prior/, decoder/, upsampler_*/)")
         dev = torch.device(device or clip_model.device_of())
         clip = clip_model.load(models / "clip", dev)
-        prior, prior_meta = bundle.load_model(models / "prior", "prior", UnclipPrior, dev)
+        prior, prior_meta = bundle.load_model(models / "prior", "prior", prior_kinds.build, dev)
         decoder, decoder_meta = bundle.load_model(models / "decoder", "decoder", UnclipDecoder, dev)
         sha = file_sha256(models / "clip" / "model.safetensors")
         for name, meta in (("prior", prior_meta), ("decoder", decoder_meta)):
@@ -81,14 +80,16 @@ class Unclip:
                      n_candidates: Optional[int] = None, batch_size: int = 64,
                      stats: Optional[dict] = None) -> torch.Tensor:
         """Image embeddings z_i [B, D] for text embeddings z_t [B, D] and their tokens, at the
-        prior's saved sampling defaults unless overridden."""
-        ps = self.prior_meta["info"]["sampling"]
+        prior's saved sampling defaults unless overridden (``sampler`` and ``steps`` mean nothing
+        to the autoregressive prior, whose steps are its codes)."""
+        ps = dict(self.prior_meta["info"]["sampling"])
+        if not prior_kinds.is_autoregressive(self.prior):
+            ps |= {"sampler": sampler or ps["sampler"], "steps": steps or ps["steps"]}
+        ps["guidance_scale"] = ps["guidance_scale"] if guidance is None else guidance
         k = n_candidates or self.prior_meta["info"].get("n_candidates", 2)
         stats = {} if stats is None else stats
-        return torch.cat([prior_diffusion.sample(
-            self.prior, z_t[i:i + batch_size], tokens[i:i + batch_size], mask[i:i + batch_size],
-            steps=steps or ps["steps"], sampler=sampler or ps["sampler"],
-            guidance_scale=ps["guidance_scale"] if guidance is None else guidance,
+        return torch.cat([prior_kinds.sample(
+            self.prior, z_t[i:i + batch_size], tokens[i:i + batch_size], mask[i:i + batch_size], ps,
             n_candidates=k, generator=gen, stats=stats).float() for i in range(0, len(z_t), batch_size)])
 
     @torch.no_grad()

@@ -360,6 +360,51 @@ def test_binding_bench_tables_the_chain_without_touching_the_workspace(flow_runs
     assert not (ws.reports / "bench").exists()
 
 
+def test_prior_comparison_trains_the_autoregressive_prior_beside_the_workspaces(flow_runs, tmp_path):
+    """bench/prior_comparison.py: the autoregressive prior trained by the prior stage's recipe into
+    models/<name>, then both priors through evaluate's comparison on the same captions; the
+    workspace's own prior untouched."""
+    import shutil
+    import subprocess
+    import sys
+    ws, _, _ = flow_runs
+    before = (ws.prior / "model.safetensors").read_bytes()
+    out = tmp_path / "cmp.json"
+    cmd = [sys.executable, str(REPO / "bench" / "prior_comparison.py"), "--workspace", str(ws.root), "--profile",
+           "smoke", "--name", "prior_ar_test", "--set", "steps=3", "--n", "2", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    try:
+        assert done.returncode == 0, done.stderr[-2000:]
+        fig = json.loads(out.read_text())
+        cmp = fig["comparison"]
+        assert list(cmp) == ["cascade", "prior_ar_test"] and fig["train"]["kind"] == "autoregressive"
+        assert [cmp[k]["kind"] for k in cmp] == ["diffusion", "autoregressive"]
+        codebook = fig["train"]["codebook"]
+        assert codebook["train"]["components"] == 8 and 0 < codebook["train"]["explained_variance"] <= 1
+        for f in cmp.values():
+            assert -1 <= f["prior"]["cos_pred_image"] <= 1 and f["seconds_per_image"] > 0
+            assert f["quality"]["single"]["n"] == 2 and f["quality"]["frechet_distance"] >= 0
+            assert f["train_seconds"] > 0
+        # 8 codes per candidate, 2 candidates (prior.n_candidates), no guidance
+        assert cmp["prior_ar_test"]["nfe_prior"] == 16
+        meta = json.loads((ws.root / "models" / "prior_ar_test" / "model.json").read_text())
+        assert meta["kind"] == "prior" and meta["arch"]["kind"] == "autoregressive"
+        assert "| prior_ar_test | autoregressive |" in done.stdout
+        assert (ws.prior / "model.safetensors").read_bytes() == before
+        assert not (ws.checkpoints / "prior_ar_test").exists() or not any((ws.checkpoints / "prior_ar_test").iterdir())
+        # prior.kind: autoregressive as the cascade's own prior: a bundle with it loads and generates, seeded
+        from pipeline.generate import Unclip
+        models = tmp_path / "models"
+        shutil.copytree(ws.root / "models", models, ignore=shutil.ignore_patterns("prior", "prior_ar_test", "judge"))
+        shutil.copytree(ws.root / "models" / "prior_ar_test", models / "prior")
+        unclip = Unclip.load(models)
+        a, b = (unclip.generate(["a red circle"], n=2, seed=5) for _ in range(2))
+        assert a["images"].shape[0] == 2 and torch.equal(a["images"], b["images"]) and a["nfe"]["prior"] == 16
+    finally:
+        shutil.rmtree(ws.root / "models" / "prior_ar_test", ignore_errors=True)
+        shutil.rmtree(ws.checkpoints / "prior_ar_test", ignore_errors=True)
+
+
 def test_new_pairs_crawl_filter_and_embed_alone_and_training_continues(flow_runs, monkeypatch):
     """10 % more corpus pairs: the next flow run crawls only their URLs, filters and embeds only
     the new shards, keeps CLIP and the judge, continues the diffusion models from their last

@@ -116,7 +116,7 @@ def run_prior(cfg, shapes: dict, job: dict) -> dict:
     def sample(n: int) -> None:
         prior_stage.sample_in_batches(model, {"n": n, "z_t": data["z_t"][:n], "tokens": data["tokens"][:n],
                                               "mask": data["mask"][:n]},
-                                      p.sampling, p.n_candidates, n, p.seed, p.precision)
+                                      p.sampling.model_dump(), p.n_candidates, n, p.seed, p.precision)
 
     out = timed_sampling(sample, j["sample_batch"], counter)
     out["nfe_per_item"] /= p.n_candidates                     # per candidate

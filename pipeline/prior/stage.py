@@ -1,4 +1,5 @@
-"""The `prior` stage: train the diffusion prior on the embedding shards, measure it on val.
+"""The `prior` stage: train the prior of ``prior.kind`` (diffusion, the default, or
+autoregressive: ``pipeline.prior.kinds``) on the embedding shards, measure it on val.
 
 Val figures, as the field reports them (DALL-E 2 section 5; laion/DALLE2-pytorch's prior
 evaluation), each a mean over the val split:
@@ -10,6 +11,8 @@ evaluation), each a mean over the val split:
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -20,20 +23,15 @@ from ..progress import say
 from ..stages import StageError
 from ..training import autocast, clear_checkpoints, train_diffusion_model
 from ..workspace import atomic_dir
-from . import diffusion
-from .network import UnclipPrior
-
-
-def arch_of(p, embed_dim: int, text_width: int, context_length: int) -> dict:
-    return {"embed_dim": embed_dim, "text_width": text_width, "context_length": context_length,
-            "layers": p.layers, "heads": p.heads, "head_dim": p.head_dim, "dropout": p.dropout}
+from . import diffusion, kinds
+from .kinds import arch_of  # noqa: F401  (the benches build the stage's network from it)
 
 
 @torch.no_grad()
-def sample_in_batches(model, data: dict, sampling, n_candidates: int, batch_size: int, seed: int,
+def sample_in_batches(model, data: dict, sampling: dict, n_candidates: int, batch_size: int, seed: int,
                       precision: str = "auto", order=None) -> tuple[torch.Tensor, int]:
     """Predicted z_i [n, D] for the captions of ``data`` (rows reordered by ``order``), and the
-    network evaluations per sample."""
+    network evaluations per sample; ``sampling`` as a bundle records it (``kinds.sample``)."""
     device = next(model.parameters()).device
     order = torch.arange(data["n"]) if order is None else order
     gen = torch.Generator().manual_seed(seed)
@@ -41,23 +39,23 @@ def sample_in_batches(model, data: dict, sampling, n_candidates: int, batch_size
     for i in range(0, data["n"], batch_size):
         idx = order[i:i + batch_size]
         with autocast(precision, device):
-            z = diffusion.sample(model, data["z_t"][idx].to(device), data["tokens"][idx].to(device),
-                                 data["mask"][idx].to(device), steps=sampling.steps, sampler=sampling.sampler,
-                                 guidance_scale=sampling.guidance_scale, n_candidates=n_candidates,
-                                 generator=gen, stats=stats)
+            z = kinds.sample(model, data["z_t"][idx].to(device), data["tokens"][idx].to(device),
+                             data["mask"][idx].to(device), sampling, n_candidates=n_candidates,
+                             generator=gen, stats=stats)
         out.append(z.float().cpu())
     return torch.cat(out), stats.get("nfe", 0) * n_candidates
 
 
 def evaluate(model, val: dict, p) -> dict:
-    pred, nfe = sample_in_batches(model, val, p.sampling, p.n_candidates, p.val_batch_size, p.seed, p.precision)
+    sampling = kinds.sampling_info(p)["sampling"]
+    pred, nfe = sample_in_batches(model, val, sampling, p.n_candidates, p.val_batch_size, p.seed, p.precision)
     # unrelated captions: every caption paired with another scene's image (a fixed derangement)
     shift = torch.roll(torch.arange(val["n"]), 1)
-    unrelated, _ = sample_in_batches(model, val, p.sampling, p.n_candidates, p.val_batch_size, p.seed + 1,
+    unrelated, _ = sample_in_batches(model, val, sampling, p.n_candidates, p.val_batch_size, p.seed + 1,
                                      p.precision, order=shift)
     cos = lambda a, b: F.cosine_similarity(a, b, dim=-1).mean().item()        # noqa: E731
-    return {"n": val["n"], "sampler": p.sampling.sampler, "steps": p.sampling.steps,
-            "guidance_scale": p.sampling.guidance_scale, "n_candidates": p.n_candidates,
+    return {"n": val["n"], "kind": p.kind, "sampler": sampling["sampler"], "steps": sampling["steps"],
+            "guidance_scale": sampling["guidance_scale"], "n_candidates": p.n_candidates,
             "nfe_per_sample": nfe,
             "cos_pred_image": round(cos(pred, val["z_i"]), 4),
             "cos_pred_text": round(cos(pred, val["z_t"]), 4),
@@ -71,13 +69,29 @@ def make_loss(p, schedule):
     def loss_fn(net, batch):
         dev = next(net.parameters()).device
         with autocast(p.precision, dev):
-            return diffusion.training_loss(net, batch["z_i"].to(dev), batch["z_t"].to(dev), batch["tokens"].to(dev),
-                                           batch["mask"].to(dev), schedule, p_uncond=p.p_uncond)
+            return kinds.training_loss(net, batch["z_i"].to(dev), batch["z_t"].to(dev), batch["tokens"].to(dev),
+                                       batch["mask"].to(dev), schedule, p_uncond=p.p_uncond)
     return loss_fn
 
 
-def run(cfg, ws) -> dict:
+def fit_codebook(model, paths: list, val: dict) -> dict:
+    """The autoregressive prior's PCA and buckets, fit once on the train split's embeddings; its
+    figures (variance kept, the round trip's cosines) on val."""
+    train = load_split(paths, "train")
+    if not train["n"]:
+        raise StageError("the train split of the embeddings is empty")
+    fit = model.codebook.fit(train["z_i"], train["z_t"])
+    say("prior", f"codebook: {fit['components']} PCA components keep {100 * fit['explained_variance']:.1f}% of "
+                 f"the variance; {fit['buckets']} buckets each; train round trip cos {fit['cos_quantized']}")
+    return {"train": fit, "val": model.codebook.round_trip(val["z_i"])}
+
+
+def train(cfg, ws, out_dir, checkpoint_dir) -> dict:
+    """Train ``cfg.prior`` on the workspace's embeddings into the bundle ``out_dir`` (the stage's
+    ``models/prior``; ``bench/prior_comparison.py`` trains the other kind beside it)."""
     p = cfg.prior
+    if p.kind == kinds.AUTOREGRESSIVE:              # its own learning rate (the training loop reads p.lr)
+        p = p.model_copy(update={"lr": p.autoregressive.lr})
     paths = shard_paths(ws.embeddings)
     if not paths:
         raise StageError(f"no shards in {ws.embeddings}: run the embed stage first")
@@ -87,37 +101,46 @@ def run(cfg, ws) -> dict:
     _, d = val["z_i"].shape
     _, length, width = val["tokens"].shape
     arch = arch_of(p, d, width, length)
+    if p.kind == kinds.AUTOREGRESSIVE and p.autoregressive.components > d:
+        raise StageError(f"prior.autoregressive.components is {p.autoregressive.components}, more than the "
+                         f"CLIP embedding's {d} dimensions")
     torch.manual_seed(p.seed)
-    model = UnclipPrior(**arch)
+    model = kinds.build(**arch)
+    t0 = time.perf_counter()
+    codebook = fit_codebook(model, paths, val) if kinds.is_autoregressive(model) else None
     schedule = diffusion.noise_scheduler()
 
     def make_batches(rank, world):
         return train_batches(paths, p.batch_size, seed=p.seed, rank=rank, world=world)
 
-    loss_fn = make_loss(p, schedule)
-
     def on_log(step, figures):
         tracking.log_metrics({"train_loss": figures["loss"], "lr": figures["lr"]}, step=step)
 
     clip_sha = bundle.clip_identity(ws.clip)["sha256"]
-    warm, scratch_why = retrain.warm_start(cfg, ws.prior, ws.embeddings, "prior", p, arch, clip_sha=clip_sha)
+    # (a warm start loads the last model's codebook with its weights: its codes keep their meaning)
+    warm, scratch_why = retrain.warm_start(cfg, out_dir, ws.embeddings, "prior", p, arch, clip_sha=clip_sha)
     # a checkpoint is resumed only by the same config, on the same embeddings, of the same CLIP
     key = {"prior": p.model_dump(mode="json"), "arch": arch, "data": retrain.lineage(ws.embeddings)["shards"],
            "clip": clip_sha}
-    summary, acc = train_diffusion_model(model, p, make_batches, loss_fn, checkpoint_dir=ws.checkpoints / "prior",
+    summary, acc = train_diffusion_model(model, p, make_batches, make_loss(p, schedule), checkpoint_dir=checkpoint_dir,
                                          key=key, desc="prior: train", on_log=on_log, warm=warm)
+    train_seconds = round(time.perf_counter() - t0, 1)
     if not acc.is_main_process:
         return {"train": summary}
     val_figs = evaluate(model, val, p)
-    with atomic_dir(ws.prior) as out:
+    with atomic_dir(out_dir) as out:
         bundle.save_model(out, model, kind="prior", arch=arch, run_config=bundle.run_config(cfg),
-                          info={"prediction_type": diffusion.PREDICTION, "sampling": p.sampling.model_dump(),
-                                "n_candidates": p.n_candidates},
+                          info=kinds.sampling_info(p) | {"train_seconds": train_seconds},
                           clip=bundle.clip_identity(ws.clip))
         retrain.write_lineage(out, ws.embeddings)
-    clear_checkpoints(ws.checkpoints / "prior")         # only now: a kill before this resumes at the end
+    clear_checkpoints(checkpoint_dir)         # only now: a kill before this resumes at the end
     tracking.log_metrics({f"val_{k}": v for k, v in val_figs.items() if k.startswith("cos")})
-    say("prior", f"val: cos(pred, image) {val_figs['cos_pred_image']} vs baseline cos(text, image) "
+    say("prior", f"{p.kind} prior, val: cos(pred, image) {val_figs['cos_pred_image']} vs baseline cos(text, image) "
                  f"{val_figs['cos_image_text_baseline']} and unrelated {val_figs['cos_unrelated_image']} "
-                 f"-> {ws.prior.relative_to(ws.root)}/ (model.safetensors)")
-    return {"train": summary, "val": val_figs, "retrain": retrain.describe(warm, scratch_why)}
+                 f"-> {out_dir}/ (model.safetensors)")
+    return {"kind": p.kind, "train": summary, "train_seconds": train_seconds, "val": val_figs,
+            "retrain": retrain.describe(warm, scratch_why)} | ({"codebook": codebook} if codebook else {})
+
+
+def run(cfg, ws) -> dict:
+    return train(cfg, ws, ws.prior, ws.checkpoints / "prior")
