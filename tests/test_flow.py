@@ -385,8 +385,8 @@ def test_prior_comparison_trains_the_autoregressive_prior_beside_the_workspaces(
             assert -1 <= f["prior"]["cos_pred_image"] <= 1 and f["seconds_per_image"] > 0
             assert f["quality"]["single"]["n"] == 2 and f["quality"]["frechet_distance"] >= 0
             assert f["train_seconds"] > 0
-        # 8 codes per candidate, 2 candidates (prior.n_candidates), no guidance
-        assert cmp["prior_ar_test"]["nfe_prior"] == 16
+        # 8 codes per candidate, twice for guidance (autoregressive.guidance_scale 2), 2 candidates (prior.n_candidates)
+        assert cmp["prior_ar_test"]["nfe_prior"] == 32 and cmp["prior_ar_test"]["sampling"]["temperature"] == 0.5
         meta = json.loads((ws.root / "models" / "prior_ar_test" / "model.json").read_text())
         assert meta["kind"] == "prior" and meta["arch"]["kind"] == "autoregressive"
         assert "| prior_ar_test | autoregressive |" in done.stdout
@@ -399,7 +399,7 @@ def test_prior_comparison_trains_the_autoregressive_prior_beside_the_workspaces(
         shutil.copytree(ws.root / "models" / "prior_ar_test", models / "prior")
         unclip = Unclip.load(models)
         a, b = (unclip.generate(["a red circle"], n=2, seed=5) for _ in range(2))
-        assert a["images"].shape[0] == 2 and torch.equal(a["images"], b["images"]) and a["nfe"]["prior"] == 16
+        assert a["images"].shape[0] == 2 and torch.equal(a["images"], b["images"]) and a["nfe"]["prior"] == 32
     finally:
         shutil.rmtree(ws.root / "models" / "prior_ar_test", ignore_errors=True)
         shutil.rmtree(ws.checkpoints / "prior_ar_test", ignore_errors=True)
