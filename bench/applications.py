@@ -42,7 +42,7 @@ from pipeline.embeddings import load_split  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402
 from pipeline.generate import Unclip  # noqa: E402
 from pipeline.judge.labels import VOCAB, parse_gt  # noqa: E402
-from pipeline.judge.stage import Judge  # noqa: E402
+from pipeline.judge.model import Judge  # noqa: E402
 from pipeline.workspace import Workspace  # noqa: E402
 
 MARGIN = 0.08

@@ -63,7 +63,7 @@ from pipeline.evaluate import pick_rows  # noqa: E402
 from pipeline.generate import Unclip  # noqa: E402
 from pipeline.images import to_uint8  # noqa: E402
 from pipeline.judge.labels import check, parse_gt  # noqa: E402
-from pipeline.judge.stage import Judge  # noqa: E402
+from pipeline.judge.model import Judge  # noqa: E402
 from pipeline.quality import prepare  # noqa: E402
 from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402
 

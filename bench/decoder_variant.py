@@ -37,7 +37,7 @@ from pipeline.embeddings import load_split  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402
 from pipeline.images import grid, resize, save_png, to_uint8  # noqa: E402
 from pipeline.judge.labels import VOCAB, parse_gt  # noqa: E402
-from pipeline.judge.stage import Judge  # noqa: E402
+from pipeline.judge.model import Judge  # noqa: E402
 from pipeline.quality import score  # noqa: E402
 from pipeline.training import train_diffusion_model  # noqa: E402
 from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402

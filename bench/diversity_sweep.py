@@ -37,7 +37,7 @@ from pipeline.data.shards import shard_paths  # noqa: E402
 from pipeline.embeddings import load_split  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402
 from pipeline.generate import Unclip  # noqa: E402
-from pipeline.judge.stage import Judge  # noqa: E402
+from pipeline.judge.model import Judge  # noqa: E402
 from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402
 
 PATHS = ("unclip", "caption_only")

@@ -40,7 +40,7 @@ from pipeline.embeddings import load_split  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402
 from pipeline.generate import Unclip  # noqa: E402
 from pipeline.images import grid, resize, save_png, to_model, to_uint8  # noqa: E402
-from pipeline.judge.stage import Judge  # noqa: E402
+from pipeline.judge.model import Judge  # noqa: E402
 from pipeline.quality import score  # noqa: E402
 from pipeline.training import autocast, use_bf16  # noqa: E402
 from pipeline.upsampler import diffusion as up_diffusion  # noqa: E402

@@ -20,8 +20,18 @@ from typing import Any, Callable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from .clip.model import versions
 from .workspace import file_sha256
+
+
+def versions() -> dict:
+    """The package versions a bundle records (``model.json``, the CLIP's ``run_config.json``)."""
+    import platform
+
+    import numpy as np
+    import open_clip
+    import webdataset
+    return {"python": platform.python_version(), "torch": torch.__version__, "open_clip": open_clip.__version__,
+            "numpy": np.__version__, "webdataset": getattr(webdataset, "__version__", "unknown")}
 
 
 PARTS = ("clip", "prior", "decoder")       # plus every upsampler_*, in order
@@ -73,7 +83,7 @@ def read_meta(path: Path, kind: str) -> dict[str, Any]:
                                 f"run `unclip stage {kind}` or point at a trained bundle")
     meta = json.loads((path / "model.json").read_text())
     if meta.get("kind") != kind:
-        from .stages import BundleError
+        from .errors import BundleError
         raise BundleError(f"{path} holds a {meta.get('kind')!r}, not a {kind!r}")
     return meta
 

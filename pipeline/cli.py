@@ -169,7 +169,7 @@ def judge(ctx, path, captions, tile, cols, pad, judge_dir, as_json):
     """Read colors, shapes, sizes, positions and relations off images (a directory, an image,
     or a grid) with the ground-truth judge; with --caption, score them."""
     from .judge.files import judge_files
-    from .judge.stage import Judge
+    from .judge.model import Judge
     try:
         j = Judge.load(Path(judge_dir) if judge_dir else Workspace.at(ctx.obj["workspace"]).judge)
         result = judge_files(j, Path(path), captions, tile, cols, pad)

@@ -35,7 +35,7 @@ from .clip.data import decode_images, single_thread
 from .clip.tokenize import truncated
 from .data.shards import ShardError, ShardSink, iter_samples, loads_json, shard_paths, split_of
 from .progress import progress, say
-from .stages import StageError
+from .errors import StageError
 from .workspace import atomic_dir
 
 

@@ -59,12 +59,12 @@ from .embeddings import load_split
 from .generate import Unclip, save_grid
 from .images import grid, resize, save_png, to_model, to_uint8
 from .judge.labels import parse_gt
-from .judge.stage import Judge
-from .prior.stage import evaluate as prior_figures
+from .judge.model import Judge
+from .prior.figures import evaluate as prior_figures
 from .progress import say
 from .quality import (ClipFeatures, InceptionFeatures, clip_scores as clip_scores_both, extract, fid_kid,
                       frechet_distance, prepare, score, worst_samples)
-from .stages import StageError
+from .errors import StageError
 from .workspace import atomic_dir
 
 # (figure, path into the quality dict, bar): the targets of the quality issue

@@ -22,9 +22,9 @@ import torch
 from . import bundle
 from .config import PriorConfig
 from .prior import kinds
-from .prior.stage import evaluate as prior_figures
+from .prior.figures import evaluate as prior_figures
 from .quality import score
-from .stages import StageError
+from .errors import StageError
 from .workspace import file_sha256
 
 OWN = "cascade"                 # the name of the cascade's own prior (models/prior) in the comparison

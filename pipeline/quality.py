@@ -12,7 +12,7 @@ import torch
 
 from .images import resize, to_model, to_uint8
 from .judge.labels import accuracy, check, readable
-from .judge.stage import Judge
+from .judge.model import Judge
 
 
 def frechet_distance(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
@@ -85,7 +85,7 @@ class InceptionFeatures(torch.nn.Module):
             # in it): it gets only a file that loads as plain tensors and data.
             torch.load(weights_path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 -- whatever the reason, the file is not usable
-            from .stages import StageError
+            from .errors import StageError
             raise StageError(f"evaluate.inception_weights: {weights_path} does not load as plain weights "
                              f"({type(err).__name__}: {str(err)[:200]}); expected torch-fidelity's "
                              f"{INCEPTION_WEIGHTS_FILE}") from None

@@ -15,6 +15,7 @@ from typing import Callable
 
 from . import tracking
 from .config import Config
+from .errors import BundleError, StageError  # noqa: F401  (re-exported: `from pipeline.stages import StageError`)
 from .progress import say
 from .workspace import Workspace, atomic_write_json
 
@@ -32,15 +33,6 @@ STAGES: dict[str, str] = {
     "upsample@2": "pipeline.upsampler.stage:run",
     "evaluate": "pipeline.evaluate:run",
 }
-
-
-class StageError(RuntimeError):
-    """A stage failed on bad input or configuration: retrying will not help."""
-
-
-class BundleError(StageError, ValueError):
-    """A model bundle that cannot be what it claims (a bad name, another kind): a ValueError for
-    the callers that load bundles, a StageError (permanent) for the stages."""
 
 
 # How `unclip stage` tells whoever ran it (the flow, through `dvc repro`) how it ended, instead

@@ -13,7 +13,7 @@ Min-SNR weights and both condition drops; prior: the prior stage's ``loss_fn``, 
 dropped for guidance), on synthetic batches of the shapes the stages see. Timed: ``steps`` whole
 optimizer steps after ``warmup`` (time stamps at the loss function's calls, so one extra step
 runs at the end). Sampling (timed after one 1-row call) is the stages' own: ``decoder.stage.decode``
-and ``prior.stage.sample_in_batches`` with the sampler, steps, guidance and candidates of params.yaml.
+and ``prior.figures.sample_in_batches`` with the sampler, steps, guidance and candidates of params.yaml.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from pipeline import config  # noqa: E402
 from pipeline.decoder import stage as decoder_stage  # noqa: E402
 from pipeline.decoder.network import UnclipDecoder  # noqa: E402
 from pipeline.prior import diffusion as prior_diffusion  # noqa: E402
+from pipeline.prior import figures as prior_figures  # noqa: E402
 from pipeline.prior import stage as prior_stage  # noqa: E402
 from pipeline.prior.network import UnclipPrior  # noqa: E402
 from pipeline.training import autocast, train_diffusion_model, use_bf16  # noqa: E402
@@ -114,7 +115,7 @@ def run_prior(cfg, shapes: dict, job: dict) -> dict:
     counter = RowCounter(model)
 
     def sample(n: int) -> None:
-        prior_stage.sample_in_batches(model, {"n": n, "z_t": data["z_t"][:n], "tokens": data["tokens"][:n],
+        prior_figures.sample_in_batches(model, {"n": n, "z_t": data["z_t"][:n], "tokens": data["tokens"][:n],
                                               "mask": data["mask"][:n]},
                                       p.sampling.model_dump(), p.n_candidates, n, p.seed, p.precision)
 

@@ -20,7 +20,7 @@ import webdataset as wds
 from PIL import Image
 
 from ..data.shards import iter_samples, sample_meta, split_of
-from ..stages import StageError
+from ..errors import StageError
 
 
 def decode_image(data: bytes) -> torch.Tensor:

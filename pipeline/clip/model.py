@@ -15,20 +15,19 @@ from __future__ import annotations
 import json
 import logging
 import math
-import platform
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from safetensors.torch import load_file, save_file
 
+from ..bundle import versions
 from .tokenize import fast_tokenizer
 
 MODEL_NAME = "unclip-small-vit"
@@ -98,7 +97,7 @@ def _register(name: str, config: dict) -> None:
     ``name`` comes from a bundle's open_clip_config.json: it becomes a file name, so it must be
     a plain one."""
     if not NAME.fullmatch(name):
-        from ..stages import BundleError
+        from ..errors import BundleError
         raise BundleError(f"CLIP model name {name!r}: expected letters, digits, '_', '.', '+' or '-' (a bundle's "
                          f"open_clip_config.json 'name')")
     with tempfile.TemporaryDirectory(prefix="unclip-open_clip-") as scratch:
@@ -234,12 +233,6 @@ def load_pretrained(spec: str) -> ClipBundle:
     return ClipBundle(model.eval(), fast_tokenizer(open_clip.get_tokenizer(arch)), arch, config,
                       size if isinstance(size, int) else size[0],
                       tuple(pre.get("mean", MEAN)), tuple(pre.get("std", STD)))
-
-
-def versions() -> dict:
-    import webdataset
-    return {"python": platform.python_version(), "torch": torch.__version__, "open_clip": open_clip.__version__,
-            "numpy": np.__version__, "webdataset": getattr(webdataset, "__version__", "unknown")}
 
 
 def device_of(explicit: Optional[str] = None) -> torch.device:

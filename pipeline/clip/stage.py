@@ -9,7 +9,7 @@ from .. import retrain, tracking
 from ..bundle import run_config
 from ..data.shards import shard_paths
 from ..progress import say
-from ..stages import StageError
+from ..errors import StageError
 from ..training import clear_checkpoints
 from ..workspace import atomic_dir
 from . import model as clip_model

@@ -62,7 +62,7 @@ from PIL import Image, ImageFile, ImageOps
 
 from .. import incremental
 from ..progress import progress, say
-from ..stages import StageError
+from ..errors import StageError
 from ..tracking import redact_urls_in
 from ..workspace import atomic_dir
 from . import fetch

@@ -43,7 +43,7 @@ from PIL import Image
 
 from .. import incremental
 from ..progress import progress, say
-from ..stages import StageError
+from ..errors import StageError
 from ..workspace import atomic_dir, dir_size, human_bytes
 from .shards import ShardError, ShardSink, count_samples, iter_samples, shard_paths
 

@@ -19,7 +19,7 @@ from ..diffusion import noise_schedule
 from ..embeddings import load_split, train_batches
 from ..images import grid, resize, save_png, to_model, to_uint8
 from ..progress import say
-from ..stages import StageError
+from ..errors import StageError
 from ..training import autocast, clear_checkpoints, train_diffusion_model
 from ..workspace import atomic_dir
 from . import diffusion

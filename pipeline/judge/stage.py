@@ -15,8 +15,7 @@ images, i.e. what a perfect generator would score.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,45 +25,14 @@ from ..clip.data import load_split
 from ..data.shards import shard_paths
 from ..images import resize, to_model, to_uint8
 from ..progress import say
-from ..stages import StageError
+from ..errors import StageError
 from ..training import Checkpointer, autocast, clear_checkpoints, config_hash, cosine_with_warmup, fit
 from ..workspace import atomic_dir
 from .labels import HEADS, IGNORE, VOCAB, accuracy, parse_gt, target_tensor
+from .model import Judge
 from .network import JudgeNet
 
 DEGRADE_SIZES = (16, 24, 32, 48)
-
-
-class Judge:
-    """A trained judge: ``predict`` uint8 images of any size -> head outputs and features."""
-
-    def __init__(self, net: JudgeNet, meta: dict, device: torch.device):
-        self.net, self.meta, self.device = net, meta, device
-
-    @classmethod
-    def load(cls, path: str | Path, device: Optional[str | torch.device] = None) -> "Judge":
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        net, meta = bundle.load_model(Path(path), "judge", JudgeNet, dev)
-        return cls(net, meta, dev)
-
-    @property
-    def image_size(self) -> int:
-        return self.net.image_size
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, batch_size: int = 256) -> tuple[list[dict[str, int]], torch.Tensor]:
-        """uint8 [N, 3, H, W] (resized to the judge's resolution by ``images.resize``) ->
-        (per image {head: class index}, features [N, feature_dim] float64 on the CPU)."""
-        picks, feats = [], []
-        for i in range(0, len(images), batch_size):
-            x = resize(to_model(images[i:i + batch_size]), self.image_size).to(self.device)
-            logits, f = self.net(x)
-            picks.append(torch.stack([l.argmax(1) for l in logits], dim=1).cpu())
-            feats.append(f.double().cpu())
-        if not picks:
-            return [], torch.empty(0, self.net.heads.in_features, dtype=torch.float64)
-        rows = torch.cat(picks).tolist()
-        return [dict(zip(HEADS, r)) for r in rows], torch.cat(feats)
 
 
 def degrade(x: torch.Tensor, gen: torch.Generator, p: float) -> torch.Tensor:

@@ -27,7 +27,7 @@ from ..clip.data import decode_image, iter_split, train_stream
 from ..data.shards import shard_paths
 from ..images import grid, resize, save_png, to_model, to_uint8
 from ..progress import say
-from ..stages import StageError
+from ..errors import StageError
 from ..training import autocast, clear_checkpoints, train_diffusion_model
 from ..workspace import atomic_dir
 from .degrade import degrade
