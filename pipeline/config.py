@@ -126,12 +126,12 @@ class ClipModelConfig(Section):
     """A small open_clip ViT; registered with open_clip under a generated name."""
     embed_dim: int = Field(128, ge=8)
     image_size: int = Field(64, ge=16)
-    vision_layers: int = Field(4, ge=1)
-    vision_width: int = Field(192, ge=16)
-    vision_patch_size: int = Field(8, ge=1)
+    vision_layers: int = Field(3, ge=1)
+    vision_width: int = Field(128, ge=16)
+    vision_patch_size: int = Field(16, ge=1)
     vision_stem: Literal["conv", "patch"] = "conv"
-    context_length: int = Field(32, ge=8, le=77)
-    text_layers: int = Field(4, ge=1)
+    context_length: int = Field(24, ge=8, le=77)
+    text_layers: int = Field(3, ge=1)
     text_width: int = Field(128, ge=16)
     text_heads: int = Field(4, ge=1)
 
@@ -149,7 +149,7 @@ class ClipConfig(Section):
     seed: int = 0
     model: ClipModelConfig = ClipModelConfig()
     batch_size: int = Field(256, ge=2)
-    steps: int = Field(400, ge=1)
+    steps: int = Field(900, ge=1)
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.1, ge=0)
@@ -161,9 +161,9 @@ class ClipConfig(Section):
 
 class EmbedConfig(Section):
     batch_size: int = Field(256, ge=1)
-    min_similarity: Optional[float] = Field(None, ge=-1, le=1)
+    min_similarity: Optional[float] = Field(0.55, ge=-1, le=1)
     shard_size: int = Field(2500, ge=1)
-    num_workers: int = Field(1, ge=0)
+    num_workers: int = Field(0, ge=0)
     token_dtype: Literal["float16", "float32"] = "float16"
 
 
@@ -228,26 +228,34 @@ class PriorConfig(TrainConfig):
     head_dim: int = Field(32, ge=4)
     dropout: float = Field(0.0, ge=0, lt=1)
     p_uncond: float = Field(0.1, ge=0, le=1)          # text condition dropped (classifier-free guidance)
-    sampling: SamplingConfig = SamplingConfig()
+    batch_size: int = Field(256, ge=1)
+    steps: int = Field(600, ge=1)
+    weight_decay: float = Field(0.06, ge=0)
+    num_workers: int = Field(0, ge=0)
+    sampling: SamplingConfig = SamplingConfig(steps=4)
     n_candidates: int = Field(2, ge=1)                # DALL-E 2: draw 2, keep the larger z_i . z_t
     val_batch_size: int = Field(512, ge=1)
 
 
 class DecoderConfig(TrainConfig):
     image_size: int = Field(16, ge=8)                 # the base resolution; the upsamplers take it from here
-    block_out_channels: list[int] = [64, 128, 256]
+    block_out_channels: list[int] = [32, 64, 128]
     attention: list[bool] = [False, True, True]       # cross/self attention per resolution level
     layers_per_block: int = Field(1, ge=1)
     head_dim: int = Field(32, ge=4)
     cross_attention_dim: int = Field(128, ge=8)
     extra_tokens: int = Field(4, ge=0)                # z_i projected into this many context tokens
-    layout_channels: int = Field(0, ge=0)             # z_i + caption summary projected to a [C, S, S] input map
+    layout_channels: int = Field(8, ge=0)             # z_i + caption summary projected to a [C, S, S] input map
     learned_variance: bool = False                    # hybrid loss (Nichol & Dhariwal 2021); DDPM samples with it
-    prediction_type: Prediction = "epsilon"
+    prediction_type: Prediction = "v_prediction"
     snr_gamma: Optional[float] = Field(None, gt=0)    # Min-SNR-gamma loss weighting; null = uniform (the default)
     p_drop_image_embed: float = Field(0.1, ge=0, le=1)
     p_drop_caption: float = Field(0.5, ge=0, le=1)
-    sampling: SamplingConfig = SamplingConfig(guidance_scale=3.0)
+    batch_size: int = Field(32, ge=1)
+    steps: int = Field(2800, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    num_workers: int = Field(0, ge=0)
+    sampling: SamplingConfig = SamplingConfig(sampler="dpm++", steps=8, guidance_scale=2.0)
 
     @model_validator(mode="after")
     def _levels(self):
@@ -263,28 +271,31 @@ class UpsamplerConfig(TrainConfig):
     degradation: Literal["blur", "bsr"] = "blur"      # corruption of the low-res input in training
     block_out_channels: list[int] = [32, 64, 128]
     layers_per_block: int = Field(1, ge=1)
-    prediction_type: Prediction = "epsilon"
+    prediction_type: Prediction = "v_prediction"      # epsilon leaves noise after few steps from t = T
     crop_fraction: float = Field(0.5, gt=0, le=1)     # crop side / image side: 0.5 = 1/4 of the area
-    sampling: UpsamplerSamplingConfig = UpsamplerSamplingConfig(steps=8)
+    lr: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    checkpoint_every: int = Field(100, ge=1)
+    sampling: UpsamplerSamplingConfig = UpsamplerSamplingConfig(steps=2)
     # none: the paper's upsampler (the low-res image only). image_embed: also z_i, added to the
     # time embedding as the decoder does (a declared deviation: the low-res base drops shape)
     condition: Literal["none", "image_embed"] = "none"
     p_drop_image_embed: float = Field(0.1, ge=0, le=1)   # with condition image_embed: z_i zeroed this often
     # what is diffused: image (SR3: the high-res image) or residual (SRDiff, Li et al. 2022: the
     # high-res image minus the bicubic upsample of the low-res one; sampling adds it back)
-    target: Literal["image", "residual"] = "image"
+    target: Literal["image", "residual"] = "residual"
     # with target residual: the residual is multiplied by this before it is diffused (and divided
     # after sampling), so that it has about the spread the noise schedule was made for, as latent
     # diffusion scales its latents to unit variance. Residuals are small (std 0.04-0.09 on the
     # embedded corpus against 0.7 for images): at scale 1 the network's error at the last sampling
     # step lands on the image as it is, at scale k it lands divided by k.
-    residual_scale: float = Field(1.0, gt=0)
+    residual_scale: float = Field(8.0, gt=0)
 
 
 class UpsampleConfig(Section):
     """The upsampler chain after the decoder; DVC stage ``upsample@<key>`` per entry, in order."""
-    stages: dict[str, UpsamplerConfig] = {"1": UpsamplerConfig(degradation="blur"),
-                                          "2": UpsamplerConfig(degradation="bsr")}
+    stages: dict[str, UpsamplerConfig] = {"1": UpsamplerConfig(steps=400),
+                                          "2": UpsamplerConfig(batch_size=32, steps=300)}
 
 
 class EvaluateConfig(Section):
@@ -382,7 +393,7 @@ class Config(Section):
     filter: FilterConfig = FilterConfig()
     clip: ClipConfig = ClipConfig()
     embed: EmbedConfig = EmbedConfig()
-    prior: PriorConfig = PriorConfig(batch_size=256, steps=2000, weight_decay=0.06)
+    prior: PriorConfig = PriorConfig()
     decoder: DecoderConfig = DecoderConfig()
     judge: JudgeConfig = JudgeConfig()
     upsample: UpsampleConfig = UpsampleConfig()

@@ -64,3 +64,23 @@ def test_cli_bad_param_exits_nonzero_and_writes_nothing(params_path, tmp_path):
     assert proc.returncode == 2
     assert "corpus.image_sise: unknown key" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_code_defaults_are_the_params_yaml_defaults(params_path):
+    """One set of defaults: every key params.yaml sets (the default profile) has that value as the
+    config model's default too, so a section left out of a workspace's params.yaml (or a model
+    built in code, as the benches and tests do) means what the repo's params.yaml means."""
+    import yaml
+
+    from pipeline import config
+    raw = yaml.safe_load(params_path.read_text())
+    raw.pop("profiles", None)
+
+    def differences(code, yaml_value, path=""):
+        if isinstance(code, dict) and isinstance(yaml_value, dict):
+            return [d for k in sorted(set(code) | set(yaml_value))
+                    for d in differences(code.get(k), yaml_value.get(k), f"{path}.{k}".lstrip("."))]
+        return [] if code == yaml_value else [f"{path}: config.py {code!r}, params.yaml {yaml_value!r}"]
+
+    code = config.Config.model_validate({}).model_dump(mode="json")
+    assert differences(code, config.resolve(raw, "default").model_dump(mode="json")) == []
