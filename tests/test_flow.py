@@ -400,6 +400,12 @@ def test_prior_comparison_trains_the_autoregressive_prior_beside_the_workspaces(
         unclip = Unclip.load(models)
         a, b = (unclip.generate(["a red circle"], n=2, seed=5) for _ in range(2))
         assert a["images"].shape[0] == 2 and torch.equal(a["images"], b["images"]) and a["nfe"]["prior"] == 32
+        sweep = subprocess.run([sys.executable, str(REPO / "bench" / "prior_sampling_sweep.py"), "--workspace",
+                                str(ws.root), "--bundle", "models/prior_ar_test", "--guidance", "1,2",
+                                "--temperature", "1,0.1"], capture_output=True, text=True, timeout=300)
+        assert sweep.returncode == 0, sweep.stderr[-2000:]
+        rows = [line for line in sweep.stdout.splitlines() if line.startswith("| 1.0 |") or line.startswith("| 2.0 |")]
+        assert len(rows) == 2 and all(line.count(" / ") == 2 for line in rows)
     finally:
         shutil.rmtree(ws.root / "models" / "prior_ar_test", ignore_errors=True)
         shutil.rmtree(ws.checkpoints / "prior_ar_test", ignore_errors=True)
