@@ -257,7 +257,7 @@ def judged_figures(e, cfg, unclip, judge, extractor, test: dict, val: dict, size
     n_single = figures["n_single"]
     shown = [i for i in range(len(rows)) if i < 8] + [i for i in range(n_single, len(rows))][:8]
     held = {"rows": rows, "captions": captions, "result": result, "shown": shown, "worst": worst,
-            "spread_rows": spread_rows, "spread_captions": spread_captions}
+            "spread_rows": spread_rows, "spread_captions": spread_captions, "real_feats": real_feats}
     return figures, held
 
 
@@ -322,8 +322,11 @@ def compare_priors(e, ws, unclip, judge, test: dict, held: dict) -> dict:
     test_sub = {k: test[k][idx] for k in ("z_i", "z_t", "tokens", "mask")} | {"n": len(rows)}
     priors = prior_comparison.load_priors(ws.root, ws.root / "models", e.compare_priors, unclip.device)
     say("evaluate", f"prior comparison: {', '.join(priors)} through the same cascade, {len(rows)} captions")
+    real_feats = held.get("real_feats")          # the judged figures' (a bench's ``held`` may lack them)
+    if judge is not None and real_feats is None:
+        real_feats = judge.predict(test["images"][idx])[1]
     truth_of = {} if judge is None else {"judge": judge, "gts": [test["gt"][i] for i in rows],
-                                         "real_feats": judge.predict(test["images"][idx])[1]}
+                                         "real_feats": real_feats}
     return prior_comparison.compare(e, unclip, priors, captions, test_sub, **truth_of)
 
 

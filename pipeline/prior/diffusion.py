@@ -62,7 +62,12 @@ def sample(model, z_t: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, *
     if stats is not None:
         stats["nfe"] = denoiser.nfe
     z = F.normalize(x, dim=-1).view(b, n_candidates, d)
-    # Rerank: keep the candidate most aligned with the caption's text embedding.
-    best = (z * F.normalize(z_t, dim=-1)[:, None, :]).sum(-1).argmax(dim=1)
-    chosen = z[torch.arange(b), best]
+    chosen = rerank(z, z_t)
     return (chosen, z) if return_candidates else chosen
+
+
+def rerank(candidates: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+    """DALL-E 2's rerank: of candidates [B, k, D] per caption, the one most aligned with the
+    caption's text embedding z_t [B, D] (largest z_i . z_t) -> [B, D]. Either prior uses it."""
+    best = (candidates * F.normalize(z_t, dim=-1)[:, None, :]).sum(-1).argmax(dim=1)
+    return candidates[torch.arange(len(candidates)), best]

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import autoregressive, diffusion
 from .autoregressive import AutoregressivePrior
@@ -75,6 +74,4 @@ def sample(model, z_t: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, s
     rep = lambda x: x.repeat_interleave(n_candidates, dim=0)          # noqa: E731
     z = autoregressive.sample(model, rep(z_t), rep(tokens), rep(mask), guidance_scale=sampling["guidance_scale"],
                               temperature=sampling.get("temperature", 1.0), generator=generator, stats=stats)
-    z = z.view(len(z_t), n_candidates, -1)
-    best = (z * F.normalize(z_t.float(), dim=-1)[:, None, :]).sum(-1).argmax(dim=1)
-    return z[torch.arange(len(z_t)), best]
+    return diffusion.rerank(z.view(len(z_t), n_candidates, -1), z_t)
