@@ -1,22 +1,28 @@
 """Benchmark: the throughput levers of issue 16, each measured side by side on the decoder's step.
 
-    python bench/train_levers.py [--repeats 7] [--steps 3] [--levers ema_foreach,channels_last,compile,fp32,batch64]
+    python bench/train_levers.py [--repeats 7] [--steps 3]
+        [--levers loops,channels_last,compile,fp32,batch64,batch128,transformer,glide]
         [--out reports/bench/train_levers.json]
 
 The decoder at its params.yaml config (the model with the largest fixed cost per step,
 bench/train_throughput.py) trains on one synthetic batch of its shapes, one step being the
-stage's: forward + loss under autocast, backward, clipping, fused AdamW, EMA. Every lever is a
+stage's: forward + loss under autocast, backward, clipping (foreach), fused AdamW, EMA (foreach).
+Every lever is a
 variant of that step; all variants run round-robin, ``--steps`` steps per timed block after a
 warm-up, ``--repeats`` blocks, and the table gives each variant's median seconds per step and
 the median of its paired ratios to the baseline (block by block: the machine is noisy).
 
     baseline       the step as the stage runs it (bf16 autocast: what precision auto measures faster here)
-    ema_foreach    diffusers' EMAModel with foreach updates instead of its Python loop over ~260 tensors
+    loops          the step before foreach: EMAModel's Python loop over every tensor and clipping's
+                   per-tensor norms (what the stage ran before; the baseline uses foreach for both)
     channels_last  the model and the images in channels-last memory format (oneDNN's preferred layout)
     compile        torch.compile(model) (inductor); its compile time is printed beside (counted
                    against a run's steps: it pays only if (saved s/step x steps) > compile seconds)
     fp32           no autocast (precision fp32)
     batch64        twice the batch: per-sample cost (s/step / 2 is what to compare)
+    batch128       four times the batch (s/step / 4)
+    transformer    the decoder with diffusers' transformer attention blocks (attention_block: transformer)
+    glide          the decoder with GLIDE's attention blocks (attention_block: glide)
 """
 from __future__ import annotations
 
@@ -36,7 +42,8 @@ from pipeline.decoder.stage import arch_of, training_fns  # noqa: E402
 from pipeline.training import build_optimizer, resolved_precision  # noqa: E402
 from pipeline.workspace import atomic_write_json  # noqa: E402
 
-LEVERS = ("ema_foreach", "channels_last", "compile", "fp32", "batch64")
+LEVERS = ("loops", "channels_last", "compile", "fp32", "batch64", "batch128", "transformer", "glide")
+SCALE = {"batch64": 2, "batch128": 4}          # the batch of a lever, in multiples of the config's
 
 
 def batch_of(d, b: int, seed: int = 0) -> dict:
@@ -48,17 +55,20 @@ def batch_of(d, b: int, seed: int = 0) -> dict:
             "mask": torch.arange(24)[None] < torch.randint(3, 25, (b, 1), generator=g)}
 
 
-def variant(d, lever: str):
-    """(step function, setup seconds) for the decoder with ``lever`` applied ('baseline': none)."""
+def variant(d, lever: str, batch_size: int):
+    """(step function, setup seconds) for the decoder with ``lever`` applied ('baseline': none)
+    at ``batch_size`` samples a step."""
     torch.manual_seed(0)
+    if lever in ("transformer", "glide"):
+        d = d.model_copy(update={"attention_block": lever})
     model = UnclipDecoder(**arch_of(d, 128, 128)).train()
     if lever == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     optimizer, _, ema = build_optimizer(model, d)
-    if lever == "ema_foreach":
-        ema.foreach = True
+    if lever == "loops":
+        ema.foreach = False
     _, loss_fn = training_fns(d, [])
-    batch = batch_of(d, 2 * d.batch_size if lever == "batch64" else d.batch_size)
+    batch = batch_of(d, batch_size)
     if lever == "channels_last":
         batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
     params = [p for p in model.parameters()]
@@ -73,7 +83,7 @@ def variant(d, lever: str):
             loss = loss_fn(net, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, d.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, d.grad_clip, foreach=lever != "loops")
         optimizer.step()
         ema.step(params)
 
@@ -85,38 +95,64 @@ def variant(d, lever: str):
     return step, setup
 
 
+def fixed_cost(times: dict, lever: str, sizes: list[int]) -> dict:
+    """The intercept a of the least-squares line s/step = a + b * batch over ``lever``'s batch
+    sweep, and a / (s/step) at each batch: the share of a step that does not shrink with the batch."""
+    x = sizes
+    y = [statistics.median(times[(lever, n)]) for n in sizes]
+    mx, my = statistics.mean(x), statistics.mean(y)
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
+    a = my - slope * mx
+    return {"intercept_s": round(a, 4), "ms_per_sample": round(1000 * slope, 3),
+            "share": {str(n): round(a / t, 3) for n, t in zip(x, y)}}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--levers", default=",".join(LEVERS))
+    ap.add_argument("--fixed", default="baseline,loops,transformer,glide",
+                    help="levers whose fixed cost per step is measured (a sweep at batch/4, batch/2, batch)")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--profile", default=None)
     ap.add_argument("--out", default="reports/bench/train_levers.json")
     args = ap.parse_args(argv)
     d = config.load(args.params, args.profile).decoder
     names = ["baseline"] + [x for x in args.levers.split(",") if x]
+    fixed = [x for x in args.fixed.split(",") if x in names]
+    sweep = [d.batch_size // 4, d.batch_size // 2]
+    keys = [(n, SCALE.get(n, 1) * d.batch_size) for n in names] + [(n, b) for n in fixed for b in sweep]
     steps, setup = {}, {}
-    for name in names:
-        steps[name], setup[name] = variant(d, name)
+    for key in keys:
+        steps[key], setup[key] = variant(d, *key)
         for _ in range(2):
-            steps[name]()                                       # warm-up
-    times = {n: [] for n in names}
-    for _ in range(args.repeats):
-        for n in names:
+            steps[key]()                                         # warm-up
+    times = {k: [] for k in keys}
+    for _ in range(args.repeats):                                # round-robin: noise hits all alike
+        for k in keys:
             t0 = time.perf_counter()
             for _ in range(args.steps):
-                steps[n]()
-            times[n].append((time.perf_counter() - t0) / args.steps)
+                steps[k]()
+            times[k].append((time.perf_counter() - t0) / args.steps)
+    base = times[("baseline", d.batch_size)]
     rows = {}
     for n in names:
-        ratio = statistics.median(b / t for b, t in zip(times["baseline"], times[n]))
-        per_sample = statistics.median(times[n]) / (2 * d.batch_size if n == "batch64" else d.batch_size)
-        rows[n] = {"s_per_step": round(statistics.median(times[n]), 4), "speedup_vs_baseline": round(ratio, 3),
-                   "ms_per_sample": round(1000 * per_sample, 3), "setup_s": round(setup[n], 1)}
-        print(f"{n:14s} {rows[n]['s_per_step']:.4f} s/step  x{ratio:.2f} vs baseline (median of paired ratios)  "
-              f"{rows[n]['ms_per_sample']:.2f} ms/sample" + (f"  compile {setup[n]:.0f} s" if setup[n] else ""))
-    report = {"threads": torch.get_num_threads(), "decoder_batch": d.batch_size, "variants": rows}
+        key = (n, SCALE.get(n, 1) * d.batch_size)
+        ratio = statistics.median(b / t for b, t in zip(base, times[key]))
+        rows[n] = {"batch": key[1], "s_per_step": round(statistics.median(times[key]), 4),
+                   "speedup_vs_baseline": round(ratio, 3),
+                   "ms_per_sample": round(1000 * statistics.median(times[key]) / key[1], 3),
+                   "setup_s": round(setup[key], 1)}
+        if n in fixed:
+            rows[n]["fixed_cost"] = fixed_cost(times, n, sweep + [d.batch_size])
+        print(f"{n:12s} batch {key[1]:4d}  {rows[n]['s_per_step']:.4f} s/step  x{ratio:.2f} vs baseline (median of "
+              f"paired ratios)  {rows[n]['ms_per_sample']:.2f} ms/sample"
+              + (f"  fixed {rows[n]['fixed_cost']['intercept_s']:.4f} s = "
+                 f"{100 * rows[n]['fixed_cost']['share'][str(d.batch_size)]:.0f} % of the step" if n in fixed else "")
+              + (f"  compile {setup[key]:.0f} s" if setup[key] else ""))
+    report = {"threads": torch.get_num_threads(), "decoder_batch": d.batch_size,
+              "attention_block": d.attention_block, "variants": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, report)

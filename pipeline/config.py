@@ -241,6 +241,10 @@ class DecoderConfig(TrainConfig):
     image_size: int = Field(16, ge=8)                 # the base resolution; the upsamplers take it from here
     block_out_channels: list[int] = [32, 64, 128]
     attention: list[bool] = [False, True, True]       # cross/self attention per resolution level
+    # transformer: diffusers' Transformer2DModel (self-attention, cross-attention, feed-forward);
+    # glide: GLIDE's block (the paper's decoder): self-attention whose keys/values also take the
+    # projected context tokens, no feed-forward (pipeline/decoder/network.py)
+    attention_block: Literal["transformer", "glide"] = "transformer"
     layers_per_block: int = Field(1, ge=1)
     head_dim: int = Field(32, ge=4)
     cross_attention_dim: int = Field(128, ge=8)

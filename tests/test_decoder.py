@@ -24,8 +24,9 @@ def cond(seed=0):
     return z_i, tokens, mask
 
 
-def test_output_shape_and_both_conditioning_paths_matter():
-    m, (z_i, tokens, mask) = net(), cond()
+@pytest.mark.parametrize("block", ["transformer", "glide"])
+def test_output_shape_and_both_conditioning_paths_matter(block):
+    m, (z_i, tokens, mask) = net(attention_block=block), cond()
     x, t = torch.randn(B, 3, S, S), torch.tensor([5, 500, 900])
     out = m(x, t, z_i, tokens, mask)
     assert out.shape == (B, 3, S, S) and torch.isfinite(out).all()
@@ -46,8 +47,9 @@ def test_z_i_reaches_the_unet_through_the_time_embedding_alone():
     assert not torch.allclose(m(x, t, z_i, tokens, mask), m(x, t, cond(1)[0], tokens, mask))
 
 
-def test_fully_dropped_condition_is_finite_and_differs():
-    m, (z_i, tokens, mask) = net(), cond()
+@pytest.mark.parametrize("block", ["transformer", "glide"])
+def test_fully_dropped_condition_is_finite_and_differs(block):
+    m, (z_i, tokens, mask) = net(attention_block=block), cond()
     yes = torch.ones(B, dtype=torch.bool)
     ez, et, em = dd.drop(z_i, tokens, mask, yes, yes)
     assert (ez == 0).all() and not em.any()
@@ -96,14 +98,29 @@ def test_guidance_in_one_doubled_batch_equals_two_passes():
     assert joint.nfe == two.nfe == 2        # the second pass counts, batched or not
 
 
-def test_attention_heads_have_head_dim_dimensions_and_norm_groups_keep_channels_together():
+@pytest.mark.parametrize("block", ["transformer", "glide"])
+def test_attention_heads_have_head_dim_dimensions_and_norm_groups_keep_channels_together(block):
     # diffusers reads attention_head_dim as the number of heads: 32 of 4 dimensions unless corrected
+    # (the transformer blocks); the glide blocks read it as the width
     m = UnclipDecoder(image_size=16, embed_dim=D, text_width=W, block_out_channels=[32, 64, 128],
-                      attention=[False, False, True], head_dim=32, cross_attention_dim=32)
+                      attention=[False, False, True], head_dim=32, cross_attention_dim=32, attention_block=block)
     attn = [a for a in m.modules() if type(a).__name__ == "Attention"]
     assert attn and all(a.heads == 4 and a.inner_dim // a.heads == 32 for a in attn)
     norms = [g for g in m.unet.modules() if isinstance(g, torch.nn.GroupNorm)]
     assert norms and min(g.num_channels // g.num_groups for g in norms) >= 4     # never instance norm
+
+
+def test_glide_block_is_one_attention_over_the_image_and_the_context_without_feed_forward():
+    # GLIDE's block: the context tokens' keys/values join the image's own in one attention; the
+    # transformer block has two attentions (self, cross) and a feed-forward per level
+    glide, transformer = net(attention_block="glide"), net()
+    kinds = lambda m: {type(x).__name__ for x in m.modules()}                   # noqa: E731
+    assert "FeedForward" in kinds(transformer) and "FeedForward" not in kinds(glide)
+    attn = [a for a in glide.modules() if type(a).__name__ == "Attention"]
+    assert attn and all(a.add_k_proj is not None and a.add_v_proj is not None for a in attn)
+    assert sum(p.numel() for p in glide.parameters()) < sum(p.numel() for p in transformer.parameters())
+    with pytest.raises(ValueError, match="attention_block"):
+        net(attention_block="other")
 
 
 def test_ddim_with_a_perfect_denoiser_recovers_x0():

@@ -14,6 +14,17 @@ UNet then gets "what goes where" at full resolution from the first layer, instea
 turn a global vector into a spatial layout through many layers; on 2 CPU cores this is the
 difference between blobs and shapes (see the closing note of the quality issue).
 
+The attention block (``attention_block``):
+- ``transformer``: diffusers' Transformer2DModel per attention level: proj_in, self-attention,
+  cross-attention to the context, a GEGLU feed-forward, three LayerNorms, proj_out (13 linear maps);
+- ``glide``: GLIDE's block, which is the paper's decoder (Nichol et al. 2021, DALL-E 2 section
+  2.1): GroupNorm, one self-attention whose keys and values are the image's positions *and* the
+  context tokens projected by their own maps (diffusers' SimpleCrossAttn blocks, built for
+  unCLIP/Karlo: ``AttnAddedKVProcessor``), no feed-forward (6 linear maps); its attention levels
+  go down and up through ResNet blocks (GLIDE's resblock_updown). On 2 cores the step is dominated by
+  the number of small ops, so the leaner block trains faster per step (README "the decoder's
+  attention block"). Here ``head_dim`` is each head's width, as it should be.
+
 Dropping a condition (for classifier-free guidance) is done by the caller: z_i zeroed, the
 caption's tokens masked out. The extra tokens are always attended to, so no attention row is
 ever fully masked.
@@ -31,7 +42,7 @@ from ..unets import heads_per_level, norm_groups
 
 class UnclipDecoder(nn.Module):
     def __init__(self, image_size: int, embed_dim: int, text_width: int, block_out_channels: list[int],
-                 attention: list[bool], layers_per_block: int = 1, head_dim: int = 32,
+                 attention: list[bool], attention_block: str = "transformer", layers_per_block: int = 1, head_dim: int = 32,
                  cross_attention_dim: int = 128, extra_tokens: int = 4, out_channels: int = 3,
                  layout_channels: int = 0, learned_variance: bool = False):
         super().__init__()
@@ -44,12 +55,9 @@ class UnclipDecoder(nn.Module):
             sample_size=image_size, in_channels=3 + layout_channels,
             out_channels=out_channels * (2 if learned_variance else 1),
             block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
-            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
-            cross_attention_dim=cross_attention_dim,
-            attention_head_dim=heads_per_level(block_out_channels, head_dim),    # read as heads: see unets.py
-            norm_num_groups=norm_groups(block_out_channels),
-            class_embed_type="projection", projection_class_embeddings_input_dim=embed_dim)
+            cross_attention_dim=cross_attention_dim, norm_num_groups=norm_groups(block_out_channels),
+            class_embed_type="projection", projection_class_embeddings_input_dim=embed_dim,
+            **_attention_blocks(attention_block, attention, block_out_channels, head_dim))
         self.token_proj = nn.Linear(text_width, cross_attention_dim)
         self.embed_to_tokens = nn.Linear(embed_dim, extra_tokens * cross_attention_dim)
         if layout_channels:
@@ -77,3 +85,17 @@ class UnclipDecoder(nn.Module):
         if self.learned_variance:       # [B, 6, S, S]: the mean's channels, then variance channels in [-1, 1]
             out = torch.cat([out[:, :3], torch.tanh(out[:, 3:])], dim=1)
         return out
+
+
+def _attention_blocks(kind: str, attention: list[bool], channels: list[int], head_dim: int) -> dict:
+    """UNet2DConditionModel's block types and head setting for ``kind`` (see the module docstring)."""
+    if kind == "transformer":
+        return {"down_block_types": tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+                "up_block_types": tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+                "attention_head_dim": heads_per_level(channels, head_dim)}    # read as heads: see unets.py
+    if kind == "glide":
+        return {"down_block_types": tuple("SimpleCrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+                "up_block_types": tuple("SimpleCrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+                "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
+                "attention_head_dim": head_dim}                      # SimpleCrossAttn blocks read it as the width
+    raise ValueError(f"attention_block must be transformer or glide, not {kind!r}")

@@ -31,6 +31,7 @@ VAL_IMAGES = 256
 def arch_of(d, embed_dim: int, text_width: int) -> dict:
     return {"image_size": d.image_size, "embed_dim": embed_dim, "text_width": text_width,
             "block_out_channels": list(d.block_out_channels), "attention": list(d.attention),
+            "attention_block": d.attention_block,
             "layers_per_block": d.layers_per_block, "head_dim": d.head_dim,
             "cross_attention_dim": d.cross_attention_dim, "extra_tokens": d.extra_tokens,
             "layout_channels": d.layout_channels, "learned_variance": d.learned_variance}
