@@ -140,8 +140,31 @@ def test_near_duplicates_is_greedy_over_kept_samples():
     thumbs[3] = 200                                       # same pHash as a, other colors
     match, stats = filt.near_duplicates(phash, thumbs, max_distance=2, max_rmse=6.0)
     assert match.tolist() == [-1, 0, -1, -1]
-    # Candidates (pHash <= 2): 1~0, 2~1 (confirmed); 3~0, 3~1 (rejected by color).
-    assert stats == {"phash_candidates": 4, "color_confirmed": 2, "color_rejected": 2}
+    # Candidates (pHash <= 2): 1~0, 2~1 (confirmed); 3~0, 3~1 (rejected by color). The bands
+    # (22, 21, 21 bits) propose all 6 pairs: the upper two are 0 in every hash.
+    assert stats == {"band_candidates": 6, "phash_candidates": 4, "color_confirmed": 2, "color_rejected": 2}
+
+
+@pytest.mark.parametrize("max_distance", [0, 2, 4, 9])
+def test_banded_candidates_are_the_all_pairs_candidates(max_distance):
+    """Pigeonhole: pHashes within d bits share one of d + 1 bands exactly, so the band join
+    proposes every pair the all-pairs search finds, and the greedy drops are the same."""
+    from pipeline.data import dedup
+    rng = np.random.default_rng(max_distance)
+    base = rng.integers(0, 2 ** 63, 300, dtype=np.uint64)
+    # clusters of near copies: a few random bits flipped, so every distance up to ~2d occurs
+    flips = [np.bitwise_or.reduce(np.uint64(1) << rng.integers(0, 64, rng.integers(0, 2 * max_distance + 2))
+                                  .astype(np.uint64)) for _ in range(900)]
+    phash = np.concatenate([base, base[rng.integers(0, 300, 900)] ^ np.array(flips, np.uint64)])
+    thumbs = np.zeros((len(phash), filt.THUMB_GRID, filt.THUMB_GRID, 3), np.uint8)
+    thumbs[rng.random(len(phash)) < 0.3] = 200                # other colors: rejected candidates
+    for first in (0, 500):
+        i, j, banded = dedup.candidate_pairs(phash, max_distance, first)
+        ref, ref_stats = dedup.near_duplicates_all_pairs(phash, thumbs, max_distance, 1.0, first)
+        match, stats = dedup.near_duplicates(phash, thumbs, max_distance, 1.0, first)
+        assert len(i) == ref_stats["phash_candidates"] > 0 and banded >= len(i)
+        assert (match == ref).all() and (match >= 0).sum() > 0
+        assert {k: stats[k] for k in ref_stats} == ref_stats
 
 
 # ---- the smoke corpus ---------------------------------------------------------------------------
