@@ -14,7 +14,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from .errors import StageError
 from .progress import progress
@@ -30,7 +30,7 @@ def spark_available() -> bool:
     return True
 
 
-def spark_session(cluster):
+def spark_session(cluster, extra_conf: Optional[dict] = None):
     """The SparkSession of ``cluster.spark`` (an existing active one is reused as it is).
 
     Executors run this interpreter (or ``spark.python``), with this package importable first on
@@ -53,7 +53,7 @@ def spark_session(cluster):
     builder = (SparkSession.builder.master(s.master).appName("unclip-pipeline")
                .config("spark.executorEnv.PYTHONPATH", path)
                .config("spark.executorEnv.PYSPARK_PYTHON", python))
-    for key, value in s.conf.items():
+    for key, value in {**s.conf, **(extra_conf or {})}.items():
         builder = builder.config(key, value)
     if s.task_gpus:
         builder = builder.config("spark.task.resource.gpu.amount", str(s.task_gpus))
@@ -61,15 +61,16 @@ def spark_session(cluster):
 
 
 @contextlib.contextmanager
-def session(cluster):
+def session(cluster, extra_conf: Optional[dict] = None):
     """The Spark session for a stage under ``engine: spark`` (None for local), stopped at the end
-    only if the stage started it (a session someone else made, e.g. a notebook's, stays)."""
+    only if the stage started it (a session someone else made, e.g. a notebook's, stays).
+    ``extra_conf``: the stage's own settings (e.g. its executors' environment)."""
     if cluster.engine != "spark":
         yield None
         return
     from pyspark.sql import SparkSession
     existed = SparkSession.getActiveSession() is not None
-    spark = spark_session(cluster)
+    spark = spark_session(cluster, extra_conf)
     try:
         yield spark
     finally:
