@@ -141,8 +141,9 @@ def test_near_duplicates_is_greedy_over_kept_samples():
     match, stats = filt.near_duplicates(phash, thumbs, max_distance=2, max_rmse=6.0)
     assert match.tolist() == [-1, 0, -1, -1]
     # Candidates (pHash <= 2): 1~0, 2~1 (confirmed); 3~0, 3~1 (rejected by color). The bands
-    # (22, 21, 21 bits) propose all 6 pairs: the upper two are 0 in every hash.
-    assert stats == {"band_candidates": 6, "phash_candidates": 4, "color_confirmed": 2, "color_rejected": 2}
+    # (22, 21, 21 bits) propose all 6 pairs in each band (the upper two are 0 in every hash) and
+    # the lowest band only 3~0 (0b0000 twice): 13 proposals.
+    assert stats == {"band_candidates": 13, "phash_candidates": 4, "color_confirmed": 2, "color_rejected": 2}
 
 
 @pytest.mark.parametrize("max_distance", [0, 2, 4, 9])

@@ -57,9 +57,10 @@ def near_duplicates(spark, phash: np.ndarray, thumbs: np.ndarray, max_distance: 
     a, b = banded.alias("a"), banded.alias("b")
     pairs = (a.join(b, (F.col("a.band") == F.col("b.band")) & (F.col("a.value") == F.col("b.value"))
                     & (F.col("a.idx") > F.col("b.idx")) & (F.col("a.idx") >= first))
-             .select(F.col("a.idx").alias("i"), F.col("b.idx").alias("j")).distinct())
+             .select(F.col("a.idx").alias("i"), F.col("b.idx").alias("j")))
     pairs.cache()
-    banded_n = pairs.count()
+    banded_n = pairs.count()                        # per band, as dedup.candidate_pairs counts them
+    pairs_all, pairs = pairs, pairs.distinct()
     pi, pj = prints.alias("pi"), prints.alias("pj")
     close = (pairs.join(pi, F.col("i") == F.col("pi.idx")).join(pj, F.col("j") == F.col("pj.idx"))
              .where(F.bit_count(F.col("pi.phash").bitwiseXOR(F.col("pj.phash"))) <= max_distance)
@@ -73,7 +74,7 @@ def near_duplicates(spark, phash: np.ndarray, thumbs: np.ndarray, max_distance: 
             yield pd.DataFrame({"i": fr["i"], "j": fr["j"], "ok": rmse <= max_rmse})
 
     scored = close.mapInPandas(score, "i long, j long, ok boolean").toPandas()
-    pairs.unpersist()
+    pairs_all.unpersist()
     scored = scored.sort_values(["i", "j"])
     ok = scored[scored["ok"]]
     match = dedup.greedy_matches(n, ok["i"].to_numpy(), ok["j"].to_numpy())
