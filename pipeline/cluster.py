@@ -22,14 +22,6 @@ from .progress import progress
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)     # what executors put on sys.path
 
 
-def spark_available() -> bool:
-    try:
-        import pyspark  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def spark_session(cluster, extra_conf: Optional[dict] = None):
     """The SparkSession of ``cluster.spark`` (an existing active one is reused as it is).
 
@@ -48,7 +40,8 @@ def spark_session(cluster, extra_conf: Optional[dict] = None):
     python = s.python or sys.executable
     os.environ["PYSPARK_PYTHON"] = python
     os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
-    path = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != PACKAGE_ROOT]
+    path = os.pathsep.join([PACKAGE_ROOT, *rest])
     os.environ["PYTHONPATH"] = path                   # local[N]: python workers inherit the JVM's env
     builder = (SparkSession.builder.master(s.master).appName("unclip-pipeline")
                .config("spark.executorEnv.PYTHONPATH", path)
@@ -64,7 +57,8 @@ def spark_session(cluster, extra_conf: Optional[dict] = None):
 def session(cluster, extra_conf: Optional[dict] = None):
     """The Spark session for a stage under ``engine: spark`` (None for local), stopped at the end
     only if the stage started it (a session someone else made, e.g. a notebook's, stays).
-    ``extra_conf``: the stage's own settings (e.g. its executors' environment)."""
+    ``extra_conf``: the stage's own settings (e.g. its executors' environment), applied only to a
+    session made here: a reused session keeps its own conf."""
     if cluster.engine != "spark":
         yield None
         return
