@@ -221,3 +221,23 @@ def test_corrupt_shard_is_a_stage_error_and_writes_nothing(smoke, tmp_path):
 def test_no_raw_shards_is_a_stage_error(tmp_path):
     with pytest.raises(StageError, match="crawl"):
         filt.run(smoke_cfg(), Workspace.at(tmp_path))
+
+
+def test_pass_two_per_output_shard_writes_the_same_bytes(smoke, tmp_path):
+    """The Spark engine's write (a job per output shard, reading only its input ranges) gives
+    write_kept's shards byte for byte; here with shards of 150 so that jobs span input shards."""
+    cfg, ws, m = smoke
+    paths = shard_paths(ws.raw)
+    s = filt.scan(paths, cfg.filter, keep_keys=False)
+    keep = np.asarray(s.index)
+    assert sum(s.sizes) == s.n
+    for out, write in (("stream", None), ("jobs", filt.write_output_shard)):
+        if write is None:
+            filt.write_kept(paths, keep, tmp_path / out, 150)
+        else:
+            jobs = filt.output_jobs(paths, s.sizes, keep, 150, "", frozenset(), "center_crop", (255, 255, 255))
+            assert any(len(j["reads"]) > 1 for j in jobs)
+            assert sum(write(j | {"out": str(tmp_path / out)}) for j in jobs) == len(keep)
+    stream, jobs = (sorted((tmp_path / d).glob("*.tar")) for d in ("stream", "jobs"))
+    assert [p.name for p in stream] == [p.name for p in jobs] and len(stream) > 2
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(stream, jobs))

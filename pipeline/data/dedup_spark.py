@@ -9,8 +9,8 @@ pipeline/data/dedup.py, with the same results.
   in pandas over Arrow (``mapInPandas``). Only the confirmed pairs (about one per near duplicate)
   come back to the driver, for the greedy pass in input order.
 
-At test size the driver still assembles the per-sample table that pass 2 (write) reads; the
-fingerprints themselves (the ~230 bytes per sample that grow with the data) live in DataFrames.
+The driver still assembles the per-sample table from the map's results before the DataFrame jobs
+read it (at scale the map would write parquet for them instead; docs/SCALING.md).
 """
 from __future__ import annotations
 

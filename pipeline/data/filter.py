@@ -9,7 +9,8 @@ surviving sample: a pixel hash, a pHash, an 8x8 color thumbnail):
    order wins) and near duplicates come from banded pHash candidates (LSH: the same pairs as an
    all-pairs search, without its N^2), confirmed by color and decided greedily in input order.
    With ``cluster.engine: spark`` the map runs as Spark tasks and the group-by and the band join
-   as Spark DataFrame jobs (pipeline/data/dedup_spark.py); the outputs are the same bytes.
+   as Spark DataFrame jobs (pipeline/data/dedup_spark.py), and pass 2 as a task per output shard
+   (:func:`write_output_shard`); the outputs are the same bytes.
 2. *Write*: kept samples go unchanged (same bytes, same keys) to ``data/filtered/`` via
    ``atomic_dir``, so a failed run leaves the previous output (or none) in place; a kept image
    that is not square is made square first (``filter.square``: center crop, or pad with
@@ -37,6 +38,7 @@ import functools
 import hashlib
 import io
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -183,6 +185,7 @@ class Scan:
     phash: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))     # (survivors,)
     thumbs: np.ndarray = field(default_factory=lambda: np.zeros((0, THUMB_GRID, THUMB_GRID, 3), np.uint8))
     seen: set[str] = field(default_factory=set)
+    sizes: list[int] = field(default_factory=list)                  # samples per input shard, in order
 
     def drop(self, key: str, shard: str, reason: str, duplicate_of: Optional[str] = None) -> None:
         self.drops.append({"key": key, "shard": shard, "reason": reason, "duplicate_of": duplicate_of})
@@ -200,6 +203,8 @@ def scan(paths: list[Path], f, keep_keys: bool, seen_pixels: Optional[dict[bytes
     else:
         table = pd.concat(cluster.map_items(None, fingerprint, paths, desc="filter: scan"), ignore_index=True)
     out = Scan(n=len(table))
+    per_shard = table["shard"].value_counts()
+    out.sizes = [int(per_shard.get(Path(p).name, 0)) for p in paths]
     reason = table["reason"].copy()
     duplicate_of = pd.Series([None] * len(table), dtype=object)
     survivor = reason.isna()
@@ -243,6 +248,45 @@ def write_kept(paths: list[Path], keep: np.ndarray, out_dir: Path, shard_size: i
                 sink.write({"__key__": sample["__key__"], **fields})
                 bar.update()
         bar.close()
+    return sink.count
+
+
+def output_jobs(paths: list[Path], sizes: list[int], keep: np.ndarray, shard_size: int, prefix: str,
+                not_square: frozenset, square: str, background) -> list[dict]:
+    """Pass 2 cut into one job per output shard (:func:`write_output_shard`): output shard k holds
+    the kept samples k*shard_size ... (k+1)*shard_size - 1 in input order, so each job names the
+    input shards it reads and the positions to keep in each. ``sizes``: samples per input shard."""
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    jobs = []
+    for k, first in enumerate(range(0, len(keep), shard_size)):
+        chunk = keep[first:first + shard_size]
+        shard_no = np.searchsorted(starts, chunk, side="right") - 1
+        reads = [(str(paths[i]), (chunk[shard_no == i] - starts[i]).tolist(),
+                  [int(g) in not_square for g in chunk[shard_no == i]]) for i in np.unique(shard_no)]
+        jobs.append({"out": None, "prefix": prefix, "index": k, "reads": reads, "square": square,
+                     "background": tuple(background)})
+    return jobs
+
+
+def write_output_shard(job: dict) -> int:
+    """One output shard of pass 2 (a Spark task under ``engine: spark``): the kept samples of its
+    input shards' positions, in order, squared where flagged; the bytes :func:`write_kept` writes."""
+    from .shards import iter_shard
+    name = f"{job['prefix']}{job['index']:05d}.tar"
+    scratch = Path(job["out"]) / f".task-{name}"          # a retried task starts over
+    shutil.rmtree(scratch, ignore_errors=True)
+    with ShardSink(scratch, 1 << 62) as sink:
+        for path, positions, squares in job["reads"]:
+            wanted = dict(zip(positions, squares))
+            for pos, sample in enumerate(iter_shard(Path(path))):
+                if pos in wanted:
+                    fields = {k: v for k, v in sample.items() if not k.startswith("__")}
+                    if wanted[pos]:
+                        fields = squared_sample(fields, job["square"], job["background"])
+                    sink.write({"__key__": sample["__key__"], **fields})
+    if sink.count:
+        (scratch / "00000.tar").replace(Path(job["out"]) / name)
+    shutil.rmtree(scratch)
     return sink.count
 
 
@@ -367,8 +411,14 @@ def finish(cfg, ws, s: Scan, earlier: Earlier, state, why, paths, inputs, part, 
             if state is not None:
                 incremental.link_outputs(state, ws.filtered, out)
             squared = s.not_square & set(index.tolist())
-            written = write_kept(paths, index, out, f.shard_size, prefix, frozenset(squared), f.square,
-                                 tuple(cfg.crawl.background))
+            if spark is not None:          # a task per output shard; the same bytes as write_kept
+                jobs = output_jobs(paths, s.sizes, index, f.shard_size, prefix, frozenset(squared), f.square,
+                                   cfg.crawl.background)
+                written = sum(cluster.map_items(spark, write_output_shard,
+                                                [j | {"out": str(out)} for j in jobs], unit="shard"))
+            else:
+                written = write_kept(paths, index, out, f.shard_size, prefix, frozenset(squared), f.square,
+                                     tuple(cfg.crawl.background))
             if written != len(index):
                 raise StageError(f"raw shards changed while filtering: wrote {written}, "
                                  f"expected {len(index)}")
