@@ -72,8 +72,10 @@ def save_model(out: Path, model: torch.nn.Module, *, kind: str, arch: dict, run_
 def run_config(cfg) -> dict:
     """The resolved config a bundle records (``model.json``'s ``config``, the CLIP's
     ``run_config.json``): everything but ``tracking``, whose URI may hold credentials and which a
-    model does not depend on. Bundles go to the MLflow registry and to whoever is given them."""
-    return {k: v for k, v in cfg.model_dump(mode="json").items() if k != "tracking"}
+    model does not depend on, and ``cluster`` (where it ran, not what it computed: a bundle trained
+    under torchrun is byte-identical to one trained in-process). Bundles go to the MLflow registry
+    and to whoever is given them."""
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("tracking", "cluster")}
 
 
 def read_meta(path: Path, kind: str) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """`unclip`: the command line. Thin: every command calls one library function."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -57,8 +58,17 @@ def stage(ctx, name):
     try:
         cfg, ws = _load(ctx)
         os.chdir(ws.root)
-        with workspace_lock(ws.root, f"unclip stage {name}"):
-            run_stage(name, cfg, ws)
+        from . import launch
+        if launch.relaunches(cfg, name):
+            # cluster.train.launcher torchrun: this node's share of the job; node 0 holds the
+            # workspace lock (every node runs this command, in a workspace they may share)
+            lock = (workspace_lock(ws.root, f"unclip stage {name}") if launch.node_rank(cfg) == 0
+                    else contextlib.nullcontext())
+            with lock:
+                launch.launch(cfg, ws, name)
+        else:
+            with workspace_lock(ws.root, f"unclip stage {name}"):
+                run_stage(name, cfg, ws)
     except permanent_errors() as err:
         plain = isinstance(err, (StageError, config_mod.ConfigError))
         message = f"[{name}] {'' if plain else type(err).__name__ + ': '}{err}"

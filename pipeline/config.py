@@ -391,6 +391,51 @@ class PromoteConfig(Section):
     ]
 
 
+class SparkConfig(Section):
+    """The Spark cluster the data stages use with ``cluster.engine: spark`` (pipeline/cluster.py)."""
+    master: str = Field("local[2]", min_length=1)    # spark://host:7077 | yarn | k8s://https://... | local[N]
+    # SparkSession.builder.config(key, value) for each entry (executor memory, retries, ...)
+    conf: dict[str, str] = {"spark.executorEnv.OMP_NUM_THREADS": "1", "spark.task.maxFailures": "4",
+                            "spark.ui.enabled": "false"}
+    python: Optional[str] = None                      # PYSPARK_PYTHON on the executors; null: this interpreter
+    task_gpus: float = Field(0, ge=0)                 # embed: spark.task.resource.gpu.amount (1 on GPU clusters)
+
+
+class LauncherConfig(Section):
+    """How the diffusion stages (prior, decoder, upsamplers) train: in this process (one CPU/GPU, or
+    whatever `accelerate launch` / torchrun already started), or as ``nnodes`` x ``nproc_per_node``
+    processes that this command starts with torchrun and c10d rendezvous (pipeline/launch.py)."""
+    launcher: Literal["inprocess", "torchrun"] = "inprocess"
+    nnodes: int = Field(1, ge=1)
+    nproc_per_node: int = Field(1, ge=1)
+    node_rank: int = Field(0, ge=0)                   # this node's; env UNCLIP_NODE_RANK overrides per node
+    rdzv_endpoint: Optional[str] = Field(None, pattern=r"^[^:\s]+:\d{1,5}$")   # host:port of the c10d store
+    rdzv_id: str = Field("unclip", min_length=1)      # one job id shared by every node of a run
+    backend: Literal["auto", "gloo", "nccl"] = "auto"   # auto: nccl on CUDA, gloo on CPU
+    timeout_s: int = Field(1800, ge=10)               # collective timeout (slow first batches on big data)
+
+    @model_validator(mode="after")
+    def _rendezvous(self):
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} must be < nnodes {self.nnodes}")
+        if self.launcher == "torchrun" and self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("launcher torchrun with nnodes > 1 needs rdzv_endpoint (host:port reachable from every node)")
+        return self
+
+
+class ClusterConfig(Section):
+    """Where the stages run, never what they compute: switching engine or launcher gives the same
+    outputs (tests/test_cluster.py), so this section is in no stage's params in dvc.yaml and in no
+    incremental recipe or bundle config, and switching it invalidates nothing."""
+    engine: Literal["local", "spark"] = "local"       # crawl, filter, embed: this process, or Spark tasks
+    # null: the workspace. Else a root every node reads and writes (a shared mount, or an fsspec URL
+    # such as s3://bucket/unclip); training checkpoints go under it, so a restarted node resumes.
+    storage: Optional[str] = None
+    groups_per_task: int = Field(1, ge=1)             # embed: shards per Spark task (disjoint groups)
+    spark: SparkConfig = SparkConfig()
+    train: LauncherConfig = LauncherConfig()
+
+
 class Config(Section):
     corpus: CorpusConfig = CorpusConfig()
     crawl: CrawlConfig = CrawlConfig()
@@ -405,6 +450,7 @@ class Config(Section):
     tracking: TrackingConfig = TrackingConfig()
     promote: PromoteConfig = PromoteConfig()
     retrain: RetrainConfig = RetrainConfig()
+    cluster: ClusterConfig = ClusterConfig()
     profile: str = DEFAULT_PROFILE
 
     def section(self, name: str) -> dict[str, Any]:

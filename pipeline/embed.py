@@ -16,11 +16,21 @@ Beside them, the clip-retrieval layout that embedding-reader and other unCLIP tr
 
 With ``embed.min_similarity`` set, pairs whose cos(z_i, z_t) falls below it are dropped and
 counted; on the embedded corpus the drop is scored against the known mismatched captions.
+
+With ``cluster.engine: spark`` the filtered shards are cut into disjoint groups
+(``cluster.groups_per_task`` shards each), one Spark task per group (one GPU each with
+``cluster.spark.task_gpus: 1``; clip-retrieval's pattern): each task embeds its shards into
+outputs named after them (``<input shard>.tar`` and the retrieval triple numbered by the input's
+position), and the driver alone merges the tasks' tallies into the figures and writes the manifest
+(``incremental.json``). The samples and their bytes are the local engine's; only the cut into
+output shards differs (tests/test_cluster.py).
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -29,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import bundle, incremental, tracking
+from . import bundle, cluster, incremental, tracking
 from .clip import model as clip_model
 from .clip.data import decode_images, single_thread
 from .clip.tokenize import truncated
@@ -153,6 +163,17 @@ def embed_shards(bundle, paths: list[Path], out: Path, *, batch_size: int, shard
     """Write embedding shards for ``paths`` into ``out`` (names ``{prefix}00000.tar``..., the
     retrieval files from number ``retrieval_part``); returns counts, similarity figures and
     ``files``, what it wrote."""
+    tally = embed_tally(bundle, paths, out, batch_size=batch_size, shard_size=shard_size, num_workers=num_workers,
+                        min_similarity=min_similarity, token_dtype=token_dtype, total=total, prefix=prefix,
+                        retrieval_part=retrieval_part)
+    return summarize(tally, min_similarity)
+
+
+def embed_tally(bundle, paths: list[Path], out: Path, *, batch_size: int, shard_size: int, num_workers: int,
+                min_similarity: Optional[float], token_dtype: str, total: Optional[int] = None,
+                prefix: str = "", retrieval_part: int = 0) -> dict:
+    """:func:`embed_shards`' work: the raw tallies (counts, every cosine by truth, files) that
+    :func:`summarize` turns into figures, and that the Spark engine adds up across tasks."""
     dtype = torch.float16 if token_dtype == "float16" else torch.float32     # torch casts with SIMD; numpy does not
     retrieval = RetrievalWriter(out, retrieval_part)
     kept = dropped = 0
@@ -192,15 +213,41 @@ def embed_shards(bundle, paths: list[Path], out: Path, *, batch_size: int, shard
             bar.update(len(batch["items"]))
     retrieval.flush()
     bar.close()
-    seconds = time.perf_counter() - t0
+    return {"kept": kept, "dropped": dropped, "dropped_mismatched": dropped_mismatched, "cut": cut,
+            "split_in": split_in, "split_kept": split_kept, "sims": sims, "seconds": time.perf_counter() - t0,
+            "files": [f"{prefix}{i:05d}.tar" for i in range(sink.shards)] + retrieval.written}
+
+
+def merge_tallies(tallies: list[dict]) -> dict:
+    """The tallies of disjoint groups of shards as one (sums; cosines concatenated in order)."""
+    out = {"kept": 0, "dropped": 0, "dropped_mismatched": 0, "cut": 0, "split_in": {}, "split_kept": {},
+           "sims": {"matched": [], "mismatched": [], "unknown": []}, "seconds": 0.0, "files": []}
+    for t in tallies:
+        for k in ("kept", "dropped", "dropped_mismatched", "cut", "seconds"):
+            out[k] += t[k]
+        for k in ("split_in", "split_kept"):
+            for split, n in t[k].items():
+                out[k][split] = out[k].get(split, 0) + n
+        for k, v in t["sims"].items():
+            out["sims"][k] += v
+        out["files"] += t["files"]
+    return out
+
+
+def summarize(tally: dict, min_similarity: Optional[float], seconds: Optional[float] = None) -> dict:
+    """The stage's figures from a tally (``seconds``: the wall time, when not the tally's own)."""
+    kept, dropped, sims, split_in, split_kept = (tally[k] for k in ("kept", "dropped", "sims", "split_in",
+                                                                   "split_kept"))
+    dropped_mismatched = tally["dropped_mismatched"]
+    seconds = seconds if seconds is not None else tally["seconds"]
     n_mis = len(sims["mismatched"])
     out_figs = {"input": kept + dropped, "kept": kept, "dropped_low_similarity": dropped,
                 "images_per_s": round((kept + dropped) / seconds, 1), "seconds": round(seconds, 2),
                 # captions longer than CLIP's context: their tokens are cut there (open_clip's rule)
-                "captions_truncated": cut,
+                "captions_truncated": tally["cut"],
                 "kept_by_split": {k: {"input": n, "kept": split_kept.get(k, 0)} for k, n in sorted(split_in.items())},
                 "similarity": {k: {"n": len(v), "mean": round(float(np.mean(v)), 4)} for k, v in sims.items() if v},
-                "files": [f"{prefix}{i:05d}.tar" for i in range(sink.shards)] + retrieval.written}
+                "files": tally["files"]}
     if n_mis and min_similarity is not None:
         out_figs["mismatch_filter"] = {
             "threshold": min_similarity, "mismatched_total": n_mis, "dropped_mismatched": dropped_mismatched,
@@ -212,6 +259,54 @@ def embed_shards(bundle, paths: list[Path], out: Path, *, batch_size: int, shard
         ranks = pd.Series(np.concatenate([m, x])).rank().to_numpy()
         out_figs["mismatch_auroc"] = round(float((ranks[:len(m)].sum() - len(m) * (len(m) + 1) / 2) / (len(m) * len(x))), 4)
     return out_figs
+
+
+@functools.lru_cache(maxsize=2)
+def _task_bundle(clip_dir: str):
+    """The CLIP, loaded once per Spark Python worker (workers are reused across tasks)."""
+    return clip_model.load(Path(clip_dir), clip_model.device_of())
+
+
+def embed_group(job: dict) -> dict:
+    """One Spark task: embed a disjoint group of filtered shards, each into ``<its name>.tar``
+    and the retrieval triple numbered ``job["parts"][k]``, in ``job["out"]``; returns the tally.
+
+    job: {clip, out, shards: [path], parts: [int], settings: embed_tally's keywords}. Each shard goes
+    through a scratch folder of its own, so a retried task overwrites rather than adds.
+    """
+    from .clip.data import single_thread
+    single_thread(0)             # one torch thread per task: Spark runs a task per core
+    bundle = _task_bundle(job["clip"])
+    out = Path(job["out"])
+    tallies = []
+    for path, part in zip(job["shards"], job["parts"]):
+        name = Path(path).name
+        scratch = out / f".task-{Path(path).stem}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        t = embed_tally(bundle, [Path(path)], scratch, shard_size=1 << 62, num_workers=0, prefix="",
+                        retrieval_part=part, **job["settings"])
+        files = []
+        for f in t["files"]:
+            target = name if f.endswith(".tar") else f
+            (out / target).parent.mkdir(parents=True, exist_ok=True)
+            (scratch / f).replace(out / target)
+            files.append(target)
+        shutil.rmtree(scratch)
+        tallies.append(t | {"files": files})
+    return merge_tallies(tallies)
+
+
+def embed_on_spark(spark, clip_dir: Path, paths: list[Path], out: Path, groups_per_task: int, settings: dict,
+                   retrieval_part: int) -> dict:
+    """The filtered shards in disjoint groups, a Spark task each (:func:`embed_group`); the
+    figures and the list of files from the driver alone."""
+    t0 = time.perf_counter()
+    jobs = [{"clip": str(clip_dir), "out": str(out), "settings": settings,
+             "shards": [str(p) for p in paths[i:i + groups_per_task]],
+             "parts": list(range(retrieval_part + i, retrieval_part + i + len(paths[i:i + groups_per_task])))}
+            for i in range(0, len(paths), groups_per_task)]
+    tally = merge_tallies(cluster.map_items(spark, embed_group, jobs, desc="embed", unit="group"))
+    return summarize(tally, settings["min_similarity"], seconds=time.perf_counter() - t0)
 
 
 CODE = ("embed.py", "clip/model.py", "clip/tokenize.py", "clip/data.py", "data/shards.py")
@@ -265,7 +360,6 @@ def run(cfg, ws) -> dict:
         return {"input": 0, "kept": 0, "dropped_low_similarity": 0, "shards": len(shard_paths(ws.embeddings)),
                 "totals": state["totals"], "incremental": {"part": None, "new_filtered_shards": 0, "why": why}}
 
-    bundle = clip_model.load(ws.clip, clip_model.device_of())
     filter_metrics = ws.metrics_path("filter")
     total = json.loads(filter_metrics.read_text()).get("kept") if filter_metrics.exists() else None
     # The clip-retrieval files are numbered on from the earlier parts' (one triple per shard).
@@ -274,10 +368,17 @@ def run(cfg, ws) -> dict:
         with atomic_dir(ws.embeddings) as out:
             if state is not None:
                 incremental.link_outputs(state, ws.embeddings, out)
-            figures = embed_shards(bundle, paths, out, batch_size=e.batch_size, shard_size=e.shard_size,
-                                   num_workers=e.num_workers, min_similarity=e.min_similarity,
-                                   token_dtype=e.token_dtype, total=total,
-                                   prefix=incremental.part_prefix(part), retrieval_part=retrieval_part)
+            if cfg.cluster.engine == "spark":
+                with cluster.session(cfg.cluster) as spark:
+                    figures = embed_on_spark(spark, ws.clip, paths, out, cfg.cluster.groups_per_task,
+                                             {"batch_size": e.batch_size, "min_similarity": e.min_similarity,
+                                              "token_dtype": e.token_dtype}, retrieval_part)
+            else:
+                bundle = clip_model.load(ws.clip, clip_model.device_of())
+                figures = embed_shards(bundle, paths, out, batch_size=e.batch_size, shard_size=e.shard_size,
+                                       num_workers=e.num_workers, min_similarity=e.min_similarity,
+                                       token_dtype=e.token_dtype, total=total,
+                                       prefix=incremental.part_prefix(part), retrieval_part=retrieval_part)
             before = state["totals"] if state else {"input": 0, "kept": 0}
             totals = {"input": before["input"] + figures["input"], "kept": before["kept"] + figures["kept"],
                       "parts": part + 1}

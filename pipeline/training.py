@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import datetime
 import hashlib
 import itertools
 import json
@@ -245,7 +246,16 @@ def make_accelerator():
     several under ``accelerate launch`` / ``torchrun`` (DDP; gloo across CPU processes).
     Mixed precision stays with the models' own bf16 autocast (:func:`autocast`)."""
     from accelerate import Accelerator
-    return Accelerator(cpu=not torch.cuda.is_available())
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+    # set by a torchrun launch (pipeline/launch.py) from cluster.train: backend and collective timeout
+    backend = os.environ.get("UNCLIP_DIST_BACKEND", "auto")
+    kwargs = [InitProcessGroupKwargs(backend=None if backend == "auto" else backend,
+                                     timeout=datetime.timedelta(seconds=int(os.environ["UNCLIP_DIST_TIMEOUT_S"])))
+              ] if "UNCLIP_DIST_TIMEOUT_S" in os.environ else []
+    # diffusers' PriorTransformer holds parameters a step may not use (DDP's reducer then stops at
+    # the second step: "Expected to have finished reduction in the prior iteration")
+    kwargs.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=kwargs)
 
 
 def fit(model: torch.nn.Module, optimizer, scheduler, batches: Iterable, loss_fn: Callable, *, steps: int,
@@ -427,4 +437,8 @@ def train_diffusion_model(model: torch.nn.Module, tc, make_batches: Callable[[in
                   precision_cache=Path(checkpoint_dir).parent / "precision.json")
     ema.copy_to(model.parameters())
     model.eval()
-    return summary, accelerator
+    # what replicas compare (pipeline/launch.py): every rank of a DDP run ends with these weights
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return summary | {"weights_sha256": digest.hexdigest()}, accelerator

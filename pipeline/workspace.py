@@ -49,7 +49,9 @@ class Workspace:
     @property
     def reports(self) -> Path: return self.root / "reports"
     @property
-    def checkpoints(self) -> Path: return self.root / ".unclip" / "checkpoints"
+    def checkpoints(self) -> Path:
+        # a torchrun launch (pipeline/launch.py) points every rank at storage all nodes share
+        return Path(os.environ.get("UNCLIP_CHECKPOINTS") or self.root / ".unclip" / "checkpoints")
     @property
     def metrics_dir(self) -> Path: return self.root / "metrics"
 

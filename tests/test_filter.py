@@ -140,8 +140,32 @@ def test_near_duplicates_is_greedy_over_kept_samples():
     thumbs[3] = 200                                       # same pHash as a, other colors
     match, stats = filt.near_duplicates(phash, thumbs, max_distance=2, max_rmse=6.0)
     assert match.tolist() == [-1, 0, -1, -1]
-    # Candidates (pHash <= 2): 1~0, 2~1 (confirmed); 3~0, 3~1 (rejected by color).
-    assert stats == {"phash_candidates": 4, "color_confirmed": 2, "color_rejected": 2}
+    # Candidates (pHash <= 2): 1~0, 2~1 (confirmed); 3~0, 3~1 (rejected by color). The bands
+    # (22, 21, 21 bits) propose all 6 pairs in each band (the upper two are 0 in every hash) and
+    # the lowest band only 3~0 (0b0000 twice): 13 proposals.
+    assert stats == {"band_candidates": 13, "phash_candidates": 4, "color_confirmed": 2, "color_rejected": 2}
+
+
+@pytest.mark.parametrize("max_distance", [0, 2, 4, 9])
+def test_banded_candidates_are_the_all_pairs_candidates(max_distance):
+    """Pigeonhole: pHashes within d bits share one of d + 1 bands exactly, so the band join
+    proposes every pair the all-pairs search finds, and the greedy drops are the same."""
+    from pipeline.data import dedup
+    rng = np.random.default_rng(max_distance)
+    base = rng.integers(0, 2 ** 63, 300, dtype=np.uint64)
+    # clusters of near copies: a few random bits flipped, so every distance up to ~2d occurs
+    flips = [np.bitwise_or.reduce(np.uint64(1) << rng.integers(0, 64, rng.integers(0, 2 * max_distance + 2))
+                                  .astype(np.uint64)) for _ in range(900)]
+    phash = np.concatenate([base, base[rng.integers(0, 300, 900)] ^ np.array(flips, np.uint64)])
+    thumbs = np.zeros((len(phash), filt.THUMB_GRID, filt.THUMB_GRID, 3), np.uint8)
+    thumbs[rng.random(len(phash)) < 0.3] = 200                # other colors: rejected candidates
+    for first in (0, 500):
+        i, j, banded = dedup.candidate_pairs(phash, max_distance, first)
+        ref, ref_stats = dedup.near_duplicates_all_pairs(phash, thumbs, max_distance, 1.0, first)
+        match, stats = dedup.near_duplicates(phash, thumbs, max_distance, 1.0, first)
+        assert len(i) == ref_stats["phash_candidates"] > 0 and banded >= len(i)
+        assert (match == ref).all() and (match >= 0).sum() > 0
+        assert {k: stats[k] for k in ref_stats} == ref_stats
 
 
 # ---- the smoke corpus ---------------------------------------------------------------------------
@@ -197,3 +221,23 @@ def test_corrupt_shard_is_a_stage_error_and_writes_nothing(smoke, tmp_path):
 def test_no_raw_shards_is_a_stage_error(tmp_path):
     with pytest.raises(StageError, match="crawl"):
         filt.run(smoke_cfg(), Workspace.at(tmp_path))
+
+
+def test_pass_two_per_output_shard_writes_the_same_bytes(smoke, tmp_path):
+    """The Spark engine's write (a job per output shard, reading only its input ranges) gives
+    write_kept's shards byte for byte; here with shards of 150 so that jobs span input shards."""
+    cfg, ws, m = smoke
+    paths = shard_paths(ws.raw)
+    s = filt.scan(paths, cfg.filter, keep_keys=False)
+    keep = np.asarray(s.index)
+    assert sum(s.sizes) == s.n
+    for out, write in (("stream", None), ("jobs", filt.write_output_shard)):
+        if write is None:
+            filt.write_kept(paths, keep, tmp_path / out, 150)
+        else:
+            jobs = filt.output_jobs(paths, s.sizes, keep, 150, "", frozenset(), "center_crop", (255, 255, 255))
+            assert any(len(j["reads"]) > 1 for j in jobs)
+            assert sum(write(j | {"out": str(tmp_path / out)}) for j in jobs) == len(keep)
+    stream, jobs = (sorted((tmp_path / d).glob("*.tar")) for d in ("stream", "jobs"))
+    assert [p.name for p in stream] == [p.name for p in jobs] and len(stream) > 2
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(stream, jobs))

@@ -121,7 +121,7 @@ def test_filter_keeps_one_word_drops_empty_and_squares_the_rest(tmp_path, smoke_
     items = [("a", jpeg((64, 64), (200, 0, 0)), "sunset"), ("b", jpeg((64, 64), (0, 200, 0)), "  "),
              ("c", jpeg((96, 64), (0, 0, 200)), "a wide 🐱 picture"), ("d", jpeg((20, 20), (9, 9, 9)), "tiny one")]
     paths = _shard(tmp_path, items)
-    s = filt.scan(paths, f, 4, keep_keys=False)
+    s = filt.scan(paths, f, keep_keys=False)
     assert [d["reason"] for d in s.drops] == ["caption_empty", "too_small"] and len(s.index) == 2
     assert s.not_square == {2}
     for policy, side in (("center_crop", 64), ("pad", 96)):

@@ -32,6 +32,12 @@ A URL that failed transiently (timeout, 5xx, other: :data:`TRANSIENT`) is tried 
 crawl, up to ``crawl.max_attempts`` crawls; its log row is replaced by the latest attempt's. A crawl
 in which img2dataset lost URLs (a download shard that failed: no record) fails as a whole.
 
+With ``cluster.engine: spark`` img2dataset runs its ``pyspark`` distributor on the stage's
+SparkSession (one Spark task per download shard; a failed shard is retried) and the verification's
+decoding is a Spark task per downloaded shard (:func:`decode_errors`); the driver then copies the
+good samples in URL-list order, so the shards, the log and the figures are the engine's choice
+only in where the work ran (tests/test_cluster.py).
+
 Every URL is fetched under :mod:`pipeline.data.fetch`'s rules (http/https to public hosts, redirects
 checked, a byte cap and a deadline per URL, X-Robots-Tag opt-outs) and every image's size is judged
 from its header before anything decodes it (:class:`NormalizingResizer`); see SECURITY.md.
@@ -60,7 +66,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile, ImageOps
 
-from .. import incremental
+from .. import cluster, incremental
 from ..progress import progress, say
 from ..errors import StageError
 from ..tracking import redact_urls_in
@@ -317,10 +323,11 @@ def fetch_policy(cfg, corpus_origin: Optional[str] = None) -> fetch.FetchPolicy:
 
 
 def download(urls_file: Path, output_folder: Path, cfg, columns: list[str],
-             corpus_origin: Optional[str] = None) -> None:
+             corpus_origin: Optional[str] = None, spark=None) -> None:
     """img2dataset in-process. It makes its own spawn pool (``crawl.processes`` downloaders with
-    ``crawl.threads`` threads each) and a logger process. Its downloads go through
-    :mod:`pipeline.data.fetch` (``fetch_policy``), its images through :class:`NormalizingResizer`."""
+    ``crawl.threads`` threads each) and a logger process, or with ``spark`` (a SparkSession) its
+    pyspark distributor runs each download shard as a task of that session. Its downloads go
+    through :mod:`pipeline.data.fetch` (``fetch_policy``), its images through :class:`NormalizingResizer`."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")   # albumentations phones home on import
     from img2dataset.logger import LoggerProcess
     # The module, not the package attribute: img2dataset/__init__ rebinds ``main`` to a function.
@@ -343,7 +350,8 @@ def download(urls_file: Path, output_folder: Path, cfg, columns: list[str],
             resize_mode="no", skip_reencode=True, encode_format="jpg",
             processes_count=c.processes, thread_count=c.threads, number_sample_per_shard=c.shard_size,
             timeout=c.timeout_s, retries=c.retries, max_image_area=c.max_image_area,
-            min_image_size=c.min_image_size, enable_wandb=False, distributor="multiprocessing",
+            min_image_size=c.min_image_size, enable_wandb=False,
+            distributor="pyspark" if spark is not None else "multiprocessing",
             user_agent_token=fetch.USER_AGENT_TOKENS[0], disallowed_header_directives=list(fetch.DISALLOWED_DIRECTIVES),
             # Not "overwrite": in 1.47.0 it deletes the output folder *after* creating its _tmp
             # inside it, and every shard then fails on a missing file (retried for minutes).
@@ -389,42 +397,56 @@ def decode_error(data: Optional[bytes]) -> Optional[str]:
     return None
 
 
+def decode_errors(path) -> dict[int, str]:
+    """{url_index: error} of the samples of one downloaded shard that do not decode strictly:
+    the verification's costly part, a map over shards (a Spark task each under ``engine: spark``)."""
+    errors: dict[int, str] = {}
+    strict, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        for sample in iter_shard(Path(path)):
+            error = decode_error(sample.get("jpg"))
+            if error:
+                errors[json.loads(sample["json"])[INDEX]] = error
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = strict
+    return errors
+
+
 def verify_and_rewrite(src: Path, out: Path, shard_size: int, expected: int,
-                       prefix: str = "") -> tuple[dict[int, str], dict[int, str]]:
+                       prefix: str = "", spark=None) -> tuple[dict[int, str], dict[int, str]]:
     """Copy the samples of img2dataset's shards in ``src`` that decode strictly into ``out``.
 
-    Returns ({url_index: key} written, {url_index: error} dropped). img2dataset writes a shard's
-    samples in completion order; we sort each shard (its samples only, so memory stays bounded)
-    back into URL-list order, so the output and the filter's "first copy wins" are reproducible.
+    Returns ({url_index: key} written, {url_index: error} dropped). The decoding is a map over the
+    shards (:func:`decode_errors`, on ``spark`` when given); the copy is the driver's. img2dataset
+    writes a shard's samples in completion order; we sort each shard (its samples only, so memory
+    stays bounded) back into URL-list order, so the output and the filter's "first copy wins" are
+    reproducible, whoever downloaded and decoded them.
     """
     written: dict[int, str] = {}
     dropped: dict[int, str] = {}
-    strict, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
-    try:
-        with ShardSink(out, shard_size, prefix) as sink, \
-                progress(total=expected, desc="crawl: verify", unit="img") as bar:
-            for path in shard_paths(src):
-                good = []
-                for sample in iter_shard(path):
-                    meta = json.loads(sample["json"])
-                    error = decode_error(sample.get("jpg"))
-                    if error:
-                        dropped[meta[INDEX]] = error
-                    else:
-                        good.append((meta[INDEX], sample, meta))
-                    bar.update()
-                for index, sample, meta in sorted(good, key=lambda t: t[0]):
-                    if SOURCE_KEY in meta:
-                        meta["crawl_key"], meta["key"] = meta["key"], meta.pop(SOURCE_KEY)
-                    else:
-                        # img2dataset's keys restart at 000000000 in every crawl: a later part's
-                        # are made unique by its prefix (part 0 keeps them as they were).
-                        meta["key"] = prefix + meta["key"]
-                    sink.write({"__key__": meta["key"], "jpg": sample["jpg"], "txt": sample["txt"],
-                                "json": json.dumps(meta).encode()})
-                    written[index] = meta["key"]
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = strict
+    paths = shard_paths(src)
+    errors = cluster.map_items(spark, decode_errors, [str(p) for p in paths], desc="crawl: verify")
+    with ShardSink(out, shard_size, prefix) as sink, \
+            progress(total=expected, desc="crawl: copy", unit="img") as bar:
+        for path, bad in zip(paths, errors):
+            good = []
+            for sample in iter_shard(path):
+                meta = json.loads(sample["json"])
+                if meta[INDEX] in bad:
+                    dropped[meta[INDEX]] = bad[meta[INDEX]]
+                else:
+                    good.append((meta[INDEX], sample, meta))
+                bar.update()
+            for index, sample, meta in sorted(good, key=lambda t: t[0]):
+                if SOURCE_KEY in meta:
+                    meta["crawl_key"], meta["key"] = meta["key"], meta.pop(SOURCE_KEY)
+                else:
+                    # img2dataset's keys restart at 000000000 in every crawl: a later part's
+                    # are made unique by its prefix (part 0 keeps them as they were).
+                    meta["key"] = prefix + meta["key"]
+                sink.write({"__key__": meta["key"], "jpg": sample["jpg"], "txt": sample["txt"],
+                            "json": json.dumps(meta).encode()})
+                written[index] = meta["key"]
     return written, dropped
 
 
@@ -512,7 +534,7 @@ def previous_crawl(cfg, ws, rec: str) -> tuple[Optional[dict], Optional[pd.DataF
 
 
 def crawl_part(cfg, ws, out: Path, urls: pd.DataFrame, faults: Optional[pd.Series], part: int,
-               columns: list[str]) -> tuple[pd.DataFrame, dict[int, str], dict]:
+               columns: list[str], spark=None) -> tuple[pd.DataFrame, dict[int, str], dict]:
     """img2dataset over ``urls``, verified into part ``part``'s shards in ``out``; returns the
     part's crawl log, what was written and timings. img2dataset's records go to
     ``img2dataset/`` (part 0) or ``img2dataset/partNNN/``."""
@@ -525,7 +547,7 @@ def crawl_part(cfg, ws, out: Path, urls: pd.DataFrame, faults: Optional[pd.Serie
         # Corpus URLs are relative to the server; the log keeps them so (the port is ephemeral).
         served = urls.assign(url=base_url + "/" + urls["url"]) if base_url else urls
         served.to_parquet(work / "urls.parquet", index=False)
-        download(work / "urls.parquet", i2d, cfg, columns, corpus_origin=base_url)
+        download(work / "urls.parquet", i2d, cfg, columns, corpus_origin=base_url, spark=spark)
     t_download = time.perf_counter()
 
     records = read_records(i2d)
@@ -539,7 +561,7 @@ def crawl_part(cfg, ws, out: Path, urls: pd.DataFrame, faults: Optional[pd.Serie
                          f"crawl again")
     written, dropped = verify_and_rewrite(i2d, out, cfg.crawl.shard_size,
                                           int((records.status == "success").sum()),
-                                          prefix=incremental.part_prefix(part))
+                                          prefix=incremental.part_prefix(part), spark=spark)
     t_verify = time.perf_counter()
     log = crawl_log(urls, records, written, dropped)
     log["part"] = part
@@ -583,7 +605,11 @@ def run(cfg, ws) -> dict:
         if state is not None:
             old_records = [str(p.relative_to(ws.raw)) for p in (ws.raw / "img2dataset").rglob("*") if p.is_file()]
             incremental.link_outputs(state, ws.raw, out, extra=old_records)
-        log, written, times = crawl_part(cfg, ws, out, todo, faults, part, columns)
+        # OpenCV reads its pixel cap when it loads: Spark's Python workers take it from executorEnv.
+        spark_conf = {"spark.executorEnv." + CV_CAP: str(cfg.crawl.max_image_area),
+                      "spark.executorEnv.NO_ALBUMENTATIONS_UPDATE": "1"}
+        with cluster.session(cfg.cluster, extra_conf=spark_conf) as spark:
+            log, written, times = crawl_part(cfg, ws, out, todo, faults, part, columns, spark=spark)
         earlier = {} if old_log is None else dict(zip(old_log["url"], old_log["attempts"]))
         log["attempts"] = [int(earlier.get(u, 0)) + 1 for u in log["url"]]
         metrics = {"attempted": len(todo), "succeeded": len(written), "failed": len(todo) - len(written),

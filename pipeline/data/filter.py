@@ -3,9 +3,14 @@
 Two streaming passes over ``data/raw/*.tar`` (memory grows only by a few hundred bytes per
 surviving sample: a pixel hash, a pHash, an 8x8 color thumbnail):
 
-1. *Scan*: decode every image and apply the per-sample rules in :data:`REASONS` order, recording
-   the first that fails. A survivor is fingerprinted; if its pixels were already seen it is an
-   exact duplicate. After the scan, near duplicates are found among the remaining survivors.
+1. *Scan* (pipeline/data/dedup.py): a map over shards decodes every image and applies the
+   per-sample rules in :data:`REASONS` order, recording the first that fails, and fingerprints
+   every survivor; then exact duplicates are a group-by over pixel hashes (the first in input
+   order wins) and near duplicates come from banded pHash candidates (LSH: the same pairs as an
+   all-pairs search, without its N^2), confirmed by color and decided greedily in input order.
+   With ``cluster.engine: spark`` the map runs as Spark tasks and the group-by and the band join
+   as Spark DataFrame jobs (pipeline/data/dedup_spark.py), and pass 2 as a task per output shard
+   (:func:`write_output_shard`); the outputs are the same bytes.
 2. *Write*: kept samples go unchanged (same bytes, same keys) to ``data/filtered/`` via
    ``atomic_dir``, so a failed run leaves the previous output (or none) in place; a kept image
    that is not square is made square first (``filter.square``: center crop, or pad with
@@ -29,9 +34,11 @@ largest cell difference drops 4 at 99% (those 4 differ by < 0.4 px and < 7 color
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -41,21 +48,18 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .. import incremental
+from .. import cluster, incremental
 from ..progress import progress, say
 from ..errors import StageError
 from ..workspace import atomic_dir, dir_size, human_bytes
-from .shards import ShardError, ShardSink, count_samples, iter_samples, shard_paths
+from . import dedup
+from .shards import ShardError, ShardSink, iter_samples, shard_paths
 
 # Reasons in the order they are checked; a sample is counted under the first it fails.
 REASONS = ("unreadable", "too_small", "aspect_ratio", "caption_empty", "caption_too_short", "caption_too_long",
            "exact_duplicate", "near_duplicate")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")   # the first present is the sample's image
 THUMB_GRID = 8        # thumbnail cells per side; 8x8 averages out re-encoding noise per cell
-# Near-duplicate search compares chunks of rows against all earlier samples; this bounds the
-# (rows x samples) uint64 XOR matrix to 32 MiB, and PAIR_BATCH the candidate pairs scored at once.
-PAIR_BUDGET = 1 << 22
-PAIR_BATCH = 8192
 
 
 # ---- per-sample rules and fingerprints ----------------------------------------------------------
@@ -139,55 +143,9 @@ def squared_sample(fields: dict, policy: str, background: tuple[int, int, int]) 
 SQUARE_JPEG_QUALITY = 95
 
 
-# ---- near duplicates ----------------------------------------------------------------------------
-def thumb_distance(thumbs: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Largest per-cell RGB RMSE (0-255) between the thumbnails of pairs ``(i[k], j[k])``.
-
-    thumbs: (N, G, G, 3) uint8; returns float32 (len(i),).
-    """
-    out = np.empty(len(i), np.float32)
-    for s in range(0, len(i), PAIR_BATCH):
-        d = thumbs[i[s:s + PAIR_BATCH]].astype(np.int32) - thumbs[j[s:s + PAIR_BATCH]]
-        out[s:s + PAIR_BATCH] = np.sqrt((d * d).mean(axis=-1)).max(axis=(1, 2))
-    return out
-
-
-def near_duplicates(phash: np.ndarray, thumbs: np.ndarray, max_distance: int,
-                    max_rmse: float, first: int = 0) -> tuple[np.ndarray, dict]:
-    """For each sample, the index of the earlier kept sample it nearly duplicates, else -1.
-
-    Samples before ``first`` are an earlier run's kept samples (incremental): compared against,
-    never dropped.
-
-    phash: (N,) uint64; thumbs: (N, G, G, 3) uint8. A pair is a candidate when the pHash Hamming
-    distance is <= ``max_distance`` and confirmed when no thumbnail cell differs by more than
-    ``max_rmse`` (:func:`thumb_distance`).
-    Greedy in input order: sample i is dropped only for matching an earlier sample that was itself
-    kept, so a chain a~b~c with a !~ c keeps a and c (union-find groups would drop c too).
-    All-pairs: N^2/2 popcounts, 1.3 s at 20k samples on one core; far beyond 10^5 samples a
-    multi-index hash or a binary ANN index should propose the candidates instead.
-    """
-    n = len(phash)
-    match = np.full(n, -1, np.int64)
-    kept = np.ones(n, bool)
-    candidates = confirmed = 0
-    rows = max(1, PAIR_BUDGET // max(n, 1))
-    for start in range(first, n, rows):
-        stop = min(n, start + rows)
-        dist = np.bitwise_count(phash[start:stop, None] ^ phash[None, :stop])        # (rows, stop)
-        earlier = np.arange(stop)[None, :] < np.arange(start, stop)[:, None]
-        i, j = np.nonzero((dist <= max_distance) & earlier)      # row-major: sorted by i, then j
-        i += start
-        ok = thumb_distance(thumbs, i, j) <= max_rmse
-        candidates += len(i)
-        confirmed += int(ok.sum())
-        # Rows are visited in order, so kept[b] (b < a) is final when a is decided.
-        for a, b in zip(i[ok].tolist(), j[ok].tolist()):
-            if match[a] < 0 and kept[b]:
-                match[a] = b
-                kept[a] = False
-    return match, {"phash_candidates": candidates, "color_confirmed": confirmed,
-                   "color_rejected": candidates - confirmed}
+# ---- near duplicates (pipeline/data/dedup.py) ---------------------------------------------------
+thumb_distance = dedup.thumb_distance
+near_duplicates = dedup.near_duplicates          # banded pHash candidates (LSH), color check, greedy
 
 
 # ---- scoring against the embedded corpus' planted duplicates -------------------------------------
@@ -224,48 +182,52 @@ class Scan:
     where: list[tuple[str, str]] = field(default_factory=list)     # (key, shard)
     not_square: set[int] = field(default_factory=set)               # input indices of survivors to square
     pixels: dict[bytes, str] = field(default_factory=dict)          # pixel hash -> first key (survivors)
-    phash: list[int] = field(default_factory=list)
-    thumbs: list[np.ndarray] = field(default_factory=list)
+    phash: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))     # (survivors,)
+    thumbs: np.ndarray = field(default_factory=lambda: np.zeros((0, THUMB_GRID, THUMB_GRID, 3), np.uint8))
     seen: set[str] = field(default_factory=set)
+    sizes: list[int] = field(default_factory=list)                  # samples per input shard, in order
 
     def drop(self, key: str, shard: str, reason: str, duplicate_of: Optional[str] = None) -> None:
         self.drops.append({"key": key, "shard": shard, "reason": reason, "duplicate_of": duplicate_of})
 
 
-def count_all(paths: list[Path]) -> int:
-    """Samples in all shards (tar headers only), for the scan's rate and ETA."""
-    return sum(count_samples(p) for p in paths)
-
-
-def scan(paths: list[Path], f, total: int, keep_keys: bool, seen_pixels: Optional[dict[bytes, str]] = None) -> Scan:
-    """Pass 1: rules, exact dedup (first occurrence of a pixel hash wins), fingerprints.
-
-    ``seen_pixels``: the pixel hashes of an earlier run's survivors (incremental), matched first.
-    """
-    out = Scan()
-    first_by_pixels: dict[bytes, str] = dict(seen_pixels or {})
-    for sample in progress(iter_samples(paths), total=total, desc="filter: scan", unit="img"):
-        out.n += 1
-        key, shard = sample["__key__"], sample["__shard__"]
-        if keep_keys:
-            out.seen.add(key)
-        reason, img = check(sample, f)
-        if reason:
-            out.drop(key, shard, reason)
-            continue
-        if f.exact_dedup:
-            digest = pixel_sha256(img)
-            if digest in first_by_pixels:
-                out.drop(key, shard, "exact_duplicate", first_by_pixels[digest])
-                continue
-            first_by_pixels[digest] = out.pixels[digest] = key
-        out.index.append(out.n - 1)
-        out.where.append((key, shard))
-        if img.width != img.height:
-            out.not_square.add(out.n - 1)
-        if f.near_dedup:
-            out.phash.append(phash64(img))
-            out.thumbs.append(thumbnail(img))
+def scan(paths: list[Path], f, keep_keys: bool, seen_pixels: Optional[dict[bytes, str]] = None,
+         spark=None) -> Scan:
+    """Pass 1: rules and fingerprints (a map over shards), exact dedup (a group-by: the first
+    occurrence of a pixel hash wins). ``seen_pixels``: the pixel hashes of an earlier run's
+    survivors (incremental), matched first. ``spark``: run the map and the group-by on Spark."""
+    fingerprint = functools.partial(dedup.fingerprint_shard, f=f)
+    if spark is not None:
+        from . import dedup_spark
+        table = dedup_spark.fingerprints(spark, fingerprint, paths)
+    else:
+        table = pd.concat(cluster.map_items(None, fingerprint, paths, desc="filter: scan"), ignore_index=True)
+    out = Scan(n=len(table))
+    per_shard = table["shard"].value_counts()
+    out.sizes = [int(per_shard.get(Path(p).name, 0)) for p in paths]
+    reason = table["reason"].copy()
+    duplicate_of = pd.Series([None] * len(table), dtype=object)
+    survivor = reason.isna()
+    if f.exact_dedup and survivor.any():
+        if spark is not None:
+            dup = dedup_spark.exact_duplicates(spark, table[survivor], seen_pixels or {})
+        else:
+            dup = dedup.exact_duplicates(table.loc[survivor, "digest"], table.loc[survivor, "key"], seen_pixels or {})
+        duplicate_of[survivor] = dup
+        reason[survivor & duplicate_of.notna()] = "exact_duplicate"
+    for row in table.loc[reason.notna()].assign(reason=reason, duplicate_of=duplicate_of).itertuples():
+        out.drop(row.key, row.shard, row.reason, row.duplicate_of)     # input order, as the scan met them
+    kept = table[reason.isna()]
+    out.index = np.flatnonzero(reason.isna().to_numpy()).tolist()
+    out.where = list(zip(kept["key"], kept["shard"]))
+    out.not_square = set(np.flatnonzero((reason.isna() & table["square"]).to_numpy()).tolist())
+    if f.exact_dedup:
+        out.pixels = dict(zip(kept["digest"], kept["key"]))      # the first key of each new pixel hash
+    if f.near_dedup and len(kept):
+        out.phash = kept["phash"].to_numpy(np.int64).view(np.uint64)
+        out.thumbs = dedup.thumbs_of(kept["thumb"])
+    if keep_keys:
+        out.seen = set(table["key"])
     return out
 
 
@@ -289,8 +251,47 @@ def write_kept(paths: list[Path], keep: np.ndarray, out_dir: Path, shard_size: i
     return sink.count
 
 
+def output_jobs(paths: list[Path], sizes: list[int], keep: np.ndarray, shard_size: int, prefix: str,
+                not_square: frozenset, square: str, background) -> list[dict]:
+    """Pass 2 cut into one job per output shard (:func:`write_output_shard`): output shard k holds
+    the kept samples k*shard_size ... (k+1)*shard_size - 1 in input order, so each job names the
+    input shards it reads and the positions to keep in each. ``sizes``: samples per input shard."""
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    jobs = []
+    for k, first in enumerate(range(0, len(keep), shard_size)):
+        chunk = keep[first:first + shard_size]
+        shard_no = np.searchsorted(starts, chunk, side="right") - 1
+        reads = [(str(paths[i]), (chunk[shard_no == i] - starts[i]).tolist(),
+                  [int(g) in not_square for g in chunk[shard_no == i]]) for i in np.unique(shard_no)]
+        jobs.append({"out": None, "prefix": prefix, "index": k, "reads": reads, "square": square,
+                     "background": tuple(background)})
+    return jobs
+
+
+def write_output_shard(job: dict) -> int:
+    """One output shard of pass 2 (a Spark task under ``engine: spark``): the kept samples of its
+    input shards' positions, in order, squared where flagged; the bytes :func:`write_kept` writes."""
+    from .shards import iter_shard
+    name = f"{job['prefix']}{job['index']:05d}.tar"
+    scratch = Path(job["out"]) / f".task-{name}"          # a retried task starts over
+    shutil.rmtree(scratch, ignore_errors=True)
+    with ShardSink(scratch, 1 << 62) as sink:
+        for path, positions, squares in job["reads"]:
+            wanted = dict(zip(positions, squares))
+            for pos, sample in enumerate(iter_shard(Path(path))):
+                if pos in wanted:
+                    fields = {k: v for k, v in sample.items() if not k.startswith("__")}
+                    if wanted[pos]:
+                        fields = squared_sample(fields, job["square"], job["background"])
+                    sink.write({"__key__": sample["__key__"], **fields})
+    if sink.count:
+        (scratch / "00000.tar").replace(Path(job["out"]) / name)
+    shutil.rmtree(scratch)
+    return sink.count
+
+
 # ---- incremental: the fingerprints an addition is deduplicated against --------------------------
-CODE = ("data/filter.py", "data/shards.py")
+CODE = ("data/filter.py", "data/dedup.py", "data/shards.py")
 FINGERPRINTS = "fingerprints.npz"
 DROPPED = "dropped.parquet"
 
@@ -356,22 +357,33 @@ def run(cfg, ws) -> dict:
                 "shards_out": len(shard_paths(ws.filtered)), "totals": state["totals"],
                 "incremental": {"part": None, "new_raw_shards": 0, "why": why}}
 
-    try:
-        s = scan(paths, f, count_all(paths), keep_keys=truth is not None, seen_pixels=earlier.pixels)
-    except ShardError as err:
-        raise StageError(str(err)) from err
+    with cluster.session(cfg.cluster) as spark:
+        try:
+            s = scan(paths, f, keep_keys=truth is not None, seen_pixels=earlier.pixels, spark=spark)
+        except ShardError as err:
+            raise StageError(str(err)) from err
+        return finish(cfg, ws, s, earlier, state, why, paths, inputs, part, rec, truth, spark)
+
+
+def finish(cfg, ws, s: Scan, earlier: Earlier, state, why, paths, inputs, part, rec, truth, spark) -> dict:
+    """Near dedup over the scan's survivors, then pass 2 (write) and the figures."""
+    f = cfg.filter
 
     index = np.asarray(s.index, np.int64)
     n_old = len(earlier.keys)
-    new_phash = np.asarray(s.phash, np.uint64)
-    new_thumbs = np.stack(s.thumbs) if s.thumbs else np.zeros((0, THUMB_GRID, THUMB_GRID, 3), np.uint8)
-    near_stats = {"phash_candidates": 0, "color_confirmed": 0, "color_rejected": 0}
+    new_phash, new_thumbs = s.phash, s.thumbs
+    near_stats = {"band_candidates": 0, "phash_candidates": 0, "color_confirmed": 0, "color_rejected": 0}
     near_kept = np.ones(len(index), bool)
     if f.near_dedup and len(index):
         # The earlier kept samples come first, as they came first in the data.
-        match, near_stats = near_duplicates(np.concatenate([earlier.phash, new_phash]),
-                                            np.concatenate([earlier.thumbs, new_thumbs]),
-                                            f.phash_max_distance, f.thumb_max_cell_rmse, first=n_old)
+        phash, thumbs = np.concatenate([earlier.phash, new_phash]), np.concatenate([earlier.thumbs, new_thumbs])
+        if spark is not None:
+            from . import dedup_spark
+            match, near_stats = dedup_spark.near_duplicates(spark, phash, thumbs, f.phash_max_distance,
+                                                            f.thumb_max_cell_rmse, first=n_old)
+        else:
+            match, near_stats = near_duplicates(phash, thumbs, f.phash_max_distance, f.thumb_max_cell_rmse,
+                                                first=n_old)
         match = match[n_old:]
         for a in np.flatnonzero(match >= 0):
             b = match[a]
@@ -399,8 +411,14 @@ def run(cfg, ws) -> dict:
             if state is not None:
                 incremental.link_outputs(state, ws.filtered, out)
             squared = s.not_square & set(index.tolist())
-            written = write_kept(paths, index, out, f.shard_size, prefix, frozenset(squared), f.square,
-                                 tuple(cfg.crawl.background))
+            if spark is not None:          # a task per output shard; the same bytes as write_kept
+                jobs = output_jobs(paths, s.sizes, index, f.shard_size, prefix, frozenset(squared), f.square,
+                                   cfg.crawl.background)
+                written = sum(cluster.map_items(spark, write_output_shard,
+                                                [j | {"out": str(out)} for j in jobs], unit="shard"))
+            else:
+                written = write_kept(paths, index, out, f.shard_size, prefix, frozenset(squared), f.square,
+                                     tuple(cfg.crawl.background))
             if written != len(index):
                 raise StageError(f"raw shards changed while filtering: wrote {written}, "
                                  f"expected {len(index)}")

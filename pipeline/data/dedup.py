@@ -1,0 +1,200 @@
+"""Duplicate search for the filter stage, in the shape a distributed engine runs it.
+
+Three steps, each one a familiar data-parallel operation (pipeline/data/dedup_spark.py runs the
+same steps as Spark jobs; this module runs them in one process with numpy/pandas):
+
+1. *Fingerprints as a map* (:func:`fingerprint_shard`): one raw shard -> one row per sample:
+   the first per-sample rule it fails, and for a survivor its pixel sha256, 64-bit pHash and
+   8x8 color thumbnail. Shards are independent, so any number of tasks can fingerprint them.
+2. *Exact duplicates as a group-by* (:func:`exact_duplicates`): survivors grouped by pixel hash;
+   the first in input order is kept, the others point at it (or at an earlier run's sample with
+   that hash, incremental).
+3. *Near duplicates through banded pHash candidates* (LSH, :func:`candidate_pairs`): the 64 pHash
+   bits are cut into ``d + 1`` bands. Two hashes within Hamming distance ``d`` differ in at most
+   ``d`` bits, so (pigeonhole) at least one band holds none of them: they share that band's value
+   exactly. Candidates are the pairs that share some band (a join on (band, value)), then filtered
+   by the true distance: the *same* candidate set as comparing all pairs, at the cost of the
+   buckets' sizes instead of N^2/2. Each candidate is confirmed by color (thumbnail cells), and a
+   greedy pass in input order (:func:`greedy_matches`: a sample is dropped only for matching an
+   earlier sample that was itself kept) decides the drops, exactly as the all-pairs search did.
+
+The greedy pass is sequential, but it sees only confirmed pairs (about one per near duplicate),
+so a driver holds it at any scale.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .shards import iter_shard
+
+# Near-duplicate candidates are scored in batches of this many pairs (thumbnail gathers).
+PAIR_BATCH = 8192
+# The all-pairs reference search bounds its (rows x samples) uint64 XOR matrix to 32 MiB.
+PAIR_BUDGET = 1 << 22
+FINGERPRINT_COLUMNS = ("key", "shard", "reason", "square", "digest", "phash", "thumb")
+
+
+# ---- 1. fingerprints: a map over shards ----------------------------------------------------------
+def fingerprint_shard(path, f) -> pd.DataFrame:
+    """One row per sample of the shard at ``path``, in shard order.
+
+    Columns: key, shard (file name), reason (the first rule failed, None for a survivor), square
+    (bool), digest (32-byte pixel sha256), phash (uint64 as int64 bits), thumb (192 bytes: the
+    (8, 8, 3) uint8 cell means). Fingerprints are None/0 for a sample that failed a rule, and
+    pHash/thumbnail are left out (0, b"") when ``f.near_dedup`` is off. ``f``: the filter config.
+    """
+    from .filter import check, phash64, pixel_sha256, thumbnail   # the rules live with the stage
+
+    rows = []
+    for sample in iter_shard(path):
+        key, shard = sample["__key__"], sample["__shard__"]
+        reason, img = check(sample, f)
+        if reason:
+            rows.append((key, shard, reason, False, None, 0, b""))
+            continue
+        digest = pixel_sha256(img) if f.exact_dedup else None
+        ph, th = (phash64(img), thumbnail(img).tobytes()) if f.near_dedup else (0, b"")
+        rows.append((key, shard, None, img.width != img.height, digest,
+                     int(np.uint64(ph).view(np.int64)), th))
+    return pd.DataFrame(rows, columns=list(FINGERPRINT_COLUMNS))
+
+
+def thumbs_of(column) -> np.ndarray:
+    """(N, 8, 8, 3) uint8 from a column of 192-byte thumbnails."""
+    from .filter import THUMB_GRID
+    return np.frombuffer(b"".join(column), np.uint8).reshape(-1, THUMB_GRID, THUMB_GRID, 3)
+
+
+# ---- 2. exact duplicates: a group-by over pixel hashes ------------------------------------------
+def exact_duplicates(digest: pd.Series, key: pd.Series, earlier: dict[bytes, str]) -> pd.Series:
+    """For each survivor (rows in input order), the key it exactly duplicates, else None.
+
+    Group by pixel hash: the first row of a group is kept unless an earlier run kept that hash
+    (``earlier``: digest -> key), and every other row points at the group's first key.
+    """
+    frame = pd.DataFrame({"digest": digest.values, "key": key.values})
+    first = frame.groupby("digest", sort=False)["key"].transform("first")
+    is_first = ~frame["digest"].duplicated(keep="first")
+    prior = frame["digest"].map(earlier)
+    out = first.where(~is_first, None)
+    out = prior.where(prior.notna(), out)
+    return pd.Series(out.values, index=digest.index, dtype=object)
+
+
+# ---- 3. near duplicates: banded pHash candidates, color check, greedy ----------------------------
+def band_layout(max_distance: int) -> list[tuple[int, int]]:
+    """(shift, width) of the ``max_distance + 1`` bands cutting the 64 pHash bits (widths differ
+    by at most one: 13, 13, 13, 13, 12 for distance 4)."""
+    n = min(max_distance + 1, 64)
+    widths = [64 // n + (i < 64 % n) for i in range(n)]
+    shifts = np.concatenate([[0], np.cumsum(widths)[:-1]]).tolist()
+    return list(zip(shifts, widths))
+
+
+def band_values(phash: np.ndarray, max_distance: int) -> np.ndarray:
+    """(bands, N) uint64: each band's bits of each pHash."""
+    phash = phash.astype(np.uint64)
+    return np.stack([(phash >> np.uint64(s)) & np.uint64((1 << w) - 1) for s, w in band_layout(max_distance)])
+
+
+def _pairs_within_buckets(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) with a > b for every two rows sharing a value: the join of one band with itself.
+
+    Sort by value (stable, so indices ascend within a bucket); an element at rank r of its bucket
+    pairs with the r elements before it: sum(r) pairs, generated without a Python loop.
+    """
+    order = np.argsort(values, kind="stable")
+    v = values[order]
+    n = len(v)
+    start = np.flatnonzero(np.r_[True, v[1:] != v[:-1]]) if n else np.zeros(0, np.int64)
+    bucket_start = np.repeat(start, np.diff(np.r_[start, n]))      # (N,) position of the bucket's first
+    rank = np.arange(n) - bucket_start
+    total = int(rank.sum())
+    a_pos = np.repeat(np.arange(n), rank)
+    b_pos = np.repeat(bucket_start, rank) + (np.arange(total) - np.repeat(np.cumsum(rank) - rank, rank))
+    return order[a_pos], order[b_pos]
+
+
+def candidate_pairs(phash: np.ndarray, max_distance: int, first: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+    """(i, j, band_candidates): every pair i > j, i >= ``first``, whose pHashes are within
+    ``max_distance`` bits, sorted by i then j, found through the bands (see the module doc);
+    band_candidates: the pairs the band joins proposed (a pair sharing two bands counts twice),
+    before the distance check."""
+    n = len(phash)
+    phash = phash.astype(np.uint64)
+    keys, banded = [], 0
+    for values in band_values(phash, max_distance):
+        a, b = _pairs_within_buckets(values)
+        banded += len(a)
+        # The distance check before the de-duplication across bands: np.unique then sorts only
+        # the close pairs (a tenth of the banded ones on the corpus), not every banded pair.
+        keep = (a >= first) & (np.bitwise_count(phash[a] ^ phash[b]) <= max_distance)
+        keys.append(a[keep].astype(np.int64) * n + b[keep])
+    pair = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)   # sorted: by i, then j
+    return pair // max(n, 1), pair % max(n, 1), banded
+
+
+def thumb_distance(thumbs: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Largest per-cell RGB RMSE (0-255) between the thumbnails of pairs ``(i[k], j[k])``.
+
+    thumbs: (N, G, G, 3) uint8; returns float32 (len(i),).
+    """
+    out = np.empty(len(i), np.float32)
+    for s in range(0, len(i), PAIR_BATCH):
+        d = thumbs[i[s:s + PAIR_BATCH]].astype(np.int32) - thumbs[j[s:s + PAIR_BATCH]]
+        out[s:s + PAIR_BATCH] = np.sqrt((d * d).mean(axis=-1)).max(axis=(1, 2))
+    return out
+
+
+def greedy_matches(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """match[a] = the first (smallest) b with a confirmed pair (a, b) and b itself kept, else -1.
+
+    ``(i, j)``: confirmed pairs, i > j, sorted by i then j. Rows are decided in order, so kept[b]
+    (b < a) is final when a is decided: a chain a~b~c with a !~ c keeps a and c.
+    """
+    match = np.full(n, -1, np.int64)
+    kept = np.ones(n, bool)
+    for a, b in zip(i.tolist(), j.tolist()):
+        if match[a] < 0 and kept[b]:
+            match[a] = b
+            kept[a] = False
+    return match
+
+
+def near_duplicates(phash: np.ndarray, thumbs: np.ndarray, max_distance: int,
+                    max_rmse: float, first: int = 0) -> tuple[np.ndarray, dict]:
+    """For each sample, the index of the earlier kept sample it nearly duplicates, else -1.
+
+    Samples before ``first`` are an earlier run's kept samples (incremental): compared against,
+    never dropped. phash: (N,) uint64; thumbs: (N, G, G, 3) uint8. A pair is a candidate when the
+    pHash Hamming distance is <= ``max_distance`` (found through bands, :func:`candidate_pairs`)
+    and confirmed when no thumbnail cell differs by more than ``max_rmse`` (:func:`thumb_distance`).
+    """
+    i, j, banded = candidate_pairs(phash, max_distance, first)
+    ok = thumb_distance(thumbs, i, j) <= max_rmse
+    match = greedy_matches(len(phash), i[ok], j[ok])
+    return match, {"band_candidates": banded, "phash_candidates": len(i), "color_confirmed": int(ok.sum()),
+                   "color_rejected": int(len(i) - ok.sum())}
+
+
+def near_duplicates_all_pairs(phash: np.ndarray, thumbs: np.ndarray, max_distance: int,
+                              max_rmse: float, first: int = 0) -> tuple[np.ndarray, dict]:
+    """The all-pairs search the bands replaced (N^2/2 popcounts), kept as the reference the
+    tests and ``bench/near_dedup.py`` compare :func:`near_duplicates` against."""
+    n = len(phash)
+    phash = phash.astype(np.uint64)
+    rows = max(1, PAIR_BUDGET // max(n, 1))
+    found_i, found_j = [], []
+    for start in range(first, n, rows):
+        stop = min(n, start + rows)
+        dist = np.bitwise_count(phash[start:stop, None] ^ phash[None, :stop])        # (rows, stop)
+        earlier = np.arange(stop)[None, :] < np.arange(start, stop)[:, None]
+        i, j = np.nonzero((dist <= max_distance) & earlier)      # row-major: sorted by i, then j
+        found_i.append(i + start)
+        found_j.append(j)
+    i = np.concatenate(found_i) if found_i else np.zeros(0, np.int64)
+    j = np.concatenate(found_j) if found_j else np.zeros(0, np.int64)
+    ok = thumb_distance(thumbs, i, j) <= max_rmse
+    return greedy_matches(n, i[ok], j[ok]), {"phash_candidates": len(i), "color_confirmed": int(ok.sum()),
+                                             "color_rejected": int(len(i) - ok.sum())}
