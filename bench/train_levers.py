@@ -23,6 +23,10 @@ the median of its paired ratios to the baseline (block by block: the machine is 
     batch128       four times the batch (s/step / 4)
     transformer    the decoder with diffusers' transformer attention blocks (attention_block: transformer)
     glide          the decoder with GLIDE's attention blocks (attention_block: glide)
+
+``--parts``: instead, the baseline step split into forward, backward, clipping, optimizer and EMA
+(milliseconds, medians) at batch 1, 8 and the config's, and the aten calls of one forward at batch
+1 (torch.profiler): where the fixed cost per step is.
 """
 from __future__ import annotations
 
@@ -107,6 +111,50 @@ def fixed_cost(times: dict, lever: str, sizes: list[int]) -> dict:
             "share": {str(n): round(a / t, 3) for n, t in zip(x, y)}}
 
 
+def parts(d, repeats: int) -> dict:
+    """Milliseconds of each part of the baseline step at batch 1, 8 and the config's (``--parts``)."""
+    torch.manual_seed(0)
+    model = UnclipDecoder(**arch_of(d, 128, 128)).train()
+    optimizer, _, ema = build_optimizer(model, d)
+    _, loss_fn = training_fns(d, [])
+    params = list(model.parameters())
+
+    def step(batch) -> list[float]:
+        marks = [time.perf_counter()]
+        with resolved_precision(None):
+            loss = loss_fn(model, batch)
+        marks.append(time.perf_counter())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        marks.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(params, d.grad_clip, foreach=True)
+        marks.append(time.perf_counter())
+        optimizer.step()
+        marks.append(time.perf_counter())
+        ema.step(params)
+        marks.append(time.perf_counter())
+        return [1000 * (b - a) for a, b in zip(marks, marks[1:])]
+
+    batches = {n: batch_of(d, n) for n in (1, 8, d.batch_size)}
+    for b in batches.values():
+        step(b), step(b)
+    got = {n: [] for n in batches}
+    for _ in range(repeats):
+        for n, b in batches.items():
+            got[n].append(step(b))
+    names = ("forward", "backward", "clipping", "optimizer", "ema")
+    out = {str(n): {k: round(statistics.median(col), 2) for k, col in zip(names, zip(*rows))} for n, rows in got.items()}
+    for n, row in out.items():
+        print(f"batch {n:>3s}: " + "  ".join(f"{k} {v:.1f}" for k, v in row.items()) + f"  (ms; sum {sum(row.values()):.1f})")
+    b1 = batches[1]
+    with torch.no_grad(), resolved_precision(None), torch.profiler.profile() as prof:
+        loss_fn(model, b1)
+    calls = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+    casts = sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+    print(f"one forward at batch 1: {calls} aten calls, {casts} of them casts (_to_copy)")
+    return {"ms": out, "forward_aten_calls_batch1": calls, "forward_casts_batch1": casts}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
@@ -114,11 +162,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--levers", default=",".join(LEVERS))
     ap.add_argument("--fixed", default="baseline,loops,transformer,glide",
                     help="levers whose fixed cost per step is measured (a sweep at batch/4, batch/2, batch)")
+    ap.add_argument("--parts", action="store_true", help="the baseline step's parts at batch 1, 8, batch (see above)")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--profile", default=None)
     ap.add_argument("--out", default="reports/bench/train_levers.json")
     args = ap.parse_args(argv)
     d = config.load(args.params, args.profile).decoder
+    if args.parts:
+        return parts(d, args.repeats)
     names = ["baseline"] + [x for x in args.levers.split(",") if x]
     fixed = [x for x in args.fixed.split(",") if x in names]
     sweep = [d.batch_size // 4, d.batch_size // 2]
