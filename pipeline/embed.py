@@ -214,14 +214,11 @@ def embed_shards(bundle, paths: list[Path], out: Path, *, batch_size: int, shard
     return out_figs
 
 
-CODE = ("embed.py", "clip/model.py", "clip/tokenize.py", "clip/data.py", "data/shards.py")
-
-
 def embed_recipe(cfg, ws) -> str:
     """The embed config (bar the worker count), its code and the CLIP's weights: another CLIP
     is another embedding space, and every shard is embedded again."""
     section = {k: v for k, v in cfg.embed.model_dump(mode="json").items() if k != "num_workers"}
-    return incremental.recipe({"embed": section}, CODE, extra={"clip": bundle.clip_identity(ws.clip)["sha256"]})
+    return incremental.recipe({"embed": section}, __name__, extra={"clip": bundle.clip_identity(ws.clip)["sha256"]})
 
 
 def split_bias(kept_by_split: dict, max_gap: float = 0.05) -> str | None:

@@ -494,7 +494,6 @@ def fault_metrics(log: pd.DataFrame, faults: pd.Series) -> dict:
 
 
 # ---- the stage ----------------------------------------------------------------------------------
-CODE = ("data/crawl.py", "data/fetch.py", "data/server.py", "data/shards.py")
 LOG = "crawl_log.parquet"
 
 
@@ -503,7 +502,7 @@ def crawl_recipe(cfg) -> str:
     knobs, timeouts and the list's location do not: the diff by URL covers a new list.)"""
     c = cfg.crawl
     return incremental.recipe({"shard_size": c.shard_size, "max_image_area": c.max_image_area,
-                               "min_image_size": c.min_image_size}, CODE)
+                               "min_image_size": c.min_image_size}, __name__)
 
 
 def previous_crawl(cfg, ws, rec: str) -> tuple[Optional[dict], Optional[pd.DataFrame], str]:

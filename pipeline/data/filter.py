@@ -290,7 +290,6 @@ def write_kept(paths: list[Path], keep: np.ndarray, out_dir: Path, shard_size: i
 
 
 # ---- incremental: the fingerprints an addition is deduplicated against --------------------------
-CODE = ("data/filter.py", "data/shards.py")
 FINGERPRINTS = "fingerprints.npz"
 DROPPED = "dropped.parquet"
 
@@ -327,7 +326,7 @@ class Earlier:
 
 def filter_recipe(cfg) -> str:
     return incremental.recipe({"filter": cfg.filter.model_dump(mode="json"), "background": list(cfg.crawl.background)},
-                              CODE)
+                              __name__)
 
 
 def run(cfg, ws) -> dict:

@@ -1,0 +1,68 @@
+"""Each stage's code is its import closure (pipeline/codedeps.py), and dvc.yaml's deps cover it:
+a file a stage imports that dvc.yaml leaves out would let DVC call a changed stage up to date."""
+from __future__ import annotations
+
+import textwrap
+
+import yaml
+
+from pipeline import codedeps
+from pipeline.stages import STAGES
+
+
+def dvc_deps() -> dict[str, list[str]]:
+    """Every stage of dvc.yaml (foreach expanded as DVC names it: upsample@1) and its deps."""
+    stages = yaml.safe_load((codedeps.ROOT / "dvc.yaml").read_text())["stages"]
+    out = {}
+    for name, spec in stages.items():
+        if "foreach" in spec:
+            for item in spec["foreach"]:
+                out[f"{name}@{item}"] = [str(d).replace("${item}", str(item)) for d in spec["do"].get("deps", [])]
+        else:
+            out[name] = [str(d) for d in spec.get("deps", [])]
+    return out
+
+
+def missing(code: tuple[str, ...], deps: list[str]) -> list[str]:
+    """The files of ``code`` that no dep names, neither itself nor a folder above it."""
+    return [f for f in code if not any(f == d.rstrip("/") or f.startswith(d.rstrip("/") + "/") for d in deps)]
+
+
+def test_every_stage_of_the_registry_is_in_dvc_yaml():
+    assert list(dvc_deps()) == list(STAGES)
+
+
+def test_dvc_yaml_deps_cover_each_stage_import_closure():
+    deps = dvc_deps()
+    gaps = {stage: missing(codedeps.closure(target.split(":")[0]), deps[stage]) for stage, target in STAGES.items()}
+    assert not {s: g for s, g in gaps.items() if g}, f"dvc.yaml misses files its stages import: {gaps}"
+
+
+def test_closure_follows_relative_absolute_lazy_and_registry_imports(tmp_path, monkeypatch):
+    pkg = tmp_path / "pipeline"
+    (pkg / "sub").mkdir(parents=True)
+    files = {
+        "__init__.py": "",
+        "a.py": "from .b import f\nimport pipeline.c\n",
+        "b.py": "def f():\n    from .sub import d\n",
+        "c.py": "TARGETS = {'x': 'pipeline.sub.e:run'}\n",
+        "sub/__init__.py": "",
+        "sub/d.py": "from .. import b\nimport numpy\n",
+        "sub/e.py": "",
+        "unused.py": "",
+    }
+    for rel, text in files.items():
+        (pkg / rel).write_text(textwrap.dedent(text))
+    monkeypatch.setattr(codedeps, "ROOT", tmp_path)
+    codedeps.closure.cache_clear()
+    try:
+        assert codedeps.closure("pipeline.a") == tuple(sorted(
+            f"pipeline/{p}" for p in ("__init__.py", "a.py", "b.py", "c.py", "sub/__init__.py", "sub/d.py", "sub/e.py")))
+    finally:
+        codedeps.closure.cache_clear()
+
+
+def test_a_dvc_yaml_that_leaves_out_an_imported_file_fails():
+    code = codedeps.closure("pipeline.embed")
+    deps = [d for d in dvc_deps()["embed"] if d != "pipeline/data/shards.py"]
+    assert missing(code, deps) == ["pipeline/data/shards.py"]
