@@ -1,6 +1,8 @@
 """The training flow: every stage in order, each a Prefect task that runs `dvc repro <stage>`.
 
-DVC decides whether a stage is stale (so a second run does nothing). The flow holds the
+DVC decides whether a stage is stale (so a second run does nothing): the flow writes the
+resolved configuration of its profile to ``params.resolved.json`` once, before the first stage,
+and DVC compares each stage's sections of it with ``dvc.lock``. The flow holds the
 workspace's lock (``.unclip/run.lock``, :mod:`pipeline.lock`) from start to end, so a second run,
 stage or promote on the same workspace fails at once with the holder's pid; its stage children
 run under it. A stage that fails permanently (exit code 2 from `unclip stage`, read from the
@@ -225,14 +227,6 @@ def promote_task(cfg, ws: Workspace, parent_run_id: str) -> dict:
             "seconds": round(time.perf_counter() - t0, 1), "figures": verdict, "line": line}
 
 
-def recorded_profile(ws: Workspace, stage: str) -> Optional[str]:
-    path = ws.metrics_path(stage)
-    try:
-        return json.loads(path.read_text()).get("profile")
-    except (OSError, ValueError):
-        return None
-
-
 @flow(name="unclip-train", log_prints=True)
 def train_flow(workspace: str = ".", profile: str = config_mod.DEFAULT_PROFILE, force: bool = False,
                stages: Optional[list[str]] = None) -> dict:
@@ -262,18 +256,17 @@ def check_parameters(ws: Workspace, stages: Optional[list[str]]) -> None:
 
 def _train(ws: Workspace, cfg, selected: list[str], force: bool) -> dict:
     rows, failed = [], None
+    # The resolved configuration, once per run, where DVC sees it (each stage's params): a changed
+    # profile or parameter is a changed value, and DVC alone decides what is stale.
+    config_mod.write_resolved(cfg, ws.root)
     with tracking.start_run(cfg, ws.root, f"pipeline[{cfg.profile}]") as parent:
         env = stage_env(cfg.profile, parent.info.run_id)
         for stage in selected:
             if failed:
                 rows.append({"stage": stage, "status": "not run", "seconds": 0, "figures": {}})
                 continue
-            # DVC does not see the profile (an environment variable): outputs built under another
-            # profile are stale for this run, so those stages are forced.
-            previous = recorded_profile(ws, stage)
-            stage_force = force or (previous is not None and previous != cfg.profile)
             try:
-                rows.append(repro_stage(stage, str(ws.root), env, stage_force))
+                rows.append(repro_stage(stage, str(ws.root), env, force))
             except StageFailed as err:
                 failed = err
                 rows.append({"stage": stage, "status": "failed", "seconds": 0, "figures": {}, "error": str(err)})

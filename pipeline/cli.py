@@ -58,6 +58,7 @@ def stage(ctx, name):
         cfg, ws = _load(ctx)
         os.chdir(ws.root)
         with workspace_lock(ws.root, f"unclip stage {name}"):
+            config_mod.write_resolved(cfg, ws.root)     # what DVC records as this stage's params
             run_stage(name, cfg, ws)
     except permanent_errors() as err:
         plain = isinstance(err, (StageError, config_mod.ConfigError))
@@ -75,11 +76,18 @@ def stage(ctx, name):
 
 
 @main.command("config")
+@click.option("--write", is_flag=True,
+              help=f"Write it to the workspace's {config_mod.RESOLVED} instead (only if it changed): what "
+                   "DVC sees as the stages' params (dvc.yaml's `config` stage).")
 @click.pass_context
-def show_config(ctx):
+def show_config(ctx, write):
     """Validate params.yaml and print the resolved configuration of the active profile."""
-    cfg, _ = _load(ctx)
-    click.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    cfg, ws = _load(ctx)
+    if not write:
+        click.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        return
+    changed = config_mod.write_resolved(cfg, ws.root)
+    click.echo(f"{config_mod.RESOLVED} (profile {cfg.profile}): {'written' if changed else 'unchanged'}")
 
 
 @main.command()

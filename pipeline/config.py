@@ -3,6 +3,12 @@
 The file has one section per stage plus ``profiles``; a profile's overrides are deep-merged over
 the sections. Validation happens before any work starts: an unknown key or a bad value raises
 :class:`ConfigError` whose message names the offending key (``clip.batch_size: ...``).
+
+DVC sees the resolved configuration, not params.yaml and a profile name: :func:`write_resolved`
+writes it to ``params.resolved.json`` in the workspace (the flow once per run, ``unclip stage``
+before its stage, and dvc.yaml's ``config`` stage before any ``dvc repro``), and every stage
+lists its sections of that file as its ``params``. A changed profile or parameter is then a
+changed value there, and DVC alone decides which stages it makes stale.
 """
 from __future__ import annotations
 
@@ -14,6 +20,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .workspace import RESOLVED, atomic_write_bytes
 
 PROFILE_ENV = "UNCLIP_PROFILE"
 DEFAULT_PROFILE = "default"
@@ -461,6 +469,20 @@ def load(path: str | os.PathLike = "params.yaml", profile: str | None = None) ->
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return resolve(raw, profile, source=str(path))
+
+
+def write_resolved(cfg: Config, root: str | os.PathLike) -> bool:
+    """Write ``cfg`` (every key, defaults included) to the workspace's ``params.resolved.json``,
+    atomically and only if its content changed, so DVC sees only real changes; True if written."""
+    path = Path(root) / RESOLVED
+    text = json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n"
+    try:
+        if path.read_text() == text:
+            return False
+    except (OSError, UnicodeDecodeError):
+        pass
+    atomic_write_bytes(path, text.encode())
+    return True
 
 
 def with_overrides(section, sets: list[str], where: str):
