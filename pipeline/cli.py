@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from . import config as config_mod
-from .stages import STAGES, StageError, run_stage
+from .stages import StageError, registry, run_stage
 from .workspace import Workspace
 
 # Exit codes: 2 = bad configuration or input (do not retry); 1 = anything else.
@@ -42,10 +42,11 @@ def main(ctx, profile, workspace):
 
 
 @main.command()
-@click.argument("name", type=click.Choice(list(STAGES)))
+@click.argument("name", metavar="NAME")
 @click.pass_context
 def stage(ctx, name):
-    """Run one stage now (what `dvc repro <name>` calls).
+    """Run one stage now (what `dvc repro <name>` calls): corpus, crawl, filter, judge, clip, embed,
+    prior, decoder, upsample@<key> per upsampler of params.yaml's upsample.stages, evaluate.
 
     Exits 2 with the message on a failure that a retry would meet again (bad input, config,
     data or model, a non-finite loss, an unreadable file, a busy workspace: see
@@ -56,6 +57,8 @@ def stage(ctx, name):
     ws = Workspace.at(ctx.obj["workspace"])
     try:
         cfg, ws = _load(ctx)
+        if name not in registry(cfg):
+            raise StageError(f"unknown stage {name!r} (known: {', '.join(registry(cfg))})")
         os.chdir(ws.root)
         with workspace_lock(ws.root, f"unclip stage {name}"):
             config_mod.write_resolved(cfg, ws.root)     # what DVC records as this stage's params

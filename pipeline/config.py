@@ -453,11 +453,25 @@ def resolve(raw: dict, profile: str | None = None, source: str = "params.yaml") 
                           f"(known: {', '.join(sorted(profiles)) or 'none'})")
     merged = deep_merge(raw, profiles.get(name) or {})
     merged["profile"] = name
+    _check_chain(raw, merged, f"{source}: profiles.{name}")
     try:
         return Config.model_validate(merged)
     except ValidationError as err:
         where = source if name == DEFAULT_PROFILE else f"{source} (profile {name!r})"
         raise ConfigError(_format_error(err, where)) from None
+
+
+def _check_chain(raw: dict, merged: dict, where: str) -> None:
+    """A profile may change an upsampler but not add one: dvc.yaml's stages upsample@<key> are the
+    keys of params.yaml's own upsample.stages (its foreach), whatever the profile."""
+    def keys(sections):
+        chain = sections.get("upsample")
+        stages = chain.get("stages") if isinstance(chain, dict) else None
+        return set(stages) if isinstance(stages, dict) else None
+    base, now = keys(raw), keys(merged)
+    if base is not None and now is not None and now != base:
+        raise ConfigError(f"{where}.upsample.stages: a profile may not add upsamplers ({', '.join(sorted(now - base))}): "
+                          f"the DVC stages upsample@<key> are the keys of params.yaml's upsample.stages")
 
 
 def load(path: str | os.PathLike = "params.yaml", profile: str | None = None) -> Config:

@@ -2,6 +2,7 @@
 a file a stage imports that dvc.yaml leaves out would let DVC call a changed stage up to date."""
 from __future__ import annotations
 
+import functools
 import textwrap
 
 import yaml
@@ -13,11 +14,13 @@ from pipeline.stages import STAGES
 def dvc_deps() -> dict[str, list[str]]:
     """Every stage of dvc.yaml (foreach expanded as DVC names it: upsample@1) and its deps."""
     stages = yaml.safe_load((codedeps.ROOT / "dvc.yaml").read_text())["stages"]
+    params = yaml.safe_load((codedeps.ROOT / "params.yaml").read_text())
     out = {}
     for name, spec in stages.items():
-        if "foreach" in spec:
-            for item in spec["foreach"]:
-                out[f"{name}@{item}"] = [str(d).replace("${item}", str(item)) for d in spec["do"].get("deps", [])]
+        if "foreach" in spec:              # ${upsample.stages}: a section of params.yaml, by key
+            items = functools.reduce(lambda d, k: d[k], spec["foreach"].strip("${}").split("."), params)
+            for key in items:
+                out[f"{name}@{key}"] = [str(d).replace("${key}", str(key)) for d in spec["do"].get("deps", [])]
         else:
             out[name] = [str(d) for d in spec.get("deps", [])]
     return out

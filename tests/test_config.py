@@ -112,3 +112,17 @@ def test_dvc_sees_the_resolved_config_and_no_profile_names():
         params = spec.get("do", spec).get("params", [])
         if name != "config":
             assert params and all(isinstance(p, dict) and list(p) == ["params.resolved.json"] for p in params), name
+
+
+def test_the_upsampler_stages_are_params_yaml_s_chain_and_a_profile_may_not_add_one(params_path):
+    from pipeline.stages import STAGES, registry
+    raw = base(params_path)
+    ups = [s for s in STAGES if s.startswith("upsample@")]
+    assert ups == [f"upsample@{k}" for k in raw["upsample"]["stages"]]
+    raw["upsample"]["stages"]["3"] = dict(raw["upsample"]["stages"]["2"])
+    names = list(registry(config.resolve(raw, "smoke")))
+    assert names[names.index("decoder") + 1:] == [*ups, "upsample@3", "evaluate"]
+    raw = base(params_path)
+    raw["profiles"]["smoke"]["upsample"]["stages"]["3"] = {"steps": 2}
+    with pytest.raises(config.ConfigError, match=r"profiles.smoke.upsample.stages: a profile may not add upsamplers \(3\)"):
+        config.resolve(raw, "smoke")

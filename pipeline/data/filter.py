@@ -332,7 +332,6 @@ def filter_recipe(cfg) -> str:
 def run(cfg, ws) -> dict:
     """Filter the raw shards not filtered before (all of them the first time, or when the
     filter's config or code changed); new samples are deduplicated against the earlier ones."""
-    f = cfg.filter
     if not shard_paths(ws.raw):
         raise StageError(f"no shards in {ws.raw} (run the crawl stage first)")
     # Ground truth only describes the embedded corpus, not a user's URL list.
@@ -356,10 +355,40 @@ def run(cfg, ws) -> dict:
                 "incremental": {"part": None, "new_raw_shards": 0, "why": why}}
 
     try:
-        s = scan(paths, f, count_all(paths), keep_keys=truth is not None, seen_pixels=earlier.pixels)
+        s = scan(paths, cfg.filter, count_all(paths), keep_keys=truth is not None, seen_pixels=earlier.pixels)
     except ShardError as err:
         raise StageError(str(err)) from err
+    kept = dedup_and_count(s, earlier, cfg.filter, part)
+    squared = write_output(cfg, ws, paths, kept, state, {"recipe": rec, "inputs": inputs, "part": part})
 
+    metrics = {"input": s.n, "kept": len(kept.index), "dropped_by_reason": kept.dropped,
+               "squared": {cfg.filter.square: squared}, "shards_in": len(paths),
+               "shards_out": len(shard_paths(ws.filtered)), "near_dedup": kept.near_stats, "totals": kept.totals,
+               "incremental": {"part": part, "new_raw_shards": len(paths), "why": why}}
+    if truth is not None:
+        seen = s.seen | set(earlier.keys.tolist()) | set(earlier.drops.key)
+        metrics["dedup_vs_truth"] = score_against_truth(kept.now.drops, truth, seen)
+    nonzero = ", ".join(f"{r} {n}" for r, n in kept.dropped.items() if n) or "none"
+    say("filter", f"kept {len(kept.index)} of {s.n} samples (dropped: {nonzero}) -> "
+                  f"{ws.filtered.relative_to(ws.root)}/ ({metrics['shards_out']} shards, "
+                  f"{human_bytes(dir_size(ws.filtered))}; {DROPPED} lists every drop)")
+    return metrics
+
+
+@dataclass
+class Kept:
+    """What this run keeps of the scanned samples, after near-duplicate removal."""
+    index: np.ndarray                # positions (in scan order) of the samples to write
+    not_square: set                  # of those and the others: positions of non-square images
+    dropped: dict[str, int]          # this run's drops by reason
+    near_stats: dict
+    now: Earlier                     # the earlier kept samples and these: what the next run dedups against
+    totals: dict                     # over every part
+
+
+def dedup_and_count(s, earlier: Earlier, f, part: int) -> Kept:
+    """Near-duplicate removal of the scanned samples ``s`` against each other and the earlier
+    kept ones; checks that input = kept + dropped."""
     index = np.asarray(s.index, np.int64)
     n_old = len(earlier.keys)
     new_phash = np.asarray(s.phash, np.uint64)
@@ -391,38 +420,34 @@ def run(cfg, ws) -> dict:
                   np.concatenate([earlier.thumbs, new_thumbs[near_kept]]) if f.near_dedup else earlier.thumbs,
                   all_drops, earlier.inputs + s.n)
     totals = {"input": now.inputs, "kept": len(now.keys),
-              "dropped_by_reason": {r: int((all_drops.reason == r).sum()) for r in REASONS}, "parts": part + 1}
-    prefix = incremental.part_prefix(part)
+              "dropped_by_reason": {r: int((all_drops.reason == r).sum()) for r in REASONS},
+              "parts": part + 1}
+    return Kept(index, s.not_square, dropped, near_stats, now, totals)
+
+
+def write_output(cfg, ws, paths: list[Path], kept: Kept, state: Optional[dict], run: dict) -> int:
+    """Replace data/filtered atomically: the earlier parts' shards linked, this part's kept samples
+    written, the drops, fingerprints and incremental state beside them; returns how many written
+    images were made square."""
+    f, part = cfg.filter, run["part"]
     try:
         with atomic_dir(ws.filtered) as out:
             if state is not None:
                 incremental.link_outputs(state, ws.filtered, out)
-            squared = s.not_square & set(index.tolist())
-            written = write_kept(paths, index, out, f.shard_size, prefix, frozenset(squared), f.square,
-                                 tuple(cfg.crawl.background))
-            if written != len(index):
+            squared = kept.not_square & set(kept.index.tolist())
+            written = write_kept(paths, kept.index, out, f.shard_size, incremental.part_prefix(part),
+                                 frozenset(squared), f.square, tuple(cfg.crawl.background))
+            if written != len(kept.index):
                 raise StageError(f"raw shards changed while filtering: wrote {written}, "
-                                 f"expected {len(index)}")
-            all_drops.to_parquet(out / DROPPED, index=False)
-            now.save(out)
+                                 f"expected {len(kept.index)}")
+            kept.now.drops.to_parquet(out / DROPPED, index=False)
+            kept.now.save(out)
             outputs = incremental.part_outputs(out, part)
             incremental.write_state(out, {
-                "recipe": rec, "inputs": inputs, "totals": totals,
+                "recipe": run["recipe"], "inputs": run["inputs"], "totals": kept.totals,
                 "parts": [*(state["parts"] if state else []),
-                          {"part": part, "raw_shards": [p.name for p in paths], "kept": len(index),
+                          {"part": part, "raw_shards": [p.name for p in paths], "kept": len(kept.index),
                            "outputs": outputs}]})
     except ShardError as err:
         raise StageError(str(err)) from err
-
-    metrics = {"input": s.n, "kept": len(index), "dropped_by_reason": dropped, "squared": {f.square: len(squared)},
-               "shards_in": len(paths),
-               "shards_out": len(shard_paths(ws.filtered)), "near_dedup": near_stats, "totals": totals,
-               "incremental": {"part": part, "new_raw_shards": len(paths), "why": why}}
-    if truth is not None:
-        seen = s.seen | set(earlier.keys.tolist()) | set(earlier.drops.key)
-        metrics["dedup_vs_truth"] = score_against_truth(all_drops, truth, seen)
-    nonzero = ", ".join(f"{r} {n}" for r, n in dropped.items() if n) or "none"
-    say("filter", f"kept {len(index)} of {s.n} samples (dropped: {nonzero}) -> "
-                  f"{ws.filtered.relative_to(ws.root)}/ ({metrics['shards_out']} shards, "
-                  f"{human_bytes(dir_size(ws.filtered))}; {DROPPED} lists every drop)")
-    return metrics
+    return len(squared)
