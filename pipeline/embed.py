@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -147,6 +148,42 @@ class RetrievalWriter:
         self.part, self.rows, self.img, self.txt = self.part + 1, [], [], []
 
 
+@dataclass
+class Tally:
+    """What :func:`embed_shards` counts as it goes, and the figures it makes of them."""
+    kept: int = 0
+    dropped: int = 0
+    dropped_mismatched: int = 0
+    cut: int = 0                      # captions longer than CLIP's context
+    sims: dict[str, list[float]] = field(default_factory=lambda: {"matched": [], "mismatched": [], "unknown": []})
+    split_in: dict[str, int] = field(default_factory=dict)
+    split_kept: dict[str, int] = field(default_factory=dict)
+
+    def figures(self, seconds: float, files: list[str], min_similarity: Optional[float]) -> dict:
+        kept, dropped, sims = self.kept, self.dropped, self.sims
+        n_mis = len(sims["mismatched"])
+        out_figs = {"input": kept + dropped, "kept": kept, "dropped_low_similarity": dropped,
+                    "images_per_s": round((kept + dropped) / seconds, 1), "seconds": round(seconds, 2),
+                    # captions longer than CLIP's context: their tokens are cut there (open_clip's rule)
+                    "captions_truncated": self.cut,
+                    "kept_by_split": {k: {"input": n, "kept": self.split_kept.get(k, 0)}
+                                      for k, n in sorted(self.split_in.items())},
+                    "similarity": {k: {"n": len(v), "mean": round(float(np.mean(v)), 4)} for k, v in sims.items() if v},
+                    "files": files}
+        if n_mis and min_similarity is not None:
+            out_figs["mismatch_filter"] = {
+                "threshold": min_similarity, "mismatched_total": n_mis, "dropped_mismatched": self.dropped_mismatched,
+                "precision": round(self.dropped_mismatched / dropped, 4) if dropped else None,
+                "recall": round(self.dropped_mismatched / n_mis, 4)}
+        if sims["matched"] and n_mis:
+            # How separable the two populations are, whatever the threshold: AUROC.
+            m, x = np.array(sims["matched"]), np.array(sims["mismatched"])
+            ranks = pd.Series(np.concatenate([m, x])).rank().to_numpy()
+            out_figs["mismatch_auroc"] = round(float((ranks[:len(m)].sum() - len(m) * (len(m) + 1) / 2)
+                                                     / (len(m) * len(x))), 4)
+        return out_figs
+
+
 def embed_shards(bundle, paths: list[Path], out: Path, *, batch_size: int, shard_size: int, num_workers: int,
                  min_similarity: Optional[float], token_dtype: str, total: Optional[int] = None,
                  prefix: str = "", retrieval_part: int = 0) -> dict:
@@ -155,17 +192,13 @@ def embed_shards(bundle, paths: list[Path], out: Path, *, batch_size: int, shard
     ``files``, what it wrote."""
     dtype = torch.float16 if token_dtype == "float16" else torch.float32     # torch casts with SIMD; numpy does not
     retrieval = RetrievalWriter(out, retrieval_part)
-    kept = dropped = 0
-    sims: dict[str, list[float]] = {"matched": [], "mismatched": [], "unknown": []}
-    dropped_mismatched = cut = 0
-    split_in: dict[str, int] = {}
-    split_kept: dict[str, int] = {}
+    t = Tally()
     bar = progress(total=total, desc="embed", unit="img")
     t0 = time.perf_counter()
     with ShardSink(out, shard_size, prefix) as sink:
         for batch in batches(paths, bundle.tokenize, bundle.image_size, batch_size, num_workers):
             z_i, z_t, enc, mask = encode_batch(bundle, batch["images"], batch["tokens"])
-            cut += sum(truncated(bundle.tokenize, [it["txt"] for it in batch["items"]], batch["tokens"]))
+            t.cut += sum(truncated(bundle.tokenize, [it["txt"] for it in batch["items"]], batch["tokens"]))
             # Per-sample values as Python floats and numpy rows: indexing torch tensors costs ~us each.
             cos = (z_i * z_t).sum(-1).tolist()
             z_i, z_t = z_i.numpy(), z_t.numpy()
@@ -174,44 +207,26 @@ def embed_shards(bundle, paths: list[Path], out: Path, *, batch_size: int, shard
             for j, it in enumerate(batch["items"]):
                 gt = it["gt"]
                 truth = "unknown" if not gt else "mismatched" if gt.get("mismatched") else "matched"
-                sims[truth].append(cos[j])
-                split_in[it["split"]] = split_in.get(it["split"], 0) + 1
+                t.sims[truth].append(cos[j])
+                t.split_in[it["split"]] = t.split_in.get(it["split"], 0) + 1
                 if min_similarity is not None and cos[j] < min_similarity:
-                    dropped += 1
-                    dropped_mismatched += truth == "mismatched"
+                    t.dropped += 1
+                    t.dropped_mismatched += truth == "mismatched"
                     continue
                 sink.write({"__key__": it["key"], "jpg": it["jpg"], "txt": it["txt"].encode(),
                             "json": meta_json(it["key"], it["split"], it["gt_text"], cos[j]),
                             "img_emb.npy": img_npy[j], "txt_emb.npy": txt_npy[j],
                             "txt_tokens.npy": tok_npy[j], "txt_mask.npy": mask_npy[j]})
                 retrieval.add(z_i[j], z_t[j], {"key": it["key"], "caption": it["txt"], "split": it["split"]})
-                kept += 1
-                split_kept[it["split"]] = split_kept.get(it["split"], 0) + 1
-                if kept % shard_size == 0:
+                t.kept += 1
+                t.split_kept[it["split"]] = t.split_kept.get(it["split"], 0) + 1
+                if t.kept % shard_size == 0:
                     retrieval.flush()     # keep the npy parts aligned with the tar shards
             bar.update(len(batch["items"]))
     retrieval.flush()
     bar.close()
-    seconds = time.perf_counter() - t0
-    n_mis = len(sims["mismatched"])
-    out_figs = {"input": kept + dropped, "kept": kept, "dropped_low_similarity": dropped,
-                "images_per_s": round((kept + dropped) / seconds, 1), "seconds": round(seconds, 2),
-                # captions longer than CLIP's context: their tokens are cut there (open_clip's rule)
-                "captions_truncated": cut,
-                "kept_by_split": {k: {"input": n, "kept": split_kept.get(k, 0)} for k, n in sorted(split_in.items())},
-                "similarity": {k: {"n": len(v), "mean": round(float(np.mean(v)), 4)} for k, v in sims.items() if v},
-                "files": [f"{prefix}{i:05d}.tar" for i in range(sink.shards)] + retrieval.written}
-    if n_mis and min_similarity is not None:
-        out_figs["mismatch_filter"] = {
-            "threshold": min_similarity, "mismatched_total": n_mis, "dropped_mismatched": dropped_mismatched,
-            "precision": round(dropped_mismatched / dropped, 4) if dropped else None,
-            "recall": round(dropped_mismatched / n_mis, 4)}
-    if sims["matched"] and n_mis:
-        # How separable the two populations are, whatever the threshold: AUROC.
-        m, x = np.array(sims["matched"]), np.array(sims["mismatched"])
-        ranks = pd.Series(np.concatenate([m, x])).rank().to_numpy()
-        out_figs["mismatch_auroc"] = round(float((ranks[:len(m)].sum() - len(m) * (len(m) + 1) / 2) / (len(m) * len(x))), 4)
-    return out_figs
+    files = [f"{prefix}{i:05d}.tar" for i in range(sink.shards)] + retrieval.written
+    return t.figures(time.perf_counter() - t0, files, min_similarity)
 
 
 def embed_recipe(cfg, ws) -> str:

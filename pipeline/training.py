@@ -298,14 +298,7 @@ def _fit(model, optimizer, scheduler, it, loss_fn, *, steps, checkpointer, grad_
     """:func:`fit`'s loop over the batch iterator ``it``."""
     if on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
-    start, last = 0, float("nan")
-    if checkpointer:
-        start, extra = checkpointer.load(model, optimizer, scheduler)
-        if ema is not None and extra.get("ema"):
-            ema.load_state_dict(extra["ema"])
-        last = float(extra.get("last_loss", last))
-        if start:
-            print(f"[{desc}] resuming from checkpoint at step {start}/{steps}", flush=True)
+    start, last = _resume(checkpointer, model, optimizer, scheduler, ema, desc, steps)
     main = accelerator is None or accelerator.is_main_process
     train_model = model
     if accelerator is not None:
@@ -318,17 +311,7 @@ def _fit(model, optimizer, scheduler, it, loss_fn, *, steps, checkpointer, grad_
     for step in range(start, steps):
         batch = next(it)
         loss = loss_fn(train_model, batch)
-        bad = not bool(torch.isfinite(loss.detach()))
-        if accelerator is not None and accelerator.num_processes > 1:
-            # every process must take the same decision, or DDP's gradient all-reduce hangs
-            bad = bool(accelerator.reduce(torch.tensor(float(bad), device=loss.device), "sum") > 0)
-        optimizer.zero_grad(set_to_none=True)
-        if not bad:
-            accelerator.backward(loss) if accelerator is not None else loss.backward()
-            if grad_clip:
-                norm = (accelerator.clip_grad_norm_(params, grad_clip) if accelerator is not None
-                        else torch.nn.utils.clip_grad_norm_(params, grad_clip))
-                bad = not bool(torch.isfinite(norm))       # all-reduced grads: same on every process
+        bad = _backward(loss, optimizer, params, grad_clip, accelerator)
         if bad:
             if on_nonfinite == "stop" or skipped >= max_skipped:
                 why = "stopping" if on_nonfinite == "stop" else f"{skipped} steps already skipped, stopping"
@@ -355,11 +338,7 @@ def _fit(model, optimizer, scheduler, it, loss_fn, *, steps, checkpointer, grad_
         # Also after the last step: the stage validates and saves after training, and a kill
         # there must not cost the training (the stage clears the checkpoint once it has saved).
         if checkpointer and ((step + 1) % checkpointer.every == 0 or step + 1 == steps):
-            if main:
-                checkpointer.save(step + 1, model, optimizer, scheduler,
-                                  {"last_loss": last, **({"ema": ema.state_dict()} if ema is not None else {})})
-            if accelerator is not None:
-                accelerator.wait_for_everyone()
+            _save(checkpointer, step + 1, model, optimizer, scheduler, ema, last, main, accelerator)
         kill_point("step", step + 1)
     bar.close()
     train_model.eval()
@@ -368,6 +347,46 @@ def _fit(model, optimizer, scheduler, it, loss_fn, *, steps, checkpointer, grad_
     return {"steps": steps, "resumed_from": start, "final_loss": round(last, 5), "skipped_steps": skipped,
             "processes": accelerator.num_processes if accelerator is not None else 1,
             "train_seconds": round(elapsed, 1), "steps_per_s": round(ran / elapsed, 3) if elapsed > 0 else None}
+
+
+def _resume(checkpointer, model, optimizer, scheduler, ema, desc: str, steps: int) -> tuple[int, float]:
+    """The step to start from and the last loss: the checkpoint's, if there is one (weights,
+    optimizer, scheduler and EMA restored into the objects given), else 0 and NaN."""
+    start, last = 0, float("nan")
+    if checkpointer:
+        start, extra = checkpointer.load(model, optimizer, scheduler)
+        if ema is not None and extra.get("ema"):
+            ema.load_state_dict(extra["ema"])
+        last = float(extra.get("last_loss", last))
+        if start:
+            print(f"[{desc}] resuming from checkpoint at step {start}/{steps}", flush=True)
+    return start, last
+
+
+def _backward(loss: torch.Tensor, optimizer, params: list, grad_clip, accelerator) -> bool:
+    """Zero the gradients, then backward and clip unless the loss is not finite; True when the
+    step must not be taken (the loss or the gradient norm is not finite, on any process)."""
+    bad = not bool(torch.isfinite(loss.detach()))
+    if accelerator is not None and accelerator.num_processes > 1:
+        # every process must take the same decision, or DDP's gradient all-reduce hangs
+        bad = bool(accelerator.reduce(torch.tensor(float(bad), device=loss.device), "sum") > 0)
+    optimizer.zero_grad(set_to_none=True)
+    if not bad:
+        accelerator.backward(loss) if accelerator is not None else loss.backward()
+        if grad_clip:
+            norm = (accelerator.clip_grad_norm_(params, grad_clip) if accelerator is not None
+                    else torch.nn.utils.clip_grad_norm_(params, grad_clip))
+            bad = not bool(torch.isfinite(norm))       # all-reduced grads: same on every process
+    return bad
+
+
+def _save(checkpointer, step: int, model, optimizer, scheduler, ema, last: float, main: bool, accelerator) -> None:
+    """A checkpoint at ``step`` (written by the main process; the others wait for it)."""
+    if main:
+        checkpointer.save(step, model, optimizer, scheduler,
+                          {"last_loss": last, **({"ema": ema.state_dict()} if ema is not None else {})})
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
 
 
 def build_optimizer(model: torch.nn.Module, tc):

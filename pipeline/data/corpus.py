@@ -270,25 +270,37 @@ def _block_pairs(c, block: int, new: list[Scene], seen: list[Scene]) -> pd.DataF
     for s, ui in zip(new, u):
         s.split = "test" if ui < c.split.test else "val" if ui < c.split.test + c.split.val else "train"
 
+    rows = [*_scene_rows(c, new), *_extra_rows(c, block, prefix, new, seen)]
+    df = pd.DataFrame(rows)
+    # Interleave the extra URLs with the scenes, as a real URL list would be (deterministic).
+    order = _block_rng(c.seed, block, ORDER_DRAW).permutation(len(df))
+    return df.iloc[order].reset_index(drop=True)
+
+
+def pair_row(key, url, scene, text, *, mismatched=False, caption_scene=None, dup_of=None, dup_kind=None,
+             fault=None) -> dict:
+    """One row of the pairs table: a URL, its caption and the ground truth of what it shows."""
+    gt = scene.ground_truth() if scene is not None else None
+    if gt is not None:
+        gt.update(mismatched=mismatched, caption_scene_id=caption_scene)
+    objs = scene.objects if scene is not None else []
+    flat = {}
+    for i in range(2):
+        o = objs[i] if i < len(objs) else None
+        for attr in ("color", "shape", "size", "position"):
+            flat[f"{attr}{i}"] = getattr(o, attr) if o else None
+    return {"key": key, "url": url, "caption": text, "split": scene.split if scene else "train",
+            "scene_id": scene.scene_id if scene else -1, "n_objects": len(objs),
+            "background": scene.background if scene else None, **flat,
+            "relation": scene.relation if scene else None, "mismatched": mismatched,
+            "duplicate_of": dup_of, "duplicate_kind": dup_kind, "fault": fault,
+            "gt": json.dumps(gt) if gt else None}
+
+
+def _scene_rows(c, new: list[Scene]) -> list[dict]:
+    """A row per scene of the block, its caption drawn from the scene's own stream (a few borrow
+    another scene's caption: web-data noise)."""
     rows = []
-
-    def row(key, url, scene, text, *, mismatched=False, caption_scene=None, dup_of=None, dup_kind=None, fault=None):
-        gt = scene.ground_truth() if scene is not None else None
-        if gt is not None:
-            gt.update(mismatched=mismatched, caption_scene_id=caption_scene)
-        objs = scene.objects if scene is not None else []
-        flat = {}
-        for i in range(2):
-            o = objs[i] if i < len(objs) else None
-            for attr in ("color", "shape", "size", "position"):
-                flat[f"{attr}{i}"] = getattr(o, attr) if o else None
-        rows.append({"key": key, "url": url, "caption": text, "split": scene.split if scene else "train",
-                     "scene_id": scene.scene_id if scene else -1, "n_objects": len(objs),
-                     "background": scene.background if scene else None, **flat,
-                     "relation": scene.relation if scene else None, "mismatched": mismatched,
-                     "duplicate_of": dup_of, "duplicate_kind": dup_kind, "fault": fault,
-                     "gt": json.dumps(gt) if gt else None})
-
     by_split: dict[str, list[Scene]] = {}
     for s in new:
         by_split.setdefault(s.split, []).append(s)
@@ -300,9 +312,16 @@ def _block_pairs(c, block: int, new: list[Scene], seen: list[Scene]) -> pd.DataF
             other = by_split[s.split][int(r.integers(len(by_split[s.split])))]
             while other.scene_id == s.scene_id:
                 other = by_split[s.split][int(r.integers(len(by_split[s.split])))]
-            row(key, f"images/{key}.jpg", s, caption(other, r), mismatched=True, caption_scene=other.scene_id)
+            rows.append(pair_row(key, f"images/{key}.jpg", s, caption(other, r), mismatched=True,
+                                 caption_scene=other.scene_id))
         else:
-            row(key, f"images/{key}.jpg", s, caption(s, r), caption_scene=s.scene_id)
+            rows.append(pair_row(key, f"images/{key}.jpg", s, caption(s, r), caption_scene=s.scene_id))
+    return rows
+
+
+def _extra_rows(c, block: int, prefix: str, new: list[Scene], seen: list[Scene]) -> list[dict]:
+    """The block's exact and near re-posts (of any scene so far) and its fault URLs."""
+    rows = []
 
     def pick(n, draw):
         # Re-posts come from any scene so far, older blocks included: an incremental filter
@@ -316,16 +335,13 @@ def _block_pairs(c, block: int, new: list[Scene], seen: list[Scene]) -> pd.DataF
         return np.random.default_rng([c.seed, s.scene_id, k] if block == 0 else [c.seed, s.scene_id, k, block])
 
     n = len(new)
-    for j, i in enumerate(pick(round(n * c.duplicate_fraction), EXACT_DRAW)):
-        s = seen[int(i)]
-        key = f"{prefix}d{j:06d}"
-        row(key, f"images/{key}.jpg", s, caption(s, caption_rng(s, 2)), caption_scene=s.scene_id,
-            dup_of=f"{s.scene_id:07d}", dup_kind="exact")
-    for j, i in enumerate(pick(round(n * c.near_duplicate_fraction), NEAR_DRAW)):
-        s = seen[int(i)]
-        key = f"{prefix}n{j:06d}"
-        row(key, f"images/{key}.jpg", s, caption(s, caption_rng(s, 3)), caption_scene=s.scene_id,
-            dup_of=f"{s.scene_id:07d}", dup_kind="near")
+    for kind, letter, k, fraction, draw in (("exact", "d", 2, c.duplicate_fraction, EXACT_DRAW),
+                                             ("near", "n", 3, c.near_duplicate_fraction, NEAR_DRAW)):
+        for j, i in enumerate(pick(round(n * fraction), draw)):
+            s = seen[int(i)]
+            key = f"{prefix}{letter}{j:06d}"
+            rows.append(pair_row(key, f"images/{key}.jpg", s, caption(s, caption_rng(s, k)), caption_scene=s.scene_id,
+                                 dup_of=f"{s.scene_id:07d}", dup_kind=kind))
     n_faults = round(n * c.fault_fraction)
     r = _block_rng(c.seed, block, FAULT_DRAW)
     for j in range(n_faults):
@@ -334,12 +350,8 @@ def _block_pairs(c, block: int, new: list[Scene], seen: list[Scene]) -> pd.DataF
         # The fault server answers by <kind> alone (fault/<kind>/<anything>), so the last part
         # only has to be unique: "a1-0.jpg" for an added block.
         name = f"{j}" if block == 0 else f"{prefix}-{j}"
-        row(f"{prefix}f{j:06d}", f"fault/{kind}/{name}.jpg", None, caption(donor, r), fault=kind)
-
-    df = pd.DataFrame(rows)
-    # Interleave the extra URLs with the scenes, as a real URL list would be (deterministic).
-    order = _block_rng(c.seed, block, ORDER_DRAW).permutation(len(df))
-    return df.iloc[order].reset_index(drop=True)
+        rows.append(pair_row(f"{prefix}f{j:06d}", f"fault/{kind}/{name}.jpg", None, caption(donor, r), fault=kind))
+    return rows
 
 
 def build_blocks(cfg) -> tuple[list[Scene], list[pd.DataFrame]]:
@@ -388,6 +400,54 @@ def sample_grid(paths: list[Path], cols: int = 8) -> Image.Image:
     return grid
 
 
+def write_corpus(c, scenes: list[Scene], pairs: pd.DataFrame, near_keys: dict[str, list[str]], out: Path) -> None:
+    """Render every scene (and its near re-posts) into ``out/images``, copy the exact re-posts, and
+    write the fault bodies, ``pairs.parquet`` and the sample grid."""
+    img_dir = out / "images"
+    img_dir.mkdir()
+    items = [(f"{s.scene_id:07d}", s) for s in scenes]
+    chunk = 250
+    jobs = [(items[i:i + chunk], img_dir, c.image_size, c.render_scale, c.jpeg_quality,
+             {k: near_keys[k] for k, _ in items[i:i + chunk] if k in near_keys})
+            for i in range(0, len(items), chunk)]
+    bar = progress(total=len(items), desc="corpus: render", unit="img")
+    if c.workers > 1:
+        with ProcessPoolExecutor(c.workers) as pool:
+            for done in pool.map(_render_chunk, jobs):
+                bar.update(done)
+    else:
+        for job in jobs:
+            bar.update(_render_chunk(job))
+    bar.close()
+    exact = pairs[pairs.duplicate_kind == "exact"]
+    for k, src in zip(exact.key, exact.duplicate_of):   # a re-post: the very same bytes
+        shutil.copyfile(img_dir / f"{src}.jpg", img_dir / f"{k}.jpg")
+    write_fault_bodies(out / "faults", c.image_size)
+    pairs.to_parquet(out / "pairs.parquet", index=False)
+    first = [img_dir / f"{s.scene_id:07d}.jpg" for s in scenes[:64]]
+    sample_grid(first).save(out / "samples.png")
+
+
+def corpus_metrics(c, scenes: list[Scene], pairs: pd.DataFrame, blocks: list[pd.DataFrame]) -> dict:
+    real = pairs[pairs.fault.isna()]
+    metrics = {
+        "scenes": len(scenes),
+        "urls": len(pairs),
+        "pairs_by_split": {k: int(v) for k, v in real.split.value_counts().items()},
+        "single_object": int((real.n_objects == 1).sum()),
+        "two_object": int((real.n_objects == 2).sum()),
+        "mismatched_captions": int(real.mismatched.sum()),
+        "exact_duplicates": int((pairs.duplicate_kind == "exact").sum()),
+        "near_duplicates": int((pairs.duplicate_kind == "near").sum()),
+        "faults": {k: int(v) for k, v in pairs.fault.value_counts().items()},
+        "image_size": c.image_size,
+    }
+    if c.additions:   # only then, so the metrics of a corpus without additions stay as they were
+        metrics["additions"] = {"blocks": len(c.additions), "scenes": sum(c.additions),
+                                "urls": sum(len(b) for b in blocks[1:])}
+    return metrics
+
+
 def run(cfg, ws) -> dict:
     c = cfg.corpus
     if cfg.crawl.url_list is not None:
@@ -407,48 +467,10 @@ def run(cfg, ws) -> dict:
         near_keys.setdefault(src, []).append(k)
 
     with atomic_dir(ws.corpus) as out:
-        img_dir = out / "images"
-        img_dir.mkdir()
-        items = [(f"{s.scene_id:07d}", s) for s in scenes]
-        chunk = 250
-        jobs = [(items[i:i + chunk], img_dir, c.image_size, c.render_scale, c.jpeg_quality,
-                 {k: near_keys[k] for k, _ in items[i:i + chunk] if k in near_keys})
-                for i in range(0, len(items), chunk)]
-        bar = progress(total=len(items), desc="corpus: render", unit="img")
-        if c.workers > 1:
-            with ProcessPoolExecutor(c.workers) as pool:
-                for done in pool.map(_render_chunk, jobs):
-                    bar.update(done)
-        else:
-            for job in jobs:
-                bar.update(_render_chunk(job))
-        bar.close()
-        exact = pairs[pairs.duplicate_kind == "exact"]
-        for k, src in zip(exact.key, exact.duplicate_of):   # a re-post: the very same bytes
-            shutil.copyfile(img_dir / f"{src}.jpg", img_dir / f"{k}.jpg")
-        write_fault_bodies(out / "faults", c.image_size)
-        pairs.to_parquet(out / "pairs.parquet", index=False)
-        first = [img_dir / f"{s.scene_id:07d}.jpg" for s in scenes[:64]]
-        sample_grid(first).save(out / "samples.png")
-
+        write_corpus(c, scenes, pairs, near_keys, out)
     from ..tracking import log_artifact
     log_artifact(ws.corpus / "samples.png", "corpus")
-    real = pairs[pairs.fault.isna()]
-    metrics = {
-        "scenes": len(scenes),
-        "urls": len(pairs),
-        "pairs_by_split": {k: int(v) for k, v in real.split.value_counts().items()},
-        "single_object": int((real.n_objects == 1).sum()),
-        "two_object": int((real.n_objects == 2).sum()),
-        "mismatched_captions": int(real.mismatched.sum()),
-        "exact_duplicates": int((pairs.duplicate_kind == "exact").sum()),
-        "near_duplicates": int((pairs.duplicate_kind == "near").sum()),
-        "faults": {k: int(v) for k, v in pairs.fault.value_counts().items()},
-        "image_size": c.image_size,
-    }
-    if c.additions:   # only then, so the metrics of a corpus without additions stay as they were
-        metrics["additions"] = {"blocks": len(c.additions), "scenes": sum(c.additions),
-                                "urls": sum(len(b) for b in blocks[1:])}
+    metrics = corpus_metrics(c, scenes, pairs, blocks)
     say("corpus", f"{len(scenes)} scenes, {len(pairs)} URLs ({sum(metrics['faults'].values())} faults) "
                   f"-> {ws.corpus.relative_to(ws.root)}/ (pairs.parquet, images/, samples.png)")
     return metrics

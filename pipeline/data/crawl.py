@@ -550,6 +550,24 @@ def crawl_part(cfg, ws, out: Path, urls: pd.DataFrame, faults: Optional[pd.Serie
     return log, written, {"download_s": round(t_download - t0, 2), "verify_s": round(t_verify - t_download, 2)}
 
 
+def part_metrics(todo: pd.DataFrame, log: pd.DataFrame, written, faults: Optional[pd.DataFrame]) -> dict:
+    """This part's figures, checked: every URL attempted is a success or a failure by reason, and
+    (on the corpus) no planted fault URL was crawled as an image."""
+    metrics = {"attempted": len(todo), "succeeded": len(written), "failed": len(todo) - len(written),
+               **failure_metrics(log)}
+    if faults is None:      # a user's list: its split column, else crawl.split's hash (read_url_list)
+        metrics["split_by_url"] = {k: int((todo["split"] == k).sum()) for k in SPLITS}
+    if metrics["attempted"] != metrics["succeeded"] + sum(metrics["failed_by_reason"].values()):
+        raise StageError(f"crawl counts do not reconcile: attempted {metrics['attempted']} != "
+                         f"succeeded {metrics['succeeded']} + failed {metrics['failed_by_reason']}")
+    if faults is not None:
+        metrics.update(fault_metrics(log, faults.loc[todo.index]))
+        if metrics["fault_urls_in_shards"]:
+            raise StageError(f"{metrics['fault_urls_in_shards']} fault URLs were crawled as images: "
+                             f"{metrics['faults_by_kind_vs_reason']}")
+    return metrics
+
+
 def run(cfg, ws) -> dict:
     """Crawl the URLs not crawled before (all of them the first time, or when the recipe changed)."""
     t0 = time.perf_counter()
@@ -585,18 +603,7 @@ def run(cfg, ws) -> dict:
         log, written, times = crawl_part(cfg, ws, out, todo, faults, part, columns)
         earlier = {} if old_log is None else dict(zip(old_log["url"], old_log["attempts"]))
         log["attempts"] = [int(earlier.get(u, 0)) + 1 for u in log["url"]]
-        metrics = {"attempted": len(todo), "succeeded": len(written), "failed": len(todo) - len(written),
-                   **failure_metrics(log)}
-        if faults is None:      # a user's list: its split column, else crawl.split's hash (read_url_list)
-            metrics["split_by_url"] = {k: int((todo["split"] == k).sum()) for k in SPLITS}
-        if metrics["attempted"] != metrics["succeeded"] + sum(metrics["failed_by_reason"].values()):
-            raise StageError(f"crawl counts do not reconcile: attempted {metrics['attempted']} != "
-                             f"succeeded {metrics['succeeded']} + failed {metrics['failed_by_reason']}")
-        if faults is not None:
-            metrics.update(fault_metrics(log, faults.loc[todo.index]))
-            if metrics["fault_urls_in_shards"]:
-                raise StageError(f"{metrics['fault_urls_in_shards']} fault URLs were crawled as images: "
-                                 f"{metrics['faults_by_kind_vs_reason']}")
+        metrics = part_metrics(todo, log, written, faults)
         full_log = log if old_log is None else pd.concat([old_log[~old_log["url"].isin(set(log["url"]))], log],
                                                          ignore_index=True)
         if not (full_log.status == "success").any():

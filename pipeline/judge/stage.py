@@ -89,28 +89,15 @@ def attribute_accuracy(heads: dict) -> dict:
             "position": heads["position"], "relation_axis": heads["axis"]}
 
 
-def run(cfg, ws) -> dict:
+def train(cfg, ws, paths: list, size: int) -> tuple[JudgeNet, dict, dict]:
+    """Train the judge on the real train images with ground truth; returns the net, its
+    constructor arguments and the training summary."""
     j = cfg.judge
-    paths = shard_paths(ws.filtered)
-    if not paths:
-        raise StageError(f"no shards in {ws.filtered}: run the filter stage first")
-    if not truth.has_ground_truth(paths):
-        # A URL list: nothing to train the judge on, and nothing it could check. Evaluate reads the skip.
-        with atomic_dir(ws.judge) as out:
-            figures = truth.write_skipped(out, "judge", truth.NO_TRUTH)
-        say("judge", f"skipped: {truth.NO_TRUTH}")
-        return figures
-    kept, why = retrain.keep_frozen(cfg, ws, "judge", cfg.retrain.judge, ws.judge, ws.filtered, "judge")
-    if kept is not None:
-        say("judge", f"kept as it is: {why}")
-        return kept
-    say("judge", f"training: {why}")
-    size = cfg.corpus.image_size
-    train = load_split(paths, "train", size)
-    keep = [i for i, g in enumerate(train["gt"]) if parse_gt(g)]
+    split = load_split(paths, "train", size)
+    keep = [i for i, g in enumerate(split["gt"]) if parse_gt(g)]
     if not keep:
         raise StageError("the judge needs ground truth (the embedded corpus's json); these shards have none")
-    images, targets = train["images"][keep], target_tensor([train["gt"][i] for i in keep])
+    images, targets = split["images"][keep], target_tensor([split["gt"][i] for i in keep])
     say("judge", f"training on {len(keep)} real train images at {size} px")
     torch.manual_seed(j.seed)
     arch = {"image_size": size, "channels": list(j.channels), "feature_dim": j.feature_dim}
@@ -126,9 +113,12 @@ def run(cfg, ws) -> dict:
                   grad_clip=j.grad_clip, desc="judge: train", precision=j.precision,
                   precision_cache=ws.checkpoints / "precision.json",
                   on_log=lambda s, f: tracking.log_metrics({"train_loss": f["loss"]}, step=s))
-    net.eval()
-    judge = Judge(net, {"arch": arch}, torch.device("cpu"))
+    return net, arch, summary
 
+
+def accuracy_on_test(judge: Judge, paths: list, size: int) -> dict:
+    """The judge's accuracy on the real test images, per attribute, per head, per caption check,
+    and after a round trip through 16 px."""
     test = load_split(paths, "test", size)
     rows = [i for i, g in enumerate(test["gt"]) if parse_gt(g)]
     if not rows:
@@ -140,10 +130,31 @@ def run(cfg, ws) -> dict:
     # how much of each attribute a low-resolution rendering can still show
     blurred = to_uint8(resize(resize(to_model(test["images"][rows]), 16), size))
     preds_16, _ = judge.predict(blurred)
-    figures = {"train": summary, "n_test": len(rows), "test_accuracy": attribute_accuracy(heads),
-               "test_head_accuracy": heads, "test_caption_checks": accuracy(preds, gts),
-               "test_accuracy_via_16px": attribute_accuracy(head_accuracy(preds_16, target_tensor(gts))),
-               "vocab": {h: list(VOCAB[h]) for h in HEADS}}
+    return {"n_test": len(rows), "test_accuracy": attribute_accuracy(heads),
+            "test_head_accuracy": heads, "test_caption_checks": accuracy(preds, gts),
+            "test_accuracy_via_16px": attribute_accuracy(head_accuracy(preds_16, target_tensor(gts))),
+            "vocab": {h: list(VOCAB[h]) for h in HEADS}}
+
+
+def run(cfg, ws) -> dict:
+    paths = shard_paths(ws.filtered)
+    if not paths:
+        raise StageError(f"no shards in {ws.filtered}: run the filter stage first")
+    if not truth.has_ground_truth(paths):
+        # A URL list: nothing to train the judge on, and nothing it could check. Evaluate reads the skip.
+        with atomic_dir(ws.judge) as out:
+            figures = truth.write_skipped(out, "judge", truth.NO_TRUTH)
+        say("judge", f"skipped: {truth.NO_TRUTH}")
+        return figures
+    kept, why = retrain.keep_frozen(cfg, ws, "judge", cfg.retrain.judge, ws.judge, ws.filtered, "judge")
+    if kept is not None:
+        say("judge", f"kept as it is: {why}")
+        return kept
+    say("judge", f"training: {why}")
+    size = cfg.corpus.image_size
+    net, arch, summary = train(cfg, ws, paths, size)
+    net.eval()
+    figures = {"train": summary, **accuracy_on_test(Judge(net, {"arch": arch}, torch.device("cpu")), paths, size)}
     with atomic_dir(ws.judge) as out:
         bundle.save_model(out, net, kind="judge", arch=arch, run_config=bundle.run_config(cfg),
                           info={"test_accuracy": figures["test_accuracy"]})
