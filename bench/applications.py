@@ -38,7 +38,7 @@ from pipeline.clip.zeroshot import canonical_caption  # noqa: E402
 from pipeline.applications.files import join, save_rows  # noqa: E402
 from pipeline.data.corpus import COLORS, SIZES  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
-from pipeline.embeddings import load_split  # noqa: E402
+from pipeline.data.embedding_shards import load_split  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402
 from pipeline.generate import Unclip  # noqa: E402
 from pipeline.judge.labels import VOCAB, parse_gt  # noqa: E402

@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.data.corpus import COLORS, PAIR_TEMPLATES, RELATION_PHRASES  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
 from pipeline.decoder.stage import decode  # noqa: E402
-from pipeline.embeddings import load_split  # noqa: E402
+from pipeline.data.embedding_shards import load_split  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402
 from pipeline.generate import Unclip  # noqa: E402
 from pipeline.images import to_uint8  # noqa: E402

@@ -2,7 +2,7 @@
 
 One function, two users: the test that checks every stage's ``deps:`` in dvc.yaml covers its
 closure (tests/test_codedeps.py), and the incremental recipes of crawl, filter and embed
-(pipeline/incremental.py), which redo everything when one of these files changes.
+(pipeline/data/incremental.py), which redo everything when one of these files changes.
 
 The closure follows, with :mod:`ast` and without importing anything, every import statement of a
 module (top level or inside a function, ``from .x import y``, ``from . import x``, ``import

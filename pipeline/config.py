@@ -349,7 +349,7 @@ class JudgeConfig(Section):
 
 
 class RetrainConfig(Section):
-    """What a rerun does with what the last run left (pipeline/incremental.py)."""
+    """What a rerun does with what the last run left (pipeline/data/incremental.py)."""
     incremental_data: bool = True                     # crawl new URLs only; filter/embed new shards only
     clip: Literal["keep", "retrain"] = "keep"         # keep: a CLIP of the same config stays frozen as data grows
     judge: Literal["keep", "retrain"] = "keep"        # the gate's yardstick: candidate and champion judged alike

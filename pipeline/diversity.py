@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .clip.data import decode_images
+from .data.image_shards import decode_images
 from .data.corpus import encode_jpeg, render, scene_from_ground_truth
 from .images import resize, to_model, to_uint8
 from .judge.labels import check, parse_gt

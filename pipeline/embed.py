@@ -30,9 +30,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import bundle, incremental, tracking
+from . import bundle, tracking
 from .clip import model as clip_model
-from .clip.data import decode_images, single_thread
+from .data import incremental
+from .data.image_shards import decode_images, single_thread
 from .clip.tokenize import truncated
 from .data.shards import ShardError, ShardSink, iter_samples, loads_json, shard_paths, split_of
 from .progress import progress, say

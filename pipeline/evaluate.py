@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from . import background, bundle, diversity, prior_comparison, tracking, truth
 from .config import PriorConfig
 from .data.shards import shard_paths
-from .embeddings import load_split
+from .data.embedding_shards import load_split
 from .generate import Unclip, save_grid
 from .images import grid, resize, save_png, to_model, to_uint8
 from .judge.labels import parse_gt

@@ -25,7 +25,7 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     """Float images [B, C, H, W] -> [B, C, size, size]: antialiased bicubic down, bicubic up.
     The resize of the generative half (training targets, low-res conditions, evaluation); the
-    CLIP data path uses the same interpolation on uint8 (``clip.data.resize_uint8``)."""
+    CLIP data path uses the same interpolation on uint8 (``data.image_shards.resize_uint8``)."""
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
     return F.interpolate(x, size=(size, size), mode="bicubic", antialias=size < x.shape[-1], align_corners=False)

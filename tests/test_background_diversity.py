@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from pipeline import background, config, diversity
-from pipeline.clip.data import decode_images
+from pipeline.data.image_shards import decode_images
 from pipeline.data.corpus import (BACKGROUNDS, GRID, POSITIONS, caption, encode_jpeg, nearest_position, render,
                                   sample_scene, scene_from_ground_truth)
 from pipeline.evaluate import bars

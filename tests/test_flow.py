@@ -230,7 +230,7 @@ def test_applications_of_the_latent_from_python_and_the_command_line(flow_runs, 
     from PIL import Image
     from pipeline import applications as apps
     from pipeline.applications.files import load_image
-    from pipeline.embeddings import load_split
+    from pipeline.data.embedding_shards import load_split
     from pipeline.generate import Unclip
     ws, _, _ = flow_runs
     unclip = Unclip.load(ws.root / "models")

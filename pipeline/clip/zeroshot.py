@@ -67,7 +67,7 @@ def zero_shot(bundle, z_img: torch.Tensor, gts: list[dict], batch_size: int = 51
 
 
 def evaluate(bundle, split: dict, batch_size: int) -> dict:
-    """Figures for one in-memory split (see ``clip.data.load_split``)."""
+    """Figures for one in-memory split (see ``data.image_shards.load_image_split``)."""
     bundle.model.eval()
     z_img = embed_images(bundle, split["images"], batch_size)
     matched = [i for i, gt in enumerate(split["gt"]) if not (gt or {}).get("mismatched")]

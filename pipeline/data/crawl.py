@@ -23,7 +23,7 @@ Output (``data/raw/``)::
                           part, attempts (how many crawls have tried it)
     img2dataset/          img2dataset's own per-shard parquet and stats json, as it wrote them
                           (its shard numbering, before verification: the log is authoritative)
-    incremental.json      the parts crawled so far (pipeline/incremental.py)
+    incremental.json      the parts crawled so far (pipeline/data/incremental.py)
 
 Incremental: a rerun crawls only the URLs its log has not seen (a URL list that grew, a new file
 in a ``url_list`` folder, ``corpus.additions``) into part k's shards ``partNNN-00000.tar``...,
@@ -60,7 +60,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile, ImageOps
 
-from .. import incremental
+from . import incremental
 from ..progress import progress, say
 from ..errors import StageError
 from ..tracking import redact_urls_in

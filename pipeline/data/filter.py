@@ -11,7 +11,7 @@ surviving sample: a pixel hash, a pHash, an 8x8 color thumbnail):
    that is not square is made square first (``filter.square``: center crop, or pad with
    ``crawl.background``) and counted (``squared``), since every model downstream sees squares.
 
-Incremental (pipeline/incremental.py): a rerun on an addition scans only the new raw shards; its
+Incremental (pipeline/data/incremental.py): a rerun on an addition scans only the new raw shards; its
 samples are deduplicated against the earlier run's survivors (their pixel hashes, pHashes and
 thumbnails are kept in ``fingerprints.npz``), so the result equals a full filter of all shards.
 
@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .. import incremental
+from . import incremental
 from ..progress import progress, say
 from ..errors import StageError
 from ..workspace import atomic_dir, dir_size, human_bytes

@@ -16,7 +16,7 @@ from .. import bundle, retrain, tracking
 from ..clip import model as clip_model
 from ..data.shards import shard_paths
 from ..diffusion import noise_schedule
-from ..embeddings import load_split, train_batches
+from ..data.embedding_shards import load_split, train_batches
 from ..images import grid, resize, save_png, to_model, to_uint8
 from ..progress import say
 from ..errors import StageError

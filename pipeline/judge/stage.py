@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import bundle, retrain, tracking, truth
-from ..clip.data import load_split
+from ..data.image_shards import load_image_split
 from ..data.shards import shard_paths
 from ..images import resize, to_model, to_uint8
 from ..progress import say
@@ -93,7 +93,7 @@ def train(cfg, ws, paths: list, size: int) -> tuple[JudgeNet, dict, dict]:
     """Train the judge on the real train images with ground truth; returns the net, its
     constructor arguments and the training summary."""
     j = cfg.judge
-    split = load_split(paths, "train", size)
+    split = load_image_split(paths, "train", size)
     keep = [i for i, g in enumerate(split["gt"]) if parse_gt(g)]
     if not keep:
         raise StageError("the judge needs ground truth (the embedded corpus's json); these shards have none")
@@ -119,7 +119,7 @@ def train(cfg, ws, paths: list, size: int) -> tuple[JudgeNet, dict, dict]:
 def accuracy_on_test(judge: Judge, paths: list, size: int) -> dict:
     """The judge's accuracy on the real test images, per attribute, per head, per caption check,
     and after a round trip through 16 px."""
-    test = load_split(paths, "test", size)
+    test = load_image_split(paths, "test", size)
     rows = [i for i, g in enumerate(test["gt"]) if parse_gt(g)]
     if not rows:
         raise StageError("the test split of the filtered shards is empty")

@@ -9,7 +9,7 @@ import torch
 
 from .. import bundle, retrain, tracking
 from ..data.shards import shard_paths
-from ..embeddings import load_split, train_batches
+from ..data.embedding_shards import load_split, train_batches
 from ..progress import say
 from ..errors import StageError
 from ..training import autocast, clear_checkpoints, train_diffusion_model

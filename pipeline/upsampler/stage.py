@@ -23,7 +23,7 @@ import torch
 import webdataset as wds
 
 from .. import bundle, diffusion, retrain, tracking
-from ..clip.data import decode_image, iter_split, train_stream
+from ..data.image_shards import decode_image, iter_split, train_stream
 from ..data.shards import shard_paths
 from ..images import grid, resize, save_png, to_model, to_uint8
 from ..progress import say

@@ -29,12 +29,12 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .codedeps import ROOT, closure
-from .data.shards import shard_paths
-from .workspace import atomic_write_json, file_sha256
+from ..codedeps import ROOT, closure
+from .shards import shard_paths
+from ..workspace import atomic_write_json, file_sha256
 
 STATE = "incremental.json"
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parent.parent        # pipeline/: recipes hash paths relative to it
 
 
 def part_prefix(part: int) -> str:
