@@ -19,7 +19,7 @@ main process's share. The judge's stream is the stage's own ``batches`` (with it
 Figures, per model (the table):
 
     batch        the config's batch size
-    precision    bf16 or fp32: what ``training.use_bf16(precision, device)`` picks for the model
+    precision    bf16 or fp32: what ``device.use_bf16(precision, device)`` picks for the model
     GFLOP/step   forward + backward FLOPs of one step at that batch, counted by
                  torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions, attention; the
                  optimizer, EMA and elementwise ops count 0); the forward share is in the JSON
@@ -78,7 +78,8 @@ from pipeline.prior import diffusion as prior_diffusion  # noqa: E402
 from pipeline.prior.network import UnclipPrior  # noqa: E402
 from pipeline.prior import stage as prior_stage  # noqa: E402
 from pipeline.prior.stage import arch_of as prior_arch  # noqa: E402
-from pipeline.training import build_optimizer, cosine_with_warmup, native_cpu_bf16, use_bf16  # noqa: E402
+from pipeline.device import native_cpu_bf16, use_bf16  # noqa: E402
+from pipeline.training import build_optimizer, cosine_with_warmup  # noqa: E402
 from pipeline.upsampler.network import Upsampler  # noqa: E402
 from pipeline.upsampler import stage as upsampler_stage  # noqa: E402
 from pipeline.upsampler.stage import TrainingPairs, chain_sizes, conditioned, crop_size  # noqa: E402

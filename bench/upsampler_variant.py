@@ -42,7 +42,7 @@ from pipeline.generate import Unclip  # noqa: E402
 from pipeline.images import grid, resize, save_png, to_model, to_uint8  # noqa: E402
 from pipeline.judge.model import Judge  # noqa: E402
 from pipeline.quality import score  # noqa: E402
-from pipeline.training import autocast, use_bf16  # noqa: E402
+from pipeline.device import autocast, use_bf16  # noqa: E402
 from pipeline.upsampler import diffusion as up_diffusion  # noqa: E402
 from pipeline.upsampler.stage import (bundle_info, chain_sizes, conditioned, evaluate, image_embedding,  # noqa: E402
                                       source_dir, train)

@@ -33,6 +33,7 @@ import torch
 from . import bundle, tracking
 from .clip import model as clip_model
 from .data import incremental
+from .device import device_of
 from .data.image_shards import decode_images, single_thread
 from .clip.tokenize import truncated
 from .data.shards import ShardError, ShardSink, iter_samples, loads_json, shard_paths, split_of
@@ -278,7 +279,7 @@ def run(cfg, ws) -> dict:
         return {"input": 0, "kept": 0, "dropped_low_similarity": 0, "shards": len(shard_paths(ws.embeddings)),
                 "totals": state["totals"], "incremental": {"part": None, "new_filtered_shards": 0, "why": why}}
 
-    bundle = clip_model.load(ws.clip, clip_model.device_of())
+    bundle = clip_model.load(ws.clip, device_of())
     filter_metrics = ws.metrics_path("filter")
     total = json.loads(filter_metrics.read_text()).get("kept") if filter_metrics.exists() else None
     # The clip-retrieval files are numbered on from the earlier parts' (one triple per shard).

@@ -24,7 +24,7 @@ from .decoder import diffusion as decoder_diffusion
 from .decoder.network import UnclipDecoder
 from .images import grid, save_png, to_uint8
 from .prior import kinds as prior_kinds
-from .training import autocast, use_bf16
+from .device import autocast, device_of, use_bf16
 from .upsampler import diffusion as up_diffusion
 from .workspace import file_sha256
 
@@ -48,7 +48,7 @@ class Unclip:
         if not models.is_dir():
             raise FileNotFoundError(f"{models}: no such directory (expected a workspace's models/ with "
                                     f"clip/, prior/, decoder/, upsampler_*/)")
-        dev = torch.device(device or clip_model.device_of())
+        dev = torch.device(device or device_of())
         clip = clip_model.load(models / "clip", dev)
         prior, prior_meta = bundle.load_model(models / "prior", "prior", prior_kinds.build, dev)
         decoder, decoder_meta = bundle.load_model(models / "decoder", "decoder", UnclipDecoder, dev)

@@ -38,7 +38,8 @@ from pipeline.prior import diffusion as prior_diffusion  # noqa: E402
 from pipeline.prior import figures as prior_figures  # noqa: E402
 from pipeline.prior import stage as prior_stage  # noqa: E402
 from pipeline.prior.network import UnclipPrior  # noqa: E402
-from pipeline.training import autocast, train_diffusion_model, use_bf16  # noqa: E402
+from pipeline.device import autocast, use_bf16  # noqa: E402
+from pipeline.training import train_diffusion_model  # noqa: E402
 
 
 def shapes_of(cfg) -> dict:

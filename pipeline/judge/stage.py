@@ -26,7 +26,8 @@ from ..data.shards import shard_paths
 from ..images import resize, to_model, to_uint8
 from ..progress import say
 from ..errors import StageError
-from ..training import Checkpointer, autocast, clear_checkpoints, config_hash, cosine_with_warmup, fit
+from ..device import autocast
+from ..training import Checkpointer, clear_checkpoints, config_hash, cosine_with_warmup, fit
 from ..workspace import atomic_dir
 from .labels import HEADS, IGNORE, VOCAB, accuracy, parse_gt, target_tensor
 from .model import Judge

@@ -12,7 +12,8 @@ from ..data.shards import shard_paths
 from ..data.embedding_shards import load_split, train_batches
 from ..progress import say
 from ..errors import StageError
-from ..training import autocast, clear_checkpoints, train_diffusion_model
+from ..device import autocast
+from ..training import clear_checkpoints, train_diffusion_model
 from ..workspace import atomic_dir
 from . import diffusion, kinds
 from .figures import evaluate

@@ -28,7 +28,8 @@ from ..data.shards import shard_paths
 from ..images import grid, resize, save_png, to_model, to_uint8
 from ..progress import say
 from ..errors import StageError
-from ..training import autocast, clear_checkpoints, train_diffusion_model
+from ..device import autocast
+from ..training import clear_checkpoints, train_diffusion_model
 from ..workspace import atomic_dir
 from .degrade import degrade
 from .diffusion import training_loss, upsample
