@@ -74,6 +74,7 @@ from pipeline.decoder.stage import arch_of as decoder_arch, training_fns  # noqa
 from pipeline.judge import stage as judge_stage  # noqa: E402
 from pipeline.judge.labels import target_tensor  # noqa: E402
 from pipeline.judge.network import JudgeNet  # noqa: E402
+from pipeline.diffusion import noise_schedule  # noqa: E402
 from pipeline.prior import diffusion as prior_diffusion  # noqa: E402
 from pipeline.prior.network import UnclipPrior  # noqa: E402
 from pipeline.prior import stage as prior_stage  # noqa: E402
@@ -225,7 +226,7 @@ def prior_bench(cfg, device: torch.device, pool_n: int) -> Bench:
     p, m = cfg.prior, cfg.clip.model
     torch.manual_seed(p.seed)
     model = UnclipPrior(**prior_arch(p, m.embed_dim, m.text_width, m.context_length))
-    schedule = prior_diffusion.noise_scheduler()
+    schedule = noise_schedule(prior_diffusion.PREDICTION)
 
     return diffusion_bench("prior", p, model, prior_stage.make_loss(p, schedule), embedding_pool(cfg, pool_n, None, p.seed), device)
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..decoder import inversion
 from ..diffusion import randn
 from ..generate import Unclip
-from ..images import resize, to_model, to_uint8
+from ..images import psnr, resize, to_model, to_uint8
 from ..upsampler import diffusion as up_diffusion
 
 INVERSION_STEPS = 100     # DDIM steps of inversion and reconstruction (the decoder is small: cheap)
@@ -38,12 +38,6 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor) -> torch.Te
         return ((1 - t) * fa + t * fb).reshape(a.shape)
     out = (torch.sin((1 - t) * omega) * fa + torch.sin(t * omega) * fb) / torch.sin(omega)
     return out.reshape(a.shape)
-
-
-def psnr(a_uint8: torch.Tensor, b_uint8: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB per image of two uint8 batches [B, 3, H, W]."""
-    mse = (a_uint8.float() - b_uint8.float()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))
 
 
 class Latent:

@@ -36,7 +36,7 @@ from .network import JudgeNet
 DEGRADE_SIZES = (16, 24, 32, 48)
 
 
-def degrade(x: torch.Tensor, gen: torch.Generator, p: float) -> torch.Tensor:
+def like_generated(x: torch.Tensor, gen: torch.Generator, p: float) -> torch.Tensor:
     """With probability ``p`` per batch, what generated images do to a clean rendering: a
     bicubic round trip through a random lower resolution (blur), a small color cast over the
     whole image (per image and channel, up to +-0.08 of the [-1, 1] range) and Gaussian noise of
@@ -57,7 +57,7 @@ def batches(images: torch.Tensor, targets: torch.Tensor, batch_size: int, seed: 
     gen = torch.Generator().manual_seed(seed)
     while True:
         idx = torch.randint(len(images), (batch_size,), generator=gen)
-        yield degrade(to_model(images[idx]), gen, p_degrade), targets[idx]
+        yield like_generated(to_model(images[idx]), gen, p_degrade), targets[idx]
 
 
 def loss_fn(net, batch, precision: str):
