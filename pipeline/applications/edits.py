@@ -23,7 +23,6 @@ from ..decoder import inversion
 from ..diffusion import randn
 from ..generate import Unclip
 from ..images import psnr, resize, to_model, to_uint8
-from ..upsampler import diffusion as up_diffusion
 
 INVERSION_STEPS = 100     # DDIM steps of inversion and reconstruction (the decoder is small: cheap)
 
@@ -101,11 +100,8 @@ def upsample_chain(unclip: Unclip, x: torch.Tensor, generator: torch.Generator, 
         s = img.shape[-1]
         return resize(m, s).clamp(0, 1).round() * resize(orig, s) + (1 - resize(m, s).clamp(0, 1).round()) * img
 
-    stages = [to_uint8(composite(x).cpu())]
-    for model, meta in unclip.upsamplers:
-        x = up_diffusion.upsample(model, meta["info"], composite(x), generator=generator, z_i=z_i).float()
-        stages.append(to_uint8(composite(x).cpu()))
-    return stages
+    # one batch: the edits' figures were measured so (a batch's noise is drawn in one go)
+    return unclip.upsample(x, z_i, generator, batch_size=max(1, len(x)), composite=composite)[0]
 
 
 # ---- 1. variations --------------------------------------------------------------------------------
