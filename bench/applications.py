@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.applications import edits  # noqa: E402
 from pipeline.clip.zeroshot import canonical_caption  # noqa: E402
 from pipeline.applications.files import join, save_rows  # noqa: E402
-from pipeline.data.corpus import COLORS, SIZES  # noqa: E402
+from pipeline.data.scenes import COLORS, SIZES  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
 from pipeline.data.embedding_shards import load_split  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402

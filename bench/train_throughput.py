@@ -68,7 +68,7 @@ from pipeline import config, diffusion  # noqa: E402
 from pipeline.clip import model as clip_model  # noqa: E402
 from pipeline.clip import train as clip_train  # noqa: E402
 from pipeline.clip.train import param_groups  # noqa: E402
-from pipeline.data.corpus import BACKGROUNDS, COLORS, POSITIONS, RELATIONS, SHAPES, SIZES  # noqa: E402
+from pipeline.data.scenes import BACKGROUNDS, COLORS, POSITIONS, RELATIONS, SHAPES, SIZES  # noqa: E402
 from pipeline.decoder.network import UnclipDecoder  # noqa: E402
 from pipeline.decoder.stage import arch_of as decoder_arch, training_fns  # noqa: E402
 from pipeline.judge import stage as judge_stage  # noqa: E402

@@ -70,3 +70,42 @@ def test_a_dvc_yaml_that_leaves_out_an_imported_file_fails():
     code = codedeps.closure("pipeline.embed")
     deps = [d for d in dvc_deps()["embed"] if d != "pipeline/data/shards.py"]
     assert missing(code, deps) == ["pipeline/data/shards.py"]
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every module of pipeline/ and flows/ -> the modules of ours it imports (statically, lazy
+    imports and the registry's importlib targets included)."""
+    graph = {}
+    for package in codedeps.PACKAGES:
+        for path in sorted((codedeps.ROOT / package).rglob("*.py")):
+            name = ".".join(path.relative_to(codedeps.ROOT).with_suffix("").parts).removesuffix(".__init__")
+            graph[name] = codedeps._imported(name, path) - {name}
+    return graph
+
+
+def test_no_library_module_imports_a_stage_module():
+    """Only the registry (and the flow, through it) reaches the stage modules; a library module
+    or another stage that needs a stage's helper finds it in a library module."""
+    stage_modules = {target.split(":")[0] for target in STAGES.values()}
+    allowed = {"pipeline.stages"}
+    found = {m: sorted(imps & stage_modules) for m, imps in import_graph().items()
+             if m not in allowed and imps & stage_modules}
+    assert not found, found
+
+
+def test_no_import_cycle_importlib_included():
+    graph = import_graph()
+    state: dict[str, int] = {}          # 1: on the path, 2: done
+
+    def visit(m, path):
+        state[m] = 1
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(n):] + [n]))
+            if n not in state:
+                visit(n, path + [n])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])

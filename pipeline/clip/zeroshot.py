@@ -11,7 +11,7 @@ import itertools
 
 import torch
 
-from ..data.corpus import COLORS, POSITION_PHRASES, POSITIONS, SHAPES, SIZES
+from ..data.scenes import COLORS, POSITION_PHRASES, POSITIONS, SHAPES, SIZES
 
 ATTRIBUTES = {"color": tuple(COLORS), "shape": SHAPES, "position": POSITIONS, "size": tuple(SIZES)}
 
