@@ -109,3 +109,8 @@ def test_no_import_cycle_importlib_included():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+
+
+if __name__ == "__main__":     # python tests/test_codedeps.py: each stage's code deps, for dvc.yaml
+    for stage, target in STAGES.items():
+        print(f"{stage}:\n" + "".join(f"  - {f}\n" for f in codedeps.closure(target.split(":")[0])))
