@@ -36,11 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.applications import edits  # noqa: E402
 from pipeline.clip.zeroshot import canonical_caption  # noqa: E402
 from pipeline.applications.files import join, save_rows  # noqa: E402
-from pipeline.data.corpus import COLORS, SIZES  # noqa: E402
+from pipeline.data.scenes import COLORS, SIZES  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
-from pipeline.embeddings import load_split  # noqa: E402
+from pipeline.data.embedding_shards import load_split  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402
 from pipeline.generate import Unclip  # noqa: E402
+from pipeline.images import psnr  # noqa: E402
 from pipeline.judge.labels import VOCAB, parse_gt  # noqa: E402
 from pipeline.judge.model import Judge  # noqa: E402
 from pipeline.workspace import Workspace  # noqa: E402
@@ -104,7 +105,7 @@ def main() -> None:
         for name, imgs in [(f"eta {e:g}", x) for e, x in res["by_eta"].items()] + [("fresh noise", res["fresh"])]:
             with torch.no_grad():
                 z = unclip.clip.encode_image(imgs.to(unclip.device)).float().cpu()
-            p = edits.psnr(imgs, images)
+            p = psnr(imgs, images)
             var[name] = {"cos_to_source": round(F.cosine_similarity(z, z_src).mean().item(), 4),
                          "psnr_to_source_db": round(p.mean().item(), 2),
                          "identical": int((imgs == images).flatten(1).all(1).sum())}

@@ -33,7 +33,7 @@ Columns, each a percentage with its standard error (binomial: sqrt(p (1 - p) / n
     cos z_i    mean cos to the true z_i: of z_t, of z_i_hat, of CLIP(image) for image rows.
 
 The CLIP captions are the corpus's first two-object template ("a {color0} {shape0} {rel} a {color1}
-{shape1}", data.corpus.PAIR_TEMPLATES[0]) written from the ground truth, the true one and its
+{shape1}", data.scenes.PAIR_TEMPLATES[0]) written from the ground truth, the true one and its
 counterfactuals alike, so that only the attribute under test differs between them.
 
 Seeds are fixed (``--seed``): the cascade's generator, and one decoder generator shared by both
@@ -55,10 +55,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.data.corpus import COLORS, PAIR_TEMPLATES, RELATION_PHRASES  # noqa: E402
+from pipeline.data.scenes import COLORS, PAIR_TEMPLATES, RELATION_PHRASES  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
 from pipeline.decoder.stage import decode  # noqa: E402
-from pipeline.embeddings import load_split  # noqa: E402
+from pipeline.data.embedding_shards import load_split  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402
 from pipeline.generate import Unclip  # noqa: E402
 from pipeline.images import to_uint8  # noqa: E402

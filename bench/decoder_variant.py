@@ -33,7 +33,7 @@ from pipeline import background, bundle, config  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
 from pipeline.decoder.network import UnclipDecoder  # noqa: E402
 from pipeline.decoder.stage import arch_of, decode, training_fns  # noqa: E402
-from pipeline.embeddings import load_split  # noqa: E402
+from pipeline.data.embedding_shards import load_split  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402
 from pipeline.images import grid, resize, save_png, to_uint8  # noqa: E402
 from pipeline.judge.labels import VOCAB, parse_gt  # noqa: E402

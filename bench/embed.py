@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import config  # noqa: E402
 from pipeline.clip import model as clip_model  # noqa: E402
+from pipeline.device import device_of  # noqa: E402
 from pipeline.embed import batches, embed_shards, encode_batch  # noqa: E402
 from pipeline.data.shards import count_samples, shard_paths  # noqa: E402
 from pipeline.workspace import Workspace  # noqa: E402
@@ -51,7 +52,7 @@ def main() -> None:
         n += count_samples(p)
     if not paths or not (ws.clip / "model.safetensors").exists():
         sys.exit(f"{ws.root}: needs data/filtered and models/clip (run `make run` or the filter and clip stages)")
-    bundle = clip_model.load(ws.clip, clip_model.device_of())
+    bundle = clip_model.load(ws.clip, device_of())
     preloaded = [(b["images"], b["tokens"]) for b in batches(paths, bundle.tokenize, bundle.image_size,
                                                                e.batch_size, 0)]
     print(f"{n} samples in {len(paths)} shards, batch {e.batch_size}, {torch.get_num_threads()} threads, "

@@ -470,7 +470,7 @@ def main() -> None:
     else:
         import torch
         from pipeline.data.shards import shard_paths
-        from pipeline.embeddings import load_split
+        from pipeline.data.embedding_shards import load_split
         from pipeline.evaluate import pick_rows
         paths = shard_paths(ws.embeddings)
         if not paths:

@@ -10,9 +10,9 @@ baseline of a process that only imported the same modules:
 
     prior, decoder   embeddings.train_batches: a rolling buffer of at most 16 whole shards
                      (decoder: with its images at 16 px)
-    clip, upsampler  clip.data.train_stream: WebDataset shards streamed through a 2,000-sample
+    clip, upsampler  data.image_shards.train_stream: WebDataset shards streamed through a 2,000-sample
                      shuffle buffer (decode in the loader)
-    judge            clip.data.load_split of the train split: the whole split in memory
+    judge            data.image_shards.load_image_split of the train split: the whole split in memory
 
 The stages' models and optimizers come on top of this and do not grow with the data. The
 stage-level figure (the model included) is ``peak_rss_mb`` in every ``metrics/<stage>.json``.
@@ -35,9 +35,9 @@ def child(reader: str, workspace: str, scale: int, batches: int) -> None:
     sys.path.insert(0, str(REPO))
     import torch  # noqa: F401
 
-    from pipeline.clip.data import decode_image, load_split, train_stream
+    from pipeline.data.image_shards import decode_image, load_image_split, train_stream
     from pipeline.data.shards import shard_paths
-    from pipeline.embeddings import train_batches
+    from pipeline.data.embedding_shards import train_batches
     ws = Path(workspace)
     emb, filtered = shard_paths(ws / "data" / "embeddings") * scale, shard_paths(ws / "data" / "filtered") * scale
     n = 0
@@ -50,7 +50,7 @@ def child(reader: str, workspace: str, scale: int, batches: int) -> None:
         for _ in range(batches):
             n += next(it)
     elif reader == "judge":
-        n = len(load_split(filtered, "train", 64)["images"])
+        n = len(load_image_split(filtered, "train", 64)["images"])
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"peak_rss_mb": round(kib / 1024, 1), "samples": n, "shards": len(emb if reader in ("prior", "decoder") else filtered)}))
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import bundle  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
-from pipeline.embeddings import load_split  # noqa: E402
+from pipeline.data.embedding_shards import load_split  # noqa: E402
 from pipeline.prior import kinds  # noqa: E402
 from pipeline.prior.figures import sample_in_batches  # noqa: E402
 from pipeline.workspace import Workspace  # noqa: E402

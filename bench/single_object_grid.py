@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.data.shards import shard_paths  # noqa: E402
-from pipeline.embeddings import load_split  # noqa: E402
+from pipeline.data.embedding_shards import load_split  # noqa: E402
 from pipeline.generate import Unclip  # noqa: E402
 from pipeline.images import grid, save_png  # noqa: E402
 from pipeline.workspace import Workspace  # noqa: E402

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import background  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
-from pipeline.embeddings import load_split  # noqa: E402
+from pipeline.data.embedding_shards import load_split  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402
 from pipeline.generate import Unclip  # noqa: E402
 from pipeline.judge.model import Judge  # noqa: E402

@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline import config  # noqa: E402
 from pipeline.decoder.network import UnclipDecoder  # noqa: E402
 from pipeline.decoder.stage import arch_of, training_fns  # noqa: E402
-from pipeline.training import build_optimizer, resolved_precision  # noqa: E402
+from pipeline.device import resolved_precision  # noqa: E402
+from pipeline.training import build_optimizer  # noqa: E402
 from pipeline.workspace import atomic_write_json  # noqa: E402
 
 LEVERS = ("loops", "channels_last", "compile", "fp32", "batch64", "batch128", "transformer", "glide")

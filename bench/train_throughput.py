@@ -19,7 +19,7 @@ main process's share. The judge's stream is the stage's own ``batches`` (with it
 Figures, per model (the table):
 
     batch        the config's batch size
-    precision    bf16 or fp32: what ``training.use_bf16(precision, device)`` picks for the model
+    precision    bf16 or fp32: what ``device.use_bf16(precision, device)`` picks for the model
     GFLOP/step   forward + backward FLOPs of one step at that batch, counted by
                  torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions, attention; the
                  optimizer, EMA and elementwise ops count 0); the forward share is in the JSON
@@ -68,17 +68,19 @@ from pipeline import config, diffusion  # noqa: E402
 from pipeline.clip import model as clip_model  # noqa: E402
 from pipeline.clip import train as clip_train  # noqa: E402
 from pipeline.clip.train import param_groups  # noqa: E402
-from pipeline.data.corpus import BACKGROUNDS, COLORS, POSITIONS, RELATIONS, SHAPES, SIZES  # noqa: E402
+from pipeline.data.scenes import BACKGROUNDS, COLORS, POSITIONS, RELATIONS, SHAPES, SIZES  # noqa: E402
 from pipeline.decoder.network import UnclipDecoder  # noqa: E402
 from pipeline.decoder.stage import arch_of as decoder_arch, training_fns  # noqa: E402
 from pipeline.judge import stage as judge_stage  # noqa: E402
 from pipeline.judge.labels import target_tensor  # noqa: E402
 from pipeline.judge.network import JudgeNet  # noqa: E402
+from pipeline.diffusion import noise_schedule  # noqa: E402
 from pipeline.prior import diffusion as prior_diffusion  # noqa: E402
 from pipeline.prior.network import UnclipPrior  # noqa: E402
 from pipeline.prior import stage as prior_stage  # noqa: E402
 from pipeline.prior.stage import arch_of as prior_arch  # noqa: E402
-from pipeline.training import build_optimizer, cosine_with_warmup, native_cpu_bf16, use_bf16  # noqa: E402
+from pipeline.device import native_cpu_bf16, use_bf16  # noqa: E402
+from pipeline.training import build_optimizer, cosine_with_warmup  # noqa: E402
 from pipeline.upsampler.network import Upsampler  # noqa: E402
 from pipeline.upsampler import stage as upsampler_stage  # noqa: E402
 from pipeline.upsampler.stage import TrainingPairs, chain_sizes, conditioned, crop_size  # noqa: E402
@@ -224,7 +226,7 @@ def prior_bench(cfg, device: torch.device, pool_n: int) -> Bench:
     p, m = cfg.prior, cfg.clip.model
     torch.manual_seed(p.seed)
     model = UnclipPrior(**prior_arch(p, m.embed_dim, m.text_width, m.context_length))
-    schedule = prior_diffusion.noise_scheduler()
+    schedule = noise_schedule(prior_diffusion.PREDICTION)
 
     return diffusion_bench("prior", p, model, prior_stage.make_loss(p, schedule), embedding_pool(cfg, pool_n, None, p.seed), device)
 

@@ -34,15 +34,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import background, bundle, config  # noqa: E402
-from pipeline.clip.data import iter_split  # noqa: E402
+from pipeline.data.image_shards import iter_split  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
-from pipeline.embeddings import load_split  # noqa: E402
+from pipeline.data.embedding_shards import load_split  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402
 from pipeline.generate import Unclip  # noqa: E402
 from pipeline.images import grid, resize, save_png, to_model, to_uint8  # noqa: E402
 from pipeline.judge.model import Judge  # noqa: E402
 from pipeline.quality import score  # noqa: E402
-from pipeline.training import autocast, use_bf16  # noqa: E402
+from pipeline.device import autocast, use_bf16  # noqa: E402
 from pipeline.upsampler import diffusion as up_diffusion  # noqa: E402
 from pipeline.upsampler.stage import (bundle_info, chain_sizes, conditioned, evaluate, image_embedding,  # noqa: E402
                                       source_dir, train)

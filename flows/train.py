@@ -1,6 +1,8 @@
 """The training flow: every stage in order, each a Prefect task that runs `dvc repro <stage>`.
 
-DVC decides whether a stage is stale (so a second run does nothing). The flow holds the
+DVC decides whether a stage is stale (so a second run does nothing): the flow writes the
+resolved configuration of its profile to ``params.resolved.json`` once, before the first stage,
+and DVC compares each stage's sections of it with ``dvc.lock``. The flow holds the
 workspace's lock (``.unclip/run.lock``, :mod:`pipeline.lock`) from start to end, so a second run,
 stage or promote on the same workspace fails at once with the holder's pid; its stage children
 run under it. A stage that fails permanently (exit code 2 from `unclip stage`, read from the
@@ -32,7 +34,7 @@ from prefect.artifacts import create_table_artifact
 from pipeline import config as config_mod
 from pipeline import tracking
 from pipeline.lock import WorkspaceBusy, workspace_lock
-from pipeline.stages import EXIT_TOKEN_ENV, STAGES, read_exit
+from pipeline.stages import EXIT_TOKEN_ENV, read_exit, registry
 from pipeline.workspace import Workspace
 
 RETRIES = 2
@@ -137,60 +139,88 @@ def repro_stage(stage: str, workspace: str, env: dict, force: bool = False) -> d
 
 
 def headline(stage: str, f: dict) -> str:
-    """One line of a stage's figures for the summary table."""
+    """One line of a stage's figures for the summary table (:data:`HEADLINES`, per stage)."""
     if not f:
         return ""
     if f.get("skipped"):
         return f"not run: {f['skipped']}"
-    if stage == "corpus":
-        return f"{f.get('scenes')} scenes, {f.get('urls')} URLs, faults {sum(f.get('faults', {}).values())}"
-    if stage == "crawl":
-        return (f"{f.get('succeeded')}/{f.get('attempted')} ok; failed "
-                + ", ".join(f"{k} {v}" for k, v in f.get("failed_by_reason", {}).items() if v))
-    if stage == "filter":
-        squared = sum((f.get("squared") or {}).values())
-        return (f"{f.get('kept')}/{f.get('input')} kept; dropped "
-                + ", ".join(f"{k} {v}" for k, v in f.get("dropped_by_reason", {}).items() if v)
-                + (f"; {squared} made square ({', '.join(f.get('squared'))})" if squared else ""))
-    if stage == "clip":
-        zs, v = f.get("val", {}).get("zero_shot", {}), f.get("val", {})
-        if not zs:
-            return (f"val R@1 i->t {v.get('image_to_text_r@1')}%, t->i {v.get('text_to_image_r@1')}% "
-                    f"({v.get('n_pairs')} pairs; zero-shot attributes need ground truth)")
-        return (f"zero-shot color {zs.get('color_acc')}%, shape {zs.get('shape_acc')}%, "
-                f"position {zs.get('position_acc')}%; R@1 i->t {v.get('image_to_text_r@1')}%")
-    if stage == "embed":
-        cut = f.get("captions_truncated")
-        return (f"{f.get('kept')} embedded ({f.get('dropped_low_similarity')} dropped), {f.get('images_per_s')} img/s"
-                + (f"; {cut} captions cut at CLIP's context" if cut else ""))
-    if stage == "prior":
-        v = f.get("val", {})
-        return (f"val cos(pred, image) {v.get('cos_pred_image')} vs cos(text, image) "
-                f"{v.get('cos_image_text_baseline')}, unrelated {v.get('cos_unrelated_image')}")
-    if stage == "decoder":
-        v = f.get("val", {})
-        return f"val cos(CLIP(decoded), z_i) {v.get('cos_reembed')} (real {v.get('cos_reembed_real')})"
-    if stage.startswith("upsample@"):
-        v = f.get("val", {})
-        return f"val PSNR {v.get('psnr_db')} dB (bicubic {v.get('bicubic_psnr_db')} dB)"
-    if stage == "judge":
-        a = f.get("test_accuracy", {})
-        return "real test images: " + ", ".join(f"{k} {v}%" for k, v in a.items())
-    if stage == "evaluate" and f.get("ground_truth") is False:
+    line = HEADLINES.get(stage.split("@")[0])
+    return line(f) if line else ""
+
+
+def _nonzero(counts: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+
+
+def _corpus(f: dict) -> str:
+    return f"{f.get('scenes')} scenes, {f.get('urls')} URLs, faults {sum(f.get('faults', {}).values())}"
+
+
+def _crawl(f: dict) -> str:
+    return f"{f.get('succeeded')}/{f.get('attempted')} ok; failed " + _nonzero(f.get("failed_by_reason", {}))
+
+
+def _filter(f: dict) -> str:
+    squared = sum((f.get("squared") or {}).values())
+    return (f"{f.get('kept')}/{f.get('input')} kept; dropped " + _nonzero(f.get("dropped_by_reason", {}))
+            + (f"; {squared} made square ({', '.join(f.get('squared'))})" if squared else ""))
+
+
+def _clip(f: dict) -> str:
+    zs, v = f.get("val", {}).get("zero_shot", {}), f.get("val", {})
+    if not zs:
+        return (f"val R@1 i->t {v.get('image_to_text_r@1')}%, t->i {v.get('text_to_image_r@1')}% "
+                f"({v.get('n_pairs')} pairs; zero-shot attributes need ground truth)")
+    return (f"zero-shot color {zs.get('color_acc')}%, shape {zs.get('shape_acc')}%, "
+            f"position {zs.get('position_acc')}%; R@1 i->t {v.get('image_to_text_r@1')}%")
+
+
+def _embed(f: dict) -> str:
+    cut = f.get("captions_truncated")
+    return (f"{f.get('kept')} embedded ({f.get('dropped_low_similarity')} dropped), {f.get('images_per_s')} img/s"
+            + (f"; {cut} captions cut at CLIP's context" if cut else ""))
+
+
+def _prior(f: dict) -> str:
+    v = f.get("val", {})
+    return (f"val cos(pred, image) {v.get('cos_pred_image')} vs cos(text, image) "
+            f"{v.get('cos_image_text_baseline')}, unrelated {v.get('cos_unrelated_image')}")
+
+
+def _decoder(f: dict) -> str:
+    v = f.get("val", {})
+    return f"val cos(CLIP(decoded), z_i) {v.get('cos_reembed')} (real {v.get('cos_reembed_real')})"
+
+
+def _upsample(f: dict) -> str:
+    v = f.get("val", {})
+    return f"val PSNR {v.get('psnr_db')} dB (bicubic {v.get('bicubic_psnr_db')} dB)"
+
+
+def _judge(f: dict) -> str:
+    return "real test images: " + ", ".join(f"{k} {v}%" for k, v in f.get("test_accuracy", {}).items())
+
+
+def _evaluate(f: dict) -> str:
+    if f.get("ground_truth") is False:
         std, abl = f.get("standard", {}), f.get("ablation", {})
         return (f"no ground truth, nothing judged; {std.get('metric')} {std.get('fid')} "
                 f"(real vs real {std.get('fid_floor_real_vs_real')}), CLIP score {f.get('clip_score_final')} "
                 f"(real images {f.get('clip_score_real_images')}); ablation {std.get('metric')}: "
                 + ", ".join(f"{v} {a.get('standard', {}).get('fid')}" for v, a in abl.items())
                 + f"; {f.get('nfe_total')} NFE/image")
-    if stage == "evaluate":
-        s, p = f.get("quality", {}).get("single", {}), f.get("quality", {}).get("pair", {})
-        missed = [k for k, b in f.get("bars", {}).items() if not b.get("ok")]
-        return (f"one object: color {s.get('color')}% shape {s.get('shape')}% size {s.get('size')}% "
-                f"position {s.get('position')}%; two: colors {p.get('colors')}% relation {p.get('relation')}%; "
-                f"FD {f.get('quality', {}).get('frechet_distance')} (floor {f.get('frechet_floor_real_vs_real')}); "
-                f"{f.get('nfe_total')} NFE/image; " + (f"missed: {', '.join(missed)}" if missed else "all bars met"))
-    return ""
+    s, p = f.get("quality", {}).get("single", {}), f.get("quality", {}).get("pair", {})
+    missed = [k for k, b in f.get("bars", {}).items() if not b.get("ok")]
+    return (f"one object: color {s.get('color')}% shape {s.get('shape')}% size {s.get('size')}% "
+            f"position {s.get('position')}%; two: colors {p.get('colors')}% relation {p.get('relation')}%; "
+            f"FD {f.get('quality', {}).get('frechet_distance')} (floor {f.get('frechet_floor_real_vs_real')}); "
+            f"{f.get('nfe_total')} NFE/image; " + (f"missed: {', '.join(missed)}" if missed else "all bars met"))
+
+
+# A stage's headline from its figures, by stage (upsample@<key>: "upsample").
+HEADLINES: dict[str, Callable[[dict], str]] = {
+    "corpus": _corpus, "crawl": _crawl, "filter": _filter, "judge": _judge, "clip": _clip, "embed": _embed,
+    "prior": _prior, "decoder": _decoder, "upsample": _upsample, "evaluate": _evaluate}
 
 
 def how(stage: str, status: str, f: dict) -> str:
@@ -225,22 +255,16 @@ def promote_task(cfg, ws: Workspace, parent_run_id: str) -> dict:
             "seconds": round(time.perf_counter() - t0, 1), "figures": verdict, "line": line}
 
 
-def recorded_profile(ws: Workspace, stage: str) -> Optional[str]:
-    path = ws.metrics_path(stage)
-    try:
-        return json.loads(path.read_text()).get("profile")
-    except (OSError, ValueError):
-        return None
-
-
 @flow(name="unclip-train", log_prints=True)
 def train_flow(workspace: str = ".", profile: str = config_mod.DEFAULT_PROFILE, force: bool = False,
                stages: Optional[list[str]] = None) -> dict:
     """Run the pipeline's stages in order through DVC; returns (and publishes) the summary."""
     ws = Workspace.at(workspace)
-    check_parameters(ws, stages)
+    check_workspace(ws)
     cfg = config_mod.load(ws.params, profile)          # validate before any work starts
-    selected = stages or list(STAGES)
+    known = list(registry(cfg))                         # upsample@<key> per upsampler of params.yaml
+    check_stages(stages, known)
+    selected = stages or known
     try:
         with workspace_lock(ws.root, f"unclip run (flow, profile {cfg.profile})"):
             return _train(ws, cfg, selected, force)
@@ -248,32 +272,35 @@ def train_flow(workspace: str = ".", profile: str = config_mod.DEFAULT_PROFILE, 
         raise StageFailed("workspace", str(err), permanent=True) from None
 
 
-def check_parameters(ws: Workspace, stages: Optional[list[str]]) -> None:
-    """Refuse, before anything runs, what the API may not ask for (a permanent failure)."""
+def check_workspace(ws: Workspace) -> None:
+    """Refuse, before anything is read, a workspace the API may not use (a permanent failure)."""
     pinned = os.environ.get(SERVE_WORKSPACE_ENV)
     if pinned and ws.root != Path(pinned).resolve():
         raise StageFailed("workspace", f"workspace {str(ws.root)!r} refused: this deployment serves only "
                                        f"{str(Path(pinned).resolve())!r}", permanent=True)
-    unknown = [s for s in (stages or []) if s not in STAGES]
+
+
+def check_stages(stages: Optional[list[str]], known: list[str]) -> None:
+    """Refuse, before anything runs, stage names the pipeline does not have (a permanent failure)."""
+    unknown = [s for s in (stages or []) if s not in known]
     if unknown or (stages is not None and not isinstance(stages, list)):
-        raise StageFailed("stages", f"unknown stage(s) {unknown or stages!r} (known: {', '.join(STAGES)})",
+        raise StageFailed("stages", f"unknown stage(s) {unknown or stages!r} (known: {', '.join(known)})",
                           permanent=True)
 
 
 def _train(ws: Workspace, cfg, selected: list[str], force: bool) -> dict:
     rows, failed = [], None
+    # The resolved configuration, once per run, where DVC sees it (each stage's params): a changed
+    # profile or parameter is a changed value, and DVC alone decides what is stale.
+    config_mod.write_resolved(cfg, ws.root)
     with tracking.start_run(cfg, ws.root, f"pipeline[{cfg.profile}]") as parent:
         env = stage_env(cfg.profile, parent.info.run_id)
         for stage in selected:
             if failed:
                 rows.append({"stage": stage, "status": "not run", "seconds": 0, "figures": {}})
                 continue
-            # DVC does not see the profile (an environment variable): outputs built under another
-            # profile are stale for this run, so those stages are forced.
-            previous = recorded_profile(ws, stage)
-            stage_force = force or (previous is not None and previous != cfg.profile)
             try:
-                rows.append(repro_stage(stage, str(ws.root), env, stage_force))
+                rows.append(repro_stage(stage, str(ws.root), env, force))
             except StageFailed as err:
                 failed = err
                 rows.append({"stage": stage, "status": "failed", "seconds": 0, "figures": {}, "error": str(err)})

@@ -1,6 +1,6 @@
 """The background of an image, read from its pixels against the scene's ground truth.
 
-The corpus draws every scene on one of three flat backgrounds (``data.corpus.BACKGROUNDS``:
+The corpus draws every scene on one of three flat backgrounds (``data.scenes.BACKGROUNDS``:
 white, gray, black) and its ground truth says where the objects are, so the background's pixels
 are known without a model: everything outside each object's box, widened by a margin.
 
@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .data.corpus import BACKGROUNDS, SIZES
+from .data.scenes import BACKGROUNDS, SIZES
 from .judge.labels import parse_gt
 
 NAMES = tuple(BACKGROUNDS)

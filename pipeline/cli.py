@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from . import config as config_mod
-from .stages import STAGES, StageError, run_stage
+from .stages import StageError, registry, run_stage
 from .workspace import Workspace
 
 # Exit codes: 2 = bad configuration or input (do not retry); 1 = anything else.
@@ -43,10 +43,11 @@ def main(ctx, profile, workspace):
 
 
 @main.command()
-@click.argument("name", type=click.Choice(list(STAGES)))
+@click.argument("name", metavar="NAME")
 @click.pass_context
 def stage(ctx, name):
-    """Run one stage now (what `dvc repro <name>` calls).
+    """Run one stage now (what `dvc repro <name>` calls): corpus, crawl, filter, judge, clip, embed,
+    prior, decoder, upsample@<key> per upsampler of params.yaml's upsample.stages, evaluate.
 
     Exits 2 with the message on a failure that a retry would meet again (bad input, config,
     data or model, a non-finite loss, an unreadable file, a busy workspace: see
@@ -57,6 +58,8 @@ def stage(ctx, name):
     ws = Workspace.at(ctx.obj["workspace"])
     try:
         cfg, ws = _load(ctx)
+        if name not in registry(cfg):
+            raise StageError(f"unknown stage {name!r} (known: {', '.join(registry(cfg))})")
         os.chdir(ws.root)
         from . import launch
         if launch.relaunches(cfg, name):
@@ -65,9 +68,12 @@ def stage(ctx, name):
             lock = (workspace_lock(ws.root, f"unclip stage {name}") if launch.node_rank(cfg) == 0
                     else contextlib.nullcontext())
             with lock:
+                if launch.node_rank(cfg) == 0:
+                    config_mod.write_resolved(cfg, ws.root)     # what DVC records as this stage's params
                 launch.launch(cfg, ws, name)
         else:
             with workspace_lock(ws.root, f"unclip stage {name}"):
+                config_mod.write_resolved(cfg, ws.root)     # what DVC records as this stage's params
                 run_stage(name, cfg, ws)
     except permanent_errors() as err:
         plain = isinstance(err, (StageError, config_mod.ConfigError))
@@ -85,11 +91,18 @@ def stage(ctx, name):
 
 
 @main.command("config")
+@click.option("--write", is_flag=True,
+              help=f"Write it to the workspace's {config_mod.RESOLVED} instead (only if it changed): what "
+                   "DVC sees as the stages' params (dvc.yaml's `config` stage).")
 @click.pass_context
-def show_config(ctx):
+def show_config(ctx, write):
     """Validate params.yaml and print the resolved configuration of the active profile."""
-    cfg, _ = _load(ctx)
-    click.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    cfg, ws = _load(ctx)
+    if not write:
+        click.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        return
+    changed = config_mod.write_resolved(cfg, ws.root)
+    click.echo(f"{config_mod.RESOLVED} (profile {cfg.profile}): {'written' if changed else 'unchanged'}")
 
 
 @main.command()

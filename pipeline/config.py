@@ -3,6 +3,12 @@
 The file has one section per stage plus ``profiles``; a profile's overrides are deep-merged over
 the sections. Validation happens before any work starts: an unknown key or a bad value raises
 :class:`ConfigError` whose message names the offending key (``clip.batch_size: ...``).
+
+DVC sees the resolved configuration, not params.yaml and a profile name: :func:`write_resolved`
+writes it to ``params.resolved.json`` in the workspace (the flow once per run, ``unclip stage``
+before its stage, and dvc.yaml's ``config`` stage before any ``dvc repro``), and every stage
+lists its sections of that file as its ``params``. A changed profile or parameter is then a
+changed value there, and DVC alone decides which stages it makes stale.
 """
 from __future__ import annotations
 
@@ -14,6 +20,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .workspace import RESOLVED, atomic_write_bytes
 
 PROFILE_ENV = "UNCLIP_PROFILE"
 DEFAULT_PROFILE = "default"
@@ -345,7 +353,7 @@ class JudgeConfig(Section):
 
 
 class RetrainConfig(Section):
-    """What a rerun does with what the last run left (pipeline/incremental.py)."""
+    """What a rerun does with what the last run left (pipeline/data/incremental.py)."""
     incremental_data: bool = True                     # crawl new URLs only; filter/embed new shards only
     clip: Literal["keep", "retrain"] = "keep"         # keep: a CLIP of the same config stays frozen as data grows
     judge: Literal["keep", "retrain"] = "keep"        # the gate's yardstick: candidate and champion judged alike
@@ -495,11 +503,25 @@ def resolve(raw: dict, profile: str | None = None, source: str = "params.yaml") 
                           f"(known: {', '.join(sorted(profiles)) or 'none'})")
     merged = deep_merge(raw, profiles.get(name) or {})
     merged["profile"] = name
+    _check_chain(raw, merged, f"{source}: profiles.{name}")
     try:
         return Config.model_validate(merged)
     except ValidationError as err:
         where = source if name == DEFAULT_PROFILE else f"{source} (profile {name!r})"
         raise ConfigError(_format_error(err, where)) from None
+
+
+def _check_chain(raw: dict, merged: dict, where: str) -> None:
+    """A profile may change an upsampler but not add one: dvc.yaml's stages upsample@<key> are the
+    keys of params.yaml's own upsample.stages (its foreach), whatever the profile."""
+    def keys(sections):
+        chain = sections.get("upsample")
+        stages = chain.get("stages") if isinstance(chain, dict) else None
+        return set(stages) if isinstance(stages, dict) else None
+    base, now = keys(raw), keys(merged)
+    if base is not None and now is not None and now != base:
+        raise ConfigError(f"{where}.upsample.stages: a profile may not add upsamplers ({', '.join(sorted(now - base))}): "
+                          f"the DVC stages upsample@<key> are the keys of params.yaml's upsample.stages")
 
 
 def load(path: str | os.PathLike = "params.yaml", profile: str | None = None) -> Config:
@@ -511,6 +533,20 @@ def load(path: str | os.PathLike = "params.yaml", profile: str | None = None) ->
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return resolve(raw, profile, source=str(path))
+
+
+def write_resolved(cfg: Config, root: str | os.PathLike) -> bool:
+    """Write ``cfg`` (every key, defaults included) to the workspace's ``params.resolved.json``,
+    atomically and only if its content changed, so DVC sees only real changes; True if written."""
+    path = Path(root) / RESOLVED
+    text = json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n"
+    try:
+        if path.read_text() == text:
+            return False
+    except (OSError, UnicodeDecodeError):
+        pass
+    atomic_write_bytes(path, text.encode())
+    return True
 
 
 def with_overrides(section, sets: list[str], where: str):

@@ -11,7 +11,7 @@ unCLIP keeps more of it than GLIDE at the same guidance scale, measured on the c
   means little without it: a generator that draws the wrong shape half the time is diverse.
 - The reference: real images of the same captions, i.e. each caption's ground-truth scene
   drawn ``k`` times by the corpus's renderer under the corpus's jitter
-  (``data.corpus.scene_from_ground_truth``), JPEG-coded like the corpus's images, at the
+  (``data.scenes.scene_from_ground_truth``), JPEG-coded like the corpus's images, at the
   generated images' resolution (``real_images``).
 
 ``evaluate`` reports these for unCLIP (prior -> decoder) and the caption-only path (the decoder
@@ -25,8 +25,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .clip.data import decode_images
-from .data.corpus import encode_jpeg, render, scene_from_ground_truth
+from .data.image_shards import decode_images
+from .data.scenes import encode_jpeg, render, scene_from_ground_truth
 from .images import resize, to_model, to_uint8
 from .judge.labels import check, parse_gt
 

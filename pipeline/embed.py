@@ -39,9 +39,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import bundle, cluster, incremental, tracking
+from . import bundle, cluster, tracking
 from .clip import model as clip_model
-from .clip.data import decode_images, single_thread
+from .data import incremental
+from .data.image_shards import decode_images, single_thread
+from .device import device_of
 from .clip.tokenize import truncated
 from .data.shards import ShardError, ShardSink, iter_samples, loads_json, shard_paths, split_of
 from .progress import progress, say
@@ -264,7 +266,7 @@ def summarize(tally: dict, min_similarity: Optional[float], seconds: Optional[fl
 @functools.lru_cache(maxsize=2)
 def _task_bundle(clip_dir: str):
     """The CLIP, loaded once per Spark Python worker (workers are reused across tasks)."""
-    return clip_model.load(Path(clip_dir), clip_model.device_of())
+    return clip_model.load(Path(clip_dir), device_of())
 
 
 def embed_group(job: dict) -> dict:
@@ -274,7 +276,6 @@ def embed_group(job: dict) -> dict:
     job: {clip, out, shards: [path], parts: [int], settings: embed_tally's keywords}. Each shard goes
     through a scratch folder of its own, so a retried task overwrites rather than adds.
     """
-    from .clip.data import single_thread
     single_thread(0)             # one torch thread per task: Spark runs a task per core
     bundle = _task_bundle(job["clip"])
     out = Path(job["out"])
@@ -309,14 +310,13 @@ def embed_on_spark(spark, clip_dir: Path, paths: list[Path], out: Path, groups_p
     return summarize(tally, settings["min_similarity"], seconds=time.perf_counter() - t0)
 
 
-CODE = ("embed.py", "clip/model.py", "clip/tokenize.py", "clip/data.py", "data/shards.py")
 
 
 def embed_recipe(cfg, ws) -> str:
     """The embed config (bar the worker count), its code and the CLIP's weights: another CLIP
     is another embedding space, and every shard is embedded again."""
     section = {k: v for k, v in cfg.embed.model_dump(mode="json").items() if k != "num_workers"}
-    return incremental.recipe({"embed": section}, CODE, extra={"clip": bundle.clip_identity(ws.clip)["sha256"]})
+    return incremental.recipe({"embed": section}, __name__, extra={"clip": bundle.clip_identity(ws.clip)["sha256"]})
 
 
 def split_bias(kept_by_split: dict, max_gap: float = 0.05) -> str | None:
@@ -340,6 +340,21 @@ def split_bias(kept_by_split: dict, max_gap: float = 0.05) -> str | None:
     return (f"embed.min_similarity dropped {held} pairs but {train:.0%} of train: the CLIP judging similarity "
             f"was trained on the train pairs, so the held-out figures are measured on the pairs it found easy; "
             f"on data without planted mismatches set embed.min_similarity lower, or null")
+
+
+def embed_part(cfg, ws, paths: list[Path], out: Path, total: Optional[int], part: int, retrieval_part: int) -> dict:
+    """This part's shards embedded into ``out``: in this process, or as Spark tasks over disjoint
+    groups of shards (``cluster.engine: spark``); the figures, with the files written."""
+    e = cfg.embed
+    if cfg.cluster.engine == "spark":
+        with cluster.session(cfg.cluster) as spark:
+            return embed_on_spark(spark, ws.clip, paths, out, cfg.cluster.groups_per_task,
+                                  {"batch_size": e.batch_size, "min_similarity": e.min_similarity,
+                                   "token_dtype": e.token_dtype}, retrieval_part)
+    bundle = clip_model.load(ws.clip, device_of())
+    return embed_shards(bundle, paths, out, batch_size=e.batch_size, shard_size=e.shard_size,
+                        num_workers=e.num_workers, min_similarity=e.min_similarity, token_dtype=e.token_dtype,
+                        total=total, prefix=incremental.part_prefix(part), retrieval_part=retrieval_part)
 
 
 def run(cfg, ws) -> dict:
@@ -368,17 +383,7 @@ def run(cfg, ws) -> dict:
         with atomic_dir(ws.embeddings) as out:
             if state is not None:
                 incremental.link_outputs(state, ws.embeddings, out)
-            if cfg.cluster.engine == "spark":
-                with cluster.session(cfg.cluster) as spark:
-                    figures = embed_on_spark(spark, ws.clip, paths, out, cfg.cluster.groups_per_task,
-                                             {"batch_size": e.batch_size, "min_similarity": e.min_similarity,
-                                              "token_dtype": e.token_dtype}, retrieval_part)
-            else:
-                bundle = clip_model.load(ws.clip, clip_model.device_of())
-                figures = embed_shards(bundle, paths, out, batch_size=e.batch_size, shard_size=e.shard_size,
-                                       num_workers=e.num_workers, min_similarity=e.min_similarity,
-                                       token_dtype=e.token_dtype, total=total,
-                                       prefix=incremental.part_prefix(part), retrieval_part=retrieval_part)
+            figures = embed_part(cfg, ws, paths, out, total, part, retrieval_part)
             before = state["totals"] if state else {"input": 0, "kept": 0}
             totals = {"input": before["input"] + figures["input"], "kept": before["kept"] + figures["kept"],
                       "parts": part + 1}

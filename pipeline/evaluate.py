@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from . import background, bundle, diversity, prior_comparison, tracking, truth
 from .config import PriorConfig
 from .data.shards import shard_paths
-from .embeddings import load_split
+from .data.embedding_shards import load_split
 from .generate import Unclip, save_grid
 from .images import grid, resize, save_png, to_model, to_uint8
 from .judge.labels import parse_gt
@@ -205,17 +205,7 @@ def judged_figures(e, cfg, unclip, judge, extractor, test: dict, val: dict, size
     floor = round(frechet_distance(floor_feats, real_feats), 3)
     real_background = background.figures(test["images"][idx], gts, captions, real=True)
 
-    ablation, result, preds = {}, None, []
-    for variant in ABLATIONS:
-        z_i = ablation_inputs(unclip, variant, captions)
-        say("evaluate", f"ablation {variant}: {len(captions)} captions through the cascade")
-        out = unclip.generate(captions, n=1, seed=e.seed, batch_size=e.batch_size, z_i=z_i)
-        ablation[variant] = score(judge, out["images"], gts, real_feats,
-                                  preds=preds if variant == "unclip" else None) | {
-            "nfe_per_image": sum(out["nfe"].values()), "seconds_per_image": round(out["seconds"] / len(rows), 3),
-            "background": background.figures(out["images"], gts, captions, real_noise=real_background["noise"])}
-        if variant == "unclip":
-            result = out
+    ablation, result, preds = judged_ablation(e, unclip, judge, captions, gts, real_feats, real_background["noise"])
     quality = ablation["unclip"]
     names = stage_names(result)
     # each stage's background taken bicubically to the final size (where the speckle comes from)
@@ -225,16 +215,8 @@ def judged_figures(e, cfg, unclip, judge, extractor, test: dict, val: dict, size
                 for name, imgs in zip(names, result["stages"])}
     clips = clip_figures(unclip, result, names, test["images"][idx])
 
-    # standard FID / KID (or the declared FD-CLIP fallback) of the final images, and its floor
-    say("evaluate", f"{extractor.name}: features of {len(rows)} generated, {len(rows)} real and "
-                    f"{len(floor_rows)} more real images")
-    real_std = extract(extractor, test["images"][idx])
-    standard = {"metric": extractor.name, "feature_extractor": extractor.description,
-                "n_generated": len(rows), "n_real": len(rows), "seed": e.seed,
-                **fid_kid(extract(extractor, result["images"]), real_std, seed=e.seed,
-                          subsets=e.kid_subsets, subset_size=e.kid_subset_size)}
-    standard["fid_floor_real_vs_real"] = fid_kid(
-        extract(extractor, val["images"][torch.tensor(floor_rows)]), real_std, seed=e.seed, kid=False)["fid"]
+    standard = standard_figures(e, extractor, result["images"], test["images"][idx],
+                                val["images"][torch.tensor(floor_rows)])
     worst = worst_samples(preds, gts, e.n_worst)
     spread, spread_rows, spread_captions = (diversity_figures(e, cfg.corpus, unclip, judge, captions, gts, size)
                                             if e.diversity_prompts else (None, None, []))
@@ -259,6 +241,39 @@ def judged_figures(e, cfg, unclip, judge, extractor, test: dict, val: dict, size
     held = {"rows": rows, "captions": captions, "result": result, "shown": shown, "worst": worst,
             "spread_rows": spread_rows, "spread_captions": spread_captions, "real_feats": real_feats}
     return figures, held
+
+
+def judged_ablation(e, unclip, judge, captions: list[str], gts: list, real_feats: torch.Tensor,
+                    real_noise) -> tuple[dict, dict, list]:
+    """DALL-E 2's ablation (section 5.1), judged: every variant of :data:`ABLATIONS` through the
+    cascade. Returns the figures per variant, the unCLIP variant's result and the judge's reading
+    of its images (for the worst samples)."""
+    ablation, result, preds = {}, None, []
+    for variant in ABLATIONS:
+        z_i = ablation_inputs(unclip, variant, captions)
+        say("evaluate", f"ablation {variant}: {len(captions)} captions through the cascade")
+        out = unclip.generate(captions, n=1, seed=e.seed, batch_size=e.batch_size, z_i=z_i)
+        ablation[variant] = score(judge, out["images"], gts, real_feats,
+                                  preds=preds if variant == "unclip" else None) | {
+            "nfe_per_image": sum(out["nfe"].values()), "seconds_per_image": round(out["seconds"] / len(captions), 3),
+            "background": background.figures(out["images"], gts, captions, real_noise=real_noise)}
+        if variant == "unclip":
+            result = out
+    return ablation, result, preds
+
+
+def standard_figures(e, extractor, generated: torch.Tensor, real: torch.Tensor, floor_real: torch.Tensor) -> dict:
+    """Standard FID / KID (or the declared FD-CLIP fallback) of the final images against the real
+    ones, and its floor: ``floor_real`` (other real images of the same mix) against the same."""
+    say("evaluate", f"{extractor.name}: features of {len(generated)} generated, {len(real)} real and "
+                    f"{len(floor_real)} more real images")
+    real_std = extract(extractor, real)
+    standard = {"metric": extractor.name, "feature_extractor": extractor.description,
+                "n_generated": len(generated), "n_real": len(real), "seed": e.seed,
+                **fid_kid(extract(extractor, generated), real_std, seed=e.seed,
+                          subsets=e.kid_subsets, subset_size=e.kid_subset_size)}
+    standard["fid_floor_real_vs_real"] = fid_kid(extract(extractor, floor_real), real_std, seed=e.seed, kid=False)["fid"]
+    return standard
 
 
 def unjudged_figures(e, unclip, extractor, test: dict, val: dict) -> tuple[dict, dict]:
@@ -412,36 +427,49 @@ def run(cfg, ws) -> dict:
         write_grids(e, out, unclip, prompts, test, held)
     for png in sorted((ws.reports / "evaluate").glob("*.png")):
         tracking.log_artifact(png, "evaluate")
-    standard, nfe_total = figures["standard"], figures["nfe_total"]
-    common = ({f"clip_score_{k}": v for k, v in figures["clip_score"].items()}
-              | {"clip_score_real_images": figures["clip_score_real_images"], "nfe_total": nfe_total}
-              | {f"{extractor.name}_{k}": standard[k] for k in ("fid", "kid_mean", "fid_floor_real_vs_real")
-                 if standard[k] is not None}
-              | {f"prior_{k}": v for k, v in figures["prior"].items() if k.startswith("cos")})
-    if not judged:
-        tracking.log_metrics(common | {f"ablation_{v}_{k}": a[k] for v, a in figures["ablation"].items()
-                                       for k in ("clip_score",)})
-        say("evaluate", f"{len(rows)} test captions (no ground truth: nothing judged): {extractor.name} "
-                        f"{standard['fid']} (real vs real {standard['fid_floor_real_vs_real']}), KID "
-                        f"{standard['kid_mean']}; CLIP score {figures['clip_score_final']} (real images "
-                        f"{figures['clip_score_real_images']}, shuffled captions {figures['clip_score_shuffled_captions']}); "
-                        f"ablation {extractor.name} " + ", ".join(f"{v} {a['standard']['fid']}" for v, a in
-                                                                  figures["ablation"].items())
-                        + f"; {nfe_total} network evaluations per image -> {(ws.reports / 'evaluate').relative_to(ws.root)}/")
-        return figures
+    where = f"{(ws.reports / 'evaluate').relative_to(ws.root)}/"
+    (log_judged if judged else log_unjudged)(figures, extractor.name, len(rows), where)
+    return figures
 
+
+def common_metrics(figures: dict, metric: str) -> dict:
+    """The MLflow metrics of an evaluation with or without ground truth."""
+    standard = figures["standard"]
+    return ({f"clip_score_{k}": v for k, v in figures["clip_score"].items()}
+            | {"clip_score_real_images": figures["clip_score_real_images"], "nfe_total": figures["nfe_total"]}
+            | {f"{metric}_{k}": standard[k] for k in ("fid", "kid_mean", "fid_floor_real_vs_real")
+               if standard[k] is not None}
+            | {f"prior_{k}": v for k, v in figures["prior"].items() if k.startswith("cos")})
+
+
+def log_unjudged(figures: dict, metric: str, n: int, where: str) -> None:
+    """MLflow metrics and the closing line of an evaluation without ground truth."""
+    standard, nfe_total = figures["standard"], figures["nfe_total"]
+    tracking.log_metrics(common_metrics(figures, metric) | {f"ablation_{v}_{k}": a[k] for v, a in figures["ablation"].items()
+                                                            for k in ("clip_score",)})
+    say("evaluate", f"{n} test captions (no ground truth: nothing judged): {metric} "
+                    f"{standard['fid']} (real vs real {standard['fid_floor_real_vs_real']}), KID "
+                    f"{standard['kid_mean']}; CLIP score {figures['clip_score_final']} (real images "
+                    f"{figures['clip_score_real_images']}, shuffled captions {figures['clip_score_shuffled_captions']}); "
+                    f"ablation {metric} " + ", ".join(f"{v} {a['standard']['fid']}" for v, a in
+                                                      figures["ablation"].items())
+                    + f"; {nfe_total} network evaluations per image -> {where}")
+
+
+def log_judged(figures: dict, metric: str, n: int, where: str) -> None:
+    """MLflow metrics and the closing line of a judged evaluation."""
     quality, floor, spread = figures["quality"], figures["frechet_floor_real_vs_real"], figures.get("diversity")
     real_background = figures["background_real_images"]
     flat = {f"{kind}_{k}": v for kind in ("single", "pair") for k, v in quality[kind].items() if k != "n"}
     tracking.log_metrics({f"quality_{k}": v for k, v in flat.items() if v is not None}
                          | {"frechet_distance": quality["frechet_distance"], "frechet_floor": floor}
-                         | common
+                         | common_metrics(figures, metric)
                          | {f"background_{k}": v for k, v in quality["background"].items() if v is not None}
                          | ({f"diversity_{v}_{k}": spread[v][k] for v in ("unclip", "caption_only", "real_images")
                              for k in ("diversity", "fidelity") if spread[v][k] is not None} if spread else {}))
     missed = [k for k, b in figures["bars"].items() if not b["ok"]]
     s, p = quality["single"], quality["pair"]
-    say("evaluate", f"{len(rows)} test captions: one object color {s['color']}% shape {s['shape']}% "
+    say("evaluate", f"{n} test captions: one object color {s['color']}% shape {s['shape']}% "
                     f"size {s['size']}% position {s['position']}%; two objects colors {p['colors']}% "
                     f"relation {p['relation']}%; FD {quality['frechet_distance']} (real vs real "
                     f"{floor}); background named right {quality['background']['named_right']}% "
@@ -451,7 +479,6 @@ def run(cfg, ws) -> dict:
                        f"vs caption-only {spread['caption_only']['diversity']} "
                        f"({spread['caption_only']['fidelity']}%), "
                        f"real {spread['real_images']['diversity']}; " if spread else "")
-                    + f"{nfe_total} network evaluations per image; "
+                    + f"{figures['nfe_total']} network evaluations per image; "
                     + (f"bars missed: {', '.join(missed)}" if missed else "every bar reached")
-                    + f" -> {(ws.reports / 'evaluate').relative_to(ws.root)}/")
-    return figures
+                    + f" -> {where}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -24,7 +24,7 @@ from .decoder import diffusion as decoder_diffusion
 from .decoder.network import UnclipDecoder
 from .images import grid, save_png, to_uint8
 from .prior import kinds as prior_kinds
-from .training import autocast, use_bf16
+from .device import autocast, device_of, use_bf16
 from .upsampler import diffusion as up_diffusion
 from .workspace import file_sha256
 
@@ -48,7 +48,7 @@ class Unclip:
         if not models.is_dir():
             raise FileNotFoundError(f"{models}: no such directory (expected a workspace's models/ with "
                                     f"clip/, prior/, decoder/, upsampler_*/)")
-        dev = torch.device(device or clip_model.device_of())
+        dev = torch.device(device or device_of())
         clip = clip_model.load(models / "clip", dev)
         prior, prior_meta = bundle.load_model(models / "prior", "prior", prior_kinds.build, dev)
         decoder, decoder_meta = bundle.load_model(models / "decoder", "decoder", UnclipDecoder, dev)
@@ -126,18 +126,35 @@ class Unclip:
                 guidance_scale=ds["guidance_scale"] if guidance is None else guidance, generator=gen,
                 stats=stats).float() for i in range(0, len(captions), batch_size)])
             nfe["decoder"] = stats["nfe"]
-            stages = [to_uint8(x.cpu())]
-            for j, (model, meta) in enumerate(self.upsamplers, start=1):
-                up_steps = upsampler_steps[j - 1] if isinstance(upsampler_steps, (list, tuple)) else upsampler_steps
-                x = torch.cat([up_diffusion.upsample(model, meta["info"], x[i:i + batch_size],
-                                                     sampler=upsampler_sampler, steps=up_steps,
-                                                     strength=upsampler_strength,
-                                                     generator=gen, z_i=z_i[i:i + batch_size]).float()
-                               for i in range(0, len(captions), batch_size)])
-                stages.append(to_uint8(x.cpu()))
-                nfe[f"upsampler_{j}"] = (up_steps or meta["info"]["sampling"]["steps"])
+            stages, up_nfe = self.upsample(x, z_i, gen, sampler=upsampler_sampler, steps=upsampler_steps,
+                                           strength=upsampler_strength, batch_size=batch_size)
+        nfe |= up_nfe
         return {"images": stages[-1], "stages": stages, "z_i": z_i.cpu(), "z_t": z_t.cpu(), "captions": captions, "nfe": nfe,
                 "seconds": round(time.perf_counter() - t0, 2)}
+
+
+    @torch.no_grad()
+    def upsample(self, x: torch.Tensor, z_i: torch.Tensor, generator: torch.Generator, *,
+                 sampler: Optional[str] = None, steps: Optional[int | Sequence[int]] = None,
+                 strength: Optional[float] = None, batch_size: int = 64,
+                 composite: Callable[[torch.Tensor], torch.Tensor] = lambda img: img) -> tuple[list, dict]:
+        """The upsampler chain, the one way every caller runs it: the decoder's output ``x``
+        [B, 3, S, S] in [-1, 1], decoded from ``z_i`` [B, D] (a conditioned upsampler sees it),
+        through every upsampler in ``batch_size`` batches. Returns the uint8 images after each
+        stage (the decoder's first) and the network evaluations per image of each upsampler.
+        ``steps``: one count for every upsampler or one per upsampler; ``composite``: applied to
+        every stage's input and output (inpainting keeps the region outside its mask)."""
+        stages, nfe = [to_uint8(composite(x).cpu())], {}
+        for j, (model, meta) in enumerate(self.upsamplers, start=1):
+            up_steps = steps[j - 1] if isinstance(steps, (list, tuple)) else steps
+            x = composite(x)
+            x = torch.cat([up_diffusion.upsample(model, meta["info"], x[i:i + batch_size], sampler=sampler,
+                                                 steps=up_steps, strength=strength, generator=generator,
+                                                 z_i=z_i[i:i + batch_size]).float()
+                           for i in range(0, len(x), batch_size)])
+            stages.append(to_uint8(composite(x).cpu()))
+            nfe[f"upsampler_{j}"] = up_steps or meta["info"]["sampling"]["steps"]
+        return stages, nfe
 
 
 def save_grid(result: dict, n: int, out: Path, stage: int = -1, labels: bool = True) -> Path:

@@ -22,10 +22,16 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def psnr(a_uint8: torch.Tensor, b_uint8: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per image of two uint8 batches [B, 3, H, W] (images as they are saved)."""
+    mse = (a_uint8.float() - b_uint8.float()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))
+
+
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     """Float images [B, C, H, W] -> [B, C, size, size]: antialiased bicubic down, bicubic up.
     The resize of the generative half (training targets, low-res conditions, evaluation); the
-    CLIP data path uses the same interpolation on uint8 (``clip.data.resize_uint8``)."""
+    CLIP data path uses the same interpolation on uint8 (``data.image_shards.resize_uint8``)."""
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
     return F.interpolate(x, size=(size, size), mode="bicubic", antialias=size < x.shape[-1], align_corners=False)

@@ -179,62 +179,23 @@ def register_and_gate(cfg, ws: Workspace, *, report_run: Optional[str] = None,
 
     with tracking.start_run(cfg, ws.root, "promote", stage="promote",
                             parent_run_id=parent_run_id or os.environ.get(tracking.PARENT_ENV)) as run:
-        with tempfile.TemporaryDirectory() as tmp:
-            bundle = Path(tmp) / "bundle"
-            bundle.mkdir()
-            for part in parts:
-                shutil.copytree(part, bundle / part.name)
-            shutil.copy(ev_path, bundle / "evaluate.json")
-            # saved, then logged as run artifacts: mlflow.pyfunc.log_model would also check the
-            # input example by loading the bundle and sampling it, a whole cascade per registration
-            model = mlflow_model.save(bundle, Path(tmp) / MODEL_ARTIFACT, metadata={
-                "bundle": f"artifacts/{mlflow_model.ARTIFACT}", "git_revision": tracking.git_revision(ws.root),
-                "profile": cfg.profile, "report_run": report_run or ""})
-            shutil.copy(ev_path, model / "evaluate.json")          # where the gate reads a version's figures
-            mlflow.log_artifacts(str(model), MODEL_ARTIFACT)
-        source = client.get_run(run.info.run_id).info.artifact_uri.rstrip("/") + "/" + MODEL_ARTIFACT
+        source = log_bundle(cfg, ws, parts, ev_path, report_run, client, run)
         try:
             client.get_registered_model(p.registered_model)
         except Exception:
             client.create_registered_model(p.registered_model, description="unCLIP bundles (clip, prior, decoder, "
                                                                           "upsamplers) with their evaluation")
         old = champion_version(client, p.registered_model, p.alias)       # fails closed on registry errors
-        unreadable = None
-        try:
-            old_eval = _evaluation_of(old) if old is not None else None
-        except GateRegistryError as err:
-            old_eval, unreadable = None, str(err)
-        if unreadable is None:
-            promote, reasons, rows = decide(evaluation, old_eval, rules)
-        else:                      # fail closed, unless told to replace an unreadable champion
-            promote, reasons, rows = decide(evaluation, None, rules)
-            if p.replace_unreadable:
-                reasons = [f"{unreadable}: replaced (promote.replace_unreadable)"] if promote else reasons
-            else:
-                promote, reasons = False, [f"{unreadable}: the candidate is not promoted (set "
-                                           f"promote.replace_unreadable: true to replace such a champion)"]
+        promote, reasons, rows = judge_against(p, evaluation, old, rules)
         tags = {"git_revision": tracking.git_revision(ws.root), "profile": cfg.profile,
                 "report_run": report_run or "", "gate": "promoted" if promote else "candidate",
                 "gate_reasons": "; ".join(reasons)[:4900]}
         version = client.create_model_version(p.registered_model, source=source, run_id=run.info.run_id, tags=tags)
         compare_page = None
         if promote:
-            # compare-and-set: another gate may have moved the alias since it was read above
-            now = champion_version(client, p.registered_model, p.alias)
-            if (now.version if now is not None else None) != (old.version if old is not None else None):
-                client.set_model_version_tag(p.registered_model, version.version, "gate", "candidate")
-                raise GateRegistryError(
-                    f"@{p.alias} moved from version {old.version if old is not None else None} to "
-                    f"{now.version if now is not None else None} while this gate ran (another promote): version "
-                    f"{version.version} stays a candidate; run `unclip promote` again to compare with the new champion")
-            client.set_registered_model_alias(p.registered_model, p.alias, version.version)
+            move_alias(client, p, old, version)
         elif report_run and old is not None and old.tags.get("report_run"):
-            try:
-                from . import report
-                compare_page = str(report.compare(ws, old.tags["report_run"], report_run))
-                client.set_model_version_tag(p.registered_model, version.version, "compare_report", compare_page)
-            except Exception as err:      # a missing snapshot must not hide the verdict
-                compare_page = f"(no comparison page: {err})"
+            compare_page = compare_with(ws, client, p, old, version, report_run)
         verdict = {"registered_model": p.registered_model, "version": int(version.version),
                    "promoted": promote, "alias": p.alias, "reasons": reasons, "rules": rows,
                    "previous_champion": int(old.version) if old is not None else None,
@@ -243,6 +204,69 @@ def register_and_gate(cfg, ws: Workspace, *, report_run: Optional[str] = None,
         mlflow.log_dict(verdict, "gate.json")
         tracking.log_metrics({"promoted": float(promote), "version": float(version.version)})
     return verdict
+
+
+def log_bundle(cfg, ws: Workspace, parts: list[Path], ev_path: Path, report_run: Optional[str], client, run) -> str:
+    """Log the bundle and its evaluation as an MLflow Model under the promote run; returns its source URI."""
+    import mlflow
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(tmp) / "bundle"
+        bundle.mkdir()
+        for part in parts:
+            shutil.copytree(part, bundle / part.name)
+        shutil.copy(ev_path, bundle / "evaluate.json")
+        # saved, then logged as run artifacts: mlflow.pyfunc.log_model would also check the
+        # input example by loading the bundle and sampling it, a whole cascade per registration
+        model = mlflow_model.save(bundle, Path(tmp) / MODEL_ARTIFACT, metadata={
+            "bundle": f"artifacts/{mlflow_model.ARTIFACT}", "git_revision": tracking.git_revision(ws.root),
+            "profile": cfg.profile, "report_run": report_run or ""})
+        shutil.copy(ev_path, model / "evaluate.json")          # where the gate reads a version's figures
+        mlflow.log_artifacts(str(model), MODEL_ARTIFACT)
+    return client.get_run(run.info.run_id).info.artifact_uri.rstrip("/") + "/" + MODEL_ARTIFACT
+
+
+def judge_against(p, evaluation: dict, old, rules) -> tuple[bool, list[str], list]:
+    """The gate's verdict on ``evaluation`` against the champion version ``old`` (None: there is
+    none). An unreadable champion evaluation fails closed, unless ``promote.replace_unreadable``."""
+    unreadable = None
+    try:
+        old_eval = _evaluation_of(old) if old is not None else None
+    except GateRegistryError as err:
+        old_eval, unreadable = None, str(err)
+    if unreadable is None:
+        return decide(evaluation, old_eval, rules)
+    promote, reasons, rows = decide(evaluation, None, rules)
+    if p.replace_unreadable:
+        reasons = [f"{unreadable}: replaced (promote.replace_unreadable)"] if promote else reasons
+    else:
+        promote, reasons = False, [f"{unreadable}: the candidate is not promoted (set "
+                                   f"promote.replace_unreadable: true to replace such a champion)"]
+    return promote, reasons, rows
+
+
+def move_alias(client, p, old, version) -> None:
+    """Move the alias to ``version``: compare-and-set, as another gate may have moved it since
+    ``old`` was read (then ``version`` stays a candidate and GateRegistryError says so)."""
+    now = champion_version(client, p.registered_model, p.alias)
+    if (now.version if now is not None else None) != (old.version if old is not None else None):
+        client.set_model_version_tag(p.registered_model, version.version, "gate", "candidate")
+        raise GateRegistryError(
+            f"@{p.alias} moved from version {old.version if old is not None else None} to "
+            f"{now.version if now is not None else None} while this gate ran (another promote): version "
+            f"{version.version} stays a candidate; run `unclip promote` again to compare with the new champion")
+    client.set_registered_model_alias(p.registered_model, p.alias, version.version)
+
+
+def compare_with(ws: Workspace, client, p, old, version, report_run: str) -> str:
+    """The comparison page of the champion's run and this one, tagged on ``version``; a missing
+    snapshot gives a note instead (it must not hide the verdict)."""
+    try:
+        from . import report
+        page = str(report.compare(ws, old.tags["report_run"], report_run))
+        client.set_model_version_tag(p.registered_model, version.version, "compare_report", page)
+        return page
+    except Exception as err:
+        return f"(no comparison page: {err})"
 
 
 def champion(cfg, ws: Workspace) -> Optional[dict]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from .data.shards import shard_paths
-from .incremental import digests
+from .data.incremental import digests
 from .workspace import atomic_write_json, file_sha256
 
 LINEAGE = "lineage.json"

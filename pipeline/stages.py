@@ -19,8 +19,10 @@ from .errors import BundleError, StageError  # noqa: F401  (re-exported: `from p
 from .progress import say
 from .workspace import Workspace, atomic_write_json
 
-# Order is the pipeline's order; values are "module:function".
-STAGES: dict[str, str] = {
+# Order is the pipeline's order; values are "module:function". The upsamplers sit between the
+# decoder and evaluate: one stage upsample@<key> per key of params.yaml's upsample.stages
+# (:func:`registry`; dvc.yaml's foreach reads the same section).
+BEFORE_UPSAMPLERS: dict[str, str] = {
     "corpus": "pipeline.data.corpus:run",
     "crawl": "pipeline.data.crawl:run",
     "filter": "pipeline.data.filter:run",
@@ -29,10 +31,19 @@ STAGES: dict[str, str] = {
     "embed": "pipeline.embed:run",
     "prior": "pipeline.prior.stage:run",
     "decoder": "pipeline.decoder.stage:run",
-    "upsample@1": "pipeline.upsampler.stage:run",     # DVC foreach: upsample@<key of upsample.stages>
-    "upsample@2": "pipeline.upsampler.stage:run",
-    "evaluate": "pipeline.evaluate:run",
 }
+UPSAMPLER = "pipeline.upsampler.stage:run"
+AFTER_UPSAMPLERS: dict[str, str] = {"evaluate": "pipeline.evaluate:run"}
+
+
+def registry(cfg: Config) -> dict[str, str]:
+    """Every stage of ``cfg``'s pipeline, in order: name -> "module:function"."""
+    upsamplers = {f"upsample@{key}": UPSAMPLER for key in cfg.upsample.stages}
+    return {**BEFORE_UPSAMPLERS, **upsamplers, **AFTER_UPSAMPLERS}
+
+
+# The stages of params.yaml as it is (config.py's defaults are its values: tests/test_config.py).
+STAGES: dict[str, str] = registry(Config())
 
 
 # How `unclip stage` tells whoever ran it (the flow, through `dvc repro`) how it ended, instead
@@ -87,10 +98,11 @@ def read_exit(root, stage: str, token: str) -> dict | None:
     return record
 
 
-def stage_function(name: str) -> Callable[[Config, Workspace], dict]:
-    if name not in STAGES:
-        raise StageError(f"unknown stage {name!r} (known: {', '.join(STAGES)})")
-    module, func = STAGES[name].split(":")
+def stage_function(name: str, cfg: Config) -> Callable[[Config, Workspace], dict]:
+    stages = registry(cfg)
+    if name not in stages:
+        raise StageError(f"unknown stage {name!r} (known: {', '.join(stages)})")
+    module, func = stages[name].split(":")
     fn = getattr(importlib.import_module(module), func)
     if "@" in name:                     # a foreach member: the key goes to the stage function
         return functools.partial(fn, key=name.split("@", 1)[1])
@@ -107,7 +119,7 @@ def peak_rss_mb() -> dict:
 
 
 def run_stage(name: str, cfg: Config, ws: Workspace) -> dict:
-    fn = stage_function(name)
+    fn = stage_function(name, cfg)
     with tracking.stage_run(cfg, ws.root, name) as run:
         t0 = time.perf_counter()
         metrics = fn(cfg, ws)

@@ -12,8 +12,6 @@ non-finite loss stops the run with a clear error instead of training on into a N
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import copy
 import datetime
 import hashlib
@@ -21,7 +19,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -29,8 +26,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .device import machine_signature, native_cpu_bf16, resolved_precision
 from .progress import progress
 from .workspace import fsync_dir, kill_point, pid_alive
 
@@ -128,46 +125,6 @@ def sweep_temporaries(directory: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-# What "auto" resolved to for the training loop running in this context (set by ``measured_precision``)
-_AUTO = contextvars.ContextVar("unclip_auto_precision", default=None)
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """Whether to autocast to bf16. "bf16"/"fp32" as given. "auto": inside a training loop, what
-    :func:`choose_precision` measured for it; elsewhere (sampling), bf16 where the hardware has it
-    natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs)."""
-    if precision != "auto":
-        return precision == "bf16"
-    if _AUTO.get() is not None:
-        return _AUTO.get() == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return native_cpu_bf16()
-
-
-@contextlib.contextmanager
-def resolved_precision(choice: Optional[str]):
-    """Within this context ``precision: auto`` means ``choice`` ("bf16" or "fp32"; None: the flags)."""
-    token = _AUTO.set(choice)
-    try:
-        yield
-    finally:
-        _AUTO.reset(token)
-
-
-def machine_signature(device: torch.device) -> str:
-    """What a precision timing depends on besides the model: the processor, threads and torch."""
-    if device.type == "cuda":
-        chip = torch.cuda.get_device_name(device)
-    else:
-        chip = platform.processor() or platform.machine()
-        try:
-            chip = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    return f"{chip} | {device.type} | threads {torch.get_num_threads()} | torch {torch.__version__}"
-
-
 def choose_precision(precision: str, model: torch.nn.Module, loss_fn: Callable, batch, *, key: Any,
                      cache: Optional[Path] = None, repeats: int = 3) -> dict:
     """Resolve ``precision`` for training ``model``: "bf16"/"fp32" as given; "auto": fp32 where the
@@ -216,35 +173,10 @@ def choose_precision(precision: str, model: torch.nn.Module, loss_fn: Callable, 
     return result | {"cached": False}
 
 
-def native_cpu_bf16() -> bool:
-    """Whether this CPU computes bf16 natively. oneDNN's own check is true on every AVX512 CPU,
-    where bf16 is emulated: there a CLIP step of batch 256 took 1.18 s under bf16 autocast
-    against 0.53 s in fp32 (measured on a 2-core AVX512 machine without AVX512-BF16 or AMX)."""
-    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())      # Arm: bf16 where oneDNN has it
-
-
-def attention_kernel(device: torch.device):
-    """On CPU, the plain math attention: for short sequences PyTorch's CPU flash attention
-    backward is the slowest op of a step (CLIP, measured: 0.41 -> 0.23 s/step, batch 256)."""
-    if device.type == "cpu":
-        return sdpa_kernel(SDPBackend.MATH)
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def autocast(precision: str, device: torch.device):
-    """The forward pass's precision context: bf16 autocast where native, math attention on CPU."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(precision, device)), \
-            attention_kernel(device):
-        yield
-
-
 def make_accelerator():
     """An accelerate ``Accelerator`` for whatever launched us: one CPU or GPU process, or one of
     several under ``accelerate launch`` / ``torchrun`` (DDP; gloo across CPU processes).
-    Mixed precision stays with the models' own bf16 autocast (:func:`autocast`)."""
+    Mixed precision stays with the models' own bf16 autocast (:func:`pipeline.device.autocast`)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
     # set by a torchrun launch (pipeline/launch.py) from cluster.train: backend and collective timeout
@@ -308,14 +240,7 @@ def _fit(model, optimizer, scheduler, it, loss_fn, *, steps, checkpointer, grad_
     """:func:`fit`'s loop over the batch iterator ``it``."""
     if on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
-    start, last = 0, float("nan")
-    if checkpointer:
-        start, extra = checkpointer.load(model, optimizer, scheduler)
-        if ema is not None and extra.get("ema"):
-            ema.load_state_dict(extra["ema"])
-        last = float(extra.get("last_loss", last))
-        if start:
-            print(f"[{desc}] resuming from checkpoint at step {start}/{steps}", flush=True)
+    start, last = _resume(checkpointer, model, optimizer, scheduler, ema, desc, steps)
     main = accelerator is None or accelerator.is_main_process
     train_model = model
     if accelerator is not None:
@@ -328,17 +253,7 @@ def _fit(model, optimizer, scheduler, it, loss_fn, *, steps, checkpointer, grad_
     for step in range(start, steps):
         batch = next(it)
         loss = loss_fn(train_model, batch)
-        bad = not bool(torch.isfinite(loss.detach()))
-        if accelerator is not None and accelerator.num_processes > 1:
-            # every process must take the same decision, or DDP's gradient all-reduce hangs
-            bad = bool(accelerator.reduce(torch.tensor(float(bad), device=loss.device), "sum") > 0)
-        optimizer.zero_grad(set_to_none=True)
-        if not bad:
-            accelerator.backward(loss) if accelerator is not None else loss.backward()
-            if grad_clip:
-                norm = (accelerator.clip_grad_norm_(params, grad_clip) if accelerator is not None
-                        else torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=_foreach(params)))
-                bad = not bool(torch.isfinite(norm))       # all-reduced grads: same on every process
+        bad = _backward(loss, optimizer, params, grad_clip, accelerator)
         if bad:
             if on_nonfinite == "stop" or skipped >= max_skipped:
                 why = "stopping" if on_nonfinite == "stop" else f"{skipped} steps already skipped, stopping"
@@ -365,11 +280,7 @@ def _fit(model, optimizer, scheduler, it, loss_fn, *, steps, checkpointer, grad_
         # Also after the last step: the stage validates and saves after training, and a kill
         # there must not cost the training (the stage clears the checkpoint once it has saved).
         if checkpointer and ((step + 1) % checkpointer.every == 0 or step + 1 == steps):
-            if main:
-                checkpointer.save(step + 1, model, optimizer, scheduler,
-                                  {"last_loss": last, **({"ema": ema.state_dict()} if ema is not None else {})})
-            if accelerator is not None:
-                accelerator.wait_for_everyone()
+            _save(checkpointer, step + 1, model, optimizer, scheduler, ema, last, main, accelerator)
         kill_point("step", step + 1)
     bar.close()
     train_model.eval()
@@ -385,6 +296,46 @@ def _foreach(params: list) -> bool:
     over all gradients instead of one per tensor (1.7-2.1 against 2.8 ms a step for the decoder's
     336 tensors on 2 CPU cores); torch has them for CPU and CUDA tensors."""
     return all(p.device.type in ("cpu", "cuda") for p in params)
+
+
+def _resume(checkpointer, model, optimizer, scheduler, ema, desc: str, steps: int) -> tuple[int, float]:
+    """The step to start from and the last loss: the checkpoint's, if there is one (weights,
+    optimizer, scheduler and EMA restored into the objects given), else 0 and NaN."""
+    start, last = 0, float("nan")
+    if checkpointer:
+        start, extra = checkpointer.load(model, optimizer, scheduler)
+        if ema is not None and extra.get("ema"):
+            ema.load_state_dict(extra["ema"])
+        last = float(extra.get("last_loss", last))
+        if start:
+            print(f"[{desc}] resuming from checkpoint at step {start}/{steps}", flush=True)
+    return start, last
+
+
+def _backward(loss: torch.Tensor, optimizer, params: list, grad_clip, accelerator) -> bool:
+    """Zero the gradients, then backward and clip unless the loss is not finite; True when the
+    step must not be taken (the loss or the gradient norm is not finite, on any process)."""
+    bad = not bool(torch.isfinite(loss.detach()))
+    if accelerator is not None and accelerator.num_processes > 1:
+        # every process must take the same decision, or DDP's gradient all-reduce hangs
+        bad = bool(accelerator.reduce(torch.tensor(float(bad), device=loss.device), "sum") > 0)
+    optimizer.zero_grad(set_to_none=True)
+    if not bad:
+        accelerator.backward(loss) if accelerator is not None else loss.backward()
+        if grad_clip:
+            norm = (accelerator.clip_grad_norm_(params, grad_clip) if accelerator is not None
+                    else torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=_foreach(params)))
+            bad = not bool(torch.isfinite(norm))       # all-reduced grads: same on every process
+    return bad
+
+
+def _save(checkpointer, step: int, model, optimizer, scheduler, ema, last: float, main: bool, accelerator) -> None:
+    """A checkpoint at ``step`` (written by the main process; the others wait for it)."""
+    if main:
+        checkpointer.save(step, model, optimizer, scheduler,
+                          {"last_loss": last, **({"ema": ema.state_dict()} if ema is not None else {})})
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
 
 
 def build_optimizer(model: torch.nn.Module, tc):

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 
+RESOLVED = "params.resolved.json"
+
+
 @dataclass(frozen=True)
 class Workspace:
     root: Path
@@ -29,6 +32,8 @@ class Workspace:
     # The stage outputs of DESIGN.md's table.
     @property
     def params(self) -> Path: return self.root / "params.yaml"
+    @property
+    def resolved(self) -> Path: return self.root / RESOLVED     # what DVC sees: pipeline.config.write_resolved
     @property
     def corpus(self) -> Path: return self.root / "data" / "corpus"
     @property
@@ -220,7 +225,7 @@ def human_bytes(n: float) -> str:
 SOURCE_ROOT = Path(__file__).resolve().parent.parent      # the checkout holding dvc.yaml
 DVCIGNORE = "__pycache__/\n*.pyc\n.unclip/\n"
 # .<name>.tmp-* / .<name>.old-*: atomic_dir's work in progress (gigabytes for a crawl), never for git
-GITIGNORE = "/pipeline\n/mlflow.db\n/mlartifacts/\n/.unclip/\n/reports/\n.*.tmp-*\n.*.old-*\n"
+GITIGNORE = "/pipeline\n/params.resolved.json\n/mlflow.db\n/mlartifacts/\n/.unclip/\n/reports/\n.*.tmp-*\n.*.old-*\n"
 
 
 def init_workspace(directory: str | os.PathLike, params: Optional[Path] = None) -> Path:

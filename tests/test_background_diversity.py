@@ -8,8 +8,8 @@ import torch
 import yaml
 
 from pipeline import background, config, diversity
-from pipeline.clip.data import decode_images
-from pipeline.data.corpus import (BACKGROUNDS, GRID, POSITIONS, caption, encode_jpeg, nearest_position, render,
+from pipeline.data.image_shards import decode_images
+from pipeline.data.scenes import (BACKGROUNDS, GRID, POSITIONS, caption, encode_jpeg, nearest_position, render,
                                   sample_scene, scene_from_ground_truth)
 from pipeline.evaluate import bars
 from pipeline.images import resize, to_model, to_uint8

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.clip.data import decode_image, decode_images, resize_uint8
+from pipeline.data.image_shards import decode_image, decode_images, resize_uint8
 from pipeline.clip.tokenize import WordMemoTokenizer, fast_tokenizer
 from pipeline.data.corpus import build_pairs
 

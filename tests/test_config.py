@@ -84,3 +84,45 @@ def test_code_defaults_are_the_params_yaml_defaults(params_path):
 
     code = config.Config.model_validate({}).model_dump(mode="json")
     assert differences(code, config.resolve(raw, "default").model_dump(mode="json")) == []
+
+
+def test_write_resolved_writes_the_whole_config_atomically_and_only_when_it_changed(params_path, tmp_path):
+    import json
+    raw = base(params_path)
+    smoke = config.resolve(raw, "smoke")
+    path = tmp_path / "params.resolved.json"
+    assert config.write_resolved(smoke, tmp_path)
+    assert json.loads(path.read_text()) == smoke.model_dump(mode="json")
+    before = path.stat()
+    assert not config.write_resolved(config.resolve(raw, "smoke"), tmp_path)        # same values: untouched
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert config.write_resolved(config.resolve(raw, "default"), tmp_path)
+    assert json.loads(path.read_text())["corpus"]["n_scenes"] == raw["corpus"]["n_scenes"]
+    assert [p.name for p in tmp_path.iterdir()] == ["params.resolved.json"]             # no temp file left
+
+
+def test_dvc_sees_the_resolved_config_and_no_profile_names():
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "dvc.yaml").read_text()
+    assert "profiles" not in text
+    stages = yaml.safe_load(text)["stages"]
+    assert stages["config"]["always_changed"] and "params.resolved.json" in str(stages["config"]["outs"])
+    for name, spec in stages.items():
+        params = spec.get("do", spec).get("params", [])
+        if name != "config":
+            assert params and all(isinstance(p, dict) and list(p) == ["params.resolved.json"] for p in params), name
+
+
+def test_the_upsampler_stages_are_params_yaml_s_chain_and_a_profile_may_not_add_one(params_path):
+    from pipeline.stages import STAGES, registry
+    raw = base(params_path)
+    ups = [s for s in STAGES if s.startswith("upsample@")]
+    assert ups == [f"upsample@{k}" for k in raw["upsample"]["stages"]]
+    raw["upsample"]["stages"]["3"] = dict(raw["upsample"]["stages"]["2"])
+    names = list(registry(config.resolve(raw, "smoke")))
+    assert names[names.index("decoder") + 1:] == [*ups, "upsample@3", "evaluate"]
+    raw = base(params_path)
+    raw["profiles"]["smoke"]["upsample"]["stages"]["3"] = {"steps": 2}
+    with pytest.raises(config.ConfigError, match=r"profiles.smoke.upsample.stages: a profile may not add upsamplers \(3\)"):
+        config.resolve(raw, "smoke")

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data import corpus
+from pipeline.data import scenes
 from pipeline.workspace import Workspace
 
 
@@ -73,7 +74,7 @@ def test_captions_name_the_ground_truth(built):
         for o in gt["objects"]:
             assert o["color"] in r.caption and o["shape"] in r.caption
         if gt["relation"]:
-            assert corpus.RELATION_PHRASES[gt["relation"]] in r.caption
+            assert scenes.RELATION_PHRASES[gt["relation"]] in r.caption
     mism = pairs[pairs.mismatched]
     assert all(json.loads(g)["caption_scene_id"] != s for g, s in zip(mism["gt"], mism.scene_id))
 

@@ -230,7 +230,7 @@ def test_applications_of_the_latent_from_python_and_the_command_line(flow_runs, 
     from PIL import Image
     from pipeline import applications as apps
     from pipeline.applications.files import load_image
-    from pipeline.embeddings import load_split
+    from pipeline.data.embedding_shards import load_split
     from pipeline.generate import Unclip
     ws, _, _ = flow_runs
     unclip = Unclip.load(ws.root / "models")
@@ -587,6 +587,53 @@ def test_summary_artifact_published(flow_runs):
     table = data if isinstance(data, list) else json.loads(data)
     stages = {row["stage"] for row in table}           # the latest run: "promote" only when it evaluated
     assert set(STAGES) <= stages <= set(STAGES) | {"promote"}
+
+
+def dvc_stale(ws) -> set[str]:
+    """The stages `dvc status` calls stale (`config` is always changed: it writes the resolved config)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=ws.root, check=True,
+                         capture_output=True, text=True).stdout
+    return set(json.loads(out)) - {"config"}
+
+
+def test_a_changed_profile_or_parameter_reruns_exactly_what_dvc_calls_stale(flow_runs, monkeypatch):
+    """DVC sees the resolved configuration (params.resolved.json), never a profile name: another
+    profile that resolves to the same values reruns nothing; one that changes the evaluation's seed
+    reruns evaluate alone; the flow forces nothing, and what ran is what `dvc status` said."""
+    import copy
+    import yaml
+    from flows.train import train_flow
+    from pipeline import config
+    ws, _, _ = flow_runs
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = ws.params.read_text()
+    params = yaml.safe_load(before)
+    params["profiles"]["twin"] = copy.deepcopy(params["profiles"]["smoke"])       # same values, another name
+    params["profiles"]["reseeded"] = copy.deepcopy(params["profiles"]["smoke"])
+    params["profiles"]["reseeded"].setdefault("evaluate", {})["seed"] = 7
+    ws.params.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        # smoke first: whatever earlier tests left stale, and nothing else; then the other two
+        for profile, expected in (("smoke", None), ("twin", set()), ("reseeded", {"evaluate"})):
+            config.write_resolved(config.load(ws.params, profile), ws.root)
+            stale = dvc_stale(ws)
+            assert expected is None or stale == expected, (profile, stale)
+            lock_before = yaml.safe_load((ws.root / "dvc.lock").read_text())["stages"]
+            run = train_flow(workspace=str(ws.root), profile=profile)
+            lock_after = yaml.safe_load((ws.root / "dvc.lock").read_text())["stages"]
+            # what DVC redid: ran, or restored from its run cache (a stage DVC ran before with the
+            # same inputs: "cached - skipping run", the flow's "skipped"); either way its lock entry moved
+            redone = {s for s in lock_after if s != "config" and lock_after[s] != lock_before.get(s)}
+            ran = {r["stage"] for r in run["stages"] if r["status"] == "ran"}
+            assert redone == stale and ran <= stale, (profile, stale, redone, run["stages"])
+            assert expected is None or ran == expected, (profile, run["stages"])
+            assert dvc_stale(ws) == set()
+        config.write_resolved(config.load(ws.params, "smoke"), ws.root)
+        assert dvc_stale(ws) == {"evaluate"}              # back to smoke's seed: evaluate alone is stale
+    finally:
+        ws.params.write_text(before)
 
 
 def test_nan_loss_fails_permanently_without_retries(flow_runs, monkeypatch):

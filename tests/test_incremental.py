@@ -1,4 +1,4 @@
-"""Incremental data and retraining decisions (pipeline/incremental.py, pipeline/retrain.py).
+"""Incremental data and retraining decisions (pipeline/data/incremental.py, pipeline/retrain.py).
 
 The filter on an addition must give what a full filter of all the data gives (duplicates of old
 images caught against the old kept samples), touching only the new shards; the retrain rules
@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline import config, incremental, retrain
+from pipeline import config, retrain
+from pipeline.data import incremental
 from pipeline.data import corpus, filter as filt
 from pipeline.data.shards import ShardSink, iter_samples, shard_paths
 from pipeline.workspace import Workspace, file_sha256

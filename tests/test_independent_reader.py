@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from pipeline.data import corpus
+from pipeline.data import scenes
 from pipeline.images import resize, to_model, to_uint8
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,15 +39,15 @@ def draw(scene: corpus.Scene, jpeg: bool = True) -> np.ndarray:
 
 
 def obj(color, shape, size, x, y, rotation=0.0) -> corpus.Obj:
-    return corpus.Obj(color=color, shape=shape, size=size, position=corpus.nearest_position(x, y), x=x, y=y,
+    return corpus.Obj(color=color, shape=shape, size=size, position=scenes.nearest_position(x, y), x=x, y=y,
                       rotation=rotation, rgb=corpus.COLORS[color])
 
 
 def test_grammar_is_the_corpus_grammar(reader):
     """The reader carries its own copy of CORPUS.md's numbers; they must stay the corpus's."""
-    assert reader.BACKGROUNDS == corpus.BACKGROUNDS and reader.PALETTE == corpus.COLORS
-    assert reader.SHAPES == corpus.SHAPES and reader.HALF_WIDTHS == corpus.SIZES
-    assert reader.GRID == corpus.GRID and reader.POSITIONS == corpus.POSITIONS
+    assert reader.BACKGROUNDS == scenes.BACKGROUNDS and reader.PALETTE == corpus.COLORS
+    assert reader.SHAPES == scenes.SHAPES and reader.HALF_WIDTHS == scenes.SIZES
+    assert reader.GRID == scenes.GRID and reader.POSITIONS == scenes.POSITIONS
 
 
 def test_reads_every_shape_size_background_and_cell(reader):
@@ -55,13 +56,13 @@ def test_reads_every_shape_size_background_and_cell(reader):
     colors, cells = itertools.cycle(corpus.COLORS), itertools.cycle(range(9))
     jitter = itertools.cycle([(0.04, -0.04), (-0.04, 0.04), (0.0, 0.0), (-0.04, -0.04)])
     k = 0
-    for background in corpus.BACKGROUNDS:
-        for shape in corpus.SHAPES:
-            for size in corpus.SIZES:
+    for background in scenes.BACKGROUNDS:
+        for shape in scenes.SHAPES:
+            for size in scenes.SIZES:
                 cell, (jx, jy), color = next(cells), next(jitter), next(colors)
-                x, y = corpus.GRID[cell % 3] + jx, corpus.GRID[cell // 3] + jy
+                x, y = scenes.GRID[cell % 3] + jx, scenes.GRID[cell // 3] + jy
                 o = obj(color, shape, size, x, y, rotation=(10.0, -10.0, 4.0)[k % 3])
-                o.position = corpus.POSITIONS[cell]
+                o.position = scenes.POSITIONS[cell]
                 k += 1
                 scene = corpus.Scene(k, background, [o])
                 r = reader.read_image(draw(scene, jpeg=k % 2 == 0))
@@ -73,7 +74,7 @@ def test_reads_every_shape_size_background_and_cell(reader):
                 assert all(reader.check(r, scene.ground_truth() | {"relation": None}).values())
 
 
-@pytest.mark.parametrize("relation", corpus.RELATIONS)
+@pytest.mark.parametrize("relation", scenes.RELATIONS)
 def test_reads_two_objects_and_their_relation(reader, relation):
     """Both axes and both orders; two large shapes 0.4 apart touch, and are split by color."""
     for background, (c0, c1), (s0, s1), sep in (("gray", ("red", "blue"), ("circle", "square"), 0.4),

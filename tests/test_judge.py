@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.corpus import caption, sample_scene
+from pipeline.data.scenes import caption, sample_scene
 from pipeline.judge.labels import HEADS, IGNORE, VOCAB, accuracy, canonical_pair, check, parse_caption, targets
 from pipeline.quality import frechet_distance
 

@@ -234,7 +234,7 @@ def test_pretrained_open_clip_checkpoint_through_embed_into_the_prior(data_ws, s
     import torch
     from safetensors.torch import load_file
     from pipeline.clip import model as clip_model
-    from pipeline.embeddings import load_split
+    from pipeline.data.embedding_shards import load_split
     from pipeline.stages import run_stage
     torch.manual_seed(123)
     model = open_clip.create_model(PRETRAINED_ARCH, pretrained=None)

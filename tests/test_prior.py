@@ -1,6 +1,7 @@
 """The prior's network and diffusion glue: shapes, guidance paths, rerank, a loss that learns."""
 import torch
 
+from pipeline.diffusion import noise_schedule
 from pipeline.prior import diffusion
 from pipeline.prior.network import UnclipPrior
 
@@ -60,7 +61,7 @@ def test_training_loss_decreases_on_a_fixed_mapping():
     m = UnclipPrior(D, W, L, layers=2, heads=2, head_dim=16).train()
     proj = torch.nn.functional.normalize(torch.randn(D, D), dim=0)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-    sched = diffusion.noise_scheduler()
+    sched = noise_schedule(diffusion.PREDICTION)
     g = torch.Generator().manual_seed(1)
     losses = []
     for step in range(150):

@@ -133,7 +133,7 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it_natively():
     """oneDNN reports bf16 on any AVX512 CPU; emulated, it is 2.2x slower than fp32 there."""
     import platform
     from pathlib import Path
-    from pipeline.training import native_cpu_bf16, use_bf16
+    from pipeline.device import native_cpu_bf16, use_bf16
     cpu = torch.device("cpu")
     assert use_bf16("bf16", cpu) and not use_bf16("fp32", cpu)
     assert use_bf16("auto", cpu) == native_cpu_bf16()
@@ -147,7 +147,7 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it_natively():
 def noisy_mse(model, batch):
     """A loss that draws from the global RNG (as the diffusion losses draw t and noise)."""
     x, y = batch
-    from pipeline.training import autocast
+    from pipeline.device import autocast
     with autocast("auto", x.device):
         out = model(x + 0.01 * torch.randn(x.shape))
     return torch.nn.functional.mse_loss(out.float(), y)
@@ -176,7 +176,7 @@ def test_auto_precision_is_measured_cached_and_leaves_the_run_unchanged(tmp_path
 
 
 def test_auto_precision_decides_autocast_inside_the_loop_only():
-    from pipeline.training import resolved_precision, use_bf16
+    from pipeline.device import resolved_precision, use_bf16
     cpu = torch.device("cpu")
     with resolved_precision("fp32"):
         assert not use_bf16("auto", cpu) and use_bf16("bf16", cpu)

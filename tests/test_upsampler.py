@@ -7,11 +7,11 @@ import torch.nn.functional as F
 from pipeline import bundle
 from pipeline.config import Config, DecoderConfig, UpsampleConfig, UpsamplerConfig
 from pipeline.diffusion import SAMPLERS, noise_schedule
-from pipeline.images import resize
+from pipeline.images import psnr, resize, to_uint8
 from pipeline.upsampler import diffusion
 from pipeline.upsampler.degrade import degrade
 from pipeline.upsampler.network import Upsampler, norm_groups
-from pipeline.upsampler.stage import TrainingPairs, chain_sizes, crop_size, psnr
+from pipeline.upsampler.stage import TrainingPairs, chain_sizes, crop_size
 
 ARCH = {"block_out_channels": [8, 16], "layers_per_block": 1}
 INFO = {"in_size": 8, "out_size": 16, "prediction_type": "epsilon", "sampling": {"sampler": "ddim", "steps": 2}}
@@ -197,9 +197,9 @@ def test_saved_bundle_gives_the_same_samples(tmp_path):
 
 def test_psnr():
     x = shapes()
-    assert (psnr(x, x) > 90).all()
+    assert (psnr(to_uint8(x), to_uint8(x)) > 90).all()
     noisy = x + 0.1 * torch.randn_like(x)
-    assert 20 < psnr(noisy, x).mean() < 30                   # sigma 0.1 on [-1, 1] = 12.75 / 255: ~26 dB
+    assert 20 < psnr(to_uint8(noisy), to_uint8(x)).mean() < 30                   # sigma 0.1 on [-1, 1] = 12.75 / 255: ~26 dB
 
 
 def test_stage_without_shards_or_with_an_unknown_key_says_what_is_wrong(tmp_path):

@@ -34,11 +34,13 @@ from common import RowCounter, emit, job_from_argv, rows, set_threads, synthetic
 from pipeline import config  # noqa: E402
 from pipeline.decoder import stage as decoder_stage  # noqa: E402
 from pipeline.decoder.network import UnclipDecoder  # noqa: E402
+from pipeline.diffusion import noise_schedule  # noqa: E402
 from pipeline.prior import diffusion as prior_diffusion  # noqa: E402
 from pipeline.prior import figures as prior_figures  # noqa: E402
 from pipeline.prior import stage as prior_stage  # noqa: E402
 from pipeline.prior.network import UnclipPrior  # noqa: E402
-from pipeline.training import autocast, train_diffusion_model, use_bf16  # noqa: E402
+from pipeline.device import autocast, use_bf16  # noqa: E402
+from pipeline.training import train_diffusion_model  # noqa: E402
 
 
 def shapes_of(cfg) -> dict:
@@ -100,7 +102,7 @@ def run_decoder(cfg, shapes: dict, job: dict) -> dict:
 def run_prior(cfg, shapes: dict, job: dict) -> dict:
     j, p = job["prior"], cfg.prior
     model = build(cfg, shapes)[2]
-    schedule = prior_diffusion.noise_scheduler()
+    schedule = noise_schedule(prior_diffusion.PREDICTION)
 
     def loss_fn(net, batch):             # the prior stage's loss_fn
         dev = next(net.parameters()).device

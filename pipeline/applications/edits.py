@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from ..decoder import inversion
 from ..diffusion import randn
 from ..generate import Unclip
-from ..images import resize, to_model, to_uint8
-from ..upsampler import diffusion as up_diffusion
+from ..images import psnr, resize, to_model, to_uint8
 
 INVERSION_STEPS = 100     # DDIM steps of inversion and reconstruction (the decoder is small: cheap)
 
@@ -38,12 +37,6 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor) -> torch.Te
         return ((1 - t) * fa + t * fb).reshape(a.shape)
     out = (torch.sin((1 - t) * omega) * fa + torch.sin(t * omega) * fb) / torch.sin(omega)
     return out.reshape(a.shape)
-
-
-def psnr(a_uint8: torch.Tensor, b_uint8: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB per image of two uint8 batches [B, 3, H, W]."""
-    mse = (a_uint8.float() - b_uint8.float()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))
 
 
 class Latent:
@@ -107,11 +100,8 @@ def upsample_chain(unclip: Unclip, x: torch.Tensor, generator: torch.Generator, 
         s = img.shape[-1]
         return resize(m, s).clamp(0, 1).round() * resize(orig, s) + (1 - resize(m, s).clamp(0, 1).round()) * img
 
-    stages = [to_uint8(composite(x).cpu())]
-    for model, meta in unclip.upsamplers:
-        x = up_diffusion.upsample(model, meta["info"], composite(x), generator=generator, z_i=z_i).float()
-        stages.append(to_uint8(composite(x).cpu()))
-    return stages
+    # one batch: the edits' figures were measured so (a batch's noise is drawn in one go)
+    return unclip.upsample(x, z_i, generator, batch_size=max(1, len(x)), composite=composite)[0]
 
 
 # ---- 1. variations --------------------------------------------------------------------------------

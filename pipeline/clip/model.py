@@ -19,7 +19,6 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import open_clip
 import torch
@@ -233,9 +232,3 @@ def load_pretrained(spec: str) -> ClipBundle:
     return ClipBundle(model.eval(), fast_tokenizer(open_clip.get_tokenizer(arch)), arch, config,
                       size if isinstance(size, int) else size[0],
                       tuple(pre.get("mean", MEAN)), tuple(pre.get("std", STD)))
-
-
-def device_of(explicit: Optional[str] = None) -> torch.device:
-    if explicit:
-        return torch.device(explicit)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -13,7 +13,7 @@ from ..errors import StageError
 from ..training import clear_checkpoints
 from ..workspace import atomic_dir
 from . import model as clip_model
-from .data import load_split
+from ..data.image_shards import load_image_split
 from .train import train
 from .zeroshot import evaluate
 
@@ -45,7 +45,7 @@ def run(cfg, ws) -> dict:
         else:
             bundle, summary = train(c, paths, checkpoints, on_log=on_log,
                                     depends={"data": retrain.lineage(ws.filtered)["shards"]})
-        val = load_split(paths, "val", bundle.image_size)
+        val = load_image_split(paths, "val", bundle.image_size)
         if not val["keys"]:
             raise StageError("the val split is empty: no sample's json carries split='val' (a URL list: give "
                              "some rows split 'val', or leave split empty and set crawl.split.val above 0)")

@@ -13,9 +13,10 @@ from typing import Callable, Optional
 import torch
 from open_clip.loss import ClipLoss
 
-from ..training import Checkpointer, autocast, config_hash, cosine_with_warmup, fit
+from ..device import autocast, device_of
+from ..training import Checkpointer, config_hash, cosine_with_warmup, fit
 from .data import train_loader
-from .model import ClipBundle, build, device_of
+from .model import ClipBundle, build
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

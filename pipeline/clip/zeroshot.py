@@ -11,7 +11,7 @@ import itertools
 
 import torch
 
-from ..data.corpus import COLORS, POSITION_PHRASES, POSITIONS, SHAPES, SIZES
+from ..data.scenes import COLORS, POSITION_PHRASES, POSITIONS, SHAPES, SIZES
 
 ATTRIBUTES = {"color": tuple(COLORS), "shape": SHAPES, "position": POSITIONS, "size": tuple(SIZES)}
 
@@ -67,7 +67,7 @@ def zero_shot(bundle, z_img: torch.Tensor, gts: list[dict], batch_size: int = 51
 
 
 def evaluate(bundle, split: dict, batch_size: int) -> dict:
-    """Figures for one in-memory split (see ``clip.data.load_split``)."""
+    """Figures for one in-memory split (see ``data.image_shards.load_image_split``)."""
     bundle.model.eval()
     z_img = embed_images(bundle, split["images"], batch_size)
     matched = [i for i, gt in enumerate(split["gt"]) if not (gt or {}).get("mismatched")]

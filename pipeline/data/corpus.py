@@ -25,209 +25,17 @@ from __future__ import annotations
 import io
 import json
 import math
-import re
 import shutil
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ..progress import progress, say
 from ..workspace import atomic_dir
-
-# ---- the grammar (CORPUS.md) ------------------------------------------------------------------
-BACKGROUNDS = {"white": (245, 245, 245), "gray": (128, 128, 128), "black": (20, 20, 20)}
-COLORS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
-    "purple": (140, 50, 170), "orange": (240, 140, 30), "cyan": (40, 200, 210), "pink": (240, 120, 180),
-}
-SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 0.12, "large": 0.22}            # half-width as a fraction of the canvas
-GRID = (0.2, 0.5, 0.8)
-POSITIONS = ("top left", "top", "top right", "left", "center", "right",
-             "bottom left", "bottom", "bottom right")   # row-major over GRID (y, then x)
-RELATIONS = ("left of", "right of", "above", "below")
-CENTER_JITTER, COLOR_JITTER, ROTATION_JITTER = 0.04, 12, 10.0
-FAULT_KINDS = ("http_404", "http_500", "timeout", "not_an_image", "truncated_jpeg", "too_large", "opted_out")
-
-# ---- captions: several paraphrases per scene ----------------------------------------------------
-SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
-POSITION_PHRASES = {   # (preposition phrase, alternative phrase, title)
-    "top left": ("in the top left", "at the upper left", "top-left corner"),
-    "top": ("at the top", "near the top edge", "top"),
-    "top right": ("in the top right", "at the upper right", "top-right corner"),
-    "left": ("on the left", "at the left side", "left side"),
-    "center": ("in the center", "in the middle", "center"),
-    "right": ("on the right", "at the right side", "right side"),
-    "bottom left": ("in the bottom left", "at the lower left", "bottom-left corner"),
-    "bottom": ("at the bottom", "near the bottom edge", "bottom"),
-    "bottom right": ("in the bottom right", "at the lower right", "bottom-right corner"),
-}
-RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
-SINGLE_TEMPLATES = (
-    "a {size} {color} {shape} {pos}",
-    "a photo of a {size} {color} {shape} {pos_alt} on a {bg} background",
-    "{pos_title}: a {size} {color} {shape}",
-    "there is a {size} {color} {shape} {pos}",
-    "{size} {color} {shape} {pos_alt}",
-)
-PAIR_TEMPLATES = (
-    "a {color0} {shape0} {rel} a {color1} {shape1}",
-    "a {size0} {color0} {shape0} {rel} a {size1} {color1} {shape1}",
-    "a photo of a {color0} {shape0} {rel} a {color1} {shape1} on a {bg} background",
-    "{color0} {shape0} {rel} {color1} {shape1}",
-)
-
-
-@dataclass
-class Obj:
-    color: str
-    shape: str
-    size: str
-    position: str           # nearest cell of the 3x3 grid
-    x: float                # centre, fraction of the canvas (0 = left)
-    y: float                # centre, fraction of the canvas (0 = top)
-    rotation: float         # degrees
-    rgb: tuple[int, int, int]
-
-
-@dataclass
-class Scene:
-    scene_id: int
-    background: str
-    objects: list[Obj]
-    relation: Optional[str] = None     # relation of objects[0] to objects[1]
-    split: str = "train"
-    extra: dict = field(default_factory=dict)
-
-    def ground_truth(self) -> dict:
-        return {"scene_id": self.scene_id, "background": self.background, "relation": self.relation,
-                "objects": [{k: v for k, v in asdict(o).items() if k != "rgb"} for o in self.objects]}
-
-
-def nearest_position(x: float, y: float) -> str:
-    col = int(np.argmin([abs(x - g) for g in GRID]))
-    row = int(np.argmin([abs(y - g) for g in GRID]))
-    return POSITIONS[3 * row + col]
-
-
-def _jitter_rgb(rng, rgb) -> tuple[int, int, int]:
-    return tuple(int(np.clip(c + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1), 0, 255)) for c in rgb)
-
-
-def _object(rng, color, x, y) -> Obj:
-    shape = str(rng.choice(SHAPES))
-    size = str(rng.choice(list(SIZES)))
-    return Obj(color=color, shape=shape, size=size, position=nearest_position(x, y), x=float(x), y=float(y),
-               rotation=float(rng.uniform(-ROTATION_JITTER, ROTATION_JITTER)), rgb=_jitter_rgb(rng, COLORS[color]))
-
-
-def sample_scene(seed: int, scene_id: int, two_object_fraction: float) -> Scene:
-    rng = np.random.default_rng([seed, scene_id])
-    background = str(rng.choice(list(BACKGROUNDS)))
-    if rng.random() >= two_object_fraction:
-        cell = int(rng.integers(9))
-        x, y = (GRID[cell % 3] + rng.uniform(-CENTER_JITTER, CENTER_JITTER),
-                GRID[cell // 3] + rng.uniform(-CENTER_JITTER, CENTER_JITTER))
-        obj = _object(rng, str(rng.choice(list(COLORS))), x, y)
-        obj.position = POSITIONS[cell]   # the named cell, not recomputed from the jittered centre
-        return Scene(scene_id, background, [obj])
-    c0, c1 = (str(c) for c in rng.choice(list(COLORS), size=2, replace=False))
-    relation = str(rng.choice(RELATIONS))
-    along = rng.uniform(0.4, 0.6)          # separation along the relation's axis
-    across = rng.uniform(-0.1, 0.1)        # misalignment across it
-    a = rng.uniform(0.2, 0.8 - along)      # the smaller coordinate along the axis
-    b = rng.uniform(0.25, 0.75)
-    lo, hi = (a, b), (a + along, b + across)   # (along, across) for the two objects
-    first, second = {"left of": (lo, hi), "right of": (hi, lo), "above": (lo, hi), "below": (hi, lo)}[relation]
-    if relation in ("left of", "right of"):
-        p0, p1 = first, second                      # (x, y)
-    else:
-        p0, p1 = first[::-1], second[::-1]          # along is y
-    return Scene(scene_id, background, [_object(rng, c0, *p0), _object(rng, c1, *p1)], relation)
-
-
-def scene_from_ground_truth(gt: dict, rng: Optional[np.random.Generator] = None) -> Scene:
-    """The scene a ground-truth dict (``Scene.ground_truth()``, as the pairs and shards store it)
-    describes, to draw again with ``render``.
-
-    Without ``rng``: the stored centres and rotations, each object in its color's base RGB (the
-    ground truth does not keep the jittered RGB, so this is not the corpus's image byte for
-    byte). With ``rng``: another draw of the same scene under the corpus's jitter, i.e. another
-    real image of the same caption: a one-object scene's centre anew within ``CENTER_JITTER`` of
-    its named grid cell, a two-object scene's centres within ``CENTER_JITTER`` of the stored ones
-    (the relation still holds), and every object's color (``COLOR_JITTER``) and rotation
-    (``ROTATION_JITTER``) drawn anew. Colors, shapes, sizes, positions, relation and background
-    are the ground truth's.
-    """
-    objects = []
-    single = len(gt["objects"]) == 1
-    for o in gt["objects"]:
-        x, y, rotation, rgb = float(o["x"]), float(o["y"]), float(o.get("rotation", 0.0)), COLORS[o["color"]]
-        if rng is not None:
-            if single:
-                cell = POSITIONS.index(o["position"])
-                x, y = GRID[cell % 3], GRID[cell // 3]
-            x = x + rng.uniform(-CENTER_JITTER, CENTER_JITTER)
-            y = y + rng.uniform(-CENTER_JITTER, CENTER_JITTER)
-            rotation = float(rng.uniform(-ROTATION_JITTER, ROTATION_JITTER))
-            rgb = _jitter_rgb(rng, rgb)
-        objects.append(Obj(color=o["color"], shape=o["shape"], size=o["size"], position=o["position"],
-                           x=float(x), y=float(y), rotation=rotation, rgb=tuple(rgb)))
-    return Scene(int(gt.get("scene_id", -1)), gt["background"], objects, gt.get("relation"))
-
-
-def caption(scene: Scene, rng) -> str:
-    return re.sub(r"\ba (?=[aeiou])", "an ", _caption(scene, rng))   # "an orange circle"
-
-
-def _caption(scene: Scene, rng) -> str:
-    bg = scene.background
-    if len(scene.objects) == 1:
-        o = scene.objects[0]
-        pos, pos_alt, title = POSITION_PHRASES[o.position]
-        template = SINGLE_TEMPLATES[int(rng.integers(len(SINGLE_TEMPLATES)))]
-        return template.format(size=rng.choice(SIZE_WORDS[o.size]), color=o.color, shape=o.shape, pos=pos,
-                               pos_alt=pos_alt, pos_title=title, bg=bg)
-    o0, o1 = scene.objects
-    template = PAIR_TEMPLATES[int(rng.integers(len(PAIR_TEMPLATES)))]
-    return template.format(color0=o0.color, shape0=o0.shape, size0=rng.choice(SIZE_WORDS[o0.size]),
-                           color1=o1.color, shape1=o1.shape, size1=rng.choice(SIZE_WORDS[o1.size]),
-                           rel=RELATION_PHRASES[scene.relation], bg=bg)
-
-
-# ---- rendering ----------------------------------------------------------------------------------
-def _polygon(shape: str, cx: float, cy: float, h: float, rotation: float) -> list[tuple[float, float]]:
-    """Vertices in pixels; ``h`` is the half-width. Triangles point up (apex at -90 deg)."""
-    if shape == "square":
-        angles, radius = (45, 135, 225, 315), h * math.sqrt(2)
-    else:  # triangle: circumradius chosen so the base half-width is h
-        angles, radius = (-90, 30, 150), h * 2 / math.sqrt(3)
-    return [(cx + radius * math.cos(math.radians(a + rotation)), cy + radius * math.sin(math.radians(a + rotation)))
-            for a in angles]
-
-
-def render(scene: Scene, image_size: int, render_scale: int) -> Image.Image:
-    big = image_size * render_scale
-    img = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
-    draw = ImageDraw.Draw(img)
-    for o in scene.objects:
-        cx, cy, h = o.x * big, o.y * big, SIZES[o.size] * big
-        if o.shape == "circle":
-            draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=o.rgb)
-        else:
-            draw.polygon(_polygon(o.shape, cx, cy, h, o.rotation), fill=o.rgb)
-    return img.resize((image_size, image_size), Image.BOX) if render_scale > 1 else img
-
-
-def encode_jpeg(img: Image.Image, quality: int) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+from .scenes import COLORS, FAULT_KINDS, Obj, Scene, caption, encode_jpeg, render, sample_scene
 
 
 def _render_chunk(args) -> int:
@@ -270,25 +78,37 @@ def _block_pairs(c, block: int, new: list[Scene], seen: list[Scene]) -> pd.DataF
     for s, ui in zip(new, u):
         s.split = "test" if ui < c.split.test else "val" if ui < c.split.test + c.split.val else "train"
 
+    rows = [*_scene_rows(c, new), *_extra_rows(c, block, prefix, new, seen)]
+    df = pd.DataFrame(rows)
+    # Interleave the extra URLs with the scenes, as a real URL list would be (deterministic).
+    order = _block_rng(c.seed, block, ORDER_DRAW).permutation(len(df))
+    return df.iloc[order].reset_index(drop=True)
+
+
+def pair_row(key, url, scene, text, *, mismatched=False, caption_scene=None, dup_of=None, dup_kind=None,
+             fault=None) -> dict:
+    """One row of the pairs table: a URL, its caption and the ground truth of what it shows."""
+    gt = scene.ground_truth() if scene is not None else None
+    if gt is not None:
+        gt.update(mismatched=mismatched, caption_scene_id=caption_scene)
+    objs = scene.objects if scene is not None else []
+    flat = {}
+    for i in range(2):
+        o = objs[i] if i < len(objs) else None
+        for attr in ("color", "shape", "size", "position"):
+            flat[f"{attr}{i}"] = getattr(o, attr) if o else None
+    return {"key": key, "url": url, "caption": text, "split": scene.split if scene else "train",
+            "scene_id": scene.scene_id if scene else -1, "n_objects": len(objs),
+            "background": scene.background if scene else None, **flat,
+            "relation": scene.relation if scene else None, "mismatched": mismatched,
+            "duplicate_of": dup_of, "duplicate_kind": dup_kind, "fault": fault,
+            "gt": json.dumps(gt) if gt else None}
+
+
+def _scene_rows(c, new: list[Scene]) -> list[dict]:
+    """A row per scene of the block, its caption drawn from the scene's own stream (a few borrow
+    another scene's caption: web-data noise)."""
     rows = []
-
-    def row(key, url, scene, text, *, mismatched=False, caption_scene=None, dup_of=None, dup_kind=None, fault=None):
-        gt = scene.ground_truth() if scene is not None else None
-        if gt is not None:
-            gt.update(mismatched=mismatched, caption_scene_id=caption_scene)
-        objs = scene.objects if scene is not None else []
-        flat = {}
-        for i in range(2):
-            o = objs[i] if i < len(objs) else None
-            for attr in ("color", "shape", "size", "position"):
-                flat[f"{attr}{i}"] = getattr(o, attr) if o else None
-        rows.append({"key": key, "url": url, "caption": text, "split": scene.split if scene else "train",
-                     "scene_id": scene.scene_id if scene else -1, "n_objects": len(objs),
-                     "background": scene.background if scene else None, **flat,
-                     "relation": scene.relation if scene else None, "mismatched": mismatched,
-                     "duplicate_of": dup_of, "duplicate_kind": dup_kind, "fault": fault,
-                     "gt": json.dumps(gt) if gt else None})
-
     by_split: dict[str, list[Scene]] = {}
     for s in new:
         by_split.setdefault(s.split, []).append(s)
@@ -300,9 +120,16 @@ def _block_pairs(c, block: int, new: list[Scene], seen: list[Scene]) -> pd.DataF
             other = by_split[s.split][int(r.integers(len(by_split[s.split])))]
             while other.scene_id == s.scene_id:
                 other = by_split[s.split][int(r.integers(len(by_split[s.split])))]
-            row(key, f"images/{key}.jpg", s, caption(other, r), mismatched=True, caption_scene=other.scene_id)
+            rows.append(pair_row(key, f"images/{key}.jpg", s, caption(other, r), mismatched=True,
+                                 caption_scene=other.scene_id))
         else:
-            row(key, f"images/{key}.jpg", s, caption(s, r), caption_scene=s.scene_id)
+            rows.append(pair_row(key, f"images/{key}.jpg", s, caption(s, r), caption_scene=s.scene_id))
+    return rows
+
+
+def _extra_rows(c, block: int, prefix: str, new: list[Scene], seen: list[Scene]) -> list[dict]:
+    """The block's exact and near re-posts (of any scene so far) and its fault URLs."""
+    rows = []
 
     def pick(n, draw):
         # Re-posts come from any scene so far, older blocks included: an incremental filter
@@ -316,16 +143,13 @@ def _block_pairs(c, block: int, new: list[Scene], seen: list[Scene]) -> pd.DataF
         return np.random.default_rng([c.seed, s.scene_id, k] if block == 0 else [c.seed, s.scene_id, k, block])
 
     n = len(new)
-    for j, i in enumerate(pick(round(n * c.duplicate_fraction), EXACT_DRAW)):
-        s = seen[int(i)]
-        key = f"{prefix}d{j:06d}"
-        row(key, f"images/{key}.jpg", s, caption(s, caption_rng(s, 2)), caption_scene=s.scene_id,
-            dup_of=f"{s.scene_id:07d}", dup_kind="exact")
-    for j, i in enumerate(pick(round(n * c.near_duplicate_fraction), NEAR_DRAW)):
-        s = seen[int(i)]
-        key = f"{prefix}n{j:06d}"
-        row(key, f"images/{key}.jpg", s, caption(s, caption_rng(s, 3)), caption_scene=s.scene_id,
-            dup_of=f"{s.scene_id:07d}", dup_kind="near")
+    for kind, letter, k, fraction, draw in (("exact", "d", 2, c.duplicate_fraction, EXACT_DRAW),
+                                             ("near", "n", 3, c.near_duplicate_fraction, NEAR_DRAW)):
+        for j, i in enumerate(pick(round(n * fraction), draw)):
+            s = seen[int(i)]
+            key = f"{prefix}{letter}{j:06d}"
+            rows.append(pair_row(key, f"images/{key}.jpg", s, caption(s, caption_rng(s, k)), caption_scene=s.scene_id,
+                                 dup_of=f"{s.scene_id:07d}", dup_kind=kind))
     n_faults = round(n * c.fault_fraction)
     r = _block_rng(c.seed, block, FAULT_DRAW)
     for j in range(n_faults):
@@ -334,12 +158,8 @@ def _block_pairs(c, block: int, new: list[Scene], seen: list[Scene]) -> pd.DataF
         # The fault server answers by <kind> alone (fault/<kind>/<anything>), so the last part
         # only has to be unique: "a1-0.jpg" for an added block.
         name = f"{j}" if block == 0 else f"{prefix}-{j}"
-        row(f"{prefix}f{j:06d}", f"fault/{kind}/{name}.jpg", None, caption(donor, r), fault=kind)
-
-    df = pd.DataFrame(rows)
-    # Interleave the extra URLs with the scenes, as a real URL list would be (deterministic).
-    order = _block_rng(c.seed, block, ORDER_DRAW).permutation(len(df))
-    return df.iloc[order].reset_index(drop=True)
+        rows.append(pair_row(f"{prefix}f{j:06d}", f"fault/{kind}/{name}.jpg", None, caption(donor, r), fault=kind))
+    return rows
 
 
 def build_blocks(cfg) -> tuple[list[Scene], list[pd.DataFrame]]:
@@ -388,6 +208,54 @@ def sample_grid(paths: list[Path], cols: int = 8) -> Image.Image:
     return grid
 
 
+def write_corpus(c, scenes: list[Scene], pairs: pd.DataFrame, near_keys: dict[str, list[str]], out: Path) -> None:
+    """Render every scene (and its near re-posts) into ``out/images``, copy the exact re-posts, and
+    write the fault bodies, ``pairs.parquet`` and the sample grid."""
+    img_dir = out / "images"
+    img_dir.mkdir()
+    items = [(f"{s.scene_id:07d}", s) for s in scenes]
+    chunk = 250
+    jobs = [(items[i:i + chunk], img_dir, c.image_size, c.render_scale, c.jpeg_quality,
+             {k: near_keys[k] for k, _ in items[i:i + chunk] if k in near_keys})
+            for i in range(0, len(items), chunk)]
+    bar = progress(total=len(items), desc="corpus: render", unit="img")
+    if c.workers > 1:
+        with ProcessPoolExecutor(c.workers) as pool:
+            for done in pool.map(_render_chunk, jobs):
+                bar.update(done)
+    else:
+        for job in jobs:
+            bar.update(_render_chunk(job))
+    bar.close()
+    exact = pairs[pairs.duplicate_kind == "exact"]
+    for k, src in zip(exact.key, exact.duplicate_of):   # a re-post: the very same bytes
+        shutil.copyfile(img_dir / f"{src}.jpg", img_dir / f"{k}.jpg")
+    write_fault_bodies(out / "faults", c.image_size)
+    pairs.to_parquet(out / "pairs.parquet", index=False)
+    first = [img_dir / f"{s.scene_id:07d}.jpg" for s in scenes[:64]]
+    sample_grid(first).save(out / "samples.png")
+
+
+def corpus_metrics(c, scenes: list[Scene], pairs: pd.DataFrame, blocks: list[pd.DataFrame]) -> dict:
+    real = pairs[pairs.fault.isna()]
+    metrics = {
+        "scenes": len(scenes),
+        "urls": len(pairs),
+        "pairs_by_split": {k: int(v) for k, v in real.split.value_counts().items()},
+        "single_object": int((real.n_objects == 1).sum()),
+        "two_object": int((real.n_objects == 2).sum()),
+        "mismatched_captions": int(real.mismatched.sum()),
+        "exact_duplicates": int((pairs.duplicate_kind == "exact").sum()),
+        "near_duplicates": int((pairs.duplicate_kind == "near").sum()),
+        "faults": {k: int(v) for k, v in pairs.fault.value_counts().items()},
+        "image_size": c.image_size,
+    }
+    if c.additions:   # only then, so the metrics of a corpus without additions stay as they were
+        metrics["additions"] = {"blocks": len(c.additions), "scenes": sum(c.additions),
+                                "urls": sum(len(b) for b in blocks[1:])}
+    return metrics
+
+
 def run(cfg, ws) -> dict:
     c = cfg.corpus
     if cfg.crawl.url_list is not None:
@@ -407,48 +275,10 @@ def run(cfg, ws) -> dict:
         near_keys.setdefault(src, []).append(k)
 
     with atomic_dir(ws.corpus) as out:
-        img_dir = out / "images"
-        img_dir.mkdir()
-        items = [(f"{s.scene_id:07d}", s) for s in scenes]
-        chunk = 250
-        jobs = [(items[i:i + chunk], img_dir, c.image_size, c.render_scale, c.jpeg_quality,
-                 {k: near_keys[k] for k, _ in items[i:i + chunk] if k in near_keys})
-                for i in range(0, len(items), chunk)]
-        bar = progress(total=len(items), desc="corpus: render", unit="img")
-        if c.workers > 1:
-            with ProcessPoolExecutor(c.workers) as pool:
-                for done in pool.map(_render_chunk, jobs):
-                    bar.update(done)
-        else:
-            for job in jobs:
-                bar.update(_render_chunk(job))
-        bar.close()
-        exact = pairs[pairs.duplicate_kind == "exact"]
-        for k, src in zip(exact.key, exact.duplicate_of):   # a re-post: the very same bytes
-            shutil.copyfile(img_dir / f"{src}.jpg", img_dir / f"{k}.jpg")
-        write_fault_bodies(out / "faults", c.image_size)
-        pairs.to_parquet(out / "pairs.parquet", index=False)
-        first = [img_dir / f"{s.scene_id:07d}.jpg" for s in scenes[:64]]
-        sample_grid(first).save(out / "samples.png")
-
+        write_corpus(c, scenes, pairs, near_keys, out)
     from ..tracking import log_artifact
     log_artifact(ws.corpus / "samples.png", "corpus")
-    real = pairs[pairs.fault.isna()]
-    metrics = {
-        "scenes": len(scenes),
-        "urls": len(pairs),
-        "pairs_by_split": {k: int(v) for k, v in real.split.value_counts().items()},
-        "single_object": int((real.n_objects == 1).sum()),
-        "two_object": int((real.n_objects == 2).sum()),
-        "mismatched_captions": int(real.mismatched.sum()),
-        "exact_duplicates": int((pairs.duplicate_kind == "exact").sum()),
-        "near_duplicates": int((pairs.duplicate_kind == "near").sum()),
-        "faults": {k: int(v) for k, v in pairs.fault.value_counts().items()},
-        "image_size": c.image_size,
-    }
-    if c.additions:   # only then, so the metrics of a corpus without additions stay as they were
-        metrics["additions"] = {"blocks": len(c.additions), "scenes": sum(c.additions),
-                                "urls": sum(len(b) for b in blocks[1:])}
+    metrics = corpus_metrics(c, scenes, pairs, blocks)
     say("corpus", f"{len(scenes)} scenes, {len(pairs)} URLs ({sum(metrics['faults'].values())} faults) "
                   f"-> {ws.corpus.relative_to(ws.root)}/ (pairs.parquet, images/, samples.png)")
     return metrics

@@ -23,7 +23,7 @@ Output (``data/raw/``)::
                           part, attempts (how many crawls have tried it)
     img2dataset/          img2dataset's own per-shard parquet and stats json, as it wrote them
                           (its shard numbering, before verification: the log is authoritative)
-    incremental.json      the parts crawled so far (pipeline/incremental.py)
+    incremental.json      the parts crawled so far (pipeline/data/incremental.py)
 
 Incremental: a rerun crawls only the URLs its log has not seen (a URL list that grew, a new file
 in a ``url_list`` folder, ``corpus.additions``) into part k's shards ``partNNN-00000.tar``...,
@@ -66,7 +66,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile, ImageOps
 
-from .. import cluster, incremental
+from .. import cluster
+from . import incremental
 from ..progress import progress, say
 from ..errors import StageError
 from ..tracking import redact_urls_in
@@ -516,7 +517,6 @@ def fault_metrics(log: pd.DataFrame, faults: pd.Series) -> dict:
 
 
 # ---- the stage ----------------------------------------------------------------------------------
-CODE = ("data/crawl.py", "data/fetch.py", "data/server.py", "data/shards.py")
 LOG = "crawl_log.parquet"
 
 
@@ -525,7 +525,7 @@ def crawl_recipe(cfg) -> str:
     knobs, timeouts and the list's location do not: the diff by URL covers a new list.)"""
     c = cfg.crawl
     return incremental.recipe({"shard_size": c.shard_size, "max_image_area": c.max_image_area,
-                               "min_image_size": c.min_image_size}, CODE)
+                               "min_image_size": c.min_image_size}, __name__)
 
 
 def previous_crawl(cfg, ws, rec: str) -> tuple[Optional[dict], Optional[pd.DataFrame], str]:
@@ -573,6 +573,40 @@ def crawl_part(cfg, ws, out: Path, urls: pd.DataFrame, faults: Optional[pd.Serie
     return log, written, {"download_s": round(t_download - t0, 2), "verify_s": round(t_verify - t_download, 2)}
 
 
+def part_metrics(todo: pd.DataFrame, log: pd.DataFrame, written, faults: Optional[pd.DataFrame]) -> dict:
+    """This part's figures, checked: every URL attempted is a success or a failure by reason, and
+    (on the corpus) no planted fault URL was crawled as an image."""
+    metrics = {"attempted": len(todo), "succeeded": len(written), "failed": len(todo) - len(written),
+               **failure_metrics(log)}
+    if faults is None:      # a user's list: its split column, else crawl.split's hash (read_url_list)
+        metrics["split_by_url"] = {k: int((todo["split"] == k).sum()) for k in SPLITS}
+    if metrics["attempted"] != metrics["succeeded"] + sum(metrics["failed_by_reason"].values()):
+        raise StageError(f"crawl counts do not reconcile: attempted {metrics['attempted']} != "
+                         f"succeeded {metrics['succeeded']} + failed {metrics['failed_by_reason']}")
+    if faults is not None:
+        metrics.update(fault_metrics(log, faults.loc[todo.index]))
+        if metrics["fault_urls_in_shards"]:
+            raise StageError(f"{metrics['fault_urls_in_shards']} fault URLs were crawled as images: "
+                             f"{metrics['faults_by_kind_vs_reason']}")
+    return metrics
+
+
+def to_crawl(cfg, urls: pd.DataFrame, faults, old_log: Optional[pd.DataFrame]):
+    """(the old log, the URLs to fetch now, how many old rows are reused, how many are retried).
+
+    A URL crawled before, or failed for good, is not fetched again: the diff is by URL, as a URL
+    list's identity for img2dataset (whose own incremental mode only resumes shards of one list).
+    A transient failure (retry_due) is fetched again, its log row replaced by the new attempt's."""
+    max_attempts = cfg.crawl.max_attempts if faults is None else 1    # the corpus's faults are planted
+    if old_log is not None and "attempts" not in old_log:
+        old_log = old_log.assign(attempts=1)                         # a log from before retries
+    retry = set() if old_log is None else retry_due(old_log, max_attempts)
+    todo = urls if old_log is None else urls[~urls["url"].isin(set(old_log["url"]) - retry)]
+    retried = len(retry & set(todo["url"]))
+    reused = 0 if old_log is None else len(old_log) - retried
+    return old_log, todo, reused, retried
+
+
 def run(cfg, ws) -> dict:
     """Crawl the URLs not crawled before (all of them the first time, or when the recipe changed)."""
     t0 = time.perf_counter()
@@ -580,17 +614,8 @@ def run(cfg, ws) -> dict:
     columns = [c for c in (INDEX, SOURCE_KEY, *KEPT_COLUMNS) if c in urls.columns]
     rec = crawl_recipe(cfg)
     state, old_log, why = previous_crawl(cfg, ws, rec)
-    # A URL crawled before, or failed for good, is not fetched again: the diff is by URL, as a URL
-    # list's identity for img2dataset (whose own incremental mode only resumes shards of one list).
-    # A transient failure (retry_due) is fetched again, its log row replaced by the new attempt's.
-    max_attempts = cfg.crawl.max_attempts if faults is None else 1    # the corpus's faults are planted
-    if old_log is not None and "attempts" not in old_log:
-        old_log = old_log.assign(attempts=1)                         # a log from before retries
-    retry = set() if old_log is None else retry_due(old_log, max_attempts)
-    todo = urls if old_log is None else urls[~urls["url"].isin(set(old_log["url"]) - retry)]
+    old_log, todo, reused, retried = to_crawl(cfg, urls, faults, old_log)
     part = incremental.next_part(state)
-    reused = 0 if old_log is None else len(old_log) - len(retry & set(todo["url"]))
-    retried = len(retry & set(todo["url"]))
     say("crawl", f"{len(todo) - retried} new URLs of {len(urls)}"
                  + (f", {retried} failed transiently before and tried again" if retried else "")
                  + (f"; {why}" if why else ""))
@@ -612,18 +637,7 @@ def run(cfg, ws) -> dict:
             log, written, times = crawl_part(cfg, ws, out, todo, faults, part, columns, spark=spark)
         earlier = {} if old_log is None else dict(zip(old_log["url"], old_log["attempts"]))
         log["attempts"] = [int(earlier.get(u, 0)) + 1 for u in log["url"]]
-        metrics = {"attempted": len(todo), "succeeded": len(written), "failed": len(todo) - len(written),
-                   **failure_metrics(log)}
-        if faults is None:      # a user's list: its split column, else crawl.split's hash (read_url_list)
-            metrics["split_by_url"] = {k: int((todo["split"] == k).sum()) for k in SPLITS}
-        if metrics["attempted"] != metrics["succeeded"] + sum(metrics["failed_by_reason"].values()):
-            raise StageError(f"crawl counts do not reconcile: attempted {metrics['attempted']} != "
-                             f"succeeded {metrics['succeeded']} + failed {metrics['failed_by_reason']}")
-        if faults is not None:
-            metrics.update(fault_metrics(log, faults.loc[todo.index]))
-            if metrics["fault_urls_in_shards"]:
-                raise StageError(f"{metrics['fault_urls_in_shards']} fault URLs were crawled as images: "
-                                 f"{metrics['faults_by_kind_vs_reason']}")
+        metrics = part_metrics(todo, log, written, faults)
         full_log = log if old_log is None else pd.concat([old_log[~old_log["url"].isin(set(log["url"]))], log],
                                                          ignore_index=True)
         if not (full_log.status == "success").any():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .rules import THUMB_GRID, check, phash64, pixel_sha256, thumbnail
 from .shards import iter_shard
 
 # Near-duplicate candidates are scored in batches of this many pairs (thumbnail gathers).
@@ -44,8 +45,6 @@ def fingerprint_shard(path, f) -> pd.DataFrame:
     (8, 8, 3) uint8 cell means). Fingerprints are None/0 for a sample that failed a rule, and
     pHash/thumbnail are left out (0, b"") when ``f.near_dedup`` is off. ``f``: the filter config.
     """
-    from .filter import check, phash64, pixel_sha256, thumbnail   # the rules live with the stage
-
     rows = []
     for sample in iter_shard(path):
         key, shard = sample["__key__"], sample["__shard__"]
@@ -62,7 +61,6 @@ def fingerprint_shard(path, f) -> pd.DataFrame:
 
 def thumbs_of(column) -> np.ndarray:
     """(N, 8, 8, 3) uint8 from a column of 192-byte thumbnails."""
-    from .filter import THUMB_GRID
     return np.frombuffer(b"".join(column), np.uint8).reshape(-1, THUMB_GRID, THUMB_GRID, 3)
 
 

@@ -16,7 +16,7 @@ surviving sample: a pixel hash, a pHash, an 8x8 color thumbnail):
    that is not square is made square first (``filter.square``: center crop, or pad with
    ``crawl.background``) and counted (``squared``), since every model downstream sees squares.
 
-Incremental (pipeline/incremental.py): a rerun on an addition scans only the new raw shards; its
+Incremental (pipeline/data/incremental.py): a rerun on an addition scans only the new raw shards; its
 samples are deduplicated against the earlier run's survivors (their pixel hashes, pHashes and
 thumbnails are kept in ``fingerprints.npz``), so the result equals a full filter of all shards.
 
@@ -35,7 +35,6 @@ largest cell difference drops 4 at 99% (those 4 differ by < 0.4 px and < 7 color
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
 import shutil
@@ -43,69 +42,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import imagehash
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .. import cluster, incremental
+from .. import cluster
+from . import incremental
 from ..progress import progress, say
 from ..errors import StageError
 from ..workspace import atomic_dir, dir_size, human_bytes
 from . import dedup
 from .shards import ShardError, ShardSink, iter_samples, shard_paths
 
-# Reasons in the order they are checked; a sample is counted under the first it fails.
-REASONS = ("unreadable", "too_small", "aspect_ratio", "caption_empty", "caption_too_short", "caption_too_long",
-           "exact_duplicate", "near_duplicate")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")   # the first present is the sample's image
-THUMB_GRID = 8        # thumbnail cells per side; 8x8 averages out re-encoding noise per cell
-
-
-# ---- per-sample rules and fingerprints ----------------------------------------------------------
-def check(sample: dict, f) -> tuple[Optional[str], Optional[Image.Image]]:
-    """The first per-sample rule ``sample`` fails (None if none) and its decoded RGB image.
-
-    ``f`` is the ``filter`` section of the config.
-    """
-    data = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
-    if data is None:
-        return "unreadable", None
-    try:
-        img = Image.open(io.BytesIO(data))
-        img = img.convert("RGB")          # forces a full decode: a truncated JPEG fails here
-        caption = sample.get("txt", b"").decode("utf-8")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        # OSError covers PIL's UnidentifiedImageError; UnicodeDecodeError is a ValueError.
-        return "unreadable", None
-    w, h = img.size
-    if min(w, h) < f.min_size:
-        return "too_small", img
-    if max(w, h) / min(w, h) > f.max_aspect_ratio:
-        return "aspect_ratio", img
-    words = len(caption.split())
-    if not words:
-        return "caption_empty", img
-    if words < f.min_caption_words:
-        return "caption_too_short", img
-    if words > f.max_caption_words:
-        return "caption_too_long", img
-    return None, img
-
-
-def pixel_sha256(img: Image.Image) -> bytes:
-    """Hash of the decoded pixels (and size): equal for byte-different encodings of one image."""
-    return hashlib.sha256(f"{img.width}x{img.height}:".encode() + img.tobytes()).digest()
-
-
-def phash64(img: Image.Image) -> int:
-    """imagehash's 64-bit pHash as an integer (bit 63 = first DCT coefficient)."""
-    return int(np.packbits(imagehash.phash(img).hash.ravel()).view(">u8")[0])
-
-
-def thumbnail(img: Image.Image) -> np.ndarray:
-    """(THUMB_GRID, THUMB_GRID, 3) uint8 cell means; BOX averages, so it hardly depends on input size."""
-    return np.asarray(img.resize((THUMB_GRID, THUMB_GRID), Image.BOX), dtype=np.uint8)
+from .rules import IMAGE_EXTS, REASONS, THUMB_GRID, check, phash64, pixel_sha256, thumbnail  # noqa: F401  (filter.check etc.)
 
 
 def make_square(img: Image.Image, policy: str, background: tuple[int, int, int]) -> Image.Image:
@@ -291,7 +240,6 @@ def write_output_shard(job: dict) -> int:
 
 
 # ---- incremental: the fingerprints an addition is deduplicated against --------------------------
-CODE = ("data/filter.py", "data/dedup.py", "data/shards.py")
 FINGERPRINTS = "fingerprints.npz"
 DROPPED = "dropped.parquet"
 
@@ -328,7 +276,7 @@ class Earlier:
 
 def filter_recipe(cfg) -> str:
     return incremental.recipe({"filter": cfg.filter.model_dump(mode="json"), "background": list(cfg.crawl.background)},
-                              CODE)
+                              __name__)
 
 
 def run(cfg, ws) -> dict:
@@ -367,52 +315,93 @@ def run(cfg, ws) -> dict:
 
 def finish(cfg, ws, s: Scan, earlier: Earlier, state, why, paths, inputs, part, rec, truth, spark) -> dict:
     """Near dedup over the scan's survivors, then pass 2 (write) and the figures."""
-    f = cfg.filter
+    kept = dedup_and_count(s, earlier, cfg.filter, part, spark)
+    squared = write_output(cfg, ws, paths, s.sizes, kept, state, {"recipe": rec, "inputs": inputs, "part": part},
+                           spark)
+    metrics = {"input": s.n, "kept": len(kept.index), "dropped_by_reason": kept.dropped,
+               "squared": {cfg.filter.square: squared}, "shards_in": len(paths),
+               "shards_out": len(shard_paths(ws.filtered)), "near_dedup": kept.near_stats, "totals": kept.totals,
+               "incremental": {"part": part, "new_raw_shards": len(paths), "why": why}}
+    if truth is not None:
+        seen = s.seen | set(earlier.keys.tolist()) | set(earlier.drops.key)
+        metrics["dedup_vs_truth"] = score_against_truth(kept.now.drops, truth, seen)
+    nonzero = ", ".join(f"{r} {n}" for r, n in kept.dropped.items() if n) or "none"
+    say("filter", f"kept {len(kept.index)} of {s.n} samples (dropped: {nonzero}) -> "
+                  f"{ws.filtered.relative_to(ws.root)}/ ({metrics['shards_out']} shards, "
+                  f"{human_bytes(dir_size(ws.filtered))}; {DROPPED} lists every drop)")
+    return metrics
 
-    index = np.asarray(s.index, np.int64)
+
+@dataclass
+class Kept:
+    """What this run keeps of the scanned samples, after near-duplicate removal."""
+    index: np.ndarray                # positions (in scan order) of the samples to write
+    not_square: set                  # of those and the others: positions of non-square images
+    dropped: dict[str, int]          # this run's drops by reason
+    near_stats: dict
+    now: Earlier                     # the earlier kept samples and these: what the next run dedups against
+    totals: dict                     # over every part
+
+
+def near_dedup(s: Scan, earlier: Earlier, f, spark) -> tuple[np.ndarray, dict]:
+    """Drop (in ``s``) the survivors that nearly duplicate an earlier kept sample or one before
+    them; returns which survivors stay (bool, scan order) and the search's figures."""
     n_old = len(earlier.keys)
-    new_phash, new_thumbs = s.phash, s.thumbs
+    # The earlier kept samples come first, as they came first in the data.
+    phash, thumbs = np.concatenate([earlier.phash, s.phash]), np.concatenate([earlier.thumbs, s.thumbs])
+    if spark is not None:
+        from . import dedup_spark
+        match, near_stats = dedup_spark.near_duplicates(spark, phash, thumbs, f.phash_max_distance,
+                                                        f.thumb_max_cell_rmse, first=n_old)
+    else:
+        match, near_stats = near_duplicates(phash, thumbs, f.phash_max_distance, f.thumb_max_cell_rmse,
+                                            first=n_old)
+    match = match[n_old:]
+    for a in np.flatnonzero(match >= 0):
+        b = match[a]
+        s.drop(*s.where[a], "near_duplicate", earlier.keys[b] if b < n_old else s.where[b - n_old][0])
+    return match < 0, near_stats
+
+
+def dedup_and_count(s: Scan, earlier: Earlier, f, part: int, spark) -> Kept:
+    """Near-duplicate removal of the scanned samples ``s`` against each other and the earlier
+    kept ones; checks that input = kept + dropped."""
+    index = np.asarray(s.index, np.int64)
     near_stats = {"band_candidates": 0, "phash_candidates": 0, "color_confirmed": 0, "color_rejected": 0}
     near_kept = np.ones(len(index), bool)
     if f.near_dedup and len(index):
-        # The earlier kept samples come first, as they came first in the data.
-        phash, thumbs = np.concatenate([earlier.phash, new_phash]), np.concatenate([earlier.thumbs, new_thumbs])
-        if spark is not None:
-            from . import dedup_spark
-            match, near_stats = dedup_spark.near_duplicates(spark, phash, thumbs, f.phash_max_distance,
-                                                            f.thumb_max_cell_rmse, first=n_old)
-        else:
-            match, near_stats = near_duplicates(phash, thumbs, f.phash_max_distance, f.thumb_max_cell_rmse,
-                                                first=n_old)
-        match = match[n_old:]
-        for a in np.flatnonzero(match >= 0):
-            b = match[a]
-            s.drop(*s.where[a], "near_duplicate", earlier.keys[b] if b < n_old else s.where[b - n_old][0])
-        near_kept = match < 0
+        near_kept, near_stats = near_dedup(s, earlier, f, spark)
         index = index[near_kept]
-
     drops = pd.DataFrame(s.drops, columns=["key", "shard", "reason", "duplicate_of"])
     dropped = {r: int((drops.reason == r).sum()) for r in REASONS}
     if s.n != len(index) + sum(dropped.values()):
         raise StageError(f"filter counts do not reconcile: input {s.n} != kept {len(index)} "
                          f"+ dropped {sum(dropped.values())}")
-
     all_drops = pd.concat([earlier.drops, drops], ignore_index=True) if len(earlier.drops) else drops
     kept_keys = np.array([k for (k, _), ok in zip(s.where, near_kept) if ok], object)
     now = Earlier({**earlier.pixels, **s.pixels}, np.concatenate([earlier.keys, kept_keys]),
-                  np.concatenate([earlier.phash, new_phash[near_kept]]) if f.near_dedup else earlier.phash,
-                  np.concatenate([earlier.thumbs, new_thumbs[near_kept]]) if f.near_dedup else earlier.thumbs,
+                  np.concatenate([earlier.phash, s.phash[near_kept]]) if f.near_dedup else earlier.phash,
+                  np.concatenate([earlier.thumbs, s.thumbs[near_kept]]) if f.near_dedup else earlier.thumbs,
                   all_drops, earlier.inputs + s.n)
     totals = {"input": now.inputs, "kept": len(now.keys),
               "dropped_by_reason": {r: int((all_drops.reason == r).sum()) for r in REASONS}, "parts": part + 1}
+    return Kept(index, s.not_square, dropped, near_stats, now, totals)
+
+
+def write_output(cfg, ws, paths: list[Path], sizes: list[int], kept: Kept, state: Optional[dict], run: dict,
+                 spark) -> int:
+    """Replace data/filtered atomically: the earlier parts' shards linked, this part's kept samples
+    written (a Spark task per output shard with a session, the same bytes), the drops,
+    fingerprints and incremental state beside them; returns how many written images were made square."""
+    f, part, index = cfg.filter, run["part"], kept.index
     prefix = incremental.part_prefix(part)
     try:
         with atomic_dir(ws.filtered) as out:
             if state is not None:
                 incremental.link_outputs(state, ws.filtered, out)
-            squared = s.not_square & set(index.tolist())
+            squared = kept.not_square & set(index.tolist())
             if spark is not None:          # a task per output shard; the same bytes as write_kept
-                jobs = output_jobs(paths, s.sizes, index, f.shard_size, prefix, frozenset(squared), f.square,
+                jobs = output_jobs(paths, sizes, index, f.shard_size, prefix, frozenset(squared), f.square,
                                    cfg.crawl.background)
                 written = sum(cluster.map_items(spark, write_output_shard,
                                                 [j | {"out": str(out)} for j in jobs], unit="shard"))
@@ -420,28 +409,14 @@ def finish(cfg, ws, s: Scan, earlier: Earlier, state, why, paths, inputs, part, 
                 written = write_kept(paths, index, out, f.shard_size, prefix, frozenset(squared), f.square,
                                      tuple(cfg.crawl.background))
             if written != len(index):
-                raise StageError(f"raw shards changed while filtering: wrote {written}, "
-                                 f"expected {len(index)}")
-            all_drops.to_parquet(out / DROPPED, index=False)
-            now.save(out)
-            outputs = incremental.part_outputs(out, part)
+                raise StageError(f"raw shards changed while filtering: wrote {written}, expected {len(index)}")
+            kept.now.drops.to_parquet(out / DROPPED, index=False)
+            kept.now.save(out)
             incremental.write_state(out, {
-                "recipe": rec, "inputs": inputs, "totals": totals,
+                "recipe": run["recipe"], "inputs": run["inputs"], "totals": kept.totals,
                 "parts": [*(state["parts"] if state else []),
                           {"part": part, "raw_shards": [p.name for p in paths], "kept": len(index),
-                           "outputs": outputs}]})
+                           "outputs": incremental.part_outputs(out, part)}]})
     except ShardError as err:
         raise StageError(str(err)) from err
-
-    metrics = {"input": s.n, "kept": len(index), "dropped_by_reason": dropped, "squared": {f.square: len(squared)},
-               "shards_in": len(paths),
-               "shards_out": len(shard_paths(ws.filtered)), "near_dedup": near_stats, "totals": totals,
-               "incremental": {"part": part, "new_raw_shards": len(paths), "why": why}}
-    if truth is not None:
-        seen = s.seen | set(earlier.keys.tolist()) | set(earlier.drops.key)
-        metrics["dedup_vs_truth"] = score_against_truth(all_drops, truth, seen)
-    nonzero = ", ".join(f"{r} {n}" for r, n in dropped.items() if n) or "none"
-    say("filter", f"kept {len(index)} of {s.n} samples (dropped: {nonzero}) -> "
-                  f"{ws.filtered.relative_to(ws.root)}/ ({metrics['shards_out']} shards, "
-                  f"{human_bytes(dir_size(ws.filtered))}; {DROPPED} lists every drop)")
-    return metrics
+    return len(squared)

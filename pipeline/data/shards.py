@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import orjson
 
@@ -75,13 +75,7 @@ def tar_members(path: Path) -> Iterator[tuple[str, bytes]]:
             if data[pos + 512:pos + 1024] != ZERO_BLOCK:
                 raise bad(f"truncated: one end-of-archive block of two at byte {pos}")
             return
-        try:
-            stored = int(header[148:156].rstrip(b" \0") or b"0", 8)
-            size = int(header[124:136].rstrip(b" \0") or b"0", 8)
-        except ValueError:
-            raise bad(f"not a tar header at byte {pos}") from None
-        if not checksum_ok(header, stored):
-            raise bad(f"header checksum mismatch at byte {pos}")
+        size = member_size(header, pos, bad)
         body_start = pos + 512
         pos = body_start + size + (-size % 512)
         if body_start + size > end:
@@ -109,6 +103,19 @@ def tar_members(path: Path) -> Iterator[tuple[str, bytes]]:
             raise bad(f"member name at byte {body_start - 512} is not UTF-8 ({err.reason})") from None
         long_name = None
         yield name, body
+
+
+def member_size(header: bytes, pos: int, bad: Callable[[str], ShardError]) -> int:
+    """The body size of the tar member whose header (at byte ``pos``) is ``header``, after its
+    checksum is verified; ``bad(why)`` makes the error."""
+    try:
+        stored = int(header[148:156].rstrip(b" \0") or b"0", 8)
+        size = int(header[124:136].rstrip(b" \0") or b"0", 8)
+    except ValueError:
+        raise bad(f"not a tar header at byte {pos}") from None
+    if not checksum_ok(header, stored):
+        raise bad(f"header checksum mismatch at byte {pos}")
+    return size
 
 
 def checksum_ok(header: bytes, stored: int) -> bool:

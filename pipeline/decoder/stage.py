@@ -16,11 +16,12 @@ from .. import bundle, retrain, tracking
 from ..clip import model as clip_model
 from ..data.shards import shard_paths
 from ..diffusion import noise_schedule
-from ..embeddings import load_split, train_batches
+from ..data.embedding_shards import load_split, train_batches
 from ..images import grid, resize, save_png, to_model, to_uint8
 from ..progress import say
 from ..errors import StageError
-from ..training import autocast, clear_checkpoints, train_diffusion_model
+from ..device import autocast
+from ..training import clear_checkpoints, train_diffusion_model
 from ..workspace import atomic_dir
 from . import diffusion
 from .network import UnclipDecoder

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from .labels import accuracy, check, parse_caption, readable
-from .stage import Judge
+from .model import Judge
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ..data.corpus import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
+from ..data.scenes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
 
 COLOR_NAMES, SIZE_NAMES, BACKGROUND_NAMES = tuple(COLORS), tuple(SIZES), tuple(BACKGROUNDS)
 AXES = ("horizontal", "vertical")
@@ -130,7 +130,7 @@ def accuracy(preds: list[dict[str, int]], gts: list) -> dict:
 
 # ---- captions in the corpus's grammar -> ground truth (for `unclip judge --caption`) -------------
 _SIZE_WORDS = {"small": "small", "little": "small", "tiny": "small", "large": "large", "big": "large"}
-_POSITION_WORDS = {   # the corpus's phrases (data.corpus.POSITION_PHRASES), longest first when matched
+_POSITION_WORDS = {   # the corpus's phrases (data.scenes.POSITION_PHRASES), longest first when matched
     "top left": "top left", "top-left": "top left", "upper left": "top left",
     "top right": "top right", "top-right": "top right", "upper right": "top right",
     "bottom left": "bottom left", "bottom-left": "bottom left", "lower left": "bottom left",

@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import bundle, retrain, tracking, truth
-from ..clip.data import load_split
+from ..data.image_shards import load_image_split
 from ..data.shards import shard_paths
 from ..images import resize, to_model, to_uint8
 from ..progress import say
 from ..errors import StageError
-from ..training import Checkpointer, autocast, clear_checkpoints, config_hash, cosine_with_warmup, fit
+from ..device import autocast
+from ..training import Checkpointer, clear_checkpoints, config_hash, cosine_with_warmup, fit
 from ..workspace import atomic_dir
 from .labels import HEADS, IGNORE, VOCAB, accuracy, parse_gt, target_tensor
 from .model import Judge
@@ -35,7 +36,7 @@ from .network import JudgeNet
 DEGRADE_SIZES = (16, 24, 32, 48)
 
 
-def degrade(x: torch.Tensor, gen: torch.Generator, p: float) -> torch.Tensor:
+def like_generated(x: torch.Tensor, gen: torch.Generator, p: float) -> torch.Tensor:
     """With probability ``p`` per batch, what generated images do to a clean rendering: a
     bicubic round trip through a random lower resolution (blur), a small color cast over the
     whole image (per image and channel, up to +-0.08 of the [-1, 1] range) and Gaussian noise of
@@ -56,7 +57,7 @@ def batches(images: torch.Tensor, targets: torch.Tensor, batch_size: int, seed: 
     gen = torch.Generator().manual_seed(seed)
     while True:
         idx = torch.randint(len(images), (batch_size,), generator=gen)
-        yield degrade(to_model(images[idx]), gen, p_degrade), targets[idx]
+        yield like_generated(to_model(images[idx]), gen, p_degrade), targets[idx]
 
 
 def loss_fn(net, batch, precision: str):
@@ -89,28 +90,15 @@ def attribute_accuracy(heads: dict) -> dict:
             "position": heads["position"], "relation_axis": heads["axis"]}
 
 
-def run(cfg, ws) -> dict:
+def train(cfg, ws, paths: list, size: int) -> tuple[JudgeNet, dict, dict]:
+    """Train the judge on the real train images with ground truth; returns the net, its
+    constructor arguments and the training summary."""
     j = cfg.judge
-    paths = shard_paths(ws.filtered)
-    if not paths:
-        raise StageError(f"no shards in {ws.filtered}: run the filter stage first")
-    if not truth.has_ground_truth(paths):
-        # A URL list: nothing to train the judge on, and nothing it could check. Evaluate reads the skip.
-        with atomic_dir(ws.judge) as out:
-            figures = truth.write_skipped(out, "judge", truth.NO_TRUTH)
-        say("judge", f"skipped: {truth.NO_TRUTH}")
-        return figures
-    kept, why = retrain.keep_frozen(cfg, ws, "judge", cfg.retrain.judge, ws.judge, ws.filtered, "judge")
-    if kept is not None:
-        say("judge", f"kept as it is: {why}")
-        return kept
-    say("judge", f"training: {why}")
-    size = cfg.corpus.image_size
-    train = load_split(paths, "train", size)
-    keep = [i for i, g in enumerate(train["gt"]) if parse_gt(g)]
+    split = load_image_split(paths, "train", size)
+    keep = [i for i, g in enumerate(split["gt"]) if parse_gt(g)]
     if not keep:
         raise StageError("the judge needs ground truth (the embedded corpus's json); these shards have none")
-    images, targets = train["images"][keep], target_tensor([train["gt"][i] for i in keep])
+    images, targets = split["images"][keep], target_tensor([split["gt"][i] for i in keep])
     say("judge", f"training on {len(keep)} real train images at {size} px")
     torch.manual_seed(j.seed)
     arch = {"image_size": size, "channels": list(j.channels), "feature_dim": j.feature_dim}
@@ -126,10 +114,13 @@ def run(cfg, ws) -> dict:
                   grad_clip=j.grad_clip, desc="judge: train", precision=j.precision,
                   precision_cache=ws.checkpoints / "precision.json",
                   on_log=lambda s, f: tracking.log_metrics({"train_loss": f["loss"]}, step=s))
-    net.eval()
-    judge = Judge(net, {"arch": arch}, torch.device("cpu"))
+    return net, arch, summary
 
-    test = load_split(paths, "test", size)
+
+def accuracy_on_test(judge: Judge, paths: list, size: int) -> dict:
+    """The judge's accuracy on the real test images, per attribute, per head, per caption check,
+    and after a round trip through 16 px."""
+    test = load_image_split(paths, "test", size)
     rows = [i for i, g in enumerate(test["gt"]) if parse_gt(g)]
     if not rows:
         raise StageError("the test split of the filtered shards is empty")
@@ -140,10 +131,31 @@ def run(cfg, ws) -> dict:
     # how much of each attribute a low-resolution rendering can still show
     blurred = to_uint8(resize(resize(to_model(test["images"][rows]), 16), size))
     preds_16, _ = judge.predict(blurred)
-    figures = {"train": summary, "n_test": len(rows), "test_accuracy": attribute_accuracy(heads),
-               "test_head_accuracy": heads, "test_caption_checks": accuracy(preds, gts),
-               "test_accuracy_via_16px": attribute_accuracy(head_accuracy(preds_16, target_tensor(gts))),
-               "vocab": {h: list(VOCAB[h]) for h in HEADS}}
+    return {"n_test": len(rows), "test_accuracy": attribute_accuracy(heads),
+            "test_head_accuracy": heads, "test_caption_checks": accuracy(preds, gts),
+            "test_accuracy_via_16px": attribute_accuracy(head_accuracy(preds_16, target_tensor(gts))),
+            "vocab": {h: list(VOCAB[h]) for h in HEADS}}
+
+
+def run(cfg, ws) -> dict:
+    paths = shard_paths(ws.filtered)
+    if not paths:
+        raise StageError(f"no shards in {ws.filtered}: run the filter stage first")
+    if not truth.has_ground_truth(paths):
+        # A URL list: nothing to train the judge on, and nothing it could check. Evaluate reads the skip.
+        with atomic_dir(ws.judge) as out:
+            figures = truth.write_skipped(out, "judge", truth.NO_TRUTH)
+        say("judge", f"skipped: {truth.NO_TRUTH}")
+        return figures
+    kept, why = retrain.keep_frozen(cfg, ws, "judge", cfg.retrain.judge, ws.judge, ws.filtered, "judge")
+    if kept is not None:
+        say("judge", f"kept as it is: {why}")
+        return kept
+    say("judge", f"training: {why}")
+    size = cfg.corpus.image_size
+    net, arch, summary = train(cfg, ws, paths, size)
+    net.eval()
+    figures = {"train": summary, **accuracy_on_test(Judge(net, {"arch": arch}, torch.device("cpu")), paths, size)}
     with atomic_dir(ws.judge) as out:
         bundle.save_model(out, net, kind="judge", arch=arch, run_config=bundle.run_config(cfg),
                           info={"test_accuracy": figures["test_accuracy"]})

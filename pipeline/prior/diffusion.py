@@ -21,10 +21,6 @@ from ..diffusion import Denoiser, make_sampler, sample_loop
 PREDICTION = "sample"          # the prior predicts x0 (DALL-E 2, section 2.2)
 
 
-def noise_scheduler():
-    return diffusion.noise_schedule(PREDICTION)
-
-
 def drop_condition(z_t: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor):
     """Zero the text condition where ``drop`` [B] is True (the 'unconditional' input)."""
     keep = (~drop).to(z_t.dtype)

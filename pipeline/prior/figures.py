@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..training import autocast
+from ..device import autocast
 from . import kinds
 
 

@@ -9,10 +9,12 @@ import torch
 
 from .. import bundle, retrain, tracking
 from ..data.shards import shard_paths
-from ..embeddings import load_split, train_batches
+from ..diffusion import noise_schedule
+from ..data.embedding_shards import load_split, train_batches
 from ..progress import say
 from ..errors import StageError
-from ..training import autocast, clear_checkpoints, train_diffusion_model
+from ..device import autocast
+from ..training import clear_checkpoints, train_diffusion_model
 from ..workspace import atomic_dir
 from . import diffusion, kinds
 from .figures import evaluate
@@ -64,7 +66,7 @@ def train(cfg, ws, out_dir, checkpoint_dir) -> dict:
     model = kinds.build(**arch)
     t0 = time.perf_counter()
     codebook = fit_codebook(model, paths, val) if kinds.is_autoregressive(model) else None
-    schedule = diffusion.noise_scheduler()
+    schedule = noise_schedule(diffusion.PREDICTION)
 
     def make_batches(rank, world):
         return train_batches(paths, p.batch_size, seed=p.seed, rank=rank, world=world)

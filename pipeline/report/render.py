@@ -156,49 +156,24 @@ def report_html(run_dir: Path) -> str:
     m = run["metrics"]
     ev = m.get("evaluate", {})
     mf = flatten(m)                  # every cell reads this one flattening
-    out = [f"<h1>unCLIP evaluation report: {esc(run['run'])}</h1>",
-           f'<p class="sub">profile <b>{esc(run["identity"]["profile"])}</b>, '
-           f'git {esc(run["identity"]["git_revision"][:10])}, {esc(run["created_utc"])} UTC</p>',
-           "<h2>Identity</h2>", table(["", ""], identity_rows(run)),
-           "<details><summary>dvc.lock hashes of data and models</summary>",
-           table(["stage", "path", "md5"], lock_rows(run)), "</details>"]
+    out = [*identity_section(run), *quality_section(ev, mf), *standard_sections(ev, mf),
+           *curves_section(run), *samples_section(run, ev, run_dir), *worst_section(run, run_dir),
+           *every_figure_section(run, m, ev, mf)]
+    return page(f"unCLIP report {run['run']}", "\n".join(out))
 
-    # quality, the ablation, the bars (judged: data with ground truth); else what was not measured
-    abl = ev.get("ablation", {})
-    if ev.get("ground_truth") is False:
-        nm = ev.get("not_measured", {})
-        out += ["<h2>Quality: not judged</h2>",
-                f'<p class="note" data-key="evaluate.ground_truth"><b>No ground truth.</b> {esc(nm.get("why", ""))}. '
-                "The judge was not trained and these figures were not measured (none is shown as a zero): "
-                + ", ".join(f"<code>{esc(k)}</code>" for k in nm.get("figures", []))
-                + ". The figures below are those that need no ground truth: FID/KID (or FD-CLIP/KD-CLIP), "
-                "the CLIP score and the prior's cosines.</p>"]
-        if abl:
-            std_name = (ev.get("standard") or {}).get("metric", "FID")
-            labels = ((std_name, "standard.fid"), ("KID" if std_name == "FID" else "KD-CLIP", "standard.kid_mean"),
-                      ("CLIP score (100·mean cos)", "clip_score"), ("network evaluations per image", "nfe_per_image"),
-                      ("seconds per image", "seconds_per_image"))
-            rows = [f"<tr><th>{esc(label)}</th>" + "".join(cell(mf, f"evaluate.ablation.{v}.{k}") for v in abl)
-                    + "</tr>" for label, k in labels]
-            out += ["<h3>Ablation (DALL·E 2 §5.1) in these figures</h3>",
-                    f'<p class="sub">{esc(ev.get("n_captions"))} held-out test captions, one image each, seed '
-                    f"{esc(ev.get('seed'))}. unclip = prior → decoder; text_embedding = decoder fed z_t; "
-                    "caption_only = no image embedding.</p>", table(["", *abl], rows, "ablation")]
-    elif abl:
-        head = ["judged on the final images", *abl]
-        rows = [f"<tr><th>{esc(label)}</th>" + "".join(cell(mf, f"evaluate.ablation.{v}.{k}") for v in abl) + "</tr>"
-                for label, k in QUALITY_ROWS]
-        rows.append("<tr><th>network evaluations per image</th>"
-                    + "".join(cell(mf, f"evaluate.ablation.{v}.nfe_per_image") for v in abl) + "</tr>")
-        n = ev.get("quality", {})
-        out += ["<h2>Quality (the judge, against each caption's truth)</h2>",
-                f'<p class="sub">{esc(n.get("single", {}).get("n"))} one-object and {esc(n.get("pair", {}).get("n"))} '
-                f"two-object held-out test captions, one image each, seed {esc(ev.get('seed'))}; "
-                f"percent right. The real-versus-real Fréchet floor: "
-                f"<b data-key=\"evaluate.frechet_floor_real_vs_real\">{esc(fmt(ev.get('frechet_floor_real_vs_real')))}</b>. "
-                "Ablation (DALL·E 2 §5.1): unclip = prior → decoder; text_embedding = decoder fed z_t; "
-                "caption_only = no image embedding.</p>",
-                table(head, rows, "quality")]
+
+def identity_section(run: dict) -> list[str]:
+    return [f"<h1>unCLIP evaluation report: {esc(run['run'])}</h1>",
+            f'<p class="sub">profile <b>{esc(run["identity"]["profile"])}</b>, '
+            f'git {esc(run["identity"]["git_revision"][:10])}, {esc(run["created_utc"])} UTC</p>',
+            "<h2>Identity</h2>", table(["", ""], identity_rows(run)),
+            "<details><summary>dvc.lock hashes of data and models</summary>",
+            table(["stage", "path", "md5"], lock_rows(run)), "</details>"]
+
+
+def quality_section(ev: dict, mf: dict) -> list[str]:
+    """Quality, the ablation, the bars (judged: data with ground truth); else what was not measured."""
+    out = not_judged_section(ev, mf) if ev.get("ground_truth") is False else judged_section(ev, mf)
     if ev.get("bars"):
         rows = [f"<tr><td>{esc(name)}</td>{cell(mf, f'evaluate.bars.{name}.value')}{cell(mf, f'evaluate.bars.{name}.bar')}"
                 f'<td class="{"ok" if b["ok"] else "missed"}">{"reached" if b["ok"] else "missed"}</td></tr>'
@@ -209,8 +184,54 @@ def report_html(run_dir: Path) -> str:
         rows = [f"<tr><th>{esc(label)}</th>" + "".join(cell(mf, f"evaluate.quality_by_stage.{s}.{k}") for s in stages)
                 + "</tr>" for label, k in QUALITY_ROWS + STAGE_BACKGROUND_ROWS]
         out += ["<h3>After every stage of the cascade</h3>", table(["", *stages], rows)]
+    return out
 
-    # standard metrics
+
+def not_judged_section(ev: dict, mf: dict) -> list[str]:
+    abl, nm = ev.get("ablation", {}), ev.get("not_measured", {})
+    out = ["<h2>Quality: not judged</h2>",
+           f'<p class="note" data-key="evaluate.ground_truth"><b>No ground truth.</b> {esc(nm.get("why", ""))}. '
+           "The judge was not trained and these figures were not measured (none is shown as a zero): "
+           + ", ".join(f"<code>{esc(k)}</code>" for k in nm.get("figures", []))
+           + ". The figures below are those that need no ground truth: FID/KID (or FD-CLIP/KD-CLIP), "
+           "the CLIP score and the prior's cosines.</p>"]
+    if abl:
+        std_name = (ev.get("standard") or {}).get("metric", "FID")
+        labels = ((std_name, "standard.fid"), ("KID" if std_name == "FID" else "KD-CLIP", "standard.kid_mean"),
+                  ("CLIP score (100·mean cos)", "clip_score"), ("network evaluations per image", "nfe_per_image"),
+                  ("seconds per image", "seconds_per_image"))
+        rows = [f"<tr><th>{esc(label)}</th>" + "".join(cell(mf, f"evaluate.ablation.{v}.{k}") for v in abl)
+                + "</tr>" for label, k in labels]
+        out += ["<h3>Ablation (DALL·E 2 §5.1) in these figures</h3>",
+                f'<p class="sub">{esc(ev.get("n_captions"))} held-out test captions, one image each, seed '
+                f"{esc(ev.get('seed'))}. unclip = prior → decoder; text_embedding = decoder fed z_t; "
+                "caption_only = no image embedding.</p>", table(["", *abl], rows, "ablation")]
+    return out
+
+
+def judged_section(ev: dict, mf: dict) -> list[str]:
+    abl = ev.get("ablation", {})
+    if not abl:
+        return []
+    head = ["judged on the final images", *abl]
+    rows = [f"<tr><th>{esc(label)}</th>" + "".join(cell(mf, f"evaluate.ablation.{v}.{k}") for v in abl) + "</tr>"
+            for label, k in QUALITY_ROWS]
+    rows.append("<tr><th>network evaluations per image</th>"
+                + "".join(cell(mf, f"evaluate.ablation.{v}.nfe_per_image") for v in abl) + "</tr>")
+    n = ev.get("quality", {})
+    return ["<h2>Quality (the judge, against each caption's truth)</h2>",
+            f'<p class="sub">{esc(n.get("single", {}).get("n"))} one-object and {esc(n.get("pair", {}).get("n"))} '
+            f"two-object held-out test captions, one image each, seed {esc(ev.get('seed'))}; "
+            f"percent right. The real-versus-real Fréchet floor: "
+            f"<b data-key=\"evaluate.frechet_floor_real_vs_real\">{esc(fmt(ev.get('frechet_floor_real_vs_real')))}</b>. "
+            "Ablation (DALL·E 2 §5.1): unclip = prior → decoder; text_embedding = decoder fed z_t; "
+            "caption_only = no image embedding.</p>",
+            table(head, rows, "quality")]
+
+
+def standard_sections(ev: dict, mf: dict) -> list[str]:
+    """FID/KID (or FD-CLIP/KD-CLIP), the CLIP score in both conventions, the prior's cosines."""
+    out = []
     std = ev.get("standard")
     if std:
         keys = ("fid", "fid_floor_real_vs_real", "kid_mean", "kid_std", "n_generated", "n_real", "kid_subsets",
@@ -232,40 +253,49 @@ def report_html(run_dir: Path) -> str:
     if prior:
         rows = [f"<tr><th>{esc(k)}</th>{cell(mf, f'evaluate.prior.{k}')}</tr>" for k in prior]
         out += ["<h3>Prior cosines on these captions</h3>", table(["figure", "value"], rows)]
+    return out
 
+
+def curves_section(run: dict) -> list[str]:
     png = curves_png(run.get("curves", {}))
-    out.append("<h2>Training curves</h2>")
-    out.append(f'<img alt="training curves" src="{data_uri(png)}">' if png else
-               "<p class=\"note\">No training curves: the MLflow store had no train_loss history.</p>")
+    return ["<h2>Training curves</h2>",
+            f'<img alt="training curves" src="{data_uri(png)}">' if png else
+            "<p class=\"note\">No training curves: the MLflow store had no train_loss history.</p>"]
 
-    out.append("<h2>Samples: fixed prompts and seeds, every stage of the cascade</h2>")
+
+def samples_section(run: dict, ev: dict, run_dir: Path) -> list[str]:
     params_ev = run["params"].get("evaluate") or {}
     prompts = ev.get("prompts") or params_ev.get("prompts") or params_ev.get("grid_prompts", [])   # older snapshots
-    out.append("<p class=\"sub\">Rows: " + "; ".join(f"{i + 1}. {esc(p)}" for i, p in enumerate(prompts))
-               + f" (seeds 0..{esc((run['params'].get('evaluate') or {}).get('grid_seeds', 1) - 1)} across).</p>")
-    out += [f"<figure>{img_tag(p, label)}<figcaption>{esc(label)}</figcaption></figure>"
-            for label, p in grid_images(run_dir)]
+    return ["<h2>Samples: fixed prompts and seeds, every stage of the cascade</h2>",
+            "<p class=\"sub\">Rows: " + "; ".join(f"{i + 1}. {esc(p)}" for i, p in enumerate(prompts))
+            + f" (seeds 0..{esc((run['params'].get('evaluate') or {}).get('grid_seeds', 1) - 1)} across).</p>",
+            *(f"<figure>{img_tag(p, label)}<figcaption>{esc(label)}</figcaption></figure>"
+              for label, p in grid_images(run_dir))]
 
-    if run.get("worst"):
-        wpng = run_dir / "images" / "worst.png"
-        out += ["<h2>Worst-judged samples</h2>",
-                '<p class="sub">Real test image (odd rows) above the generated one (even rows), in the order below.</p>']
-        if wpng.exists():
-            out.append(f"<figure>{img_tag(wpng, 'worst-judged samples')}</figure>")
-        rows = [f"<tr><td class=\"num\">{k + 1}</td><td>{esc(w['caption'])}</td><td class=\"num\">{esc(w['passed'])}</td>"
-                f"<td>{esc(', '.join(w['failed']))}</td><td><code>{esc(json.dumps(w['judge_saw']))}</code></td></tr>"
-                for k, w in enumerate(run["worst"])]
-        out.append(table(["#", "caption", "checks passed", "failed", "the judge saw"], rows))
 
+def worst_section(run: dict, run_dir: Path) -> list[str]:
+    if not run.get("worst"):
+        return []
+    wpng = run_dir / "images" / "worst.png"
+    out = ["<h2>Worst-judged samples</h2>",
+           '<p class="sub">Real test image (odd rows) above the generated one (even rows), in the order below.</p>']
+    if wpng.exists():
+        out.append(f"<figure>{img_tag(wpng, 'worst-judged samples')}</figure>")
+    rows = [f"<tr><td class=\"num\">{k + 1}</td><td>{esc(w['caption'])}</td><td class=\"num\">{esc(w['passed'])}</td>"
+            f"<td>{esc(', '.join(w['failed']))}</td><td><code>{esc(json.dumps(w['judge_saw']))}</code></td></tr>"
+            for k, w in enumerate(run["worst"])]
+    return out + [table(["#", "caption", "checks passed", "failed", "the judge saw"], rows)]
+
+
+def every_figure_section(run: dict, m: dict, ev: dict, mf: dict) -> list[str]:
     flat = {k: v for k, v in flatten(ev).items() if isinstance(v, (int, float, bool, str)) or v is None}
-    out += ["<h2>Every figure of the evaluation</h2>", "<details><summary>metrics/evaluate.json (every figure)</summary>",
-            table(["key", "value"], [f"<tr><td><code>{esc(k)}</code></td>{cell(mf, 'evaluate.' + k)}</tr>" for k in flat],
-                  "all-metrics"), "</details>"]
     others = [s for s in m if s != "evaluate"]
-    out += ["<details><summary>the other stages' metrics</summary>",
+    return ["<h2>Every figure of the evaluation</h2>", "<details><summary>metrics/evaluate.json (every figure)</summary>",
+            table(["key", "value"], [f"<tr><td><code>{esc(k)}</code></td>{cell(mf, 'evaluate.' + k)}</tr>" for k in flat],
+                  "all-metrics"), "</details>",
+            "<details><summary>the other stages' metrics</summary>",
             table(["key", "value"], [f"<tr><td><code>{esc(s + '.' + k)}</code></td>{cell(mf, s + '.' + k)}</tr>"
                                      for s in others for k, v in flatten(m[s]).items()
                                      if isinstance(v, (int, float, bool, str)) or v is None]), "</details>",
             "<details><summary>params (resolved profile)</summary><pre>"
             + esc(json.dumps(run["params"], indent=1)) + "</pre></details>"]
-    return page(f"unCLIP report {run['run']}", "\n".join(out))

@@ -26,7 +26,7 @@ import yaml
 
 from ..workspace import Workspace, atomic_dir, atomic_write_json
 
-TRAINED = ("judge", "clip", "prior", "decoder", "upsample@1", "upsample@2")   # stages with a loss curve
+TRAINED = ("judge", "clip", "prior", "decoder")     # stages with a loss curve, and upsample@<key> per upsampler
 MAX_CURVE_POINTS = 400
 
 
@@ -84,8 +84,13 @@ def _downsample(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
     return [points[int(i * step)] for i in range(MAX_CURVE_POINTS)] + [points[-1]]
 
 
-def training_curves(tracking_uri: str, experiment: str) -> dict[str, list]:
-    """The train-loss history of the latest MLflow run of every trained stage that logged one:
+def trained_stages(cfg) -> list[str]:
+    """The stages with a loss curve: :data:`TRAINED` and the upsamplers of ``cfg``'s chain."""
+    return [*TRAINED, *(f"upsample@{key}" for key in cfg.upsample.stages)]
+
+
+def training_curves(tracking_uri: str, experiment: str, stages: tuple[str, ...] = TRAINED) -> dict[str, list]:
+    """The train-loss history of the latest MLflow run of each of ``stages`` that logged one:
     {stage: [[step, loss], ...]} (at most ``MAX_CURVE_POINTS`` points). A stage DVC skipped keeps
     the curve of the run that trained the model in the workspace."""
     try:
@@ -97,7 +102,7 @@ def training_curves(tracking_uri: str, experiment: str) -> dict[str, list]:
     if exp is None:
         return {}
     curves = {}
-    for stage in TRAINED:
+    for stage in stages:
         for run in client.search_runs([exp.experiment_id], f"tags.stage = '{stage}'",
                                       order_by=["attributes.start_time DESC"], max_results=10):
             if "train_loss" in run.data.metrics:
@@ -141,7 +146,7 @@ def snapshot(cfg, ws: Workspace, *, evaluate_run_id: Optional[str] = None,
         },
         "params": _params(cfg),
         "metrics": metrics,
-        "curves": training_curves(tracking_uri, cfg.tracking.experiment),
+        "curves": training_curves(tracking_uri, cfg.tracking.experiment, tuple(trained_stages(cfg))),
         "worst": json.loads(worst_json.read_text()) if worst_json.exists() else [],
     }
     with atomic_dir(ws.reports / name) as out:

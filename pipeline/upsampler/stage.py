@@ -23,12 +23,13 @@ import torch
 import webdataset as wds
 
 from .. import bundle, diffusion, retrain, tracking
-from ..clip.data import decode_image, iter_split, train_stream
+from ..data.image_shards import decode_image, iter_split, train_stream
 from ..data.shards import shard_paths
-from ..images import grid, resize, save_png, to_model, to_uint8
+from ..images import grid, psnr, resize, save_png, to_model, to_uint8
 from ..progress import say
 from ..errors import StageError
-from ..training import autocast, clear_checkpoints, train_diffusion_model
+from ..device import autocast
+from ..training import clear_checkpoints, train_diffusion_model
 from ..workspace import atomic_dir
 from .degrade import degrade
 from .diffusion import training_loss, upsample
@@ -184,12 +185,6 @@ def bundle_info(u, key: str, in_size: int, out_size: int, crop_size: int) -> dic
             "sampling": u.sampling.model_dump(), "degradation": u.degradation, "crop_size": crop_size}
 
 
-def psnr(x: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB [B] of images in [-1, 1], both quantised to uint8 as they are saved."""
-    mse = (to_uint8(x).float() - to_uint8(truth).float()).pow(2).mean(dim=(1, 2, 3))
-    return 10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))
-
-
 def evaluate(model, info: dict, paths: list[Path], seed: int) -> tuple[dict, torch.Tensor]:
     """PSNR against the true high-res image on up to VAL_IMAGES val images, of the upsampler's
     output and of plain bicubic upsampling of the same (uncorrupted) low-res image.
@@ -202,7 +197,7 @@ def evaluate(model, info: dict, paths: list[Path], seed: int) -> tuple[dict, tor
     truth, low = high_low(images, info["in_size"], info["out_size"])
     bicubic = resize(low, info["out_size"])
     out = upsample(model, info, low, generator=torch.Generator().manual_seed(seed), z_i=z_i).cpu()
-    ours, base = psnr(out, truth), psnr(bicubic, truth)
+    ours, base = psnr(to_uint8(out), to_uint8(truth)), psnr(to_uint8(bicubic), to_uint8(truth))
     figures = {"images": len(images), "psnr_db": round(ours.mean().item(), 2),
                "bicubic_psnr_db": round(base.mean().item(), 2),
                "psnr_gain_db": round((ours - base).mean().item(), 2),

@@ -29,7 +29,7 @@ def run_stage_child(stage: str, cfg, ws, kill_at: str | None, result: str, log: 
         else:
             os.environ.pop(KILL_ENV, None)
         os.chdir(ws.root)
-        figures = stage_function(stage)(cfg, ws)
+        figures = stage_function(stage, cfg)(cfg, ws)
         with open(result, "w") as f:
             json.dump(figures, f, default=str)
         code = 0

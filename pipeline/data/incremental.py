@@ -6,7 +6,8 @@ stage writes part k's shards under the name prefix :func:`part_prefix` (``00000.
 earlier shard is never rewritten. Beside the shards, ``incremental.json`` records
 
     recipe    a hash of what made the output: the stage's config sections, the source files of
-              its code and, for embed, the CLIP's weights. Another recipe means the old shards
+              its code (its module's import closure, pipeline/codedeps.py) and, for embed, the
+              CLIP's weights. Another recipe means the old shards
               are not what this configuration would make: the stage redoes everything.
     inputs    the upstream shards consumed so far, name -> sha256 (crawl: none; it diffs URLs)
     parts     per part: its output shards and its own figures
@@ -28,11 +29,12 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .data.shards import shard_paths
-from .workspace import atomic_write_json, file_sha256
+from ..codedeps import ROOT, closure
+from .shards import shard_paths
+from ..workspace import atomic_write_json, file_sha256
 
 STATE = "incremental.json"
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parent.parent        # pipeline/: recipes hash paths relative to it
 
 
 def part_prefix(part: int) -> str:
@@ -40,16 +42,14 @@ def part_prefix(part: int) -> str:
     return "" if part == 0 else f"part{part:03d}-"
 
 
-def recipe(sections: dict, code: Iterable[str], extra: Optional[dict] = None) -> str:
-    """Hash of config ``sections``, the package source files ``code`` (paths relative to the
-    package; a directory means its .py files) and ``extra`` (e.g. a model's sha256)."""
+def recipe(sections: dict, module: str, extra: Optional[dict] = None) -> str:
+    """Hash of config ``sections``, the source files of ``module``'s import closure (the stage's
+    code: :func:`pipeline.codedeps.closure`) and ``extra`` (e.g. a model's sha256)."""
     h = hashlib.sha256(json.dumps({"config": sections, "extra": extra or {}}, sort_keys=True,
                                   default=str).encode())
-    for rel in code:
-        path = PACKAGE / rel
-        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
-        for f in files:
-            h.update(str(f.relative_to(PACKAGE)).encode() + b"\0" + f.read_bytes())
+    for rel in closure(module):
+        f = ROOT / rel
+        h.update(str(f.relative_to(PACKAGE)).encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:20]
 
 

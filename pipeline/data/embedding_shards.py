@@ -20,9 +20,9 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .clip.data import decode_images
-from .data.shards import iter_shard, sample_meta, split_of
-from .images import resize, to_uint8, to_model
+from .image_shards import decode_images
+from .shards import iter_shard, sample_meta, split_of
+from ..images import resize, to_uint8, to_model
 
 ARRAYS = {"z_i": "img_emb.npy", "z_t": "txt_emb.npy", "tokens": "txt_tokens.npy", "mask": "txt_mask.npy"}
 
