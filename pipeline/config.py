@@ -539,9 +539,11 @@ def write_resolved(cfg: Config, root: str | os.PathLike) -> bool:
     """Write ``cfg`` (every key, defaults included) to the workspace's ``params.resolved.json``,
     atomically and only if its content changed, so DVC sees only real changes; True if written."""
     path = Path(root) / RESOLVED
-    text = json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n"
+    # raw UTF-8, not \u escapes: DVC reads the file with a YAML parser, which refuses the JSON
+    # escapes of characters outside the BMP (surrogate pairs, e.g. an emoji in evaluate.prompts)
+    text = json.dumps(cfg.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
     try:
-        if path.read_text() == text:
+        if path.read_text(encoding="utf-8") == text:
             return False
     except (OSError, UnicodeDecodeError):
         pass

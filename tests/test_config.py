@@ -126,3 +126,16 @@ def test_the_upsampler_stages_are_params_yaml_s_chain_and_a_profile_may_not_add_
     raw["profiles"]["smoke"]["upsample"]["stages"]["3"] = {"steps": 2}
     with pytest.raises(config.ConfigError, match=r"profiles.smoke.upsample.stages: a profile may not add upsamplers \(3\)"):
         config.resolve(raw, "smoke")
+
+
+def test_resolved_config_with_characters_outside_the_bmp_reads_as_dvc_reads_it(params_path, tmp_path):
+    # DVC reads params.resolved.json with a YAML parser, which refuses JSON's surrogate-pair
+    # escapes (json.dumps' default for an emoji): the file is written as raw UTF-8
+    import json
+    from ruamel.yaml import YAML
+    raw = base(params_path)
+    raw["evaluate"]["prompts"] = ["a red bicycle \U0001F6B2", "un café"]
+    config.write_resolved(config.resolve(raw, "smoke"), tmp_path)
+    text = (tmp_path / "params.resolved.json").read_text(encoding="utf-8")
+    assert YAML(typ="safe").load(text)["evaluate"]["prompts"] == raw["evaluate"]["prompts"]
+    assert json.loads(text)["evaluate"]["prompts"] == raw["evaluate"]["prompts"]
