@@ -9,6 +9,7 @@ checkout); the number of inputs each target ran is printed at the end of the mod
 """
 from __future__ import annotations
 
+import csv
 import io
 import json
 import math
@@ -108,7 +109,10 @@ def test_fuzz_url_lists_end_in_a_frame_or_a_stage_error(list_dir, table, fmt):
     RAN["url list"] += 1
     path = list_dir / f"list.{fmt}"
     try:
-        table.to_csv(path, index=False) if fmt == "csv" else table.astype(str).to_parquet(path, index=False)
+        # QUOTE_ALL: a bare carriage return inside a field is a line break to every CSV reader
+        # (RFC 4180) unless it is quoted, and pandas' minimal quoting leaves it bare
+        (table.to_csv(path, index=False, quoting=csv.QUOTE_ALL) if fmt == "csv"
+         else table.astype(str).to_parquet(path, index=False))
     except (ValueError, TypeError, UnicodeEncodeError):
         OUTCOMES["url list", "unwritable"] += 1                      # not a list anyone can hand us
         return
