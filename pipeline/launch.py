@@ -106,7 +106,7 @@ def worker(stage: str, root: str, profile: str) -> None:
     ws = Workspace.at(root)
     cfg = config.load(ws.root / "params.yaml", profile)
     rank = int(os.environ.get("RANK", "0"))
-    result = run_stage(stage, cfg, ws) if rank == 0 else stage_function(stage)(cfg, ws)
+    result = run_stage(stage, cfg, ws) if rank == 0 else stage_function(stage, cfg)(cfg, ws)
     train = result.get("train", {})
     world = int(os.environ.get("WORLD_SIZE", "1"))
     records_dir(ws).mkdir(parents=True, exist_ok=True)
