@@ -10,7 +10,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from flows.deploy import free_port
 from helpers.fake_eval import fake_evaluation
 from helpers.smoke_models import smoke_models
 from pipeline import registry
@@ -131,12 +131,6 @@ def test_a_saved_model_names_its_bundle_whatever_the_folder_was_called(tmp_path)
 
 
 # ---- the served champion ----------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def champion_ws(data_ws, smoke_cfg, tmp_path_factory):
     """A trained smoke bundle registered as the champion in a store of its own."""
