@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -55,7 +54,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.data.scenes import COLORS, PAIR_TEMPLATES, RELATION_PHRASES  # noqa: E402
+from pipeline.clip.zeroshot import PAIR_CHECKS, pair_candidates, pair_verdicts  # noqa: E402
+from pipeline.data.scenes import COLORS  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
 from pipeline.decoder.stage import decode  # noqa: E402
 from pipeline.data.embedding_shards import load_split  # noqa: E402
@@ -67,31 +67,10 @@ from pipeline.judge.model import Judge  # noqa: E402
 from pipeline.quality import prepare  # noqa: E402
 from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402
 
-COLUMNS = ("colors", "binding", "relation", "all")
-REVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+COLUMNS = PAIR_CHECKS
 # candidate k of a scene's caption list: 0 true, 1 colors swapped, 2 relation reversed, 3.. one color replaced
 N_REPLACED = 2 * (len(COLORS) - 2)
 CHANCE = {"colors": round(100 / (1 + N_REPLACED), 2), "binding": 50.0, "relation": 50.0}
-
-
-# ---- captions ---------------------------------------------------------------------------------------
-def pair_caption(color0: str, shape0: str, relation: str, color1: str, shape1: str) -> str:
-    """The corpus's first two-object template, with its "a" -> "an" rule (data.corpus.caption)."""
-    text = PAIR_TEMPLATES[0].format(color0=color0, shape0=shape0, rel=RELATION_PHRASES[relation],
-                                    color1=color1, shape1=shape1)
-    return re.sub(r"\ba (?=[aeiou])", "an ", text)
-
-
-def candidates(gt: dict) -> list[str]:
-    """The true caption then its counterfactuals, in the fixed order above (3 + N_REPLACED)."""
-    (o0, o1), rel = gt["objects"], gt["relation"]
-    c0, s0, c1, s1 = o0["color"], o0["shape"], o1["color"], o1["shape"]
-    out = [pair_caption(c0, s0, rel, c1, s1), pair_caption(c1, s0, rel, c0, s1),
-           pair_caption(c0, s0, REVERSE[rel], c1, s1)]
-    others = [c for c in COLORS if c not in (c0, c1)]          # two objects never share a color
-    out += [pair_caption(c, s0, rel, c1, s1) for c in others]
-    out += [pair_caption(c0, s0, rel, c, s1) for c in others]
-    return out
 
 
 @torch.no_grad()
@@ -118,45 +97,12 @@ def mean_se(x: torch.Tensor) -> dict:
     return {"value": round(x.mean().item(), 4), "se": round(se, 4)}
 
 
-def zero_shot(z: torch.Tensor, z_cands: torch.Tensor) -> dict:
-    """CLIP zero-shot verdicts per scene. z [n, D] (an image- or text-side embedding per scene),
-    z_cands [n, K, D] (each scene's true caption and its counterfactuals, in ``candidates`` order)."""
-    sims = torch.einsum("nd,nkd->nk", z.float(), z_cands.float())           # [n, K]
-    true = sims[:, 0]
-    v = {"colors": (true > sims[:, 3:].max(dim=1).values).tolist(),       # ties count as wrong
-         "binding": (true > sims[:, 1]).tolist(), "relation": (true > sims[:, 2]).tolist()}
-    v["all"] = [a and b and c for a, b, c in zip(v["colors"], v["binding"], v["relation"])]
-    return v
-
-
-def judged(judge: Judge, images: torch.Tensor, gts: list) -> dict:
-    """The judge's verdicts per scene (uint8 images of any size; ``Judge.predict`` resizes them to
-    its own resolution): labels.check's colors / shapes (= binding) / relation / all."""
-    preds, _ = judge.predict(images)
-    v = [check(p, g) for p, g in zip(preds, gts)]
-    return {"colors": [x["colors"] for x in v], "binding": [x["shapes"] for x in v],
-            "relation": [x["relation"] for x in v], "all": [x["all"] for x in v]}
-
-
-def row(label: str, reader: str, verdicts: dict, cos: torch.Tensor | None = None) -> dict:
-    return {"label": label, "reader": reader, "n": len(verdicts["all"])} | {
-        k: percent(verdicts[k]) for k in COLUMNS} | {"cos_to_z_i": None if cos is None else mean_se(cos)}
-
-
-@torch.no_grad()
-def image_cos(unclip: Unclip, images: torch.Tensor, z_i: torch.Tensor) -> torch.Tensor:
-    """cos(CLIP(image), true z_i) per scene [n]; uint8 images resized as ``evaluate.clip_cosines``."""
-    e = unclip.clip.encode_image(prepare(images, unclip.clip.image_size).to(unclip.device)).float().cpu()
-    return F.cosine_similarity(e, z_i, dim=-1)
-
-
-# ---- the chain --------------------------------------------------------------------------------------
 def chain(unclip: Unclip, judge: Judge, test: dict, rows: list[int], seed: int, batch_size: int) -> dict:
     """Every row of the table for the test scenes ``rows``."""
     idx = torch.tensor(rows)
     captions, gts = [test["captions"][i] for i in rows], [parse_gt(test["gt"][i]) for i in rows]
     z_i = test["z_i"][idx]                                                   # [n, D], true, from the embed stage
-    cands = [candidates(g) for g in gts]
+    cands = [pair_candidates(g) for g in gts]
     k = len(cands[0])
     z_cands = text_embeddings(unclip, [c for cs in cands for c in cs], batch_size).view(len(rows), k, -1)
 
@@ -179,9 +125,9 @@ def chain(unclip: Unclip, judge: Judge, test: dict, rows: list[int], seed: int, 
     cos = lambda a: F.cosine_similarity(a, z_i, dim=-1)                      # noqa: E731
     table = {
         "real_images": row("real test images", "judge", judged(judge, real, gts), image_cos(unclip, real, z_i)),
-        "z_t": row("z_t (text side, ceiling check)", "clip zero-shot", zero_shot(z_t, z_cands), cos(z_t)),
-        "z_i": row("true z_i", "clip zero-shot", zero_shot(z_i, z_cands)),
-        "z_i_hat": row("prior z_i_hat", "clip zero-shot", zero_shot(z_hat, z_cands), cos(z_hat)),
+        "z_t": row("z_t (text side, ceiling check)", "clip zero-shot", pair_verdicts(z_t, z_cands), cos(z_t)),
+        "z_i": row("true z_i", "clip zero-shot", pair_verdicts(z_i, z_cands)),
+        "z_i_hat": row("prior z_i_hat", "clip zero-shot", pair_verdicts(z_hat, z_cands), cos(z_hat)),
         "decoder_true_z_i": row("decoder(true z_i)", "judge", judged(judge, dec["true"], gts),
                                 image_cos(unclip, dec["true"], z_i)),
         "decoder_z_i_hat": row("decoder(z_i_hat)", "judge", judged(judge, dec["prior"], gts),

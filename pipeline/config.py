@@ -165,6 +165,8 @@ class ClipConfig(Section):
     num_workers: int = Field(1, ge=0)
     eval_batch_size: int = Field(512, ge=1)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # NegCLIP hard negatives (pipeline/clip/negatives.py): extra image-to-text columns per caption
+    hard_negatives: list[Literal["relation", "binding"]] = []
 
 
 class EmbedConfig(Section):

@@ -28,6 +28,7 @@ def test_clip_stage_writes_a_bundle_and_figures(clip_ws):
     val = m["val"]
     assert {"image_to_text_r@1", "image_to_text_r@5", "text_to_image_r@1", "text_to_image_r@5"} <= set(val)
     assert {"color_acc", "shape_acc", "position_acc"} <= set(val["zero_shot"])
+    assert {"colors_acc", "binding_acc", "relation_acc", "all_acc"} <= set(val["zero_shot_pairs"])
     assert m["train"]["steps"] == 8
     assert json.loads(ws.metrics_path("clip").read_text())["val"] == val
 

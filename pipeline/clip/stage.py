@@ -59,9 +59,10 @@ def run(cfg, ws) -> dict:
     clear_checkpoints(checkpoints)                          # only now: a kill before this resumes at the end
 
     tracking.log_artifact(ws.clip / "clip_figures.png", "clip")
-    zs = figures.get("zero_shot", {})
+    zs, zp = figures.get("zero_shot", {}), figures.get("zero_shot_pairs", {})
     say("clip", f"val: zero-shot color {zs.get('color_acc')}%, shape {zs.get('shape_acc')}%, position "
-                f"{zs.get('position_acc')}%; recall@1 i->t {figures.get('image_to_text_r@1')}% "
+                f"{zs.get('position_acc')}%, pair binding {zp.get('binding_acc')}%, relation "
+                f"{zp.get('relation_acc')}%; recall@1 i->t {figures.get('image_to_text_r@1')}% "
                 f"-> {ws.clip.relative_to(ws.root)}/ (model.safetensors)")
     return {"train": summary, "val": figures, "retrain": {"mode": "trained", "why": why}}
 

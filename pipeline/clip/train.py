@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from ..device import autocast, device_of
@@ -30,17 +31,38 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
+def negclip_loss(z_i: torch.Tensor, z_t: torch.Tensor, z_neg: torch.Tensor, mask: torch.Tensor,
+                 scale: torch.Tensor) -> torch.Tensor:
+    """InfoNCE with hard negatives (NegCLIP): image i must pick caption i among the batch's B
+    captions and all B*K negatives; caption i must pick image i among the B images (negatives
+    have no image). z_i, z_t [B, D], z_neg [B*K, D], all unit; mask [B, K], False: no negative
+    (its column is left out of every row). Without negatives this is open_clip's ClipLoss."""
+    b = len(z_i)
+    target = torch.arange(b, device=z_i.device)
+    image_to_text = scale * z_i @ torch.cat([z_t, z_neg]).T                       # [B, B + B*K]
+    absent = torch.cat([torch.zeros(b, dtype=torch.bool, device=mask.device), ~mask.flatten()])
+    image_to_text = image_to_text.masked_fill(absent.to(z_i.device), float("-inf"))
+    text_to_image = scale * z_t @ z_i.T                                            # [B, B]
+    return (F.cross_entropy(image_to_text, target) + F.cross_entropy(text_to_image, target)) / 2
+
+
 def make_loss(bundle: ClipBundle, precision: str, device: torch.device):
     """The training step's loss: ``loss_fn(model, batch)``, InfoNCE over a batch of (uint8
-    images [B, 3, S, S], int64 tokens [B, L]) at the model's learned temperature."""
+    images [B, 3, S, S], int64 tokens [B, L]) at the model's learned temperature; with hard
+    negatives in the batch (+ tokens [B*K, L], mask [B, K]), NegCLIP's loss."""
     contrastive = ClipLoss()
 
     def loss_fn(model, batch):
-        images, tokens = batch
+        images, tokens, *negatives = batch
+        texts = torch.cat([tokens, negatives[0]]) if negatives else tokens
         with autocast(precision, device):
             z_i = model.encode_image(bundle.preprocess(images.to(device)), normalize=True)
-            z_t = model.encode_text(tokens.to(device), normalize=True)
-        return contrastive(z_i.float(), z_t.float(), model.logit_scale.exp())
+            z_t = model.encode_text(texts.to(device), normalize=True)   # one call: [B (+ B*K), D]
+        z_i, z_t = z_i.float(), z_t.float()
+        if not negatives:
+            return contrastive(z_i, z_t, model.logit_scale.exp())
+        b = len(tokens)
+        return negclip_loss(z_i, z_t[:b], z_t[b:], negatives[1], model.logit_scale.exp())
     return loss_fn
 
 
@@ -64,7 +86,7 @@ def train(clip_cfg, shard_paths: list[Path], checkpoint_dir: Path,
                                   betas=(0.9, 0.98), eps=1e-6, fused=True)
     scheduler = cosine_with_warmup(optimizer, clip_cfg.warmup_steps, clip_cfg.steps)
     loader = train_loader(shard_paths, bundle.tokenize, clip_cfg.batch_size, clip_cfg.num_workers,
-                          clip_cfg.seed, bundle.image_size)
+                          clip_cfg.seed, bundle.image_size, tuple(clip_cfg.hard_negatives))
     loss_fn = make_loss(bundle, clip_cfg.precision, device)
 
     ckpt = Checkpointer(checkpoint_dir, config_hash({"clip": clip_cfg.model_dump(mode="json"), **(depends or {})}),

@@ -4,14 +4,20 @@ Zero-shot prompts are built from the corpus grammar: for a single-object scene, 
 caption "a {size} {color} {shape} {position phrase}" is written once per value of one attribute
 with the other attributes kept true, and the model must pick the true one by image-text cosine.
 This is the test of attribute binding that CLIP fails last on shape and position.
+
+For a two-object scene the true caption "a {color0} {shape0} {rel} a {color1} {shape1}" is set
+against its counterfactuals, each differing in one thing: the two colors swapped (binding, chance
+1/2), the relation reversed (relation, chance 1/2), one color replaced by another (colors, chance
+1/13). These are the CLIP rows of the binding chain (``bench/binding.py``): does z_i carry them?
 """
 from __future__ import annotations
 
 import itertools
+import re
 
 import torch
 
-from ..data.scenes import COLORS, POSITION_PHRASES, POSITIONS, SHAPES, SIZES
+from ..data.scenes import COLORS, PAIR_TEMPLATES, POSITION_PHRASES, POSITIONS, RELATION_PHRASES, SHAPES, SIZES
 
 ATTRIBUTES = {"color": tuple(COLORS), "shape": SHAPES, "position": POSITIONS, "size": tuple(SIZES)}
 
@@ -66,6 +72,52 @@ def zero_shot(bundle, z_img: torch.Tensor, gts: list[dict], batch_size: int = 51
     return out
 
 
+REVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+PAIR_CHECKS = ("colors", "binding", "relation", "all")
+
+
+def pair_caption(color0: str, shape0: str, relation: str, color1: str, shape1: str) -> str:
+    """The corpus's first two-object template, with its "a" -> "an" rule (data.corpus.caption)."""
+    text = PAIR_TEMPLATES[0].format(color0=color0, shape0=shape0, rel=RELATION_PHRASES[relation],
+                                    color1=color1, shape1=shape1)
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)
+
+
+def pair_candidates(gt: dict) -> list[str]:
+    """A two-object scene's true caption, then colors swapped, relation reversed, and each color
+    replaced by each other corpus color (3 + 2 * (len(COLORS) - 2) captions, in that order)."""
+    (o0, o1), rel = gt["objects"], gt["relation"]
+    c0, s0, c1, s1 = o0["color"], o0["shape"], o1["color"], o1["shape"]
+    out = [pair_caption(c0, s0, rel, c1, s1), pair_caption(c1, s0, rel, c0, s1),
+           pair_caption(c0, s0, REVERSE[rel], c1, s1)]
+    others = [c for c in COLORS if c not in (c0, c1)]          # two objects never share a color
+    out += [pair_caption(c, s0, rel, c1, s1) for c in others]
+    out += [pair_caption(c0, s0, rel, c, s1) for c in others]
+    return out
+
+
+def pair_verdicts(z: torch.Tensor, z_cands: torch.Tensor) -> dict[str, list[bool]]:
+    """Zero-shot verdicts per scene. z [n, D] (an image- or text-side embedding per scene),
+    z_cands [n, K, D] (each scene's ``pair_candidates``, embedded)."""
+    sims = torch.einsum("nd,nkd->nk", z.float(), z_cands.float())           # [n, K]
+    true = sims[:, 0]
+    v = {"colors": (true > sims[:, 3:].max(dim=1).values).tolist(),       # ties count as wrong
+         "binding": (true > sims[:, 1]).tolist(), "relation": (true > sims[:, 2]).tolist()}
+    v["all"] = [a and b and c for a, b, c in zip(v["colors"], v["binding"], v["relation"])]
+    return v
+
+
+def pair_zero_shot(bundle, z_img: torch.Tensor, gts: list[dict], batch_size: int = 512) -> dict:
+    """Accuracy (percent) of ``pair_verdicts`` on the two-object scenes."""
+    pairs = [i for i, gt in enumerate(gts) if gt and len(gt["objects"]) == 2]
+    if not pairs:
+        return {}
+    cands = [pair_candidates(gts[i]) for i in pairs]
+    z_cands = embed_texts(bundle, [c for cs in cands for c in cs], batch_size).view(len(pairs), len(cands[0]), -1)
+    v = pair_verdicts(z_img[pairs], z_cands)
+    return {"n_two_object": len(pairs)} | {f"{k}_acc": round(100.0 * sum(v[k]) / len(pairs), 2) for k in PAIR_CHECKS}
+
+
 def evaluate(bundle, split: dict, batch_size: int) -> dict:
     """Figures for one in-memory split (see ``data.image_shards.load_image_split``)."""
     bundle.model.eval()
@@ -78,4 +130,5 @@ def evaluate(bundle, split: dict, batch_size: int) -> dict:
         out["mean_pair_cosine"] = round((z_img[matched] * z_txt).sum(-1).mean().item(), 4)
     # Ground truth describes the image, so a mismatched caption does not disqualify a scene here.
     out["zero_shot"] = zero_shot(bundle, z_img, split["gt"], batch_size)
+    out["zero_shot_pairs"] = pair_zero_shot(bundle, z_img, split["gt"], batch_size)
     return out

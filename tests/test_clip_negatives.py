@@ -1,0 +1,75 @@
+"""NegCLIP's hard negatives (pipeline/clip/negatives.py), its loss, and the pair zero-shot figures."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+
+from pipeline.clip.negatives import hard_negatives, reverse_relation, swap_colors
+from pipeline.clip.train import negclip_loss
+from pipeline.clip.zeroshot import pair_candidates, pair_verdicts
+
+
+def test_relation_reversed_word_by_word():
+    assert reverse_relation("a red circle to the left of a blue square") == "a red circle to the right of a blue square"
+    assert reverse_relation("a red circle above a blue square") == "a red circle below a blue square"
+    assert reverse_relation("Top-left corner: a small red circle") == "Bottom-right corner: a small red circle"
+    assert reverse_relation("at the upper left") == "at the lower right"
+    assert reverse_relation("a red circle in the center") is None
+    assert reverse_relation("a bright star") is None                # "bright" holds "right", not the word
+
+
+def test_colors_swapped_between_the_first_two_color_words():
+    assert swap_colors("a red circle to the left of a blue square") == "a blue circle to the left of a red square"
+    assert swap_colors("a photo of a small Red circle on a white background") == \
+        "a photo of a small white circle on a Red background"
+    assert swap_colors("a red circle and a red square") is None       # one color: nothing to swap
+    assert swap_colors("a reddish circle") is None
+
+
+def test_hard_negatives_mask_what_does_not_apply():
+    texts, mask = hard_negatives(["a red circle above a blue square", "a green triangle"], ("relation", "binding"))
+    assert mask.tolist() == [[True, True], [False, False]]
+    assert texts[:2] == ["a red circle below a blue square", "a blue circle above a red square"]
+    assert texts[2:] == ["a green triangle", "a green triangle"]    # placeholders, masked out of the loss
+
+
+def _unit(*shape):
+    return F.normalize(torch.randn(*shape), dim=-1)
+
+
+def test_negclip_loss_without_negatives_is_clip_loss():
+    torch.manual_seed(0)
+    z_i, z_t, scale = _unit(6, 8), _unit(6, 8), torch.tensor(10.0)
+    none = torch.zeros(6, 2, dtype=torch.bool)
+    ours = negclip_loss(z_i, z_t, _unit(12, 8), none, scale)
+    assert torch.allclose(ours, ClipLoss()(z_i, z_t, scale), atol=1e-6)
+
+
+def test_negclip_loss_counts_a_hard_negative_against_its_image_only():
+    torch.manual_seed(0)
+    z_i = _unit(4, 8)
+    z_t = z_i.clone()
+    scale = torch.tensor(10.0)
+    mask = torch.tensor([[True], [False], [False], [False]])
+    far, close = -z_i[:1].repeat(4, 1), z_i[:1].repeat(4, 1)       # negative of image 0: far from it, or equal to it
+    base = negclip_loss(z_i, z_t, far, mask, scale)
+    hard = negclip_loss(z_i, z_t, close, mask, scale)
+    assert hard > base                                             # a negative as close as the caption costs
+    # text-to-image has no negative columns: the same whatever the negatives are
+    assert torch.allclose(F.cross_entropy(scale * z_t @ z_i.T, torch.arange(4)) / 2,
+                          negclip_loss(z_i, z_t, far, torch.zeros(4, 1, dtype=torch.bool), scale)
+                          - F.cross_entropy(scale * z_i @ z_t.T, torch.arange(4)) / 2, atol=1e-6)
+
+
+def test_pair_candidates_differ_in_one_thing_each():
+    gt = {"relation": "left of", "objects": [{"color": "red", "shape": "circle"}, {"color": "orange", "shape": "square"}]}
+    c = pair_candidates(gt)
+    assert c[:3] == ["a red circle to the left of an orange square", "an orange circle to the left of a red square",
+                     "a red circle to the right of an orange square"]
+    assert len(c) == 3 + 2 * 6 and len(set(c)) == len(c)
+    z = torch.eye(len(c))
+    v = pair_verdicts(z[:1], z[None])                              # the true caption is the closest
+    assert v == {"colors": [True], "binding": [True], "relation": [True], "all": [True]}
+    v = pair_verdicts(z[2:3], z[None])                             # closest to the reversed relation
+    assert v["relation"] == [False] and v["binding"] == [False]
