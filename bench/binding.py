@@ -97,6 +97,28 @@ def mean_se(x: torch.Tensor) -> dict:
     return {"value": round(x.mean().item(), 4), "se": round(se, 4)}
 
 
+def judged(judge: Judge, images: torch.Tensor, gts: list) -> dict:
+    """The judge's verdicts per scene (uint8 images of any size; ``Judge.predict`` resizes them to
+    its own resolution): labels.check's colors / shapes (= binding) / relation / all."""
+    preds, _ = judge.predict(images)
+    v = [check(p, g) for p, g in zip(preds, gts)]
+    return {"colors": [x["colors"] for x in v], "binding": [x["shapes"] for x in v],
+            "relation": [x["relation"] for x in v], "all": [x["all"] for x in v]}
+
+
+def row(label: str, reader: str, verdicts: dict, cos: torch.Tensor | None = None) -> dict:
+    return {"label": label, "reader": reader, "n": len(verdicts["all"])} | {
+        k: percent(verdicts[k]) for k in COLUMNS} | {"cos_to_z_i": None if cos is None else mean_se(cos)}
+
+
+@torch.no_grad()
+def image_cos(unclip: Unclip, images: torch.Tensor, z_i: torch.Tensor) -> torch.Tensor:
+    """cos(CLIP(image), true z_i) per scene [n]; uint8 images resized as ``evaluate.clip_cosines``."""
+    e = unclip.clip.encode_image(prepare(images, unclip.clip.image_size).to(unclip.device)).float().cpu()
+    return F.cosine_similarity(e, z_i, dim=-1)
+
+
+# ---- the chain --------------------------------------------------------------------------------------
 def chain(unclip: Unclip, judge: Judge, test: dict, rows: list[int], seed: int, batch_size: int) -> dict:
     """Every row of the table for the test scenes ``rows``."""
     idx = torch.tensor(rows)

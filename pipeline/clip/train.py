@@ -49,12 +49,12 @@ def negclip_loss(z_i: torch.Tensor, z_t: torch.Tensor, z_neg: torch.Tensor, mask
 def make_loss(bundle: ClipBundle, precision: str, device: torch.device):
     """The training step's loss: ``loss_fn(model, batch)``, InfoNCE over a batch of (uint8
     images [B, 3, S, S], int64 tokens [B, L]) at the model's learned temperature; with hard
-    negatives in the batch (+ tokens [B*K, L], mask [B, K]), NegCLIP's loss."""
+    negatives in the batch (+ tokens [B, K, L], mask [B, K]), NegCLIP's loss."""
     contrastive = ClipLoss()
 
     def loss_fn(model, batch):
         images, tokens, *negatives = batch
-        texts = torch.cat([tokens, negatives[0]]) if negatives else tokens
+        texts = torch.cat([tokens, negatives[0].flatten(0, 1)]) if negatives else tokens
         with autocast(precision, device):
             z_i = model.encode_image(bundle.preprocess(images.to(device)), normalize=True)
             z_t = model.encode_text(texts.to(device), normalize=True)   # one call: [B (+ B*K), D]
