@@ -54,9 +54,14 @@ class Workspace:
     @property
     def reports(self) -> Path: return self.root / "reports"
     @property
-    def checkpoints(self) -> Path:
-        # a torchrun launch (pipeline/launch.py) points every rank at storage all nodes share
-        return Path(os.environ.get("UNCLIP_CHECKPOINTS") or self.root / ".unclip" / "checkpoints")
+    def checkpoints(self):
+        # a torchrun launch (pipeline/launch.py) points every rank at storage all nodes share: a
+        # path, or an fsspec URL (a pipeline.storage.Url, which joins with / like a Path)
+        shared = os.environ.get("UNCLIP_CHECKPOINTS")
+        if not shared:
+            return self.root / ".unclip" / "checkpoints"
+        from .storage import location
+        return location(shared)
     @property
     def metrics_dir(self) -> Path: return self.root / "metrics"
 
