@@ -11,7 +11,7 @@ as its parts' outputs: the shards, embed's clip-retrieval triples) to the root a
 
     {"format": "unclip-manifest/1", "root": "s3://bucket/unclip",
      "objects": {"00000.tar": {"path": "data/raw/9f86d081884c7d65/00000.tar",
-                               "size": 1234, "sha256": "9f86...", "stamp": "ETag:\\"...\\""}}}
+                               "size": 1234, "sha256": "9f86..."}}}
 
 ``path`` is relative to ``root``; its folder is the first 16 hex digits of the content's sha256,
 so an object's path names its bytes: a rerun that makes the same bytes makes the same manifest
@@ -52,6 +52,7 @@ MANIFEST = "MANIFEST.json"
 CHANGED = "STORE_CHANGED.json"
 FORMAT = "unclip-manifest/1"
 CACHE = Path(".unclip") / "store-cache"         # relative to the workspace
+STAMPS = Path(".unclip") / "store-stamps.json"  # object URL -> the stamp its sha256 last matched at
 STAMP_KEYS = ("ETag", "etag", "md5Hash", "md5", "mtime", "created")
 # Object stores publish a PUT whole or not at all; elsewhere (file://, hdfs://) an object is
 # written beside its name and moved onto it.
@@ -185,7 +186,7 @@ def upload(fs, base: str, rel_dir: str, local: Path, name: str) -> dict:
     if info["size"] != local.stat().st_size:
         raise StageError(f"{join(base, rel)}: the store holds {info['size']} bytes after the upload of "
                          f"{local.stat().st_size}")
-    return {"path": rel, "size": int(info["size"]), "sha256": digest, "stamp": stamp(info)}
+    return {"path": rel, "size": int(info["size"]), "sha256": digest}
 
 
 def object_names(out: Path) -> list[str]:
@@ -234,8 +235,11 @@ def publish(out: Path, rel_dir: str, storage: Optional[str]) -> Optional[dict]:
 @contextlib.contextmanager
 def stage_output(storage: Optional[str], ws, final: Path) -> Iterator[Path]:
     """:func:`pipeline.workspace.atomic_dir` of a data stage's output folder, :func:`publish` ed
-    to ``storage`` before the rename."""
+    to ``storage`` before the rename. A root whose filesystem is not installed fails here, before
+    the stage's work."""
     from .workspace import atomic_dir
+    if storage is not None:
+        filesystem(root_url(storage))
     with atomic_dir(final) as out:
         yield out
         publish(out, str(Path(final).relative_to(ws.root)), storage)
@@ -305,25 +309,34 @@ def digests(directory: Path, names: list[str]) -> dict[str, str]:
 
 # ---- what DVC cannot see: the store behind a manifest ------------------------------------------------
 def check(directory: Path) -> list[str]:
-    """What no longer matches ``directory``'s manifest in the store, one line per object (missing,
-    another size, or other bytes: a moved stamp is confirmed by reading the object's sha256)."""
+    """What no longer matches ``directory``'s manifest in the store, one line per object: missing,
+    another size, or other bytes (read only when its stamp is not the one last seen to match)."""
     manifest = read_manifest(directory)
     if manifest is None:
         return []
     fs, base = filesystem(manifest["root"])
     listed: dict[str, dict] = {}
     for top in {e["path"].split("/", 1)[0] for e in manifest["objects"].values()}:
-        if fs.exists(join(base, top)):
+        if fs.exists(join(base, top)):          # one listing per folder, not a request per object
             listed.update({fs._strip_protocol(p): i for p, i in fs.find(join(base, top), detail=True).items()})
-    problems = []
+    stamps_path = Path(directory).resolve().parent.parent / STAMPS
+    stamps = json.loads(stamps_path.read_text()) if stamps_path.exists() else {}
+    problems, seen = [], dict(stamps)
     for name, entry in sorted(manifest["objects"].items()):
-        info = listed.get(fs._strip_protocol(join(base, entry["path"])))
+        url = join(base, entry["path"])
+        info = listed.get(fs._strip_protocol(url))
         if info is None:
             problems.append(f"{name}: {entry['path']} is missing")
         elif int(info["size"]) != entry["size"]:
             problems.append(f"{name}: {entry['path']} holds {info['size']} bytes, not {entry['size']}")
-        elif (stamp(info) is None or stamp(info) != entry["stamp"]) and sha256_bytes(fs.cat_file(join(base, entry["path"]))) != entry["sha256"]:
-            problems.append(f"{name}: {entry['path']} holds other bytes")
+        elif stamp(info) is None or stamps.get(url) != stamp(info):
+            if sha256_bytes(fs.cat_file(url)) != entry["sha256"]:
+                problems.append(f"{name}: {entry['path']} holds other bytes")
+            elif stamp(info) is not None:
+                seen[url] = stamp(info)
+    if seen != stamps:
+        from .workspace import atomic_write_json
+        atomic_write_json(stamps_path, seen)
     return problems
 
 
