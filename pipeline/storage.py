@@ -47,6 +47,8 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 from .errors import StageError
+from .workspace import (Location, Url, atomic_dir, atomic_write_bytes, atomic_write_json, dir_size, file_sha256,  # noqa: F401
+                        location, root_url)
 
 MANIFEST = "MANIFEST.json"
 CHANGED = "STORE_CHANGED.json"
@@ -59,36 +61,6 @@ STAMP_KEYS = ("ETag", "etag", "md5Hash", "md5", "mtime", "created")
 ATOMIC_PUT = {"s3", "s3a", "gs", "gcs", "abfs", "az", "memory"}
 PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "abfs": "adlfs", "az": "adlfs",
             "hdfs": "pyarrow with libhdfs (a Hadoop client: JAVA_HOME, HADOOP_HOME, CLASSPATH=$(hadoop classpath --glob))"}
-
-
-class Url(str):
-    """A location under a non-local fsspec root (``memory://ck/prior``): ``/`` joins like a Path."""
-
-    def __truediv__(self, other) -> "Url":
-        return Url(self.rstrip("/") + "/" + str(other))
-
-    @property
-    def name(self) -> str:
-        return self.rstrip("/").rsplit("/", 1)[-1]
-
-
-Location = Union[Path, Url]
-
-
-def root_url(storage: Optional[str]) -> Optional[str]:
-    """``cluster.storage`` as an fsspec URL: None stays None, a plain path or ``file://`` becomes
-    ``file://<absolute path>``, another URL is kept (without a trailing slash)."""
-    if storage is None:
-        return None
-    if "://" not in storage or storage.startswith("file://"):
-        return "file://" + str(Path(storage.removeprefix("file://")).expanduser().resolve())
-    return storage.rstrip("/")
-
-
-def location(url: str) -> Location:
-    """A Path for a local root, else a :class:`Url`."""
-    url = root_url(url)
-    return Path(url.removeprefix("file://")) if url.startswith("file://") else Url(url)
 
 
 def filesystem(url: str):
@@ -158,7 +130,6 @@ def read_manifest(directory: Path) -> Optional[dict]:
 
 
 def write_manifest(directory: Path, root: str, objects: dict) -> None:
-    from .workspace import atomic_write_json
     atomic_write_json(Path(directory) / MANIFEST, {"format": FORMAT, "root": root, "objects": objects})
 
 
@@ -170,7 +141,6 @@ def stored_names(directory: Path) -> dict[str, dict]:
 
 def output_bytes(directory: Path) -> int:
     """The size of an output: its files plus the objects its manifest names in the store."""
-    from .workspace import dir_size
     local = {str(p.relative_to(directory)) for p in Path(directory).rglob("*") if p.is_file()}
     return dir_size(directory) + sum(e["size"] for n, e in stored_names(directory).items() if n not in local)
 
@@ -178,7 +148,6 @@ def output_bytes(directory: Path) -> int:
 def upload(fs, base: str, rel_dir: str, local: Path, name: str) -> dict:
     """``local`` (the output's file ``name``) as ``<root>/<rel_dir>/<sha256[:16]>/<name>``; its
     manifest entry."""
-    from .workspace import file_sha256
     digest = file_sha256(local)
     rel = f"{rel_dir}/{digest[:16]}/{name}"
     write_object(fs, join(base, rel), local)
@@ -190,10 +159,12 @@ def upload(fs, base: str, rel_dir: str, local: Path, name: str) -> dict:
 
 
 def object_names(out: Path) -> list[str]:
-    """What a data stage's output calls its large files: its parts' outputs (incremental.json)."""
-    from .data.incremental import read_state
-    state = read_state(out)
-    return [] if state is None else [n for part in state["parts"] for n in part["outputs"]]
+    """What a data stage's output calls its large files: its parts' outputs in ``incremental.json``
+    (pipeline/data/incremental.py; read here as a file, so that storage imports no stage code)."""
+    path = Path(out) / "incremental.json"
+    if not path.exists():
+        return []
+    return [n for part in json.loads(path.read_text())["parts"] for n in part["outputs"]]
 
 
 def publish(out: Path, rel_dir: str, storage: Optional[str]) -> Optional[dict]:
@@ -237,7 +208,6 @@ def stage_output(storage: Optional[str], ws, final: Path) -> Iterator[Path]:
     """:func:`pipeline.workspace.atomic_dir` of a data stage's output folder, :func:`publish` ed
     to ``storage`` before the rename. A root whose filesystem is not installed fails here, before
     the stage's work."""
-    from .workspace import atomic_dir
     if storage is not None:
         filesystem(root_url(storage))
     with atomic_dir(final) as out:
@@ -261,7 +231,6 @@ def carry(src: Path, dst: Path, names: list[str]) -> list[str]:
 # ---- reading through the manifest ------------------------------------------------------------------
 def fetch(root: str, entry: dict, target: Path) -> Path:
     """The object of a manifest entry into ``target`` (atomically), its sha256 checked."""
-    from .workspace import atomic_write_bytes
     fs, base = filesystem(root)
     url = join(base, entry["path"])
     try:
@@ -301,7 +270,6 @@ def local_shards(directory: Path, names: list[str]) -> list[Path]:
 
 def digests(directory: Path, names: list[str]) -> dict[str, str]:
     """name -> sha256 of shards ``names``: the manifest's record, else the local file's."""
-    from .workspace import file_sha256
     stored = stored_names(directory)
     return {n: stored[n]["sha256"] if n in stored and not (Path(directory) / n).exists()
             else file_sha256(Path(directory) / n) for n in names}
@@ -335,8 +303,7 @@ def check(directory: Path) -> list[str]:
             elif stamp(info) is not None:
                 seen[url] = stamp(info)
     if seen != stamps:
-        from .workspace import atomic_write_json
-        atomic_write_json(stamps_path, seen)
+            atomic_write_json(stamps_path, seen)
     return problems
 
 
@@ -344,7 +311,6 @@ def check_workspace(ws) -> dict[str, list[str]]:
     """:func:`check` of every data output with a manifest; a folder with problems gets
     ``STORE_CHANGED.json`` (so DVC reruns its stage), written only when the problems differ from
     the last check's. Returns {folder: problems} for the folders with any."""
-    from .workspace import atomic_write_json
     found = {}
     for directory in (ws.raw, ws.filtered, ws.embeddings):
         problems = check(directory)
