@@ -47,8 +47,9 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 from .errors import StageError
-from .workspace import (Location, Url, atomic_dir, atomic_write_bytes, atomic_write_json, dir_size, file_sha256,  # noqa: F401
-                        location, root_url)
+# Url, location, root_url: what a storage root is (in workspace.py, which Workspace.checkpoints needs)
+from .workspace import (Location, Url, atomic_dir, atomic_write_bytes, atomic_write_json,  # noqa: F401
+                        dir_size, file_sha256, location, root_url)
 
 MANIFEST = "MANIFEST.json"
 CHANGED = "STORE_CHANGED.json"
@@ -60,7 +61,8 @@ STAMP_KEYS = ("ETag", "etag", "md5Hash", "md5", "mtime", "created")
 # written beside its name and moved onto it.
 ATOMIC_PUT = {"s3", "s3a", "gs", "gcs", "abfs", "az", "memory"}
 PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "abfs": "adlfs", "az": "adlfs",
-            "hdfs": "pyarrow with libhdfs (a Hadoop client: JAVA_HOME, HADOOP_HOME, CLASSPATH=$(hadoop classpath --glob))"}
+            "hdfs": "pyarrow with libhdfs (a Hadoop client: JAVA_HOME, HADOOP_HOME, "
+                    "CLASSPATH=$(hadoop classpath --glob))"}
 
 
 def filesystem(url: str):
