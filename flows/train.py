@@ -32,7 +32,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from pipeline import config as config_mod
-from pipeline import tracking
+from pipeline import storage, tracking
 from pipeline.lock import WorkspaceBusy, workspace_lock
 from pipeline.stages import EXIT_TOKEN_ENV, read_exit, registry
 from pipeline.workspace import Workspace
@@ -293,6 +293,7 @@ def _train(ws: Workspace, cfg, selected: list[str], force: bool) -> dict:
     # The resolved configuration, once per run, where DVC sees it (each stage's params): a changed
     # profile or parameter is a changed value, and DVC alone decides what is stale.
     config_mod.write_resolved(cfg, ws.root)
+    storage.check_workspace(ws)        # objects changed under cluster.storage: their stage is stale for DVC
     with tracking.start_run(cfg, ws.root, f"pipeline[{cfg.profile}]") as parent:
         env = stage_env(cfg.profile, parent.info.run_id)
         for stage in selected:

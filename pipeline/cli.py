@@ -103,6 +103,33 @@ def show_config(ctx, write):
         return
     changed = config_mod.write_resolved(cfg, ws.root)
     click.echo(f"{config_mod.RESOLVED} (profile {cfg.profile}): {'written' if changed else 'unchanged'}")
+    _report_store_changes(ws)      # dvc repro's first stage: what DVC cannot see, before it decides
+
+
+def _report_store_changes(ws) -> dict:
+    """storage.check_workspace, said: outputs whose objects changed in cluster.storage."""
+    from . import storage
+    found = storage.check_workspace(ws)
+    for folder, problems in found.items():
+        click.echo(f"{folder}: {len(problems)} object(s) under cluster.storage no longer match its "
+                   f"{storage.MANIFEST} (e.g. {problems[0]}); marked with {storage.CHANGED}: its stage reruns")
+    return found
+
+
+@main.group("storage")
+def storage_group():
+    """Outputs held under cluster.storage (pipeline/storage.py)."""
+
+
+@storage_group.command("check")
+@click.pass_context
+def storage_check(ctx):
+    """Compare every data output's MANIFEST.json with the store; mark the changed ones stale for
+    DVC (exit 1 when any changed)."""
+    _, ws = _load(ctx)
+    if _report_store_changes(ws):
+        sys.exit(1)
+    click.echo("every manifest matches the store (or no output is held there)")
 
 
 @main.command()

@@ -439,7 +439,9 @@ class ClusterConfig(Section):
     incremental recipe or bundle config, and switching it invalidates nothing."""
     engine: Literal["local", "spark"] = "local"       # crawl, filter, embed: this process, or Spark tasks
     # null: the workspace. Else a root every node reads and writes (a shared mount, or an fsspec URL
-    # such as s3://bucket/unclip); training checkpoints go under it, so a restarted node resumes.
+    # such as s3://bucket/unclip): the data stages' shards go under it, each output folder keeping a
+    # MANIFEST.json that DVC versions (pipeline/storage.py), and training checkpoints, so a restarted
+    # node resumes.
     storage: Optional[str] = None
     groups_per_task: int = Field(1, ge=1)             # embed: shards per Spark task (disjoint groups)
     spark: SparkConfig = SparkConfig()

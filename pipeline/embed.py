@@ -39,16 +39,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import bundle, cluster, tracking
+from . import bundle, cluster, storage, tracking
 from .clip import model as clip_model
 from .data import incremental
 from .data.image_shards import decode_images, single_thread
 from .device import device_of
 from .clip.tokenize import truncated
-from .data.shards import ShardError, ShardSink, iter_samples, loads_json, shard_paths, split_of
+from .data.shards import ShardError, ShardSink, iter_samples, loads_json, shard_names, shard_paths, split_of
 from .progress import progress, say
 from .errors import StageError
-from .workspace import atomic_dir
 
 
 def npy_rows(arr: np.ndarray) -> list[bytes]:
@@ -129,6 +128,12 @@ def encode_batch(bundle, images: torch.Tensor, tokens: torch.Tensor):
     z_i = bundle.encode_image(images.to(device))
     z_t, enc, mask = bundle.encode_text(tokens.to(device))
     return z_i.float().cpu(), z_t.float().cpu(), enc.float().cpu(), mask.cpu()
+
+
+def retrieval_files(directory: Path) -> list[str]:
+    """The clip-retrieval ``img_emb/*.npy`` of an embed output, local or named by its manifest."""
+    local = {f"img_emb/{p.name}" for p in (Path(directory) / "img_emb").glob("*.npy")}
+    return sorted(local | {n for n in storage.stored_names(directory) if n.startswith("img_emb/")})
 
 
 class RetrievalWriter:
@@ -361,7 +366,7 @@ def run(cfg, ws) -> dict:
     """Embed the filtered shards not embedded before (all of them the first time, or when the
     CLIP, the embed config or its code changed)."""
     e = cfg.embed
-    if not shard_paths(ws.filtered):
+    if not shard_names(ws.filtered):
         raise StageError(f"no shards in {ws.filtered}: run the filter stage first")
     rec = embed_recipe(cfg, ws)
     state, why = incremental.previous(ws.embeddings, rec, cfg.retrain.incremental_data)
@@ -372,15 +377,15 @@ def run(cfg, ws) -> dict:
     say("embed", f"{len(paths)} new filtered shard(s) of {len(inputs)}" + (f"; {why}" if why else ""))
     if state is not None and not paths:
         say("embed", f"nothing new to embed: {ws.embeddings.relative_to(ws.root)}/ is kept as it is")
-        return {"input": 0, "kept": 0, "dropped_low_similarity": 0, "shards": len(shard_paths(ws.embeddings)),
+        return {"input": 0, "kept": 0, "dropped_low_similarity": 0, "shards": len(shard_names(ws.embeddings)),
                 "totals": state["totals"], "incremental": {"part": None, "new_filtered_shards": 0, "why": why}}
 
     filter_metrics = ws.metrics_path("filter")
     total = json.loads(filter_metrics.read_text()).get("kept") if filter_metrics.exists() else None
     # The clip-retrieval files are numbered on from the earlier parts' (one triple per shard).
-    retrieval_part = len(list((ws.embeddings / "img_emb").glob("*.npy"))) if state else 0
+    retrieval_part = len(retrieval_files(ws.embeddings)) if state else 0
     try:
-        with atomic_dir(ws.embeddings) as out:
+        with storage.stage_output(cfg.cluster.storage, ws, ws.embeddings) as out:
             if state is not None:
                 incremental.link_outputs(state, ws.embeddings, out)
             figures = embed_part(cfg, ws, paths, out, total, part, retrieval_part)
@@ -404,7 +409,7 @@ def run(cfg, ws) -> dict:
     if bias:
         figures["warnings"] = [bias]
         say("embed", f"warning: {bias}")
-    figures.update(shards=len(shard_paths(ws.embeddings)), totals=totals,
+    figures.update(shards=len(shard_names(ws.embeddings)), totals=totals,
                    incremental={"part": part, "new_filtered_shards": len(paths), "why": why})
     tracking.log_metrics({"images_per_s": figures["images_per_s"]})
     say("embed", f"{figures['kept']} samples ({figures['dropped_low_similarity']} dropped below similarity "

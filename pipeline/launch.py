@@ -11,7 +11,7 @@ accelerate (pipeline/training.py: DDP, every rank its own slice of the shards, g
 all-reduced), so every rank ends with the same weights. One writer: the global rank 0 alone saves
 the bundle (the stages' ``is_main_process``), writes ``metrics/<stage>.json`` and the MLflow run.
 Checkpoints are written by rank 0 and read by every rank, so they sit on storage all nodes
-share: the workspace itself (a shared mount) or ``cluster.storage``. A node that dies fails the
+share: the workspace itself (a shared mount) or ``cluster.storage`` (a mount or an fsspec URL). A node that dies fails the
 whole job (torchrun stops the others); running the same command again on every node resumes
 from the last checkpoint. Each rank leaves ``.unclip/launch/<stage>-rank<R>.json`` (its
 world size and the sha256 of its final weights), and rank 0 checks the ranks agree. Which node
@@ -26,6 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import storage
 from .errors import StageError
 
 TRAINING_STAGES = ("prior", "decoder", "upsample")
@@ -49,16 +50,10 @@ def node_rank(cfg) -> int:
     return rank
 
 
-def checkpoint_root(cfg, ws) -> Path:
-    """Where training checkpoints go: ``cluster.storage``/checkpoints (a path every node mounts),
-    else the workspace's ``.unclip/checkpoints``."""
-    storage = cfg.cluster.storage
-    if storage is None:
-        return ws.root / ".unclip" / "checkpoints"
-    if "://" in storage and not storage.startswith("file://"):
-        raise StageError(f"cluster.storage {storage!r}: training checkpoints need a path every node mounts "
-                         f"(object-store checkpoints are not supported yet; see docs/SCALING.md)")
-    return Path(storage.removeprefix("file://")) / "checkpoints"
+def checkpoint_root(cfg, ws):
+    """Where training checkpoints go: ``cluster.storage``/checkpoints (a path every node mounts, or
+    an fsspec URL: pipeline/storage.py), else the workspace's ``.unclip/checkpoints``."""
+    return storage.checkpoint_root(cfg.cluster.storage, ws)
 
 
 def torchrun_command(cfg, stage: str, ws) -> list[str]:

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .data.shards import shard_paths
-from .data.incremental import digests
+from .data.incremental import shard_digests
 from .workspace import atomic_write_json, file_sha256
 
 LINEAGE = "lineage.json"
@@ -35,7 +34,7 @@ FIGURES = "figures.json"      # a kept model's figures: DVC deletes metrics/<sta
 
 def lineage(data_dir: Path) -> dict:
     """What a model trained on ``data_dir`` records: its shards' digests."""
-    return {"data_dir": Path(data_dir).name, "shards": digests(shard_paths(data_dir))}
+    return {"data_dir": Path(data_dir).name, "shards": shard_digests(data_dir)}
 
 
 def write_lineage(model_dir: Path, data_dir: Path, figures: Optional[dict] = None) -> None:
@@ -51,7 +50,7 @@ def data_grew(model_dir: Path, data_dir: Path) -> tuple[bool, str]:
     if not path.exists():
         return False, f"no {LINEAGE} beside the earlier model (what it was trained on is unknown)"
     before = json.loads(path.read_text())["shards"]
-    now = digests(shard_paths(data_dir))
+    now = shard_digests(data_dir)
     changed = [n for n, d in before.items() if now.get(n) != d]
     if changed:
         return False, f"{len(changed)} of its training shards changed (e.g. {changed[0]}), the data did not just grow"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import datetime
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -27,6 +28,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from . import storage
 from .device import machine_signature, native_cpu_bf16, resolved_precision
 from .progress import progress
 from .workspace import fsync_dir, kill_point, pid_alive
@@ -58,16 +60,23 @@ class Checkpointer:
     every: int
 
     @property
-    def path(self) -> Path:
-        return Path(self.directory) / f"{self.key}.pt"
+    def path(self):
+        return self.directory / f"{self.key}.pt" if is_url(self.directory) else Path(self.directory) / f"{self.key}.pt"
 
     def save(self, step: int, model, optimizer, scheduler, extra: Optional[dict] = None) -> None:
+        state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict() if scheduler else None, "extra": extra or {}}
+        if is_url(self.directory):               # an object store: one PUT (or a write and a move)
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            kill_point("checkpoint")
+            storage.write_url(self.path, buffer.getvalue())
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
         try:
             with open(tmp, "wb") as f:
-                torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict() if scheduler else None, "extra": extra or {}}, f)
+                torch.save(state, f)
                 f.flush()
                 os.fsync(f.fileno())           # the bytes on disk before the name: no empty checkpoint after a crash
             kill_point("checkpoint")
@@ -82,31 +91,52 @@ class Checkpointer:
         is none, or when it does not load (truncated, corrupt, holding more than tensors and
         plain data): that one is set aside, named in a message, and the run starts over."""
         sweep_temporaries(self.directory)
-        if not self.path.exists():
+        source = self.read()
+        if source is None:
             return 0, {}
         try:
             # weights_only: tensors, numbers, strings and containers, never pickled code (a checkpoint
             # directory can be written by others: a shared or restored workspace)
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            state = torch.load(source, map_location="cpu", weights_only=True)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             if scheduler and state["scheduler"]:
                 scheduler.load_state_dict(state["scheduler"])
             return int(state["step"]), state["extra"]
         except Exception as err:  # noqa: BLE001 -- any checkpoint that does not load is unusable
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.replace(self.path, aside)
+            aside = f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+            if is_url(self.directory):
+                storage.move_url(self.path, self.directory / aside)
+            else:
+                os.replace(self.path, self.path.with_name(aside))
             print(f"checkpoint {self.path} does not load ({type(err).__name__}: {str(err)[:300]}); "
-                  f"moved aside to {aside.name}, training starts over", flush=True)
+                  f"moved aside to {aside}, training starts over", flush=True)
             return 0, {}
 
+    def read(self):
+        """What torch.load reads: the local path, the stored bytes, or None when there is none."""
+        if is_url(self.directory):
+            data = storage.read_url(self.path)
+            return None if data is None else io.BytesIO(data)
+        return self.path if self.path.exists() else None
+
     def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if is_url(self.directory):
+            storage.remove_urls(self.directory, (self.path.name,))
+        else:
+            self.path.unlink(missing_ok=True)
+
+
+def is_url(directory) -> bool:
+    return isinstance(directory, storage.Url)
 
 
 def clear_checkpoints(directory: Path) -> None:
     """A stage's checkpoints, once its output is committed: every key's (an earlier config's
     are stale now) and any temporary file; a set-aside ``.corrupt-*`` one is kept for a look."""
+    if is_url(directory):
+        storage.remove_urls(directory, (".pt",))
+        return
     directory = Path(directory)
     if directory.is_dir():
         for p in directory.iterdir():
@@ -115,7 +145,10 @@ def clear_checkpoints(directory: Path) -> None:
 
 
 def sweep_temporaries(directory: Path) -> None:
-    """Remove ``<key>.tmp<pid>`` files of processes that are gone (killed during a save)."""
+    """Remove ``<key>.tmp<pid>`` files of processes that are gone (killed during a save); an
+    object store has none (a PUT is whole or absent; storage.write_object cleans up its own)."""
+    if is_url(directory):
+        return
     directory = Path(directory)
     if not directory.is_dir():
         return
@@ -123,6 +156,14 @@ def sweep_temporaries(directory: Path) -> None:
         pid = p.suffix.removeprefix(".tmp")
         if pid.isdigit() and not pid_alive(int(pid)):
             p.unlink(missing_ok=True)
+
+
+def precision_cache_path(checkpoint_dir) -> Path:
+    """Where a stage keeps its precision measurement: beside its checkpoints, or, when they are in
+    an object store, in the workspace (torchrun workers run there: pipeline/launch.py)."""
+    if is_url(checkpoint_dir):
+        return Path.cwd() / ".unclip" / "checkpoints" / "precision.json"
+    return Path(checkpoint_dir).parent / "precision.json"
 
 
 def choose_precision(precision: str, model: torch.nn.Module, loss_fn: Callable, batch, *, key: Any,
@@ -385,7 +426,7 @@ def train_diffusion_model(model: torch.nn.Module, tc, make_batches: Callable[[in
     summary = fit(model, optimizer, scheduler, make_batches(accelerator.process_index, accelerator.num_processes),
                   loss_fn, steps=tc.steps, checkpointer=ckpt, grad_clip=tc.grad_clip, desc=desc, on_log=on_log,
                   ema=ema, accelerator=accelerator, on_nonfinite=tc.on_nonfinite, precision=tc.precision,
-                  precision_cache=Path(checkpoint_dir).parent / "precision.json")
+                  precision_cache=precision_cache_path(checkpoint_dir))
     ema.copy_to(model.parameters())
     model.eval()
     # what replicas compare (pipeline/launch.py): every rank of a DDP run ends with these weights

@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 
 RESOLVED = "params.resolved.json"
@@ -54,14 +54,49 @@ class Workspace:
     @property
     def reports(self) -> Path: return self.root / "reports"
     @property
-    def checkpoints(self) -> Path:
-        # a torchrun launch (pipeline/launch.py) points every rank at storage all nodes share
-        return Path(os.environ.get("UNCLIP_CHECKPOINTS") or self.root / ".unclip" / "checkpoints")
+    def checkpoints(self):
+        # a torchrun launch (pipeline/launch.py) points every rank at storage all nodes share: a
+        # path, or an fsspec URL (a pipeline.storage.Url, which joins with / like a Path)
+        shared = os.environ.get("UNCLIP_CHECKPOINTS")
+        if not shared:
+            return self.root / ".unclip" / "checkpoints"
+        return location(shared)
     @property
     def metrics_dir(self) -> Path: return self.root / "metrics"
 
     def metrics_path(self, stage: str) -> Path:
         return self.metrics_dir / f"{stage.replace('@', '_')}.json"
+
+
+# ---- roots outside the workspace (``cluster.storage``: pipeline/storage.py) -----------------------
+class Url(str):
+    """A location under a non-local fsspec root (``memory://ck/prior``): ``/`` joins like a Path."""
+
+    def __truediv__(self, other) -> "Url":
+        return Url(self.rstrip("/") + "/" + str(other))
+
+    @property
+    def name(self) -> str:
+        return self.rstrip("/").rsplit("/", 1)[-1]
+
+
+Location = Union[Path, Url]
+
+
+def root_url(storage: Optional[str]) -> Optional[str]:
+    """``cluster.storage`` as an fsspec URL: None stays None, a plain path or ``file://`` becomes
+    ``file://<absolute path>``, another URL is kept (without a trailing slash)."""
+    if storage is None:
+        return None
+    if "://" not in storage or storage.startswith("file://"):
+        return "file://" + str(Path(storage.removeprefix("file://")).expanduser().resolve())
+    return storage.rstrip("/")
+
+
+def location(url: str) -> Location:
+    """A Path for a local root, else a :class:`Url`."""
+    url = root_url(url)
+    return Path(url.removeprefix("file://")) if url.startswith("file://") else Url(url)
 
 
 KILL_ENV = "UNCLIP_KILL_AT"

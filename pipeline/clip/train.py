@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from ..device import autocast, device_of
-from ..training import Checkpointer, config_hash, cosine_with_warmup, fit
+from ..training import Checkpointer, config_hash, cosine_with_warmup, fit, precision_cache_path
 from .data import train_loader
 from .model import ClipBundle, build
 
@@ -93,7 +93,7 @@ def train(clip_cfg, shard_paths: list[Path], checkpoint_dir: Path,
                         every=100)
     summary = fit(model, optimizer, scheduler, loader, loss_fn, steps=clip_cfg.steps, checkpointer=ckpt,
                   grad_clip=clip_cfg.grad_clip, desc="clip: train", on_log=on_log, after_step=lambda _step: clamp_temperature(model),
-                  precision=clip_cfg.precision, precision_cache=Path(checkpoint_dir).parent / "precision.json")
+                  precision=clip_cfg.precision, precision_cache=precision_cache_path(checkpoint_dir))
     model.eval()
     summary["logit_scale"] = round(model.logit_scale.exp().item(), 2)
     return bundle, summary

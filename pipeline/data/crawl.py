@@ -66,15 +66,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile, ImageOps
 
-from .. import cluster
+from .. import cluster, storage
 from . import incremental
 from ..progress import progress, say
 from ..errors import StageError
 from ..tracking import redact_urls_in
-from ..workspace import atomic_dir
 from . import fetch
 from .server import serve_corpus
-from .shards import ShardSink, iter_shard, key_problem, shard_paths
+from .shards import ShardSink, iter_shard, key_problem, shard_names, shard_paths
 
 REASONS = ("refused_url", "http_404", "http_5xx", "timeout", "not_an_image", "too_large", "opted_out", "too_small",
            "corrupt_image", "other")
@@ -621,12 +620,12 @@ def run(cfg, ws) -> dict:
                  + (f"; {why}" if why else ""))
     if state is not None and todo.empty:
         figures = {"attempted": 0, "succeeded": 0, "failed": 0, **failure_metrics(old_log.iloc[:0]),
-                   "shards": len(shard_paths(ws.raw)), "totals": state["totals"],
+                   "shards": len(shard_names(ws.raw)), "totals": state["totals"],
                    "incremental": {"part": None, "reused_urls": reused, "new_urls": 0, "why": why}}
         say("crawl", f"nothing new to crawl: {ws.raw.relative_to(ws.root)}/ is kept as it is")
         return figures
 
-    with atomic_dir(ws.raw) as out:
+    with storage.stage_output(cfg.cluster.storage, ws, ws.raw) as out:
         if state is not None:
             old_records = [str(p.relative_to(ws.raw)) for p in (ws.raw / "img2dataset").rglob("*") if p.is_file()]
             incremental.link_outputs(state, ws.raw, out, extra=old_records)
@@ -651,7 +650,7 @@ def run(cfg, ws) -> dict:
             "recipe": rec, "totals": totals,
             "parts": [*(state["parts"] if state else []),
                       {"part": part, "urls": len(todo), "succeeded": len(written), "outputs": outputs}]})
-        n_shards = len(shard_paths(out))
+        n_shards = len(shard_names(out))
 
     total_s = time.perf_counter() - t0     # images_per_s: good images per second of the whole stage
     metrics.update(shards=n_shards, **times, images_per_s=round(len(written) / total_s, 1),

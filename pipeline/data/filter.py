@@ -46,13 +46,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .. import cluster
+from .. import cluster, storage
 from . import incremental
 from ..progress import progress, say
 from ..errors import StageError
-from ..workspace import atomic_dir, dir_size, human_bytes
+from ..workspace import human_bytes
 from . import dedup
-from .shards import ShardError, ShardSink, iter_samples, shard_paths
+from .shards import ShardError, ShardSink, iter_samples, shard_names, shard_paths
 
 from .rules import IMAGE_EXTS, REASONS, THUMB_GRID, check, phash64, pixel_sha256, thumbnail  # noqa: F401  (filter.check etc.)
 
@@ -283,7 +283,7 @@ def run(cfg, ws) -> dict:
     """Filter the raw shards not filtered before (all of them the first time, or when the
     filter's config or code changed); new samples are deduplicated against the earlier ones."""
     f = cfg.filter
-    if not shard_paths(ws.raw):
+    if not shard_names(ws.raw):
         raise StageError(f"no shards in {ws.raw} (run the crawl stage first)")
     # Ground truth only describes the embedded corpus, not a user's URL list.
     truth_path = ws.corpus / "pairs.parquet"
@@ -302,7 +302,7 @@ def run(cfg, ws) -> dict:
     if state is not None and not paths:
         say("filter", f"nothing new to filter: {ws.filtered.relative_to(ws.root)}/ is kept as it is")
         return {"input": 0, "kept": 0, "dropped_by_reason": {r: 0 for r in REASONS}, "shards_in": 0,
-                "shards_out": len(shard_paths(ws.filtered)), "totals": state["totals"],
+                "shards_out": len(shard_names(ws.filtered)), "totals": state["totals"],
                 "incremental": {"part": None, "new_raw_shards": 0, "why": why}}
 
     with cluster.session(cfg.cluster) as spark:
@@ -320,7 +320,7 @@ def finish(cfg, ws, s: Scan, earlier: Earlier, state, why, paths, inputs, part, 
                            spark)
     metrics = {"input": s.n, "kept": len(kept.index), "dropped_by_reason": kept.dropped,
                "squared": {cfg.filter.square: squared}, "shards_in": len(paths),
-               "shards_out": len(shard_paths(ws.filtered)), "near_dedup": kept.near_stats, "totals": kept.totals,
+               "shards_out": len(shard_names(ws.filtered)), "near_dedup": kept.near_stats, "totals": kept.totals,
                "incremental": {"part": part, "new_raw_shards": len(paths), "why": why}}
     if truth is not None:
         seen = s.seen | set(earlier.keys.tolist()) | set(earlier.drops.key)
@@ -328,7 +328,7 @@ def finish(cfg, ws, s: Scan, earlier: Earlier, state, why, paths, inputs, part, 
     nonzero = ", ".join(f"{r} {n}" for r, n in kept.dropped.items() if n) or "none"
     say("filter", f"kept {len(kept.index)} of {s.n} samples (dropped: {nonzero}) -> "
                   f"{ws.filtered.relative_to(ws.root)}/ ({metrics['shards_out']} shards, "
-                  f"{human_bytes(dir_size(ws.filtered))}; {DROPPED} lists every drop)")
+                  f"{human_bytes(storage.output_bytes(ws.filtered))}; {DROPPED} lists every drop)")
     return metrics
 
 
@@ -396,7 +396,7 @@ def write_output(cfg, ws, paths: list[Path], sizes: list[int], kept: Kept, state
     f, part, index = cfg.filter, run["part"], kept.index
     prefix = incremental.part_prefix(part)
     try:
-        with atomic_dir(ws.filtered) as out:
+        with storage.stage_output(cfg.cluster.storage, ws, ws.filtered) as out:
             if state is not None:
                 incremental.link_outputs(state, ws.filtered, out)
             squared = kept.not_square & set(index.tolist())

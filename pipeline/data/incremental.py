@@ -29,8 +29,9 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Optional
 
+from .. import storage
 from ..codedeps import ROOT, closure
-from .shards import shard_paths
+from .shards import shard_names
 from ..workspace import atomic_write_json, file_sha256
 
 STATE = "incremental.json"
@@ -67,8 +68,9 @@ def write_state(directory: Path, state: dict) -> None:
     atomic_write_json(Path(directory) / STATE, state)
 
 
-def digests(paths: Iterable[Path]) -> dict[str, str]:
-    return {p.name: file_sha256(p) for p in paths}
+def shard_digests(directory: Path) -> dict[str, str]:
+    """name -> sha256 of ``directory``'s shards (a stored shard's from its manifest, unread)."""
+    return storage.digests(directory, shard_names(directory))
 
 
 def previous(directory: Path, current_recipe: str, enabled: bool,
@@ -82,8 +84,12 @@ def previous(directory: Path, current_recipe: str, enabled: bool,
         return None, "no earlier output to build on"
     if state.get("recipe") != current_recipe:
         return None, "the stage's config or code changed since the earlier output: everything is redone"
+    changed = storage.changed_since(directory)
+    if changed:
+        return None, f"the earlier output cannot be built on: {changed}; everything is redone"
     names = [name for part in state["parts"] for name in part["outputs"]] + list(required)
-    missing = [name for name in names if not (Path(directory) / name).exists()]
+    stored = storage.stored_names(directory)
+    missing = [name for name in names if not (Path(directory) / name).exists() and name not in stored]
     if missing:
         return None, f"the earlier output lacks {len(missing)} of its files (e.g. {missing[0]}): everything is redone"
     return state, f"{len(state['parts'])} earlier part(s) kept"
@@ -95,8 +101,7 @@ def new_inputs(state: Optional[dict], upstream: Path) -> tuple[Optional[list[Pat
     Earlier inputs must be unchanged: a shard that changed or vanished upstream means the earlier
     output no longer describes the upstream data.
     """
-    paths = shard_paths(upstream)
-    current = digests(paths)
+    current = shard_digests(upstream)
     if state is None:
         return None, current, ""
     before = state.get("inputs", {})
@@ -104,13 +109,14 @@ def new_inputs(state: Optional[dict], upstream: Path) -> tuple[Optional[list[Pat
     if changed:
         return None, current, (f"{len(changed)} earlier input shard(s) changed upstream "
                                f"(e.g. {changed[0]}): everything is redone")
-    return [p for p in paths if p.name not in before], current, ""
+    return storage.local_shards(upstream, [n for n in current if n not in before]), current, ""
 
 
 def link_outputs(state: dict, src: Path, dst: Path, extra: Iterable[str] = ()) -> None:
-    """Hard-link (copy where links fail) the earlier parts' shards and ``extra`` files into ``dst``."""
+    """Hard-link (copy where links fail) the earlier parts' shards and ``extra`` files into ``dst``;
+    those held in ``cluster.storage`` go into ``dst``'s manifest instead (storage.carry)."""
     names = [n for part in state["parts"] for n in part["outputs"]] + list(extra)
-    for name in names:
+    for name in storage.carry(src, dst, names):
         target = Path(dst) / name
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -122,7 +128,7 @@ def link_outputs(state: dict, src: Path, dst: Path, extra: Iterable[str] = ()) -
 def part_outputs(directory: Path, part: int) -> list[str]:
     """The names of part ``part``'s shards in ``directory`` (part 0's have no prefix)."""
     prefix = part_prefix(part)
-    return [p.name for p in shard_paths(directory) if p.name.startswith(prefix) and (part or "-" not in p.name)]
+    return [n for n in shard_names(directory) if n.startswith(prefix) and (part or "-" not in n)]
 
 
 def next_part(state: Optional[dict]) -> int:

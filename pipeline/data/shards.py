@@ -13,14 +13,24 @@ from typing import Callable, Iterator
 
 import orjson
 
+from .. import storage
+
 
 class ShardError(RuntimeError):
     """A shard that cannot be read (truncated, not a tar, ...), named by path."""
 
 
+def shard_names(directory: Path) -> list[str]:
+    """The shards of an output folder by name, sorted: its ``*.tar`` files and, where
+    ``cluster.storage`` holds them, the shards its manifest names (pipeline/storage.py)."""
+    stored = [n for n in storage.stored_names(directory) if n.endswith(".tar") and "/" not in n]
+    return sorted({p.name for p in Path(directory).glob("*.tar")} | set(stored))
+
+
 def shard_paths(directory: Path) -> list[Path]:
-    paths = sorted(Path(directory).glob("*.tar"))
-    return paths
+    """Local paths of the shards of :func:`shard_names`: a stored one is fetched through its
+    manifest (once, into the workspace's store cache, its sha256 checked)."""
+    return storage.local_shards(directory, shard_names(directory))
 
 
 ZERO_BLOCK = bytes(512)
