@@ -56,9 +56,10 @@ def main() -> None:
     for g in args.guidance:
         cells = []
         for t in temperatures:
-            sampling = dict(meta["info"]["sampling"]) | {"guidance_scale": g, "temperature": t}
+            sampling = kinds.PriorSampling.of(meta["info"], guidance_scale=g, temperature=t,
+                                              n_candidates=args.candidates)
             t0 = time.perf_counter()
-            z, _ = sample_in_batches(model, val, sampling, args.candidates, args.batch_size, args.seed)
+            z, _ = sample_in_batches(model, val, sampling, args.batch_size, args.seed)
             cos_i = F.cosine_similarity(z, val["z_i"], dim=-1).mean().item()
             cos_t = F.cosine_similarity(z, val["z_t"], dim=-1).mean().item()
             cells.append(f"{cos_i:.3f} / {cos_t:.3f} [{time.perf_counter() - t0:.1f}]")
