@@ -45,7 +45,7 @@ from pipeline.quality import score  # noqa: E402
 from pipeline.device import autocast, use_bf16  # noqa: E402
 from pipeline.diffusion import in_batches  # noqa: E402
 from pipeline.upsampler import diffusion as up_diffusion  # noqa: E402
-from pipeline.upsampler.stage import (bundle_info, chain_sizes, conditioned, evaluate, image_embedding,  # noqa: E402
+from pipeline.upsampler.stage import (model_info, chain_sizes, conditioned, evaluate, image_embedding,  # noqa: E402
                                       source_dir, train)
 from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402
 
@@ -89,7 +89,7 @@ def main() -> None:
                                            out_dir / "checkpoints" / args.name, embed_dim=embed_dim)
         figures["train"] = summary | {"wall_s": round(time.perf_counter() - t0, 1)}
         model.eval()
-        info = bundle_info(u, args.key, in_size, out_size, summary["crop_size"])
+        info = model_info(u, args.key, in_size, out_size, summary["crop_size"])
         if args.save:
             bundle.save_model(Path(args.save), model, kind="upsampler", arch=arch, run_config=bundle.run_config(cfg),
                               info=info)

@@ -22,7 +22,7 @@ signature, so callers batch, seed and count the same way)::
                mask), decoder.diffusion.Condition (z_i, tokens, mask; known pixels for inpainting),
                upsampler.diffusion.Condition (low_res, z_i)
     sampling   a :class:`Sampling` (the model's subclass): sampler, steps, guidance and what the
-               network's output means, as the model's bundle recorded them (``Sampling.of(info)``)
+               network's output means, as the model's ``model.json`` recorded them (``Sampling.of(info)``)
                with a call's overrides
     generator  every draw (starting noise, ancestral noise, categorical codes) comes from it
     x_T        the starting noise instead of a draw (fixed noise for interpolations)
@@ -63,7 +63,7 @@ class Sampling:
 
     @classmethod
     def of(cls, info: dict, **overrides) -> "Sampling":
-        """From a bundle's ``meta["info"]`` (its ``sampling`` section and the keys beside it, such as
+        """From a saved model's ``meta["info"]`` (its ``sampling`` section and the keys beside it, such as
         ``prediction_type``), with the ``overrides`` that are not None over it."""
         names = {f.name for f in fields(cls)}
         recorded = {k: v for k, v in (info | info.get("sampling", {})).items() if k in names}

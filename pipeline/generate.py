@@ -34,7 +34,7 @@ from .workspace import file_sha256
 
 @dataclass
 class Unclip:
-    clip: clip_model.ClipBundle
+    clip: clip_model.Clip
     prior: torch.nn.Module                                  # either kind (pipeline.prior.kinds)
     prior_meta: dict
     decoder: UnclipDecoder
@@ -80,7 +80,7 @@ class Unclip:
     def prior_sampling(self, *, sampler: Optional[str] = None, steps: Optional[int] = None,
                        guidance: Optional[float] = None, n_candidates: Optional[int] = None) -> prior_kinds.PriorSampling:
         """The prior's saved sampling with these overrides (``sampler`` and ``steps`` mean nothing
-        to the autoregressive prior, whose steps are its codes; a bundle that records no
+        to the autoregressive prior, whose steps are its codes; a prior saved without
         ``n_candidates`` draws 2)."""
         if prior_kinds.is_autoregressive(self.prior):
             sampler = steps = None

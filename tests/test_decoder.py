@@ -80,9 +80,9 @@ def test_sampling_with_and_without_guidance(sampler):
     assert torch.equal(a, b)                                                      # seeded
 
 
-def test_sampling_reads_the_bundle_and_overrides_it_and_batches_keep_rows():
+def test_sampling_reads_the_saved_info_and_overrides_it_and_batches_keep_rows():
     info = {"prediction_type": "v_prediction", "sampling": {"sampler": "dpm++", "steps": 8, "guidance_scale": 2.0}}
-    s = dd.DecoderSampling.of(info, steps=3, guidance_scale=None)                  # None: the bundle's
+    s = dd.DecoderSampling.of(info, steps=3, guidance_scale=None)                  # None: the saved one
     assert (s.sampler, s.steps, s.guidance_scale, s.prediction_type, s.eta) == ("dpm++", 3, 2.0, "v_prediction", 0.0)
     m, condition = net(), dd.Condition(*cond())
     x_T = torch.randn(B, 3, S, S, generator=torch.Generator().manual_seed(1))

@@ -140,7 +140,7 @@ def test_training_loss_learns_a_fixed_mapping():
     assert sum(losses[:10]) / 10 > 2.5 and sum(losses[-20:]) / 20 < 2.0
 
 
-def test_bundle_is_self_describing(tmp_path):
+def test_saved_prior_is_self_describing(tmp_path):
     p = PriorConfig.model_validate({"kind": "autoregressive", "layers": 2, "heads": 2, "head_dim": 8,
                                     "autoregressive": {"components": K, "buckets": 32, "dot_buckets": 8}})
     arch = kinds.arch_of(p, D, W, L)
@@ -158,7 +158,7 @@ def test_bundle_is_self_describing(tmp_path):
     caption = kinds.Caption(z_t, tokens, mask)
     assert torch.equal(kinds.sample(loaded, caption, s, generator=torch.Generator().manual_seed(0)),
                        kinds.sample(m, caption, s, generator=torch.Generator().manual_seed(0)))
-    # a bundle from before the autoregressive prior (no kind in its arch) is a diffusion prior
+    # a prior saved before the autoregressive prior (no kind in its arch) is a diffusion prior
     old = json.loads((tmp_path / "model.json").read_text())["arch"]
     assert type(kinds.build(**{k: v for k, v in old.items()
                                if k not in ("kind", "components", "buckets", "dot_buckets")})).__name__ == "UnclipPrior"

@@ -1,5 +1,5 @@
 """The upsamplers: network shapes, training-time corruptions, a loss that learns, sampling with
-every sampler, and a bundle round trip. Tiny networks; no workspace."""
+every sampler, and a save/load round trip. Tiny networks; no workspace."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ INFO = {"in_size": 8, "out_size": 16, "prediction_type": "epsilon", "sampling": 
 
 
 def upsample(model, info, low, z_i=None, generator=None, **overrides):
-    """The upsampler's sampling contract as the chain calls it: a bundle's info, a call's overrides."""
+    """The upsampler's sampling contract as the chain calls it: a saved model's info, a call's overrides."""
     sampling = diffusion.UpsamplerSampling.of(info, **overrides)
     return diffusion.sample(model, diffusion.Condition(low, z_i), sampling, generator=generator)
 
@@ -187,7 +187,7 @@ def test_upsample_rejects_sizes_the_network_cannot_take():
         upsample(m, INFO, shapes(size=5))
 
 
-def test_saved_bundle_gives_the_same_samples(tmp_path):
+def test_saved_upsampler_gives_the_same_samples(tmp_path):
     m = net(seed=5)
     info = {**INFO, "key": "1", "degradation": "blur"}
     bundle.save_model(tmp_path / "up", m, kind="upsampler", arch=ARCH, run_config={}, info=info)

@@ -39,7 +39,7 @@ def arch_of(d, embed_dim: int, text_width: int) -> dict:
 
 
 def sampling_info(d) -> dict:
-    """How a decoder trained with config ``d`` samples (its bundle's ``info``; ``DecoderSampling.of`` reads it)."""
+    """How a decoder trained with config ``d`` samples (its ``model.json``'s ``info``; ``DecoderSampling.of`` reads it)."""
     return {"prediction_type": d.prediction_type, "sampling": d.sampling.model_dump()}
 
 

@@ -4,8 +4,8 @@
     autoregressive   pipeline/prior/autoregressive.py + codebook.py: a causal transformer over
                      quantized PCA codes of z_i
 
-A bundle's ``arch`` says which (``kind``; bundles from before the autoregressive prior have no
-``kind`` and are diffusion priors), so :func:`build` rebuilds either from ``model.json``.
+A saved prior's ``arch`` says which (``kind``; priors saved before the autoregressive prior have
+no ``kind`` and are diffusion priors), so :func:`build` rebuilds either from ``model.json``.
 :func:`sample` is the prior's sampling contract (pipeline/diffusion.py) for both.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ def is_autoregressive(model) -> bool:
 
 
 def sampling_info(p) -> dict:
-    """The sampling defaults a prior bundle records (``model.json``'s ``info``)."""
+    """The sampling defaults a saved prior records (``model.json``'s ``info``)."""
     if p.kind == AUTOREGRESSIVE:
         a = p.autoregressive
         return {"sampling": {"sampler": AUTOREGRESSIVE, "steps": a.components, "guidance_scale": a.guidance_scale,

@@ -56,8 +56,8 @@ class UpsamplerSampling(Sampling):
 
     @classmethod
     def of(cls, info: dict, **overrides) -> "UpsamplerSampling":
-        """From an upsampler bundle's ``meta["info"]``: its sampling, prediction type, scale and
-        target (a bundle from before the residual target diffuses the image)."""
+        """From a saved upsampler's ``meta["info"]``: its sampling, prediction type, scale and
+        target (one saved before the residual target diffuses the image)."""
         residual = info.get("residual_scale", 1.0) if info.get("target", "image") == "residual" else None
         return replace(super().of(info, **overrides), scale=info["out_size"] // info["in_size"], residual_scale=residual)
 
@@ -145,6 +145,6 @@ def for_sampling(model: Upsampler, bf16: bool) -> Upsampler:
 
 
 def load(path: Path, device: str | torch.device = "cpu") -> tuple[Upsampler, dict]:
-    """A trained upsampler bundle -> (model in eval mode, meta); ``UpsamplerSampling.of(meta["info"])``
+    """A trained upsampler's directory -> (model in eval mode, meta); ``UpsamplerSampling.of(meta["info"])``
     is how it samples."""
     return bundle.load_model(path, "upsampler", Upsampler, device)

@@ -1,4 +1,4 @@
-"""The `upsample@<key>` stages: train one upsampler of the chain, evaluate it on val, save the bundle.
+"""The `upsample@<key>` stages: train one upsampler of the chain, evaluate it on val, save models/upsampler_<key>/.
 
 The chain starts at the decoder's resolution; each stage multiplies it by its ``scale``
 (default 16 -> 32 -> 64 px). Training pairs come from the filtered shards: the image resized
@@ -177,8 +177,8 @@ def train(u, key: str, paths: list[Path], in_size: int, out_size: int, checkpoin
     return model, arch, summary, accelerator, retrain.describe(warm, scratch_why)
 
 
-def bundle_info(u, key: str, in_size: int, out_size: int, crop_size: int) -> dict:
-    """An upsampler bundle's ``meta["info"]`` (what ``UpsamplerSampling.of`` reads) for
+def model_info(u, key: str, in_size: int, out_size: int, crop_size: int) -> dict:
+    """A saved upsampler's ``meta["info"]`` (what ``UpsamplerSampling.of`` reads) for
     upsampler ``key`` trained with config ``u``."""
     return {"key": key, "in_size": in_size, "out_size": out_size, "prediction_type": u.prediction_type,
             "condition": u.condition, "target": u.target, "residual_scale": u.residual_scale,
@@ -230,7 +230,7 @@ def run(cfg, ws, key: str) -> dict:
                                                    ws.checkpoints / f"upsampler_{key}", warm_from, embed_dim, depends)
     if not accelerator.is_main_process:                   # under several processes the main one saves
         return {"train": summary}
-    info = bundle_info(u, key, in_size, out_size, summary["crop_size"])
+    info = model_info(u, key, in_size, out_size, summary["crop_size"])
     with atomic_dir(ws.upsampler(key)) as out:
         with torch.no_grad():
             val, rows = evaluate(model, info, paths, u.seed)
