@@ -47,7 +47,6 @@ import math
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.clip.zeroshot import PAIR_CHECKS, pair_candidates, pair_verdicts  # noqa: E402
 from pipeline.data.scenes import COLORS  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
+from pipeline.decoder.diffusion import Condition  # noqa: E402
 from pipeline.decoder.stage import decode  # noqa: E402
 from pipeline.data.embedding_shards import load_split  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402
@@ -137,10 +137,8 @@ def chain(unclip: Unclip, judge: Judge, test: dict, rows: list[int], seed: int, 
 
     # the decoder alone from true z_i and from z_i_hat: same text conditioning, same noise
     _, enc, mask = unclip.encode_text(captions)                              # [n, L, W], [n, L]
-    sampling = SimpleNamespace(**unclip.decoder_meta["info"]["sampling"])
-    dec = {name: to_uint8(decode(unclip.decoder, z, enc, mask, image_size=unclip.sizes[0],
-                                 prediction_type=unclip.decoder_meta["info"]["prediction_type"],
-                                 sampling=sampling, seed=seed, batch_size=batch_size, precision=unclip.precision))
+    dec = {name: to_uint8(decode(unclip.decoder, Condition(z, enc, mask), unclip.decoder_sampling(), seed=seed,
+                                 batch_size=batch_size, precision=unclip.precision))
            for name, z in (("true", z_i), ("prior", z_hat))}                 # uint8 [n, 3, s0, s0]
     real = test["images"][idx]                                               # uint8 [n, 3, S, S]
 

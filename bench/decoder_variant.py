@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline import background, bundle, config  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
 from pipeline.decoder.network import UnclipDecoder  # noqa: E402
-from pipeline.decoder.stage import arch_of, decode, training_fns  # noqa: E402
+from pipeline.decoder.diffusion import Condition, DecoderSampling  # noqa: E402
+from pipeline.decoder.stage import arch_of, decode, sampling_info, training_fns  # noqa: E402
 from pipeline.data.embedding_shards import load_split  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402
 from pipeline.images import grid, resize, save_png, to_uint8  # noqa: E402
@@ -91,11 +92,11 @@ def main() -> None:
     figures["samplers"] = {}
     for spec in args.samplers.split(","):
         sampler, steps, guidance = spec.split(":")
-        sampling = config.SamplingConfig(sampler=sampler, steps=int(steps), guidance_scale=float(guidance))
+        sampling = DecoderSampling.of(sampling_info(d), sampler=sampler, steps=int(steps),
+                                      guidance_scale=float(guidance))
         t0 = time.perf_counter()
-        images = to_uint8(decode(model, test["z_i"][rows], test["tokens"][rows], test["mask"][rows],
-                                 image_size=d.image_size, prediction_type=d.prediction_type, sampling=sampling,
-                                 seed=0, precision=d.precision))
+        images = to_uint8(decode(model, Condition(test["z_i"][rows], test["tokens"][rows], test["mask"][rows]),
+                                 sampling, seed=0, precision=d.precision))
         readings: list = []
         fig = score(judge, images, gts, real, preds=readings)
         # the background's pixel noise, the 16 px output taken bicubically to 64 px (real images so: ~0.3)

@@ -41,9 +41,9 @@ def main() -> None:
     args = ap.parse_args()
     ws = Workspace.at(args.workspace)
     cfg = config.load(ws.params, args.profile)
-    e = cfg.embed
+    embed = cfg.embed
     if args.num_workers is not None:
-        e = e.model_copy(update={"num_workers": args.num_workers})
+        embed = embed.model_copy(update={"num_workers": args.num_workers})
     paths, n = [], 0
     for p in shard_paths(ws.filtered):
         if n >= args.samples:
@@ -52,24 +52,25 @@ def main() -> None:
         n += count_samples(p)
     if not paths or not (ws.clip / "model.safetensors").exists():
         sys.exit(f"{ws.root}: needs data/filtered and models/clip (run `make run` or the filter and clip stages)")
-    bundle = clip_model.load(ws.clip, device_of())
-    preloaded = [(b["images"], b["tokens"]) for b in batches(paths, bundle.tokenize, bundle.image_size,
-                                                               e.batch_size, 0)]
-    print(f"{n} samples in {len(paths)} shards, batch {e.batch_size}, {torch.get_num_threads()} threads, "
-          f"embed.num_workers={e.num_workers}", flush=True)
+    clip = clip_model.load(ws.clip, device_of())
+    preloaded = [(b["images"], b["tokens"]) for b in batches(paths, clip.tokenize, clip.image_size,
+                                                               embed.batch_size, 0)]
+    print(f"{n} samples in {len(paths)} shards, batch {embed.batch_size}, {torch.get_num_threads()} threads, "
+          f"embed.num_workers={embed.num_workers}", flush=True)
 
     def bare() -> float:
         t0 = time.perf_counter()
         for images, tokens in preloaded:
-            encode_batch(bundle, images, tokens)
+            encode_batch(clip, images, tokens)
         return n / (time.perf_counter() - t0)
 
     def stage() -> float:
-        getattr(bundle.tokenizer, "words", {}).clear()   # the stage starts cold (preloading warmed the memo)
+        getattr(clip.tokenizer, "words", {}).clear()   # the stage starts cold (preloading warmed the memo)
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            embed_shards(bundle, paths, Path(tmp), batch_size=e.batch_size, shard_size=e.shard_size,
-                         num_workers=e.num_workers, min_similarity=e.min_similarity, token_dtype=e.token_dtype)
+            embed_shards(clip, paths, Path(tmp), batch_size=embed.batch_size, shard_size=embed.shard_size,
+                         num_workers=embed.num_workers, min_similarity=embed.min_similarity,
+                         token_dtype=embed.token_dtype)
             return n / (time.perf_counter() - t0)
 
     bare()                                   # warm-up (allocator, oneDNN kernels)

@@ -178,19 +178,19 @@ def clip_bench(cfg, device: torch.device, pool_n: int, negatives: Optional[tuple
     c = cfg.clip
     negatives = tuple(c.hard_negatives) if negatives is None else negatives
     torch.manual_seed(c.seed)
-    bundle = clip_model.build(c.model)
-    model = bundle.model.to(device)
+    clip = clip_model.build(c.model)
+    model = clip.model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, c.weight_decay), lr=c.lr, betas=(0.9, 0.98), eps=1e-6,
                                   fused=True)
     scheduler = cosine_with_warmup(optimizer, c.warmup_steps, c.steps)
     gen = torch.Generator().manual_seed(c.seed)
     texts, _ = captions(pool_n, gen)
-    pool = (images_u8(pool_n, c.model.image_size, gen), bundle.tokenize(texts))
+    pool = (images_u8(pool_n, c.model.image_size, gen), clip.tokenize(texts))
     if negatives:                           # as clip/data.py's batches: + tokens [n, K, L], mask [n, K]
         neg_texts, mask = hard_negatives(texts, negatives)
-        pool += (bundle.tokenize(neg_texts).view(pool_n, len(negatives), -1), mask)
+        pool += (clip.tokenize(neg_texts).view(pool_n, len(negatives), -1), mask)
     name = "clip+negatives" if negatives else "clip"
-    return Bench(name, c.batch_size, c.precision, device, model, clip_train.make_loss(bundle, c.precision, device),
+    return Bench(name, c.batch_size, c.precision, device, model, clip_train.make_loss(clip, c.precision, device),
                  optimizer, scheduler, c.grad_clip, lambda b: draw(pool, b, c.seed),
                  after_step=lambda: clip_train.clamp_temperature(model))
 

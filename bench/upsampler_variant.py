@@ -43,8 +43,9 @@ from pipeline.images import grid, resize, save_png, to_model, to_uint8  # noqa: 
 from pipeline.judge.model import Judge  # noqa: E402
 from pipeline.quality import score  # noqa: E402
 from pipeline.device import autocast, use_bf16  # noqa: E402
+from pipeline.diffusion import in_batches  # noqa: E402
 from pipeline.upsampler import diffusion as up_diffusion  # noqa: E402
-from pipeline.upsampler.stage import (bundle_info, chain_sizes, conditioned, evaluate, image_embedding,  # noqa: E402
+from pipeline.upsampler.stage import (model_info, chain_sizes, conditioned, evaluate, image_embedding,  # noqa: E402
                                       source_dir, train)
 from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402
 
@@ -88,7 +89,7 @@ def main() -> None:
                                            out_dir / "checkpoints" / args.name, embed_dim=embed_dim)
         figures["train"] = summary | {"wall_s": round(time.perf_counter() - t0, 1)}
         model.eval()
-        info = bundle_info(u, args.key, in_size, out_size, summary["crop_size"])
+        info = model_info(u, args.key, in_size, out_size, summary["crop_size"])
         if args.save:
             bundle.save_model(Path(args.save), model, kind="upsampler", arch=arch, run_config=bundle.run_config(cfg),
                               info=info)
@@ -118,9 +119,8 @@ def main() -> None:
     # what the network adds to a clean input: real images taken down to its input size
     with torch.no_grad(), autocast("auto", unclip.device):
         low = resize(to_model(real), in_size)
-        up = torch.cat([up_diffusion.upsample(fast, info, low[i:i + 32], generator=torch.Generator().manual_seed(0),
-                                              z_i=test["z_i"][torch.tensor(rows[i:i + 32])]).float()
-                        for i in range(0, len(low), 32)])
+        up = in_batches(up_diffusion.sample, fast, up_diffusion.Condition(low, test["z_i"][torch.tensor(rows)]),
+                        up_diffusion.UpsamplerSampling.of(info), 32, generator=torch.Generator().manual_seed(0))
     noise = lambda x: background.figures(to_uint8(resize(x, 64)), gts, captions, real_noise=real_noise)["noise"]  # noqa: E731
     figures["real_input_noise"] = {"upsampler": round(noise(up), 2), "bicubic": round(noise(resize(low, out_size)), 2),
                                    "real": round(real_noise, 2)}

@@ -1,4 +1,9 @@
-"""Saving and loading the trained diffusion models (prior, decoder, upsamplers).
+"""The bundle: a trained unCLIP system, one directory holding ``clip/ prior/ decoder/
+upsampler_1/ ...`` (the workspace's ``models/``), which :mod:`pipeline.generate` loads, evaluate
+measures, the promotion gate registers and MLflow serves (``artifacts/bundle/``). "Bundle" means
+that whole directory and nothing else; each of its parts is a model directory, and this module
+saves and loads the diffusion models' (prior, decoder, upsamplers; the CLIP's is
+:mod:`pipeline.clip.model`'s).
 
 Each model directory is self-describing::
 
@@ -7,9 +12,8 @@ Each model directory is self-describing::
                         the resolved config of the run, package versions, and the CLIP it was
                         trained against (the sha256 of models/clip/model.safetensors)
 
-A whole unCLIP system is a directory holding ``clip/ prior/ decoder/ upsampler_1/ ...`` (the
-workspace's ``models/``); :mod:`pipeline.generate` loads it and checks that the prior and the
-decoder were trained against the CLIP beside them.
+:mod:`pipeline.generate` checks that the prior and the decoder were trained against the CLIP
+beside them.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from .workspace import file_sha256
 
 
 def versions() -> dict:
-    """The package versions a bundle records (``model.json``, the CLIP's ``run_config.json``)."""
+    """The package versions a model directory records (``model.json``, the CLIP's ``run_config.json``)."""
     import platform
 
     import numpy as np
@@ -70,9 +74,9 @@ def save_model(out: Path, model: torch.nn.Module, *, kind: str, arch: dict, run_
 
 
 def run_config(cfg) -> dict:
-    """The resolved config a bundle records (``model.json``'s ``config``, the CLIP's
+    """The resolved config a model directory records (``model.json``'s ``config``, the CLIP's
     ``run_config.json``): everything but ``tracking``, whose URI may hold credentials and which a
-    model does not depend on, and ``cluster`` (where it ran, not what it computed: a bundle trained
+    model does not depend on, and ``cluster`` (where it ran, not what it computed: a model trained
     under torchrun is byte-identical to one trained in-process). Bundles go to the MLflow registry
     and to whoever is given them."""
     return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("tracking", "cluster")}
@@ -82,11 +86,11 @@ def read_meta(path: Path, kind: str) -> dict[str, Any]:
     path = Path(path)
     if not (path / "model.json").exists() or not (path / "model.safetensors").exists():
         raise FileNotFoundError(f"{path} holds no trained {kind} (model.json + model.safetensors); "
-                                f"run `unclip stage {kind}` or point at a trained bundle")
+                                f"run `unclip stage {kind}` or point at a trained {kind}'s directory")
     meta = json.loads((path / "model.json").read_text())
     if meta.get("kind") != kind:
-        from .errors import BundleError
-        raise BundleError(f"{path} holds a {meta.get('kind')!r}, not a {kind!r}")
+        from .errors import SavedModelError
+        raise SavedModelError(f"{path} holds a {meta.get('kind')!r}, not a {kind!r}")
     return meta
 
 

@@ -212,7 +212,7 @@ def generate(ctx, prompts, n, seed, out, out_dir, models, sampler, steps, guidan
 @click.option("--cols", type=int, default=None, help="Images per grid row (for --tile).")
 @click.option("--pad", type=int, default=2, show_default=True, help="Grid padding in px.")
 @click.option("--judge", "judge_dir", default=None, type=click.Path(file_okay=False),
-              help="A judge bundle (default: the workspace's models/judge).")
+              help="A trained judge's directory (default: the workspace's models/judge).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @click.pass_context
 def judge(ctx, path, captions, tile, cols, pad, judge_dir, as_json):

@@ -332,7 +332,7 @@ class EvaluateConfig(Section):
     # for unCLIP and the caption-only path, beside real renders of the same scenes; 0 prompts: none.
     diversity_prompts: int = Field(16, ge=0)
     diversity_seeds: int = Field(4, ge=2)             # at least a pair per caption
-    # DALL-E 2's comparison of priors (pipeline/prior_comparison.py): {name: prior bundle dir, relative
+    # DALL-E 2's comparison of priors (pipeline/prior_comparison.py): {name: a prior's model directory, relative
     # to the workspace}, each fed through the same cascade, captions and seeds as models/prior; {}: none
     # (bench/prior_comparison.py trains the other kind beside models/prior and fills this in)
     compare_priors: dict[str, str] = {}
@@ -436,7 +436,7 @@ class LauncherConfig(Section):
 class ClusterConfig(Section):
     """Where the stages run, never what they compute: switching engine or launcher gives the same
     outputs (tests/test_cluster.py), so this section is in no stage's params in dvc.yaml and in no
-    incremental recipe or bundle config, and switching it invalidates nothing."""
+    incremental recipe or saved model's config, and switching it invalidates nothing."""
     engine: Literal["local", "spark"] = "local"       # crawl, filter, embed: this process, or Spark tasks
     # null: the workspace. Else a root every node reads and writes (a shared mount, or an fsspec URL
     # such as s3://bucket/unclip): the data stages' shards go under it, each output folder keeping a

@@ -7,13 +7,33 @@ Nichol & Dhariwal 2021), as DALL-E 2 does. What the network predicts is per mode
 predicts x0 ("sample"), the image models predict the noise ("epsilon") or v. Samplers are
 diffusers' schedulers behind one name each and one loop::
 
-    ddpm   ancestral DDPM (as trained; many steps)
-    ddim   DDIM, eta = 0 (deterministic; "trailing" spacing, so the first step starts at t = 999)
-    dpm++  DPM-Solver++ (2M), the fast one at 10-25 steps
+    ddpm             ancestral DDPM (as trained; many steps)
+    ddim             DDIM, eta = 0 (deterministic; "trailing" spacing, so the first step starts at t = 999)
+    dpm++            DPM-Solver++ (2M), the fast one at 10-25 steps
+    invertible-ddim  generalized DDIM (eta) on "leading" timesteps without x0 clipping, and its
+                     inverse (:class:`InvertibleDDIM`): the decoder's inversion and what it inverts
+
+The sampling contract, one per model (k-diffusion's habit: every model samples through one
+signature, so callers batch, seed and count the same way)::
+
+    sample(model, condition, sampling, *, generator=None, x_T=None, stats=None) -> samples [B, ...]
+
+    condition  a NamedTuple of batched tensors, the model's own: prior.kinds.Caption (z_t, tokens,
+               mask), decoder.diffusion.Condition (z_i, tokens, mask; known pixels for inpainting),
+               upsampler.diffusion.Condition (low_res, z_i)
+    sampling   a :class:`Sampling` (the model's subclass): sampler, steps, guidance and what the
+               network's output means, as the model's ``model.json`` recorded them (``Sampling.of(info)``)
+               with a call's overrides
+    generator  every draw (starting noise, ancestral noise, categorical codes) comes from it
+    x_T        the starting noise instead of a draw (fixed noise for interpolations)
+    stats      a dict that receives ``nfe``, the network evaluations per sample
+
+:func:`in_batches` runs any of them over rows of a condition in batches, one generator throughout.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import dataclass, fields, replace
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
@@ -21,12 +41,37 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 TRAIN_STEPS = 1000
 SCHEDULE = "squaredcos_cap_v2"
 SAMPLERS = ("ddpm", "ddim", "dpm++")
+INVERTIBLE_DDIM = "invertible-ddim"
 
 
 def noise_schedule(prediction_type: str) -> DDPMScheduler:
     """The training-time forward process: ``add_noise`` and the alphas."""
     return DDPMScheduler(num_train_timesteps=TRAIN_STEPS, beta_schedule=SCHEDULE,
                          prediction_type=prediction_type, clip_sample=False)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample a model: the sampler and its steps, the guidance scale, and what the
+    network's output is (``prediction_type``, fixed by training). Each model's module subclasses
+    it with the settings only it has (the prior's candidates, the decoder's eta, the upsamplers'
+    strength and target)."""
+    sampler: str = "ddim"
+    steps: int = 25
+    guidance_scale: float = 1.0
+    prediction_type: str = "epsilon"
+
+    @classmethod
+    def of(cls, info: dict, **overrides) -> "Sampling":
+        """From a saved model's ``meta["info"]`` (its ``sampling`` section and the keys beside it, such as
+        ``prediction_type``), with the ``overrides`` that are not None over it."""
+        names = {f.name for f in fields(cls)}
+        recorded = {k: v for k, v in (info | info.get("sampling", {})).items() if k in names}
+        return cls(**recorded | {k: v for k, v in overrides.items() if v is not None})
+
+    def but(self, **overrides) -> "Sampling":
+        """This sampling with the ``overrides`` that are not None."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def training_target(schedule: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -120,9 +165,74 @@ def vlb_term(schedule: DDPMScheduler, x0: torch.Tensor, x_t: torch.Tensor, t: to
     return per_dim.mean(dim=tuple(range(1, x0.ndim))) / 0.6931471805599453
 
 
+def x0_and_eps(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, prediction_type: str):
+    """(x0, eps) implied by the network output at x_t = sqrt(a) x0 + sqrt(1 - a) eps."""
+    s, r = a.sqrt(), (1 - a).sqrt()
+    if prediction_type == "v_prediction":
+        return s * x - r * out, r * x + s * out
+    if prediction_type == "epsilon":
+        return (x - r * out) / s, out
+    if prediction_type == "sample":
+        return out, (x - s * out) / r
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+class Step(NamedTuple):
+    prev_sample: torch.Tensor             # the name diffusers' schedulers give the step's result
+    pred_original_sample: torch.Tensor
+
+
+class InvertibleDDIM:
+    """Generalized DDIM (Song et al. 2021, eq. 12) in either direction, with diffusers' scheduler
+    interface (``timesteps``, ``scale_model_input``, ``step``), so :func:`sample_loop` runs it.
+
+    Timesteps are "leading", tau_i = round(i T / steps), i = 0..steps-1. Down (sampling) from
+    tau_{steps-1}: x_{tau_i-1} = sqrt(a') x0 + sqrt(1 - a' - sigma^2) eps + sigma z, sigma = eta
+    sqrt((1 - a') / (1 - a) (1 - a / a')); the last step, at tau_0 (alpha_bar 0.99996), returns x0.
+    Up (``inverse``, eta = 0, DDIM inversion): from the image taken as x at tau_0, the same step
+    from tau_i to tau_i+1, reusing the network's output at tau_i (the standard approximation,
+    exact as the steps shrink). No x0 clipping in either direction, so the two are inverses up to
+    that approximation.
+
+    Why not diffusers' DDIMScheduler: it steps down only, to t - T // steps (so the round(i T /
+    steps) timesteps of a step count that does not divide T are out of its reach), and its last
+    step draws noise it then scales by zero, which moves the generator the upsamplers draw from
+    next; its DDIMInverseScheduler evaluates the network at the upper timestep with x still at the
+    lower one, another approximation than the one inverted here.
+    """
+
+    def __init__(self, steps: int, prediction_type: str, eta: float = 0.0, inverse: bool = False):
+        if not 1 <= steps <= TRAIN_STEPS:
+            raise ValueError(f"steps must be in 1..{TRAIN_STEPS}, got {steps}")
+        if inverse and eta:
+            raise ValueError("DDIM inversion is deterministic: eta must be 0")
+        tau = [round(i * TRAIN_STEPS / steps) for i in range(steps)]
+        self.timesteps = torch.tensor(tau[:-1] if inverse else tau[::-1])
+        self.to = dict(zip(tau[:-1], tau[1:])) if inverse else dict(zip(tau[1:], tau[:-1]))
+        self.prediction_type, self.eta = prediction_type, eta
+        self.alphas_cumprod = noise_schedule(prediction_type).alphas_cumprod
+
+    def scale_model_input(self, x: torch.Tensor, t) -> torch.Tensor:
+        return x
+
+    def step(self, out: torch.Tensor, t, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> Step:
+        a = self.alphas_cumprod[int(t)].to(x.device)
+        x0, eps = x0_and_eps(out, x, a, self.prediction_type)
+        if int(t) not in self.to:                     # down at tau_0: off the schedule, the image itself
+            return Step(x0, x0)
+        a_to = self.alphas_cumprod[self.to[int(t)]].to(x.device)
+        sigma = self.eta * ((1 - a_to) / (1 - a) * (1 - a / a_to)).clamp_min(0).sqrt()
+        x = a_to.sqrt() * x0 + (1 - a_to - sigma ** 2).clamp_min(0).sqrt() * eps
+        if self.eta > 0:
+            x = x + sigma * randn(x.shape, generator, x.device)
+        return Step(x, x0)
+
+
 def make_sampler(name: str, steps: int, prediction_type: str, clip_range: Optional[float] = None,
-                 learned_variance: bool = False, strength: float = 1.0):
-    """A diffusers scheduler set to ``steps`` sampling steps.
+                 learned_variance: bool = False, strength: float = 1.0, eta: float = 0.0):
+    """A diffusers scheduler set to ``steps`` sampling steps (``invertible-ddim``: an
+    :class:`InvertibleDDIM` with ``eta``; it never clips and always starts from t ~ T, so that
+    inversion can invert it: ``clip_range`` and ``strength`` are not for it).
 
     ``strength`` < 1: only the last ``steps`` of a ``steps / strength``-step schedule (the
     sampler starts at t ~ strength * T; the caller noises its starting image to
@@ -134,6 +244,10 @@ def make_sampler(name: str, steps: int, prediction_type: str, clip_range: Option
     samples with them, the deterministic samplers ignore them (the caller passes the mean
     channels only).
     """
+    if name == INVERTIBLE_DDIM:
+        if clip_range is not None or strength != 1:
+            raise ValueError(f"{INVERTIBLE_DDIM} neither clips nor starts late (inversion inverts it)")
+        return InvertibleDDIM(steps, prediction_type, eta)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     common = dict(num_train_timesteps=TRAIN_STEPS, beta_schedule=SCHEDULE, prediction_type=prediction_type)
@@ -150,7 +264,7 @@ def make_sampler(name: str, steps: int, prediction_type: str, clip_range: Option
                                             thresholding=clip, sample_max_value=clip_range or 1.0,
                                             timestep_spacing="trailing", final_sigmas_type="zero")
     else:
-        raise ValueError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
+        raise ValueError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS + (INVERTIBLE_DDIM,))})")
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     total = max(steps, round(steps / strength))
@@ -220,16 +334,34 @@ class Denoiser:
 
 @torch.no_grad()
 def sample_loop(denoiser: Callable, x_T: torch.Tensor, sampler, generator: Optional[torch.Generator] = None,
-                on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
-    """Run ``sampler`` from pure noise ``x_T`` to x_0; the same loop for every model and sampler."""
+                after_step: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """Run ``sampler`` from ``x_T`` to the end of its timesteps; the same loop for every model and
+    sampler (and for DDIM inversion, whose timesteps go up). ``after_step(i, x)`` returns x after
+    step i (inpainting puts the known region back there)."""
     x = x_T
     for i, t in enumerate(run_timesteps(sampler)):
         tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
         out = denoiser(sampler.scale_model_input(x, t), tt)
         x = sampler.step(out, t, x, generator=generator).prev_sample
-        if on_step:
-            on_step(i, x)
+        if after_step:
+            x = after_step(i, x)
     return x
+
+
+def rows(condition: tuple, i: int, j: int) -> tuple:
+    """Rows i..j-1 of every tensor of a condition (a NamedTuple; None fields stay None)."""
+    return type(condition)(*(None if v is None else v[i:j] for v in condition))
+
+
+def in_batches(sample: Callable, model, condition: tuple, sampling: Sampling, batch_size: int, *,
+               generator: Optional[torch.Generator] = None, x_T: Optional[torch.Tensor] = None,
+               stats: Optional[dict] = None) -> torch.Tensor:
+    """``sample`` (a model's sampling function, the contract above) over the rows of ``condition``
+    in batches of ``batch_size``, one ``generator`` throughout: float32 samples in row order."""
+    n = len(condition[0])
+    return torch.cat([sample(model, rows(condition, i, i + batch_size), sampling, generator=generator,
+                             x_T=None if x_T is None else x_T[i:i + batch_size], stats=stats).float()
+                      for i in range(0, n, batch_size)])
 
 
 def randn(shape, generator: Optional[torch.Generator], device="cpu") -> torch.Tensor:

@@ -122,11 +122,11 @@ def _as_is(batch):
 
 
 @torch.no_grad()
-def encode_batch(bundle, images: torch.Tensor, tokens: torch.Tensor):
+def encode_batch(clip, images: torch.Tensor, tokens: torch.Tensor):
     """(z_i [B,D], z_t [B,D], token encodings [B,L,W], mask [B,L]) on CPU."""
-    device = next(bundle.model.parameters()).device
-    z_i = bundle.encode_image(images.to(device))
-    z_t, enc, mask = bundle.encode_text(tokens.to(device))
+    device = next(clip.model.parameters()).device
+    z_i = clip.encode_image(images.to(device))
+    z_t, enc, mask = clip.encode_text(tokens.to(device))
     return z_i.float().cpu(), z_t.float().cpu(), enc.float().cpu(), mask.cpu()
 
 
@@ -164,19 +164,19 @@ class RetrievalWriter:
         self.part, self.rows, self.img, self.txt = self.part + 1, [], [], []
 
 
-def embed_shards(bundle, paths: list[Path], out: Path, *, batch_size: int, shard_size: int, num_workers: int,
+def embed_shards(clip, paths: list[Path], out: Path, *, batch_size: int, shard_size: int, num_workers: int,
                  min_similarity: Optional[float], token_dtype: str, total: Optional[int] = None,
                  prefix: str = "", retrieval_part: int = 0) -> dict:
     """Write embedding shards for ``paths`` into ``out`` (names ``{prefix}00000.tar``..., the
     retrieval files from number ``retrieval_part``); returns counts, similarity figures and
     ``files``, what it wrote."""
-    tally = embed_tally(bundle, paths, out, batch_size=batch_size, shard_size=shard_size, num_workers=num_workers,
+    tally = embed_tally(clip, paths, out, batch_size=batch_size, shard_size=shard_size, num_workers=num_workers,
                         min_similarity=min_similarity, token_dtype=token_dtype, total=total, prefix=prefix,
                         retrieval_part=retrieval_part)
     return summarize(tally, min_similarity)
 
 
-def embed_tally(bundle, paths: list[Path], out: Path, *, batch_size: int, shard_size: int, num_workers: int,
+def embed_tally(clip, paths: list[Path], out: Path, *, batch_size: int, shard_size: int, num_workers: int,
                 min_similarity: Optional[float], token_dtype: str, total: Optional[int] = None,
                 prefix: str = "", retrieval_part: int = 0) -> dict:
     """:func:`embed_shards`' work: the raw tallies (counts, every cosine by truth, files) that
@@ -191,9 +191,9 @@ def embed_tally(bundle, paths: list[Path], out: Path, *, batch_size: int, shard_
     bar = progress(total=total, desc="embed", unit="img")
     t0 = time.perf_counter()
     with ShardSink(out, shard_size, prefix) as sink:
-        for batch in batches(paths, bundle.tokenize, bundle.image_size, batch_size, num_workers):
-            z_i, z_t, enc, mask = encode_batch(bundle, batch["images"], batch["tokens"])
-            cut += sum(truncated(bundle.tokenize, [it["txt"] for it in batch["items"]], batch["tokens"]))
+        for batch in batches(paths, clip.tokenize, clip.image_size, batch_size, num_workers):
+            z_i, z_t, enc, mask = encode_batch(clip, batch["images"], batch["tokens"])
+            cut += sum(truncated(clip.tokenize, [it["txt"] for it in batch["items"]], batch["tokens"]))
             # Per-sample values as Python floats and numpy rows: indexing torch tensors costs ~us each.
             cos = (z_i * z_t).sum(-1).tolist()
             z_i, z_t = z_i.numpy(), z_t.numpy()
@@ -269,7 +269,7 @@ def summarize(tally: dict, min_similarity: Optional[float], seconds: Optional[fl
 
 
 @functools.lru_cache(maxsize=2)
-def _task_bundle(clip_dir: str):
+def _task_clip(clip_dir: str):
     """The CLIP, loaded once per Spark Python worker (workers are reused across tasks)."""
     return clip_model.load(Path(clip_dir), device_of())
 
@@ -282,14 +282,14 @@ def embed_group(job: dict) -> dict:
     through a scratch folder of its own, so a retried task overwrites rather than adds.
     """
     single_thread(0)             # one torch thread per task: Spark runs a task per core
-    bundle = _task_bundle(job["clip"])
+    clip = _task_clip(job["clip"])
     out = Path(job["out"])
     tallies = []
     for path, part in zip(job["shards"], job["parts"]):
         name = Path(path).name
         scratch = out / f".task-{Path(path).stem}"
         shutil.rmtree(scratch, ignore_errors=True)
-        t = embed_tally(bundle, [Path(path)], scratch, shard_size=1 << 62, num_workers=0, prefix="",
+        t = embed_tally(clip, [Path(path)], scratch, shard_size=1 << 62, num_workers=0, prefix="",
                         retrieval_part=part, **job["settings"])
         files = []
         for f in t["files"]:
@@ -350,22 +350,23 @@ def split_bias(kept_by_split: dict, max_gap: float = 0.05) -> str | None:
 def embed_part(cfg, ws, paths: list[Path], out: Path, total: Optional[int], part: int, retrieval_part: int) -> dict:
     """This part's shards embedded into ``out``: in this process, or as Spark tasks over disjoint
     groups of shards (``cluster.engine: spark``); the figures, with the files written."""
-    e = cfg.embed
+    embed = cfg.embed
     if cfg.cluster.engine == "spark":
         with cluster.session(cfg.cluster) as spark:
             return embed_on_spark(spark, ws.clip, paths, out, cfg.cluster.groups_per_task,
-                                  {"batch_size": e.batch_size, "min_similarity": e.min_similarity,
-                                   "token_dtype": e.token_dtype}, retrieval_part)
-    bundle = clip_model.load(ws.clip, device_of())
-    return embed_shards(bundle, paths, out, batch_size=e.batch_size, shard_size=e.shard_size,
-                        num_workers=e.num_workers, min_similarity=e.min_similarity, token_dtype=e.token_dtype,
+                                  {"batch_size": embed.batch_size, "min_similarity": embed.min_similarity,
+                                   "token_dtype": embed.token_dtype}, retrieval_part)
+    clip = clip_model.load(ws.clip, device_of())
+    return embed_shards(clip, paths, out, batch_size=embed.batch_size, shard_size=embed.shard_size,
+                        num_workers=embed.num_workers, min_similarity=embed.min_similarity,
+                        token_dtype=embed.token_dtype,
                         total=total, prefix=incremental.part_prefix(part), retrieval_part=retrieval_part)
 
 
 def run(cfg, ws) -> dict:
     """Embed the filtered shards not embedded before (all of them the first time, or when the
     CLIP, the embed config or its code changed)."""
-    e = cfg.embed
+    embed = cfg.embed
     if not shard_names(ws.filtered):
         raise StageError(f"no shards in {ws.filtered}: run the filter stage first")
     rec = embed_recipe(cfg, ws)
@@ -400,7 +401,7 @@ def run(cfg, ws) -> dict:
             lost = [k for k in ("val", "test") if state is None and figures["kept_by_split"].get(k, {}).get("input")
                     and not figures["kept_by_split"][k]["kept"]]
             if lost:         # the stages after would stop on an empty split; say which knob did it
-                raise StageError(f"embed.min_similarity {e.min_similarity} dropped every {' and '.join(lost)} pair "
+                raise StageError(f"embed.min_similarity {embed.min_similarity} dropped every {' and '.join(lost)} pair "
                                  f"({figures['kept_by_split']}); the threshold suits the CLIP it was chosen for: "
                                  f"on your own data set it lower, or null to keep every pair")
     except ShardError as err:
@@ -413,6 +414,6 @@ def run(cfg, ws) -> dict:
                    incremental={"part": part, "new_filtered_shards": len(paths), "why": why})
     tracking.log_metrics({"images_per_s": figures["images_per_s"]})
     say("embed", f"{figures['kept']} samples ({figures['dropped_low_similarity']} dropped below similarity "
-                 f"{e.min_similarity}) at {figures['images_per_s']} img/s -> "
+                 f"{embed.min_similarity}) at {figures['images_per_s']} img/s -> "
                  f"{ws.embeddings.relative_to(ws.root)}/ ({figures['shards']} shards + img_emb/ text_emb/ metadata/)")
     return figures

@@ -6,6 +6,6 @@ class StageError(RuntimeError):
     """A stage failed on bad input or configuration: retrying will not help."""
 
 
-class BundleError(StageError, ValueError):
-    """A model bundle that cannot be what it claims (a bad name, another kind): a ValueError for
-    the callers that load bundles, a StageError (permanent) for the stages."""
+class SavedModelError(StageError, ValueError):
+    """A saved model's directory that cannot be what it claims (a bad name, another kind): a
+    ValueError for the callers that load models, a StageError (permanent) for the stages."""

@@ -7,7 +7,9 @@
 
 The cascade (DALL-E 2 figure 2): caption -CLIP text encoder-> z_t, tokens -prior-> z_i
 -decoder-> base image -upsampler 1-> -upsampler 2-> final image. Every sampling setting
-defaults to what the model was saved with and can be overridden per call.
+defaults to what the model was saved with and can be overridden per call
+(:meth:`Unclip.prior_sampling`, :meth:`Unclip.decoder_sampling`, :meth:`Unclip.upsampler_sampling`);
+each model samples through its module's ``sample`` (the contract of pipeline/diffusion.py).
 """
 from __future__ import annotations
 
@@ -22,16 +24,17 @@ from . import bundle
 from .clip import model as clip_model
 from .decoder import diffusion as decoder_diffusion
 from .decoder.network import UnclipDecoder
+from .device import autocast, device_of, use_bf16
+from .diffusion import in_batches
 from .images import grid, save_png, to_uint8
 from .prior import kinds as prior_kinds
-from .device import autocast, device_of, use_bf16
 from .upsampler import diffusion as up_diffusion
 from .workspace import file_sha256
 
 
 @dataclass
 class Unclip:
-    clip: clip_model.ClipBundle
+    clip: clip_model.Clip
     prior: torch.nn.Module                                  # either kind (pipeline.prior.kinds)
     prior_meta: dict
     decoder: UnclipDecoder
@@ -74,23 +77,41 @@ class Unclip:
         z_t, enc, mask = self.clip.encode_text(tokens)
         return z_t.float(), enc.float(), mask
 
+    def prior_sampling(self, *, sampler: Optional[str] = None, steps: Optional[int] = None,
+                       guidance: Optional[float] = None, n_candidates: Optional[int] = None) -> prior_kinds.PriorSampling:
+        """The prior's saved sampling with these overrides (``sampler`` and ``steps`` mean nothing
+        to the autoregressive prior, whose steps are its codes; a prior saved without
+        ``n_candidates`` draws 2)."""
+        if prior_kinds.is_autoregressive(self.prior):
+            sampler = steps = None
+        return prior_kinds.PriorSampling.of({"n_candidates": 2} | self.prior_meta["info"], sampler=sampler,
+                                            steps=steps, guidance_scale=guidance, n_candidates=n_candidates)
+
+    def decoder_sampling(self, *, sampler: Optional[str] = None, steps: Optional[int] = None,
+                         guidance: Optional[float] = None) -> decoder_diffusion.DecoderSampling:
+        """The decoder's saved sampling with these overrides."""
+        return decoder_diffusion.DecoderSampling.of(self.decoder_meta["info"], sampler=sampler, steps=steps,
+                                                    guidance_scale=guidance)
+
+    def upsampler_sampling(self, j: int, *, sampler: Optional[str] = None,
+                           steps: Optional[int | Sequence[int]] = None,
+                           strength: Optional[float] = None) -> up_diffusion.UpsamplerSampling:
+        """Upsampler ``j``'s (0: the first) saved sampling with these overrides; ``steps``: one
+        count for every upsampler or one per upsampler in chain order."""
+        steps = steps[j] if isinstance(steps, (list, tuple)) else steps
+        return up_diffusion.UpsamplerSampling.of(self.upsamplers[j][1]["info"], sampler=sampler, steps=steps,
+                                                 strength=strength)
+
     @torch.no_grad()
     def prior_sample(self, z_t: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, gen: torch.Generator, *,
                      sampler: Optional[str] = None, steps: Optional[int] = None, guidance: Optional[float] = None,
                      n_candidates: Optional[int] = None, batch_size: int = 64,
                      stats: Optional[dict] = None) -> torch.Tensor:
         """Image embeddings z_i [B, D] for text embeddings z_t [B, D] and their tokens, at the
-        prior's saved sampling defaults unless overridden (``sampler`` and ``steps`` mean nothing
-        to the autoregressive prior, whose steps are its codes)."""
-        ps = dict(self.prior_meta["info"]["sampling"])
-        if not prior_kinds.is_autoregressive(self.prior):
-            ps |= {"sampler": sampler or ps["sampler"], "steps": steps or ps["steps"]}
-        ps["guidance_scale"] = ps["guidance_scale"] if guidance is None else guidance
-        k = n_candidates or self.prior_meta["info"].get("n_candidates", 2)
-        stats = {} if stats is None else stats
-        return torch.cat([prior_kinds.sample(
-            self.prior, z_t[i:i + batch_size], tokens[i:i + batch_size], mask[i:i + batch_size], ps,
-            n_candidates=k, generator=gen, stats=stats).float() for i in range(0, len(z_t), batch_size)])
+        prior's saved sampling defaults unless overridden."""
+        sampling = self.prior_sampling(sampler=sampler, steps=steps, guidance=guidance, n_candidates=n_candidates)
+        return in_batches(prior_kinds.sample, self.prior, prior_kinds.Caption(z_t, tokens, mask), sampling,
+                          batch_size, generator=gen, stats={} if stats is None else stats)
 
     @torch.no_grad()
     def generate(self, captions: Sequence[str], n: int = 1, seed: int = 0, *,
@@ -106,32 +127,27 @@ class Unclip:
         these image embeddings [len(captions) * n, D] instead. ``upsampler_steps``: one count for
         every upsampler, or a list with one per upsampler in chain order."""
         captions = [c for c in captions for _ in range(n)]
-        ds = self.decoder_meta["info"]["sampling"]
         gen = torch.Generator().manual_seed(seed)
         z_t, tokens, mask = self.encode_text(captions)
         stats: dict = {}
         t0 = time.perf_counter()
         with autocast(self.precision, self.device):
             if z_i is None:
-                k = n_candidates or self.prior_meta["info"].get("n_candidates", 2)
                 z_i = self.prior_sample(z_t, tokens, mask, gen, sampler=prior_sampler, steps=prior_steps,
-                                        guidance=prior_guidance, n_candidates=k, batch_size=batch_size, stats=stats)
-                nfe = {"prior": stats["nfe"] * k}
+                                        guidance=prior_guidance, n_candidates=n_candidates, batch_size=batch_size,
+                                        stats=stats)
+                nfe = {"prior": stats["nfe"] * self.prior_sampling(n_candidates=n_candidates).n_candidates}
             else:
                 z_i, nfe = z_i.to(self.device).float(), {"prior": 0}
-            x = torch.cat([decoder_diffusion.sample(
-                self.decoder, z_i[i:i + batch_size], tokens[i:i + batch_size], mask[i:i + batch_size],
-                image_size=self.sizes[0], prediction_type=self.decoder_meta["info"]["prediction_type"],
-                sampler=sampler or ds["sampler"], steps=steps or ds["steps"],
-                guidance_scale=ds["guidance_scale"] if guidance is None else guidance, generator=gen,
-                stats=stats).float() for i in range(0, len(captions), batch_size)])
+            x = in_batches(decoder_diffusion.sample, self.decoder, decoder_diffusion.Condition(z_i, tokens, mask),
+                           self.decoder_sampling(sampler=sampler, steps=steps, guidance=guidance), batch_size,
+                           generator=gen, stats=stats)
             nfe["decoder"] = stats["nfe"]
             stages, up_nfe = self.upsample(x, z_i, gen, sampler=upsampler_sampler, steps=upsampler_steps,
                                            strength=upsampler_strength, batch_size=batch_size)
         nfe |= up_nfe
         return {"images": stages[-1], "stages": stages, "z_i": z_i.cpu(), "z_t": z_t.cpu(), "captions": captions, "nfe": nfe,
                 "seconds": round(time.perf_counter() - t0, 2)}
-
 
     @torch.no_grad()
     def upsample(self, x: torch.Tensor, z_i: torch.Tensor, generator: torch.Generator, *,
@@ -145,15 +161,12 @@ class Unclip:
         ``steps``: one count for every upsampler or one per upsampler; ``composite``: applied to
         every stage's input and output (inpainting keeps the region outside its mask)."""
         stages, nfe = [to_uint8(composite(x).cpu())], {}
-        for j, (model, meta) in enumerate(self.upsamplers, start=1):
-            up_steps = steps[j - 1] if isinstance(steps, (list, tuple)) else steps
-            x = composite(x)
-            x = torch.cat([up_diffusion.upsample(model, meta["info"], x[i:i + batch_size], sampler=sampler,
-                                                 steps=up_steps, strength=strength, generator=generator,
-                                                 z_i=z_i[i:i + batch_size]).float()
-                           for i in range(0, len(x), batch_size)])
+        for j, (model, _) in enumerate(self.upsamplers):
+            sampling = self.upsampler_sampling(j, sampler=sampler, steps=steps, strength=strength)
+            x = in_batches(up_diffusion.sample, model, up_diffusion.Condition(composite(x), z_i), sampling,
+                           batch_size, generator=generator)
             stages.append(to_uint8(composite(x).cpu()))
-            nfe[f"upsampler_{j}"] = up_steps or meta["info"]["sampling"]["steps"]
+            nfe[f"upsampler_{j + 1}"] = sampling.steps           # a truncated schedule (strength) keeps the count
         return stages, nfe
 
 

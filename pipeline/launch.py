@@ -9,7 +9,7 @@
 torchrun's c10d rendezvous gathers the N x P workers; each runs the stage in-process under
 accelerate (pipeline/training.py: DDP, every rank its own slice of the shards, gradients
 all-reduced), so every rank ends with the same weights. One writer: the global rank 0 alone saves
-the bundle (the stages' ``is_main_process``), writes ``metrics/<stage>.json`` and the MLflow run.
+the model directory (the stages' ``is_main_process``), writes ``metrics/<stage>.json`` and the MLflow run.
 Checkpoints are written by rank 0 and read by every rank, so they sit on storage all nodes
 share: the workspace itself (a shared mount) or ``cluster.storage`` (a mount or an fsspec URL). A node that dies fails the
 whole job (torchrun stops the others); running the same command again on every node resumes

@@ -1,12 +1,12 @@
 """DALL-E 2's comparison of its two priors (section 5.2: the diffusion prior is as good or better
 for less compute), on the held-out captions of `evaluate`.
 
-Every prior (the cascade's own ``models/prior`` and each bundle named in ``evaluate.compare_priors``)
+Every prior (the cascade's own ``models/prior`` and each prior directory named in ``evaluate.compare_priors``)
 feeds the same decoder and upsamplers on the same captions, and each draws its z_i from a generator
 seeded with ``evaluate.seed``; the cascade then decodes every prior's z_i from the same seed, so the
 decoder's and upsamplers' noise is the same for all of them: what differs is the prior alone.
 
-Per prior: its kind, training time (from its bundle), cos(predicted z_i, true z_i) and
+Per prior: its kind, training time (from its model.json), cos(predicted z_i, true z_i) and
 cos(predicted z_i, z_t) on these captions (``prior.stage.evaluate``), the judged figures and the
 Frechet distance in the judge's features (judged data only), network evaluations and seconds per
 image of the prior alone and of the whole cascade.
@@ -31,8 +31,8 @@ OWN = "cascade"                 # the name of the cascade's own prior (models/pr
 
 
 def load_priors(root: Path, models: Path, named: dict[str, str], device) -> dict[str, tuple]:
-    """{name: (prior network, its bundle's meta)}: ``models/prior`` as :data:`OWN`, then each of
-    ``named`` (a bundle directory, relative to the workspace ``root`` unless absolute), each checked
+    """{name: (prior network, its model.json)}: ``models/prior`` as :data:`OWN`, then each of
+    ``named`` (a prior's model directory, relative to the workspace ``root`` unless absolute), each checked
     to have been trained against the CLIP of ``models/clip``."""
     if OWN in named:
         raise StageError(f"evaluate.compare_priors: {OWN!r} names the cascade's own prior; choose another name")

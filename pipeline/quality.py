@@ -110,7 +110,7 @@ class ClipFeatures(torch.nn.Module):
 
     def __init__(self, clip):
         super().__init__()
-        self.clip = clip                        # a ClipBundle (not a Module: its weights stay where they are)
+        self.clip = clip                        # a Clip (not a Module: its weights stay where they are)
         self.num_features = int(clip.embed_dim)
         self.device = next(clip.model.parameters()).device
         self.description = "the pipeline's CLIP image tower (models/clip), not Inception: FD-CLIP, not comparable with published FID"

@@ -45,12 +45,12 @@ class GateConfigError(GateError):
     """A rule names a figure the evaluation does not have: a configuration error, never a pass."""
 
 
-def rules_for(p, evaluation: dict) -> tuple[str, list]:
+def rules_for(gate, evaluation: dict) -> tuple[str, list]:
     """(the params key, its rules) that apply to ``evaluation``: ``promote.rules`` where the data
     has ground truth (judged figures), ``promote.rules_without_ground_truth`` where it has none."""
     if evaluation.get("ground_truth", True):
-        return "promote.rules", list(p.rules)
-    return "promote.rules_without_ground_truth", list(p.rules_without_ground_truth)
+        return "promote.rules", list(gate.rules)
+    return "promote.rules_without_ground_truth", list(gate.rules_without_ground_truth)
 
 
 def check_rules(key: str, rules, evaluation: dict) -> None:
@@ -160,7 +160,7 @@ def register_and_gate(cfg, ws: Workspace, *, report_run: Optional[str] = None,
     gate passes; tag it with the verdict. Returns the verdict (and the comparison page's path when
     it was refused and both runs have report snapshots)."""
     import mlflow
-    p = cfg.promote
+    gate = cfg.promote
     models = ws.root / "models"
     parts = bundle_mod.parts(models)
     missing = [str(x.relative_to(ws.root)) for x in parts if not (x / "model.safetensors").exists()]
@@ -168,7 +168,7 @@ def register_and_gate(cfg, ws: Workspace, *, report_run: Optional[str] = None,
     if missing or not ev_path.exists():
         raise GateError(f"nothing to register: missing {', '.join(missing) or 'metrics/evaluate.json'}")
     evaluation = json.loads(ev_path.read_text())
-    rules_key, rules = rules_for(p, evaluation)
+    rules_key, rules = rules_for(gate, evaluation)
     check_rules(rules_key, rules, evaluation)            # before anything is registered
     check_bundle(evaluation, models)
     client = _client(cfg, ws)
@@ -181,23 +181,23 @@ def register_and_gate(cfg, ws: Workspace, *, report_run: Optional[str] = None,
                             parent_run_id=parent_run_id or os.environ.get(tracking.PARENT_ENV)) as run:
         source = log_bundle(cfg, ws, parts, ev_path, report_run, client, run)
         try:
-            client.get_registered_model(p.registered_model)
+            client.get_registered_model(gate.registered_model)
         except Exception:
-            client.create_registered_model(p.registered_model, description="unCLIP bundles (clip, prior, decoder, "
+            client.create_registered_model(gate.registered_model, description="unCLIP bundles (clip, prior, decoder, "
                                                                           "upsamplers) with their evaluation")
-        old = champion_version(client, p.registered_model, p.alias)       # fails closed on registry errors
-        promote, reasons, rows = judge_against(p, evaluation, old, rules)
+        old = champion_version(client, gate.registered_model, gate.alias)       # fails closed on registry errors
+        promote, reasons, rows = judge_against(gate, evaluation, old, rules)
         tags = {"git_revision": tracking.git_revision(ws.root), "profile": cfg.profile,
                 "report_run": report_run or "", "gate": "promoted" if promote else "candidate",
                 "gate_reasons": "; ".join(reasons)[:4900]}
-        version = client.create_model_version(p.registered_model, source=source, run_id=run.info.run_id, tags=tags)
+        version = client.create_model_version(gate.registered_model, source=source, run_id=run.info.run_id, tags=tags)
         compare_page = None
         if promote:
-            move_alias(client, p, old, version)
+            move_alias(client, gate, old, version)
         elif report_run and old is not None and old.tags.get("report_run"):
-            compare_page = compare_with(ws, client, p, old, version, report_run)
-        verdict = {"registered_model": p.registered_model, "version": int(version.version),
-                   "promoted": promote, "alias": p.alias, "reasons": reasons, "rules": rows,
+            compare_page = compare_with(ws, client, gate, old, version, report_run)
+        verdict = {"registered_model": gate.registered_model, "version": int(version.version),
+                   "promoted": promote, "alias": gate.alias, "reasons": reasons, "rules": rows,
                    "previous_champion": int(old.version) if old is not None else None,
                    "champion": (int(version.version) if promote else int(old.version) if old is not None else None),
                    "compare_report": compare_page, "report_run": report_run, "rule_set": rules_key}
@@ -225,7 +225,7 @@ def log_bundle(cfg, ws: Workspace, parts: list[Path], ev_path: Path, report_run:
     return client.get_run(run.info.run_id).info.artifact_uri.rstrip("/") + "/" + MODEL_ARTIFACT
 
 
-def judge_against(p, evaluation: dict, old, rules) -> tuple[bool, list[str], list]:
+def judge_against(gate, evaluation: dict, old, rules) -> tuple[bool, list[str], list]:
     """The gate's verdict on ``evaluation`` against the champion version ``old`` (None: there is
     none). An unreadable champion evaluation fails closed, unless ``promote.replace_unreadable``."""
     unreadable = None
@@ -236,7 +236,7 @@ def judge_against(p, evaluation: dict, old, rules) -> tuple[bool, list[str], lis
     if unreadable is None:
         return decide(evaluation, old_eval, rules)
     promote, reasons, rows = decide(evaluation, None, rules)
-    if p.replace_unreadable:
+    if gate.replace_unreadable:
         reasons = [f"{unreadable}: replaced (promote.replace_unreadable)"] if promote else reasons
     else:
         promote, reasons = False, [f"{unreadable}: the candidate is not promoted (set "
@@ -244,26 +244,26 @@ def judge_against(p, evaluation: dict, old, rules) -> tuple[bool, list[str], lis
     return promote, reasons, rows
 
 
-def move_alias(client, p, old, version) -> None:
+def move_alias(client, gate, old, version) -> None:
     """Move the alias to ``version``: compare-and-set, as another gate may have moved it since
     ``old`` was read (then ``version`` stays a candidate and GateRegistryError says so)."""
-    now = champion_version(client, p.registered_model, p.alias)
+    now = champion_version(client, gate.registered_model, gate.alias)
     if (now.version if now is not None else None) != (old.version if old is not None else None):
-        client.set_model_version_tag(p.registered_model, version.version, "gate", "candidate")
+        client.set_model_version_tag(gate.registered_model, version.version, "gate", "candidate")
         raise GateRegistryError(
-            f"@{p.alias} moved from version {old.version if old is not None else None} to "
+            f"@{gate.alias} moved from version {old.version if old is not None else None} to "
             f"{now.version if now is not None else None} while this gate ran (another promote): version "
             f"{version.version} stays a candidate; run `unclip promote` again to compare with the new champion")
-    client.set_registered_model_alias(p.registered_model, p.alias, version.version)
+    client.set_registered_model_alias(gate.registered_model, gate.alias, version.version)
 
 
-def compare_with(ws: Workspace, client, p, old, version, report_run: str) -> str:
+def compare_with(ws: Workspace, client, gate, old, version, report_run: str) -> str:
     """The comparison page of the champion's run and this one, tagged on ``version``; a missing
     snapshot gives a note instead (it must not hide the verdict)."""
     try:
         from . import report
         page = str(report.compare(ws, old.tags["report_run"], report_run))
-        client.set_model_version_tag(p.registered_model, version.version, "compare_report", page)
+        client.set_model_version_tag(gate.registered_model, version.version, "compare_report", page)
         return page
     except Exception as err:
         return f"(no comparison page: {err})"

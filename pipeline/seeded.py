@@ -74,19 +74,15 @@ def sampling(unclip: Unclip, *, prior_sampler: Optional[str] = None, prior_steps
              upsampler_strength: Optional[float] = None) -> dict:
     """The settings ``Unclip.generate`` samples with under these overrides, the bundle's saved
     defaults filled in as ``generate`` fills them (what a manifest records)."""
-    ps, ds = unclip.prior_meta["info"]["sampling"], unclip.decoder_meta["info"]["sampling"]
-    ups = []
-    for j, (_, meta) in enumerate(unclip.upsamplers):
-        us = meta["info"]["sampling"]
-        k = upsampler_steps[j] if isinstance(upsampler_steps, (list, tuple)) else upsampler_steps
-        ups.append({"sampler": upsampler_sampler or us["sampler"], "steps": k or us["steps"],
-                    "strength": us.get("strength", 1.0) if upsampler_strength is None else upsampler_strength})
-    return {"prior": {"sampler": prior_sampler or ps["sampler"], "steps": prior_steps or ps["steps"],
-                      "guidance": ps["guidance_scale"] if prior_guidance is None else prior_guidance,
-                      "n_candidates": n_candidates or unclip.prior_meta["info"].get("n_candidates", 2)},
-            "decoder": {"sampler": sampler or ds["sampler"], "steps": steps or ds["steps"],
-                        "guidance": ds["guidance_scale"] if guidance is None else guidance},
-            "upsamplers": ups}
+    ps = unclip.prior_sampling(sampler=prior_sampler, steps=prior_steps, guidance=prior_guidance,
+                               n_candidates=n_candidates)
+    ds = unclip.decoder_sampling(sampler=sampler, steps=steps, guidance=guidance)
+    ups = [unclip.upsampler_sampling(j, sampler=upsampler_sampler, steps=upsampler_steps, strength=upsampler_strength)
+           for j in range(len(unclip.upsamplers))]
+    return {"prior": {"sampler": ps.sampler, "steps": ps.steps, "guidance": ps.guidance_scale,
+                      "n_candidates": ps.n_candidates},
+            "decoder": {"sampler": ds.sampler, "steps": ds.steps, "guidance": ds.guidance_scale},
+            "upsamplers": [{"sampler": u.sampler, "steps": u.steps, "strength": u.strength} for u in ups]}
 
 
 def image_name(prompt: int, seed: int) -> str:

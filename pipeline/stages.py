@@ -15,7 +15,7 @@ from typing import Callable
 
 from . import tracking
 from .config import Config
-from .errors import BundleError, StageError  # noqa: F401  (re-exported: `from pipeline.stages import StageError`)
+from .errors import SavedModelError, StageError  # noqa: F401  (re-exported: `from pipeline.stages import StageError`)
 from .progress import say
 from .workspace import Workspace, atomic_write_json
 

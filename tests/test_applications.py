@@ -8,6 +8,7 @@ import torch
 from pipeline import diffusion
 from pipeline.applications import psnr, slerp
 from pipeline.decoder import inversion
+from pipeline.decoder.diffusion import Condition, DecoderSampling, sample
 
 S, SIGMA = 8, 0.5
 
@@ -28,33 +29,36 @@ class GaussianDecoder(torch.nn.Module):
         return a.sqrt() * eps - (1 - a).sqrt() * x0 if self.prediction_type == "v_prediction" else eps
 
 
-def cond(b=4):
-    return torch.zeros(b, 16), torch.zeros(b, 5, 8), torch.zeros(b, 5, dtype=torch.bool)
+def cond(b=4, known=None, known_mask=None):
+    return Condition(torch.zeros(b, 16), torch.zeros(b, 5, 8), torch.zeros(b, 5, dtype=torch.bool), known, known_mask)
+
+
+def ddim(prediction_type, steps, eta=0.0):
+    return DecoderSampling(diffusion.INVERTIBLE_DDIM, steps, 1.0, prediction_type, eta=eta)
 
 
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
 def test_ddim_inversion_then_sampling_reconstructs_the_image(prediction_type):
     model = GaussianDecoder(prediction_type)
     x0 = torch.rand(4, 3, S, S, generator=torch.Generator().manual_seed(0)) * 1.8 - 0.9    # images in [-1, 1]
-    x_T = inversion.invert(model, x0, *cond(), prediction_type=prediction_type, steps=100)
-    assert x_T.std() > 3 * (x0.std() * inversion._alpha(990, "cpu").sqrt())      # it is noise, not the image
-    rec = inversion.sample(model, x_T, *cond(), prediction_type=prediction_type, steps=100)
+    x_T = inversion.invert(model, x0, cond(), ddim(prediction_type, 100))
+    assert x_T.std() > 3 * (x0.std() * model.alphas[990].sqrt())                 # it is noise, not the image
+    rec = sample(model, cond(), ddim(prediction_type, 100), x_T=x_T)
     # the inversion reuses the output at tau_i for the step to tau_i+1: first order in the step
     # (measured: max error 0.054 at 50 steps, 0.027 at 100, 0.003 at 1000)
     assert (rec - x0).abs().max() < 0.04
-    rough = inversion.sample(model, inversion.invert(model, x0, *cond(), prediction_type=prediction_type, steps=10),
-                             *cond(), prediction_type=prediction_type, steps=10)
+    rough = sample(model, cond(), ddim(prediction_type, 10), x_T=inversion.invert(model, x0, cond(),
+                                                                                 ddim(prediction_type, 10)))
     assert (rough - x0).abs().mean() > (rec - x0).abs().mean()                    # error shrinks with the step
 
 
 def test_eta_moves_samples_away_from_the_reconstruction():
     model = GaussianDecoder()
     x0 = torch.rand(4, 3, S, S, generator=torch.Generator().manual_seed(1)) * 1.8 - 0.9
-    x_T = inversion.invert(model, x0, *cond(), prediction_type="v_prediction", steps=50)
+    x_T = inversion.invert(model, x0, cond(), ddim("v_prediction", 50))
     dist = []
     for eta in (0.0, 0.3, 1.0):
-        out = inversion.sample(model, x_T, *cond(), prediction_type="v_prediction", steps=50, eta=eta,
-                               generator=torch.Generator().manual_seed(2))
+        out = sample(model, cond(), ddim("v_prediction", 50, eta), x_T=x_T, generator=torch.Generator().manual_seed(2))
         dist.append((out - x0).pow(2).mean().item())
     assert dist[0] < 2e-3 and 5 * dist[0] < dist[1] < dist[2]      # eta 0: the reconstruction (50 steps)
 
@@ -64,8 +68,8 @@ def test_inpainting_keeps_the_known_region_exactly():
     known = torch.rand(2, 3, S, S) * 2 - 1
     keep = torch.ones(2, 1, S, S)
     keep[..., 2:6, 2:6] = 0
-    out = inversion.sample(model, torch.randn(2, 3, S, S), *cond(2), prediction_type="v_prediction", steps=20,
-                           eta=1.0, generator=torch.Generator().manual_seed(0), known=known, known_mask=keep)
+    out = sample(model, cond(2, known, keep), ddim("v_prediction", 20, eta=1.0), x_T=torch.randn(2, 3, S, S),
+                 generator=torch.Generator().manual_seed(0))
     assert torch.equal(out[keep.expand_as(out).bool()], known[keep.expand_as(known).bool()])
     assert (out - known)[..., 2:6, 2:6].abs().mean() > 0.05
 
@@ -81,4 +85,4 @@ def test_slerp_and_psnr():
     y[0, 0, 0, 0] = 110                                    # mse = 100 / 48
     assert psnr(x, y).item() == pytest.approx(10 * torch.log10(torch.tensor(255.0 ** 2 * 48 / 100)).item(), rel=1e-5)
     with pytest.raises(ValueError):
-        inversion.timesteps(0)
+        diffusion.InvertibleDDIM(0, "epsilon")

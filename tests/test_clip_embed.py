@@ -21,7 +21,7 @@ def clip_ws(data_ws, smoke_cfg):
     return data_ws, metrics
 
 
-def test_clip_stage_writes_a_bundle_and_figures(clip_ws):
+def test_clip_stage_writes_its_directory_and_figures(clip_ws):
     ws, m = clip_ws
     for f in ("open_clip_config.json", "preprocess.json", "model.safetensors", "run_config.json", "clip_figures.png"):
         assert (ws.clip / f).exists(), f
@@ -33,7 +33,7 @@ def test_clip_stage_writes_a_bundle_and_figures(clip_ws):
     assert json.loads(ws.metrics_path("clip").read_text())["val"] == val
 
 
-def test_bundle_roundtrip_and_encoder_shapes(clip_ws, smoke_cfg):
+def test_clip_roundtrip_and_encoder_shapes(clip_ws, smoke_cfg):
     ws, _ = clip_ws
     b = clip_model.load(ws.clip)
     a = clip_model.load(ws.clip)
@@ -69,7 +69,7 @@ def test_canonical_caption_is_a_corpus_caption():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("/no/such/dir-or-arch", "expected a bundle directory"),
+    ("/no/such/dir-or-arch", "expected a CLIP directory"),
     ("NotAnArch:foo", "unknown open_clip architecture"),
     ("ViT-B-32:/no/such/file.bin", "neither a local file nor an open_clip tag"),
 ])
@@ -79,7 +79,7 @@ def test_pretrained_spec_errors_are_clear(data_ws, smoke_cfg, spec, message):
         run_stage("clip", cfg, data_ws)
 
 
-def test_pretrained_bundle_directory_is_loaded(clip_ws, smoke_cfg, tmp_path):
+def test_pretrained_clip_directory_is_loaded(clip_ws, smoke_cfg, tmp_path):
     ws, _ = clip_ws
     import shutil
     shutil.copytree(ws.clip, tmp_path / "mine")

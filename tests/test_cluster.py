@@ -35,7 +35,7 @@ def test_bad_cluster_config_names_the_key(params_path, mutate, key):
     assert key in str(err.value)
 
 
-def test_bundle_config_leaves_out_where_it_ran(smoke_cfg):
+def test_saved_config_leaves_out_where_it_ran(smoke_cfg):
     from pipeline.bundle import run_config
     spark = smoke_cfg.model_copy(update={"cluster": config.ClusterConfig(engine="spark")})
     assert run_config(spark) == run_config(smoke_cfg)

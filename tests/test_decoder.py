@@ -4,7 +4,7 @@ import torch
 
 from pipeline.decoder import diffusion as dd
 from pipeline.decoder.network import UnclipDecoder
-from pipeline.diffusion import Denoiser, make_sampler, noise_schedule, training_target
+from pipeline.diffusion import Denoiser, in_batches, make_sampler, noise_schedule, training_target
 
 B, D, W, L, S = 3, 16, 12, 6, 8
 
@@ -69,16 +69,27 @@ def test_drop_rates_in_training_follow_the_paper():
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
 def test_sampling_with_and_without_guidance(sampler):
     m, (z_i, tokens, mask) = net(), cond()
+    condition, sampling = dd.Condition(z_i, tokens, mask), dd.DecoderSampling(sampler=sampler, steps=3)
     for scale, nfe in ((1.0, 3), (3.0, 6)):
         stats = {}
-        x = dd.sample(m, z_i, tokens, mask, image_size=S, prediction_type="epsilon", sampler=sampler, steps=3,
-                      guidance_scale=scale, generator=torch.Generator().manual_seed(0), stats=stats)
+        x = dd.sample(m, condition, sampling.but(guidance_scale=scale), generator=torch.Generator().manual_seed(0),
+                      stats=stats)
         assert x.shape == (B, 3, S, S) and x.abs().max() <= 1 and stats["nfe"] == nfe
-    a = dd.sample(m, z_i, tokens, mask, image_size=S, prediction_type="epsilon", sampler=sampler, steps=3,
-                  generator=torch.Generator().manual_seed(7))
-    b = dd.sample(m, z_i, tokens, mask, image_size=S, prediction_type="epsilon", sampler=sampler, steps=3,
-                  generator=torch.Generator().manual_seed(7))
+    a = dd.sample(m, condition, sampling, generator=torch.Generator().manual_seed(7))
+    b = dd.sample(m, condition, sampling, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b)                                                      # seeded
+
+
+def test_sampling_reads_the_saved_info_and_overrides_it_and_batches_keep_rows():
+    info = {"prediction_type": "v_prediction", "sampling": {"sampler": "dpm++", "steps": 8, "guidance_scale": 2.0}}
+    s = dd.DecoderSampling.of(info, steps=3, guidance_scale=None)                  # None: the saved one
+    assert (s.sampler, s.steps, s.guidance_scale, s.prediction_type, s.eta) == ("dpm++", 3, 2.0, "v_prediction", 0.0)
+    m, condition = net(), dd.Condition(*cond())
+    x_T = torch.randn(B, 3, S, S, generator=torch.Generator().manual_seed(1))
+    ddim = s.but(sampler="ddim")                                  # deterministic from x_T: rows independent
+    whole = dd.sample(m, condition, ddim, x_T=x_T)
+    assert torch.allclose(in_batches(dd.sample, m, condition, ddim, 2, x_T=x_T), whole, atol=1e-5)
+    assert torch.allclose(in_batches(dd.sample, m, condition, ddim, 1, x_T=x_T)[2], whole[2], atol=1e-5)
 
 
 def test_guidance_combines_conditional_and_unconditional():
@@ -213,6 +224,6 @@ def test_learned_variance_vlb_is_zero_when_the_model_is_the_posterior():
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
 def test_learned_variance_samples_with_every_sampler(sampler):
     m, (z_i, tokens, mask) = net(learned_variance=True), cond()
-    x = dd.sample(m, z_i, tokens, mask, image_size=S, prediction_type="v_prediction", sampler=sampler, steps=3,
-                  guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    x = dd.sample(m, dd.Condition(z_i, tokens, mask), dd.DecoderSampling(sampler, 3, 2.0, "v_prediction"),
+                  generator=torch.Generator().manual_seed(0))
     assert x.shape == (B, 3, S, S) and torch.isfinite(x).all()

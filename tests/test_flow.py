@@ -392,7 +392,7 @@ def test_prior_comparison_trains_the_autoregressive_prior_beside_the_workspaces(
         assert "| prior_ar_test | autoregressive |" in done.stdout
         assert (ws.prior / "model.safetensors").read_bytes() == before
         assert not (ws.checkpoints / "prior_ar_test").exists() or not any((ws.checkpoints / "prior_ar_test").iterdir())
-        # prior.kind: autoregressive as the cascade's own prior: a bundle with it loads and generates, seeded
+        # prior.kind: autoregressive as the cascade's own prior: a bundle with it as its prior loads and generates, seeded
         from pipeline.generate import Unclip
         models = tmp_path / "models"
         shutil.copytree(ws.root / "models", models, ignore=shutil.ignore_patterns("prior", "prior_ar_test", "judge"))
@@ -401,7 +401,7 @@ def test_prior_comparison_trains_the_autoregressive_prior_beside_the_workspaces(
         a, b = (unclip.generate(["a red circle"], n=2, seed=5) for _ in range(2))
         assert a["images"].shape[0] == 2 and torch.equal(a["images"], b["images"]) and a["nfe"]["prior"] == 32
         sweep = subprocess.run([sys.executable, str(REPO / "bench" / "prior_sampling_sweep.py"), "--workspace",
-                                str(ws.root), "--bundle", "models/prior_ar_test", "--guidance", "1,2",
+                                str(ws.root), "--prior", "models/prior_ar_test", "--guidance", "1,2",
                                 "--temperature", "1,0.1"], capture_output=True, text=True, timeout=300)
         assert sweep.returncode == 0, sweep.stderr[-2000:]
         rows = [line for line in sweep.stdout.splitlines() if line.startswith("| 1.0 |") or line.startswith("| 2.0 |")]

@@ -95,7 +95,7 @@ def test_frechet_distance_matches_an_independent_computation():
 
 
 def test_judge_cli_reads_a_grid_and_scores_captions(tmp_path):
-    """A tiny untrained judge bundle: the CLI's plumbing (grid cutting, captions, JSON), not accuracy."""
+    """A tiny untrained judge's directory: the CLI's plumbing (grid cutting, captions, JSON), not accuracy."""
     from click.testing import CliRunner
 
     from pipeline import bundle

@@ -250,17 +250,17 @@ def test_pretrained_open_clip_checkpoint_through_embed_into_the_prior(data_ws, s
     saved = load_file(str(ws.clip / "model.safetensors"))
     original = model.state_dict()
     assert set(saved) == set(original) and all(torch.equal(saved[k], original[k]) for k in original)
-    bundle = clip_model.load(ws.clip)
-    assert (bundle.name, bundle.embed_dim, bundle.image_size, bundle.context_length) == (PRETRAINED_ARCH, 256, 224, 77)
+    clip = clip_model.load(ws.clip)
+    assert (clip.name, clip.embed_dim, clip.image_size, clip.context_length) == (PRETRAINED_ARCH, 256, 224, 77)
 
     e = run_stage("embed", cfg, ws)
     assert e["kept"] > 0
     val = load_split(shard_paths(ws.embeddings), "val", image_size=64)
     assert val["z_i"].shape[1] == 256 and val["tokens"].shape[1:] == (77, 256)
     with torch.no_grad():                      # the shards' z_i are this checkpoint's, not a random CLIP's
-        z = bundle.encode_image(val["images"][:4])
-        other = clip_model.ClipBundle(open_clip.create_model(PRETRAINED_ARCH, pretrained=None).eval(),
-                                      bundle.tokenizer, bundle.name, bundle.config, 224, bundle.mean, bundle.std)
+        z = clip.encode_image(val["images"][:4])
+        other = clip_model.Clip(open_clip.create_model(PRETRAINED_ARCH, pretrained=None).eval(),
+                                clip.tokenizer, clip.name, clip.config, 224, clip.mean, clip.std)
         z_other = other.encode_image(val["images"][:4])
     assert torch.allclose(z, val["z_i"][:4], atol=2e-3)
     assert not torch.allclose(z_other, val["z_i"][:4], atol=2e-3)

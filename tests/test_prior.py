@@ -2,7 +2,7 @@
 import torch
 
 from pipeline.diffusion import noise_schedule
-from pipeline.prior import diffusion
+from pipeline.prior import diffusion, kinds
 from pipeline.prior.network import UnclipPrior
 
 B, D, W, L = 3, 16, 24, 8
@@ -41,15 +41,19 @@ def test_dropping_the_condition_changes_the_prediction_and_zeroes_it():
 def test_sample_with_and_without_guidance_and_rerank():
     z_t, tokens, mask = cond()
     m = net()
+    caption, sampling = kinds.Caption(z_t, tokens, mask), kinds.PriorSampling(steps=4, n_candidates=2)
     for scale in (1.0, 3.0):
-        z = diffusion.sample(m, z_t, tokens, mask, steps=4, guidance_scale=scale, n_candidates=2,
-                             generator=torch.Generator().manual_seed(0))
-        assert z.shape == (B, D)
+        stats = {}
+        z = kinds.sample(m, caption, sampling.but(guidance_scale=scale), generator=torch.Generator().manual_seed(0),
+                         stats=stats)
+        assert z.shape == (B, D) and stats["nfe"] == 4 * (1 if scale == 1 else 2)       # per candidate
         assert torch.allclose(z.norm(dim=-1), torch.ones(B), atol=1e-5)
-    # rerank keeps the candidate with the larger dot product with z_t
-    best, cands = diffusion.sample(m, z_t, tokens, mask, steps=4, n_candidates=4, return_candidates=True,
-                                   generator=torch.Generator().manual_seed(0))
-    assert cands.shape == (B, 4, D)
+    # rerank keeps the candidate with the larger dot product with z_t: the candidates are one draw
+    # per row of the caption repeated (caption-major), from the same generator
+    four = sampling.but(n_candidates=4)
+    best = kinds.sample(m, caption, four, generator=torch.Generator().manual_seed(0))
+    cands = diffusion.sample(m, kinds.Caption(*(c.repeat_interleave(4, 0) for c in caption)), four,
+                             generator=torch.Generator().manual_seed(0)).view(B, 4, D)
     dots = (cands * z_t[:, None, :]).sum(-1)
     assert torch.allclose((best * z_t).sum(-1), dots.max(dim=1).values)
     assert not torch.allclose(cands[:, 0], cands[:, 1])          # candidates differ

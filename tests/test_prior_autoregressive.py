@@ -106,14 +106,15 @@ def test_cached_sampling_matches_the_teacher_forced_pass():
 def test_sampling_is_seeded_guided_and_unit_norm():
     m = fitted_model()
     z_t, tokens, mask = cond()
-    sampling = {"sampler": "autoregressive", "steps": K, "guidance_scale": 1.0, "temperature": 1.0}
-    a = kinds.sample(m, z_t, tokens, mask, sampling, n_candidates=2, generator=torch.Generator().manual_seed(3))
-    b = kinds.sample(m, z_t, tokens, mask, sampling, n_candidates=2, generator=torch.Generator().manual_seed(3))
-    c = kinds.sample(m, z_t, tokens, mask, sampling, n_candidates=2, generator=torch.Generator().manual_seed(4))
+    caption = kinds.Caption(z_t, tokens, mask)
+    sampling = kinds.PriorSampling(sampler="autoregressive", steps=K, guidance_scale=1.0, temperature=1.0)
+    a = kinds.sample(m, caption, sampling, generator=torch.Generator().manual_seed(3))
+    b = kinds.sample(m, caption, sampling, generator=torch.Generator().manual_seed(3))
+    c = kinds.sample(m, caption, sampling, generator=torch.Generator().manual_seed(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == (3, D) and torch.allclose(a.norm(dim=-1), torch.ones(3), atol=1e-5)
     stats = {}
-    guided = kinds.sample(m, z_t, tokens, mask, sampling | {"guidance_scale": 3.0}, generator=torch.Generator(),
+    guided = kinds.sample(m, caption, sampling.but(guidance_scale=3.0, n_candidates=1), generator=torch.Generator(),
                           stats=stats)
     assert guided.shape == (3, D) and stats["nfe"] == 2 * K
 
@@ -139,7 +140,7 @@ def test_training_loss_learns_a_fixed_mapping():
     assert sum(losses[:10]) / 10 > 2.5 and sum(losses[-20:]) / 20 < 2.0
 
 
-def test_bundle_is_self_describing(tmp_path):
+def test_saved_prior_is_self_describing(tmp_path):
     p = PriorConfig.model_validate({"kind": "autoregressive", "layers": 2, "heads": 2, "head_dim": 8,
                                     "autoregressive": {"components": K, "buckets": 32, "dot_buckets": 8}})
     arch = kinds.arch_of(p, D, W, L)
@@ -151,10 +152,13 @@ def test_bundle_is_self_describing(tmp_path):
     assert isinstance(loaded, AutoregressivePrior) and meta["info"]["prior_kind"] == "autoregressive"
     assert torch.equal(loaded.codebook.components, m.codebook.components)     # the fit travels with the weights
     z_t, tokens, mask = cond()
-    s = meta["info"]["sampling"]
-    assert torch.equal(kinds.sample(loaded, z_t, tokens, mask, s, generator=torch.Generator().manual_seed(0)),
-                       kinds.sample(m, z_t, tokens, mask, s, generator=torch.Generator().manual_seed(0)))
-    # a bundle from before the autoregressive prior (no kind in its arch) is a diffusion prior
+    s = kinds.PriorSampling.of(meta["info"])
+    assert (s.sampler, s.steps, s.temperature, s.n_candidates) == ("autoregressive", K, p.autoregressive.temperature,
+                                                                   p.n_candidates)
+    caption = kinds.Caption(z_t, tokens, mask)
+    assert torch.equal(kinds.sample(loaded, caption, s, generator=torch.Generator().manual_seed(0)),
+                       kinds.sample(m, caption, s, generator=torch.Generator().manual_seed(0)))
+    # a prior saved before the autoregressive prior (no kind in its arch) is a diffusion prior
     old = json.loads((tmp_path / "model.json").read_text())["arch"]
     assert type(kinds.build(**{k: v for k, v in old.items()
                                if k not in ("kind", "components", "buckets", "dot_buckets")})).__name__ == "UnclipPrior"

@@ -1,5 +1,5 @@
 """No credentials in artifacts (issue 19, M9): a tracking URI with a user, a token or a signed
-query is never written into model bundles (which go to the registry), report snapshots or pages,
+query is never written into saved models (which go to the registry), report snapshots or pages,
 and URLs echoed in crawl failure messages lose their credentials and queries."""
 from __future__ import annotations
 

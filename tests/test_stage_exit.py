@@ -28,13 +28,13 @@ def _raise(err):
 def permanent_failures():
     from PIL import Image
     from pipeline.data.shards import ShardError
-    from pipeline.stages import BundleError
+    from pipeline.stages import SavedModelError
     from pipeline.training import NonFiniteLoss
     return [NonFiniteLoss("[prior: train] loss is nan at step 3"), ShardError("x.tar: truncated member"),
             PermissionError(13, "Permission denied", "models/clip/x"),
             UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
             Image.DecompressionBombError("Image size (1 pixels) exceeds limit"),
-            BundleError("CLIP model name '../x': expected letters")]
+            SavedModelError("CLIP model name '../x': expected letters")]
 
 
 @pytest.fixture

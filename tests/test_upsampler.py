@@ -1,5 +1,5 @@
 """The upsamplers: network shapes, training-time corruptions, a loss that learns, sampling with
-every sampler, and a bundle round trip. Tiny networks; no workspace."""
+every sampler, and a save/load round trip. Tiny networks; no workspace."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,12 @@ from pipeline.upsampler.stage import TrainingPairs, chain_sizes, crop_size
 
 ARCH = {"block_out_channels": [8, 16], "layers_per_block": 1}
 INFO = {"in_size": 8, "out_size": 16, "prediction_type": "epsilon", "sampling": {"sampler": "ddim", "steps": 2}}
+
+
+def upsample(model, info, low, z_i=None, generator=None, **overrides):
+    """The upsampler's sampling contract as the chain calls it: a saved model's info, a call's overrides."""
+    sampling = diffusion.UpsamplerSampling.of(info, **overrides)
+    return diffusion.sample(model, diffusion.Condition(low, z_i), sampling, generator=generator)
 
 
 def net(seed=0):
@@ -60,8 +66,8 @@ def test_conditioned_upsampler_sees_z_i_and_needs_it():
     with pytest.raises(ValueError, match="z_i"):
         m(x, t, low)
     with pytest.raises(ValueError, match="z_i"):
-        diffusion.upsample(m, INFO, torch.zeros(2, 3, 8, 8))
-    out = diffusion.upsample(m, INFO, torch.zeros(2, 3, 8, 8), z_i=z, generator=torch.Generator().manual_seed(0))
+        upsample(m, INFO, torch.zeros(2, 3, 8, 8))
+    out = upsample(m, INFO, torch.zeros(2, 3, 8, 8), z_i=z, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 3, 16, 16)
     # training: the loss reaches z_i's projection; dropped embeddings are zeros
     loss = diffusion.training_loss(m.train(), shapes(b=2), low, noise_schedule("v_prediction"), z_i=z,
@@ -135,8 +141,8 @@ def test_strength_truncates_the_schedule_and_starts_near_the_condition(sampler):
 
     low = shapes(b=2, size=8)
     info = INFO | {"prediction_type": "v_prediction", "sampling": {"sampler": sampler, "steps": 2}}
-    near = diffusion.upsample(ZeroV(), info, low, strength=0.05, generator=torch.Generator().manual_seed(0))
-    far = diffusion.upsample(ZeroV(), info, low, generator=torch.Generator().manual_seed(0))
+    near = upsample(ZeroV(), info, low, strength=0.05, generator=torch.Generator().manual_seed(0))
+    far = upsample(ZeroV(), info, low, generator=torch.Generator().manual_seed(0))
     assert near.shape == (2, 3, 16, 16) and torch.isfinite(near).all()
     assert (near - resize(low, 16)).abs().mean() < 0.1 < (far - resize(low, 16)).abs().mean()
 
@@ -171,27 +177,27 @@ def test_training_loss_decreases():
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_upsample_with_each_sampler(sampler):
     low = shapes(size=8)
-    out = diffusion.upsample(net(), INFO, low, sampler=sampler, steps=2, generator=torch.Generator().manual_seed(0))
+    out = upsample(net(), INFO, low, sampler=sampler, steps=2, generator=torch.Generator().manual_seed(0))
     assert out.shape == (4, 3, 16, 16) and out.min() >= -1 and out.max() <= 1 and torch.isfinite(out).all()
 
 
 def test_upsample_rejects_sizes_the_network_cannot_take():
     m = Upsampler(block_out_channels=[8, 16, 32], layers_per_block=1)     # needs multiples of 4
     with pytest.raises(ValueError, match="multiple of 4"):
-        diffusion.upsample(m, INFO, shapes(size=5))
+        upsample(m, INFO, shapes(size=5))
 
 
-def test_saved_bundle_gives_the_same_samples(tmp_path):
+def test_saved_upsampler_gives_the_same_samples(tmp_path):
     m = net(seed=5)
     info = {**INFO, "key": "1", "degradation": "blur"}
     bundle.save_model(tmp_path / "up", m, kind="upsampler", arch=ARCH, run_config={}, info=info)
     loaded, meta = diffusion.load(tmp_path / "up")
     assert meta["info"] == info and meta["arch"] == ARCH
     low = shapes(size=8)
-    a = diffusion.upsample(m, info, low, generator=torch.Generator().manual_seed(7))
-    b = diffusion.upsample(loaded, meta["info"], low, generator=torch.Generator().manual_seed(7))
+    a = upsample(m, info, low, generator=torch.Generator().manual_seed(7))
+    b = upsample(loaded, meta["info"], low, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
-    c = diffusion.upsample(loaded, meta["info"], low, generator=torch.Generator().manual_seed(8))
+    c = upsample(loaded, meta["info"], low, generator=torch.Generator().manual_seed(8))
     assert not torch.equal(a, c)
 
 
@@ -228,8 +234,8 @@ def test_sampling_layout_changes_speed_not_samples(bf16):
     low, z_i = shapes(size=8), F.normalize(torch.randn(4, 8), dim=-1)
     info = {**INFO, "prediction_type": "v_prediction"}
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        a = diffusion.upsample(plain, info, low, generator=torch.Generator().manual_seed(1), z_i=z_i)
-        b = diffusion.upsample(fast, info, low, generator=torch.Generator().manual_seed(1), z_i=z_i)
+        a = upsample(plain, info, low, generator=torch.Generator().manual_seed(1), z_i=z_i)
+        b = upsample(fast, info, low, generator=torch.Generator().manual_seed(1), z_i=z_i)
     assert b.dtype == torch.float32 and b.is_contiguous()
     assert (a - b).abs().max() < (0.1 if bf16 else 1e-4)
 
@@ -246,8 +252,8 @@ def test_residual_target_diffuses_the_difference_to_the_bicubic_upsample(monkeyp
     monkeypatch.setattr(diffusion, "sample_loop", lambda denoiser, x_T, scheduler, generator: torch.zeros_like(x_T))
     low = shapes(size=8)
     info = INFO | {"prediction_type": "v_prediction", "target": "residual"}
-    assert torch.allclose(diffusion.upsample(m, info, low), resize(low, 16).clamp(-1, 1))
-    assert diffusion.upsample(m, INFO | {"prediction_type": "v_prediction"}, low).abs().max() == 0
+    assert torch.allclose(upsample(m, info, low), resize(low, 16).clamp(-1, 1))
+    assert upsample(m, INFO | {"prediction_type": "v_prediction"}, low).abs().max() == 0
 
 
 def test_residual_scale_diffuses_k_times_the_residual_and_divides_the_sample_by_k(monkeypatch):
@@ -270,5 +276,5 @@ def test_residual_scale_diffuses_k_times_the_residual_and_divides_the_sample_by_
     monkeypatch.setattr(diffusion, "sample_loop", fake_loop)
     low = shapes(size=8)
     info = INFO | {"prediction_type": "v_prediction", "target": "residual", "residual_scale": 8.0}
-    assert torch.allclose(diffusion.upsample(m, info, low), (resize(low, 16) + 0.1).clamp(-1, 1))
+    assert torch.allclose(upsample(m, info, low), (resize(low, 16) + 0.1).clamp(-1, 1))
     assert seen["clip"] == 16.0

@@ -33,10 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RowCounter, emit, job_from_argv, rows, set_threads, synthetic, timed_sampling  # noqa: E402
 from pipeline import config  # noqa: E402
 from pipeline.decoder import stage as decoder_stage  # noqa: E402
+from pipeline.decoder.diffusion import Condition, DecoderSampling  # noqa: E402
 from pipeline.decoder.network import UnclipDecoder  # noqa: E402
 from pipeline.diffusion import noise_schedule  # noqa: E402
 from pipeline.prior import diffusion as prior_diffusion  # noqa: E402
 from pipeline.prior import figures as prior_figures  # noqa: E402
+from pipeline.prior import kinds  # noqa: E402
+from pipeline.prior.kinds import PriorSampling  # noqa: E402
 from pipeline.prior import stage as prior_stage  # noqa: E402
 from pipeline.prior.network import UnclipPrior  # noqa: E402
 from pipeline.device import autocast, use_bf16  # noqa: E402
@@ -91,8 +94,8 @@ def run_decoder(cfg, shapes: dict, job: dict) -> dict:
     counter = RowCounter(model)          # after training the model holds the EMA weights
 
     def sample(n: int) -> None:
-        decoder_stage.decode(model, data["z_i"][:n], data["tokens"][:n], data["mask"][:n], image_size=d.image_size,
-                             prediction_type=d.prediction_type, sampling=d.sampling, seed=d.seed, batch_size=n,
+        decoder_stage.decode(model, Condition(data["z_i"][:n], data["tokens"][:n], data["mask"][:n]),
+                             DecoderSampling.of(decoder_stage.sampling_info(d)), seed=d.seed, batch_size=n,
                              precision=d.precision)
 
     return {"params": count(model), "batch": b, "steps": j["steps"], "train_items_per_s": b * j["steps"] / seconds,
@@ -119,7 +122,7 @@ def run_prior(cfg, shapes: dict, job: dict) -> dict:
     def sample(n: int) -> None:
         prior_figures.sample_in_batches(model, {"n": n, "z_t": data["z_t"][:n], "tokens": data["tokens"][:n],
                                               "mask": data["mask"][:n]},
-                                      p.sampling.model_dump(), p.n_candidates, n, p.seed, p.precision)
+                                      PriorSampling.of(kinds.sampling_info(p)), n, p.seed, p.precision)
 
     out = timed_sampling(sample, j["sample_batch"], counter)
     out["nfe_per_item"] /= p.n_candidates                     # per candidate

@@ -5,7 +5,8 @@ Every function takes uint8 images [B, 3, H, W] (any size: resized to each stage'
 ``images.resize``) and a seed, and returns uint8 images at the cascade's final resolution (the
 decoder's output through the upsamplers), plus what the figures need. An image is described by
 its bipartite latent (z_i, x_T): z_i = CLIP(image), x_T = DDIM inversion of the decoder
-conditioned on z_i alone (no caption, as the paper's variations), ``decoder.inversion``.
+conditioned on z_i alone (no caption, as the paper's variations), ``decoder.inversion``; the
+decoder decodes it with its ``invertible-ddim`` sampler (``decoder.diffusion.sample``).
 
     from pipeline.generate import Unclip
     from pipeline import applications as apps
@@ -20,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ..decoder import inversion
-from ..diffusion import randn
+from ..decoder.diffusion import Condition, DecoderSampling, sample
+from ..diffusion import INVERTIBLE_DDIM, randn
 from ..generate import Unclip
 from ..images import psnr, resize, to_model, to_uint8
 
@@ -59,16 +61,16 @@ class Latent:
             self.tokens, self.mask = tokens.to(dev), mask.to(dev)
         self._x_T: Optional[torch.Tensor] = None
 
-    @property
-    def prediction_type(self) -> str:
-        return self.unclip.decoder_meta["info"]["prediction_type"]
+    def sampling(self, eta: float = 0.0, guidance: float = 1.0) -> DecoderSampling:
+        """The decoder's generalized DDIM at this latent's steps (what :attr:`x_T` inverts at eta 0)."""
+        return ddim(self.unclip, self.steps, eta=eta, guidance=guidance)
 
     @property
     def x_T(self) -> torch.Tensor:
         """DDIM (eta = 0) inversion of the decoder conditioned on z_i: [B, 3, S, S]."""
         if self._x_T is None:
-            self._x_T = inversion.invert(self.unclip.decoder, self.x0, self.z_i, self.tokens, self.mask,
-                                         prediction_type=self.prediction_type, steps=self.steps)
+            self._x_T = inversion.invert(self.unclip.decoder, self.x0, Condition(self.z_i, self.tokens, self.mask),
+                                         self.sampling())
         return self._x_T
 
     def decode(self, z_i: torch.Tensor, x_T: torch.Tensor, *, eta: float = 0.0,
@@ -77,9 +79,13 @@ class Latent:
         """(z_i, x_T) -> images [B, 3, S, S] in [-1, 1] at the decoder's resolution. ``caption``:
         (tokens, mask) of a caption for the decoder's text condition (default: none, as inverted)."""
         tokens, mask = caption if caption is not None else no_caption(self.unclip, len(z_i))
-        return inversion.sample(self.unclip.decoder, x_T, z_i, tokens, mask,
-                                prediction_type=self.prediction_type, steps=self.steps, eta=eta,
-                                generator=generator, guidance_scale=guidance)
+        return sample(self.unclip.decoder, Condition(z_i, tokens, mask), self.sampling(eta, guidance),
+                      generator=generator, x_T=x_T)
+
+
+def ddim(unclip: Unclip, steps: int, eta: float = 0.0, guidance: float = 1.0) -> DecoderSampling:
+    """The decoder's ``invertible-ddim`` sampling (and inversion) at ``steps``, ``eta`` and ``guidance``."""
+    return unclip.decoder_sampling(sampler=INVERTIBLE_DDIM, steps=steps, guidance=guidance).but(eta=eta)
 
 
 def no_caption(unclip: Unclip, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +153,7 @@ def interpolate(unclip: Unclip, image_a: torch.Tensor, image_b: torch.Tensor, *,
     else:
         x_T = randn(lat.x_T[:1].shape, gen, unclip.device).expand(frames, -1, -1, -1)
     tokens, mask = no_caption(unclip, frames)
-    x = inversion.sample(unclip.decoder, x_T, z, tokens, mask, prediction_type=lat.prediction_type, steps=steps)
+    x = sample(unclip.decoder, Condition(z, tokens, mask), lat.sampling(), x_T=x_T)
     return {"frames": upsample_chain(unclip, x, gen, z)[-1], "z_i": z.cpu(), "t": ts}
 
 
@@ -199,11 +205,10 @@ def inpaint(unclip: Unclip, images: torch.Tensor, masks: torch.Tensor, captions:
     keep = 1 - masks.float()
     orig = to_model(images).to(dev)
     known_mask = (resize(keep, size).clamp(0, 1) > 0.5).float().to(dev)
-    ds = unclip.decoder_meta["info"]["sampling"]
-    x = inversion.sample(unclip.decoder, randn((len(images), 3, size, size), gen, dev), z_i, tokens, mask_t,
-                         prediction_type=unclip.decoder_meta["info"]["prediction_type"], steps=steps,
-                         guidance_scale=ds["guidance_scale"] if guidance is None else guidance, eta=1.0,
-                         generator=gen, known=resize(orig, size), known_mask=known_mask)
+    saved = unclip.decoder_sampling().guidance_scale
+    x = sample(unclip.decoder, Condition(z_i, tokens, mask_t, known=resize(orig, size), known_mask=known_mask),
+               ddim(unclip, steps, eta=1.0, guidance=saved if guidance is None else guidance), generator=gen,
+               x_T=randn((len(images), 3, size, size), gen, dev))
     stages = upsample_chain(unclip, x, gen, z_i, keep=(orig, keep.to(dev)))
     final = stages[-1]
     if final.shape[-1] == images.shape[-1]:

@@ -1,1 +1,1 @@
-"""The pipeline's CLIP: model bundle, data, contrastive training, evaluation and the `clip` stage."""
+"""The pipeline's CLIP: the model (save, load, encode), data, contrastive training, evaluation and the `clip` stage."""

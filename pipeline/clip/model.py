@@ -1,6 +1,6 @@
-"""The pipeline's CLIP: an open_clip model, saved as a self-describing bundle.
+"""The pipeline's CLIP: an open_clip model, saved as a self-describing directory.
 
-Bundle layout (``models/clip/``)::
+The directory (``models/clip/``, one part of the trained bundle)::
 
     open_clip_config.json   the open_clip model config (embed_dim, vision_cfg, text_cfg)
     preprocess.json         image_size, mean, std the image tower expects
@@ -91,14 +91,14 @@ def _register(name: str, config: dict) -> None:
 
     open_clip registers model configs only from JSON files on its search path; the file goes to
     a private temp dir and is gone when this returns (open_clip keeps what it read). Never under
-    the bundle being loaded: that may be read-only (DVC's hardlinked cache is 0444), a DVC cache
+    the directory being loaded: that may be read-only (DVC's hardlinked cache is 0444), a DVC cache
     object or a registry artifact, and a write there would change what DVC and MLflow track.
-    ``name`` comes from a bundle's open_clip_config.json: it becomes a file name, so it must be
+    ``name`` comes from a CLIP directory's open_clip_config.json: it becomes a file name, so it must be
     a plain one."""
     if not NAME.fullmatch(name):
-        from ..errors import BundleError
-        raise BundleError(f"CLIP model name {name!r}: expected letters, digits, '_', '.', '+' or '-' (a bundle's "
-                         f"open_clip_config.json 'name')")
+        from ..errors import SavedModelError
+        raise SavedModelError(f"CLIP model name {name!r}: expected letters, digits, '_', '.', '+' or '-' (a CLIP "
+                              f"directory's open_clip_config.json 'name')")
     with tempfile.TemporaryDirectory(prefix="unclip-open_clip-") as scratch:
         path = Path(scratch) / f"{name}.json"
         path.write_text(json.dumps(config))
@@ -106,7 +106,7 @@ def _register(name: str, config: dict) -> None:
 
 
 @dataclass
-class ClipBundle:
+class Clip:
     """A CLIP model with its tokenizer and the preprocessing its image tower expects."""
     model: open_clip.CLIP
     tokenizer: object
@@ -167,32 +167,32 @@ class ClipBundle:
         return F.normalize(z_t, dim=-1), x, mask
 
 
-def build(model_cfg) -> ClipBundle:
+def build(model_cfg) -> Clip:
     """A freshly initialised small CLIP from ``clip.model``."""
     config = open_clip_config(model_cfg)
     _register(MODEL_NAME, config)
     model = _create(MODEL_NAME, model_cfg.vision_stem)
-    return ClipBundle(model, fast_tokenizer(open_clip.get_tokenizer(MODEL_NAME)), MODEL_NAME, config,
-                      model_cfg.image_size, MEAN, STD, model_cfg.vision_stem)
+    return Clip(model, fast_tokenizer(open_clip.get_tokenizer(MODEL_NAME)), MODEL_NAME, config,
+                model_cfg.image_size, MEAN, STD, model_cfg.vision_stem)
 
 
-def save(bundle: ClipBundle, out: Path, run_config: dict) -> None:
+def save(clip: Clip, out: Path, run_config: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "open_clip_config.json").write_text(json.dumps({"name": bundle.name, "stem": bundle.stem, **bundle.config},
+    (out / "open_clip_config.json").write_text(json.dumps({"name": clip.name, "stem": clip.stem, **clip.config},
                                                           indent=2))
     (out / "preprocess.json").write_text(json.dumps(
-        {"image_size": bundle.image_size, "mean": list(bundle.mean), "std": list(bundle.std)}, indent=2))
-    state = {k: v.detach().contiguous().cpu() for k, v in bundle.model.state_dict().items()}
+        {"image_size": clip.image_size, "mean": list(clip.mean), "std": list(clip.std)}, indent=2))
+    state = {k: v.detach().contiguous().cpu() for k, v in clip.model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
     (out / "run_config.json").write_text(json.dumps({"config": run_config, "versions": versions()}, indent=2))
 
 
-def load(path: Path, device: str | torch.device = "cpu") -> ClipBundle:
-    """Load a bundle written by :func:`save`. Fails with a clear message if it is incomplete."""
+def load(path: Path, device: str | torch.device = "cpu") -> Clip:
+    """Load a CLIP directory written by :func:`save`. Fails with a clear message if it is incomplete."""
     path = Path(path)
     missing = [f for f in ("open_clip_config.json", "preprocess.json", "model.safetensors") if not (path / f).exists()]
     if missing:
-        raise FileNotFoundError(f"{path} is not a CLIP bundle (missing {', '.join(missing)}); run `unclip stage clip`")
+        raise FileNotFoundError(f"{path} is not a CLIP directory (missing {', '.join(missing)}); run `unclip stage clip`")
     cfg = json.loads((path / "open_clip_config.json").read_text())
     name, stem = cfg.pop("name"), cfg.pop("stem", "patch")
     pre = json.loads((path / "preprocess.json").read_text())
@@ -200,12 +200,12 @@ def load(path: Path, device: str | torch.device = "cpu") -> ClipBundle:
     model = _create(name, stem)
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     model.to(device).eval()
-    return ClipBundle(model, fast_tokenizer(open_clip.get_tokenizer(name)), name, cfg, pre["image_size"],
-                      tuple(pre["mean"]), tuple(pre["std"]), stem)
+    return Clip(model, fast_tokenizer(open_clip.get_tokenizer(name)), name, cfg, pre["image_size"],
+                tuple(pre["mean"]), tuple(pre["std"]), stem)
 
 
-def load_pretrained(spec: str) -> ClipBundle:
-    """Resolve ``clip.pretrained``: a bundle directory, or ``<arch>:<open_clip tag | checkpoint file>``.
+def load_pretrained(spec: str) -> Clip:
+    """Resolve ``clip.pretrained``: a CLIP directory, or ``<arch>:<open_clip tag | checkpoint file>``.
 
     Offline, an open_clip tag that is not in the local cache fails with a message saying so.
     """
@@ -213,7 +213,7 @@ def load_pretrained(spec: str) -> ClipBundle:
     if p.is_dir():
         return load(p)
     if ":" not in spec:
-        raise ValueError(f"clip.pretrained={spec!r}: expected a bundle directory or '<arch>:<tag or file>' "
+        raise ValueError(f"clip.pretrained={spec!r}: expected a CLIP directory or '<arch>:<tag or file>' "
                          f"(e.g. 'ViT-B-32:laion2b_s34b_b79k'); known archs: {', '.join(open_clip.list_models()[:8])}, ...")
     arch, source = spec.split(":", 1)
     if arch not in open_clip.list_models():
@@ -229,6 +229,6 @@ def load_pretrained(spec: str) -> ClipBundle:
     config = open_clip.get_model_config(arch)
     pre = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
     size = config["vision_cfg"].get("image_size", 224)
-    return ClipBundle(model.eval(), fast_tokenizer(open_clip.get_tokenizer(arch)), arch, config,
-                      size if isinstance(size, int) else size[0],
-                      tuple(pre.get("mean", MEAN)), tuple(pre.get("std", STD)))
+    return Clip(model.eval(), fast_tokenizer(open_clip.get_tokenizer(arch)), arch, config,
+                size if isinstance(size, int) else size[0],
+                tuple(pre.get("mean", MEAN)), tuple(pre.get("std", STD)))

@@ -1,4 +1,4 @@
-"""The `clip` stage: train (or resolve a pretrained) CLIP, evaluate it on val, save the bundle."""
+"""The `clip` stage: train (or resolve a pretrained) CLIP, evaluate it on val, save models/clip/."""
 from __future__ import annotations
 
 import json
@@ -38,20 +38,20 @@ def run(cfg, ws) -> dict:
     with atomic_dir(ws.clip) as out:
         if c.pretrained:
             try:
-                bundle = clip_model.load_pretrained(c.pretrained)
+                clip = clip_model.load_pretrained(c.pretrained)
             except (ValueError, RuntimeError, FileNotFoundError) as err:
                 raise StageError(str(err)) from None
             summary = {"pretrained": c.pretrained}
         else:
-            bundle, summary = train(c, paths, checkpoints, on_log=on_log,
-                                    depends={"data": retrain.lineage(ws.filtered)["shards"]})
-        val = load_image_split(paths, "val", bundle.image_size)
+            clip, summary = train(c, paths, checkpoints, on_log=on_log,
+                                  depends={"data": retrain.lineage(ws.filtered)["shards"]})
+        val = load_image_split(paths, "val", clip.image_size)
         if not val["keys"]:
             raise StageError("the val split is empty: no sample's json carries split='val' (a URL list: give "
                              "some rows split 'val', or leave split empty and set crawl.split.val above 0)")
         with torch.no_grad():
-            figures = evaluate(bundle, val, c.eval_batch_size)
-        clip_model.save(bundle, out, run_config(cfg))
+            figures = evaluate(clip, val, c.eval_batch_size)
+        clip_model.save(clip, out, run_config(cfg))
         (out / "train_curve.json").write_text(json.dumps(curve))
         plot = out / "clip_figures.png"
         _plot(curve, figures, plot)

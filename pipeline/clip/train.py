@@ -17,7 +17,7 @@ from open_clip.loss import ClipLoss
 from ..device import autocast, device_of
 from ..training import Checkpointer, config_hash, cosine_with_warmup, fit, precision_cache_path
 from .data import train_loader
-from .model import ClipBundle, build
+from .model import Clip, build
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -46,7 +46,7 @@ def negclip_loss(z_i: torch.Tensor, z_t: torch.Tensor, z_neg: torch.Tensor, mask
     return (F.cross_entropy(image_to_text, target) + F.cross_entropy(text_to_image, target)) / 2
 
 
-def make_loss(bundle: ClipBundle, precision: str, device: torch.device):
+def make_loss(clip: Clip, precision: str, device: torch.device):
     """The training step's loss: ``loss_fn(model, batch)``, InfoNCE over a batch of (uint8
     images [B, 3, S, S], int64 tokens [B, L]) at the model's learned temperature; with hard
     negatives in the batch (+ tokens [B, K, L], mask [B, K]), NegCLIP's loss."""
@@ -56,7 +56,7 @@ def make_loss(bundle: ClipBundle, precision: str, device: torch.device):
         images, tokens, *negatives = batch
         texts = torch.cat([tokens, negatives[0].flatten(0, 1)]) if negatives else tokens
         with autocast(precision, device):
-            z_i = model.encode_image(bundle.preprocess(images.to(device)), normalize=True)
+            z_i = model.encode_image(clip.preprocess(images.to(device)), normalize=True)
             z_t = model.encode_text(texts.to(device), normalize=True)   # one call: [B (+ B*K), D]
         z_i, z_t = z_i.float(), z_t.float()
         if not negatives:
@@ -73,21 +73,21 @@ def clamp_temperature(model: torch.nn.Module) -> None:
 
 
 def train(clip_cfg, shard_paths: list[Path], checkpoint_dir: Path,
-          on_log: Optional[Callable[[int, dict], None]] = None, depends: Optional[dict] = None) -> tuple[ClipBundle, dict]:
-    """Train the small CLIP of ``clip_cfg`` on the train split of ``shard_paths`` -> (bundle,
+          on_log: Optional[Callable[[int, dict], None]] = None, depends: Optional[dict] = None) -> tuple[Clip, dict]:
+    """Train the small CLIP of ``clip_cfg`` on the train split of ``shard_paths`` -> (clip,
     summary). A checkpoint in ``checkpoint_dir`` is resumed only by the same config and
-    ``depends`` (the data's shard digests); the caller clears it once the bundle is saved."""
+    ``depends`` (the data's shard digests); the caller clears it once the clip is saved."""
     torch.manual_seed(clip_cfg.seed)
-    bundle = build(clip_cfg.model)
-    model = bundle.model.to(device_of())
+    clip = build(clip_cfg.model)
+    model = clip.model.to(device_of())
     device = next(model.parameters()).device
     # fused: one kernel for the whole update instead of ~100 small ones (CPU and CUDA).
     optimizer = torch.optim.AdamW(param_groups(model, clip_cfg.weight_decay), lr=clip_cfg.lr,
                                   betas=(0.9, 0.98), eps=1e-6, fused=True)
     scheduler = cosine_with_warmup(optimizer, clip_cfg.warmup_steps, clip_cfg.steps)
-    loader = train_loader(shard_paths, bundle.tokenize, clip_cfg.batch_size, clip_cfg.num_workers,
-                          clip_cfg.seed, bundle.image_size, tuple(clip_cfg.hard_negatives))
-    loss_fn = make_loss(bundle, clip_cfg.precision, device)
+    loader = train_loader(shard_paths, clip.tokenize, clip_cfg.batch_size, clip_cfg.num_workers,
+                          clip_cfg.seed, clip.image_size, tuple(clip_cfg.hard_negatives))
+    loss_fn = make_loss(clip, clip_cfg.precision, device)
 
     ckpt = Checkpointer(checkpoint_dir, config_hash({"clip": clip_cfg.model_dump(mode="json"), **(depends or {})}),
                         every=100)
@@ -96,4 +96,4 @@ def train(clip_cfg, shard_paths: list[Path], checkpoint_dir: Path,
                   precision=clip_cfg.precision, precision_cache=precision_cache_path(checkpoint_dir))
     model.eval()
     summary["logit_scale"] = round(model.logit_scale.exp().item(), 2)
-    return bundle, summary
+    return clip, summary

@@ -27,13 +27,13 @@ def canonical_caption(color: str, shape: str, size: str, position: str) -> str:
 
 
 @torch.no_grad()
-def embed_images(bundle, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([bundle.encode_image(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+def embed_images(clip, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([clip.encode_image(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
 @torch.no_grad()
-def embed_texts(bundle, captions: list[str], batch_size: int) -> torch.Tensor:
-    return torch.cat([bundle.encode_text(bundle.tokenize(captions[i:i + batch_size]))[0]
+def embed_texts(clip, captions: list[str], batch_size: int) -> torch.Tensor:
+    return torch.cat([clip.encode_text(clip.tokenize(captions[i:i + batch_size]))[0]
                       for i in range(0, len(captions), batch_size)])
 
 
@@ -49,7 +49,7 @@ def recall_at_k(z_img: torch.Tensor, z_txt: torch.Tensor, ks=(1, 5)) -> dict:
     return out
 
 
-def zero_shot(bundle, z_img: torch.Tensor, gts: list[dict], batch_size: int = 512) -> dict:
+def zero_shot(clip, z_img: torch.Tensor, gts: list[dict], batch_size: int = 512) -> dict:
     """Accuracy (percent) per attribute on the single-object scenes."""
     singles = [i for i, gt in enumerate(gts) if gt and len(gt["objects"]) == 1]
     if not singles:
@@ -57,7 +57,7 @@ def zero_shot(bundle, z_img: torch.Tensor, gts: list[dict], batch_size: int = 51
     # All canonical captions (8 colors x 3 shapes x 2 sizes x 9 positions = 432), embedded once.
     grid = list(itertools.product(ATTRIBUTES["color"], ATTRIBUTES["shape"], ATTRIBUTES["size"], ATTRIBUTES["position"]))
     index = {g: j for j, g in enumerate(grid)}
-    z_txt = embed_texts(bundle, [canonical_caption(*g) for g in grid], batch_size)
+    z_txt = embed_texts(clip, [canonical_caption(*g) for g in grid], batch_size)
     sims = z_img[singles] @ z_txt.T                                   # [n_single, 432]
     out = {"n_single_object": len(singles)}
     for attr, values in ATTRIBUTES.items():
@@ -107,28 +107,28 @@ def pair_verdicts(z: torch.Tensor, z_cands: torch.Tensor) -> dict[str, list[bool
     return v
 
 
-def pair_zero_shot(bundle, z_img: torch.Tensor, gts: list[dict], batch_size: int = 512) -> dict:
+def pair_zero_shot(clip, z_img: torch.Tensor, gts: list[dict], batch_size: int = 512) -> dict:
     """Accuracy (percent) of ``pair_verdicts`` on the two-object scenes."""
     pairs = [i for i, gt in enumerate(gts) if gt and len(gt["objects"]) == 2]
     if not pairs:
         return {}
     cands = [pair_candidates(gts[i]) for i in pairs]
-    z_cands = embed_texts(bundle, [c for cs in cands for c in cs], batch_size).view(len(pairs), len(cands[0]), -1)
+    z_cands = embed_texts(clip, [c for cs in cands for c in cs], batch_size).view(len(pairs), len(cands[0]), -1)
     v = pair_verdicts(z_img[pairs], z_cands)
     return {"n_two_object": len(pairs)} | {f"{k}_acc": round(100.0 * sum(v[k]) / len(pairs), 2) for k in PAIR_CHECKS}
 
 
-def evaluate(bundle, split: dict, batch_size: int) -> dict:
+def evaluate(clip, split: dict, batch_size: int) -> dict:
     """Figures for one in-memory split (see ``data.image_shards.load_image_split``)."""
-    bundle.model.eval()
-    z_img = embed_images(bundle, split["images"], batch_size)
+    clip.model.eval()
+    z_img = embed_images(clip, split["images"], batch_size)
     matched = [i for i, gt in enumerate(split["gt"]) if not (gt or {}).get("mismatched")]
-    z_txt = embed_texts(bundle, [split["captions"][i] for i in matched], batch_size)
+    z_txt = embed_texts(clip, [split["captions"][i] for i in matched], batch_size)
     out = {"n_pairs": len(matched)}
     if matched:
         out.update(recall_at_k(z_img[matched], z_txt))
         out["mean_pair_cosine"] = round((z_img[matched] * z_txt).sum(-1).mean().item(), 4)
     # Ground truth describes the image, so a mismatched caption does not disqualify a scene here.
-    out["zero_shot"] = zero_shot(bundle, z_img, split["gt"], batch_size)
-    out["zero_shot_pairs"] = pair_zero_shot(bundle, z_img, split["gt"], batch_size)
+    out["zero_shot"] = zero_shot(clip, z_img, split["gt"], batch_size)
+    out["zero_shot_pairs"] = pair_zero_shot(clip, z_img, split["gt"], batch_size)
     return out

@@ -68,20 +68,20 @@ def _block_rng(seed: int, block: int, draw: int) -> np.random.Generator:
     return np.random.default_rng([seed, ADDITIONS_SALT, block, draw])
 
 
-def _block_pairs(c, block: int, new: list[Scene], seen: list[Scene]) -> pd.DataFrame:
+def _block_pairs(corpus, block: int, new: list[Scene], seen: list[Scene]) -> pd.DataFrame:
     """The rows of one block, in URL-list order. ``new`` are the block's scenes; ``seen`` are all
     scenes so far (earlier blocks and this one), which the block's duplicates re-post."""
     # Key prefix of the block's extra URLs; block 0 keeps its historical keys ("d000000", ...).
     prefix = "" if block == 0 else f"a{block}"
     # Splits by scene, so no scene (nor its duplicates, in any block) leaks across splits.
-    u = _block_rng(c.seed, block, SPLIT_DRAW).random(len(new))
+    u = _block_rng(corpus.seed, block, SPLIT_DRAW).random(len(new))
     for s, ui in zip(new, u):
-        s.split = "test" if ui < c.split.test else "val" if ui < c.split.test + c.split.val else "train"
+        s.split = "test" if ui < corpus.split.test else "val" if ui < corpus.split.test + corpus.split.val else "train"
 
-    rows = [*_scene_rows(c, new), *_extra_rows(c, block, prefix, new, seen)]
+    rows = [*_scene_rows(corpus, new), *_extra_rows(corpus, block, prefix, new, seen)]
     df = pd.DataFrame(rows)
     # Interleave the extra URLs with the scenes, as a real URL list would be (deterministic).
-    order = _block_rng(c.seed, block, ORDER_DRAW).permutation(len(df))
+    order = _block_rng(corpus.seed, block, ORDER_DRAW).permutation(len(df))
     return df.iloc[order].reset_index(drop=True)
 
 
@@ -105,7 +105,7 @@ def pair_row(key, url, scene, text, *, mismatched=False, caption_scene=None, dup
             "gt": json.dumps(gt) if gt else None}
 
 
-def _scene_rows(c, new: list[Scene]) -> list[dict]:
+def _scene_rows(corpus, new: list[Scene]) -> list[dict]:
     """A row per scene of the block, its caption drawn from the scene's own stream (a few borrow
     another scene's caption: web-data noise)."""
     rows = []
@@ -113,9 +113,9 @@ def _scene_rows(c, new: list[Scene]) -> list[dict]:
     for s in new:
         by_split.setdefault(s.split, []).append(s)
     for s in new:
-        r = np.random.default_rng([c.seed, s.scene_id, 1])
+        r = np.random.default_rng([corpus.seed, s.scene_id, 1])
         key = f"{s.scene_id:07d}"
-        if r.random() < c.mismatch_fraction and len(by_split[s.split]) > 1:
+        if r.random() < corpus.mismatch_fraction and len(by_split[s.split]) > 1:
             # Web-data noise: the caption of another scene of the same split (and block).
             other = by_split[s.split][int(r.integers(len(by_split[s.split])))]
             while other.scene_id == s.scene_id:
@@ -127,31 +127,31 @@ def _scene_rows(c, new: list[Scene]) -> list[dict]:
     return rows
 
 
-def _extra_rows(c, block: int, prefix: str, new: list[Scene], seen: list[Scene]) -> list[dict]:
+def _extra_rows(corpus, block: int, prefix: str, new: list[Scene], seen: list[Scene]) -> list[dict]:
     """The block's exact and near re-posts (of any scene so far) and its fault URLs."""
     rows = []
 
     def pick(n, draw):
         # Re-posts come from any scene so far, older blocks included: an incremental filter
         # must catch them against data it has already kept.
-        r = _block_rng(c.seed, block, draw)
+        r = _block_rng(corpus.seed, block, draw)
         return r.choice(len(seen), size=min(n, len(seen)), replace=False)
 
     def caption_rng(s, k):
         # Block 0: the scene's historical stream. A later re-post of the same scene gets a
         # caption of its own, not a copy of an earlier re-post's.
-        return np.random.default_rng([c.seed, s.scene_id, k] if block == 0 else [c.seed, s.scene_id, k, block])
+        return np.random.default_rng([corpus.seed, s.scene_id, k] if block == 0 else [corpus.seed, s.scene_id, k, block])
 
     n = len(new)
-    for kind, letter, k, fraction, draw in (("exact", "d", 2, c.duplicate_fraction, EXACT_DRAW),
-                                             ("near", "n", 3, c.near_duplicate_fraction, NEAR_DRAW)):
+    for kind, letter, k, fraction, draw in (("exact", "d", 2, corpus.duplicate_fraction, EXACT_DRAW),
+                                            ("near", "n", 3, corpus.near_duplicate_fraction, NEAR_DRAW)):
         for j, i in enumerate(pick(round(n * fraction), draw)):
             s = seen[int(i)]
             key = f"{prefix}{letter}{j:06d}"
             rows.append(pair_row(key, f"images/{key}.jpg", s, caption(s, caption_rng(s, k)), caption_scene=s.scene_id,
                                  dup_of=f"{s.scene_id:07d}", dup_kind=kind))
-    n_faults = round(n * c.fault_fraction)
-    r = _block_rng(c.seed, block, FAULT_DRAW)
+    n_faults = round(n * corpus.fault_fraction)
+    r = _block_rng(corpus.seed, block, FAULT_DRAW)
     for j in range(n_faults):
         kind = FAULT_KINDS[j % len(FAULT_KINDS)]
         donor = new[int(r.integers(len(new)))]
@@ -164,14 +164,14 @@ def _extra_rows(c, block: int, prefix: str, new: list[Scene], seen: list[Scene])
 
 def build_blocks(cfg) -> tuple[list[Scene], list[pd.DataFrame]]:
     """All scenes, and the pairs of each block: the base ``n_scenes``, then one per ``additions`` entry."""
-    c = cfg.corpus
+    corpus = cfg.corpus
     scenes: list[Scene] = []
     blocks = []
-    for block, n in enumerate([c.n_scenes, *c.additions]):
+    for block, n in enumerate([corpus.n_scenes, *corpus.additions]):
         # Scene ids run on across blocks; scene i is drawn the same whichever block holds it.
-        new = [sample_scene(c.seed, i, c.two_object_fraction) for i in range(len(scenes), len(scenes) + n)]
+        new = [sample_scene(corpus.seed, i, corpus.two_object_fraction) for i in range(len(scenes), len(scenes) + n)]
         scenes.extend(new)
-        blocks.append(_block_pairs(c, block, new, scenes))
+        blocks.append(_block_pairs(corpus, block, new, scenes))
     return scenes, blocks
 
 
@@ -208,19 +208,19 @@ def sample_grid(paths: list[Path], cols: int = 8) -> Image.Image:
     return grid
 
 
-def write_corpus(c, scenes: list[Scene], pairs: pd.DataFrame, near_keys: dict[str, list[str]], out: Path) -> None:
+def write_corpus(corpus, scenes: list[Scene], pairs: pd.DataFrame, near_keys: dict[str, list[str]], out: Path) -> None:
     """Render every scene (and its near re-posts) into ``out/images``, copy the exact re-posts, and
     write the fault bodies, ``pairs.parquet`` and the sample grid."""
     img_dir = out / "images"
     img_dir.mkdir()
     items = [(f"{s.scene_id:07d}", s) for s in scenes]
     chunk = 250
-    jobs = [(items[i:i + chunk], img_dir, c.image_size, c.render_scale, c.jpeg_quality,
+    jobs = [(items[i:i + chunk], img_dir, corpus.image_size, corpus.render_scale, corpus.jpeg_quality,
              {k: near_keys[k] for k, _ in items[i:i + chunk] if k in near_keys})
             for i in range(0, len(items), chunk)]
     bar = progress(total=len(items), desc="corpus: render", unit="img")
-    if c.workers > 1:
-        with ProcessPoolExecutor(c.workers) as pool:
+    if corpus.workers > 1:
+        with ProcessPoolExecutor(corpus.workers) as pool:
             for done in pool.map(_render_chunk, jobs):
                 bar.update(done)
     else:
@@ -230,13 +230,13 @@ def write_corpus(c, scenes: list[Scene], pairs: pd.DataFrame, near_keys: dict[st
     exact = pairs[pairs.duplicate_kind == "exact"]
     for k, src in zip(exact.key, exact.duplicate_of):   # a re-post: the very same bytes
         shutil.copyfile(img_dir / f"{src}.jpg", img_dir / f"{k}.jpg")
-    write_fault_bodies(out / "faults", c.image_size)
+    write_fault_bodies(out / "faults", corpus.image_size)
     pairs.to_parquet(out / "pairs.parquet", index=False)
     first = [img_dir / f"{s.scene_id:07d}.jpg" for s in scenes[:64]]
     sample_grid(first).save(out / "samples.png")
 
 
-def corpus_metrics(c, scenes: list[Scene], pairs: pd.DataFrame, blocks: list[pd.DataFrame]) -> dict:
+def corpus_metrics(corpus, scenes: list[Scene], pairs: pd.DataFrame, blocks: list[pd.DataFrame]) -> dict:
     real = pairs[pairs.fault.isna()]
     metrics = {
         "scenes": len(scenes),
@@ -248,16 +248,16 @@ def corpus_metrics(c, scenes: list[Scene], pairs: pd.DataFrame, blocks: list[pd.
         "exact_duplicates": int((pairs.duplicate_kind == "exact").sum()),
         "near_duplicates": int((pairs.duplicate_kind == "near").sum()),
         "faults": {k: int(v) for k, v in pairs.fault.value_counts().items()},
-        "image_size": c.image_size,
+        "image_size": corpus.image_size,
     }
-    if c.additions:   # only then, so the metrics of a corpus without additions stay as they were
-        metrics["additions"] = {"blocks": len(c.additions), "scenes": sum(c.additions),
+    if corpus.additions:   # only then, so the metrics of a corpus without additions stay as they were
+        metrics["additions"] = {"blocks": len(corpus.additions), "scenes": sum(corpus.additions),
                                 "urls": sum(len(b) for b in blocks[1:])}
     return metrics
 
 
 def run(cfg, ws) -> dict:
-    c = cfg.corpus
+    corpus = cfg.corpus
     if cfg.crawl.url_list is not None:
         # The user's list replaces the embedded corpus: nothing is generated, and the output says why.
         from ..truth import write_skipped
@@ -275,10 +275,10 @@ def run(cfg, ws) -> dict:
         near_keys.setdefault(src, []).append(k)
 
     with atomic_dir(ws.corpus) as out:
-        write_corpus(c, scenes, pairs, near_keys, out)
+        write_corpus(corpus, scenes, pairs, near_keys, out)
     from ..tracking import log_artifact
     log_artifact(ws.corpus / "samples.png", "corpus")
-    metrics = corpus_metrics(c, scenes, pairs, blocks)
+    metrics = corpus_metrics(corpus, scenes, pairs, blocks)
     say("corpus", f"{len(scenes)} scenes, {len(pairs)} URLs ({sum(metrics['faults'].values())} faults) "
                   f"-> {ws.corpus.relative_to(ws.root)}/ (pairs.parquet, images/, samples.png)")
     return metrics

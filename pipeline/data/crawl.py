@@ -313,13 +313,13 @@ class NormalizingResizer:
 def fetch_policy(cfg, corpus_origin: Optional[str] = None) -> fetch.FetchPolicy:
     """What the crawl may fetch (pipeline/data/fetch.py): ``corpus_origin`` is the embedded
     corpus's own loopback server (``http://127.0.0.1:PORT``), the one inside host always allowed."""
-    c = cfg.crawl
+    crawl = cfg.crawl
     origins = frozenset()
     if corpus_origin:
         parts = urllib.parse.urlsplit(corpus_origin)
         origins = frozenset({(parts.hostname, parts.port)})
-    return fetch.FetchPolicy(timeout_s=c.timeout_s, deadline_s=c.deadline_s, max_bytes=c.max_bytes,
-                             allow_private_hosts=c.allow_private_hosts, allowed_origins=origins)
+    return fetch.FetchPolicy(timeout_s=crawl.timeout_s, deadline_s=crawl.deadline_s, max_bytes=crawl.max_bytes,
+                             allow_private_hosts=crawl.allow_private_hosts, allowed_origins=origins)
 
 
 def download(urls_file: Path, output_folder: Path, cfg, columns: list[str],
@@ -333,24 +333,24 @@ def download(urls_file: Path, output_folder: Path, cfg, columns: list[str],
     # The module, not the package attribute: img2dataset/__init__ rebinds ``main`` to a function.
     i2d_main = importlib.import_module("img2dataset.main")
 
-    c = cfg.crawl
+    crawl = cfg.crawl
     previous_sigint = signal.getsignal(signal.SIGINT)
     # download() builds its Resizer and Downloader from these module globals; swapped for the call only.
-    resizer = functools.partial(NormalizingResizer, tuple(c.background))
+    resizer = functools.partial(NormalizingResizer, tuple(crawl.background))
     i2d_main.Resizer, original_resizer = resizer, i2d_main.Resizer
     downloader = functools.partial(fetch.guarded_downloader, fetch_policy(cfg, corpus_origin), i2d_main.Downloader)
     i2d_main.Downloader, original_downloader = downloader, i2d_main.Downloader
     # OpenCV reads its pixel cap once, when it loads: in the spawned workers, from this environment.
     previous_cv_cap = os.environ.get(CV_CAP)
-    os.environ[CV_CAP] = str(c.max_image_area)
+    os.environ[CV_CAP] = str(crawl.max_image_area)
     try:
         i2d_main.download(
             url_list=str(urls_file), input_format="parquet", url_col="url", caption_col="caption",
             save_additional_columns=columns, output_folder=str(output_folder), output_format="webdataset",
             resize_mode="no", skip_reencode=True, encode_format="jpg",
-            processes_count=c.processes, thread_count=c.threads, number_sample_per_shard=c.shard_size,
-            timeout=c.timeout_s, retries=c.retries, max_image_area=c.max_image_area,
-            min_image_size=c.min_image_size, enable_wandb=False,
+            processes_count=crawl.processes, thread_count=crawl.threads, number_sample_per_shard=crawl.shard_size,
+            timeout=crawl.timeout_s, retries=crawl.retries, max_image_area=crawl.max_image_area,
+            min_image_size=crawl.min_image_size, enable_wandb=False,
             distributor="pyspark" if spark is not None else "multiprocessing",
             user_agent_token=fetch.USER_AGENT_TOKENS[0], disallowed_header_directives=list(fetch.DISALLOWED_DIRECTIVES),
             # Not "overwrite": in 1.47.0 it deletes the output folder *after* creating its _tmp
@@ -522,9 +522,9 @@ LOG = "crawl_log.parquet"
 def crawl_recipe(cfg) -> str:
     """What makes crawled shards differ, beside the URLs: a change re-crawls everything. (Speed
     knobs, timeouts and the list's location do not: the diff by URL covers a new list.)"""
-    c = cfg.crawl
-    return incremental.recipe({"shard_size": c.shard_size, "max_image_area": c.max_image_area,
-                               "min_image_size": c.min_image_size}, __name__)
+    crawl = cfg.crawl
+    return incremental.recipe({"shard_size": crawl.shard_size, "max_image_area": crawl.max_image_area,
+                               "min_image_size": crawl.min_image_size}, __name__)
 
 
 def previous_crawl(cfg, ws, rec: str) -> tuple[Optional[dict], Optional[pd.DataFrame], str]:

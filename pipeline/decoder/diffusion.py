@@ -14,18 +14,43 @@ The network bounds those channels with tanh, so the variance can never leave its
 ``training.fit`` refuses a non-finite loss: a learned-variance run cannot save a NaN model.
 Guidance applies to the mean channels; the variance comes from the conditional pass. DDPM
 samples with the learned variance; DDIM and DPM-Solver++ are deterministic and use the mean only.
+
+Sampling follows the contract of pipeline/diffusion.py: ``sample(model, Condition(z_i, tokens,
+mask), DecoderSampling.of(meta["info"]), ...)``. With the sampler ``invertible-ddim`` it is the
+generalized DDIM that :func:`pipeline.decoder.inversion.invert` inverts (``eta``: fresh noise per
+step, 0 reconstructs), and a condition with ``known`` pixels (``known_mask`` 1 where kept) has
+them put back, noised to the step's level, after every step (GLIDE/RePaint-style inpainting) and
+as they are in the output.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .. import diffusion
-from ..diffusion import Denoiser, make_sampler, sample_loop
+from ..diffusion import Denoiser, Sampling, make_sampler, run_timesteps, sample_loop
 
 VLB_WEIGHT = 0.001 * diffusion.TRAIN_STEPS       # improved-diffusion's hybrid loss: lambda = 0.001 on sum_t L_t
+
+
+class Condition(NamedTuple):
+    """What the decoder samples under, batched: image embeddings z_i [B, D] (zeros: none), the
+    caption's tokens [B, L, W] and mask [B, L] (all False: none), and for inpainting the ``known``
+    images [B, 3, S, S] in [-1, 1] with ``known_mask`` [B, 1, S, S] (1 where a pixel is kept)."""
+    z_i: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    known: Optional[torch.Tensor] = None
+    known_mask: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class DecoderSampling(Sampling):
+    guidance_scale: float = 3.0
+    eta: float = 0.0                  # invertible-ddim: the fresh noise of every step (0: deterministic)
 
 
 def drop(z_i: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, drop_image: torch.Tensor,
@@ -58,26 +83,52 @@ def training_loss(model, x0: torch.Tensor, z_i: torch.Tensor, tokens: torch.Tens
     return loss
 
 
+def guided(model, condition: Condition, guidance_scale: float, mean_only: bool) -> Denoiser:
+    """The decoder with classifier-free guidance against the empty condition, on the mean
+    channels; a learned variance comes from the conditional pass, or with ``mean_only`` (what the
+    deterministic samplers and inversion take) is left out."""
+    z_i, tokens, mask = condition[:3]
+    no = torch.ones(z_i.shape[0], dtype=torch.bool, device=z_i.device)
+    net = (lambda *a: model(*a)[:, :3]) if mean_only else model
+    return Denoiser.guided(net, (z_i, tokens, mask), drop(z_i, tokens, mask, no, no), guidance_scale,
+                           guided_channels=3)
+
+
 @torch.no_grad()
-def sample(model, z_i: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, *, image_size: int,
-           prediction_type: str, sampler: str = "ddim", steps: int = 25, guidance_scale: float = 3.0,
-           generator: Optional[torch.Generator] = None, x_T: Optional[torch.Tensor] = None,
-           stats: Optional[dict] = None) -> torch.Tensor:
-    """Images [B, 3, S, S] in [-1, 1] for image embeddings z_i [B, D] (zeros: none) and captions
-    (tokens [B, L, W], mask [B, L]; an all-False mask: none). ``x_T``: the starting noise
-    (fixed noise for interpolations); drawn from ``generator`` otherwise."""
-    b = z_i.shape[0]
-    no = torch.ones(b, dtype=torch.bool, device=z_i.device)
-    empty = drop(z_i, tokens, mask, no, no)
-    denoiser = Denoiser.guided(model, (z_i, tokens, mask), empty, guidance_scale, guided_channels=3)
+def sample(model, condition: Condition, sampling: DecoderSampling, *, generator: Optional[torch.Generator] = None,
+           x_T: Optional[torch.Tensor] = None, stats: Optional[dict] = None) -> torch.Tensor:
+    """Images [B, 3, S, S] in [-1, 1] (S: the model's ``image_size``) under ``condition``.
+    ``x_T``: the starting noise (fixed noise for interpolations, an inverted image's noise);
+    drawn from ``generator`` otherwise."""
+    denoiser = guided(model, condition, sampling.guidance_scale, mean_only=sampling.sampler != "ddpm")
     learned = getattr(model, "learned_variance", False)
-    step_fn = denoiser
-    if learned and sampler != "ddpm":
-        step_fn = lambda x, t: denoiser(x, t)[:, :3]            # noqa: E731  deterministic: mean only
     if x_T is None:
-        x_T = diffusion.randn((b, 3, image_size, image_size), generator, z_i.device)
-    x = sample_loop(step_fn, x_T, make_sampler(sampler, steps, prediction_type, clip_range=1.0,
-                                               learned_variance=learned), generator)
+        s = model.image_size
+        x_T = diffusion.randn((len(condition.z_i), 3, s, s), generator, condition.z_i.device)
+    invertible = sampling.sampler == diffusion.INVERTIBLE_DDIM
+    scheduler = make_sampler(sampling.sampler, sampling.steps, sampling.prediction_type,
+                             clip_range=None if invertible else 1.0, learned_variance=learned, eta=sampling.eta)
+    after_step = None if condition.known is None else _put_back_known(condition, scheduler, generator)
+    x = sample_loop(denoiser, x_T.float(), scheduler, generator, after_step).clamp(-1, 1)
     if stats is not None:
         stats["nfe"] = denoiser.nfe
-    return x.clamp(-1, 1)
+    if condition.known is not None:
+        x = condition.known_mask * condition.known + (1 - condition.known_mask) * x
+    return x
+
+
+def _put_back_known(condition: Condition, scheduler, generator: Optional[torch.Generator]):
+    """``after_step`` of inpainting: the kept pixels replaced by ``known`` noised to the timestep
+    the step landed on, q(x_t | known); after the last step the output's composite does it."""
+    ts = run_timesteps(scheduler)
+    alphas = diffusion.noise_schedule("epsilon").alphas_cumprod
+    known, keep = condition.known, condition.known_mask
+
+    def after_step(i: int, x: torch.Tensor) -> torch.Tensor:
+        if i + 1 == len(ts):
+            return x
+        a = alphas[int(ts[i + 1])].to(x.device)
+        noised = a.sqrt() * known + (1 - a).sqrt() * diffusion.randn(x.shape, generator, x.device)
+        return keep * noised + (1 - keep) * x
+
+    return after_step

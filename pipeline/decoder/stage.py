@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .. import bundle, retrain, tracking
 from ..clip import model as clip_model
 from ..data.shards import shard_paths
-from ..diffusion import noise_schedule
+from ..diffusion import in_batches, noise_schedule
 from ..data.embedding_shards import load_split, train_batches
 from ..images import grid, resize, save_png, to_model, to_uint8
 from ..progress import say
@@ -38,21 +38,20 @@ def arch_of(d, embed_dim: int, text_width: int) -> dict:
             "layout_channels": d.layout_channels, "learned_variance": d.learned_variance}
 
 
+def sampling_info(d) -> dict:
+    """How a decoder trained with config ``d`` samples (its ``model.json``'s ``info``; ``DecoderSampling.of`` reads it)."""
+    return {"prediction_type": d.prediction_type, "sampling": d.sampling.model_dump()}
+
+
 @torch.no_grad()
-def decode(model, z_i, tokens, mask, *, image_size: int, prediction_type: str, sampling, seed: int,
+def decode(model, condition: diffusion.Condition, sampling: diffusion.DecoderSampling, *, seed: int,
            batch_size: int = 64, precision: str = "auto") -> torch.Tensor:
-    """Images in [-1, 1] for rows of conditions, in batches, from one seeded generator."""
+    """Images in [-1, 1] (on the CPU) for rows of conditions, in batches, from one seeded generator."""
     device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(0, len(z_i), batch_size):
-        with autocast(precision, device):
-            x = diffusion.sample(model, z_i[i:i + batch_size].to(device), tokens[i:i + batch_size].to(device),
-                                 mask[i:i + batch_size].to(device), image_size=image_size,
-                                 prediction_type=prediction_type, sampler=sampling.sampler, steps=sampling.steps,
-                                 guidance_scale=sampling.guidance_scale, generator=gen)
-        out.append(x.float().cpu())
-    return torch.cat(out)
+    condition = diffusion.Condition(*(None if c is None else c.to(device) for c in condition))
+    with autocast(precision, device):
+        return in_batches(diffusion.sample, model, condition, sampling, batch_size,
+                          generator=torch.Generator().manual_seed(seed)).cpu()
 
 
 def reembed(clip, images: torch.Tensor) -> torch.Tensor:
@@ -64,8 +63,8 @@ def reembed(clip, images: torch.Tensor) -> torch.Tensor:
 def evaluate(model, val: dict, d, clip) -> tuple[dict, torch.Tensor]:
     n = min(VAL_IMAGES, val["n"])
     z_i = val["z_i"][:n]
-    images = decode(model, z_i, val["tokens"][:n], val["mask"][:n], image_size=d.image_size,
-                    prediction_type=d.prediction_type, sampling=d.sampling, seed=d.seed, precision=d.precision)
+    images = decode(model, diffusion.Condition(z_i, val["tokens"][:n], val["mask"][:n]),
+                    diffusion.DecoderSampling.of(sampling_info(d)), seed=d.seed, precision=d.precision)
     e_gen = reembed(clip, images)
     e_real = reembed(clip, to_model(val["images"][:n]))
     cos = lambda a, b: F.cosine_similarity(a, b, dim=-1).mean().item()       # noqa: E731
@@ -125,7 +124,7 @@ def run(cfg, ws) -> dict:
     val_figs, images = evaluate(model, val, d, clip)
     with atomic_dir(ws.decoder) as out:
         bundle.save_model(out, model, kind="decoder", arch=arch, run_config=bundle.run_config(cfg),
-                          info={"prediction_type": d.prediction_type, "sampling": d.sampling.model_dump()},
+                          info=sampling_info(d),
                           clip=bundle.clip_identity(ws.clip))
         retrain.write_lineage(out, ws.embeddings)
         # rows of 8: real (at the decoder's resolution) above decoded-from-z_i, 4 pairs of rows

@@ -1,4 +1,4 @@
-"""A trained judge at run time (evaluate, the benches, `unclip judge`): the bundle ``models/judge``
+"""A trained judge at run time (evaluate, the benches, `unclip judge`): its directory ``models/judge``
 loaded, reading uint8 images of any size into head outputs and features. Trained by
 ``pipeline.judge.stage``."""
 from __future__ import annotations

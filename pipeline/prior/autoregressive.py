@@ -135,12 +135,16 @@ def training_loss(model: AutoregressivePrior, z_i: torch.Tensor, z_t: torch.Tens
 
 
 @torch.no_grad()
-def sample(model: AutoregressivePrior, z_t: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, *,
-           guidance_scale: float = 1.0, temperature: float = 1.0, generator: Optional[torch.Generator] = None,
-           stats: Optional[dict] = None) -> torch.Tensor:
-    """Unit image embeddings [B, D]: :func:`sample_codes` decoded by the codebook."""
-    codes, _ = sample_codes(model, z_t, tokens, mask, guidance_scale=guidance_scale, temperature=temperature,
-                            generator=generator, stats=stats)
+def sample(model: AutoregressivePrior, condition, sampling, *, generator: Optional[torch.Generator] = None,
+           x_T: Optional[torch.Tensor] = None, stats: Optional[dict] = None) -> torch.Tensor:
+    """One unit image embedding [B, D] per row of ``condition`` (a ``kinds.Caption``):
+    :func:`sample_codes` at ``sampling``'s guidance and temperature, decoded by the codebook. There
+    is no starting noise: ``x_T`` must be None."""
+    if x_T is not None:
+        raise ValueError("the autoregressive prior draws codes, not from a starting noise: x_T must be None")
+    z_t, tokens, mask = condition
+    codes, _ = sample_codes(model, z_t, tokens, mask, guidance_scale=sampling.guidance_scale,
+                            temperature=sampling.temperature, generator=generator, stats=stats)
     with torch.autocast(z_t.device.type, enabled=False):
         return model.codebook.decode(codes)
 

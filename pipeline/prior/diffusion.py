@@ -41,25 +41,20 @@ def training_loss(model, z_i: torch.Tensor, z_t: torch.Tensor, tokens: torch.Ten
 
 
 @torch.no_grad()
-def sample(model, z_t: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, *, steps: int = 25,
-           sampler: str = "ddim", guidance_scale: float = 1.0, n_candidates: int = 2,
-           generator: Optional[torch.Generator] = None, return_candidates: bool = False,
-           stats: Optional[dict] = None):
-    """Unit-norm image embeddings [B, D] for text conditions [B, ...]; with ``return_candidates``,
-    also every candidate [B, n_candidates, D]. ``stats`` (a dict) receives the network
-    evaluations per candidate (``nfe``)."""
+def sample(model, condition, sampling, *, generator: Optional[torch.Generator] = None,
+           x_T: Optional[torch.Tensor] = None, stats: Optional[dict] = None) -> torch.Tensor:
+    """One unit-norm image embedding [B, D] per row of ``condition`` (a ``kinds.Caption``), by
+    ``sampling``'s sampler (``kinds.sample`` draws the candidates and reranks)."""
+    z_t, tokens, mask = condition
     b, d = z_t.shape
-    rep = lambda x: x.repeat_interleave(n_candidates, dim=0)          # noqa: E731
-    cz, ct, cm = rep(z_t * math.sqrt(d)), rep(tokens), rep(mask)
-    uz, ut, um = drop_condition(cz, ct, cm, torch.ones(len(cz), dtype=torch.bool, device=cz.device))
-    denoiser = Denoiser.guided(model, (cz, ct, cm), (uz, ut, um), guidance_scale)
-    x_T = diffusion.randn((b * n_candidates, d), generator, z_t.device)
-    x = sample_loop(denoiser, x_T, make_sampler(sampler, steps, PREDICTION), generator)
+    cz = z_t * math.sqrt(d)
+    uz, ut, um = drop_condition(cz, tokens, mask, torch.ones(b, dtype=torch.bool, device=cz.device))
+    denoiser = Denoiser.guided(model, (cz, tokens, mask), (uz, ut, um), sampling.guidance_scale)
+    x_T = diffusion.randn((b, d), generator, z_t.device) if x_T is None else x_T
+    x = sample_loop(denoiser, x_T, make_sampler(sampling.sampler, sampling.steps, PREDICTION), generator)
     if stats is not None:
         stats["nfe"] = denoiser.nfe
-    z = F.normalize(x, dim=-1).view(b, n_candidates, d)
-    chosen = rerank(z, z_t)
-    return (chosen, z) if return_candidates else chosen
+    return F.normalize(x, dim=-1)
 
 
 def rerank(candidates: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:

@@ -13,40 +13,36 @@ import torch
 import torch.nn.functional as F
 
 from ..device import autocast
+from ..diffusion import in_batches
 from . import kinds
 
 
 @torch.no_grad()
-def sample_in_batches(model, data: dict, sampling: dict, n_candidates: int, batch_size: int, seed: int,
+def sample_in_batches(model, data: dict, sampling: kinds.PriorSampling, batch_size: int, seed: int,
                       precision: str = "auto", order=None) -> tuple[torch.Tensor, int]:
-    """Predicted z_i [n, D] for the captions of ``data`` (rows reordered by ``order``), and the
-    network evaluations per sample; ``sampling`` as a bundle records it (``kinds.sample``)."""
+    """Predicted z_i [n, D] (on the CPU) for the captions of ``data`` (rows reordered by
+    ``order``), and the network evaluations per sample (its candidates together)."""
     device = next(model.parameters()).device
     order = torch.arange(data["n"]) if order is None else order
-    gen = torch.Generator().manual_seed(seed)
-    out, stats = [], {}
-    for i in range(0, data["n"], batch_size):
-        idx = order[i:i + batch_size]
-        with autocast(precision, device):
-            z = kinds.sample(model, data["z_t"][idx].to(device), data["tokens"][idx].to(device),
-                             data["mask"][idx].to(device), sampling, n_candidates=n_candidates,
-                             generator=gen, stats=stats)
-        out.append(z.float().cpu())
-    return torch.cat(out), stats.get("nfe", 0) * n_candidates
+    caption = kinds.Caption(*(data[k][order].to(device) for k in ("z_t", "tokens", "mask")))
+    stats = {}
+    with autocast(precision, device):
+        z = in_batches(kinds.sample, model, caption, sampling, batch_size,
+                       generator=torch.Generator().manual_seed(seed), stats=stats)
+    return z.cpu(), stats.get("nfe", 0) * sampling.n_candidates
 
 
 def evaluate(model, val: dict, p) -> dict:
     """The figures above for the rows of ``val`` (z_i, z_t, tokens, mask, n), sampled as ``p`` (a
     ``PriorConfig``) says, with its seed."""
-    sampling = kinds.sampling_info(p)["sampling"]
-    pred, nfe = sample_in_batches(model, val, sampling, p.n_candidates, p.val_batch_size, p.seed, p.precision)
+    sampling = kinds.PriorSampling.of(kinds.sampling_info(p))
+    pred, nfe = sample_in_batches(model, val, sampling, p.val_batch_size, p.seed, p.precision)
     # unrelated captions: every caption paired with another scene's image (a fixed derangement)
     shift = torch.roll(torch.arange(val["n"]), 1)
-    unrelated, _ = sample_in_batches(model, val, sampling, p.n_candidates, p.val_batch_size, p.seed + 1,
-                                     p.precision, order=shift)
+    unrelated, _ = sample_in_batches(model, val, sampling, p.val_batch_size, p.seed + 1, p.precision, order=shift)
     cos = lambda a, b: F.cosine_similarity(a, b, dim=-1).mean().item()        # noqa: E731
-    return {"n": val["n"], "kind": p.kind, "sampler": sampling["sampler"], "steps": sampling["steps"],
-            "guidance_scale": sampling["guidance_scale"], "n_candidates": p.n_candidates,
+    return {"n": val["n"], "kind": p.kind, "sampler": sampling.sampler, "steps": sampling.steps,
+            "guidance_scale": sampling.guidance_scale, "n_candidates": p.n_candidates,
             "nfe_per_sample": nfe,
             "cos_pred_image": round(cos(pred, val["z_i"]), 4),
             "cos_pred_text": round(cos(pred, val["z_t"]), 4),

@@ -4,20 +4,38 @@
     autoregressive   pipeline/prior/autoregressive.py + codebook.py: a causal transformer over
                      quantized PCA codes of z_i
 
-A bundle's ``arch`` says which (``kind``; bundles from before the autoregressive prior have no
-``kind`` and are diffusion priors), so :func:`build` rebuilds either from ``model.json``.
+A saved prior's ``arch`` says which (``kind``; priors saved before the autoregressive prior have
+no ``kind`` and are diffusion priors), so :func:`build` rebuilds either from ``model.json``.
+:func:`sample` is the prior's sampling contract (pipeline/diffusion.py) for both.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 
 from . import autoregressive, diffusion
 from .autoregressive import AutoregressivePrior
+from ..diffusion import Sampling
 from .network import UnclipPrior
 
 AUTOREGRESSIVE = "autoregressive"
+
+
+class Caption(NamedTuple):
+    """What a prior samples under, batched: the text embeddings z_t [B, D] (unit norm), the
+    caption's token encodings [B, L, W] and mask [B, L] (what ``Unclip.encode_text`` returns)."""
+    z_t: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class PriorSampling(Sampling):
+    prediction_type: str = diffusion.PREDICTION
+    n_candidates: int = 2             # DALL-E 2's rerank: draws per caption, the larger z_i . z_t kept
+    temperature: float = 1.0          # the autoregressive prior's (its ``steps`` are its codes)
 
 
 def arch_of(p, embed_dim: int, text_width: int, context_length: int) -> dict:
@@ -41,7 +59,7 @@ def is_autoregressive(model) -> bool:
 
 
 def sampling_info(p) -> dict:
-    """The sampling defaults a prior bundle records (``model.json``'s ``info``)."""
+    """The sampling defaults a saved prior records (``model.json``'s ``info``)."""
     if p.kind == AUTOREGRESSIVE:
         a = p.autoregressive
         return {"sampling": {"sampler": AUTOREGRESSIVE, "steps": a.components, "guidance_scale": a.guidance_scale,
@@ -59,19 +77,14 @@ def training_loss(model, z_i, z_t, tokens, mask, schedule, p_uncond: float) -> t
 
 
 @torch.no_grad()
-def sample(model, z_t: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, sampling: dict, *,
-           n_candidates: int = 1, generator: Optional[torch.Generator] = None,
-           stats: Optional[dict] = None) -> torch.Tensor:
-    """Unit image embeddings [B, D] for text conditions z_t [B, D], tokens [B, L, W], mask [B, L]
-    from either prior, ``sampling`` as its bundle records it (``sampler``, ``steps``,
-    ``guidance_scale``; ``temperature`` for the autoregressive one). DALL-E 2's rerank for both:
-    ``n_candidates`` draws per caption, the one with the larger z_i . z_t kept. ``stats["nfe"]``:
-    network evaluations per candidate."""
-    if not is_autoregressive(model):
-        return diffusion.sample(model, z_t, tokens, mask, steps=sampling["steps"], sampler=sampling["sampler"],
-                                guidance_scale=sampling["guidance_scale"], n_candidates=n_candidates,
-                                generator=generator, stats=stats)
-    rep = lambda x: x.repeat_interleave(n_candidates, dim=0)          # noqa: E731
-    z = autoregressive.sample(model, rep(z_t), rep(tokens), rep(mask), guidance_scale=sampling["guidance_scale"],
-                              temperature=sampling.get("temperature", 1.0), generator=generator, stats=stats)
-    return diffusion.rerank(z.view(len(z_t), n_candidates, -1), z_t)
+def sample(model, condition: Caption, sampling: PriorSampling, *, generator: Optional[torch.Generator] = None,
+           x_T: Optional[torch.Tensor] = None, stats: Optional[dict] = None) -> torch.Tensor:
+    """Unit image embeddings [B, D] from either prior. DALL-E 2's rerank for both:
+    ``sampling.n_candidates`` draws per caption (``x_T`` [B * n_candidates, D], caption-major, for
+    the diffusion prior), the one with the larger z_i . z_t kept. ``stats["nfe"]``: network
+    evaluations per candidate."""
+    k = sampling.n_candidates
+    candidates = Caption(*(c.repeat_interleave(k, dim=0) for c in condition))
+    kind = autoregressive if is_autoregressive(model) else diffusion
+    z = kind.sample(model, candidates, sampling, generator=generator, x_T=x_T, stats=stats)
+    return diffusion.rerank(z.view(len(condition.z_t), k, -1), condition.z_t)

@@ -45,7 +45,7 @@ def fit_codebook(model, paths: list, val: dict) -> dict:
 
 
 def train(cfg, ws, out_dir, checkpoint_dir) -> dict:
-    """Train ``cfg.prior`` on the workspace's embeddings into the bundle ``out_dir`` (the stage's
+    """Train ``cfg.prior`` on the workspace's embeddings into the model directory ``out_dir`` (the stage's
     ``models/prior``; ``bench/prior_comparison.py`` trains the other kind beside it)."""
     p = cfg.prior
     if p.kind == kinds.AUTOREGRESSIVE:              # its own learning rate (the training loop reads p.lr)

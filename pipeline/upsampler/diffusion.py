@@ -22,19 +22,44 @@ network's error lands divided by 8. Measured on a clean (real) input at 400/300 
 the noise an upsampler adds to a flat background fell from 5.1 and 8.4 levels (image target) to
 1.0 and 1.2, and val PSNR rose from 29.1 and 27.1 dB to 33.4 and 35.7 (README "the upsamplers'
 residual").
+
+Sampling follows the contract of pipeline/diffusion.py: ``sample(model, Condition(low_res, z_i),
+UpsamplerSampling.of(meta["info"]), ...)``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .. import bundle, diffusion
-from ..diffusion import Denoiser, make_sampler, sample_loop
+from ..diffusion import Denoiser, Sampling, make_sampler, sample_loop
 from ..images import resize
 from .network import Upsampler
+
+
+class Condition(NamedTuple):
+    """What an upsampler samples under: the low-res images [B, 3, h, h] in [-1, 1] and, for an
+    upsampler conditioned on it, the image embeddings z_i [B, D] they were decoded from."""
+    low_res: torch.Tensor
+    z_i: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class UpsamplerSampling(Sampling):
+    strength: float = 1.0          # < 1: start from the bicubic upsample noised to t = strength T (SDEdit)
+    scale: int = 2                 # output side / input side
+    residual_scale: Optional[float] = None   # target residual: k (x_0 - bicubic) is diffused; None: the image
+
+    @classmethod
+    def of(cls, info: dict, **overrides) -> "UpsamplerSampling":
+        """From a saved upsampler's ``meta["info"]``: its sampling, prediction type, scale and
+        target (one saved before the residual target diffuses the image)."""
+        residual = info.get("residual_scale", 1.0) if info.get("target", "image") == "residual" else None
+        return replace(super().of(info, **overrides), scale=info["out_size"] // info["in_size"], residual_scale=residual)
 
 
 def training_loss(model, x0: torch.Tensor, low_res_up: torch.Tensor, schedule,
@@ -61,49 +86,51 @@ def training_loss(model, x0: torch.Tensor, low_res_up: torch.Tensor, schedule,
 
 
 @torch.no_grad()
-def upsample(model, info: dict, low_res: torch.Tensor, *, sampler: Optional[str] = None,
-             steps: Optional[int] = None, generator: Optional[torch.Generator] = None,
-             z_i: Optional[torch.Tensor] = None, strength: Optional[float] = None) -> torch.Tensor:
-    """Low-res images [B, 3, h, h] in [-1, 1] -> high-res [B, 3, h*s, h*s] in [-1, 1], s the
-    model's scale. ``info``: the bundle's ``meta["info"]`` (sizes, prediction type and the
-    default ``sampling``); ``sampler``/``steps`` override its defaults. ``z_i`` [B, D]: the
-    image embeddings the images were decoded from; used by a conditioned upsampler only.
-    ``strength`` (default: the bundle's ``sampling.strength``, else 1): < 1 starts from the bicubic
-    upsample noised to t = strength T instead of pure noise (SDEdit), the same number of steps."""
-    b, _, h, w = low_res.shape
-    size = h * (info["out_size"] // info["in_size"])
+def sample(model, condition: Condition, sampling: UpsamplerSampling, *, generator: Optional[torch.Generator] = None,
+           x_T: Optional[torch.Tensor] = None, stats: Optional[dict] = None) -> torch.Tensor:
+    """Low-res images [B, 3, h, h] -> high-res [B, 3, h*s, h*s] in [-1, 1], s = ``sampling.scale``.
+    ``condition.z_i`` is used by a conditioned upsampler only. ``sampling.strength`` < 1 starts
+    from the bicubic upsample noised to t = strength T instead of pure noise (SDEdit; ``x_T`` is
+    then the noise added), the same number of steps."""
+    b, _, h, w = condition.low_res.shape
+    size = h * sampling.scale
     if h != w or size % model.multiple:
         raise ValueError(f"need square images whose upsampled side is a multiple of {model.multiple}, "
                          f"got {h}x{w} -> {size}")
     device = next(model.parameters()).device
-    cond = resize(low_res.float(), size).to(device)
-    strength = info["sampling"].get("strength", 1.0) if strength is None else strength
-    residual = info.get("target", "image") == "residual"
-    k = info.get("residual_scale", 1.0) if residual else 1.0     # the residual is diffused k times its size
-    scheduler = make_sampler(sampler or info["sampling"]["sampler"], steps or info["sampling"]["steps"],
-                             info["prediction_type"], clip_range=2.0 * k if residual else 1.0, strength=strength)
+    cond = resize(condition.low_res.float(), size).to(device)
+    k = sampling.residual_scale or 1.0                  # the residual is diffused k times its size
+    clip = 2.0 * k if sampling.residual_scale else 1.0
+    scheduler = make_sampler(sampling.sampler, sampling.steps, sampling.prediction_type, clip_range=clip,
+                             strength=sampling.strength)
+    denoiser = _denoiser(model, cond, condition.z_i, device)
+    x_T = diffusion.randn((b, 3, size, size), generator, device) if x_T is None else x_T.to(device)
+    if sampling.strength < 1:              # q(x_t | bicubic) at the first timestep: the image, noised
+        t0 = torch.full((b,), int(diffusion.run_timesteps(scheduler)[0]), dtype=torch.long, device=device)
+        start = torch.zeros_like(cond) if sampling.residual_scale else cond    # the bicubic's residual: 0
+        x_T = diffusion.noise_schedule(sampling.prediction_type).add_noise(start, x_T, t0)
+    x0 = sample_loop(denoiser, x_T, scheduler, generator)
+    if stats is not None:
+        stats["nfe"] = denoiser.nfe
+    return (x0 / k + cond if sampling.residual_scale else x0).clamp(-1, 1)
+
+
+def _denoiser(model: Upsampler, cond: torch.Tensor, z_i: Optional[torch.Tensor], device) -> Denoiser:
+    """The network on [x_t, bicubic upsample] (and z_i if it is conditioned on it), in its own
+    layout and dtype (see for_sampling); the sampler's arithmetic stays fp32."""
     if getattr(model, "embed_dim", 0):
         if z_i is None:
             raise ValueError("this upsampler is conditioned on the image embedding: pass z_i")
         z_i = z_i.to(device)
     else:
         z_i = None
-    # the network's own layout and dtype (see for_sampling); the sampler's arithmetic stays fp32
     conv = next((p for p in model.parameters() if p.dim() == 4), None)          # a convolution's weight
     dtype = conv.dtype if conv is not None else torch.float32
     fmt = torch.channels_last if conv is not None and conv.is_contiguous(memory_format=torch.channels_last) \
         else torch.contiguous_format
     cond_in = cond.to(dtype).contiguous(memory_format=fmt)
     z_in = None if z_i is None else z_i.to(dtype)
-    denoiser = Denoiser(lambda x, t: model(x.to(dtype).contiguous(memory_format=fmt), t, cond_in,
-                                           z_in).float().contiguous())
-    x_T = diffusion.randn((b, 3, size, size), generator, device)
-    if strength < 1:                       # q(x_t | bicubic) at the first timestep: the image, noised
-        t0 = torch.full((b,), int(diffusion.run_timesteps(scheduler)[0]), dtype=torch.long, device=device)
-        start = torch.zeros_like(cond) if residual else cond          # the residual of the bicubic upsample: 0
-        x_T = diffusion.noise_schedule(info["prediction_type"]).add_noise(start, x_T, t0)
-    x0 = sample_loop(denoiser, x_T, scheduler, generator)
-    return (x0 / k + cond if residual else x0).clamp(-1, 1)
+    return Denoiser(lambda x, t: model(x.to(dtype).contiguous(memory_format=fmt), t, cond_in, z_in).float().contiguous())
 
 
 def for_sampling(model: Upsampler, bf16: bool) -> Upsampler:
@@ -118,5 +145,6 @@ def for_sampling(model: Upsampler, bf16: bool) -> Upsampler:
 
 
 def load(path: Path, device: str | torch.device = "cpu") -> tuple[Upsampler, dict]:
-    """A trained upsampler bundle -> (model in eval mode, meta); ``meta["info"]`` feeds :func:`upsample`."""
+    """A trained upsampler's directory -> (model in eval mode, meta); ``UpsamplerSampling.of(meta["info"])``
+    is how it samples."""
     return bundle.load_model(path, "upsampler", Upsampler, device)

@@ -27,7 +27,7 @@ from ..unets import norm_groups
 class Upsampler(nn.Module):
     """``forward(x_t, t, low_res_up)``: the noised high-res image and the conditioning image
     (both [B, 3, H, W], H and W multiples of :attr:`multiple`) -> the prediction [B, 3, H, W]
-    (noise or v, as the model was trained). Constructor arguments are saved as the bundle's
+    (noise or v, as the model was trained). Constructor arguments are saved as model.json's
     ``arch`` and rebuild it."""
 
     def __init__(self, block_out_channels: list[int], layers_per_block: int = 1, embed_dim: int = 0):

@@ -1,4 +1,4 @@
-"""The `upsample@<key>` stages: train one upsampler of the chain, evaluate it on val, save the bundle.
+"""The `upsample@<key>` stages: train one upsampler of the chain, evaluate it on val, save models/upsampler_<key>/.
 
 The chain starts at the decoder's resolution; each stage multiplies it by its ``scale``
 (default 16 -> 32 -> 64 px). Training pairs come from the filtered shards: the image resized
@@ -32,7 +32,7 @@ from ..device import autocast
 from ..training import clear_checkpoints, train_diffusion_model
 from ..workspace import atomic_dir
 from .degrade import degrade
-from .diffusion import training_loss, upsample
+from .diffusion import Condition, UpsamplerSampling, sample, training_loss
 from .network import Upsampler
 
 VAL_IMAGES = 64          # val images for the PSNR figures
@@ -177,8 +177,8 @@ def train(u, key: str, paths: list[Path], in_size: int, out_size: int, checkpoin
     return model, arch, summary, accelerator, retrain.describe(warm, scratch_why)
 
 
-def bundle_info(u, key: str, in_size: int, out_size: int, crop_size: int) -> dict:
-    """An upsampler bundle's ``meta["info"]`` (what :func:`upsample` and the chain read) for
+def model_info(u, key: str, in_size: int, out_size: int, crop_size: int) -> dict:
+    """A saved upsampler's ``meta["info"]`` (what ``UpsamplerSampling.of`` reads) for
     upsampler ``key`` trained with config ``u``."""
     return {"key": key, "in_size": in_size, "out_size": out_size, "prediction_type": u.prediction_type,
             "condition": u.condition, "target": u.target, "residual_scale": u.residual_scale,
@@ -196,7 +196,7 @@ def evaluate(model, info: dict, paths: list[Path], seed: int) -> tuple[dict, tor
     z_i = torch.stack([image_embedding(s) for s in samples]) if getattr(model, "embed_dim", 0) else None
     truth, low = high_low(images, info["in_size"], info["out_size"])
     bicubic = resize(low, info["out_size"])
-    out = upsample(model, info, low, generator=torch.Generator().manual_seed(seed), z_i=z_i).cpu()
+    out = sample(model, Condition(low, z_i), UpsamplerSampling.of(info), generator=torch.Generator().manual_seed(seed)).cpu()
     ours, base = psnr(to_uint8(out), to_uint8(truth)), psnr(to_uint8(bicubic), to_uint8(truth))
     figures = {"images": len(images), "psnr_db": round(ours.mean().item(), 2),
                "bicubic_psnr_db": round(base.mean().item(), 2),
@@ -230,7 +230,7 @@ def run(cfg, ws, key: str) -> dict:
                                                    ws.checkpoints / f"upsampler_{key}", warm_from, embed_dim, depends)
     if not accelerator.is_main_process:                   # under several processes the main one saves
         return {"train": summary}
-    info = bundle_info(u, key, in_size, out_size, summary["crop_size"])
+    info = model_info(u, key, in_size, out_size, summary["crop_size"])
     with atomic_dir(ws.upsampler(key)) as out:
         with torch.no_grad():
             val, rows = evaluate(model, info, paths, u.seed)

@@ -1,8 +1,8 @@
-"""Loading a CLIP bundle never writes into it (reliability review H5): a bundle may be read-only
+"""Loading a CLIP directory never writes into it (reliability review H5): it may be read-only
 (DVC's hardlinked cache, chmod 0444), a DVC cache object or an MLflow registry artifact, and a
-write there changes what those track. Checked two ways: no file under the bundle changes
+write there changes what those track. Checked two ways: no file under the directory changes
 (contents, mtime) and none appears, which holds for root too; and, for a user that file modes
-bind (not root), loading from a bundle made read-only with chmod -R a-w."""
+bind (not root), loading from a directory made read-only with chmod -R a-w."""
 from __future__ import annotations
 
 import hashlib
@@ -31,7 +31,7 @@ def state(root: Path) -> dict:
 
 
 @pytest.fixture
-def bundle_dir(tmp_path, smoke_cfg):
+def clip_dir(tmp_path, smoke_cfg):
     out = tmp_path / "clip"
     clip_model.save(clip_model.build(smoke_cfg.clip.model), out, {"test": True})
     return out
@@ -43,36 +43,36 @@ def set_writable(root: Path, writable: bool) -> None:
         p.chmod(mode | stat.S_IWUSR if writable else mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
 
 
-def test_clip_load_does_not_write_into_bundle(bundle_dir):
-    before = state(bundle_dir)
-    set_writable(bundle_dir, False)
+def test_clip_load_does_not_write_into_its_directory(clip_dir):
+    before = state(clip_dir)
+    set_writable(clip_dir, False)
     try:
-        loaded = clip_model.load(bundle_dir)
-        again = clip_model.load(bundle_dir)                  # a second load in the same process, too
+        loaded = clip_model.load(clip_dir)
+        again = clip_model.load(clip_dir)                  # a second load in the same process, too
     finally:
-        set_writable(bundle_dir, True)
-    assert state(bundle_dir) == before
+        set_writable(clip_dir, True)
+    assert state(clip_dir) == before
     tokens = loaded.tokenize(["a red disc"])
     with torch.no_grad():
         assert torch.allclose(loaded.encode_text(tokens)[0], again.encode_text(tokens)[0])
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file modes: the test above covers root")
-def test_clip_loads_from_a_read_only_bundle_as_a_non_root_user(bundle_dir):
-    set_writable(bundle_dir, False)
+def test_clip_loads_from_a_read_only_directory_as_a_non_root_user(clip_dir):
+    set_writable(clip_dir, False)
     try:
-        code = f"from pipeline.clip import model; print(model.load({str(bundle_dir)!r}).embed_dim)"
+        code = f"from pipeline.clip import model; print(model.load({str(clip_dir)!r}).embed_dim)"
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     finally:
-        set_writable(bundle_dir, True)
+        set_writable(clip_dir, True)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("name", ["../../escaped", "a/b", "", ".hidden", "x" * 200])
-def test_bundle_model_name_cannot_become_a_path(bundle_dir, tmp_path, name):
-    config = json.loads((bundle_dir / "open_clip_config.json").read_text())
-    (bundle_dir / "open_clip_config.json").write_text(json.dumps({**config, "name": name}))
+def test_clip_model_name_cannot_become_a_path(clip_dir, tmp_path, name):
+    config = json.loads((clip_dir / "open_clip_config.json").read_text())
+    (clip_dir / "open_clip_config.json").write_text(json.dumps({**config, "name": name}))
     with pytest.raises(ValueError, match="CLIP model name"):
-        clip_model.load(bundle_dir)
+        clip_model.load(clip_dir)
     assert not (tmp_path / "escaped.json").exists() and not list(tmp_path.rglob("escaped.json"))
