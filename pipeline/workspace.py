@@ -21,6 +21,11 @@ from typing import Any, Iterator, Optional, Union
 RESOLVED = "params.resolved.json"
 
 
+def _under(*parts: str) -> property:
+    """A read-only attribute: the path ``parts`` below the workspace's root."""
+    return property(lambda self: self.root.joinpath(*parts))
+
+
 @dataclass(frozen=True)
 class Workspace:
     root: Path
@@ -29,30 +34,22 @@ class Workspace:
     def at(cls, root: str | os.PathLike | None = None) -> "Workspace":
         return cls(Path(root or os.environ.get("UNCLIP_WORKSPACE") or ".").resolve())
 
-    # The stage outputs of DESIGN.md's table.
-    @property
-    def params(self) -> Path: return self.root / "params.yaml"
-    @property
-    def resolved(self) -> Path: return self.root / RESOLVED     # what DVC sees: pipeline.config.write_resolved
-    @property
-    def corpus(self) -> Path: return self.root / "data" / "corpus"
-    @property
-    def raw(self) -> Path: return self.root / "data" / "raw"
-    @property
-    def filtered(self) -> Path: return self.root / "data" / "filtered"
-    @property
-    def embeddings(self) -> Path: return self.root / "data" / "embeddings"
-    @property
-    def clip(self) -> Path: return self.root / "models" / "clip"
-    @property
-    def prior(self) -> Path: return self.root / "models" / "prior"
-    @property
-    def decoder(self) -> Path: return self.root / "models" / "decoder"
+    # The stage outputs of DESIGN.md's table: each a path under the root.
+    params = _under("params.yaml")
+    resolved = _under(RESOLVED)            # what DVC sees: pipeline.config.write_resolved
+    corpus = _under("data", "corpus")
+    raw = _under("data", "raw")
+    filtered = _under("data", "filtered")
+    embeddings = _under("data", "embeddings")
+    clip = _under("models", "clip")
+    prior = _under("models", "prior")
+    decoder = _under("models", "decoder")
+    judge = _under("models", "judge")
+    reports = _under("reports")
+    metrics_dir = _under("metrics")
+
     def upsampler(self, key: str) -> Path: return self.root / "models" / f"upsampler_{key}"
-    @property
-    def judge(self) -> Path: return self.root / "models" / "judge"
-    @property
-    def reports(self) -> Path: return self.root / "reports"
+
     @property
     def checkpoints(self):
         # a torchrun launch (pipeline/launch.py) points every rank at storage all nodes share: a
@@ -61,9 +58,6 @@ class Workspace:
         if not shared:
             return self.root / ".unclip" / "checkpoints"
         return location(shared)
-    @property
-    def metrics_dir(self) -> Path: return self.root / "metrics"
-
     def metrics_path(self, stage: str) -> Path:
         return self.metrics_dir / f"{stage.replace('@', '_')}.json"
 

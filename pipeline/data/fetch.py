@@ -183,22 +183,24 @@ class _HTTPSConnection(http.client.HTTPSConnection):
         self._create_connection = _guarded_connect(policy, watch, self.host, self.port)
 
 
-class _HTTPHandler(urllib.request.HTTPHandler):
+class _Guarded:
+    """urllib's HTTP(S) handler opening its connections through ours (``policy``, ``watch``)."""
     def __init__(self, policy, watch):
         super().__init__()
         self.policy, self.watch = policy, watch
 
+    def _open(self, connection, req):
+        return self.do_open(connection, req, policy=self.policy, watch=self.watch)
+
+
+class _HTTPHandler(_Guarded, urllib.request.HTTPHandler):
     def http_open(self, req):
-        return self.do_open(_HTTPConnection, req, policy=self.policy, watch=self.watch)
+        return self._open(_HTTPConnection, req)
 
 
-class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, policy, watch):
-        super().__init__()
-        self.policy, self.watch = policy, watch
-
+class _HTTPSHandler(_Guarded, urllib.request.HTTPSHandler):
     def https_open(self, req):
-        return self.do_open(_HTTPSConnection, req, policy=self.policy, watch=self.watch)
+        return self._open(_HTTPSConnection, req)
 
 
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):
