@@ -166,7 +166,7 @@ class ClipConfig(Section):
     eval_batch_size: int = Field(512, ge=1)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     # NegCLIP hard negatives (pipeline/clip/negatives.py): extra image-to-text columns per caption
-    hard_negatives: list[Literal["relation", "binding"]] = []
+    hard_negatives: list[Literal["relation", "binding"]] = ["relation", "binding"]
 
 
 class EmbedConfig(Section):
