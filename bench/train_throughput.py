@@ -1,6 +1,6 @@
 """Benchmark: training throughput of every model of the pipeline, against the machine's matmul peak.
 
-    python bench/train_throughput.py [--models clip,clip+negatives,judge,prior,decoder,upsample@1,upsample@2]
+    python bench/train_throughput.py [--models clip,clip+negatives,clip-negatives,judge,prior,decoder,upsample@1,upsample@2]
         [--repeats 5] [--warmup 3] [--steps 2] [--profile default] [--profile-model decoder]
         [--params params.yaml] [--quick] [--out reports/bench/train_throughput.json]
 
@@ -15,8 +15,9 @@ are drawn by indexing an in-memory pool, as ``embeddings.train_batches`` does; f
 upsamplers, whose stages decode and collate in a DataLoader worker, the pool holds finished
 batches (the upsamplers' made by the stage's own ``TrainingPairs``), so their "data" is only the
 main process's share. The judge's stream is the stage's own ``batches`` (with its degradations).
-``clip+negatives`` is CLIP with NegCLIP's two hard negatives per caption (``clip.hard_negatives:
-[relation, binding]``): its text tower encodes three captions per image.
+``clip`` is CLIP as configured; ``clip+negatives`` with NegCLIP's two hard negatives per caption
+(``clip.hard_negatives: [relation, binding]``: its text tower encodes three captions per image) and
+``clip-negatives`` without any, whatever the config says, to time the two side by side.
 
 Figures, per model (the table):
 
@@ -171,7 +172,8 @@ def draw(pool, batch_size: int, seed: int) -> Iterator:
 
 # ---- the models, as their stages build them ------------------------------------------------------
 
-def clip_bench(cfg, device: torch.device, pool_n: int, negatives: Optional[tuple[str, ...]] = None) -> Bench:
+def clip_bench(cfg, device: torch.device, pool_n: int, negatives: Optional[tuple[str, ...]] = None,
+               name: str = "clip") -> Bench:
     """pipeline/clip/train.py: open_clip model, AdamW (open_clip's groups, fused), InfoNCE, the
     temperature clamp after every step: ``make_loss`` and ``clamp_temperature`` of the stage.
     ``negatives``: NegCLIP's hard negative kinds (default: the config's ``clip.hard_negatives``)."""
@@ -189,7 +191,6 @@ def clip_bench(cfg, device: torch.device, pool_n: int, negatives: Optional[tuple
     if negatives:                           # as clip/data.py's batches: + tokens [n, K, L], mask [n, K]
         neg_texts, mask = hard_negatives(texts, negatives)
         pool += (clip.tokenize(neg_texts).view(pool_n, len(negatives), -1), mask)
-    name = "clip+negatives" if negatives else "clip"
     return Bench(name, c.batch_size, c.precision, device, model, clip_train.make_loss(clip, c.precision, device),
                  optimizer, scheduler, c.grad_clip, lambda b: draw(pool, b, c.seed),
                  after_step=lambda: clip_train.clamp_temperature(model))
@@ -275,7 +276,9 @@ def upsampler_bench(cfg, key: str, device: torch.device, pool_n: int) -> Bench:
 def build(cfg, names: list[str], device: torch.device, pool_n: Callable[[int], int]) -> list[Bench]:
     """The benches of ``names``; ``pool_n(config batch)`` samples in each one's pool."""
     makers = {"clip": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size)),
-              "clip+negatives": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), ("relation", "binding")),
+              "clip+negatives": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), ("relation", "binding"),
+                                                   "clip+negatives"),
+              "clip-negatives": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), (), "clip-negatives"),
               "judge": lambda: judge_bench(cfg, pool_n(cfg.judge.batch_size)),
               "prior": lambda: prior_bench(cfg, device, pool_n(cfg.prior.batch_size)),
               "decoder": lambda: decoder_bench(cfg, device, pool_n(cfg.decoder.batch_size))}

@@ -41,25 +41,47 @@ def _unit(*shape):
 def test_negclip_loss_without_negatives_is_clip_loss():
     torch.manual_seed(0)
     z_i, z_t, scale = _unit(6, 8), _unit(6, 8), torch.tensor(10.0)
-    none = torch.zeros(6, 2, dtype=torch.bool)
-    ours = negclip_loss(z_i, z_t, _unit(12, 8), none, scale)
+    ours = negclip_loss(z_i, z_t, torch.zeros(0, 8), scale)
     assert torch.allclose(ours, ClipLoss()(z_i, z_t, scale), atol=1e-6)
 
 
-def test_negclip_loss_counts_a_hard_negative_against_its_image_only():
+def test_negclip_loss_counts_hard_negatives_in_image_to_text_only():
     torch.manual_seed(0)
     z_i = _unit(4, 8)
     z_t = z_i.clone()
     scale = torch.tensor(10.0)
-    mask = torch.tensor([[True], [False], [False], [False]])
-    far, close = -z_i[:1].repeat(4, 1), z_i[:1].repeat(4, 1)       # negative of image 0: far from it, or equal to it
-    base = negclip_loss(z_i, z_t, far, mask, scale)
-    hard = negclip_loss(z_i, z_t, close, mask, scale)
-    assert hard > base                                             # a negative as close as the caption costs
-    # text-to-image has no negative columns: the same whatever the negatives are
-    assert torch.allclose(F.cross_entropy(scale * z_t @ z_i.T, torch.arange(4)) / 2,
-                          negclip_loss(z_i, z_t, far, torch.zeros(4, 1, dtype=torch.bool), scale)
-                          - F.cross_entropy(scale * z_i @ z_t.T, torch.arange(4)) / 2, atol=1e-6)
+    far, close = -z_i[:1], z_i[:1].clone()                        # a negative far from image 0, or equal to it
+    assert negclip_loss(z_i, z_t, close, scale) > negclip_loss(z_i, z_t, far, scale)
+    target = torch.arange(4)
+    text_to_image = F.cross_entropy(scale * z_t @ z_i.T, target)   # no negative columns on this side
+    image_to_text = F.cross_entropy(scale * z_i @ torch.cat([z_t, close]).T, target)
+    assert torch.allclose(negclip_loss(z_i, z_t, close, scale), (image_to_text + text_to_image) / 2, atol=1e-6)
+
+
+def test_the_loss_encodes_only_the_negatives_that_exist():
+    from types import SimpleNamespace
+
+    from pipeline.clip.train import make_loss
+    captions = ["a red circle above a blue square", "a green triangle"]
+    texts, mask = hard_negatives(captions, ("relation", "binding"))
+    seen = []
+
+    class Model(torch.nn.Module):
+        logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+
+        def encode_image(self, x, normalize):
+            return F.normalize(x.flatten(1)[:, :4].float() + 1, dim=-1)
+
+        def encode_text(self, t, normalize):
+            seen.append(t.clone())
+            return F.normalize(t[:, :4].float() + 1, dim=-1)
+
+    tokenize = lambda xs: torch.tensor([[hash(x) % 97 + i for i in range(6)] for x in xs])   # noqa: E731
+    loss_fn = make_loss(SimpleNamespace(preprocess=lambda x: x), "fp32", torch.device("cpu"))
+    images = torch.randint(0, 255, (2, 3, 4, 4), dtype=torch.uint8)
+    loss_fn(Model(), (images, tokenize(captions), tokenize(texts).view(2, 2, -1), mask))
+    assert seen[0].shape[0] == 2 + 2                               # the pair's two negatives; the single has none
+    assert torch.equal(seen[0][2:], tokenize(texts[:2]))
 
 
 def test_pair_candidates_differ_in_one_thing_each():

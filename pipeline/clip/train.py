@@ -31,17 +31,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def negclip_loss(z_i: torch.Tensor, z_t: torch.Tensor, z_neg: torch.Tensor, mask: torch.Tensor,
-                 scale: torch.Tensor) -> torch.Tensor:
+def negclip_loss(z_i: torch.Tensor, z_t: torch.Tensor, z_neg: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """InfoNCE with hard negatives (NegCLIP): image i must pick caption i among the batch's B
-    captions and all B*K negatives; caption i must pick image i among the B images (negatives
-    have no image). z_i, z_t [B, D], z_neg [B*K, D], all unit; mask [B, K], False: no negative
-    (its column is left out of every row). Without negatives this is open_clip's ClipLoss."""
-    b = len(z_i)
-    target = torch.arange(b, device=z_i.device)
-    image_to_text = scale * z_i @ torch.cat([z_t, z_neg]).T                       # [B, B + B*K]
-    absent = torch.cat([torch.zeros(b, dtype=torch.bool, device=mask.device), ~mask.flatten()])
-    image_to_text = image_to_text.masked_fill(absent.to(z_i.device), float("-inf"))
+    captions and all N negatives; caption i must pick image i among the B images (negatives have
+    no image). z_i, z_t [B, D], z_neg [N, D] (N >= 0), all unit. With N = 0 this is open_clip's
+    ClipLoss."""
+    target = torch.arange(len(z_i), device=z_i.device)
+    image_to_text = scale * z_i @ torch.cat([z_t, z_neg]).T                       # [B, B + N]
     text_to_image = scale * z_t @ z_i.T                                            # [B, B]
     return (F.cross_entropy(image_to_text, target) + F.cross_entropy(text_to_image, target)) / 2
 
@@ -54,7 +50,9 @@ def make_loss(clip: Clip, precision: str, device: torch.device):
 
     def loss_fn(model, batch):
         images, tokens, *negatives = batch
-        texts = torch.cat([tokens, negatives[0].flatten(0, 1)]) if negatives else tokens
+        # only the negatives that exist are encoded (a caption without color words has no binding
+        # twin): the text tower is half of CLIP's step, and each negative costs it a caption
+        texts = torch.cat([tokens, negatives[0][negatives[1]]]) if negatives else tokens   # [B + N, L]
         with autocast(precision, device):
             z_i = model.encode_image(clip.preprocess(images.to(device)), normalize=True)
             z_t = model.encode_text(texts.to(device), normalize=True)   # one call: [B (+ B*K), D]
@@ -62,7 +60,7 @@ def make_loss(clip: Clip, precision: str, device: torch.device):
         if not negatives:
             return contrastive(z_i, z_t, model.logit_scale.exp())
         b = len(tokens)
-        return negclip_loss(z_i, z_t[:b], z_t[b:], negatives[1], model.logit_scale.exp())
+        return negclip_loss(z_i, z_t[:b], z_t[b:], model.logit_scale.exp())
     return loss_fn
 
 
