@@ -235,3 +235,23 @@ def test_spark_embed_gives_the_same_samples_in_shards_named_after_their_inputs(e
               "mismatch_auroc"):
         assert a.get(k) == b.get(k), k
     assert b["input"] == b["kept"] + b["dropped_low_similarity"]
+
+
+@pytest.mark.slow      # ~20 s on the module's Spark session
+@pytest.mark.parametrize("n_bands", [2, 3, 5])
+def test_spark_band_probes_are_the_local_search(spark, n_bands):
+    """dedup_spark's probe join (flips of band_radii bits, or none with 5 bands) finds the local
+    search's pairs, with earlier samples (``first``) compared against but never dropped."""
+    import numpy as np
+
+    from pipeline.data import dedup, dedup_spark
+    rng = np.random.default_rng(n_bands)
+    base = rng.integers(0, 2 ** 63, 200, dtype=np.uint64)
+    flips = [np.bitwise_or.reduce(np.uint64(1) << rng.integers(0, 64, rng.integers(0, 7)).astype(np.uint64))
+             for _ in range(400)]
+    phash = np.concatenate([base, base[rng.integers(0, 200, 400)] ^ np.array(flips, np.uint64)])
+    thumbs = np.zeros((len(phash), 8, 8, 3), np.uint8)
+    thumbs[rng.random(len(phash)) < 0.3] = 200
+    match, stats = dedup.near_duplicates(phash, thumbs, 4, 1.0, 100, n_bands)
+    theirs, their_stats = dedup_spark.near_duplicates(spark, phash, thumbs, 4, 1.0, 100, n_bands)
+    assert (theirs == match).all() and (match >= 0).sum() > 50 and their_stats == stats
