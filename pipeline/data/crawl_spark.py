@@ -2,12 +2,12 @@
 pipeline/data/crawl.py after the download, with the same results.
 
 - the incremental diff: the URL list anti-joined on ``url`` with the earlier log's URLs that are
-  done (not :func:`crawl.retry_due`); the earlier log is read by Spark, never by the driver;
+  done (not :func:`pipeline.data.crawl.retry_due`); the earlier log is read by Spark, never by the driver;
 - the verification: a task per downloaded shard (:func:`shard_check`: the strict decode, and how
   many samples the shard holds); the copy into URL-list order, a task per output shard
   (:func:`write_output_shard`), cut from the per-shard counts alone (an img2dataset shard holds
   a contiguous run of the list, so output shard k is the good samples k*S ... (k+1)*S - 1 of
-  consecutive input shards): the bytes :func:`crawl.verify_and_rewrite` writes. Each task also
+  consecutive input shards): the bytes :func:`pipeline.data.crawl.verify_and_rewrite` writes. Each task also
   writes the (url_index, key) of what it wrote as a small parquet;
 - the log: the URLs to crawl left-joined on ``url_index`` to img2dataset's records (its own
   per-shard parquet), the verification's drops and the written keys, each row made by
@@ -34,8 +34,8 @@ import pyarrow.parquet as pq
 
 from .. import cluster
 from ..errors import StageError
-from . import crawl
-from .crawl import INDEX, SOURCE_KEY, TRANSIENT
+from . import crawl_records as crawl
+from .crawl_records import INDEX, SOURCE_KEY, TRANSIENT
 from .shards import ShardSink, iter_shard, shard_paths
 
 LOG_SCHEMA = "url_index long, key string, url string, status string, reason string, error_message string"
@@ -55,14 +55,14 @@ def previous_log(spark, path: Path):
 
 
 def retry_due(log, max_attempts: int):
-    """:func:`crawl.retry_due` as a column (never null: a null reason is not transient)."""
+    """:func:`pipeline.data.crawl.retry_due` as a column (never null: a null reason is not transient)."""
     from pyspark.sql import functions as F
     return ((F.col("status") == "failed") & F.coalesce(F.col("reason").isin(*TRANSIENT), F.lit(False))
             & (F.col("attempts") < max_attempts))
 
 
 def to_crawl(spark, urls: pd.DataFrame, old, max_attempts: int) -> tuple[pd.DataFrame, int, int]:
-    """:func:`crawl.to_crawl` as an anti-join: (the URLs to fetch now, old rows reused, retried).
+    """:func:`pipeline.data.crawl.to_crawl` as an anti-join: (the URLs to fetch now, old rows reused, retried).
     The driver gets back the row numbers of the URLs to fetch, to write img2dataset's input."""
     from pyspark.sql import functions as F
     listed = spark.createDataFrame(pd.DataFrame({INDEX: urls[INDEX].astype("int64"),
@@ -86,7 +86,7 @@ def shard_check(path: str) -> tuple[int, dict[int, str]]:
 def copy_jobs(paths: list[str], checks: list[tuple[int, dict]], shard_size: int, prefix: str) -> list[dict]:
     """The copy cut into one job per output shard: output shard k holds the good samples
     k*shard_size ... (k+1)*shard_size - 1 in (input shard, url_index) order, which is the order
-    :func:`crawl.verify_and_rewrite` writes them in; a job names each input shard it reads, the
+    :func:`pipeline.data.crawl.verify_and_rewrite` writes them in; a job names each input shard it reads, the
     range of that shard's good samples (sorted by url_index) it takes, and the shard's drops."""
     good = np.array([n - len(bad) for n, bad in checks], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(good)])
@@ -127,7 +127,7 @@ def write_output_shard(job: dict) -> int:
 
 def verify_and_rewrite(spark, src: Path, out: Path, work: Path, shard_size: int,
                        prefix: str) -> tuple[int, dict[int, str]]:
-    """:func:`crawl.verify_and_rewrite` as two maps: (samples written, {url_index: error} dropped);
+    """:func:`pipeline.data.crawl.verify_and_rewrite` as two maps: (samples written, {url_index: error} dropped);
     what was written under which key is in ``work/written/`` for :func:`crawl_log`."""
     paths = [str(p) for p in shard_paths(src)]
     checks = cluster.map_items(spark, shard_check, paths)
@@ -161,7 +161,7 @@ def read_parquet(spark, paths, schema: str):
 
 
 def crawl_log(spark, work: Path, i2d: Path, dropped: dict[int, str], written: int):
-    """:func:`crawl.crawl_log` as joins on url_index: the part's log (with its fault and split
+    """:func:`pipeline.data.crawl.crawl_log` as joins on url_index: the part's log (with its fault and split
     columns), cached; img2dataset's lost URLs and a log that does not reconcile are errors."""
     from pyspark.sql import functions as F
     todo = spark.read.parquet(str(work / "todo.parquet"))
