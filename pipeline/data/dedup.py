@@ -219,7 +219,7 @@ def candidate_pairs(phash: np.ndarray, max_distance: int, first: int = 0,
             a, b = _pairs_within_buckets(values)
         else:
             a, b = _pairs_within_flips(values, width, flip_masks(width, radius), first)
-        banded += len(a)
+        banded += int((a >= first).sum())          # proposed for the samples searched (>= first)
         # The distance check before the de-duplication across bands: np.unique then sorts only
         # the close pairs (a tenth of the banded ones on the corpus), not every banded pair.
         keep = (a >= first) & (np.bitwise_count(phash[a] ^ phash[b]) <= max_distance)
