@@ -8,8 +8,10 @@ every non-fault image as the filter's map does (pipeline/data/dedup.py: rules, p
 pHash, thumbnail), then times, on one core:
 
 - exact dedup, the group-by over pixel hashes;
-- near dedup through banded pHash candidates (LSH, what the stage runs), and the all-pairs
-  search it replaced (up to ``--all-pairs-max`` samples), checking both find the same matches;
+- near dedup through banded pHash candidates (multi-index hashing with the bands
+  ``dedup.choose_bands`` picks, what the stage runs), the fixed d + 1 bands it started from
+  (``bands5``), and the all-pairs search (up to ``--all-pairs-max`` samples), checking all three
+  find the same matches;
 
 and prints one table: samples, seconds per step, candidate pairs, the time per sample, and the
 recall of the planted near and exact duplicates. Cost that grows near-linearly keeps its
@@ -19,7 +21,9 @@ The corpus draws few distinct layouts (one or two shapes at a few positions on a
 backgrounds), so its pHashes crowd: the pairs within 4 bits, which any exact search must
 check by color, grow as N^2 there. A second table (``--spread``) times the same searches on
 pHashes spread as web images' are (uniform 64-bit hashes, 1 % planted copies with up to 4
-bits flipped) at the same sizes, where the bands' buckets stay small.
+bits flipped) at the same sizes and up to 1.7M, where the fixed bands' proposals grow as N^2
+and the chosen bands' near-linearly (fixed bands up to ``--bands5-max``, all pairs up to
+``--all-pairs-max``: memory and time).
 """
 from __future__ import annotations
 
@@ -74,15 +78,8 @@ def one_scale(k: int, base: int, root: Path, all_pairs_max: int) -> dict:
     phash = kept["phash"].to_numpy(np.int64).view(np.uint64)
     thumbs = dedup.thumbs_of(kept["thumb"])
 
-    t0 = time.perf_counter()
-    match, stats = dedup.near_duplicates(phash, thumbs, f.phash_max_distance, f.thumb_max_cell_rmse)
-    t_lsh = time.perf_counter() - t0
-    t_all = same = None
-    if len(kept) <= all_pairs_max:
-        t0 = time.perf_counter()
-        ref, _ = dedup.near_duplicates_all_pairs(phash, thumbs, f.phash_max_distance, f.thumb_max_cell_rmse)
-        t_all = time.perf_counter() - t0
-        same = bool((ref == match).all())
+    searches = compare(phash, thumbs, f.phash_max_distance, f.thumb_max_cell_rmse, all_pairs_max, all_pairs_max)
+    match, stats = searches.pop("match"), searches.pop("stats")
 
     keys = kept["key"].to_numpy()
     drops = pd.concat([
@@ -91,13 +88,32 @@ def one_scale(k: int, base: int, root: Path, all_pairs_max: int) -> dict:
         pd.DataFrame({"key": keys[match >= 0], "reason": "near_duplicate", "duplicate_of": keys[match[match >= 0]]})])
     truth = score_against_truth(drops, pairs, set(table["key"]))
     n = len(table)
-    return {"scale": k, "samples": n, "map_s": t_map, "exact_s": t_exact, "lsh_s": t_lsh, "all_pairs_s": t_all,
-            "same_matches": same, **stats, "near_dropped": int((match >= 0).sum()),
+    return {"scale": k, "samples": n, "map_s": t_map, "exact_s": t_exact, **searches, **stats, "near_dropped": int((match >= 0).sum()),
             "near_recall": truth["near"]["recall"], "exact_recall": truth["exact"]["recall"],
             "false_positives": truth["near"]["false_positives"] + truth["exact"]["false_positives"]}
 
 
-def spread_row(n: int, seed: int = 0) -> dict:
+def compare(phash, thumbs, d: int, rmse: float, bands5_max: int, all_pairs_max: int) -> dict:
+    """The chosen bands' search (lsh_s, its stats and matches), the fixed d + 1 bands' (bands5_s,
+    bands5_proposals) and all pairs (all_pairs_s) where small enough; same_matches over those run."""
+    t0 = time.perf_counter()
+    match, stats = dedup.near_duplicates(phash, thumbs, d, rmse)
+    out = {"lsh_s": time.perf_counter() - t0, "bands5_s": None, "bands5_proposals": None, "all_pairs_s": None}
+    same = True
+    if len(phash) <= bands5_max:
+        t0 = time.perf_counter()
+        ref, ref_stats = dedup.near_duplicates(phash, thumbs, d, rmse, n_bands=d + 1)
+        out.update(bands5_s=time.perf_counter() - t0, bands5_proposals=ref_stats["band_candidates"])
+        same &= bool((ref == match).all())
+    if len(phash) <= all_pairs_max:
+        t0 = time.perf_counter()
+        ref, _ = dedup.near_duplicates_all_pairs(phash, thumbs, d, rmse)
+        out["all_pairs_s"] = time.perf_counter() - t0
+        same &= bool((ref == match).all())
+    return {**out, "same_matches": same, "match": match, "stats": stats}
+
+
+def spread_row(n: int, bands5_max: int, all_pairs_max: int, seed: int = 0) -> dict:
     """The searches on ``n`` uniform pHashes with 1 % near copies (<= 4 bits flipped), equal thumbnails."""
     rng = np.random.default_rng(seed)
     m = n // 100
@@ -106,15 +122,12 @@ def spread_row(n: int, seed: int = 0) -> dict:
     for _ in range(4):
         flips |= np.uint64(1) << rng.integers(0, 64, m).astype(np.uint64)
     phash = np.concatenate([base, base[rng.integers(0, n - m, m)] ^ flips])
-    thumbs = np.zeros((n, 8, 8, 3), np.uint8)
-    t0 = time.perf_counter()
-    match, stats = dedup.near_duplicates(phash, thumbs, 4, 3.25)
-    t_lsh = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ref, _ = dedup.near_duplicates_all_pairs(phash, thumbs, 4, 3.25)
-    t_all = time.perf_counter() - t0
-    return {"samples": n, "lsh_s": t_lsh, "all_pairs_s": t_all, "band_candidates": stats["band_candidates"],
-            "near_dropped": int((match >= 0).sum()), "same_matches": bool((ref == match).all())}
+    r = compare(phash, np.zeros((n, 8, 8, 3), np.uint8), 4, 3.25, bands5_max, all_pairs_max)
+    return {"samples": n, **r, **r["stats"], "near_dropped": int((r["match"] >= 0).sum())}
+
+
+def cell(value) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def main() -> None:
@@ -123,29 +136,29 @@ def main() -> None:
     ap.add_argument("--base", type=int, default=400, help="scenes at scale 1 (the smoke profile's n_scenes)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--all-pairs-max", type=int, default=70000)
-    ap.add_argument("--spread", default="408,1632,6528,26112,104448",
+    ap.add_argument("--bands5-max", type=int, default=250000, help="largest search with the fixed d + 1 bands")
+    ap.add_argument("--spread", default="408,1632,6528,26112,104448,417792,1671168",
                     help="sizes for the table on uniformly spread pHashes ('' to skip)")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     root = Path(args.workdir or tempfile.mkdtemp(prefix="near-dedup-"))
-    rows = [one_scale(int(k), args.base, root, args.all_pairs_max) for k in args.scales.split(",")]
+    rows = [one_scale(int(k), args.base, root, args.all_pairs_max) for k in args.scales.split(",") if k]
     print(f"\nduplicate search, one core ({root}):")
-    head = ("scale", "samples", "map_s", "exact_s", "lsh_s", "all_pairs_s", "band_candidates", "phash_candidates",
-            "color_confirmed", "near_dropped", "same_matches", "near_recall", "exact_recall", "false_positives")
-    print(" | ".join(head) + " | map us/sample | lsh us/sample | all-pairs us/sample")
+    head = ("scale", "samples", "map_s", "exact_s", "lsh_s", "bands5_s", "all_pairs_s", "bands", "band_candidates",
+            "bands5_proposals", "phash_candidates", "color_confirmed", "near_dropped", "same_matches", "near_recall",
+            "exact_recall", "false_positives")
+    print(" | ".join(head) + " | lsh us/sample | lsh us/phash candidate")
     for r in rows:
-        cells = [f"{r[h]:.3f}" if isinstance(r[h], float) else str(r[h]) for h in head]
-        per = [1e6 * r["map_s"] / r["samples"], 1e6 * r["lsh_s"] / r["samples"],
-               1e6 * r["all_pairs_s"] / r["samples"] if r["all_pairs_s"] is not None else float("nan")]
-        print(" | ".join(cells) + " | " + " | ".join(f"{p:.1f}" for p in per))
+        print(" | ".join(cell(r[h]) for h in head)
+              + f" | {1e6 * r['lsh_s'] / r['samples']:.1f} | {1e6 * r['lsh_s'] / max(r['phash_candidates'], 1):.2f}")
     if args.spread:
         print("\nspread pHashes (web-like), one core:")
-        print("samples | lsh_s | all_pairs_s | band_candidates | near_dropped | same_matches | lsh us/sample | "
-              "all-pairs us/sample")
+        head = ("samples", "lsh_s", "bands5_s", "all_pairs_s", "bands", "band_candidates", "bands5_proposals",
+                "near_dropped", "same_matches")
+        print(" | ".join(head) + " | lsh us/sample")
         for n in map(int, args.spread.split(",")):
-            r = spread_row(n)
-            print(f"{n} | {r['lsh_s']:.3f} | {r['all_pairs_s']:.3f} | {r['band_candidates']} | {r['near_dropped']} | "
-                  f"{r['same_matches']} | {1e6 * r['lsh_s'] / n:.1f} | {1e6 * r['all_pairs_s'] / n:.1f}")
+            r = spread_row(n, args.bands5_max, args.all_pairs_max)
+            print(" | ".join(cell(r[h]) for h in head) + f" | {1e6 * r['lsh_s'] / n:.2f}", flush=True)
 
 
 if __name__ == "__main__":

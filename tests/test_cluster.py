@@ -111,6 +111,90 @@ def test_spark_crawl_gives_the_same_shards_and_log(engines):
     assert b["attempted"] == b["succeeded"] + sum(b["failed_by_reason"].values())
 
 
+def _crawl_twice(cfg, ws, corpus: Path, first, second) -> list[dict]:
+    """Crawl the corpus's rows ``first``, then (incremental) rows ``second``: the figures of both."""
+    import pandas as pd
+
+    from pipeline.stages import run_stage
+    pairs = pd.read_parquet(corpus / "pairs.parquet")
+    figures = []
+    for rows in (first, second):
+        pairs.iloc[rows].to_parquet(ws.corpus / "pairs.parquet", index=False)
+        figures.append(run_stage("crawl", cfg, ws))
+    return figures
+
+
+@pytest.mark.slow      # ~2-3 min: four crawls of most of the smoke corpus
+def test_spark_incremental_crawl_gives_the_same_diff_and_log(spark, data_ws, smoke_cfg, tmp_path_factory):
+    """A rerun on a list that lost some URLs and gained others: the same new part, log and counts."""
+    import shutil
+
+    import pandas as pd
+
+    from pipeline.data.shards import iter_shard, shard_paths
+    from pipeline.workspace import Workspace
+    n = len(pd.read_parquet(data_ws.corpus / "pairs.parquet"))
+    first, second = list(range(0, n - 60)), list(range(25, n))      # removes 25 URLs, adds 60
+    runs = {}
+    for engine in ("local", "spark"):
+        ws = Workspace.at(tmp_path_factory.mktemp(f"incremental_{engine}"))
+        (ws.root / "params.yaml").write_text((REPO / "params.yaml").read_text())
+        shutil.copytree(data_ws.corpus, ws.corpus)
+        cfg = smoke_cfg.model_copy(update={"cluster": config.ClusterConfig(engine=engine)})
+        runs[engine] = ws, _crawl_twice(cfg, ws, data_ws.corpus, first, second)
+    (local, (a0, a1)), (remote, (b0, b1)) = runs["local"], runs["spark"]
+    assert b1["incremental"] == a1["incremental"] and a1["incremental"]["new_urls"] == 60
+    assert a1["incremental"]["reused_urls"] == n - 60 and a1["incremental"]["part"] == 1
+    for k in ("attempted", "succeeded", "failed", "failed_by_reason", "faults_by_kind_vs_reason", "totals"):
+        assert (a0[k], a1[k]) == (b0[k], b1[k]), k
+    assert b1["attempted"] == 60 == b1["succeeded"] + sum(b1["failed_by_reason"].values())
+    assert b1["totals"]["urls"] == n == b0["attempted"] + b1["attempted"]
+
+    def rows(ws):        # set-identical rows (the order too, as it happens)
+        log = pd.read_parquet(ws.raw / "crawl_log.parquet")
+        return log.sort_values(["part", "url_index"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(rows(remote), rows(local))
+    assert set(rows(local).query("part == 1")["url"]) == set(pd.read_parquet(
+        data_ws.corpus / "pairs.parquet").iloc[n - 60:]["url"])
+
+    def shards(ws):
+        return {p.name: [{k: re.sub(rb"127\.0\.0\.1:\d+", b"HOST", v) if k == "json" else v
+                          for k, v in s.items() if k not in ("__shard__", "__url__")} for s in iter_shard(p)]
+                for p in shard_paths(ws.raw)}
+    mine, theirs = shards(remote), shards(local)
+    assert mine == theirs and any(name.startswith("part001-") for name in mine)
+
+
+@pytest.mark.slow      # a few seconds on the module's Spark session
+@pytest.mark.parametrize("max_attempts", [1, 2, 3])
+def test_spark_diff_is_the_local_diff(spark, smoke_cfg, tmp_path, max_attempts):
+    """crawl_spark.to_crawl against crawl.to_crawl on a user's list (retries apply): URLs new,
+    gone, succeeded, failed for good, failed transiently below and at the attempt limit, a log
+    from before retries (no attempts column) and a reason column of Nones."""
+    import pandas as pd
+
+    from pipeline.data import crawl, crawl_spark
+    cfg = smoke_cfg.model_copy(update={"crawl": smoke_cfg.crawl.model_copy(update={"max_attempts": max_attempts})})
+    old = pd.DataFrame({"url_index": range(6), "key": [None] * 6, "url": [f"u{i}" for i in range(6)],
+                        "status": ["success", "failed", "failed", "failed", "failed", "success"],
+                        "reason": [None, "http_404", "timeout", "http_5xx", "other", None],
+                        "error_message": [None, "404", "timed out", "500", "x", None],
+                        "part": 0, "attempts": [1, 1, 1, 2, 3, 1]})
+    urls = pd.DataFrame({"url": [f"u{i}" for i in (0, 2, 3, 4, 5, 7, 8)], "caption": "c", "url_index": range(7)})
+    diffs = []
+    for log in (old, old.drop(columns="attempts"), old.assign(reason=None, status="success")):
+        log.to_parquet(tmp_path / "log.parquet", index=False)
+        expect = crawl.to_crawl(cfg, urls, None, log.assign(attempts=log.get("attempts", 1)))
+        got = crawl_spark.to_crawl(spark, urls, crawl_spark.previous_log(spark, tmp_path / "log.parquet"),
+                                   max_attempts)
+        pd.testing.assert_frame_equal(got[0], expect[0])
+        assert got[1:] == expect[1:]
+        diffs.append(expect)
+    # u2 (timeout, tried once) and u3 (5xx, twice) are due below the limit; u4 (3 tries) never
+    assert diffs[0][2] == {1: 0, 2: 1, 3: 2}[max_attempts] == len(diffs[0][0]) - 2
+    assert list(diffs[2][0]["url"]) == ["u7", "u8"] and diffs[2][1:] == (6, 0)
+
+
 @pytest.mark.slow      # ~70-180 s with the module's Spark session, crawl, CLIP and both embeds
 def test_spark_filter_gives_the_same_shards_and_drops(engines):
     local, remote, figures = engines
@@ -151,3 +235,23 @@ def test_spark_embed_gives_the_same_samples_in_shards_named_after_their_inputs(e
               "mismatch_auroc"):
         assert a.get(k) == b.get(k), k
     assert b["input"] == b["kept"] + b["dropped_low_similarity"]
+
+
+@pytest.mark.slow      # ~20 s on the module's Spark session
+@pytest.mark.parametrize("n_bands", [2, 3, 5])
+def test_spark_band_probes_are_the_local_search(spark, n_bands):
+    """dedup_spark's probe join (flips of band_radii bits, or none with 5 bands) finds the local
+    search's pairs, with earlier samples (``first``) compared against but never dropped."""
+    import numpy as np
+
+    from pipeline.data import dedup, dedup_spark
+    rng = np.random.default_rng(n_bands)
+    base = rng.integers(0, 2 ** 63, 200, dtype=np.uint64)
+    flips = [np.bitwise_or.reduce(np.uint64(1) << rng.integers(0, 64, rng.integers(0, 7)).astype(np.uint64))
+             for _ in range(400)]
+    phash = np.concatenate([base, base[rng.integers(0, 200, 400)] ^ np.array(flips, np.uint64)])
+    thumbs = np.zeros((len(phash), 8, 8, 3), np.uint8)
+    thumbs[rng.random(len(phash)) < 0.3] = 200
+    match, stats = dedup.near_duplicates(phash, thumbs, 4, 1.0, 100, n_bands)
+    theirs, their_stats = dedup_spark.near_duplicates(spark, phash, thumbs, 4, 1.0, 100, n_bands)
+    assert (theirs == match).all() and (match >= 0).sum() > 50 and their_stats == stats

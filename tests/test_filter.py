@@ -143,13 +143,17 @@ def test_near_duplicates_is_greedy_over_kept_samples():
     # Candidates (pHash <= 2): 1~0, 2~1 (confirmed); 3~0, 3~1 (rejected by color). The bands
     # (22, 21, 21 bits) propose all 6 pairs in each band (the upper two are 0 in every hash) and
     # the lowest band only 3~0 (0b0000 twice): 13 proposals.
-    assert stats == {"band_candidates": 13, "phash_candidates": 4, "color_confirmed": 2, "color_rejected": 2}
+    assert stats == {"bands": 3, "band_candidates": 13, "phash_candidates": 4, "color_confirmed": 2,
+                     "color_rejected": 2}
 
 
 @pytest.mark.parametrize("max_distance", [0, 2, 4, 9])
 def test_banded_candidates_are_the_all_pairs_candidates(max_distance):
-    """Pigeonhole: pHashes within d bits share one of d + 1 bands exactly, so the band join
-    proposes every pair the all-pairs search finds, and the greedy drops are the same."""
+    """Pigeonhole: pHashes within d bits have a band within band_radii's flips of each other, so
+    the band search proposes every pair the all-pairs search finds, with any number of bands
+    (multi-index hashing), and the greedy drops are the same."""
+    import math
+
     from pipeline.data import dedup
     rng = np.random.default_rng(max_distance)
     base = rng.integers(0, 2 ** 63, 300, dtype=np.uint64)
@@ -159,13 +163,31 @@ def test_banded_candidates_are_the_all_pairs_candidates(max_distance):
     phash = np.concatenate([base, base[rng.integers(0, 300, 900)] ^ np.array(flips, np.uint64)])
     thumbs = np.zeros((len(phash), filt.THUMB_GRID, filt.THUMB_GRID, 3), np.uint8)
     thumbs[rng.random(len(phash)) < 0.3] = 200                # other colors: rejected candidates
+    layouts = [m for m in range(1, max_distance + 2)         # those with at most 2,500 probes a sample
+               if sum(math.comb(w, k) for (_, w), r in zip(dedup.band_layout(m), dedup.band_radii(m, max_distance))
+                      for k in range(r + 1)) <= 2500]
+    assert max_distance + 1 in layouts and (max_distance < 2 or len(layouts) >= 3)
     for first in (0, 500):
-        i, j, banded = dedup.candidate_pairs(phash, max_distance, first)
         ref, ref_stats = dedup.near_duplicates_all_pairs(phash, thumbs, max_distance, 1.0, first)
-        match, stats = dedup.near_duplicates(phash, thumbs, max_distance, 1.0, first)
-        assert len(i) == ref_stats["phash_candidates"] > 0 and banded >= len(i)
-        assert (match == ref).all() and (match >= 0).sum() > 0
-        assert {k: stats[k] for k in ref_stats} == ref_stats
+        for m in layouts:
+            i, j, banded, bands = dedup.candidate_pairs(phash, max_distance, first, m)
+            match, stats = dedup.near_duplicates(phash, thumbs, max_distance, 1.0, first, m)
+            assert len(i) == ref_stats["phash_candidates"] > 0 and banded >= len(i) and bands == stats["bands"] == m
+            assert (match == ref).all() and (match >= 0).sum() > 0
+            assert {k: stats[k] for k in ref_stats} == ref_stats
+
+
+def test_bands_are_chosen_by_their_work():
+    """Narrow bands for few hashes; wider ones, probed with flips, once the narrow buckets crowd."""
+    from pipeline.data import dedup
+    rng = np.random.default_rng(0)
+    assert dedup.band_radii(5, 4) == [0] * 5 and dedup.band_radii(3, 4) == [1, 1, 0]
+    assert dedup.band_radii(2, 4) == [2, 1] and dedup.band_radii(4, 4) == [1, 0, 0, 0]
+    assert len(dedup.flip_masks(21, 1)) == 22 and len(dedup.flip_masks(32, 2)) == 529
+    spread = rng.integers(0, 2 ** 63, 1 << 18, dtype=np.uint64) * np.uint64(2)
+    assert dedup.choose_bands(spread[:5000], 4) == 5 and dedup.choose_bands(spread, 4) < 5
+    crowded = np.repeat(spread[:50], 100)                  # 50 hashes, 100 copies each
+    assert dedup.choose_bands(crowded, 4) == 5             # flips would only add work there
 
 
 # ---- the smoke corpus ---------------------------------------------------------------------------

@@ -33,10 +33,12 @@ crawl, up to ``crawl.max_attempts`` crawls; its log row is replaced by the lates
 in which img2dataset lost URLs (a download shard that failed: no record) fails as a whole.
 
 With ``cluster.engine: spark`` img2dataset runs its ``pyspark`` distributor on the stage's
-SparkSession (one Spark task per download shard; a failed shard is retried) and the verification's
-decoding is a Spark task per downloaded shard (:func:`decode_errors`); the driver then copies the
-good samples in URL-list order, so the shards, the log and the figures are the engine's choice
-only in where the work ran (tests/test_cluster.py).
+SparkSession (one Spark task per download shard; a failed shard is retried), and the per-URL work
+after it is Spark's (:mod:`pipeline.data.crawl_spark`): the incremental diff an anti-join with
+the earlier log, the verification's decoding a task per downloaded shard, the copy into URL-list
+order a task per output shard, the log joins of img2dataset's records, the drops and the written
+keys. The shards are the same bytes and the log the same rows as the local engine's; where the
+work ran is the only difference (tests/test_cluster.py).
 
 Every URL is fetched under :mod:`pipeline.data.fetch`'s rules (http/https to public hosts, redirects
 checked, a byte cap and a deadline per URL, X-Robots-Tag opt-outs) and every image's size is judged
@@ -52,7 +54,6 @@ import io
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import signal
 import tempfile
@@ -64,7 +65,7 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 
 from .. import cluster, storage
 from . import incremental
@@ -73,40 +74,10 @@ from ..errors import StageError
 from ..tracking import redact_urls_in
 from . import fetch
 from .server import serve_corpus
+from .crawl_records import (ERROR_RULES, INDEX, KEPT_COLUMNS, LOG_COLUMNS, NO_RECORD,  # noqa: F401 -- the stage's names
+                            OTHER_MESSAGES_SHOWN, REASONS, SOURCE_KEY, TRANSIENT, classify, decode_error,
+                            decode_errors, log_rows, lost_message, write_sample)
 from .shards import ShardSink, iter_shard, key_problem, shard_names, shard_paths
-
-REASONS = ("refused_url", "http_404", "http_5xx", "timeout", "not_an_image", "too_large", "opted_out", "too_small",
-           "corrupt_image", "other")
-# Failures the next crawl tries again (up to crawl.max_attempts): the same request may well work
-# then. The others are answers about the URL or its image, which a retry would only repeat.
-TRANSIENT = ("http_5xx", "timeout", "other")
-# img2dataset's per-sample error_message -> our reason; first match wins, anything else is "other".
-ERROR_RULES: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p, re.I), r) for p, r in (
-    (re.escape(fetch.REFUSED), "refused_url"),        # pipeline/data/fetch.py: scheme, host, redirect
-    (re.escape(fetch.TOO_LARGE), "too_large"),        # a body over crawl.max_bytes
-    (r"HTTP Error 404\b", "http_404"),
-    (r"HTTP Error 5\d\d\b", "http_5xx"),
-    (r"timed out", "timeout"),
-    (r"X-Robots-Tag", "opted_out"),
-    (r"image area too large", "too_large"),
-    (r"image too small", "too_small"),
-    (r"corrupt or truncated", "corrupt_image"),      # NormalizingResizer's refinement, below
-    (r"Image decoding error", "not_an_image"),
-))
-INDEX = "url_index"          # row number in the URL list: joins img2dataset's records to it
-SOURCE_KEY = "source_key"    # the list's own key (img2dataset reserves the column name "key")
-KEPT_COLUMNS = ("split", "gt")
-NO_RECORD = "no record from img2dataset"
-OTHER_MESSAGES_SHOWN = 20
-
-
-def classify(message: Optional[str]) -> str:
-    if message:
-        for pattern, reason in ERROR_RULES:
-            if pattern.search(message):
-                return reason
-    return "other"
-
 
 # ---- the URL list -------------------------------------------------------------------------------
 def read_url_list(cfg, ws) -> tuple[pd.DataFrame, Optional[pd.Series]]:
@@ -383,41 +354,12 @@ CV_CAP = "OPENCV_IO_MAX_IMAGE_PIXELS"
 
 
 # ---- verification -------------------------------------------------------------------------------
-def decode_error(data: Optional[bytes]) -> Optional[str]:
-    """Why ``data`` is not a fully decodable JPEG, or None. Strict: truncation is an error."""
-    if not data:
-        return "no image bytes"
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.format != "JPEG":
-                return f"not a JPEG ({im.format})"
-            im.load()
-    except Exception as err:  # noqa: BLE001 -- any failure to decode means the image is unusable
-        return f"{type(err).__name__}: {err}"
-    return None
-
-
-def decode_errors(path) -> dict[int, str]:
-    """{url_index: error} of the samples of one downloaded shard that do not decode strictly:
-    the verification's costly part, a map over shards (a Spark task each under ``engine: spark``)."""
-    errors: dict[int, str] = {}
-    strict, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
-    try:
-        for sample in iter_shard(Path(path)):
-            error = decode_error(sample.get("jpg"))
-            if error:
-                errors[json.loads(sample["json"])[INDEX]] = error
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = strict
-    return errors
-
-
 def verify_and_rewrite(src: Path, out: Path, shard_size: int, expected: int,
-                       prefix: str = "", spark=None) -> tuple[dict[int, str], dict[int, str]]:
+                       prefix: str = "") -> tuple[dict[int, str], dict[int, str]]:
     """Copy the samples of img2dataset's shards in ``src`` that decode strictly into ``out``.
 
     Returns ({url_index: key} written, {url_index: error} dropped). The decoding is a map over the
-    shards (:func:`decode_errors`, on ``spark`` when given); the copy is the driver's. img2dataset
+    shards (:func:`decode_errors`; crawl_spark.verify_and_rewrite makes the copy a map too). img2dataset
     writes a shard's samples in completion order; we sort each shard (its samples only, so memory
     stays bounded) back into URL-list order, so the output and the filter's "first copy wins" are
     reproducible, whoever downloaded and decoded them.
@@ -425,7 +367,7 @@ def verify_and_rewrite(src: Path, out: Path, shard_size: int, expected: int,
     written: dict[int, str] = {}
     dropped: dict[int, str] = {}
     paths = shard_paths(src)
-    errors = cluster.map_items(spark, decode_errors, [str(p) for p in paths], desc="crawl: verify")
+    errors = cluster.map_items(None, decode_errors, [str(p) for p in paths], desc="crawl: verify")
     with ShardSink(out, shard_size, prefix) as sink, \
             progress(total=expected, desc="crawl: copy", unit="img") as bar:
         for path, bad in zip(paths, errors):
@@ -438,15 +380,7 @@ def verify_and_rewrite(src: Path, out: Path, shard_size: int, expected: int,
                     good.append((meta[INDEX], sample, meta))
                 bar.update()
             for index, sample, meta in sorted(good, key=lambda t: t[0]):
-                if SOURCE_KEY in meta:
-                    meta["crawl_key"], meta["key"] = meta["key"], meta.pop(SOURCE_KEY)
-                else:
-                    # img2dataset's keys restart at 000000000 in every crawl: a later part's
-                    # are made unique by its prefix (part 0 keeps them as they were).
-                    meta["key"] = prefix + meta["key"]
-                sink.write({"__key__": meta["key"], "jpg": sample["jpg"], "txt": sample["txt"],
-                            "json": json.dumps(meta).encode()})
-                written[index] = meta["key"]
+                written[index] = write_sample(sink, sample, meta, prefix)
     return written, dropped
 
 
@@ -464,28 +398,16 @@ def crawl_log(urls: pd.DataFrame, records: pd.DataFrame, written: dict[int, str]
     if not records[INDEX].is_unique:
         raise StageError("img2dataset recorded some URLs twice; cannot account for the crawl")
     rec = records.set_index(INDEX).reindex(urls[INDEX])
-    rows = []     # (status, reason, message)
-    for index, rec_status, rec_message in zip(urls[INDEX], rec["status"], rec["error_message"]):
-        if index in dropped:
-            rows.append(("failed", "corrupt_image", dropped[index]))
-        elif rec_status == "success":
-            rows.append(("success", None, None))
-        else:
-            msg = rec_message if isinstance(rec_status, str) else NO_RECORD
-            # classified on the raw message; kept with its URLs' credentials and queries redacted
-            # (urllib echoes the URL: a presigned one's signature would land in metrics and reports)
-            rows.append(("failed", classify(msg), redact_urls_in(msg)))
-    status, reason, message = zip(*rows)
     keys = urls[SOURCE_KEY] if SOURCE_KEY in urls else pd.Series([None] * len(urls))
-    log = pd.DataFrame({INDEX: urls[INDEX].values, "key": keys.values, "url": urls["url"].values,
-                        "status": status, "reason": reason, "error_message": message})
+    log = log_rows(pd.DataFrame({
+        INDEX: urls[INDEX].values, "key": keys.values, "url": urls["url"].values,
+        "rec_status": rec["status"].values, "rec_message": rec["error_message"].values,
+        "drop_error": [dropped.get(i) for i in urls[INDEX]], "written_key": [written.get(i) for i in urls[INDEX]]}))
     success = set(log.loc[log.status == "success", INDEX])
     if success != set(written):
         raise StageError(f"crawl does not reconcile: img2dataset reports {len(success)} successes, "
                          f"the verified shards hold {len(written)} samples "
                          f"({len(success ^ set(written))} differ)")
-    # Without a key column in the list, the sample key is img2dataset's.
-    log["key"] = [k if k is not None else written.get(i) for k, i in zip(log["key"], log[INDEX])]
     return log
 
 
@@ -496,23 +418,40 @@ def retry_due(log: pd.DataFrame, max_attempts: int) -> set:
     return set(log.loc[due, "url"])
 
 
-def failure_metrics(log: pd.DataFrame) -> dict:
+TALLY = ("status", "reason", "fault", "split")     # the figures' group-by: rows per combination, n
+
+
+def tally(log: pd.DataFrame, todo: pd.DataFrame, faults: Optional[pd.Series]) -> tuple[pd.DataFrame, dict]:
+    """(rows of this part's log per status, reason, planted fault and split, column n; the most
+    frequent "other" messages): what the figures read (crawl_spark.tally under Spark)."""
+    none = [None] * len(log)
+    frame = pd.DataFrame({"status": log["status"].values, "reason": log["reason"].values,
+                          "fault": faults.loc[todo.index].values if faults is not None else none,
+                          "split": todo["split"].values if "split" in todo else none})
+    counts = frame.groupby(list(TALLY), dropna=False).size().reset_index(name="n")
     failed = log[log.status == "failed"]
-    counts = failed.reason.value_counts()
     other = Counter(redact_urls_in(m) for m in failed.loc[failed.reason == "other", "error_message"])
-    return {"failed_by_reason": {r: int(counts.get(r, 0)) for r in REASONS},
-            "other_messages": dict(other.most_common(OTHER_MESSAGES_SHOWN))}
+    return counts, dict(other.most_common(OTHER_MESSAGES_SHOWN))
 
 
-def fault_metrics(log: pd.DataFrame, faults: pd.Series) -> dict:
+NO_TALLY = (pd.DataFrame(columns=[*TALLY, "n"]), {})
+
+
+def failure_metrics(counts: pd.DataFrame, others: dict) -> dict:
+    by_reason = counts[counts.status == "failed"].groupby("reason")["n"].sum()
+    return {"failed_by_reason": {r: int(by_reason.get(r, 0)) for r in REASONS}, "other_messages": others}
+
+
+def fault_metrics(counts: pd.DataFrame) -> dict:
     """The corpus's planted faults against what the crawl made of them (must never be 'kept')."""
-    kinds = faults.reset_index(drop=True)
-    is_fault = kinds.notna().values
-    outcome = log.reason.fillna("kept")[is_fault]
-    table = pd.crosstab(kinds[is_fault].values, outcome.values)
-    return {"fault_urls_in_shards": int((log.status[is_fault] == "success").sum()),
-            "faults_by_kind_vs_reason": {kind: {r: int(n) for r, n in row.items() if n}
-                                         for kind, row in table.iterrows()}}
+    planted = counts[counts.fault.notna()]
+    outcome = planted.assign(outcome=planted.reason.fillna("kept")).groupby(["fault", "outcome"])["n"].sum()
+    table: dict[str, dict[str, int]] = {}
+    for (kind, reason), n in outcome.items():          # sorted by kind, then reason
+        if n:
+            table.setdefault(kind, {})[reason] = int(n)
+    return {"fault_urls_in_shards": int(planted.loc[planted.status == "success", "n"].sum()),
+            "faults_by_kind_vs_reason": table}
 
 
 # ---- the stage ----------------------------------------------------------------------------------
@@ -527,16 +466,27 @@ def crawl_recipe(cfg) -> str:
                                "min_image_size": crawl.min_image_size}, __name__)
 
 
-def previous_crawl(cfg, ws, rec: str) -> tuple[Optional[dict], Optional[pd.DataFrame], str]:
+def previous_crawl(cfg, ws, rec: str, spark=None):
+    """(the earlier output's state, its log, why): the log as pandas, or under Spark a DataFrame
+    the driver never reads (crawl_spark.previous_log); with ``attempts`` either way."""
     state, why = incremental.previous(ws.raw, rec, cfg.retrain.incremental_data, required=(LOG,))
-    return state, (pd.read_parquet(ws.raw / LOG) if state is not None else None), why
+    if state is None:
+        return None, None, why
+    if spark is not None:
+        from . import crawl_spark
+        return state, crawl_spark.previous_log(spark, ws.raw / LOG), why
+    old_log = pd.read_parquet(ws.raw / LOG)
+    if "attempts" not in old_log:
+        old_log = old_log.assign(attempts=1)                         # a log from before retries
+    return state, old_log, why
 
 
 def crawl_part(cfg, ws, out: Path, urls: pd.DataFrame, faults: Optional[pd.Series], part: int,
-               columns: list[str], spark=None) -> tuple[pd.DataFrame, dict[int, str], dict]:
+               columns: list[str], spark=None) -> tuple[pd.DataFrame, int, dict, Path]:
     """img2dataset over ``urls``, verified into part ``part``'s shards in ``out``; returns the
-    part's crawl log, what was written and timings. img2dataset's records go to
-    ``img2dataset/`` (part 0) or ``img2dataset/partNNN/``."""
+    part's crawl log (pandas, or under Spark a DataFrame with fault and split columns), how many
+    samples were written, timings, and the scratch folder, which :func:`keep_records` empties
+    once the log is written (a Spark log is read from it until then)."""
     # The embedded corpus is served for the duration of the download, and not a moment longer.
     server = serve_corpus(ws.corpus, cfg.crawl.timeout_s) if faults is not None else contextlib.nullcontext()
     t0 = time.perf_counter()
@@ -548,115 +498,151 @@ def crawl_part(cfg, ws, out: Path, urls: pd.DataFrame, faults: Optional[pd.Serie
         served.to_parquet(work / "urls.parquet", index=False)
         download(work / "urls.parquet", i2d, cfg, columns, corpus_origin=base_url, spark=spark)
     t_download = time.perf_counter()
+    prefix = incremental.part_prefix(part)
+    if spark is None:
+        log, written = account(urls, i2d, out, cfg.crawl.shard_size, prefix)
+    else:
+        from . import crawl_spark
+        crawl_spark.write_todo(urls, faults, work / "todo.parquet")
+        written, dropped = crawl_spark.verify_and_rewrite(spark, i2d, out, work, cfg.crawl.shard_size, prefix)
+        log = crawl_spark.crawl_log(spark, work, i2d, dropped, written)
+    return log, written, {"download_s": round(t_download - t0, 2),
+                          "verify_s": round(time.perf_counter() - t_download, 2)}, work
 
+
+def account(urls: pd.DataFrame, i2d: Path, out: Path, shard_size: int, prefix: str) -> tuple[pd.DataFrame, int]:
+    """The local engine's verification, copy and log: (this part's log, samples written)."""
     records = read_records(i2d)
     lost = len(urls) - int(urls[INDEX].isin(records[INDEX]).sum())
     if lost:
-        # img2dataset retries a failed shard once, then only prints: its URLs have no record. Kept,
-        # they would be logged as attempted and never fetched again; failing here keeps data/raw as
-        # it was, and the next run crawls them.
-        raise StageError(f"img2dataset lost {lost} of {len(urls)} URLs: a download shard failed (see its "
-                         f"traceback above: a worker crash, a full disk...); nothing was written, run the "
-                         f"crawl again")
-    written, dropped = verify_and_rewrite(i2d, out, cfg.crawl.shard_size,
-                                          int((records.status == "success").sum()),
-                                          prefix=incremental.part_prefix(part), spark=spark)
-    t_verify = time.perf_counter()
-    log = crawl_log(urls, records, written, dropped)
-    log["part"] = part
+        raise StageError(lost_message(lost, len(urls)))
+    written, dropped = verify_and_rewrite(i2d, out, shard_size, int((records.status == "success").sum()),
+                                          prefix=prefix)
+    return crawl_log(urls, records, written, dropped), len(written)
+
+
+def keep_records(work: Path, out: Path, part: int) -> None:
+    """img2dataset's records into ``img2dataset/`` (part 0) or ``img2dataset/partNNN/``; the
+    scratch folder removed."""
     records_dir = out / "img2dataset" / (f"part{part:03d}" if part else "")
     records_dir.mkdir(parents=True, exist_ok=True)
-    for p in [*i2d.glob("*.parquet"), *i2d.glob("*_stats.json")]:
+    for p in [*(work / "img2dataset").glob("*.parquet"), *(work / "img2dataset").glob("*_stats.json")]:
         shutil.move(p, records_dir / p.name)
     shutil.rmtree(work)
-    return log, written, {"download_s": round(t_download - t0, 2), "verify_s": round(t_verify - t_download, 2)}
 
 
-def part_metrics(todo: pd.DataFrame, log: pd.DataFrame, written, faults: Optional[pd.DataFrame]) -> dict:
-    """This part's figures, checked: every URL attempted is a success or a failure by reason, and
-    (on the corpus) no planted fault URL was crawled as an image."""
-    metrics = {"attempted": len(todo), "succeeded": len(written), "failed": len(todo) - len(written),
-               **failure_metrics(log)}
-    if faults is None:      # a user's list: its split column, else crawl.split's hash (read_url_list)
-        metrics["split_by_url"] = {k: int((todo["split"] == k).sum()) for k in SPLITS}
+def write_log(log, old_log, out: Path, part: int, spark=None) -> dict:
+    """The whole log, ``out/crawl_log.parquet``: the earlier rows of URLs not fetched again, then
+    this part's with their attempts; returns the totals. Nothing is written without a success."""
+    if spark is not None:
+        from . import crawl_spark
+        urls, crawled = crawl_spark.write_full_log(spark, log, old_log, part, out / LOG)
+    else:
+        log["part"] = part
+        earlier = {} if old_log is None else dict(zip(old_log["url"], old_log["attempts"]))
+        log["attempts"] = [int(earlier.get(u, 0)) + 1 for u in log["url"]]
+        full_log = log if old_log is None else pd.concat([old_log[~old_log["url"].isin(set(log["url"]))], log],
+                                                         ignore_index=True)
+        urls, crawled = len(full_log), int((full_log.status == "success").sum())
+        if crawled:
+            full_log.to_parquet(out / LOG, index=False)
+    return {"urls": urls, "crawled": crawled, "parts": part + 1}
+
+
+def part_metrics(attempted: int, written: int, figures: tuple[pd.DataFrame, dict], corpus: bool) -> dict:
+    """This part's figures from its :func:`tally`, checked: every URL attempted is a success or
+    a failure by reason, and (on the corpus) no planted fault URL was crawled as an image."""
+    counts, others = figures
+    metrics = {"attempted": attempted, "succeeded": written, "failed": attempted - written,
+               **failure_metrics(counts, others)}
+    if not corpus:      # a user's list: its split column, else crawl.split's hash (read_url_list)
+        metrics["split_by_url"] = {k: int(counts.loc[counts.split == k, "n"].sum()) for k in SPLITS}
     if metrics["attempted"] != metrics["succeeded"] + sum(metrics["failed_by_reason"].values()):
         raise StageError(f"crawl counts do not reconcile: attempted {metrics['attempted']} != "
                          f"succeeded {metrics['succeeded']} + failed {metrics['failed_by_reason']}")
-    if faults is not None:
-        metrics.update(fault_metrics(log, faults.loc[todo.index]))
+    if corpus:
+        metrics.update(fault_metrics(counts))
         if metrics["fault_urls_in_shards"]:
             raise StageError(f"{metrics['fault_urls_in_shards']} fault URLs were crawled as images: "
                              f"{metrics['faults_by_kind_vs_reason']}")
     return metrics
 
 
-def to_crawl(cfg, urls: pd.DataFrame, faults, old_log: Optional[pd.DataFrame]):
-    """(the old log, the URLs to fetch now, how many old rows are reused, how many are retried).
+def to_crawl(cfg, urls: pd.DataFrame, faults, old_log, spark=None) -> tuple[pd.DataFrame, int, int]:
+    """(the URLs to fetch now, how many old rows are reused, how many are retried).
 
     A URL crawled before, or failed for good, is not fetched again: the diff is by URL, as a URL
     list's identity for img2dataset (whose own incremental mode only resumes shards of one list).
-    A transient failure (retry_due) is fetched again, its log row replaced by the new attempt's."""
+    A transient failure (retry_due) is fetched again, its log row replaced by the new attempt's.
+    Under Spark an anti-join with the earlier log (crawl_spark.to_crawl)."""
     max_attempts = cfg.crawl.max_attempts if faults is None else 1    # the corpus's faults are planted
-    if old_log is not None and "attempts" not in old_log:
-        old_log = old_log.assign(attempts=1)                         # a log from before retries
-    retry = set() if old_log is None else retry_due(old_log, max_attempts)
-    todo = urls if old_log is None else urls[~urls["url"].isin(set(old_log["url"]) - retry)]
+    if old_log is None:
+        return urls, 0, 0
+    if spark is not None:
+        from . import crawl_spark
+        return crawl_spark.to_crawl(spark, urls, old_log, max_attempts)
+    retry = retry_due(old_log, max_attempts)
+    todo = urls[~urls["url"].isin(set(old_log["url"]) - retry)]
     retried = len(retry & set(todo["url"]))
-    reused = 0 if old_log is None else len(old_log) - retried
-    return old_log, todo, reused, retried
+    return todo, len(old_log) - retried, retried
 
 
 def run(cfg, ws) -> dict:
     """Crawl the URLs not crawled before (all of them the first time, or when the recipe changed)."""
     t0 = time.perf_counter()
     urls, faults = read_url_list(cfg, ws)
-    columns = [c for c in (INDEX, SOURCE_KEY, *KEPT_COLUMNS) if c in urls.columns]
-    rec = crawl_recipe(cfg)
-    state, old_log, why = previous_crawl(cfg, ws, rec)
-    old_log, todo, reused, retried = to_crawl(cfg, urls, faults, old_log)
-    part = incremental.next_part(state)
-    say("crawl", f"{len(todo) - retried} new URLs of {len(urls)}"
-                 + (f", {retried} failed transiently before and tried again" if retried else "")
-                 + (f"; {why}" if why else ""))
-    if state is not None and todo.empty:
-        figures = {"attempted": 0, "succeeded": 0, "failed": 0, **failure_metrics(old_log.iloc[:0]),
-                   "shards": len(shard_names(ws.raw)), "totals": state["totals"],
-                   "incremental": {"part": None, "reused_urls": reused, "new_urls": 0, "why": why}}
-        say("crawl", f"nothing new to crawl: {ws.raw.relative_to(ws.root)}/ is kept as it is")
-        return figures
+    # OpenCV reads its pixel cap when it loads: Spark's Python workers take it from executorEnv.
+    spark_conf = {"spark.executorEnv." + CV_CAP: str(cfg.crawl.max_image_area),
+                  "spark.executorEnv.NO_ALBUMENTATIONS_UPDATE": "1"}
+    with cluster.session(cfg.cluster, extra_conf=spark_conf) as spark:
+        rec = crawl_recipe(cfg)
+        state, old_log, why = previous_crawl(cfg, ws, rec, spark)
+        todo, reused, retried = to_crawl(cfg, urls, faults, old_log, spark)
+        say("crawl", f"{len(todo) - retried} new URLs of {len(urls)}"
+                     + (f", {retried} failed transiently before and tried again" if retried else "")
+                     + (f"; {why}" if why else ""))
+        if state is not None and todo.empty:
+            say("crawl", f"nothing new to crawl: {ws.raw.relative_to(ws.root)}/ is kept as it is")
+            return {"attempted": 0, "succeeded": 0, "failed": 0, **failure_metrics(*NO_TALLY),
+                    "shards": len(shard_names(ws.raw)), "totals": state["totals"],
+                    "incremental": {"part": None, "reused_urls": reused, "new_urls": 0, "why": why}}
+        metrics = crawl_new(cfg, ws, urls, todo, faults, state, old_log, rec, spark)
+    metrics["incremental"].update(reused_urls=reused, new_urls=len(todo) - retried, retried_urls=retried, why=why)
+    # images_per_s: good images per second of the whole stage
+    metrics["images_per_s"] = round(metrics["succeeded"] / (time.perf_counter() - t0), 1)
+    failed = ", ".join(f"{r} {n}" for r, n in metrics["failed_by_reason"].items() if n) or "none"
+    say("crawl", f"{metrics['succeeded']} of {metrics['attempted']} URLs crawled (failed: {failed}) -> "
+                 f"{ws.raw.relative_to(ws.root)}/ ({metrics['shards']} shards; {LOG} lists every URL)")
+    return metrics
 
+
+def crawl_new(cfg, ws, urls: pd.DataFrame, todo: pd.DataFrame, faults, state: Optional[dict], old_log,
+              rec: str, spark) -> dict:
+    """Part k of ``data/raw``: ``todo`` crawled into new shards beside the earlier parts' (linked),
+    the log, ``incremental.json``; replaced atomically. Returns the part's figures."""
+    part = incremental.next_part(state)
+    columns = [c for c in (INDEX, SOURCE_KEY, *KEPT_COLUMNS) if c in urls.columns]
     with storage.stage_output(cfg.cluster.storage, ws, ws.raw) as out:
         if state is not None:
             old_records = [str(p.relative_to(ws.raw)) for p in (ws.raw / "img2dataset").rglob("*") if p.is_file()]
             incremental.link_outputs(state, ws.raw, out, extra=old_records)
-        # OpenCV reads its pixel cap when it loads: Spark's Python workers take it from executorEnv.
-        spark_conf = {"spark.executorEnv." + CV_CAP: str(cfg.crawl.max_image_area),
-                      "spark.executorEnv.NO_ALBUMENTATIONS_UPDATE": "1"}
-        with cluster.session(cfg.cluster, extra_conf=spark_conf) as spark:
-            log, written, times = crawl_part(cfg, ws, out, todo, faults, part, columns, spark=spark)
-        earlier = {} if old_log is None else dict(zip(old_log["url"], old_log["attempts"]))
-        log["attempts"] = [int(earlier.get(u, 0)) + 1 for u in log["url"]]
-        metrics = part_metrics(todo, log, written, faults)
-        full_log = log if old_log is None else pd.concat([old_log[~old_log["url"].isin(set(log["url"]))], log],
-                                                         ignore_index=True)
-        if not (full_log.status == "success").any():
+        log, written, times, work = crawl_part(cfg, ws, out, todo, faults, part, columns, spark=spark)
+        if spark is not None:
+            from . import crawl_spark
+            figures = crawl_spark.tally(log)
+        else:
+            figures = tally(log, todo, faults)
+        metrics = part_metrics(len(todo), written, figures, corpus=faults is not None)
+        totals = write_log(log, old_log, out, part, spark)
+        if not totals["crawled"]:
             raise StageError(f"no URL was crawled successfully (failures: {metrics['failed_by_reason']}; "
                              f"see the messages under other_messages: {metrics['other_messages']})")
-        full_log.to_parquet(out / LOG, index=False)
-        outputs = incremental.part_outputs(out, part)
-        totals = {"urls": len(full_log), "crawled": int((full_log.status == "success").sum()),
-                  "parts": part + 1}
+        keep_records(work, out, part)
         incremental.write_state(out, {
             "recipe": rec, "totals": totals,
             "parts": [*(state["parts"] if state else []),
-                      {"part": part, "urls": len(todo), "succeeded": len(written), "outputs": outputs}]})
+                      {"part": part, "urls": len(todo), "succeeded": written,
+                       "outputs": incremental.part_outputs(out, part)}]})
         n_shards = len(shard_names(out))
-
-    total_s = time.perf_counter() - t0     # images_per_s: good images per second of the whole stage
-    metrics.update(shards=n_shards, **times, images_per_s=round(len(written) / total_s, 1),
-                   totals=totals, incremental={"part": part, "reused_urls": reused, "new_urls": len(todo) - retried,
-                                               "retried_urls": retried, "why": why})
-    failed = ", ".join(f"{r} {n}" for r, n in metrics["failed_by_reason"].items() if n) or "none"
-    say("crawl", f"{metrics['succeeded']} of {metrics['attempted']} URLs crawled (failed: {failed}) -> "
-                 f"{ws.raw.relative_to(ws.root)}/ ({n_shards} shards; {LOG} lists every URL)")
-    return metrics
+    return {**metrics, "shards": n_shards, **times, "images_per_s": None,     # set by run
+            "totals": totals, "incremental": {"part": part}}

@@ -9,12 +9,17 @@ same steps as Spark jobs; this module runs them in one process with numpy/pandas
 2. *Exact duplicates as a group-by* (:func:`exact_duplicates`): survivors grouped by pixel hash;
    the first in input order is kept, the others point at it (or at an earlier run's sample with
    that hash, incremental).
-3. *Near duplicates through banded pHash candidates* (LSH, :func:`candidate_pairs`): the 64 pHash
-   bits are cut into ``d + 1`` bands. Two hashes within Hamming distance ``d`` differ in at most
-   ``d`` bits, so (pigeonhole) at least one band holds none of them: they share that band's value
-   exactly. Candidates are the pairs that share some band (a join on (band, value)), then filtered
-   by the true distance: the *same* candidate set as comparing all pairs, at the cost of the
-   buckets' sizes instead of N^2/2. Each candidate is confirmed by color (thumbnail cells), and a
+3. *Near duplicates through banded pHash candidates* (multi-index hashing, Norouzi, Punjani and
+   Fleet 2012, :func:`candidate_pairs`): the 64 pHash bits are cut into ``m`` bands. Two hashes
+   within Hamming distance ``d`` differ in at most ``d`` bits, so (pigeonhole) some band holds at
+   most ``floor(d / m)`` of them: probing every band's value with all its flips of up to
+   ``floor(d / m)`` bits finds the pair (with ``m = d + 1`` no flips: the pair shares a band's
+   value exactly, a plain join on (band, value)). Candidates are then filtered by the true
+   distance: the *same* candidate set as comparing all pairs, at the cost of the probes and the
+   buckets' sizes instead of N^2/2. ``m`` is chosen per search from the hashes themselves
+   (:func:`choose_bands`): fewer, wider bands once the narrow ones' buckets crowd, which keeps
+   the work per sample near constant as N grows (about 70 probes a sample at 1M spread
+   hashes, 1,100 at 400M). Each candidate is confirmed by color (thumbnail cells), and a
    greedy pass in input order (:func:`greedy_matches`: a sample is dropped only for matching an
    earlier sample that was itself kept) decides the drops, exactly as the all-pairs search did.
 
@@ -22,6 +27,9 @@ The greedy pass is sequential, but it sees only confirmed pairs (about one per n
 so a driver holds it at any scale.
 """
 from __future__ import annotations
+
+import math
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -81,19 +89,59 @@ def exact_duplicates(digest: pd.Series, key: pd.Series, earlier: dict[bytes, str
 
 
 # ---- 3. near duplicates: banded pHash candidates, color check, greedy ----------------------------
-def band_layout(max_distance: int) -> list[tuple[int, int]]:
-    """(shift, width) of the ``max_distance + 1`` bands cutting the 64 pHash bits (widths differ
-    by at most one: 13, 13, 13, 13, 12 for distance 4)."""
-    n = min(max_distance + 1, 64)
-    widths = [64 // n + (i < 64 % n) for i in range(n)]
+def band_layout(n_bands: int) -> list[tuple[int, int]]:
+    """(shift, width) of ``n_bands`` bands cutting the 64 pHash bits (widths differ by at most
+    one: 13, 13, 13, 13, 12 for 5 bands)."""
+    widths = [64 // n_bands + (i < 64 % n_bands) for i in range(n_bands)]
     shifts = np.concatenate([[0], np.cumsum(widths)[:-1]]).tolist()
     return list(zip(shifts, widths))
 
 
-def band_values(phash: np.ndarray, max_distance: int) -> np.ndarray:
+def band_values(phash: np.ndarray, n_bands: int) -> np.ndarray:
     """(bands, N) uint64: each band's bits of each pHash."""
     phash = phash.astype(np.uint64)
-    return np.stack([(phash >> np.uint64(s)) & np.uint64((1 << w) - 1) for s, w in band_layout(max_distance)])
+    return np.stack([(phash >> np.uint64(s)) & np.uint64((1 << w) - 1) for s, w in band_layout(n_bands)])
+
+
+def flip_masks(width: int, radius: int) -> np.ndarray:
+    """(P,) uint64: every mask of at most ``radius`` of ``width`` bits, 0 first; P = sum C(width, k)."""
+    masks, frontier = [0], [0]
+    for _ in range(radius):        # each mask of k bits extended by one bit above its highest
+        frontier = [m | 1 << bit for m in frontier for bit in range(m.bit_length(), width)]
+        masks += frontier
+    return np.array(masks, np.uint64)
+
+
+def band_radii(n_bands: int, max_distance: int) -> list[int]:
+    """The flips each band is probed with: d = m r + a (0 <= a < m) bits spread over m bands
+    leave one of the first a + 1 bands within r bits or one of the others within r - 1 (else
+    there would be at least (a + 1)(r + 1) + (m - a - 1) r = d + 1): r for the first a + 1,
+    r - 1 for the rest (-1: not probed). With m = d + 1 every band is probed as it is (r = 0)."""
+    r, a = divmod(max_distance, n_bands)
+    return [r if b <= a else r - 1 for b in range(n_bands)]
+
+
+# Work per probe against work per proposed pair (a table or sorted-array lookup vs a gather, XOR,
+# popcount and key): what :func:`choose_bands` weighs (bench/near_dedup.py, spread hashes).
+PROBE_COST = 2.0
+
+
+def choose_bands(phash: np.ndarray, max_distance: int) -> int:
+    """The number of bands m (1 ... d + 1) whose search does the least work: the N x P probes
+    (P = the flips of :func:`band_radii`) plus the pairs they propose, estimated per band as its
+    probes per sample x the pairs sharing its value (exact for m = d + 1). Any m finds the same
+    pairs; only the work differs: narrow bands, no flips, while their buckets stay small; wider
+    ones with flips once N nears 2^(64 / m) or the hashes crowd."""
+    n, best = len(phash), (float("inf"), max_distance + 1)
+    for m in range(min(max_distance + 1, 64), 0, -1):
+        flips = [sum(math.comb(w, k) for k in range(r + 1)) for (_, w), r in zip(band_layout(m), band_radii(m, max_distance))]
+        if n * sum(flips) * PROBE_COST >= best[0]:
+            continue
+        shared = [int((c * (c - 1) // 2).sum()) for c in
+                  (np.unique(v, return_counts=True)[1].astype(np.int64) for v in band_values(phash, m))]
+        work = n * sum(flips) * PROBE_COST + sum(p * c for p, c in zip(flips, shared))
+        best = min(best, (work, m))
+    return best[1]
 
 
 def _pairs_within_buckets(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -108,29 +156,76 @@ def _pairs_within_buckets(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     start = np.flatnonzero(np.r_[True, v[1:] != v[:-1]]) if n else np.zeros(0, np.int64)
     bucket_start = np.repeat(start, np.diff(np.r_[start, n]))      # (N,) position of the bucket's first
     rank = np.arange(n) - bucket_start
-    total = int(rank.sum())
-    a_pos = np.repeat(np.arange(n), rank)
-    b_pos = np.repeat(bucket_start, rank) + (np.arange(total) - np.repeat(np.cumsum(rank) - rank, rank))
-    return order[a_pos], order[b_pos]
+    return order[np.repeat(np.arange(n), rank)], order[_expand(np.repeat(bucket_start, rank), rank)]
 
 
-def candidate_pairs(phash: np.ndarray, max_distance: int, first: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
-    """(i, j, band_candidates): every pair i > j, i >= ``first``, whose pHashes are within
-    ``max_distance`` bits, sorted by i then j, found through the bands (see the module doc);
-    band_candidates: the pairs the band joins proposed (a pair sharing two bands counts twice),
-    before the distance check."""
+def _expand(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The positions starts[k], starts[k] + 1, ... (counts[k] of them) for each k, concatenated;
+    ``starts`` already repeated counts[k] times."""
+    total = int(counts.sum())
+    return starts + (np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts))
+
+
+# Probes looked up at once by :func:`_pairs_within_flips` (bounds its (chunk, P) arrays).
+PROBE_BATCH = 1 << 20
+
+
+def _pairs_within_flips(values: np.ndarray, width: int, masks: np.ndarray,
+                        first: int) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b), a > b, a >= ``first``: every two rows whose ``width``-bit values differ by one of
+    ``masks``. Each row a probes value[a] ^ mask among the rows sorted by value (a bucket's start
+    from a table of 2^width counts when that is small, else a binary search); a pair is found
+    from its larger row."""
+    order = np.argsort(values, kind="stable")
+    v = values[order]
+    if width <= TABLE_BITS:
+        counts = np.bincount(v.astype(np.int64), minlength=1 << width)
+        starts = np.cumsum(counts) - counts
+    rows = max(1, PROBE_BATCH // len(masks))
+    found_a, found_b = [], []
+    for start in range(first, len(values), rows):
+        q = np.arange(start, min(start + rows, len(values)))
+        probes = (values[q, None] ^ masks[None, :]).ravel()                   # (len(q) * P,)
+        if width <= TABLE_BITS:
+            lo, count = starts[probes.astype(np.int64)], counts[probes.astype(np.int64)]
+        else:
+            lo = np.searchsorted(v, probes, "left")
+            count = np.searchsorted(v, probes, "right") - lo
+        a = np.repeat(np.repeat(q, len(masks)), count)
+        b = order[_expand(np.repeat(lo, count), count)]
+        found_a.append(a[a > b])
+        found_b.append(b[a > b])
+    empty = np.zeros(0, np.int64)
+    return (np.concatenate(found_a), np.concatenate(found_b)) if found_a else (empty, empty)
+
+
+TABLE_BITS = 24          # bands up to this wide look buckets up in a table (2^24 int64: 128 MiB)
+
+
+def candidate_pairs(phash: np.ndarray, max_distance: int, first: int = 0,
+                    n_bands: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(i, j, band_candidates, bands): every pair i > j, i >= ``first``, whose pHashes are within
+    ``max_distance`` bits, sorted by i then j, found through ``n_bands`` bands (default
+    :func:`choose_bands`; see the module doc); band_candidates: the pairs the bands proposed (a
+    pair proposed by two bands counts twice), before the distance check."""
     n = len(phash)
     phash = phash.astype(np.uint64)
+    m = n_bands or choose_bands(phash, max_distance)
     keys, banded = [], 0
-    for values in band_values(phash, max_distance):
-        a, b = _pairs_within_buckets(values)
-        banded += len(a)
+    for values, (_, width), radius in zip(band_values(phash, m), band_layout(m), band_radii(m, max_distance)):
+        if radius < 0:
+            continue
+        if radius == 0:
+            a, b = _pairs_within_buckets(values)
+        else:
+            a, b = _pairs_within_flips(values, width, flip_masks(width, radius), first)
+        banded += int((a >= first).sum())          # proposed for the samples searched (>= first)
         # The distance check before the de-duplication across bands: np.unique then sorts only
         # the close pairs (a tenth of the banded ones on the corpus), not every banded pair.
         keep = (a >= first) & (np.bitwise_count(phash[a] ^ phash[b]) <= max_distance)
         keys.append(a[keep].astype(np.int64) * n + b[keep])
     pair = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)   # sorted: by i, then j
-    return pair // max(n, 1), pair % max(n, 1), banded
+    return pair // max(n, 1), pair % max(n, 1), banded, m
 
 
 def thumb_distance(thumbs: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
@@ -161,18 +256,19 @@ def greedy_matches(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
 
 
 def near_duplicates(phash: np.ndarray, thumbs: np.ndarray, max_distance: int,
-                    max_rmse: float, first: int = 0) -> tuple[np.ndarray, dict]:
+                    max_rmse: float, first: int = 0, n_bands: Optional[int] = None) -> tuple[np.ndarray, dict]:
     """For each sample, the index of the earlier kept sample it nearly duplicates, else -1.
 
     Samples before ``first`` are an earlier run's kept samples (incremental): compared against,
     never dropped. phash: (N,) uint64; thumbs: (N, G, G, 3) uint8. A pair is a candidate when the
     pHash Hamming distance is <= ``max_distance`` (found through bands, :func:`candidate_pairs`)
     and confirmed when no thumbnail cell differs by more than ``max_rmse`` (:func:`thumb_distance`).
+    ``n_bands``: the bands to search with (default :func:`choose_bands`; the same result for any).
     """
-    i, j, banded = candidate_pairs(phash, max_distance, first)
+    i, j, banded, bands = candidate_pairs(phash, max_distance, first, n_bands)
     ok = thumb_distance(thumbs, i, j) <= max_rmse
     match = greedy_matches(len(phash), i[ok], j[ok])
-    return match, {"band_candidates": banded, "phash_candidates": len(i), "color_confirmed": int(ok.sum()),
+    return match, {"bands": bands, "band_candidates": banded, "phash_candidates": len(i), "color_confirmed": int(ok.sum()),
                    "color_rejected": int(len(i) - ok.sum())}
 
 

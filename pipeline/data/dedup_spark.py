@@ -4,15 +4,18 @@ pipeline/data/dedup.py, with the same results.
 - fingerprints: one task per raw shard (:func:`dedup.fingerprint_shard`), rows in input order
   (shard number, position in the shard);
 - exact duplicates: ``groupBy(digest)`` for the first key by input order, joined back;
-- near duplicates: each pHash exploded into its ``d + 1`` bands, a self-join on (band, value)
-  for the candidate pairs i > j, ``bit_count(phash_i ^ phash_j) <= d``, and the thumbnail check
-  in pandas over Arrow (``mapInPandas``). Only the confirmed pairs (about one per near duplicate)
+- near duplicates: each pHash exploded into its bands (:func:`dedup.choose_bands`), each band's
+  probes (its value with every flip of :func:`dedup.band_radii` bits) joined on (band, value)
+  with the bands for the candidate pairs i > j, ``bit_count(phash_i ^ phash_j) <= d``, and the
+  thumbnail check in pandas over Arrow (``mapInPandas``). Only the confirmed pairs (about one per near duplicate)
   come back to the driver, for the greedy pass in input order.
 
 The driver still assembles the per-sample table from the map's results before the DataFrame jobs
 read it (at scale the map would write parquet for them instead; docs/SCALING.md).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -43,18 +46,28 @@ def exact_duplicates(spark, survivors: pd.DataFrame, earlier: dict[bytes, str]) 
 
 
 def near_duplicates(spark, phash: np.ndarray, thumbs: np.ndarray, max_distance: int, max_rmse: float,
-                    first: int = 0) -> tuple[np.ndarray, dict]:
-    """:func:`dedup.near_duplicates` with the band join, distance and color check on Spark."""
+                    first: int = 0, n_bands: Optional[int] = None) -> tuple[np.ndarray, dict]:
+    """:func:`dedup.near_duplicates` with the band join, distance and color check on Spark; the
+    bands (:func:`dedup.choose_bands`) as the local search chooses them, a band probed with flips
+    as a join of (band, value ^ mask) with (band, value), the masks a small broadcast table."""
     from pyspark.sql import functions as F
     n = len(phash)
-    bands = dedup.band_values(phash, max_distance)                       # (bands, N) uint64
+    m = n_bands or dedup.choose_bands(phash, max_distance)
+    bands = dedup.band_values(phash, m)                                  # (bands, N) uint64
     prints = spark.createDataFrame(pd.DataFrame({
         "idx": np.arange(n), "phash": phash.astype(np.uint64).view(np.int64),
         "thumb": [bytearray(t.tobytes()) for t in thumbs]}), "idx long, phash long, thumb binary")
     banded = spark.createDataFrame(pd.DataFrame({
         "idx": np.tile(np.arange(n), len(bands)), "band": np.repeat(np.arange(len(bands)), n),
         "value": bands.reshape(-1).view(np.int64)}), "idx long, band int, value long")
-    a, b = banded.alias("a"), banded.alias("b")
+    flips = [(band, dedup.flip_masks(width, radius)) for band, ((_, width), radius)
+             in enumerate(zip(dedup.band_layout(m), dedup.band_radii(m, max_distance))) if radius >= 0]
+    masks = spark.createDataFrame(pd.DataFrame({
+        "band": np.concatenate([np.full(len(f), band) for band, f in flips]),
+        "mask": np.concatenate([f for _, f in flips]).view(np.int64)}), "band int, mask long")
+    probes = (banded.join(F.broadcast(masks), "band")
+              .select("idx", "band", F.col("value").bitwiseXOR(F.col("mask")).alias("value")))
+    a, b = probes.alias("a"), banded.alias("b")
     pairs = (a.join(b, (F.col("a.band") == F.col("b.band")) & (F.col("a.value") == F.col("b.value"))
                     & (F.col("a.idx") > F.col("b.idx")) & (F.col("a.idx") >= first))
              .select(F.col("a.idx").alias("i"), F.col("b.idx").alias("j")))
@@ -78,5 +91,5 @@ def near_duplicates(spark, phash: np.ndarray, thumbs: np.ndarray, max_distance: 
     scored = scored.sort_values(["i", "j"])
     ok = scored[scored["ok"]]
     match = dedup.greedy_matches(n, ok["i"].to_numpy(), ok["j"].to_numpy())
-    return match, {"band_candidates": int(banded_n), "phash_candidates": len(scored),
+    return match, {"bands": m, "band_candidates": int(banded_n), "phash_candidates": len(scored),
                    "color_confirmed": len(ok), "color_rejected": int(len(scored) - len(ok))}
