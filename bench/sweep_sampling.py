@@ -109,15 +109,19 @@ def main() -> None:
                   + f"  FD {fig['frechet_distance']:7.1f}  bg noise {fig['background']['noise']:5.2f}"
                   + f"  ({fig['seconds']} s)", flush=True)
             atomic_write_json(out_dir / "sweep.json", results)
-    plot(results, out_dir / "sweep.png")
-    print(f"-> {out_dir / 'sweep.json'}, {out_dir / 'sweep.png'}")
+    plotted = plot(results, out_dir / "sweep.png")
+    print(f"-> {out_dir / 'sweep.json'}" + (f", {out_dir / 'sweep.png'}" if plotted else ""))
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path) -> bool:
+    """One panel per swept setting; False (nothing drawn) when only fixed points were run
+    (``--only default,reference_base``)."""
+    names = [n for n in results["sweeps"] if n not in ("default", "reference", "reference_base")]
+    if not names:
+        return False
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names = [n for n in results["sweeps"] if n not in ("default", "reference", "reference_base")]
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
     default = results["sweeps"]["default"][0]
     ref = (results["sweeps"].get("reference") or [None])[0]
@@ -145,6 +149,7 @@ def plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+    return True
 
 
 if __name__ == "__main__":

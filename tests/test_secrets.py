@@ -52,8 +52,8 @@ def test_tracking_uri_credentials_never_written(data_ws, tmp_path, monkeypatch):
     # crawl failure messages that echo a signed URL
     log = pd.DataFrame({"status": ["failed"], "reason": ["other"],
                         "error_message": ["unknown url type: 'ftp://bob:SECRET@h/a.png?sig=SECRET'"]})
-    from pipeline.data.crawl import failure_metrics
-    (ws.metrics_dir / "crawl_fail.json").write_text(str(failure_metrics(log)))
+    from pipeline.data.crawl import failure_metrics, tally
+    (ws.metrics_dir / "crawl_fail.json").write_text(str(failure_metrics(*tally(log, log, None))))
     leaks = [str(p.relative_to(ws.root)) for p in ws.root.rglob("*")
              if p.is_file() and p.name != "params.yaml" and b"SECRET" in p.read_bytes()]
     assert not leaks, leaks
