@@ -70,7 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline import config, diffusion  # noqa: E402
 from pipeline.clip import model as clip_model  # noqa: E402
 from pipeline.clip import train as clip_train  # noqa: E402
-from pipeline.clip.negatives import hard_negatives  # noqa: E402
+from pipeline.clip.negatives import KINDS as NEGATIVE_KINDS, hard_negatives  # noqa: E402
 from pipeline.clip.train import param_groups  # noqa: E402
 from pipeline.data.scenes import BACKGROUNDS, COLORS, POSITIONS, RELATIONS, SHAPES, SIZES  # noqa: E402
 from pipeline.decoder.network import UnclipDecoder  # noqa: E402
@@ -276,7 +276,7 @@ def upsampler_bench(cfg, key: str, device: torch.device, pool_n: int) -> Bench:
 def build(cfg, names: list[str], device: torch.device, pool_n: Callable[[int], int]) -> list[Bench]:
     """The benches of ``names``; ``pool_n(config batch)`` samples in each one's pool."""
     makers = {"clip": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size)),
-              "clip+negatives": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), ("relation", "binding"),
+              "clip+negatives": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), NEGATIVE_KINDS,
                                                    "clip+negatives"),
               "clip-negatives": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), (), "clip-negatives"),
               "judge": lambda: judge_bench(cfg, pool_n(cfg.judge.batch_size)),

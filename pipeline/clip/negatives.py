@@ -52,8 +52,10 @@ def reverse_relation(caption: str) -> Optional[str]:
 def swap_colors(caption: str) -> Optional[str]:
     """The first two different color words swapped; None when there are not two."""
     found = list(_COLOR.finditer(caption))
-    first = found[0] if found else None
-    second = next((m for m in found[1:] if m.group(1).lower() != first.group(1).lower()), None) if first else None
+    if not found:
+        return None
+    first = found[0]
+    second = next((m for m in found[1:] if m.group(1).lower() != first.group(1).lower()), None)
     if second is None:
         return None
     a, b = first.span(), second.span()
