@@ -1,13 +1,14 @@
 """Benchmark: training throughput of every model of the pipeline, against the machine's matmul peak.
 
-    python bench/train_throughput.py [--models clip,clip+negatives,clip-negatives,judge,prior,decoder,upsample@1,upsample@2]
+    python bench/train_throughput.py [--models clip,clip+negatives,clip-negatives,clip+negatives-padded,judge,prior,
+                                               decoder,upsample@1,upsample@2]
         [--repeats 5] [--warmup 3] [--steps 2] [--profile default] [--profile-model decoder]
         [--params params.yaml] [--quick] [--out reports/bench/train_throughput.json]
 
 Every model is built as its stage builds it, at its params.yaml config (``--profile``), and
 trained on synthetic inputs of the stage's shapes (random uint8 images, unit-norm random
 embeddings of CLIP's ``embed_dim``, random token encodings [B, context_length, text_width] with
-masks, real token ids of corpus-like captions), so no workspace or data is needed. One step is
+masks, real token ids of the corpus's own captions for CLIP), so no workspace or data is needed. One step is
 ``training.fit``'s step: draw a batch, forward + the stage's own loss under the stage's autocast,
 backward, gradient clipping, optimizer (the stage's AdamW), EMA (the diffusion models:
 ``training.build_optimizer``, the recipe of ``train_diffusion_model``), lr scheduler. Batches
@@ -17,7 +18,9 @@ batches (the upsamplers' made by the stage's own ``TrainingPairs``), so their "d
 main process's share. The judge's stream is the stage's own ``batches`` (with its degradations).
 ``clip`` is CLIP as configured; ``clip+negatives`` with NegCLIP's two hard negatives per caption
 (``clip.hard_negatives: [relation, binding]``: its text tower encodes three captions per image) and
-``clip-negatives`` without any, whatever the config says, to time the two side by side.
+``clip-negatives`` without any, whatever the config says, to time the two side by side;
+``clip+negatives-padded`` encodes every caption at the full context length (the stage before
+``clip.model.text_embeddings`` cut the padding away).
 
 Figures, per model (the table):
 
@@ -61,6 +64,7 @@ from typing import Callable, Iterator, Optional
 # "gpuGetDeviceCount failed" ERROR line (read when torch is imported)
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -72,7 +76,7 @@ from pipeline.clip import model as clip_model  # noqa: E402
 from pipeline.clip import train as clip_train  # noqa: E402
 from pipeline.clip.negatives import KINDS as NEGATIVE_KINDS, hard_negatives  # noqa: E402
 from pipeline.clip.train import param_groups  # noqa: E402
-from pipeline.data.scenes import BACKGROUNDS, COLORS, POSITIONS, RELATIONS, SHAPES, SIZES  # noqa: E402
+from pipeline.data.scenes import BACKGROUNDS, COLORS, POSITIONS, RELATIONS, SHAPES, SIZES, caption, sample_scene  # noqa: E402
 from pipeline.decoder.network import UnclipDecoder  # noqa: E402
 from pipeline.decoder.stage import arch_of as decoder_arch, training_fns  # noqa: E402
 from pipeline.judge import stage as judge_stage  # noqa: E402
@@ -160,6 +164,12 @@ def captions(n: int, gen: torch.Generator) -> tuple[list[str], list[dict]]:
     return texts, gts
 
 
+def corpus_captions(n: int, seed: int, two_object_fraction: float) -> list[str]:
+    """n captions as the corpus writes them (pipeline/data/scenes.py: scenes and templates)."""
+    return [caption(sample_scene(seed, i, two_object_fraction), np.random.default_rng([seed, i, 1]))
+            for i in range(n)]
+
+
 def draw(pool, batch_size: int, seed: int) -> Iterator:
     """Endless random batches from an in-memory pool (a dict or tuple of tensors with the sample
     first): one tensor index per field, as ``embeddings.train_batches`` draws them."""
@@ -173,10 +183,13 @@ def draw(pool, batch_size: int, seed: int) -> Iterator:
 # ---- the models, as their stages build them ------------------------------------------------------
 
 def clip_bench(cfg, device: torch.device, pool_n: int, negatives: Optional[tuple[str, ...]] = None,
-               name: str = "clip") -> Bench:
+               name: str = "clip", trim: bool = True) -> Bench:
     """pipeline/clip/train.py: open_clip model, AdamW (open_clip's groups, fused), InfoNCE, the
     temperature clamp after every step: ``make_loss`` and ``clamp_temperature`` of the stage.
-    ``negatives``: NegCLIP's hard negative kinds (default: the config's ``clip.hard_negatives``)."""
+    ``negatives``: NegCLIP's hard negative kinds (default: the config's ``clip.hard_negatives``).
+    The captions are the corpus's own (its templates and their lengths: the text tower's work
+    depends on them since it encodes them without padding; ``trim=False`` encodes every caption
+    at the full context length, as the stage did before)."""
     c = cfg.clip
     negatives = tuple(c.hard_negatives) if negatives is None else negatives
     torch.manual_seed(c.seed)
@@ -186,12 +199,12 @@ def clip_bench(cfg, device: torch.device, pool_n: int, negatives: Optional[tuple
                                   fused=True)
     scheduler = cosine_with_warmup(optimizer, c.warmup_steps, c.steps)
     gen = torch.Generator().manual_seed(c.seed)
-    texts, _ = captions(pool_n, gen)
+    texts = corpus_captions(pool_n, c.seed, cfg.corpus.two_object_fraction)
     pool = (images_u8(pool_n, c.model.image_size, gen), clip.tokenize(texts))
     if negatives:                           # as clip/data.py's batches: + tokens [n, K, L], mask [n, K]
         neg_texts, mask = hard_negatives(texts, negatives)
         pool += (clip.tokenize(neg_texts).view(pool_n, len(negatives), -1), mask)
-    return Bench(name, c.batch_size, c.precision, device, model, clip_train.make_loss(clip, c.precision, device),
+    return Bench(name, c.batch_size, c.precision, device, model, clip_train.make_loss(clip, c.precision, device, trim),
                  optimizer, scheduler, c.grad_clip, lambda b: draw(pool, b, c.seed),
                  after_step=lambda: clip_train.clamp_temperature(model))
 
@@ -279,6 +292,8 @@ def build(cfg, names: list[str], device: torch.device, pool_n: Callable[[int], i
               "clip+negatives": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), NEGATIVE_KINDS,
                                                    "clip+negatives"),
               "clip-negatives": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), (), "clip-negatives"),
+              "clip+negatives-padded": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), NEGATIVE_KINDS,
+                                                          "clip+negatives-padded", trim=False),
               "judge": lambda: judge_bench(cfg, pool_n(cfg.judge.batch_size)),
               "prior": lambda: prior_bench(cfg, device, pool_n(cfg.prior.batch_size)),
               "decoder": lambda: decoder_bench(cfg, device, pool_n(cfg.decoder.batch_size))}

@@ -95,3 +95,27 @@ def test_pair_candidates_differ_in_one_thing_each():
     assert v == {"colors": [True], "binding": [True], "relation": [True], "all": [True]}
     v = pair_verdicts(z[2:3], z[None])                             # closest to the reversed relation
     assert v["relation"] == [False] and v["binding"] == [False]
+
+
+def test_text_embeddings_without_padding_are_the_full_encoding(smoke_cfg):
+    """The trimmed text tower (sorted by length, each group cut to its longest caption) gives
+    open_clip's z_t and the same gradients: the causal mask keeps padding out of every real token."""
+    from pipeline.clip import model as clip_model
+    torch.manual_seed(0)
+    clip = clip_model.build(smoke_cfg.clip.model)
+    captions = ["a red circle", "a photo of a small red circle to the left of a blue square on a white background",
+                "top-left corner: a large yellow square", "a cyan triangle below a tiny orange circle", "circle"]
+    tokens = clip.tokenize(captions)
+    model = clip.model.float()
+    full = model.encode_text(tokens, normalize=True)
+    full.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.encode_text = None                     # the trimmed path must not fall back to the full one
+    for groups in (1, 2, 3, 5, 9):
+        trimmed = clip_model.text_embeddings(model, tokens, groups)
+        assert torch.allclose(trimmed, full, atol=1e-5), groups
+    clip_model.text_embeddings(model, tokens).sum().backward()
+    for n, p in model.named_parameters():
+        if n in grads:
+            assert torch.allclose(p.grad, grads[n], atol=1e-5), n

@@ -167,6 +167,42 @@ class Clip:
         return F.normalize(z_t, dim=-1), x, mask
 
 
+TEXT_GROUPS = 3     # length groups of text_embeddings: 3 do 0.60 of the padded tokens' work on the corpus's
+                    # captions and their negatives (1 group: 0.83, 4: 0.58, every real token only: 0.51)
+
+
+def text_embeddings(model: torch.nn.Module, tokens: torch.Tensor, groups: int = TEXT_GROUPS) -> torch.Tensor:
+    """tokens [N, L] -> unit z_t [N, D], as ``model.encode_text(tokens, normalize=True)``, with the
+    padding cut away: the captions are sorted by length and encoded in ``groups`` groups, each cut
+    to its longest caption.
+
+    Exact for open_clip's causal text tower: a token attends only to the tokens before it, so the
+    padding after a caption's end-of-text token never reaches it, and the pool reads that token.
+    The corpus's captions average 12 of their 24 tokens and a training batch's text tower (a
+    caption and about 1.4 hard negatives per image) is most of CLIP's step. A text tower without
+    a causal mask (padding would be attended to) or another pool is encoded whole.
+    """
+    m = model
+    causal = getattr(m, "attn_mask", None) is not None and getattr(m, "text_pool_type", None) == "argmax" \
+        and hasattr(m, "transformer") and hasattr(m, "positional_embedding")
+    if not causal or groups < 1 or len(tokens) == 0:
+        return m.encode_text(tokens, normalize=True)
+    cast = m.transformer.get_cast_dtype()
+    length = tokens.argmax(dim=-1) + 1                              # [N]: up to end-of-text (the largest id)
+    order = length.argsort()
+    parts = []
+    for idx in order.tensor_split(min(groups, len(order))):
+        n = int(length[idx].max())
+        t = tokens[idx, :n]                                           # [n_g, n]
+        x = m.token_embedding(t).to(cast) + m.positional_embedding[:n].to(cast)
+        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:n, :n]))
+        pooled = text_global_pool(x, t, "argmax")                     # [n_g, W] at end-of-text
+        proj = m.text_projection
+        parts.append(pooled if proj is None else proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj)
+    z_t = torch.cat(parts)[order.argsort()]                           # back to the input's order
+    return F.normalize(z_t, dim=-1)
+
+
 def build(model_cfg) -> Clip:
     """A freshly initialised small CLIP from ``clip.model``."""
     config = open_clip_config(model_cfg)

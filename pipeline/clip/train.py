@@ -17,7 +17,7 @@ from open_clip.loss import ClipLoss
 from ..device import autocast, device_of
 from ..training import Checkpointer, config_hash, cosine_with_warmup, fit, precision_cache_path
 from .data import train_loader
-from .model import Clip, build
+from .model import Clip, build, text_embeddings
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -42,10 +42,13 @@ def negclip_loss(z_i: torch.Tensor, z_t: torch.Tensor, z_neg: torch.Tensor, scal
     return (F.cross_entropy(image_to_text, target) + F.cross_entropy(text_to_image, target)) / 2
 
 
-def make_loss(clip: Clip, precision: str, device: torch.device):
+def make_loss(clip: Clip, precision: str, device: torch.device, trim: bool = True):
     """The training step's loss: ``loss_fn(model, batch)``, InfoNCE over a batch of (uint8
     images [B, 3, S, S], int64 tokens [B, L]) at the model's learned temperature; with hard
-    negatives in the batch (+ tokens [B, K, L], mask [B, K]), NegCLIP's loss."""
+    negatives in the batch (+ tokens [B, K, L], mask [B, K]), NegCLIP's loss. ``trim``: the
+    text tower encodes the captions without their padding (``clip.model.text_embeddings``: the same
+    z_t for less work); False encodes all L tokens of every caption (bench/train_throughput.py
+    times the two)."""
     contrastive = ClipLoss()
 
     def loss_fn(model, batch):
@@ -55,7 +58,8 @@ def make_loss(clip: Clip, precision: str, device: torch.device):
         texts = torch.cat([tokens, negatives[0][negatives[1]]]) if negatives else tokens   # [B + N, L]
         with autocast(precision, device):
             z_i = model.encode_image(clip.preprocess(images.to(device)), normalize=True)
-            z_t = model.encode_text(texts.to(device), normalize=True)   # one call: [B (+ B*K), D]
+            texts = texts.to(device)
+            z_t = text_embeddings(model, texts) if trim else model.encode_text(texts, normalize=True)
         z_i, z_t = z_i.float(), z_t.float()
         if not negatives:
             return contrastive(z_i, z_t, model.logit_scale.exp())
