@@ -12,10 +12,10 @@ masks, real token ids of the corpus's own captions for CLIP), so no workspace or
 ``training.fit``'s step: draw a batch, forward + the stage's own loss under the stage's autocast,
 backward, gradient clipping, optimizer (the stage's AdamW), EMA (the diffusion models:
 ``training.build_optimizer``, the recipe of ``train_diffusion_model``), lr scheduler. Batches
-are drawn by indexing an in-memory pool, as ``embeddings.train_batches`` does; for CLIP and the
-upsamplers, whose stages decode and collate in a DataLoader worker, the pool holds finished
-batches (the upsamplers' made by the stage's own ``TrainingPairs``), so their "data" is only the
-main process's share. The judge's stream is the stage's own ``batches`` (with its degradations).
+are drawn by indexing an in-memory pool, as ``embeddings.train_batches`` and CLIP's
+``clip.data.train_batches`` do; for the upsamplers, whose stage decodes and collates in a
+DataLoader worker, the pool holds finished batches made by the stage's own ``TrainingPairs``, so
+their "data" is only the main process's share. The judge's stream is the stage's own ``batches`` (with its degradations).
 ``clip`` is CLIP as configured; ``clip+negatives`` with NegCLIP's two hard negatives per caption
 (``clip.hard_negatives: [relation, binding]``: its text tower encodes three captions per image) and
 ``clip-negatives`` without any, whatever the config says, to time the two side by side;

@@ -162,11 +162,20 @@ class ClipConfig(Section):
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    num_workers: int = Field(1, ge=0)
     eval_batch_size: int = Field(512, ge=1)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     # NegCLIP hard negatives (pipeline/clip/negatives.py): extra image-to-text columns per caption
     hard_negatives: list[Literal["relation", "binding"]] = ["relation", "binding"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data: Any) -> Any:
+        # clip.num_workers (DataLoader workers decoding CLIP's images) went when CLIP's batches moved
+        # to a buffer of decoded shards in the training process (pipeline/clip/data.py): an older
+        # params.yaml that still sets it is read without it.
+        if isinstance(data, dict) and "num_workers" in data:
+            data = {k: v for k, v in data.items() if k != "num_workers"}
+        return data
 
 
 class EmbedConfig(Section):

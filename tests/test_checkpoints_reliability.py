@@ -226,10 +226,10 @@ def within(seconds: float, fn):
 
 
 def test_clip_training_without_train_samples_is_a_stage_error(tmp_path):
-    from pipeline.clip.data import train_loader
+    from pipeline.clip.data import train_batches
     paths = val_only_shards(tmp_path / "filtered")
     tokenize = lambda captions: torch.zeros(len(captions), 8, dtype=torch.long)     # noqa: E731
-    err = within(60, lambda: next(iter(train_loader(paths, tokenize, 2, 0, 0, 32))))
+    err = within(60, lambda: next(iter(train_batches(paths, tokenize, 2, 0, 32))))
     assert isinstance(err, StageError) and "no train samples" in str(err) and "(3 test, 3 val)" in str(err)
 
 

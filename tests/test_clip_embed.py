@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,7 @@ import torch
 
 from pipeline.clip import model as clip_model
 from pipeline.clip.zeroshot import canonical_caption, recall_at_k
-from pipeline.data.shards import count_samples, iter_samples, sample_meta, shard_paths
+from pipeline.data.shards import count_samples, iter_samples, sample_meta, shard_paths, split_of
 from pipeline.stages import StageError, run_stage
 
 
@@ -94,6 +95,10 @@ def test_pretrained_clip_directory_is_loaded(clip_ws, smoke_cfg, tmp_path):
 @pytest.fixture(scope="module")
 def embedded(clip_ws, smoke_cfg):
     ws, _ = clip_ws
+    # a whole embed of this CLIP: another module on this worker may have embedded the shared
+    # workspace already (tests/test_checkpoints_reliability.py's prior_ws), and embed only adds
+    # what is new
+    shutil.rmtree(ws.embeddings, ignore_errors=True)
     return ws, run_stage("embed", smoke_cfg, ws)
 
 
@@ -147,3 +152,35 @@ def test_similarity_threshold_drops_and_counts(clip_ws, smoke_cfg, tmp_path):
                         min_similarity=2.0, token_dtype="float16")          # cos <= 1: drops everything
     assert figs["kept"] == 0 and figs["dropped_low_similarity"] == figs["input"] > 0
     assert figs["mismatch_filter"]["recall"] == 1.0
+
+
+def test_clip_batches_are_train_images_with_their_own_captions(data_ws, smoke_cfg):
+    """CLIP's batches come from a rolling buffer of decoded shards: every image is a train image
+    with PIL's pixels, its tokens and hard negatives are its own caption's, and a buffer smaller
+    than the data rolls over the shards."""
+    from pipeline.clip.data import train_batches
+    from pipeline.clip.negatives import hard_negatives
+    from pipeline.data.image_shards import decode_image, resize_uint8
+    paths = shard_paths(data_ws.filtered)
+    assert len(paths) > 1
+    size = smoke_cfg.clip.model.image_size
+    captions = {}                                    # pixels (PIL's, at CLIP's size) -> caption, train split only
+    for s in iter_samples(paths):
+        if split_of(sample_meta(s)) == "train":
+            captions[resize_uint8(decode_image(s["jpg"]), size).numpy().tobytes()] = s["txt"].decode("utf-8")
+    clip = clip_model.build(smoke_cfg.clip.model)
+    kinds = ("relation", "binding")
+    one_shard = 3 * size * size * count_samples(paths[0])        # a buffer of one shard: it must roll
+    batches = train_batches(paths, clip.tokenize, 16, 0, size, kinds, buffer_bytes=one_shard)
+    seen = set()
+    for _ in range(3 * sum(count_samples(p) for p in paths) // 16):
+        images, tokens, negatives, mask = next(batches)
+        assert images.dtype == torch.uint8 and images.shape == (16, 3, size, size)
+        for i in range(16):
+            caption = captions.get(images[i].numpy().tobytes())
+            assert caption is not None, "not a train image"
+            assert torch.equal(tokens[i], clip.tokenize([caption])[0])
+            texts, m = hard_negatives([caption], kinds)
+            assert torch.equal(mask[i], m[0]) and torch.equal(negatives[i], clip.tokenize(texts))
+            seen.add(caption)
+    assert len(seen) > 0.8 * len(set(captions.values()))         # drawn from every shard, not one

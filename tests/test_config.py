@@ -50,6 +50,13 @@ def test_bad_config_names_the_key(params_path, mutate, key):
     assert key in str(err.value)
 
 
+def test_a_retired_key_of_an_older_params_yaml_is_read_without_it(params_path):
+    raw = base(params_path)
+    raw["clip"]["num_workers"] = 1          # CLIP's DataLoader workers, before its decoded-shard buffer
+    cfg = config.resolve(raw, "default")
+    assert cfg.clip == config.resolve(base(params_path), "default").clip
+
+
 def test_unknown_profile(params_path):
     with pytest.raises(config.ConfigError, match="profile 'nope' is not defined"):
         config.resolve(base(params_path), "nope")

@@ -16,7 +16,7 @@ from open_clip.loss import ClipLoss
 
 from ..device import autocast, device_of
 from ..training import Checkpointer, config_hash, cosine_with_warmup, fit, precision_cache_path
-from .data import train_loader
+from .data import train_batches
 from .model import Clip, build, text_embeddings
 
 
@@ -87,13 +87,13 @@ def train(clip_cfg, shard_paths: list[Path], checkpoint_dir: Path,
     optimizer = torch.optim.AdamW(param_groups(model, clip_cfg.weight_decay), lr=clip_cfg.lr,
                                   betas=(0.9, 0.98), eps=1e-6, fused=True)
     scheduler = cosine_with_warmup(optimizer, clip_cfg.warmup_steps, clip_cfg.steps)
-    loader = train_loader(shard_paths, clip.tokenize, clip_cfg.batch_size, clip_cfg.num_workers,
-                          clip_cfg.seed, clip.image_size, tuple(clip_cfg.hard_negatives))
+    batches = train_batches(shard_paths, clip.tokenize, clip_cfg.batch_size, clip_cfg.seed, clip.image_size,
+                            tuple(clip_cfg.hard_negatives))
     loss_fn = make_loss(clip, clip_cfg.precision, device)
 
     ckpt = Checkpointer(checkpoint_dir, config_hash({"clip": clip_cfg.model_dump(mode="json"), **(depends or {})}),
                         every=100)
-    summary = fit(model, optimizer, scheduler, loader, loss_fn, steps=clip_cfg.steps, checkpointer=ckpt,
+    summary = fit(model, optimizer, scheduler, batches, loss_fn, steps=clip_cfg.steps, checkpointer=ckpt,
                   grad_clip=clip_cfg.grad_clip, desc="clip: train", on_log=on_log, after_step=lambda _step: clamp_temperature(model),
                   precision=clip_cfg.precision, precision_cache=precision_cache_path(checkpoint_dir))
     model.eval()

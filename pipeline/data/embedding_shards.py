@@ -1,6 +1,7 @@
 """Reading the embed stage's shards for the prior and the decoder.
 
-Training draws random batches from a buffer of whole shards decoded into tensors: shards are
+Training draws random batches from a buffer of whole shards decoded into tensors
+(:mod:`.shard_buffer`, shared with CLIP's training batches): shards are
 read in a seeded random order (each process its own share), ``buffer_shards`` at a time, and
 the buffer rolls over as samples are drawn, so memory stays flat however large the data set,
 and a step costs a tensor index instead of per-sample tar parsing and npy decoding (which
@@ -13,7 +14,6 @@ Fields (tensor shapes for n samples): ``z_i`` [n, D] and ``z_t`` [n, D] float32 
 from __future__ import annotations
 
 import io
-import random
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .image_shards import decode_images
+from .shard_buffer import buffered_batches, concat
 from .shards import iter_shard, sample_meta, split_of
 from ..images import resize, to_uint8, to_model
 
@@ -65,17 +66,6 @@ def read_shard(path: Path, split: Optional[str] = "train", image_size: Optional[
     return out | {"n": len(rows["keys"])}
 
 
-def concat(parts: list[dict]) -> dict:
-    parts = [p for p in parts if p["n"]]
-    if not parts:
-        return {"n": 0, "captions": [], "gt": [], "keys": []}
-    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if isinstance(parts[0][k], torch.Tensor)}
-    for k in ("captions", "gt", "keys"):
-        if k in parts[0]:
-            out[k] = [x for p in parts for x in p[k]]
-    return out | {"n": sum(p["n"] for p in parts)}
-
-
 def load_split(paths: list[Path], split: str, image_size: Optional[int] = None, limit: Optional[int] = None) -> dict:
     """A held-out split in memory (val/test are small)."""
     parts, n = [], 0
@@ -91,7 +81,8 @@ def load_split(paths: list[Path], split: str, image_size: Optional[int] = None, 
 def train_batches(paths: list[Path], batch_size: int, *, seed: int, rank: int = 0, world: int = 1,
                   image_size: Optional[int] = None, buffer_shards: int = 16,
                   fields: tuple[str, ...] = ("z_i", "z_t", "tokens", "mask")) -> Iterator[dict]:
-    """Endless random batches of the train split (dicts of ``fields`` tensors).
+    """Endless random batches of the train split (dicts of ``fields`` tensors, + ``images`` with
+    an ``image_size``) from a rolling buffer of ``buffer_shards`` shards (:mod:`.shard_buffer`).
 
     Process ``rank`` of ``world`` reads its own shards when there are enough to go round, else
     all of them with its own seed. With ``buffer_shards`` >= the shard count everything is
@@ -99,34 +90,11 @@ def train_batches(paths: list[Path], batch_size: int, *, seed: int, rank: int = 
     """
     if not paths:
         raise ValueError("no embedding shards: run the embed stage first")
-    mine = paths[rank::world] if len(paths) >= world else list(paths)
-    rng = random.Random(seed * 1000 + rank)
-    gen = torch.Generator().manual_seed(seed * 1000 + rank)
     want = set(fields) | ({"images"} if image_size else set())
 
-    def shard_order() -> Iterator[Path]:
-        while True:
-            order = list(mine)
-            rng.shuffle(order)
-            yield from order
-
-    order = shard_order()
-
-    def next_part() -> dict:
-        part = read_shard(next(order), "train", image_size)
+    def read(path: Path) -> dict:
+        part = read_shard(path, "train", image_size)
         return {k: v for k, v in part.items() if k in want} | {"n": part["n"]}
 
-    resident = min(buffer_shards, len(mine))
-    buffer = [next_part() for _ in range(resident)]
-    if not sum(p["n"] for p in buffer):
-        raise ValueError("the embedding shards hold no train-split samples")
-    pool = concat(buffer)
-    drawn = 0
-    while True:
-        idx = torch.randint(0, pool["n"], (batch_size,), generator=gen)
-        yield {k: pool[k][idx] for k in want}
-        drawn += batch_size
-        if resident < len(mine) and drawn >= pool["n"]:
-            # roll the buffer: drop the oldest shard, read the next one
-            buffer = buffer[1:] + [next_part()]
-            pool, drawn = concat(buffer), 0
+    return buffered_batches(paths, read, want, batch_size, seed=seed, rank=rank, world=world,
+                            buffer_shards=buffer_shards, empty="the embedding shards hold no train-split samples")
