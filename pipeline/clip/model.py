@@ -154,17 +154,24 @@ class Clip:
         what unCLIP's prior and GLIDE-style decoder attend to. The mask marks real tokens
         (start .. end-of-text inclusive); padding is False.
         """
-        m = self.model
-        cast = m.transformer.get_cast_dtype()
-        x = m.token_embedding(tokens).to(cast) + m.positional_embedding.to(cast)
-        x = m.transformer(x, attn_mask=m.attn_mask)
-        x = m.ln_final(x)                                             # [B, L, W]
-        pooled = text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
-        z_t = pooled @ m.text_projection if not isinstance(m.text_projection, torch.nn.Linear) \
-            else m.text_projection(pooled)
+        z_t, x = text_tower(self.model, tokens)
         eot = tokens.argmax(dim=-1)                                   # end-of-text has the largest id
         mask = torch.arange(tokens.shape[1], device=tokens.device)[None, :] <= eot[:, None]
         return F.normalize(z_t, dim=-1), x, mask
+
+
+def text_tower(m: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's text tower on tokens [B, n], n <= context_length (the first n positions):
+    (z_t [B, D] before normalisation, the per-token states after ln_final [B, n, W])."""
+    n = tokens.shape[1]
+    cast = m.transformer.get_cast_dtype()
+    x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:n].to(cast)
+    mask = m.attn_mask[:n, :n] if m.attn_mask is not None else None
+    x = m.ln_final(m.transformer(x, attn_mask=mask))
+    pooled = text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+    proj = m.text_projection
+    z_t = pooled if proj is None else proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj
+    return z_t, x
 
 
 TEXT_GROUPS = 3     # length groups of text_embeddings: 3 do 0.60 of the padded tokens' work on the corpus's
@@ -187,18 +194,10 @@ def text_embeddings(model: torch.nn.Module, tokens: torch.Tensor, groups: int = 
         and hasattr(m, "transformer") and hasattr(m, "positional_embedding")
     if not causal or groups < 1 or len(tokens) == 0:
         return m.encode_text(tokens, normalize=True)
-    cast = m.transformer.get_cast_dtype()
     length = tokens.argmax(dim=-1) + 1                              # [N]: up to end-of-text (the largest id)
     order = length.argsort()
-    parts = []
-    for idx in order.tensor_split(min(groups, len(order))):
-        n = int(length[idx].max())
-        t = tokens[idx, :n]                                           # [n_g, n]
-        x = m.token_embedding(t).to(cast) + m.positional_embedding[:n].to(cast)
-        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:n, :n]))
-        pooled = text_global_pool(x, t, "argmax")                     # [n_g, W] at end-of-text
-        proj = m.text_projection
-        parts.append(pooled if proj is None else proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj)
+    parts = [text_tower(m, tokens[idx, :int(length[idx].max())])[0]     # each group cut to its longest caption
+             for idx in order.tensor_split(min(groups, len(order)))]
     z_t = torch.cat(parts)[order.argsort()]                           # back to the input's order
     return F.normalize(z_t, dim=-1)
 
