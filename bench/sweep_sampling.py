@@ -13,6 +13,7 @@ defaults, and scores the final images with the judge (``evaluate``'s figures). S
     prior_steps         steps per sampler for the prior
     upsampler_steps     steps per sampler for both upsamplers
     last_upsampler_steps  steps (its default sampler) of the last upsampler only
+    upsampler_aug       the noise level of a noise-augmented upsampler's input (first, then both)
     upsampler_strength  where both upsamplers start (1: pure noise, as the paper; s < 1: the bicubic
                         upsample noised to t = s T, SDEdit) at their default steps
     reference           every stage at 250 steps of its default sampler (what the defaults must match)
@@ -57,6 +58,10 @@ def sweeps(steps_grid, samplers=SAMPLERS) -> dict[str, list[dict]]:
         # the last upsampler alone (64 px: 7 of every 10 of the upsamplers' seconds)
         "last_upsampler_steps": [{"upsampler_steps": [None, n]} for n in g],
         "upsampler_strength": [{"upsampler_strength": s} for s in (1.0, 0.7, 0.5, 0.35, 0.2)],
+        # noise-augmented upsamplers (upsample.stages.<k>.noise_aug): the level their input is noised
+        # to, the first upsampler's (which sees the decoder's output) and then both
+        "upsampler_aug": [{"upsampler_aug": [a, None]} for a in (0.0, 2.0, 4.0, 6.0, 8.0, 12.0)]
+                         + [{"upsampler_aug": [a, a]} for a in (2.0, 4.0)],
         "reference": [{"prior_steps": 250, "steps": 250, "upsampler_steps": 250}],
         # the prior and the decoder at 250 steps (their default sampler, then ancestral DDPM for the
         # decoder), the upsamplers at their defaults: their steps sweep is flat from 2 steps, and at

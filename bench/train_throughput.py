@@ -91,7 +91,7 @@ from pipeline.device import native_cpu_bf16, use_bf16  # noqa: E402
 from pipeline.training import build_optimizer, cosine_with_warmup  # noqa: E402
 from pipeline.upsampler.network import Upsampler  # noqa: E402
 from pipeline.upsampler import stage as upsampler_stage  # noqa: E402
-from pipeline.upsampler.stage import TrainingPairs, chain_sizes, conditioned, crop_size  # noqa: E402
+from pipeline.upsampler.stage import TrainingPairs, architecture, chain_sizes, conditioned, crop_size  # noqa: E402
 from pipeline.workspace import atomic_write_json  # noqa: E402
 
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -269,11 +269,8 @@ def upsampler_bench(cfg, key: str, device: torch.device, pool_n: int) -> Bench:
     corpus-size images (with their z_i when conditioned), the stage's ``make_loss``."""
     u = cfg.upsample.stages[key]
     in_size, out_size = chain_sizes(cfg)[key]
-    arch = {"block_out_channels": list(u.block_out_channels), "layers_per_block": u.layers_per_block}
-    if conditioned(u):
-        arch["embed_dim"] = cfg.clip.model.embed_dim
     torch.manual_seed(u.seed)
-    model = Upsampler(**arch)
+    model = Upsampler(**architecture(u, cfg.clip.model.embed_dim))
     crop = crop_size(out_size, u.crop_fraction, model.multiple)
     schedule = diffusion.noise_schedule(u.prediction_type)
 
@@ -281,8 +278,8 @@ def upsampler_bench(cfg, key: str, device: torch.device, pool_n: int) -> Bench:
     items = list(images_u8(pool_n, cfg.corpus.image_size, gen))           # uint8 [3, S, S] each
     if conditioned(u):
         items = list(zip(items, unit(pool_n, cfg.clip.model.embed_dim, gen)))
-    # (x0 crops, conditioning crops) uint8 [n, 3, crop, crop] (+ z_i [n, D] when conditioned)
-    pool = TrainingPairs(u.degradation, in_size, out_size, crop, u.seed)(items)
+    # (x0 crops, conditioning crops) uint8 [n, 3, crop, crop] (+ z_i [n, D] when conditioned, + aug levels [n])
+    pool = TrainingPairs(u.degradation, in_size, out_size, crop, u.seed, u.noise_aug)(items)
     return diffusion_bench(f"upsample@{key}", u, model, upsampler_stage.make_loss(u, schedule), pool, device)
 
 

@@ -218,6 +218,9 @@ class UpsamplerSamplingConfig(SamplingConfig):
     # upsamplers sample; s < 1 starts from the bicubic upsample of the low-res image noised to
     # t = s T (SDEdit, Meng et al. 2022), so the few steps end at a lower noise level
     strength: float = Field(1.0, gt=0, le=1)
+    # A network trained with noise_aug > 0: its low-res input is noised to this level first (8-bit
+    # levels) and the network told so; 0 for one trained without
+    aug_level: float = Field(0.0, ge=0)
 
 
 class AutoregressivePriorConfig(Section):
@@ -313,11 +316,22 @@ class UpsamplerConfig(TrainConfig):
     # embedded corpus against 0.7 for images): at scale 1 the network's error at the last sampling
     # step lands on the image as it is, at scale k it lands divided by k.
     residual_scale: float = Field(8.0, gt=0)
+    # Noise conditioning augmentation (Ho et al. 2021, CDM): the low-res input noised in training at
+    # a level drawn uniformly from [0, noise_aug] 8-bit levels, which the network is told; sampling
+    # noises the previous model's output to sampling.aug_level. 0: off (the paper's upsamplers)
+    noise_aug: float = Field(0.0, ge=0, le=64)
+
+    @model_validator(mode="after")
+    def _aug_level_needs_noise_aug(self):
+        if self.sampling.aug_level > self.noise_aug:
+            raise ValueError(f"sampling.aug_level {self.sampling.aug_level} is outside the levels the upsampler "
+                             f"trains on (noise_aug {self.noise_aug}): set noise_aug at least as high")
+        return self
 
 
 class UpsampleConfig(Section):
     """The upsampler chain after the decoder; DVC stage ``upsample@<key>`` per entry, in order."""
-    stages: dict[str, UpsamplerConfig] = {"1": UpsamplerConfig(steps=400),
+    stages: dict[str, UpsamplerConfig] = {"1": UpsamplerConfig(steps=800, noise_aug=32.0),
                                           "2": UpsamplerConfig(batch_size=32, steps=300)}
 
 

@@ -95,12 +95,14 @@ class Unclip:
 
     def upsampler_sampling(self, j: int, *, sampler: Optional[str] = None,
                            steps: Optional[int | Sequence[int]] = None,
-                           strength: Optional[float] = None) -> up_diffusion.UpsamplerSampling:
-        """Upsampler ``j``'s (0: the first) saved sampling with these overrides; ``steps``: one
-        count for every upsampler or one per upsampler in chain order."""
+                           strength: Optional[float] = None,
+                           aug_level: Optional[float | Sequence[float]] = None) -> up_diffusion.UpsamplerSampling:
+        """Upsampler ``j``'s (0: the first) saved sampling with these overrides; ``steps`` and
+        ``aug_level``: one value for every upsampler or one per upsampler in chain order."""
         steps = steps[j] if isinstance(steps, (list, tuple)) else steps
+        aug_level = aug_level[j] if isinstance(aug_level, (list, tuple)) else aug_level
         return up_diffusion.UpsamplerSampling.of(self.upsamplers[j][1]["info"], sampler=sampler, steps=steps,
-                                                 strength=strength)
+                                                 strength=strength, aug_level=aug_level)
 
     @torch.no_grad()
     def prior_sample(self, z_t: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, gen: torch.Generator, *,
@@ -120,12 +122,14 @@ class Unclip:
                  sampler: Optional[str] = None, steps: Optional[int] = None, guidance: Optional[float] = None,
                  upsampler_sampler: Optional[str] = None, upsampler_steps: Optional[int | Sequence[int]] = None,
                  upsampler_strength: Optional[float] = None,
+                 upsampler_aug: Optional[float | Sequence[float]] = None,
                  z_i: Optional[torch.Tensor] = None, batch_size: int = 64) -> dict:
         """``n`` images per caption (caption-major order). Returns ``images`` (final, uint8
         [len(captions) * n, 3, H, W]), ``stages`` (uint8 images after each stage), ``z_i``, ``z_t`` and
         ``nfe`` (network evaluations per image, per stage). ``z_i``: skip the prior and decode
-        these image embeddings [len(captions) * n, D] instead. ``upsampler_steps``: one count for
-        every upsampler, or a list with one per upsampler in chain order."""
+        these image embeddings [len(captions) * n, D] instead. ``upsampler_steps``, ``upsampler_aug``
+        (the noise level of a noise-augmented upsampler's input): one value for every upsampler, or a
+        list with one per upsampler in chain order."""
         captions = [c for c in captions for _ in range(n)]
         gen = torch.Generator().manual_seed(seed)
         z_t, tokens, mask = self.encode_text(captions)
@@ -144,7 +148,8 @@ class Unclip:
                            generator=gen, stats=stats)
             nfe["decoder"] = stats["nfe"]
             stages, up_nfe = self.upsample(x, z_i, gen, sampler=upsampler_sampler, steps=upsampler_steps,
-                                           strength=upsampler_strength, batch_size=batch_size)
+                                           strength=upsampler_strength, aug_level=upsampler_aug,
+                                           batch_size=batch_size)
         nfe |= up_nfe
         return {"images": stages[-1], "stages": stages, "z_i": z_i.cpu(), "z_t": z_t.cpu(), "captions": captions, "nfe": nfe,
                 "seconds": round(time.perf_counter() - t0, 2)}
@@ -152,8 +157,8 @@ class Unclip:
     @torch.no_grad()
     def upsample(self, x: torch.Tensor, z_i: torch.Tensor, generator: torch.Generator, *,
                  sampler: Optional[str] = None, steps: Optional[int | Sequence[int]] = None,
-                 strength: Optional[float] = None, batch_size: int = 64,
-                 composite: Callable[[torch.Tensor], torch.Tensor] = lambda img: img) -> tuple[list, dict]:
+                 strength: Optional[float] = None, aug_level: Optional[float | Sequence[float]] = None,
+                 batch_size: int = 64, composite: Callable[[torch.Tensor], torch.Tensor] = lambda img: img) -> tuple[list, dict]:
         """The upsampler chain, the one way every caller runs it: the decoder's output ``x``
         [B, 3, S, S] in [-1, 1], decoded from ``z_i`` [B, D] (a conditioned upsampler sees it),
         through every upsampler in ``batch_size`` batches. Returns the uint8 images after each
@@ -162,7 +167,7 @@ class Unclip:
         every stage's input and output (inpainting keeps the region outside its mask)."""
         stages, nfe = [to_uint8(composite(x).cpu())], {}
         for j, (model, _) in enumerate(self.upsamplers):
-            sampling = self.upsampler_sampling(j, sampler=sampler, steps=steps, strength=strength)
+            sampling = self.upsampler_sampling(j, sampler=sampler, steps=steps, strength=strength, aug_level=aug_level)
             x = in_batches(up_diffusion.sample, model, up_diffusion.Condition(composite(x), z_i), sampling,
                            batch_size, generator=generator)
             stages.append(to_uint8(composite(x).cpu()))

@@ -71,18 +71,21 @@ def sampling(unclip: Unclip, *, prior_sampler: Optional[str] = None, prior_steps
              prior_guidance: Optional[float] = None, n_candidates: Optional[int] = None,
              sampler: Optional[str] = None, steps: Optional[int] = None, guidance: Optional[float] = None,
              upsampler_sampler: Optional[str] = None, upsampler_steps: Optional[int | Sequence[int]] = None,
-             upsampler_strength: Optional[float] = None) -> dict:
+             upsampler_strength: Optional[float] = None,
+             upsampler_aug: Optional[float | Sequence[float]] = None) -> dict:
     """The settings ``Unclip.generate`` samples with under these overrides, the bundle's saved
     defaults filled in as ``generate`` fills them (what a manifest records)."""
     ps = unclip.prior_sampling(sampler=prior_sampler, steps=prior_steps, guidance=prior_guidance,
                                n_candidates=n_candidates)
     ds = unclip.decoder_sampling(sampler=sampler, steps=steps, guidance=guidance)
-    ups = [unclip.upsampler_sampling(j, sampler=upsampler_sampler, steps=upsampler_steps, strength=upsampler_strength)
+    ups = [unclip.upsampler_sampling(j, sampler=upsampler_sampler, steps=upsampler_steps, strength=upsampler_strength,
+                                     aug_level=upsampler_aug)
            for j in range(len(unclip.upsamplers))]
     return {"prior": {"sampler": ps.sampler, "steps": ps.steps, "guidance": ps.guidance_scale,
                       "n_candidates": ps.n_candidates},
             "decoder": {"sampler": ds.sampler, "steps": ds.steps, "guidance": ds.guidance_scale},
-            "upsamplers": [{"sampler": u.sampler, "steps": u.steps, "strength": u.strength} for u in ups]}
+            "upsamplers": [{"sampler": u.sampler, "steps": u.steps, "strength": u.strength, "aug_level": u.aug_level}
+                           for u in ups]}
 
 
 def image_name(prompt: int, seed: int) -> str:

@@ -9,7 +9,7 @@ from pipeline.config import Config, DecoderConfig, UpsampleConfig, UpsamplerConf
 from pipeline.diffusion import SAMPLERS, noise_schedule
 from pipeline.images import psnr, resize, to_uint8
 from pipeline.upsampler import diffusion
-from pipeline.upsampler.degrade import degrade
+from pipeline.upsampler.degrade import degrade, noise_augment
 from pipeline.upsampler.network import Upsampler, norm_groups
 from pipeline.upsampler.stage import TrainingPairs, chain_sizes, crop_size
 
@@ -85,6 +85,66 @@ def test_training_pairs_carry_z_i_for_a_conditioned_upsampler():
     z = [torch.full((8,), float(i)) for i in range(3)]
     x0, low, z_i = pairs(list(zip(imgs, z)))
     assert x0.shape == low.shape == (3, 3, 8, 8) and torch.equal(z_i, torch.stack(z))
+
+
+def test_noise_augmented_upsampler_is_told_the_level_and_needs_it():
+    torch.manual_seed(0)
+    m = Upsampler(**ARCH, noise_aug=True).eval()
+    x, t, low = torch.randn(2, 3, 16, 16), torch.tensor([10, 500]), torch.randn(2, 3, 16, 16)
+    assert not torch.allclose(m(x, t, low, aug_level=torch.zeros(2)), m(x, t, low, aug_level=torch.full((2,), 8.0)))
+    with pytest.raises(ValueError, match="aug_level"):
+        m(x, t, low)
+    info = INFO | {"sampling": INFO["sampling"] | {"aug_level": 6.0}}
+    # sampling noises the low-res input at the saved level (drawn from the generator: a seed, the
+    # same image), and a level of 0 leaves it as it is
+    g = lambda: torch.Generator().manual_seed(0)        # noqa: E731
+    low8 = shapes(b=2, size=8)
+    a, b = upsample(m, info, low8, generator=g()), upsample(m, info, low8, generator=g())
+    assert a.shape == (2, 3, 16, 16) and torch.equal(a, b)
+    assert not torch.equal(a, upsample(m, info, low8, generator=g(), aug_level=0.0))
+    # the level is what the network is told
+    seen = []
+    m.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs["aug_level"]), with_kwargs=True)
+    upsample(m, info, low8, generator=g(), aug_level=3.0)
+    assert seen and all(torch.equal(s, torch.full((2,), 3.0)) for s in seen)
+    # a network trained without it cannot be asked for a level
+    with pytest.raises(ValueError, match="without noise conditioning augmentation"):
+        upsample(net(), info, low8, generator=g())
+    # training: the loss reaches the level's embedding
+    loss = diffusion.training_loss(m.train(), shapes(b=2), low, noise_schedule("v_prediction"),
+                                   aug_level=torch.tensor([0.0, 9.0]), generator=g())
+    loss.backward()
+    assert m.aug_embed.linear_1.weight.grad.abs().sum() > 0
+
+
+def test_noise_augment_adds_the_asked_level():
+    x = torch.zeros(4, 3, 32, 32)
+    levels = torch.tensor([0.0, 2.0, 8.0, 16.0])
+    out = noise_augment(x, levels, torch.Generator().manual_seed(0))
+    sd = (out * 255 / 2).std(dim=(1, 2, 3))                  # in 8-bit levels
+    assert sd[0] == 0 and torch.allclose(sd[1:], levels[1:], rtol=0.1)
+    assert torch.equal(out, noise_augment(x, levels, torch.Generator().manual_seed(0)))
+    assert noise_augment(torch.ones(1, 3, 8, 8), torch.tensor([16.0]), torch.Generator()).max() <= 1
+
+
+def test_training_pairs_with_noise_aug_carry_their_levels():
+    images = [((shapes(seed=i, b=1, size=32)[0] + 1) * 127.5).round().to(torch.uint8) for i in range(6)]
+    x0, cond, levels = TrainingPairs("blur", 8, 16, crop=8, seed=0, noise_aug=12.0)(images)
+    assert x0.shape == cond.shape == (6, 3, 8, 8) and levels.shape == (6,)
+    assert (levels >= 0).all() and (levels <= 12).all() and levels.std() > 0
+    clean_x0, clean_cond = TrainingPairs("blur", 8, 16, crop=8, seed=0)(images)
+    assert not torch.equal(cond, clean_cond)                # the conditioning crops are noised
+    # with z_i: (x0, cond, z_i, levels)
+    z = [torch.full((8,), float(i)) for i in range(6)]
+    out = TrainingPairs("blur", 8, 16, 8, seed=0, noise_aug=12.0)(list(zip(images, z)))
+    assert len(out) == 4 and torch.equal(out[2], torch.stack(z)) and out[3].shape == (6,)
+
+
+def test_aug_level_beyond_the_trained_levels_is_refused():
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError, match="noise_aug"):
+        UpsamplerConfig(sampling={"aug_level": 4.0})
+    assert UpsamplerConfig(noise_aug=16.0, sampling={"aug_level": 4.0}).sampling.aug_level == 4.0
 
 
 @pytest.mark.parametrize("kind", ["blur", "bsr"])

@@ -20,12 +20,18 @@ its random resize is a down-up round trip, and the blur, resize, noise and JPEG 
 milder than BSRGAN's (the values below): at BSRGAN's own ranges the shapes of a 32 px image
 become blobs, and the upsampler would learn to ignore its input.
 
+Noise conditioning augmentation (``noise_augment``, the stage's ``noise_aug``) comes after the
+degradation and is not one of its kinds: its level is drawn per image and given to the network
+(pipeline/upsampler/network.py), and sampling noises the previous model's output the same way
+(``aug_level``).
+
 Every random draw comes from the ``torch.Generator`` passed in: a seed gives the same corruption.
 Images are float [B, 3, h, w] in [-1, 1] in and out.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +59,21 @@ def degrade(kind: str, low_res: torch.Tensor, generator: torch.Generator) -> tor
     if kind == "bsr":
         return torch.cat([bsr(img[None], generator) for img in low_res])
     raise ValueError(f"unknown degradation {kind!r} (known: {', '.join(KINDS)})")
+
+
+def noise_augment(x: torch.Tensor, levels: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Low-res images [B, 3, h, w] in [-1, 1] + white Gaussian noise of standard deviation
+    ``levels`` [B] (8-bit levels; [-1, 1] spans 2 x 255 of them), clamped to [-1, 1] as an
+    image is. The same function noises the training inputs and the sampled ones."""
+    sigma = (2 * levels.to(x.device, torch.float32) / 255)[:, None, None, None]
+    noise = torch.randn(x.shape, generator=generator).to(x.device)     # on CPU: a seed, the same noise anywhere
+    return (x + sigma * noise).clamp(-1, 1)
+
+
+def augment_levels(max_level: float, n: int, generator: torch.Generator) -> torch.Tensor:
+    """[n] noise levels for training, uniform in [0, max_level] 8-bit levels (CDM draws the
+    augmentation's level uniformly and conditions on it)."""
+    return uniform(0.0, max_level, generator, n)
 
 
 def blur(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from .. import bundle, diffusion
 from ..diffusion import Denoiser, Sampling, make_sampler, sample_loop
 from ..images import resize
+from .degrade import noise_augment
 from .network import Upsampler
 
 
@@ -53,6 +54,7 @@ class UpsamplerSampling(Sampling):
     strength: float = 1.0          # < 1: start from the bicubic upsample noised to t = strength T (SDEdit)
     scale: int = 2                 # output side / input side
     residual_scale: Optional[float] = None   # target residual: k (x_0 - bicubic) is diffused; None: the image
+    aug_level: float = 0.0         # a noise_aug network: the low-res input is noised to this (8-bit levels) first
 
     @classmethod
     def of(cls, info: dict, **overrides) -> "UpsamplerSampling":
@@ -64,7 +66,8 @@ class UpsamplerSampling(Sampling):
 
 def training_loss(model, x0: torch.Tensor, low_res_up: torch.Tensor, schedule,
                   generator: Optional[torch.Generator] = None, z_i: Optional[torch.Tensor] = None,
-                  p_drop_image: float = 0.0, residual: bool = False, residual_scale: float = 1.0) -> torch.Tensor:
+                  p_drop_image: float = 0.0, residual: bool = False, residual_scale: float = 1.0,
+                  aug_level: Optional[torch.Tensor] = None) -> torch.Tensor:
     """MSE between the network's output and the target of ``schedule``'s prediction type.
 
     x0: high-res (crops) [B, 3, H, W] in [-1, 1]; low_res_up: the (corrupted) low-res image
@@ -73,7 +76,8 @@ def training_loss(model, x0: torch.Tensor, low_res_up: torch.Tensor, schedule,
     probability ``p_drop_image`` (as the decoder's), so it also upsamples without one.
     ``residual``: diffuse x0 - low_res_up instead of x0 (SRDiff), so that a network that has
     learnt nothing yet returns the bicubic upsample rather than noise; ``residual_scale`` k: the
-    residual diffused is k (x0 - low_res_up), so that its spread matches the noise schedule's."""
+    residual diffused is k (x0 - low_res_up), so that its spread matches the noise schedule's.
+    ``aug_level`` [B]: the noise levels ``low_res_up`` was augmented with (a ``noise_aug`` network)."""
     if residual:
         x0 = (x0 - low_res_up) * residual_scale              # [-2k, 2k]; zero on flat regions
     t = torch.randint(0, schedule.config.num_train_timesteps, (len(x0),), device=x0.device, generator=generator)
@@ -81,7 +85,8 @@ def training_loss(model, x0: torch.Tensor, low_res_up: torch.Tensor, schedule,
     if z_i is not None and p_drop_image > 0:
         keep = torch.rand(len(x0), device=x0.device, generator=generator) >= p_drop_image
         z_i = z_i * keep.to(z_i.dtype)[:, None]
-    out = model(schedule.add_noise(x0, noise, t), t, low_res_up, z_i)
+    extra = {} if aug_level is None else {"aug_level": aug_level}
+    out = model(schedule.add_noise(x0, noise, t), t, low_res_up, z_i, **extra)
     return F.mse_loss(out.float(), diffusion.training_target(schedule, x0, noise, t))
 
 
@@ -91,19 +96,31 @@ def sample(model, condition: Condition, sampling: UpsamplerSampling, *, generato
     """Low-res images [B, 3, h, h] -> high-res [B, 3, h*s, h*s] in [-1, 1], s = ``sampling.scale``.
     ``condition.z_i`` is used by a conditioned upsampler only. ``sampling.strength`` < 1 starts
     from the bicubic upsample noised to t = strength T instead of pure noise (SDEdit; ``x_T`` is
-    then the noise added), the same number of steps."""
+    then the noise added), the same number of steps. A network trained with noise conditioning
+    augmentation gets its low-res input noised to ``sampling.aug_level`` (drawn from ``generator``
+    before ``x_T``) and is told that level."""
     b, _, h, w = condition.low_res.shape
     size = h * sampling.scale
     if h != w or size % model.multiple:
         raise ValueError(f"need square images whose upsampled side is a multiple of {model.multiple}, "
                          f"got {h}x{w} -> {size}")
     device = next(model.parameters()).device
-    cond = resize(condition.low_res.float(), size).to(device)
+    augmented = getattr(model, "noise_aug", False)
+    if sampling.aug_level and not augmented:
+        raise ValueError(f"aug_level {sampling.aug_level}: this upsampler was trained without noise conditioning "
+                         "augmentation (upsample.stages.<k>.noise_aug), so it cannot be told a level")
+    low = condition.low_res.float()
+    aug_level = None
+    if augmented:
+        aug_level = torch.full((b,), float(sampling.aug_level), device=device)
+        if sampling.aug_level:
+            low = noise_augment(low, aug_level, generator)
+    cond = resize(low, size).to(device)
     k = sampling.residual_scale or 1.0                  # the residual is diffused k times its size
     clip = 2.0 * k if sampling.residual_scale else 1.0
     scheduler = make_sampler(sampling.sampler, sampling.steps, sampling.prediction_type, clip_range=clip,
                              strength=sampling.strength)
-    denoiser = _denoiser(model, cond, condition.z_i, device)
+    denoiser = _denoiser(model, cond, condition.z_i, device, aug_level)
     x_T = diffusion.randn((b, 3, size, size), generator, device) if x_T is None else x_T.to(device)
     if sampling.strength < 1:              # q(x_t | bicubic) at the first timestep: the image, noised
         t0 = torch.full((b,), int(diffusion.run_timesteps(scheduler)[0]), dtype=torch.long, device=device)
@@ -115,8 +132,10 @@ def sample(model, condition: Condition, sampling: UpsamplerSampling, *, generato
     return (x0 / k + cond if sampling.residual_scale else x0).clamp(-1, 1)
 
 
-def _denoiser(model: Upsampler, cond: torch.Tensor, z_i: Optional[torch.Tensor], device) -> Denoiser:
-    """The network on [x_t, bicubic upsample] (and z_i if it is conditioned on it), in its own
+def _denoiser(model: Upsampler, cond: torch.Tensor, z_i: Optional[torch.Tensor], device,
+              aug_level: Optional[torch.Tensor] = None) -> Denoiser:
+    """The network on [x_t, bicubic upsample] (and z_i if it is conditioned on it, the aug level
+    if it was trained with noise augmentation), in its own
     layout and dtype (see for_sampling); the sampler's arithmetic stays fp32."""
     if getattr(model, "embed_dim", 0):
         if z_i is None:
@@ -130,7 +149,9 @@ def _denoiser(model: Upsampler, cond: torch.Tensor, z_i: Optional[torch.Tensor],
         else torch.contiguous_format
     cond_in = cond.to(dtype).contiguous(memory_format=fmt)
     z_in = None if z_i is None else z_i.to(dtype)
-    return Denoiser(lambda x, t: model(x.to(dtype).contiguous(memory_format=fmt), t, cond_in, z_in).float().contiguous())
+    extra = {} if aug_level is None else {"aug_level": aug_level}
+    return Denoiser(lambda x, t: model(x.to(dtype).contiguous(memory_format=fmt), t, cond_in, z_in,
+                                       **extra).float().contiguous())
 
 
 def for_sampling(model: Upsampler, bf16: bool) -> Upsampler:

@@ -31,7 +31,7 @@ from ..errors import StageError
 from ..device import autocast
 from ..training import clear_checkpoints, train_diffusion_model
 from ..workspace import atomic_dir
-from .degrade import degrade
+from .degrade import augment_levels, degrade, noise_augment
 from .diffusion import Condition, UpsamplerSampling, sample, training_loss
 from .network import Upsampler
 
@@ -64,33 +64,42 @@ def high_low(images: list[torch.Tensor], in_size: int, out_size: int) -> tuple[t
 class TrainingPairs:
     """Collation of decoded images into a training batch (runs in the loader's workers):
     (x0 crops, conditioning crops), both uint8 [B, 3, crop, crop]; the conditioning image is
-    the corrupted low-res image upsampled bicubically to the output size.
+    the corrupted low-res image upsampled bicubically to the output size. With ``noise_aug`` > 0
+    (8-bit levels) the corrupted low-res image is also noised, at a level drawn per image from
+    [0, noise_aug], and the batch ends with those levels [B] (float).
 
     The corruptions and crop places come from a generator seeded by (``seed``, worker id), made
     in the worker on first use."""
 
-    def __init__(self, kind: str, in_size: int, out_size: int, crop: int, seed: int):
+    def __init__(self, kind: str, in_size: int, out_size: int, crop: int, seed: int, noise_aug: float = 0.0):
         self.kind, self.in_size, self.out_size, self.crop, self.seed = kind, in_size, out_size, crop, seed
+        self.noise_aug = noise_aug
         self.generator: Optional[torch.Generator] = None
 
     def __call__(self, items: list) -> tuple[torch.Tensor, ...]:
         """items: uint8 images [3, H, W], or (image, z_i [D]) pairs for a conditioned upsampler,
-        whose batch then also carries the embeddings [B, D]."""
+        whose batch then also carries the embeddings [B, D] (before the aug levels)."""
         if isinstance(items[0], tuple):
             images, z_i = zip(*items)
-            return (*self.pairs(list(images)), torch.stack(z_i))
+            x0, cond, *levels = self.pairs(list(images))
+            return (x0, cond, torch.stack(z_i), *levels)
         return self.pairs(items)
 
-    def pairs(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def pairs(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         if self.generator is None:
             worker = torch.utils.data.get_worker_info()
             self.generator = torch.Generator().manual_seed((self.seed << 8) + (worker.id if worker else 0))
         x0, low = high_low(images, self.in_size, self.out_size)
-        cond = resize(degrade(self.kind, low, self.generator).clamp(-1, 1), self.out_size)
+        low = degrade(self.kind, low, self.generator).clamp(-1, 1)
+        levels = ()
+        if self.noise_aug > 0:
+            levels = (augment_levels(self.noise_aug, len(low), self.generator),)
+            low = noise_augment(low, levels[0], self.generator)
+        cond = resize(low, self.out_size)
         corners = torch.randint(0, self.out_size - self.crop + 1, (len(x0), 2), generator=self.generator).tolist()
         window = lambda x, i, j: x[:, i:i + self.crop, j:j + self.crop]       # noqa: E731
         return (to_uint8(torch.stack([window(x, i, j) for x, (i, j) in zip(x0, corners)])),
-                to_uint8(torch.stack([window(c, i, j) for c, (i, j) in zip(cond, corners)])))
+                to_uint8(torch.stack([window(c, i, j) for c, (i, j) in zip(cond, corners)])), *levels)
 
 
 def image_embedding(sample: dict) -> torch.Tensor:
@@ -119,6 +128,17 @@ def conditioned(u) -> bool:
     return u.condition == "image_embed"
 
 
+def architecture(u, embed_dim: int = 0) -> dict:
+    """The :class:`Upsampler` arguments (model.json's ``arch``) of upsampler config ``u``;
+    ``embed_dim``: z_i's size, used when it is conditioned on z_i."""
+    arch = {"block_out_channels": list(u.block_out_channels), "layers_per_block": u.layers_per_block}
+    if conditioned(u):
+        arch["embed_dim"] = embed_dim
+    if u.noise_aug > 0:
+        arch["noise_aug"] = True
+    return arch
+
+
 def source_dir(ws, u) -> Path:
     """Where an upsampler's training images come from: the embed stage's shards when it is
     conditioned on z_i (they carry image and embedding), else the filter stage's."""
@@ -127,15 +147,18 @@ def source_dir(ws, u) -> Path:
 
 def make_loss(u, schedule):
     """The training step's loss: ``loss_fn(net, batch)`` for batches of ``TrainingPairs`` (uint8
-    x0 crops and conditioning crops [B, 3, c, c], + z_i [B, D] when conditioned), under the
-    stage's precision."""
+    x0 crops and conditioning crops [B, 3, c, c], + z_i [B, D] when conditioned, + the aug levels
+    [B] with noise augmentation), under the stage's precision."""
     def loss_fn(net, batch):
         dev = next(net.parameters()).device
         x0, cond = (to_model(x.to(dev)) for x in batch[:2])
-        z_i = batch[2].to(dev) if len(batch) > 2 else None
+        extra = list(batch[2:])
+        z_i = extra.pop(0).to(dev) if conditioned(u) else None
+        aug_level = extra.pop(0).to(dev) if u.noise_aug > 0 else None
         with autocast(u.precision, dev):
             return training_loss(net, x0, cond, schedule, z_i=z_i, p_drop_image=u.p_drop_image_embed,
-                                 residual=u.target == "residual", residual_scale=u.residual_scale)
+                                 residual=u.target == "residual", residual_scale=u.residual_scale,
+                                 aug_level=aug_level)
     return loss_fn
 
 
@@ -146,9 +169,7 @@ def train(u, key: str, paths: list[Path], in_size: int, out_size: int, checkpoin
     :func:`pipeline.retrain.warm_start` decision for this architecture. ``embed_dim``: z_i's
     size for a conditioned upsampler (its ``paths`` are then embed-stage shards). ``depends``:
     what a checkpoint must have been trained on to be resumed (data digests, the CLIP's sha256)."""
-    arch = {"block_out_channels": list(u.block_out_channels), "layers_per_block": u.layers_per_block}
-    if conditioned(u):
-        arch["embed_dim"] = embed_dim
+    arch = architecture(u, embed_dim)
     torch.manual_seed(u.seed)                             # the same initial weights on every process
     model = Upsampler(**arch)
     if out_size % model.multiple:
@@ -160,7 +181,8 @@ def train(u, key: str, paths: list[Path], in_size: int, out_size: int, checkpoin
     def make_batches(rank: int, world: int):
         seed = u.seed + rank                              # each process its own data and noise
         torch.manual_seed(seed)
-        return train_loader(paths, TrainingPairs(u.degradation, in_size, out_size, crop, seed), u.batch_size,
+        return train_loader(paths, TrainingPairs(u.degradation, in_size, out_size, crop, seed, u.noise_aug),
+                            u.batch_size,
                             u.num_workers, seed, conditioned=conditioned(u))
 
     loss_fn = make_loss(u, schedule)
@@ -182,7 +204,8 @@ def model_info(u, key: str, in_size: int, out_size: int, crop_size: int) -> dict
     upsampler ``key`` trained with config ``u``."""
     return {"key": key, "in_size": in_size, "out_size": out_size, "prediction_type": u.prediction_type,
             "condition": u.condition, "target": u.target, "residual_scale": u.residual_scale,
-            "sampling": u.sampling.model_dump(), "degradation": u.degradation, "crop_size": crop_size}
+            "sampling": u.sampling.model_dump(), "degradation": u.degradation, "noise_aug": u.noise_aug,
+            "crop_size": crop_size}
 
 
 def evaluate(model, info: dict, paths: list[Path], seed: int) -> tuple[dict, torch.Tensor]:
