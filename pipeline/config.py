@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .workspace import RESOLVED, atomic_write_bytes
 
@@ -302,7 +302,21 @@ class UpsamplerConfig(TrainConfig):
     lr: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(50, ge=0)
     checkpoint_every: int = Field(100, ge=1)
+    # Noise conditioning augmentation (Ho et al. 2021, CDM): the low-res input noised in training at
+    # a level drawn uniformly from [0, noise_aug] 8-bit levels, which the network is told; sampling
+    # noises the previous model's output to sampling.aug_level. 0: off (the paper's upsamplers)
+    noise_aug: float = Field(0.0, ge=0, le=64)
     sampling: UpsamplerSamplingConfig = UpsamplerSamplingConfig(steps=2)
+
+    @field_validator("sampling")
+    @classmethod
+    def _aug_level_within_noise_aug(cls, sampling, info):
+        """Checked on ``sampling`` (after ``noise_aug``), so that the error names sampling's key."""
+        noise_aug = info.data.get("noise_aug")
+        if noise_aug is not None and sampling.aug_level > noise_aug:
+            raise ValueError(f"aug_level {sampling.aug_level} is outside the levels the upsampler trains on "
+                             f"(noise_aug {noise_aug}): set noise_aug at least as high")
+        return sampling
     # none: the paper's upsampler (the low-res image only). image_embed: also z_i, added to the
     # time embedding as the decoder does (a declared deviation: the low-res base drops shape)
     condition: Literal["none", "image_embed"] = "none"
@@ -316,17 +330,6 @@ class UpsamplerConfig(TrainConfig):
     # embedded corpus against 0.7 for images): at scale 1 the network's error at the last sampling
     # step lands on the image as it is, at scale k it lands divided by k.
     residual_scale: float = Field(8.0, gt=0)
-    # Noise conditioning augmentation (Ho et al. 2021, CDM): the low-res input noised in training at
-    # a level drawn uniformly from [0, noise_aug] 8-bit levels, which the network is told; sampling
-    # noises the previous model's output to sampling.aug_level. 0: off (the paper's upsamplers)
-    noise_aug: float = Field(0.0, ge=0, le=64)
-
-    @model_validator(mode="after")
-    def _aug_level_needs_noise_aug(self):
-        if self.sampling.aug_level > self.noise_aug:
-            raise ValueError(f"sampling.aug_level {self.sampling.aug_level} is outside the levels the upsampler "
-                             f"trains on (noise_aug {self.noise_aug}): set noise_aug at least as high")
-        return self
 
 
 class UpsampleConfig(Section):
