@@ -307,16 +307,6 @@ class UpsamplerConfig(TrainConfig):
     # noises the previous model's output to sampling.aug_level. 0: off (the paper's upsamplers)
     noise_aug: float = Field(0.0, ge=0, le=64)
     sampling: UpsamplerSamplingConfig = UpsamplerSamplingConfig(steps=2)
-
-    @field_validator("sampling")
-    @classmethod
-    def _aug_level_within_noise_aug(cls, sampling, info):
-        """Checked on ``sampling`` (after ``noise_aug``), so that the error names sampling's key."""
-        noise_aug = info.data.get("noise_aug")
-        if noise_aug is not None and sampling.aug_level > noise_aug:
-            raise ValueError(f"aug_level {sampling.aug_level} is outside the levels the upsampler trains on "
-                             f"(noise_aug {noise_aug}): set noise_aug at least as high")
-        return sampling
     # none: the paper's upsampler (the low-res image only). image_embed: also z_i, added to the
     # time embedding as the decoder does (a declared deviation: the low-res base drops shape)
     condition: Literal["none", "image_embed"] = "none"
@@ -330,6 +320,17 @@ class UpsamplerConfig(TrainConfig):
     # embedded corpus against 0.7 for images): at scale 1 the network's error at the last sampling
     # step lands on the image as it is, at scale k it lands divided by k.
     residual_scale: float = Field(8.0, gt=0)
+
+    @field_validator("sampling")
+    @classmethod
+    def _aug_level_within_noise_aug(cls, sampling, info):
+        """Checked on ``sampling``, which is declared (so validated) after ``noise_aug``, so that
+        the error names sampling's key."""
+        noise_aug = info.data.get("noise_aug")
+        if noise_aug is not None and sampling.aug_level > noise_aug:
+            raise ValueError(f"aug_level {sampling.aug_level} is outside the levels the upsampler trains on "
+                             f"(noise_aug {noise_aug}): set noise_aug at least as high")
+        return sampling
 
 
 class UpsampleConfig(Section):

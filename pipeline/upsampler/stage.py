@@ -182,8 +182,7 @@ def train(u, key: str, paths: list[Path], in_size: int, out_size: int, checkpoin
         seed = u.seed + rank                              # each process its own data and noise
         torch.manual_seed(seed)
         return train_loader(paths, TrainingPairs(u.degradation, in_size, out_size, crop, seed, u.noise_aug),
-                            u.batch_size,
-                            u.num_workers, seed, conditioned=conditioned(u))
+                            u.batch_size, u.num_workers, seed, conditioned=conditioned(u))
 
     loss_fn = make_loss(u, schedule)
 
