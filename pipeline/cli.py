@@ -52,7 +52,7 @@ def stage(ctx, name):
     Exits 2 with the message on a failure that a retry would meet again (bad input, config,
     data or model, a non-finite loss, an unreadable file, a busy workspace: see
     ``stages.permanent_errors``), 1 with a traceback on anything else; either way the outcome is
-    recorded in ``.unclip/last_exit.json`` for the flow (``stages.write_exit``)."""
+    recorded in ``.unclip/exit/<stage>.json`` for the flow (``stages.write_exit``)."""
     from .lock import workspace_lock
     from .stages import permanent_errors, write_exit
     ws = Workspace.at(ctx.obj["workspace"])

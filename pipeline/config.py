@@ -471,6 +471,9 @@ class ClusterConfig(Section):
     # node resumes.
     storage: Optional[str] = None
     groups_per_task: int = Field(1, ge=1)             # embed: shards per Spark task (disjoint groups)
+    # the flow: independent stages (DVC's graph) run at once, at most this many, the cores shared
+    # between them (pipeline/threads.py); 1 = one after another
+    parallel_stages: int = Field(2, ge=1)
     spark: SparkConfig = SparkConfig()
     train: LauncherConfig = LauncherConfig()
 

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Callable
 
-from . import tracking
+from . import threads, tracking
 from .config import Config
 from .errors import SavedModelError, StageError  # noqa: F401  (re-exported: `from pipeline.stages import StageError`)
 from .progress import say
@@ -47,9 +47,11 @@ STAGES: dict[str, str] = registry(Config())
 
 
 # How `unclip stage` tells whoever ran it (the flow, through `dvc repro`) how it ended, instead
-# of that caller reading its log: {"stage", "exit_code", "permanent", "error", "token", "pid"}.
-# ``token`` is the caller's UNCLIP_EXIT_TOKEN, so a record left by an earlier run never counts.
-EXIT_FILE = ".unclip/last_exit.json"
+# of that caller reading its log: {"stage", "exit_code", "permanent", "error", "token", "pid"}, in
+# one file per stage (the flow runs independent stages side by side: one shared file would let
+# one stage's record overwrite another's). ``token`` is the caller's UNCLIP_EXIT_TOKEN, so a
+# record left by an earlier run never counts.
+EXIT_DIR = ".unclip/exit"
 EXIT_TOKEN_ENV = "UNCLIP_EXIT_TOKEN"
 EXIT_BAD_INPUT = 2
 
@@ -69,15 +71,21 @@ def permanent_errors() -> tuple[type[BaseException], ...]:
             NonFiniteLoss, ShardError, Image.DecompressionBombError, WorkspaceBusy)
 
 
+def exit_path(root, stage: str):
+    """Where ``stage`` records how it ended (see :data:`EXIT_DIR`)."""
+    from pathlib import Path
+    return Path(root) / EXIT_DIR / f"{stage}.json"
+
+
 def write_exit(ws: Workspace, stage: str, code: int, error: str = "") -> None:
-    """Record how ``unclip stage`` ended (see :data:`EXIT_FILE`); never fails the stage itself."""
+    """Record how ``unclip stage`` ended (see :data:`EXIT_DIR`); never fails the stage itself."""
     import os
     if not ws.root.is_dir():                 # a mistyped --workspace: create nothing
         return
     if os.environ.get(EXIT_TOKEN_ENV) is None:   # not under the flow: nobody reads it, so write nothing
         return
     try:
-        atomic_write_json(ws.root / EXIT_FILE, {
+        atomic_write_json(exit_path(ws.root, stage), {
             "stage": stage, "exit_code": code, "permanent": code == EXIT_BAD_INPUT, "error": error[-4000:],
             "token": os.environ.get(EXIT_TOKEN_ENV), "pid": os.getpid()})
     except OSError:
@@ -88,9 +96,8 @@ def read_exit(root, stage: str, token: str) -> dict | None:
     """The record of ``stage`` written under ``token``, or None (the stage never got to write it:
     DVC itself failed, or the process was killed)."""
     import json
-    from pathlib import Path
     try:
-        record = json.loads((Path(root) / EXIT_FILE).read_text())
+        record = json.loads(exit_path(root, stage).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("token") != token or record.get("stage") != stage:
@@ -120,6 +127,7 @@ def peak_rss_mb() -> dict:
 
 def run_stage(name: str, cfg: Config, ws: Workspace) -> dict:
     fn = stage_function(name, cfg)
+    threads.follow()                     # the flow's share of the cores, when it runs stages side by side
     with tracking.stage_run(cfg, ws.root, name) as run:
         t0 = time.perf_counter()
         metrics = fn(cfg, ws)

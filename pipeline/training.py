@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from . import storage
+from . import storage, threads
 from .device import machine_signature, native_cpu_bf16, resolved_precision
 from .progress import progress
 from .workspace import fsync_dir, kill_point, pid_alive
@@ -292,6 +292,7 @@ def _fit(model, optimizer, scheduler, it, loss_fn, *, steps, checkpointer, grad_
     t0, losses, skipped = time.perf_counter(), [], 0
     params = [p for p in model.parameters() if p.requires_grad]
     for step in range(start, steps):
+        threads.follow()            # a stage running beside this one ended: take its cores back (one stat)
         batch = next(it)
         loss = loss_fn(train_model, batch)
         bad = _backward(loss, optimizer, params, grad_clip, accelerator)

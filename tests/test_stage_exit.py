@@ -1,5 +1,5 @@
 """Failures that retrying cannot fix (issue 19, M11): `unclip stage` exits 2 with the message, no
-traceback, and records its outcome in `.unclip/last_exit.json`, which the flow reads (never its
+traceback, and records its outcome in `.unclip/exit/<stage>.json`, which the flow reads (never its
 log) to decide whether a failure is permanent."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline import cli
-from pipeline.stages import EXIT_FILE, EXIT_TOKEN_ENV, read_exit, run_stage
+from pipeline.stages import EXIT_TOKEN_ENV, exit_path, read_exit, run_stage
 from pipeline.workspace import Workspace
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,8 +82,8 @@ def test_the_flow_decides_by_the_record_not_the_log(ws, monkeypatch):
     def fake_run(cmd, cwd, env, log, *, code=1, permanent=None, lines=("ERROR: failed to reproduce 'x': exited with 2",)):
         seen["token"] = env[EXIT_TOKEN_ENV]
         if permanent is not None:
-            (Path(cwd) / ".unclip").mkdir(exist_ok=True)
-            (Path(cwd) / EXIT_FILE).write_text(json.dumps({"stage": "prior", "exit_code": 2, "permanent": permanent,
+            exit_path(cwd, "prior").parent.mkdir(parents=True, exist_ok=True)
+            exit_path(cwd, "prior").write_text(json.dumps({"stage": "prior", "exit_code": 2, "permanent": permanent,
                                                             "error": "[prior] loss is nan", "token": env[EXIT_TOKEN_ENV]}))
         return code, list(lines)
 
@@ -97,7 +97,7 @@ def test_the_flow_decides_by_the_record_not_the_log(ws, monkeypatch):
         train.repro_stage.fn("prior", str(ws.root), {})
     assert err.value.permanent and "loss is nan" in str(err.value)
     # a stale record (another attempt's token) is ignored
-    (ws.root / EXIT_FILE).write_text(json.dumps({"stage": "prior", "exit_code": 2, "permanent": True, "token": "old"}))
+    exit_path(ws.root, "prior").write_text(json.dumps({"stage": "prior", "exit_code": 2, "permanent": True, "token": "old"}))
     monkeypatch.setattr(train, "run_logged", lambda *a: fake_run(*a))
     with pytest.raises(train.StageFailed) as err:
         train.repro_stage.fn("prior", str(ws.root), {})

@@ -50,7 +50,7 @@ def test_a_busy_workspace_fails_at_once_naming_the_holder(holder):
     assert proc.returncode == 2 and f"pid {pid}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (root / "data").exists()                     # nothing ran
     import json
-    record = json.loads((root / ".unclip" / "last_exit.json").read_text())
+    record = json.loads((root / ".unclip" / "exit" / "corpus.json").read_text())
     assert record["stage"] == "corpus" and record["exit_code"] == 2 and record["permanent"] and record["token"] == "t1"
     # `unclip promote`: the same (registry.py copies models/ while a stage may be renaming it)
     proc = cli("--profile", "smoke", "--workspace", str(root), "promote")
