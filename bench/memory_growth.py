@@ -10,9 +10,12 @@ baseline of a process that only imported the same modules:
 
     prior, decoder   embeddings.train_batches: a rolling buffer of at most 16 whole shards
                      (decoder: with its images at 16 px)
-    clip, upsampler  data.image_shards.train_stream: WebDataset shards streamed through a 2,000-sample
+    clip             clip.data.train_batches: a rolling buffer of decoded shards, at most 512 MiB of
+                     images (with tokens and hard negatives)
+    judge            judge.stage.batches: the same kind of buffer of decoded train images with ground
+                     truth, at most 512 MiB (before 2026-12-04's sixth session: the whole train split)
+    upsampler        data.image_shards.train_stream: WebDataset shards streamed through a 2,000-sample
                      shuffle buffer (decode in the loader)
-    judge            data.image_shards.load_image_split of the train split: the whole split in memory
 
 The stages' models and optimizers come on top of this and do not grow with the data. The
 stage-level figure (the model included) is ``peak_rss_mb`` in every ``metrics/<stage>.json``.
@@ -27,7 +30,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-READERS = ("baseline", "prior", "decoder", "clip", "judge")
+READERS = ("baseline", "prior", "decoder", "clip", "judge", "upsampler")
 
 
 def child(reader: str, workspace: str, scale: int, batches: int) -> None:
@@ -35,7 +38,7 @@ def child(reader: str, workspace: str, scale: int, batches: int) -> None:
     sys.path.insert(0, str(REPO))
     import torch  # noqa: F401
 
-    from pipeline.data.image_shards import decode_image, load_image_split, train_stream
+    from pipeline.data.image_shards import decode_image, train_stream
     from pipeline.data.shards import shard_paths
     from pipeline.data.embedding_shards import train_batches
     ws = Path(workspace)
@@ -46,11 +49,22 @@ def child(reader: str, workspace: str, scale: int, batches: int) -> None:
         for _ in range(batches):
             n += len(next(it)["z_i"])
     elif reader == "clip":
-        it = iter(train_stream(filtered, lambda s: decode_image(s["jpg"]), lambda b: len(b), 256, 0, 0))
+        from pipeline.clip import model as clip_model
+        from pipeline.clip.data import train_batches as clip_batches
+        from pipeline.config import Config
+        tokenize = clip_model.build(Config().clip.model).tokenize      # the default CLIP's tokenizer (a few MiB)
+        it = clip_batches(filtered, tokenize, 256, seed=0, image_size=64, negatives=("relation", "binding"))
+        for _ in range(batches):
+            n += len(next(it)[0])
+    elif reader == "judge":
+        from pipeline.judge.stage import batches as judge_batches
+        it = judge_batches(filtered, 64, 128, seed=0, p_degrade=0.5)
+        for _ in range(batches):
+            n += len(next(it)[0])
+    elif reader == "upsampler":
+        it = iter(train_stream(filtered, lambda s: decode_image(s["jpg"]), lambda b: len(b), 64, 0, 0))
         for _ in range(batches):
             n += next(it)
-    elif reader == "judge":
-        n = len(load_image_split(filtered, "train", 64)["images"])
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"peak_rss_mb": round(kib / 1024, 1), "samples": n, "shards": len(emb if reader in ("prior", "decoder") else filtered)}))
 

@@ -223,7 +223,8 @@ def judge_bench(cfg, pool_n: int) -> Bench:
     targets = target_tensor(captions(pool_n, gen)[1])      # [n, heads], -1 where a head does not apply
     return Bench("judge", j.batch_size, j.precision, torch.device("cpu"), net,
                  lambda m, b: judge_stage.loss_fn(m, b, j.precision), optimizer, scheduler, j.grad_clip,
-                 lambda b: judge_stage.batches(images, targets, b, j.seed, j.p_degrade))
+                 lambda b: judge_stage.degraded(draw({"images": images, "targets": targets}, b, j.seed), j.seed,
+                                                j.p_degrade))
 
 
 def embedding_pool(cfg, n: int, image_size: Optional[int], seed: int) -> dict:

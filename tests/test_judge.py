@@ -119,3 +119,37 @@ def test_judge_cli_reads_a_grid_and_scores_captions(tmp_path):
     assert bad.exit_code == 2 and "grammar" in bad.output
     missing = CliRunner().invoke(main, ["judge", str(tmp_path / "grid.png"), "--judge", str(tmp_path / "none")])
     assert missing.exit_code == 2 and "unclip stage judge" in missing.output
+
+
+def test_judge_batches_are_train_images_with_their_own_truth_from_a_rolling_buffer(data_ws, smoke_cfg):
+    """The judge trains from a rolling buffer of decoded shards, as CLIP does (it held the whole
+    train split in memory before): every image is a train image with PIL's pixels and its own
+    ground truth's targets, and a buffer of one shard rolls over all of them."""
+    from pipeline.data.image_shards import decode_image, resize_uint8
+    from pipeline.data.shards import count_samples, iter_samples, sample_meta, shard_paths, split_of
+    from pipeline.judge import stage as judge_stage
+    from pipeline.judge.labels import parse_gt, target_tensor
+    from pipeline.images import to_uint8
+    paths = shard_paths(data_ws.filtered)
+    assert len(paths) > 1
+    size = smoke_cfg.corpus.image_size
+    truth = {}                                        # pixels -> targets, train split with ground truth only
+    for s in iter_samples(paths):
+        meta = sample_meta(s)
+        if split_of(meta) == "train" and parse_gt(meta.get("gt")):
+            truth[resize_uint8(decode_image(s["jpg"]), size).numpy().tobytes()] = target_tensor([meta["gt"]])[0]
+    one_shard = 3 * size * size * count_samples(paths[0])        # a buffer of one shard: it must roll
+    batches = judge_stage.batches(paths, size, 16, seed=0, p_degrade=0.0, buffer_bytes=one_shard)
+    seen = set()
+    for _ in range(3 * len(truth) // 16):
+        x, t = next(batches)
+        assert x.shape == (16, 3, size, size) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
+        for i in range(16):
+            key = to_uint8(x[i:i + 1])[0].numpy().tobytes()
+            assert key in truth, "not a train image with ground truth"
+            assert torch.equal(t[i], truth[key])
+            seen.add(key)
+    assert len(seen) > 0.8 * len(truth)                          # drawn from every shard, not one
+    # degraded half the time as configured: some batches differ from every clean image
+    x, _ = next(judge_stage.batches(paths, size, 16, seed=0, p_degrade=1.0))
+    assert any(to_uint8(x[i:i + 1])[0].numpy().tobytes() not in truth for i in range(16))

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import bundle, retrain, tracking, truth
-from ..data.image_shards import load_image_split
-from ..data.shards import shard_paths
+from ..data.image_shards import decode_images, load_image_split, require_train_samples
+from ..data.shard_buffer import buffered_batches
+from ..data.shards import count_samples, iter_shard, sample_meta, shard_paths, split_of
 from ..images import resize, to_model, to_uint8
 from ..progress import say
 from ..errors import StageError
@@ -34,6 +35,8 @@ from .model import Judge
 from .network import JudgeNet
 
 DEGRADE_SIZES = (16, 24, 32, 48)
+BUFFER_BYTES = 512 * 2**20     # decoded train images held at most (as CLIP's: 16 shards of 2,500 at 64 px)
+NO_TRUTH = "the judge needs ground truth (the embedded corpus's json); these shards have none"
 
 
 def like_generated(x: torch.Tensor, gen: torch.Generator, p: float) -> torch.Tensor:
@@ -51,13 +54,45 @@ def like_generated(x: torch.Tensor, gen: torch.Generator, p: float) -> torch.Ten
     return (x + cast + sigma * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
 
 
-def batches(images: torch.Tensor, targets: torch.Tensor, batch_size: int, seed: int,
-            p_degrade: float) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless seeded random batches (images in [-1, 1], targets [B, heads])."""
+def read_part(path, size: int) -> dict:
+    """One shard's train samples that have ground truth: ``images`` uint8 [n, 3, S, S] (decoded
+    once per pass, OpenCV), ``targets`` [n, heads]."""
+    blobs, gts = [], []
+    for s in iter_shard(path):
+        meta = sample_meta(s)
+        if split_of(meta) == "train" and parse_gt(meta.get("gt")):
+            blobs.append(s["jpg"])
+            gts.append(meta["gt"])
+    if not blobs:
+        return {"n": 0}
+    return {"images": decode_images(blobs, size), "targets": target_tensor(gts), "n": len(blobs)}
+
+
+def batches(paths: list, size: int, batch_size: int, seed: int, p_degrade: float,
+            buffer_bytes: int = BUFFER_BYTES) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless seeded random batches (images in [-1, 1], targets [B, heads]) of the train split,
+    from a rolling buffer of decoded shards (:mod:`pipeline.data.shard_buffer`): at most
+    ``buffer_bytes`` of images resident however large the data (it held the whole split before)."""
+    per_shard = max(1, count_samples(paths[0])) * 3 * size ** 2
+    draws = buffered_batches(paths, lambda p: read_part(p, size), {"images", "targets"}, batch_size, seed=seed,
+                             buffer_shards=max(1, buffer_bytes // per_shard), empty=NO_TRUTH)
+
+    def checked() -> Iterator[dict]:
+        try:
+            yield next(draws)
+        except ValueError:                       # the first buffer holds no train image with ground truth
+            raise StageError(NO_TRUTH) from None
+        yield from draws
+
+    return degraded(checked(), seed, p_degrade)
+
+
+def degraded(draws: Iterator[dict], seed: int, p_degrade: float) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches {"images": uint8 [B, 3, S, S], "targets"} -> (images in [-1, 1], degraded as
+    :func:`like_generated` with probability ``p_degrade``, targets [B, heads])."""
     gen = torch.Generator().manual_seed(seed)
-    while True:
-        idx = torch.randint(len(images), (batch_size,), generator=gen)
-        yield like_generated(to_model(images[idx]), gen, p_degrade), targets[idx]
+    for b in draws:
+        yield like_generated(to_model(b["images"]), gen, p_degrade), b["targets"]
 
 
 def loss_fn(net, batch, precision: str):
@@ -94,12 +129,8 @@ def train(cfg, ws, paths: list, size: int) -> tuple[JudgeNet, dict, dict]:
     """Train the judge on the real train images with ground truth; returns the net, its
     constructor arguments and the training summary."""
     j = cfg.judge
-    split = load_image_split(paths, "train", size)
-    keep = [i for i, g in enumerate(split["gt"]) if parse_gt(g)]
-    if not keep:
-        raise StageError("the judge needs ground truth (the embedded corpus's json); these shards have none")
-    images, targets = split["images"][keep], target_tensor([split["gt"][i] for i in keep])
-    say("judge", f"training on {len(keep)} real train images at {size} px")
+    require_train_samples(paths)         # a StageError naming the splits found, before any decoding
+    say("judge", f"training on the real train images of {len(paths)} shard(s) at {size} px")
     torch.manual_seed(j.seed)
     arch = {"image_size": size, "channels": list(j.channels), "feature_dim": j.feature_dim}
     net = JudgeNet(**arch)
@@ -109,7 +140,7 @@ def train(cfg, ws, paths: list, size: int) -> tuple[JudgeNet, dict, dict]:
     ckpt = Checkpointer(ws.checkpoints / "judge", config_hash({"judge": j.model_dump(mode="json"), "arch": arch,
                                                                "data": retrain.lineage(ws.filtered)["shards"]}),
                         every=j.checkpoint_every)
-    summary = fit(net, optimizer, scheduler, batches(images, targets, j.batch_size, j.seed, j.p_degrade),
+    summary = fit(net, optimizer, scheduler, batches(paths, size, j.batch_size, j.seed, j.p_degrade),
                   lambda m, b: loss_fn(m, b, j.precision), steps=j.steps, checkpointer=ckpt,
                   grad_clip=j.grad_clip, desc="judge: train", precision=j.precision,
                   precision_cache=ws.checkpoints / "precision.json",
