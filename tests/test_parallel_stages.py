@@ -105,11 +105,15 @@ class FakeStage:
     def _run(self, stage, env):
         from flows.train import StageFailed
         t0 = time.perf_counter()
-        time.sleep(self.seconds.get(stage, 0.05) / 2)
-        share = Path(env[threads.SHARE_ENV]).read_text().strip()      # halfway, as a step reads it
-        time.sleep(self.seconds.get(stage, 0.05) / 2)
+        shares = set()
+        while time.perf_counter() < t0 + self.seconds.get(stage, 0.05):
+            try:
+                shares.add(Path(env[threads.SHARE_ENV]).read_text().strip())     # as a training step reads it
+            except FileNotFoundError:
+                pass
+            time.sleep(0.01)
         with self.lock:
-            self.spans[stage], self.share[stage] = (t0, time.perf_counter()), share
+            self.spans[stage], self.share[stage] = (t0, time.perf_counter()), shares
         if stage in self.fail:
             raise StageFailed(stage, f"stage {stage!r} failed (bad input)", True)
         return {"stage": stage, "status": "ran", "seconds": 0.0, "figures": {}}
@@ -123,7 +127,7 @@ def _overlap(a, b) -> bool:
 def test_run_stages_runs_independent_stages_side_by_side_in_dependency_order(tmp_path, monkeypatch, parallel):
     from flows import train
     root = _dvc_workspace(tmp_path)
-    fake = FakeStage({"judge": 1.0, "clip": 0.6, "prior": 0.3, "decoder": 0.6, "upsample@1": 0.2,
+    fake = FakeStage({"judge": 0.6, "clip": 1.0, "prior": 0.3, "decoder": 0.8, "upsample@1": 0.2,
                       "upsample@2": 0.2})
     monkeypatch.setattr(train, "repro_stage", fake)
     monkeypatch.setattr(train, "as_completed", concurrent.futures.as_completed)
@@ -137,10 +141,11 @@ def test_run_stages_runs_independent_stages_side_by_side_in_dependency_order(tmp
     assert max(running_at) == parallel                                      # never more than allowed
     if parallel == 2:
         assert _overlap(span["judge"], span["clip"]) and _overlap(span["decoder"], span["prior"])
-        assert fake.share["judge"] == fake.share["clip"] == "1"             # one core each
-        assert fake.share["corpus"] == fake.share["evaluate"] == "2"        # alone: both
+        assert "1" in fake.share["judge"] and "1" in fake.share["clip"]     # side by side: one core each
+        assert "2" in fake.share["clip"]                                    # the judge done: both back
+        assert fake.share["corpus"] == fake.share["evaluate"] == {"2"}      # alone: both
     else:
-        assert set(fake.share.values()) == {"2"}
+        assert set().union(*fake.share.values()) == {"2"}
 
 
 def test_run_stages_starts_nothing_after_a_failure_and_lets_the_running_finish(tmp_path, monkeypatch):
