@@ -18,6 +18,8 @@ the median of its paired ratios to the baseline (block by block: the machine is 
     channels_last  the model and the images in channels-last memory format (oneDNN's preferred layout)
     compile        torch.compile(model) (inductor); its compile time is printed beside (counted
                    against a run's steps: it pays only if (saved s/step x steps) > compile seconds)
+    compile_cpp    the same with inductor's C++ wrapper (the compiled graph calls its kernels from
+                   C++, not Python: less dispatch per op)
     fp32           no autocast (precision fp32)
     batch64        twice the batch: per-sample cost (s/step / 2 is what to compare)
     batch128       four times the batch (s/step / 4)
@@ -47,7 +49,7 @@ from pipeline.device import resolved_precision  # noqa: E402
 from pipeline.training import build_optimizer  # noqa: E402
 from pipeline.workspace import atomic_write_json  # noqa: E402
 
-LEVERS = ("loops", "channels_last", "compile", "fp32", "batch64", "batch128", "transformer", "glide")
+LEVERS = ("loops", "channels_last", "compile", "compile_cpp", "fp32", "batch64", "batch128", "transformer", "glide")
 SCALE = {"batch64": 2, "batch128": 4}          # the batch of a lever, in multiples of the config's
 
 
@@ -79,7 +81,7 @@ def variant(d, lever: str, batch_size: int):
     params = [p for p in model.parameters()]
     net = model
     setup = 0.0
-    if lever == "compile":
+    if lever in ("compile", "compile_cpp"):
         net = torch.compile(model)
     precision = "fp32" if lever == "fp32" else None
 
@@ -92,10 +94,12 @@ def variant(d, lever: str, batch_size: int):
         optimizer.step()
         ema.step(params)
 
-    if lever == "compile":                    # the first calls compile (forward and backward graphs)
+    if lever in ("compile", "compile_cpp"):   # the first calls compile (forward and backward graphs)
+        import torch._inductor.config as inductor
         t0 = time.perf_counter()
-        step()
-        step()
+        with inductor.patch(cpp_wrapper=lever == "compile_cpp"):
+            step()
+            step()
         setup = time.perf_counter() - t0
     return step, setup
 
