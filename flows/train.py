@@ -319,6 +319,11 @@ def check_stages(stages: Optional[list[str]], known: list[str]) -> None:
                           permanent=True)
 
 
+def in_turn(selected: list[str]) -> dict[str, set[str]]:
+    """Each stage after every stage before it: the stages one after another."""
+    return {stage: set(selected[:i]) for i, stage in enumerate(selected)}
+
+
 def upstream_stages(root: Path, selected: list[str]) -> dict[str, set[str]]:
     """For each of ``selected``, the selected stages it depends on, directly or through others, by
     DVC's own graph of the workspace's dvc.yaml. Where DVC cannot give it, each stage depends on
@@ -331,9 +336,9 @@ def upstream_stages(root: Path, selected: list[str]) -> dict[str, set[str]]:
             name = {node: getattr(node, "name", None) or node.addressing for node in graph.nodes}
             deps = {name[node]: {name[d] for d in nx.descendants(graph, node)} for node in graph.nodes}
     except Exception:  # noqa: BLE001 - no DVC graph: the safe order
-        return {stage: set(selected[:i]) for i, stage in enumerate(selected)}
-    chosen = set(selected)
-    return {stage: deps.get(stage, set(selected[:i])) & chosen for i, stage in enumerate(selected)}
+        return in_turn(selected)
+    chosen, safe = set(selected), in_turn(selected)
+    return {stage: deps.get(stage, safe[stage]) & chosen for stage in selected}
 
 
 def run_stages(ws: Workspace, selected: list[str], env: dict, force: bool, parallel: int
@@ -342,8 +347,7 @@ def run_stages(ws: Workspace, selected: list[str], env: dict, force: bool, paral
     depends on is done, in stage order, at most ``parallel`` at once, the cores shared between
     the running ones (:class:`ThreadShares`). After a failure no new stage starts; the running
     ones finish. Returns the rows in stage order and the first failure."""
-    upstream = upstream_stages(ws.root, selected) if parallel > 1 else \
-        {stage: set(selected[:i]) for i, stage in enumerate(selected)}
+    upstream = upstream_stages(ws.root, selected) if parallel > 1 else in_turn(selected)
     cores = ThreadShares(ws.root / ".unclip" / "threads", machine_cores())
     pending, running, done = list(selected), {}, {}
     failed: Optional[StageFailed] = None

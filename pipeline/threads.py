@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .workspace import atomic_write_bytes
+
 SHARE_ENV = "UNCLIP_THREAD_SHARE"       # the file that holds this stage's thread count
 
 
@@ -67,14 +69,10 @@ class ThreadShares:
         self._write()
 
     def _write(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         for stage, n in shares(self.running, self.cores).items():
             path = self.path(stage)
-            if path.exists() and path.read_text().strip() == str(n):
-                continue
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(f"{n}\n")
-            os.replace(tmp, path)
+            if not (path.exists() and path.read_text().strip() == str(n)):     # unchanged: no new mtime
+                atomic_write_bytes(path, f"{n}\n".encode())
 
 
 _seen: dict[str, Optional[tuple]] = {"file": None}

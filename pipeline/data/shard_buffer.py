@@ -21,6 +21,10 @@ import torch
 LISTS = ("captions", "gt", "keys")      # per-sample Python lists a part may carry beside its tensors
 
 
+class EmptyBuffer(ValueError):
+    """The first buffer holds no sample (its message: ``buffered_batches``'s ``empty``)."""
+
+
 def concat(parts: list[dict]) -> dict:
     """Parts (dicts of tensors [n_i, ...], lists of :data:`LISTS`, and ``n``) -> one part."""
     parts = [p for p in parts if p["n"]]
@@ -40,7 +44,7 @@ def buffered_batches(paths: list[Path], read: Callable[[Path], dict], fields: se
 
     Process ``rank`` of ``world`` reads its own shards when there are enough to go round, else
     all of them with its own seed. With ``buffer_shards`` >= the shard count everything is read
-    once and stays in memory. ``empty``: the ValueError's message when the first buffer holds
+    once and stays in memory. ``empty``: the :class:`EmptyBuffer`'s message when the first buffer holds
     no sample.
     """
     mine = paths[rank::world] if len(paths) >= world else list(paths)
@@ -57,7 +61,7 @@ def buffered_batches(paths: list[Path], read: Callable[[Path], dict], fields: se
     resident = min(buffer_shards, len(mine))
     buffer = [read(next(order)) for _ in range(resident)]
     if not sum(p["n"] for p in buffer):
-        raise ValueError(empty)
+        raise EmptyBuffer(empty)
     pool = concat(buffer)
     drawn = 0
     while True:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import bundle, retrain, tracking, truth
 from ..data.image_shards import decode_images, load_image_split, require_train_samples
-from ..data.shard_buffer import buffered_batches
+from ..data.shard_buffer import EmptyBuffer, buffered_batches
 from ..data.shards import count_samples, iter_shard, sample_meta, shard_paths, split_of
 from ..images import resize, to_model, to_uint8
 from ..progress import say
@@ -80,7 +80,7 @@ def batches(paths: list, size: int, batch_size: int, seed: int, p_degrade: float
     def checked() -> Iterator[dict]:
         try:
             yield next(draws)
-        except ValueError:                       # the first buffer holds no train image with ground truth
+        except EmptyBuffer:                      # the first buffer holds no train image with ground truth
             raise StageError(NO_TRUTH) from None
         yield from draws
 
