@@ -20,6 +20,10 @@ the median of its paired ratios to the baseline (block by block: the machine is 
                    against a run's steps: it pays only if (saved s/step x steps) > compile seconds)
     compile_cpp    the same with inductor's C++ wrapper (the compiled graph calls its kernels from
                    C++, not Python: less dispatch per op)
+    dynamo         torch.compile(model, backend="eager"): TorchDynamo captures the forward's torch
+                   calls into one flat FX graph and runs it as it is, same kernels, no inductor:
+                   what is left of the modules' Python (diffusers' argument handling, hooks, the
+                   module tree) is gone from every step; the outputs are bit-identical
     fp32           no autocast (precision fp32)
     batch64        twice the batch: per-sample cost (s/step / 2 is what to compare)
     batch128       four times the batch (s/step / 4)
@@ -49,7 +53,7 @@ from pipeline.device import resolved_precision  # noqa: E402
 from pipeline.training import build_optimizer  # noqa: E402
 from pipeline.workspace import atomic_write_json  # noqa: E402
 
-LEVERS = ("loops", "channels_last", "compile", "compile_cpp", "fp32", "batch64", "batch128", "transformer", "glide")
+LEVERS = ("loops", "channels_last", "compile", "compile_cpp", "dynamo", "fp32", "batch64", "batch128", "transformer", "glide")
 SCALE = {"batch64": 2, "batch128": 4}          # the batch of a lever, in multiples of the config's
 
 
@@ -83,6 +87,8 @@ def variant(d, lever: str, batch_size: int):
     setup = 0.0
     if lever in ("compile", "compile_cpp"):
         net = torch.compile(model)
+    if lever == "dynamo":
+        net = torch.compile(model, backend="eager")
     precision = "fp32" if lever == "fp32" else None
 
     def step():
@@ -94,7 +100,7 @@ def variant(d, lever: str, batch_size: int):
         optimizer.step()
         ema.step(params)
 
-    if lever in ("compile", "compile_cpp"):   # the first calls compile (forward and backward graphs)
+    if lever in ("compile", "compile_cpp", "dynamo"):   # the first calls compile (forward and backward graphs)
         import torch._inductor.config as inductor
         t0 = time.perf_counter()
         with inductor.patch(cpp_wrapper=lever == "compile_cpp"):

@@ -280,7 +280,7 @@ def upsampler_bench(cfg, key: str, device: torch.device, pool_n: int) -> Bench:
     if conditioned(u):
         items = list(zip(items, unit(pool_n, cfg.clip.model.embed_dim, gen)))
     # (x0 crops, conditioning crops) uint8 [n, 3, crop, crop] (+ z_i [n, D] when conditioned, + aug levels [n])
-    pool = TrainingPairs(u.degradation, in_size, out_size, crop, u.seed, u.noise_aug)(items)
+    pool = TrainingPairs(u.degradation, in_size, out_size, crop, u.seed, u.noise_aug, u.smooth_aug)(items)
     return diffusion_bench(f"upsample@{key}", u, model, upsampler_stage.make_loss(u, schedule), pool, device)
 
 

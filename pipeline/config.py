@@ -306,6 +306,10 @@ class UpsamplerConfig(TrainConfig):
     # a level drawn uniformly from [0, noise_aug] 8-bit levels, which the network is told; sampling
     # noises the previous model's output to sampling.aug_level. 0: off (the paper's upsamplers)
     noise_aug: float = Field(0.0, ge=0, le=64)
+    # Smooth-field augmentation (pipeline/upsampler/degrade.py): the low-res input in training also
+    # gets a random field that varies over 1-3 low-res px, at up to this many 8-bit levels, not told
+    # to the network: the low-frequency errors of a small base decoder's backgrounds. 0: off
+    smooth_aug: float = Field(0.0, ge=0, le=64)
     sampling: UpsamplerSamplingConfig = UpsamplerSamplingConfig(steps=2)
     # none: the paper's upsampler (the low-res image only). image_embed: also z_i, added to the
     # time embedding as the decoder does (a declared deviation: the low-res base drops shape)
@@ -335,8 +339,8 @@ class UpsamplerConfig(TrainConfig):
 
 class UpsampleConfig(Section):
     """The upsampler chain after the decoder; DVC stage ``upsample@<key>`` per entry, in order."""
-    stages: dict[str, UpsamplerConfig] = {"1": UpsamplerConfig(steps=800, noise_aug=32.0),
-                                          "2": UpsamplerConfig(batch_size=32, steps=300)}
+    stages: dict[str, UpsamplerConfig] = {"1": UpsamplerConfig(steps=800, noise_aug=32.0, smooth_aug=12.0),
+                                          "2": UpsamplerConfig(batch_size=32, steps=300, residual_scale=32.0)}
 
 
 class EvaluateConfig(Section):

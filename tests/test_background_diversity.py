@@ -2,6 +2,7 @@
 ``background`` and ``diversity`` figures), on images the corpus's renderer draws."""
 from __future__ import annotations
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -129,6 +130,24 @@ def test_a_misplaced_object_is_stray_not_noise():
     sd, stray = background.noise(img, [s.ground_truth()])
     assert sd.item() == 0 and 0 < stray.item() < 0.1
     assert background.read(img, [s.ground_truth()])[0] == [s.background]
+
+
+def test_a_misplaced_objects_anti_aliased_rim_is_its_edge_not_noise():
+    """A whole drawn object the ground truth does not have (a two-object scene judged against the
+    truth of its first object): its core is stray, and its anti-aliased 1 px rim, which lies nearer
+    the background than STRAY_LEVELS, is left out of the noise with it (``noise_with_rims`` keeps it)."""
+    picked = [s for s in scenes(200) if len(s.objects) == 2][:8]
+    img = as_tensor([render(s, 64, 4) for s in picked])
+    truth = []
+    for s in picked:
+        gt = json.loads(s.ground_truth()) if isinstance(s.ground_truth(), str) else dict(s.ground_truth())
+        truth.append({**gt, "objects": gt["objects"][:1]})
+    sd, stray = background.noise(img, truth)
+    rims, stray0 = background.noise(img, truth, edge=0)
+    assert (stray > 0).all() and torch.equal(stray, stray0)
+    assert rims.mean() > 1 and sd.max() < 0.05                # the rim was all of the "noise"
+    fig = background.figures(img, truth, [""] * len(truth))
+    assert fig["noise"] < 0.05 and fig["noise_with_rims"] > 1
 
 
 def test_background_bars():

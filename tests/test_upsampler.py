@@ -9,7 +9,7 @@ from pipeline.config import Config, DecoderConfig, UpsampleConfig, UpsamplerConf
 from pipeline.diffusion import SAMPLERS, noise_schedule
 from pipeline.images import psnr, resize, to_uint8
 from pipeline.upsampler import diffusion
-from pipeline.upsampler.degrade import degrade, noise_augment
+from pipeline.upsampler.degrade import degrade, noise_augment, smooth_augment, smooth_field
 from pipeline.upsampler.network import Upsampler, norm_groups
 from pipeline.upsampler.stage import TrainingPairs, chain_sizes, crop_size
 
@@ -138,6 +138,29 @@ def test_training_pairs_with_noise_aug_carry_their_levels():
     z = [torch.full((8,), float(i)) for i in range(6)]
     out = TrainingPairs("blur", 8, 16, 8, seed=0, noise_aug=12.0)(list(zip(images, z)))
     assert len(out) == 4 and torch.equal(out[2], torch.stack(z)) and out[3].shape == (6,)
+
+
+def test_smooth_field_is_smooth_unit_and_seeded():
+    g = torch.Generator().manual_seed(0)
+    f = smooth_field((6, 3, 16, 16), g)
+    assert torch.allclose(f.std((-2, -1)), torch.ones(6, 3), atol=1e-4)
+    assert f.mean((-2, -1)).abs().max() < 1e-5
+    white = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    # blurred over 1-3 px: far less high-frequency energy than white noise of the same spread
+    assert high_freq_energy(f) < 0.3 * high_freq_energy(white)
+    assert torch.equal(f, smooth_field((6, 3, 16, 16), torch.Generator().manual_seed(0)))
+
+
+def test_smooth_augment_adds_up_to_the_asked_level_and_only_to_the_condition():
+    x = torch.zeros(64, 3, 16, 16)
+    out = smooth_augment(x, 12.0, torch.Generator().manual_seed(0))
+    sd = (out * 255 / 2).std(dim=(2, 3)).mean(1)             # per image, in 8-bit levels
+    assert sd.max() <= 12.01 and sd.min() < 3 and sd.max() > 9          # levels ~ U[0, 12]
+    assert smooth_augment(torch.ones(2, 3, 8, 8), 12.0, torch.Generator()).max() <= 1
+    images = [((shapes(seed=i, b=1, size=32)[0] + 1) * 127.5).round().to(torch.uint8) for i in range(6)]
+    out = TrainingPairs("blur", 8, 16, crop=8, seed=0, smooth_aug=12.0)(images)
+    assert len(out) == 2 and out[0].shape == out[1].shape == (6, 3, 8, 8)      # nothing told to the network
+    assert not torch.equal(out[1], TrainingPairs("blur", 8, 16, crop=8, seed=0)(images)[1])
 
 
 def test_aug_level_beyond_the_trained_levels_is_refused():

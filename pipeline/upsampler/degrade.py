@@ -25,6 +25,14 @@ degradation and is not one of its kinds: its level is drawn per image and given 
 (pipeline/upsampler/network.py), and sampling noises the previous model's output the same way
 (``aug_level``).
 
+Smooth-field augmentation (``smooth_field``, the stage's ``smooth_aug``) also comes after the
+degradation and is not told to the network: a random field that varies over several low-res
+pixels (white noise blurred by a Gaussian of ``SMOOTH_SIGMA`` px, scaled to unit spread), at an
+amplitude drawn per image from [0, ``smooth_aug``] 8-bit levels, per channel. It imitates what a
+small base decoder gets wrong in a flat background (a tint over part of the image, a darker half,
+a halo: low-frequency errors, README "where the background noise is"), which white noise does not:
+trained on it, the upsampler learns that such a drift is never in the image it must draw.
+
 Every random draw comes from the ``torch.Generator`` passed in: a seed gives the same corruption.
 Images are float [B, 3, h, w] in [-1, 1] in and out.
 """
@@ -49,6 +57,7 @@ DOWN_MODES = ("bilinear", "bicubic", "area")     # BSRGAN's cv2 choices: linear,
 UP_MODES = ("bilinear", "bicubic")
 NOISE_LEVEL = (1, 10)                # bsr: noise sigma in 0-255 steps (BSRGAN: 2-25)
 JPEG_QUALITY = (60, 95)              # bsr (BSRGAN: 30-95)
+SMOOTH_SIGMA = (1.0, 3.0)            # smooth_field: the blur of its white noise, low-res px
 JPEG_PROB = 0.9                      # bsr: chance of the JPEG step inside the shuffled sequence
 
 
@@ -68,6 +77,25 @@ def noise_augment(x: torch.Tensor, levels: torch.Tensor, generator: Optional[tor
     sigma = (2 * levels.to(x.device, torch.float32) / 255)[:, None, None, None]
     noise = torch.randn(x.shape, generator=generator).to(x.device)     # on CPU: a seed, the same noise anywhere
     return (x + sigma * noise).clamp(-1, 1)
+
+
+def smooth_field(shape: tuple, generator: torch.Generator) -> torch.Tensor:
+    """A unit-spread random field [B, C, h, w] that varies smoothly over space: white noise blurred
+    by a Gaussian of sigma ~ U[SMOOTH_SIGMA] low-res px (one sigma per image), each image's channel
+    scaled to standard deviation 1 (so a level is the field's spread, as white noise's is)."""
+    b, c, h, w = shape
+    sigma = uniform(*SMOOTH_SIGMA, generator, b)
+    field = gaussian_blur(torch.randn(shape, generator=generator), torch.diag_embed(torch.stack([sigma, sigma], -1) ** 2))
+    field = field - field.mean((-2, -1), keepdim=True)
+    return field / field.std((-2, -1), keepdim=True).clamp(min=1e-6)
+
+
+def smooth_augment(x: torch.Tensor, max_level: float, generator: torch.Generator) -> torch.Tensor:
+    """Low-res images [B, 3, h, w] in [-1, 1] + a smooth field (``smooth_field``) of standard
+    deviation drawn per image from U[0, max_level] 8-bit levels, clamped to [-1, 1]."""
+    levels = uniform(0.0, max_level, generator, len(x))
+    sigma = (2 * levels / 255)[:, None, None, None]
+    return (x + sigma * smooth_field(tuple(x.shape), generator).to(x.dtype)).clamp(-1, 1)
 
 
 def augment_levels(max_level: float, n: int, generator: torch.Generator) -> torch.Tensor:

@@ -31,7 +31,7 @@ from ..errors import StageError
 from ..device import autocast
 from ..training import clear_checkpoints, train_diffusion_model
 from ..workspace import atomic_dir
-from .degrade import augment_levels, degrade, noise_augment
+from .degrade import augment_levels, degrade, noise_augment, smooth_augment
 from .diffusion import Condition, UpsamplerSampling, sample, training_loss
 from .network import Upsampler
 
@@ -71,9 +71,10 @@ class TrainingPairs:
     The corruptions and crop places come from a generator seeded by (``seed``, worker id), made
     in the worker on first use."""
 
-    def __init__(self, kind: str, in_size: int, out_size: int, crop: int, seed: int, noise_aug: float = 0.0):
+    def __init__(self, kind: str, in_size: int, out_size: int, crop: int, seed: int, noise_aug: float = 0.0,
+                 smooth_aug: float = 0.0):
         self.kind, self.in_size, self.out_size, self.crop, self.seed = kind, in_size, out_size, crop, seed
-        self.noise_aug = noise_aug
+        self.noise_aug, self.smooth_aug = noise_aug, smooth_aug
         self.generator: Optional[torch.Generator] = None
 
     def __call__(self, items: list) -> tuple[torch.Tensor, ...]:
@@ -91,6 +92,8 @@ class TrainingPairs:
             self.generator = torch.Generator().manual_seed((self.seed << 8) + (worker.id if worker else 0))
         x0, low = high_low(images, self.in_size, self.out_size)
         low = degrade(self.kind, low, self.generator).clamp(-1, 1)
+        if self.smooth_aug > 0:
+            low = smooth_augment(low, self.smooth_aug, self.generator)
         levels = ()
         if self.noise_aug > 0:
             levels = (augment_levels(self.noise_aug, len(low), self.generator),)
@@ -181,7 +184,8 @@ def train(u, key: str, paths: list[Path], in_size: int, out_size: int, checkpoin
     def make_batches(rank: int, world: int):
         seed = u.seed + rank                              # each process its own data and noise
         torch.manual_seed(seed)
-        return train_loader(paths, TrainingPairs(u.degradation, in_size, out_size, crop, seed, u.noise_aug),
+        return train_loader(paths, TrainingPairs(u.degradation, in_size, out_size, crop, seed, u.noise_aug,
+                                                          u.smooth_aug),
                             u.batch_size, u.num_workers, seed, conditioned=conditioned(u))
 
     loss_fn = make_loss(u, schedule)
@@ -204,6 +208,7 @@ def model_info(u, key: str, in_size: int, out_size: int, crop_size: int) -> dict
     return {"key": key, "in_size": in_size, "out_size": out_size, "prediction_type": u.prediction_type,
             "condition": u.condition, "target": u.target, "residual_scale": u.residual_scale,
             "sampling": u.sampling.model_dump(), "degradation": u.degradation, "noise_aug": u.noise_aug,
+            "smooth_aug": u.smooth_aug,
             "crop_size": crop_size}
 
 
