@@ -17,7 +17,7 @@ are known without a model: everything outside each object's box, widened by a ma
   every background in some channel, and Gaussian noise of up to 16 levels loses under 2 % of
   its standard deviation to the cut. A stray object's anti-aliased edge is a rim of pixels
   between its color and the background's, most of them nearer than ``STRAY_LEVELS``: the pixels
-  within ``STRAY_EDGE`` of a stray pixel (1 px at 64 px) are its edge and are left out too. Without
+  within ``STRAY_EDGE`` (1 px) of a stray pixel are its edge and are left out too. Without
   that, the rims of the objects a generator draws larger or further than the ground truth's boxes
   were most of the noise measured on two-object scenes (README, 2026-12-05: 3.57 levels with them,
   2.42 without, on one-object scenes 1.28 and 1.26; real images 0.46 either way).
@@ -50,7 +50,8 @@ RGB = torch.tensor([BACKGROUNDS[n] for n in NAMES], dtype=torch.float64)     # [
 EXTENT = 1.2        # an object's box half-width per half-width of its size: rotated squares reach 1.16, triangles 1.155
 MARGIN = 0.08       # of the canvas, around each box: anti-aliasing, JPEG ringing, a generated object a little off
 STRAY_LEVELS = 48   # further than this from the background's median in some channel: drawn there, not noise
-STRAY_EDGE = 1 / 64  # of the canvas: the rim around stray pixels that is their anti-aliased edge (1 px at 64 px)
+STRAY_EDGE = 1       # px: the rim around stray pixels that is their anti-aliased edge (the corpus draws at 4x
+                     # and downsamples: a 1 px blend at any size)
 NOISE_FLOOR = 1.0   # 8-bit levels: the real images' noise under this counts as this in the ratio
 _NAMED = re.compile(r"\b(" + "|".join(NAMES) + r") background\b")
 
@@ -99,9 +100,9 @@ def read(images: torch.Tensor, gts: Sequence) -> tuple[list[str], torch.Tensor]:
     return [NAMES[i] for i in nearest.tolist()], medians
 
 
-def noise(images: torch.Tensor, gts: Sequence, edge: float = STRAY_EDGE) -> tuple[torch.Tensor, torch.Tensor]:
+def noise(images: torch.Tensor, gts: Sequence, edge: int = STRAY_EDGE) -> tuple[torch.Tensor, torch.Tensor]:
     """(noise [N]: per image the background's standard deviation per channel, averaged over the
-    channels, stray pixels and the pixels within ``edge`` (of the canvas) of one left out;
+    channels, stray pixels and the pixels within ``edge`` px of one left out;
     stray [N]: the fraction of background pixels that are stray). ``edge=0``: only the stray
     pixels themselves are left out (``noise_with_rims``)."""
     sd, stray = [], []
@@ -109,8 +110,7 @@ def noise(images: torch.Tensor, gts: Sequence, edge: float = STRAY_EDGE) -> tupl
         m = _background(img, g)
         x = img.permute(1, 2, 0).double()                               # [H, W, 3]
         far = ((x - x[m].median(0).values).abs().amax(-1) > STRAY_LEVELS) & m
-        r = round(edge * img.shape[-1])
-        near = F.max_pool2d(far[None, None].double(), 2 * r + 1, stride=1, padding=r)[0, 0] > 0 if r else far
+        near = F.max_pool2d(far[None, None].double(), 2 * edge + 1, stride=1, padding=edge)[0, 0] > 0 if edge else far
         kept = x[m & ~near]
         sd.append(kept.std(0, unbiased=False).mean().item() if len(kept) >= 2 else 0.0)
         stray.append(far[m].double().mean().item())

@@ -325,6 +325,26 @@ def test_decoder_variant_bench_trains_and_judges_without_touching_the_workspace(
     assert not (tmp_path / "bad").exists()
 
 
+def test_background_noise_bench_reads_every_stage_beside_real_images(flow_runs, tmp_path):
+    import subprocess
+    import sys
+    ws, _, _ = flow_runs
+    cmd = [sys.executable, str(REPO / "bench" / "background_noise.py"), "--workspace", str(ws.root), "--n", "2",
+           "--batch-size", "4", "--rims", "0,1", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    fig = json.loads((tmp_path / "background_noise.json").read_text())
+    sets = fig["sets"]
+    stages = ["decoder"] + [f"upsample_{j}" for j in range(1, len(sets) - 1) if f"upsample_{j}" in sets]
+    assert {"real test images", *stages} <= set(sets) and any(k.startswith("real, through") for k in sets)
+    real = sets["real test images"]
+    assert real["stray_percent"] == 0 and real["rims"]["0"] == real["rims"]["1"] == real["noise"]   # nothing stray
+    for name, f in sets.items():
+        assert f["rims"]["1"] == f["noise"] and f["rims"]["0"] >= f["noise"] - 1e-9, name   # leaving rims out only lowers it
+        assert len(f["quantiles_50_75_90"]) == 3 and f["one_object"] >= 0 and f["two_objects"] >= 0, name
+    assert (tmp_path / "stages.png").exists() and "upsample_" in done.stdout
+
+
 def test_binding_bench_tables_the_chain_without_touching_the_workspace(flow_runs, tmp_path):
     import hashlib
     import subprocess
