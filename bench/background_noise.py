@@ -45,26 +45,19 @@ from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402
 NEAR = 0.16         # of the canvas: the outer edge of the near band (its inner edge is background.MARGIN)
 
 
-def _sd(px: torch.Tensor) -> float:
-    """The background noise of pixels [n, 3] (stray ones cut as ``background.noise`` cuts them)."""
-    if len(px) < 2:
-        return float("nan")
-    keep = (px - px.median(0).values).abs().amax(1) <= background.STRAY_LEVELS
-    return px[keep].std(0, unbiased=False).mean().item() if keep.sum() >= 2 else float("nan")
-
-
 def regions(images: torch.Tensor, gts: list) -> dict:
-    """Mean noise of the near band, the far part and the 7x7 low-pass image over the background."""
+    """Mean noise of the near band, the far part and the 7x7 low-pass image over the background
+    (``background.region_noise`` with only the stray pixels left out, not their rims)."""
     x = images.double()
     low = F.avg_pool2d(F.pad(x, (3, 3, 3, 3), mode="replicate"), 7, stride=1)
     out = {"near": [], "far": [], "low_pass": []}
+    nan = float("nan")
     for img, lo, g in zip(x, low, gts):
         size = img.shape[-1]
         inner, outer = background.mask(g, size), background.mask(g, size, margin=NEAR)
-        px, lp = img.permute(1, 2, 0), lo.permute(1, 2, 0)
-        out["near"].append(_sd(px[inner & ~outer]))
-        out["far"].append(_sd(px[outer]))
-        out["low_pass"].append(_sd(lp[inner]))
+        out["near"].append(background.region_noise(img, inner & ~outer, edge=0, empty=nan)[0])
+        out["far"].append(background.region_noise(img, outer, edge=0, empty=nan)[0])
+        out["low_pass"].append(background.region_noise(lo, inner, edge=0, empty=nan)[0])
     return {k: round(float(torch.tensor(v).nanmean()), 3) for k, v in out.items()}
 
 

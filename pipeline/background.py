@@ -105,16 +105,24 @@ def noise(images: torch.Tensor, gts: Sequence, edge: int = STRAY_EDGE) -> tuple[
     channels, stray pixels and the pixels within ``edge`` px of one left out;
     stray [N]: the fraction of background pixels that are stray). ``edge=0``: only the stray
     pixels themselves are left out (``noise_with_rims``)."""
-    sd, stray = [], []
-    for img, g in zip(images, gts):
-        m = _background(img, g)
-        x = img.permute(1, 2, 0).double()                               # [H, W, 3]
-        far = ((x - x[m].median(0).values).abs().amax(-1) > STRAY_LEVELS) & m
-        near = F.max_pool2d(far[None, None].double(), 2 * edge + 1, stride=1, padding=edge)[0, 0] > 0 if edge else far
-        kept = x[m & ~near]
-        sd.append(kept.std(0, unbiased=False).mean().item() if len(kept) >= 2 else 0.0)
-        stray.append(far[m].double().mean().item())
+    sd, stray = zip(*(region_noise(img, _background(img, g), edge) for img, g in zip(images, gts))) \
+        if len(gts) else ((), ())
     return torch.tensor(sd, dtype=torch.float64), torch.tensor(stray, dtype=torch.float64)
+
+
+def region_noise(image: torch.Tensor, region: torch.Tensor, edge: int = STRAY_EDGE,
+                 empty: float = 0.0) -> tuple[float, float]:
+    """``noise`` of one image [3, H, W] over the pixels of ``region`` (bool [H, W]): (the standard
+    deviation per channel, averaged over the channels, of the region's pixels that are neither
+    stray nor within ``edge`` px of a stray one; the fraction of the region that is stray).
+    ``empty`` is the figure when fewer than 2 pixels are left."""
+    if region.sum() < 2:
+        return empty, 0.0
+    x = image.permute(1, 2, 0).double()                                  # [H, W, 3]
+    far = ((x - x[region].median(0).values).abs().amax(-1) > STRAY_LEVELS) & region
+    near = F.max_pool2d(far[None, None].double(), 2 * edge + 1, stride=1, padding=edge)[0, 0] > 0 if edge else far
+    kept = x[region & ~near]
+    return (kept.std(0, unbiased=False).mean().item() if len(kept) >= 2 else empty), far[region].double().mean().item()
 
 
 def speckle(images: torch.Tensor, gts: Sequence) -> torch.Tensor:

@@ -184,8 +184,8 @@ def train(u, key: str, paths: list[Path], in_size: int, out_size: int, checkpoin
     def make_batches(rank: int, world: int):
         seed = u.seed + rank                              # each process its own data and noise
         torch.manual_seed(seed)
-        return train_loader(paths, TrainingPairs(u.degradation, in_size, out_size, crop, seed, u.noise_aug,
-                                                          u.smooth_aug),
+        pairs = TrainingPairs(u.degradation, in_size, out_size, crop, seed, u.noise_aug, u.smooth_aug)
+        return train_loader(paths, pairs,
                             u.batch_size, u.num_workers, seed, conditioned=conditioned(u))
 
     loss_fn = make_loss(u, schedule)
