@@ -13,6 +13,8 @@ warm-up, ``--repeats`` blocks, and the table gives each variant's median seconds
 the median of its paired ratios to the baseline (block by block: the machine is noisy).
 
     baseline       the step as the stage runs it (bf16 autocast: what precision auto measures faster here)
+    diffusers      the UNet through diffusers' own forward instead of pipeline/lean_unet.py's (same
+                   modules and weights, more small ops: what the stage ran before)
     loops          the step before foreach: EMAModel's Python loop over every tensor and clipping's
                    per-tensor norms (what the stage ran before; the baseline uses foreach for both)
     channels_last  the model and the images in channels-last memory format (oneDNN's preferred layout)
@@ -53,7 +55,7 @@ from pipeline.device import resolved_precision  # noqa: E402
 from pipeline.training import build_optimizer  # noqa: E402
 from pipeline.workspace import atomic_write_json  # noqa: E402
 
-LEVERS = ("loops", "channels_last", "compile", "compile_cpp", "dynamo", "fp32", "batch64", "batch128", "transformer", "glide")
+LEVERS = ("diffusers", "loops", "channels_last", "compile", "compile_cpp", "dynamo", "fp32", "batch64", "batch128", "transformer", "glide")
 SCALE = {"batch64": 2, "batch128": 4}          # the batch of a lever, in multiples of the config's
 
 
@@ -73,6 +75,8 @@ def variant(d, lever: str, batch_size: int):
     if lever in ("transformer", "glide"):
         d = d.model_copy(update={"attention_block": lever})
     model = UnclipDecoder(**arch_of(d, 128, 128)).train()
+    if lever == "diffusers":
+        model.lean = False
     if lever == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     optimizer, _, ema = build_optimizer(model, d)
@@ -171,7 +175,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--levers", default=",".join(LEVERS))
-    ap.add_argument("--fixed", default="baseline,loops,transformer,glide",
+    ap.add_argument("--fixed", default="baseline,diffusers,transformer,glide",
                     help="levers whose fixed cost per step is measured (a sweep at batch/4, batch/2, batch)")
     ap.add_argument("--parts", action="store_true", help="the baseline step's parts at batch 1, 8, batch (see above)")
     ap.add_argument("--params", default="params.yaml")
