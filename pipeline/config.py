@@ -278,7 +278,7 @@ class DecoderConfig(TrainConfig):
     p_drop_image_embed: float = Field(0.1, ge=0, le=1)
     p_drop_caption: float = Field(0.5, ge=0, le=1)
     batch_size: int = Field(32, ge=1)
-    steps: int = Field(2800, ge=1)
+    steps: int = Field(3100, ge=1)
     lr: float = Field(1e-3, gt=0)
     num_workers: int = Field(0, ge=0)
     sampling: SamplingConfig = SamplingConfig(sampler="dpm++", steps=8, guidance_scale=2.0)

@@ -78,3 +78,26 @@ def test_training_loss_decreases_on_a_fixed_mapping():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
+
+
+def test_written_out_attention_computes_what_the_sdpa_processor_does():
+    """The prior runs diffusers' AttnProcessor with an fp32 softmax (faster on CPU at its lengths);
+    outputs and gradients equal the SDPA processor's, the dropped caption included."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+    z_t, tokens, mask = cond()
+    mask[0] = False                                           # a dropped caption: only z_t and the rest
+    x, t = torch.randn(B, D), torch.tensor([0, 500, 999])
+    m = net().train()
+    assert all(isinstance(p, AttnProcessor) for p in m.transformer.attn_processors.values())
+    got = {}
+    for name, proc in (("written out", AttnProcessor()), ("sdpa", AttnProcessor2_0())):
+        m.transformer.set_attn_processor(proc)
+        m.zero_grad(set_to_none=True)
+        out = m(x, t, z_t, tokens, mask)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        got[name] = (out.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None])
+    (out_a, grads_a), (out_b, grads_b) = got.values()
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-5)
+    assert len(grads_a) == len(grads_b) > 0
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)        # fp32 summation order
