@@ -9,6 +9,7 @@ defaults, and scores the final images with the judge (``evaluate``'s figures). S
 
     decoder_guidance    the decoder's guidance scale at its default sampler and steps
     prior_guidance      the prior's guidance scale
+    prior_candidates    the prior's rerank: 1, 2 (the default) or 4 draws per caption, the best z_i . z_t kept
     decoder_steps       steps per sampler (ddpm, ddim, dpm++) for the decoder
     prior_steps         steps per sampler for the prior
     upsampler_steps     steps per sampler for both upsamplers
@@ -52,6 +53,8 @@ def sweeps(steps_grid, samplers=SAMPLERS) -> dict[str, list[dict]]:
     return {
         "decoder_guidance": [{"guidance": s} for s in (1.0, 1.5, 2.0, 3.0, 4.0)],
         "prior_guidance": [{"prior_guidance": s} for s in (1.0, 1.5, 2.0, 3.0)],
+        # the prior's rerank: draws per caption, the one with the largest z_i . z_t kept (the paper's 2)
+        "prior_candidates": [{"n_candidates": k} for k in (1, 2, 4)],
         "decoder_steps": [{"sampler": sm, "steps": n} for sm in samplers for n in g],
         "prior_steps": [{"prior_sampler": sm, "prior_steps": n} for sm in samplers for n in g],
         "upsampler_steps": [{"upsampler_sampler": sm, "upsampler_steps": n} for sm in samplers for n in g],

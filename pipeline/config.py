@@ -295,6 +295,7 @@ class DecoderConfig(TrainConfig):
 class UpsamplerConfig(TrainConfig):
     scale: int = Field(2, ge=2, le=8)                 # output size = input size x scale
     degradation: Literal["blur", "bsr"] = "blur"      # corruption of the low-res input in training
+    blur_sigma: tuple[float, float] = (0.4, 0.6)      # degradation blur: sigma ~ U[lo, hi] low-res px per image
     block_out_channels: list[int] = [32, 64, 128]
     layers_per_block: int = Field(1, ge=1)
     prediction_type: Prediction = "v_prediction"      # epsilon leaves noise after few steps from t = T
@@ -324,6 +325,14 @@ class UpsamplerConfig(TrainConfig):
     # embedded corpus against 0.7 for images): at scale 1 the network's error at the last sampling
     # step lands on the image as it is, at scale k it lands divided by k.
     residual_scale: float = Field(8.0, gt=0)
+
+    @field_validator("blur_sigma")
+    @classmethod
+    def _blur_range(cls, sigma):
+        lo, hi = sigma
+        if not 0 < lo <= hi <= 4:
+            raise ValueError(f"blur_sigma must be [lo, hi] with 0 < lo <= hi <= 4 low-res px, not {list(sigma)}")
+        return sigma
 
     @field_validator("sampling")
     @classmethod

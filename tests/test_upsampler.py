@@ -185,6 +185,22 @@ def test_degradation_shape_range_determinism_and_effect(kind):
         assert high_freq_energy(degrade(kind, noise, torch.Generator().manual_seed(0))) < 0.5 * high_freq_energy(noise)
 
 
+def test_blur_sigma_sets_how_much_the_training_input_is_blurred():
+    noise = torch.rand(6, 3, 16, 16) * 2 - 1
+    g = lambda: torch.Generator().manual_seed(0)                  # noqa: E731
+    assert torch.equal(degrade("blur", noise, g()), degrade("blur", noise, g(), (0.4, 0.6)))     # the default
+    light, heavy = degrade("blur", noise, g(), (0.2, 0.2)), degrade("blur", noise, g(), (1.2, 1.2))
+    assert high_freq_energy(heavy) < 0.3 * high_freq_energy(light)
+    images = [((shapes(seed=i, b=1, size=32)[0] + 1) * 127.5).round().to(torch.uint8) for i in range(6)]
+    x0, cond = TrainingPairs("blur", 8, 16, crop=8, seed=0, blur_sigma=(1.2, 1.2))(images)
+    x0_d, cond_d = TrainingPairs("blur", 8, 16, crop=8, seed=0)(images)
+    assert torch.equal(x0, x0_d) and (cond.float() - x0.float()).abs().mean() > (cond_d.float() - x0.float()).abs().mean()
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError, match="blur_sigma"):
+        UpsamplerConfig(blur_sigma=(0.8, 0.4))
+    assert UpsamplerConfig(blur_sigma=[0.4, 1.2]).blur_sigma == (0.4, 1.2)
+
+
 def test_degradation_rejects_unknown_kind():
     with pytest.raises(ValueError, match="unknown degradation"):
         degrade("sharpen", shapes(), torch.Generator())

@@ -61,10 +61,12 @@ SMOOTH_SIGMA = (1.0, 3.0)            # smooth_field: the blur of its white noise
 JPEG_PROB = 0.9                      # bsr: chance of the JPEG step inside the shuffled sequence
 
 
-def degrade(kind: str, low_res: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The training-time corruption ``kind`` of low-res images [B, 3, h, w] in [-1, 1] -> same shape."""
+def degrade(kind: str, low_res: torch.Tensor, generator: torch.Generator,
+            blur_sigma: tuple[float, float] = BLUR_SIGMA) -> torch.Tensor:
+    """The training-time corruption ``kind`` of low-res images [B, 3, h, w] in [-1, 1] -> same shape
+    (``blur_sigma``: blur's range of sigma, low-res px)."""
     if kind == "blur":
-        return blur(low_res, generator)
+        return blur(low_res, generator, blur_sigma)
     if kind == "bsr":
         return torch.cat([bsr(img[None], generator) for img in low_res])
     raise ValueError(f"unknown degradation {kind!r} (known: {', '.join(KINDS)})")
@@ -104,9 +106,9 @@ def augment_levels(max_level: float, n: int, generator: torch.Generator) -> torc
     return uniform(0.0, max_level, generator, n)
 
 
-def blur(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Isotropic Gaussian blur, sigma ~ U[BLUR_SIGMA] drawn per image. [B, 3, h, w] -> same."""
-    sigma = uniform(*BLUR_SIGMA, generator, len(x))
+def blur(x: torch.Tensor, generator: torch.Generator, sigma_range: tuple[float, float] = BLUR_SIGMA) -> torch.Tensor:
+    """Isotropic Gaussian blur, sigma ~ U[sigma_range] drawn per image. [B, 3, h, w] -> same."""
+    sigma = uniform(*sigma_range, generator, len(x))
     return gaussian_blur(x, torch.diag_embed(torch.stack([sigma, sigma], -1) ** 2))
 
 

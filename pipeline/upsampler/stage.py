@@ -31,7 +31,7 @@ from ..errors import StageError
 from ..device import autocast
 from ..training import clear_checkpoints, train_diffusion_model
 from ..workspace import atomic_dir
-from .degrade import augment_levels, degrade, noise_augment, smooth_augment
+from .degrade import BLUR_SIGMA, augment_levels, degrade, noise_augment, smooth_augment
 from .diffusion import Condition, UpsamplerSampling, sample, training_loss
 from .network import Upsampler
 
@@ -72,9 +72,9 @@ class TrainingPairs:
     in the worker on first use."""
 
     def __init__(self, kind: str, in_size: int, out_size: int, crop: int, seed: int, noise_aug: float = 0.0,
-                 smooth_aug: float = 0.0):
+                 smooth_aug: float = 0.0, blur_sigma: tuple[float, float] = BLUR_SIGMA):
         self.kind, self.in_size, self.out_size, self.crop, self.seed = kind, in_size, out_size, crop, seed
-        self.noise_aug, self.smooth_aug = noise_aug, smooth_aug
+        self.noise_aug, self.smooth_aug, self.blur_sigma = noise_aug, smooth_aug, tuple(blur_sigma)
         self.generator: Optional[torch.Generator] = None
 
     def __call__(self, items: list) -> tuple[torch.Tensor, ...]:
@@ -91,7 +91,7 @@ class TrainingPairs:
             worker = torch.utils.data.get_worker_info()
             self.generator = torch.Generator().manual_seed((self.seed << 8) + (worker.id if worker else 0))
         x0, low = high_low(images, self.in_size, self.out_size)
-        low = degrade(self.kind, low, self.generator).clamp(-1, 1)
+        low = degrade(self.kind, low, self.generator, self.blur_sigma).clamp(-1, 1)
         if self.smooth_aug > 0:
             low = smooth_augment(low, self.smooth_aug, self.generator)
         levels = ()
@@ -184,7 +184,7 @@ def train(u, key: str, paths: list[Path], in_size: int, out_size: int, checkpoin
     def make_batches(rank: int, world: int):
         seed = u.seed + rank                              # each process its own data and noise
         torch.manual_seed(seed)
-        pairs = TrainingPairs(u.degradation, in_size, out_size, crop, seed, u.noise_aug, u.smooth_aug)
+        pairs = TrainingPairs(u.degradation, in_size, out_size, crop, seed, u.noise_aug, u.smooth_aug, u.blur_sigma)
         return train_loader(paths, pairs,
                             u.batch_size, u.num_workers, seed, conditioned=conditioned(u))
 
