@@ -345,6 +345,23 @@ def test_background_noise_bench_reads_every_stage_beside_real_images(flow_runs, 
     assert (tmp_path / "stages.png").exists() and "upsample_" in done.stdout
 
 
+def test_shape_readings_bench_counts_every_caption_at_every_stage(flow_runs, tmp_path):
+    import subprocess
+    import sys
+    ws, _, _ = flow_runs
+    cmd = [sys.executable, str(REPO / "bench" / "shape_readings.py"), "--workspace", str(ws.root), "--n", "3",
+           "--batch-size", "4", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    fig = json.loads((tmp_path / "shape_readings.json").read_text())
+    assert fig["n"] == 3 and list(fig["stages"])[0] == "decoder" and "upsample_1" in fig["stages"]
+    for name, f in fig["stages"].items():
+        counts = f["readings"]
+        assert sum(counts.values()) == 3, name
+        right = sum(v for k, v in counts.items() if k.split(" -> ")[0].split(" ")[1] == k.split(" -> ")[1])
+        assert abs(f["shape"] - 100 * right / 3) < 0.01, name
+
+
 def test_binding_bench_tables_the_chain_without_touching_the_workspace(flow_runs, tmp_path):
     import hashlib
     import subprocess
