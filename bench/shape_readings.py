@@ -46,12 +46,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--out", default=None, help="default: <workspace>/reports/bench")
     args = ap.parse_args(argv)
-    ws = Workspace(Path(args.workspace).resolve())
-    unclip = Unclip.load(ws.root / "models")
-    judge = Judge.load(ws.judge, unclip.device)
+    ws = Workspace.at(args.workspace)
+    paths = shard_paths(ws.embeddings)
+    if not paths:
+        sys.exit(f"no embedding shards in {ws.embeddings}: run the embed stage first")
+    try:
+        unclip = Unclip.load(ws.root / "models")
+        judge = Judge.load(ws.judge, unclip.device)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(str(err))
     size = unclip.sizes[-1]
-    test = load_split(shard_paths(ws.embeddings), "test", image_size=size)
+    test = load_split(paths, "test", image_size=size)
     rows = pick_rows(test["gt"], args.n, 0)
+    if not rows:
+        sys.exit("no one-object test captions with ground truth in the embeddings")
     captions, gts = [test["captions"][i] for i in rows], [test["gt"][i] for i in rows]
     out = unclip.generate(captions, n=1, seed=args.seed, batch_size=args.batch_size)
     names = ["decoder"] + [f"upsample_{i + 1}" for i in range(len(out["stages"]) - 1)]
@@ -63,8 +71,7 @@ def main(argv=None) -> dict:
             print(f"  {k}: {v}")
     result = {"n": len(rows), "seed": args.seed, "stages": stages}
     path = Path(args.out or ws.reports / "bench") / "shape_readings.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, result)
+    atomic_write_json(path, result)                   # creates the folder
     print(f"-> {path}")
     return result
 
