@@ -37,7 +37,8 @@ _UP = {"UpBlock2D", "CrossAttnUpBlock2D"}
 
 def supports(unet: nn.Module) -> bool:
     """True when ``unet`` is a UNet2DConditionModel built the way the decoder builds it: plain or
-    transformer (cross-attention) blocks, the default ResNet (time embedding added, no scale/shift),
+    transformer (cross-attention) blocks, ResNet blocks whose time embedding is added (diffusers'
+    "default") or scales and shifts the second norm's output (GLIDE's AdaGN, "scale_shift"),
     one transformer layer of self-attention, cross-attention and a GEGLU feed-forward, and no
     adapters, added embeddings or attention processors other than the default."""
     if not isinstance(unet, UNet2DConditionModel):
@@ -45,7 +46,7 @@ def supports(unet: nn.Module) -> bool:
     c = unet.config
     if (set(c.down_block_types) - _DOWN or set(c.up_block_types) - _UP
             or c.mid_block_type not in ("UNetMidBlock2DCrossAttn", None)
-            or c.resnet_time_scale_shift != "default" or c.addition_embed_type is not None
+            or c.resnet_time_scale_shift not in ("default", "scale_shift") or c.addition_embed_type is not None
             or c.time_embedding_type != "positional" or c.class_embed_type not in (None, "projection")
             or c.encoder_hid_dim is not None or c.center_input_sample or c.time_cond_proj_dim is not None
             or c.class_embeddings_concat or c.time_embedding_act_fn is not None or c.act_fn != "silu"
@@ -135,11 +136,17 @@ def forward(unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Te
 
 
 def _resnet(r: nn.Module, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-    """diffusers' ResnetBlock2D (default time embedding norm, output scale 1): x [B, C, H, W],
-    temb [B, T] already through SiLU -> [B, C_out, H, W]."""
+    """diffusers' ResnetBlock2D (output scale 1): x [B, C, H, W], temb [B, T] already through
+    SiLU -> [B, C_out, H, W]. The time embedding is added before the second norm ("default"), or
+    (GLIDE's AdaGN, "scale_shift") projected to a per-channel scale and shift [B, 2 C_out] of its output."""
     h = r.conv1(F.silu(r.norm1(x)))
-    h = h + r.time_emb_proj(temb)[:, :, None, None]
-    h = r.conv2(F.silu(r.norm2(h)))
+    emb = r.time_emb_proj(temb)[:, :, None, None]
+    if r.time_embedding_norm == "scale_shift":
+        scale, shift = emb.chunk(2, dim=1)
+        h = r.norm2(h) * (1 + scale) + shift
+    else:
+        h = r.norm2(h + emb)
+    h = r.conv2(F.silu(h))
     if r.conv_shortcut is not None:
         x = r.conv_shortcut(x)
     return x + h

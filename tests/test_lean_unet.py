@@ -45,9 +45,10 @@ def test_the_decoder_runs_the_lean_forward_for_transformer_blocks_only():
     assert not lean_unet.supports(torch.nn.Linear(2, 2))
 
 
-@pytest.mark.parametrize("layers_per_block", [1, 2])
-def test_lean_forward_equals_diffusers_outputs_and_gradients(layers_per_block):
-    m = decoder(layers_per_block=layers_per_block)
+@pytest.mark.parametrize("layers_per_block,scale_shift_norm", [(1, False), (2, False), (1, True)])
+def test_lean_forward_equals_diffusers_outputs_and_gradients(layers_per_block, scale_shift_norm):
+    m = decoder(layers_per_block=layers_per_block, scale_shift_norm=scale_shift_norm)
+    assert m.lean and m.unet.config.resnet_time_scale_shift == ("scale_shift" if scale_shift_norm else "default")
     inputs = batch()
     ref_out, ref_grads = outputs_and_grads(m, False, inputs)
     out, grads = outputs_and_grads(m, True, inputs)

@@ -3,6 +3,10 @@ the CLIP image embedding z_i two ways, as in DALL-E 2 section 2.1:
 
 - z_i is projected and added to the timestep embedding (the UNet's "projection" class
   embedding: a linear map of the [B, D] vector, summed with the time embedding);
+  With ``scale_shift_norm`` (GLIDE's and ADM's ``use_scale_shift_norm``, "AdaGN") each ResNet
+  block turns that embedding into a per-channel scale and shift of its second GroupNorm's output,
+  h = GN(h) (1 + s) + b, instead of adding it before the norm: z_i then gates every channel of
+  every block multiplicatively;
 - z_i is projected into ``extra_tokens`` (4) context tokens, concatenated with the caption's
   per-token encodings (projected to the cross-attention width), which the attention layers of
   the lower resolutions attend to.
@@ -50,7 +54,7 @@ class UnclipDecoder(nn.Module):
     def __init__(self, image_size: int, embed_dim: int, text_width: int, block_out_channels: list[int],
                  attention: list[bool], attention_block: str = "transformer", layers_per_block: int = 1, head_dim: int = 32,
                  cross_attention_dim: int = 128, extra_tokens: int = 4, out_channels: int = 3,
-                 layout_channels: int = 0, learned_variance: bool = False):
+                 layout_channels: int = 0, learned_variance: bool = False, scale_shift_norm: bool = False):
         super().__init__()
         if extra_tokens < 1:
             raise ValueError("extra_tokens must be >= 1 (the context must never be empty)")
@@ -63,6 +67,7 @@ class UnclipDecoder(nn.Module):
             block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
             cross_attention_dim=cross_attention_dim, norm_num_groups=norm_groups(block_out_channels),
             class_embed_type="projection", projection_class_embeddings_input_dim=embed_dim,
+            resnet_time_scale_shift="scale_shift" if scale_shift_norm else "default",
             **_attention_blocks(attention_block, attention, block_out_channels, head_dim))
         self.lean = lean_unet.supports(self.unet)        # not a weight: checkpoints do not change
         self.token_proj = nn.Linear(text_width, cross_attention_dim)
