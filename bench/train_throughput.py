@@ -1,6 +1,6 @@
 """Benchmark: training throughput of every model of the pipeline, against the machine's matmul peak.
 
-    python bench/train_throughput.py [--models clip,clip+negatives,clip-negatives,clip+negatives-padded,judge,prior,
+    python bench/train_throughput.py [--models clip,clip+negatives,clip-negatives,clip+negatives-padded,judge,prior,prior-sdpa,
                                                decoder,upsample@1,upsample@2]
         [--repeats 5] [--warmup 3] [--steps 2] [--profile default] [--profile-model decoder]
         [--params params.yaml] [--quick] [--out reports/bench/train_throughput.json]
@@ -19,6 +19,7 @@ their "data" is only the main process's share. The judge's stream is the stage's
 ``clip`` is CLIP as configured; ``clip+negatives`` with NegCLIP's two hard negatives per caption
 (``clip.hard_negatives: [relation, binding]``: its text tower encodes three captions per image) and
 ``clip-negatives`` without any, whatever the config says, to time the two side by side;
+``prior-sdpa`` is the prior with PyTorch's SDPA attention processor instead of its written-out one;
 ``clip+negatives-padded`` encodes every caption at the full context length (the stage before
 ``clip.model.text_embeddings`` cut the padding away).
 
@@ -66,6 +67,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
@@ -245,14 +247,18 @@ def diffusion_bench(name: str, tc, model: torch.nn.Module, loss_fn, pool, device
                  lambda b: draw(pool, b, tc.seed), ema=ema)
 
 
-def prior_bench(cfg, device: torch.device, pool_n: int) -> Bench:
-    """pipeline/prior/stage.py: ``arch_of`` + UnclipPrior, the stage's ``make_loss``."""
+def prior_bench(cfg, device: torch.device, pool_n: int, name: str = "prior") -> Bench:
+    """pipeline/prior/stage.py: ``arch_of`` + UnclipPrior, the stage's ``make_loss``. ``prior-sdpa``:
+    the same with PyTorch's SDPA attention processor (diffusers' default) instead of the prior's
+    written-out ``AttnProcessor`` with an fp32 softmax, to time the two side by side."""
     p, m = cfg.prior, cfg.clip.model
     torch.manual_seed(p.seed)
     model = UnclipPrior(**prior_arch(p, m.embed_dim, m.text_width, m.context_length))
+    if name == "prior-sdpa":
+        model.transformer.set_attn_processor(AttnProcessor2_0())
     schedule = noise_schedule(prior_diffusion.PREDICTION)
 
-    return diffusion_bench("prior", p, model, prior_stage.make_loss(p, schedule), embedding_pool(cfg, pool_n, None, p.seed), device)
+    return diffusion_bench(name, p, model, prior_stage.make_loss(p, schedule), embedding_pool(cfg, pool_n, None, p.seed), device)
 
 
 def decoder_bench(cfg, device: torch.device, pool_n: int) -> Bench:
@@ -294,6 +300,7 @@ def build(cfg, names: list[str], device: torch.device, pool_n: Callable[[int], i
                                                           "clip+negatives-padded", trim=False),
               "judge": lambda: judge_bench(cfg, pool_n(cfg.judge.batch_size)),
               "prior": lambda: prior_bench(cfg, device, pool_n(cfg.prior.batch_size)),
+              "prior-sdpa": lambda: prior_bench(cfg, device, pool_n(cfg.prior.batch_size), "prior-sdpa"),
               "decoder": lambda: decoder_bench(cfg, device, pool_n(cfg.decoder.batch_size))}
     for key, u in cfg.upsample.stages.items():
         makers[f"upsample@{key}"] = lambda key=key, u=u: upsampler_bench(cfg, key, device, pool_n(u.batch_size))
