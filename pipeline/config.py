@@ -272,6 +272,7 @@ class DecoderConfig(TrainConfig):
     cross_attention_dim: int = Field(128, ge=8)
     extra_tokens: int = Field(4, ge=0)                # z_i projected into this many context tokens
     layout_channels: int = Field(8, ge=0)             # z_i + caption summary projected to a [C, S, S] input map
+    layout_hidden: int = Field(0, ge=0)               # ...by a linear map (0) or an MLP with this many hidden units
     # GLIDE's AdaGN: the time + z_i embedding scales and shifts each ResNet block's second GroupNorm
     # (diffusers' resnet_time_scale_shift "scale_shift") instead of being added before it
     scale_shift_norm: bool = False

@@ -54,7 +54,8 @@ class UnclipDecoder(nn.Module):
     def __init__(self, image_size: int, embed_dim: int, text_width: int, block_out_channels: list[int],
                  attention: list[bool], attention_block: str = "transformer", layers_per_block: int = 1, head_dim: int = 32,
                  cross_attention_dim: int = 128, extra_tokens: int = 4, out_channels: int = 3,
-                 layout_channels: int = 0, learned_variance: bool = False, scale_shift_norm: bool = False):
+                 layout_channels: int = 0, layout_hidden: int = 0, learned_variance: bool = False,
+                 scale_shift_norm: bool = False):
         super().__init__()
         if extra_tokens < 1:
             raise ValueError("extra_tokens must be >= 1 (the context must never be empty)")
@@ -73,7 +74,11 @@ class UnclipDecoder(nn.Module):
         self.token_proj = nn.Linear(text_width, cross_attention_dim)
         self.embed_to_tokens = nn.Linear(embed_dim, extra_tokens * cross_attention_dim)
         if layout_channels:
-            self.layout = nn.Linear(embed_dim + text_width, layout_channels * image_size * image_size)
+            n_in, n_out = embed_dim + text_width, layout_channels * image_size * image_size
+            # linear, or (layout_hidden > 0) one hidden SiLU layer: a linear map of z_i adds a shape's
+            # template to a position's, it cannot draw "this shape at that position"; an MLP can
+            self.layout = (nn.Sequential(nn.Linear(n_in, layout_hidden), nn.SiLU(), nn.Linear(layout_hidden, n_out))
+                           if layout_hidden else nn.Linear(n_in, n_out))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, z_i: torch.Tensor, tokens: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,8 @@ def arch_of(d, embed_dim: int, text_width: int) -> dict:
             "attention_block": d.attention_block,
             "layers_per_block": d.layers_per_block, "head_dim": d.head_dim,
             "cross_attention_dim": d.cross_attention_dim, "extra_tokens": d.extra_tokens,
-            "layout_channels": d.layout_channels, "learned_variance": d.learned_variance,
+            "layout_channels": d.layout_channels, "layout_hidden": d.layout_hidden,
+            "learned_variance": d.learned_variance,
             "scale_shift_norm": d.scale_shift_norm}
 
 
