@@ -171,8 +171,10 @@ def test_training_loss_decreases():
     assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
 
 
-def test_layout_map_carries_z_i_and_the_caption_summary():
-    m, (z_i, tokens, mask) = net(layout_channels=4), cond()
+@pytest.mark.parametrize("layout_hidden", [0, 24])
+def test_layout_map_carries_z_i_and_the_caption_summary(layout_hidden):
+    m, (z_i, tokens, mask) = net(layout_channels=4, layout_hidden=layout_hidden), cond()
+    assert isinstance(m.layout, torch.nn.Sequential) == bool(layout_hidden)      # an MLP, or a linear map
     x, t = torch.randn(B, 3, S, S), torch.tensor([5, 500, 900])
     out = m(x, t, z_i, tokens, mask)
     assert out.shape == (B, 3, S, S)
