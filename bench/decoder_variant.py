@@ -1,7 +1,7 @@
 """Train a decoder variant from scratch (or load one) and judge what it draws from true z_i.
 
     python bench/decoder_variant.py --name b16 --set batch_size=16 --set steps=4200 \
-        [--workspace .] [--n 128] [--samplers dpm++:12:2,ddpm:12:2] [--load models/decoder]
+        [--workspace .] [--n 128] [--samplers dpm++:12:2,ddpm:12:2] [--load models/decoder] [--init-seed S]
 
 The quick loop for decoder experiments: ``--set key=json`` overrides keys of the ``decoder``
 section (``--set image_size=32 --set 'block_out_channels=[16,32,64,128]'``), the variant trains
@@ -48,6 +48,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--name", required=True)
     ap.add_argument("--set", action="append", default=[], help="decoder.<key>=<json value>, repeatable")
+    ap.add_argument("--init-seed", type=int, default=None,
+                    help="initialise the network from this seed, then reseed with decoder.seed for the training's "
+                         "noise and data order (separates the two; default: decoder.seed for both, as the stage)")
     ap.add_argument("--load", default=None, help="judge this decoder bundle (or .pt of this script) instead of training")
     ap.add_argument("--workspace", default=".")
     ap.add_argument("--out", default=None, help="default: <workspace>/reports/decoder_variants")
@@ -71,8 +74,11 @@ def main() -> None:
     if args.load and not args.load.endswith(".pt"):
         model, _ = bundle.load_model(Path(args.load), "decoder", UnclipDecoder)
     else:
-        torch.manual_seed(d.seed)
+        torch.manual_seed(d.seed if args.init_seed is None else args.init_seed)
         model = UnclipDecoder(**arch_of(d, test["z_i"].shape[1], test["tokens"].shape[2]))
+        if args.init_seed is not None:
+            torch.manual_seed(d.seed)       # the noise, timesteps and drops; the data order is decoder.seed's anyway
+            figures["init_seed"] = args.init_seed
         if args.load:
             model.load_state_dict(torch.load(args.load))
         else:
