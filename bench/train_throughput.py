@@ -19,9 +19,9 @@ their "data" is only the main process's share. The judge's stream is the stage's
 ``clip`` is CLIP as configured; ``clip+negatives`` with NegCLIP's two hard negatives per caption
 (``clip.hard_negatives: [relation, binding]``: its text tower encodes three captions per image) and
 ``clip-negatives`` without any, whatever the config says, to time the two side by side;
-``prior-sdpa`` is the prior with PyTorch's SDPA attention processor instead of its written-out one;
 ``clip+negatives-padded`` encodes every caption at the full context length (the stage before
-``clip.model.text_embeddings`` cut the padding away).
+``clip.model.text_embeddings`` cut the padding away). ``prior-sdpa`` is the prior with PyTorch's
+SDPA attention processor instead of its written-out one, to time the two side by side.
 
 Figures, per model (the table):
 

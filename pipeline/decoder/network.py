@@ -2,8 +2,8 @@
 the CLIP image embedding z_i two ways, as in DALL-E 2 section 2.1:
 
 - z_i is projected and added to the timestep embedding (the UNet's "projection" class
-  embedding: a linear map of the [B, D] vector, summed with the time embedding);
-  With ``scale_shift_norm`` (GLIDE's and ADM's ``use_scale_shift_norm``, "AdaGN") each ResNet
+  embedding: a linear map of the [B, D] vector, summed with the time embedding). With
+  ``scale_shift_norm`` (GLIDE's and ADM's ``use_scale_shift_norm``, "AdaGN") each ResNet
   block turns that embedding into a per-channel scale and shift of its second GroupNorm's output,
   h = GN(h) (1 + s) + b, instead of adding it before the norm: z_i then gates every channel of
   every block multiplicatively;
