@@ -1,7 +1,7 @@
 """Train a decoder variant from scratch (or load one) and judge what it draws from true z_i.
 
     python bench/decoder_variant.py --name b16 --set batch_size=16 --set steps=4200 \
-        [--workspace .] [--n 128] [--samplers dpm++:12:2,ddpm:12:2] [--load models/decoder] [--init-seed S]
+        [--workspace .] [--n 128] [--samplers dpm++:12:2,ddpm:12:2] [--load models/decoder] [--init-seed S] [--init-part unet.up_blocks,unet.conv_out=0]
 
 The quick loop for decoder experiments: ``--set key=json`` overrides keys of the ``decoder``
 section (``--set image_size=32 --set 'block_out_channels=[16,32,64,128]'``), the variant trains
@@ -44,6 +44,28 @@ from pipeline.training import train_diffusion_model  # noqa: E402
 from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402
 
 
+def initialise(arch: dict, parts: list[str]) -> tuple[UnclipDecoder, dict]:
+    """A decoder drawn from the global generator's state, then each ``"PREFIX[,PREFIX...]=S"`` of ``parts``:
+    the tensors whose names start with one of the prefixes replaced by their draw from seed S (a whole model drawn
+    from S, so a tensor's values are those it has in seed S's model). Returns the model and what was replaced."""
+    model = UnclipDecoder(**arch)
+    replaced = {}
+    rng = torch.random.get_rng_state()              # the donors' draws must not move the caller's generator
+    for part in parts:
+        prefixes, seed = part.rsplit("=", 1)
+        torch.manual_seed(int(seed))
+        donor = UnclipDecoder(**arch).state_dict()
+        own = model.state_dict()
+        taken = [k for k in own if k.startswith(tuple(prefixes.split(",")))]
+        if not taken:
+            raise ValueError(f"--init-part {part}: no parameter name starts with {prefixes}")
+        model.load_state_dict(own | {k: donor[k] for k in taken})
+        replaced[prefixes] = {"seed": int(seed), "tensors": len(taken),
+                              "parameters": sum(donor[k].numel() for k in taken)}
+    torch.random.set_rng_state(rng)
+    return model, replaced
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--name", required=True)
@@ -51,6 +73,9 @@ def main() -> None:
     ap.add_argument("--init-seed", type=int, default=None,
                     help="initialise the network from this seed, then reseed with decoder.seed for the training's "
                          "noise and data order (separates the two; default: decoder.seed for both, as the stage)")
+    ap.add_argument("--init-part", action="append", default=[], metavar="PREFIX[,PREFIX...]=S",
+                    help="the parameters whose names start with one of the prefixes initialised from seed S's draw "
+                         "instead (repeatable): which layers of an initialisation carry what it draws")
     ap.add_argument("--load", default=None, help="judge this decoder bundle (or .pt of this script) instead of training")
     ap.add_argument("--workspace", default=".")
     ap.add_argument("--out", default=None, help="default: <workspace>/reports/decoder_variants")
@@ -75,10 +100,15 @@ def main() -> None:
         model, _ = bundle.load_model(Path(args.load), "decoder", UnclipDecoder)
     else:
         torch.manual_seed(d.seed if args.init_seed is None else args.init_seed)
-        model = UnclipDecoder(**arch_of(d, test["z_i"].shape[1], test["tokens"].shape[2]))
-        if args.init_seed is not None:
+        try:
+            model, parts = initialise(arch_of(d, test["z_i"].shape[1], test["tokens"].shape[2]), args.init_part)
+        except ValueError as err:
+            sys.exit(str(err))
+        if parts:
+            figures["init_parts"] = parts
+        if args.init_seed is not None or args.init_part:
             torch.manual_seed(d.seed)       # the noise, timesteps and drops; the data order is decoder.seed's anyway
-            figures["init_seed"] = args.init_seed
+            figures["init_seed"] = d.seed if args.init_seed is None else args.init_seed
         if args.load:
             model.load_state_dict(torch.load(args.load))
         else:
