@@ -1,7 +1,8 @@
 """Train a decoder variant from scratch (or load one) and judge what it draws from true z_i.
 
     python bench/decoder_variant.py --name b16 --set batch_size=16 --set steps=4200 \
-        [--workspace .] [--n 128] [--samplers dpm++:12:2,ddpm:12:2] [--load models/decoder] [--init-seed S] [--init-part unet.up_blocks,unet.conv_out=0]
+        [--workspace .] [--n 128] [--samplers dpm++:12:2,ddpm:12:2] [--load models/decoder] [--init-seed S]
+        [--init-part unet.up_blocks,unet.conv_out=0] [--init-weights other.pt]
 
 The quick loop for decoder experiments: ``--set key=json`` overrides keys of the ``decoder``
 section (``--set image_size=32 --set 'block_out_channels=[16,32,64,128]'``), the variant trains
@@ -76,6 +77,9 @@ def main() -> None:
     ap.add_argument("--init-part", action="append", default=[], metavar="PREFIX[,PREFIX...]=S",
                     help="the parameters whose names start with one of the prefixes initialised from seed S's draw "
                          "instead (repeatable): which layers of an initialisation carry what it draws")
+    ap.add_argument("--init-weights", default=None, metavar="PT",
+                    help="start the training from these weights (a .pt of this script; a fresh optimizer and lr "
+                         "schedule: a warm restart) instead of an initialisation")
     ap.add_argument("--load", default=None, help="judge this decoder bundle (or .pt of this script) instead of training")
     ap.add_argument("--workspace", default=".")
     ap.add_argument("--out", default=None, help="default: <workspace>/reports/decoder_variants")
@@ -109,6 +113,9 @@ def main() -> None:
         if args.init_seed is not None or args.init_part:
             torch.manual_seed(d.seed)       # the noise, timesteps and drops; the data order is decoder.seed's anyway
             figures["init_seed"] = d.seed if args.init_seed is None else args.init_seed
+        if args.init_weights:
+            model.load_state_dict(torch.load(args.init_weights))
+            figures["init_weights"] = args.init_weights
         if args.load:
             model.load_state_dict(torch.load(args.load))
         else:

@@ -318,6 +318,13 @@ def test_decoder_variant_bench_trains_and_judges_without_touching_the_workspace(
     assert sum(fig["shape_readings"].values()) == fig["samplers"]["dpm++:2:1"]["single"]["n"]
     assert (tmp_path / "v.pt").exists() and (tmp_path / "v_ddpm2_g2.png").exists()
     assert (ws.decoder / "model.safetensors").read_bytes() == before
+    # a warm restart from those weights, with one part of the initialisation drawn from seed 0 (then overwritten)
+    cmd = cmd[:cmd.index("--name") + 1] + ["w", "--init-weights", str(tmp_path / "v.pt"), "--init-part", "layout=0"] + \
+        cmd[cmd.index("--name") + 2:]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    fig = json.loads((tmp_path / "w.json").read_text())
+    assert fig["init_weights"] == str(tmp_path / "v.pt") and fig["init_parts"]["layout"]["seed"] == 0
     # a bad override fails with the section's own validation message, before any training
     bad = subprocess.run(cmd[:-1] + [str(tmp_path / "bad"), "--set", "steps=0"], env=env, capture_output=True,
                          text=True, timeout=300)
