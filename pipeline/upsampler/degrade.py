@@ -45,12 +45,11 @@ import torch
 import torch.nn.functional as F
 import torchvision.io as tio
 
-from ..config import UpsamplerConfig
 from ..images import to_model, to_uint8
 
 KINDS = ("blur", "bsr")
 
-BLUR_SIGMA = UpsamplerConfig.model_fields["blur_sigma"].default    # blur: low-res px (the config's default)
+BLUR_SIGMA = (0.4, 0.6)              # blur: px at the low resolution
 ISO_SIGMA = (0.1, 0.6)               # bsr, isotropic blur: px
 ANISO_SIGMA = (0.1, 0.8)             # bsr, anisotropic blur: px along each principal axis
 RESIZE_FACTOR = (1.0, 1.5)           # bsr: shrink by this factor, then back to the input size
