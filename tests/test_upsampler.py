@@ -199,6 +199,10 @@ def test_blur_sigma_sets_how_much_the_training_input_is_blurred():
     with pytest.raises(ValidationError, match="blur_sigma"):
         UpsamplerConfig(blur_sigma=(0.8, 0.4))
     assert UpsamplerConfig(blur_sigma=[0.4, 1.2]).blur_sigma == (0.4, 1.2)
+    # degrade.py keeps its own copy of the default (importing the config would make the upsample stages' DVC code
+    # deps include pipeline/config.py): the two must agree
+    from pipeline.upsampler.degrade import BLUR_SIGMA
+    assert UpsamplerConfig().blur_sigma == BLUR_SIGMA
 
 
 def test_degradation_rejects_unknown_kind():
