@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from helpers.bench import load_bench
 from pipeline import background, config, diversity
 from pipeline.data.image_shards import decode_images
 from pipeline.data.scenes import (BACKGROUNDS, GRID, POSITIONS, caption, encode_jpeg, nearest_position, render,
@@ -298,12 +299,7 @@ class StandInUnclip:
 
 
 def test_diversity_sweep_tables_both_paths_at_every_guidance(smoke_cfg, corpus_scenes, tmp_path):
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parent.parent / "bench" / "diversity_sweep.py"
-    spec = importlib.util.spec_from_file_location("diversity_sweep", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("diversity_sweep")
     gts = [s.ground_truth() for s in corpus_scenes[:4]]
     k = 3
     stand_in, lines = StandInUnclip(gts, smoke_cfg.corpus), []

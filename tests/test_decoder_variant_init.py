@@ -1,30 +1,17 @@
 """bench/decoder_variant.py's mixed initialisation: named layers drawn from another seed, the rest untouched."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers.bench import load_bench
+
 ARCH = dict(image_size=8, embed_dim=8, text_width=8, block_out_channels=[32, 32], attention=[False, True],
             layers_per_block=1, head_dim=8, cross_attention_dim=16, extra_tokens=2, layout_channels=2)
 
 
-def load_bench():
-    """The script as a module (bench/ is no package)."""
-    if "decoder_variant" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("decoder_variant", REPO / "bench" / "decoder_variant.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["decoder_variant"]
-
-
 def test_init_part_takes_the_named_layers_from_the_other_seed_only():
-    bench = load_bench()
+    bench = load_bench("decoder_variant")
     seed = {}
     for s in (0, 1):
         torch.manual_seed(s)

@@ -3,29 +3,23 @@ and does not read a blurred blob as a sharp shape (it is stricter than the judge
 trained on 16-48 px blurred round trips)."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from helpers.bench import load_bench
 from pipeline.data import corpus
 from pipeline.data import scenes
 from pipeline.images import resize, to_model, to_uint8
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
 def reader():
-    spec = importlib.util.spec_from_file_location("independent_reader", REPO / "bench" / "independent_reader.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("independent_reader")
 
 
 def draw(scene: corpus.Scene, jpeg: bool = True) -> np.ndarray:

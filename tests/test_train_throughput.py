@@ -1,33 +1,20 @@
 """bench/train_throughput.py at tiny sizes: every figure present and sane, the JSON written."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def load_bench():
-    """The script as a module (bench/ is no package); registered first, as dataclasses need."""
-    if "train_throughput" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("train_throughput", REPO / "bench" / "train_throughput.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["train_throughput"]
+from helpers.bench import load_bench
 
 
 def test_fixed_cost_is_the_least_squares_intercept():
-    bench = load_bench()
+    bench = load_bench("train_throughput")
     a, b = bench.fixed_cost({8: 0.05 + 8 * 0.01, 16: 0.05 + 16 * 0.01, 32: 0.05 + 32 * 0.01})
     assert abs(a - 0.05) < 1e-9 and abs(b - 0.01) < 1e-9
     assert bench.sweep_sizes(32, quick=False) == [8, 16, 32] and bench.sweep_sizes(2, quick=False) == [1, 2]
 
 
 def test_quick_run_reports_every_figure(params_path, tmp_path):
-    bench = load_bench()
+    bench = load_bench("train_throughput")
     out = tmp_path / "bench" / "tt.json"
     report = bench.main(["--quick", "--profile", "smoke", "--params", str(params_path),
                          "--models", "clip+negatives,judge,prior,prior-sdpa,decoder,upsample@2", "--out", str(out)])
