@@ -103,7 +103,8 @@ def main() -> None:
     if args.load and not args.load.endswith(".pt"):
         model, _ = bundle.load_model(Path(args.load), "decoder", UnclipDecoder)
     else:
-        torch.manual_seed(d.seed if args.init_seed is None else args.init_seed)
+        init_seed = d.seed if args.init_seed is None else args.init_seed
+        torch.manual_seed(init_seed)
         try:
             model, parts = initialise(arch_of(d, test["z_i"].shape[1], test["tokens"].shape[2]), args.init_part)
         except ValueError as err:
@@ -112,7 +113,7 @@ def main() -> None:
             figures["init_parts"] = parts
         if args.init_seed is not None or args.init_part:
             torch.manual_seed(d.seed)       # the noise, timesteps and drops; the data order is decoder.seed's anyway
-            figures["init_seed"] = d.seed if args.init_seed is None else args.init_seed
+            figures["init_seed"] = init_seed
         if args.init_weights:
             model.load_state_dict(torch.load(args.init_weights))
             figures["init_weights"] = args.init_weights
