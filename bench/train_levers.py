@@ -6,7 +6,8 @@
 
 The decoder at its params.yaml config (the model with the largest fixed cost per step,
 bench/train_throughput.py) trains on one synthetic batch of its shapes, one step being the
-stage's: forward + loss under autocast, backward, clipping (foreach), fused AdamW, EMA (foreach).
+stage's: forward + loss under autocast, backward, clipping (``training.clip_gradients``), fused
+AdamW, EMA (``training.ema_model``: one foreach lerp).
 Every lever is a
 variant of that step; all variants run round-robin, ``--steps`` steps per timed block after a
 warm-up, ``--repeats`` blocks, and the table gives each variant's median seconds per step and
@@ -17,6 +18,9 @@ the median of its paired ratios to the baseline (block by block: the machine is 
                    modules and weights, more small ops: what the stage ran before)
     loops          the step before foreach: EMAModel's Python loop over every tensor and clipping's
                    per-tensor norms (what the stage ran before; the baseline uses foreach for both)
+    torch_update   the update as the stage ran it before the eleventh session: diffusers' foreach EMA
+                   (a sub into temporaries, then a sub_ with alpha) and torch's clip_grad_norm_
+                   (foreach; it multiplies every gradient on every step, by 1.0 when nothing is clipped)
     channels_last  the model and the images in channels-last memory format (oneDNN's preferred layout)
     compile        torch.compile(model) (inductor); its compile time is printed beside (counted
                    against a run's steps: it pays only if (saved s/step x steps) > compile seconds)
@@ -45,6 +49,7 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers.training_utils import EMAModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -52,10 +57,10 @@ from pipeline import config  # noqa: E402
 from pipeline.decoder.network import UnclipDecoder  # noqa: E402
 from pipeline.decoder.stage import arch_of, training_fns  # noqa: E402
 from pipeline.device import resolved_precision  # noqa: E402
-from pipeline.training import build_optimizer  # noqa: E402
+from pipeline.training import build_optimizer, clip_gradients  # noqa: E402
 from pipeline.workspace import atomic_write_json  # noqa: E402
 
-LEVERS = ("diffusers", "loops", "channels_last", "compile", "compile_cpp", "dynamo", "fp32", "batch64", "batch128", "transformer", "glide")
+LEVERS = ("diffusers", "loops", "torch_update", "channels_last", "compile", "compile_cpp", "dynamo", "fp32", "batch64", "batch128", "transformer", "glide")
 SCALE = {"batch64": 2, "batch128": 4}          # the batch of a lever, in multiples of the config's
 
 
@@ -80,8 +85,7 @@ def variant(d, lever: str, batch_size: int):
     if lever == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     optimizer, _, ema = build_optimizer(model, d)
-    if lever == "loops":
-        ema.foreach = False
+    ema.foreach = lever != "loops"
     _, loss_fn = training_fns(d, [])
     batch = batch_of(d, batch_size)
     if lever == "channels_last":
@@ -100,9 +104,14 @@ def variant(d, lever: str, batch_size: int):
             loss = loss_fn(net, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, d.grad_clip, foreach=lever != "loops")
-        optimizer.step()
-        ema.step(params)
+        if lever in ("loops", "torch_update"):
+            torch.nn.utils.clip_grad_norm_(params, d.grad_clip, foreach=lever != "loops")
+            optimizer.step()
+            EMAModel.step(ema, params)         # diffusers' own update (a loop with foreach False)
+        else:
+            clip_gradients(params, d.grad_clip)
+            optimizer.step()
+            ema.step(params)
 
     if lever in ("compile", "compile_cpp", "dynamo"):   # the first calls compile (forward and backward graphs)
         import torch._inductor.config as inductor
@@ -142,7 +151,7 @@ def parts(d, repeats: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         marks.append(time.perf_counter())
-        torch.nn.utils.clip_grad_norm_(params, d.grad_clip, foreach=True)
+        clip_gradients(params, d.grad_clip)
         marks.append(time.perf_counter())
         optimizer.step()
         marks.append(time.perf_counter())

@@ -90,7 +90,7 @@ from pipeline.prior.network import UnclipPrior  # noqa: E402
 from pipeline.prior import stage as prior_stage  # noqa: E402
 from pipeline.prior.stage import arch_of as prior_arch  # noqa: E402
 from pipeline.device import native_cpu_bf16, use_bf16  # noqa: E402
-from pipeline.training import build_optimizer, cosine_with_warmup  # noqa: E402
+from pipeline.training import build_optimizer, clip_gradients, cosine_with_warmup  # noqa: E402
 from pipeline.upsampler.network import Upsampler  # noqa: E402
 from pipeline.upsampler import stage as upsampler_stage  # noqa: E402
 from pipeline.upsampler.stage import TrainingPairs, architecture, chain_sizes, conditioned, crop_size  # noqa: E402
@@ -330,7 +330,7 @@ def train_step(b: Bench, it: Iterator) -> float:
         b.optimizer.zero_grad(set_to_none=True)
         loss.backward()
     with record_function("clip+optimizer"):
-        norm = torch.nn.utils.clip_grad_norm_(b.params, b.grad_clip)
+        norm = clip_gradients(b.params, b.grad_clip)              # fit's clipping
         bool(torch.isfinite(norm))                            # fit checks the norm too
         b.optimizer.step()
     if b.ema is not None:

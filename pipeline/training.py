@@ -289,13 +289,14 @@ def _fit(model, optimizer, scheduler, it, loss_fn, *, steps, checkpointer, grad_
     train_model.train()
     bar = progress(total=steps, desc=desc, unit="step", disable=not main)
     bar.update(start)
-    t0, losses, skipped = time.perf_counter(), [], 0
+    t0, losses, skipped, clipped = time.perf_counter(), [], 0, 0
     params = [p for p in model.parameters() if p.requires_grad]
     for step in range(start, steps):
         threads.follow()            # a stage running beside this one ended: take its cores back (one stat)
         batch = next(it)
         loss = loss_fn(train_model, batch)
-        bad = _backward(loss, optimizer, params, grad_clip, accelerator)
+        bad, norm = _backward(loss, optimizer, params, grad_clip, accelerator)
+        clipped += bool(grad_clip) and not bad and norm > grad_clip
         if bad:
             if on_nonfinite == "stop" or skipped >= max_skipped:
                 why = "stopping" if on_nonfinite == "stop" else f"{skipped} steps already skipped, stopping"
@@ -329,6 +330,7 @@ def _fit(model, optimizer, scheduler, it, loss_fn, *, steps, checkpointer, grad_
     elapsed = time.perf_counter() - t0
     ran = steps - start
     return {"steps": steps, "resumed_from": start, "final_loss": round(last, 5), "skipped_steps": skipped,
+            "clipped_steps": clipped,
             "processes": accelerator.num_processes if accelerator is not None else 1,
             "train_seconds": round(elapsed, 1), "steps_per_s": round(ran / elapsed, 3) if elapsed > 0 else None}
 
@@ -338,6 +340,21 @@ def _foreach(params: list) -> bool:
     over all gradients instead of one per tensor (1.7-2.1 against 2.8 ms a step for the decoder's
     336 tensors on 2 CPU cores); torch has them for CPU and CUDA tensors."""
     return all(p.device.type in ("cpu", "cuda") for p in params)
+
+
+def clip_gradients(params: list, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=...)``, bit for bit, without its
+    multiply of every gradient when nothing is clipped. Returns the total norm (a 0-dim tensor).
+
+    torch multiplies every gradient by ``min(1, max_norm / (norm + 1e-6))`` on every step, so as
+    not to read the norm back to the host; on a CPU that read costs nothing, and a multiply by
+    exactly 1.0 is a pass over every gradient (the decoder's 336 tensors) for nothing on most steps."""
+    foreach = _foreach(params)
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=foreach)
+    if float(norm) + 1e-6 > max_norm:           # torch's coefficient max_norm / (norm + 1e-6) is below 1
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=foreach)
+    return norm
 
 
 def _resume(checkpointer, model, optimizer, scheduler, ema, desc: str, steps: int) -> tuple[int, float]:
@@ -354,9 +371,11 @@ def _resume(checkpointer, model, optimizer, scheduler, ema, desc: str, steps: in
     return start, last
 
 
-def _backward(loss: torch.Tensor, optimizer, params: list, grad_clip, accelerator) -> bool:
-    """Zero the gradients, then backward and clip unless the loss is not finite; True when the
-    step must not be taken (the loss or the gradient norm is not finite, on any process)."""
+def _backward(loss: torch.Tensor, optimizer, params: list, grad_clip, accelerator) -> tuple[bool, float]:
+    """Zero the gradients, then backward and clip unless the loss is not finite. Returns (bad,
+    the gradient norm before clipping: NaN when not clipped); bad is True when the step must not
+    be taken (the loss or the gradient norm is not finite, on any process)."""
+    norm = float("nan")
     bad = not bool(torch.isfinite(loss.detach()))
     if accelerator is not None and accelerator.num_processes > 1:
         # every process must take the same decision, or DDP's gradient all-reduce hangs
@@ -365,10 +384,10 @@ def _backward(loss: torch.Tensor, optimizer, params: list, grad_clip, accelerato
     if not bad:
         accelerator.backward(loss) if accelerator is not None else loss.backward()
         if grad_clip:
-            norm = (accelerator.clip_grad_norm_(params, grad_clip) if accelerator is not None
-                    else torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=_foreach(params)))
-            bad = not bool(torch.isfinite(norm))       # all-reduced grads: same on every process
-    return bad
+            norm = float(accelerator.clip_grad_norm_(params, grad_clip) if accelerator is not None
+                         else clip_gradients(params, grad_clip))
+            bad = not math.isfinite(norm)              # all-reduced grads: same on every process
+    return bad, norm
 
 
 def _save(checkpointer, step: int, model, optimizer, scheduler, ema, last: float, main: bool, accelerator) -> None:
@@ -380,22 +399,44 @@ def _save(checkpointer, step: int, model, optimizer, scheduler, ema, last: float
         accelerator.wait_for_everyone()
 
 
+def ema_model(parameters, decay: float):
+    """An EMA of ``parameters``: diffusers' ``EMAModel`` (its decay warmup, state_dict, ``copy_to``)
+    whose update is one multi-tensor lerp per step, shadow <- shadow + (1 - decay) (param - shadow).
+
+    Why not diffusers' own: its ``foreach`` update is a ``_foreach_sub`` into temporaries, then a
+    ``_foreach_sub_`` with ``alpha``, and on a CPU foreach ops run tensor by tensor: three ops and
+    a temporary per tensor where a lerp is one (README "the update's fixed cost"). The shadow
+    weights equal diffusers' within float rounding (tests/test_training.py)."""
+    from diffusers.training_utils import EMAModel
+
+    class LerpEMA(EMAModel):
+        @torch.no_grad()
+        def step(self, parameters):
+            parameters = list(parameters)
+            self.optimization_step += 1
+            self.cur_decay_value = decay_now = self.get_decay(self.optimization_step)
+            trained = [(s, p.detach()) for s, p in zip(self.shadow_params, parameters) if p.requires_grad]
+            frozen = [(s, p) for s, p in zip(self.shadow_params, parameters) if not p.requires_grad]
+            if frozen:
+                torch._foreach_copy_([s for s, _ in frozen], [p for _, p in frozen])
+            if trained:
+                torch._foreach_lerp_([s for s, _ in trained], [p for _, p in trained], 1.0 - decay_now)
+
+    return LerpEMA(parameters, decay=decay, foreach=True)
+
+
 def build_optimizer(model: torch.nn.Module, tc):
     """The diffusion models' optimizer, lr schedule and EMA from their ``TrainConfig`` ``tc``:
     fused AdamW (no decay on biases and norms), linear warmup + cosine decay to 0.1 x lr, and
-    diffusers' ``EMAModel`` with ``foreach`` updates (a few multi-tensor ops instead of a Python
-    loop of three ops over each of the decoder's 276-336 tensors: 4.1 against 4.6 ms a step on 2
-    cores, bit-identical; the EMA, like the optimizer, is a fixed cost of every step: README
-    "the decoder's fixed cost")."""
-    from diffusers.training_utils import EMAModel
-
+    an EMA of the weights (:func:`ema_model`). The EMA, like the optimizer, is a fixed cost of
+    every step (README "the decoder's fixed cost")."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in name or name.endswith("bias") else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, fused=True)
     scheduler = cosine_with_warmup(optimizer, tc.warmup_steps, tc.steps, floor=0.1)
-    ema = EMAModel(model.parameters(), decay=tc.ema_decay, foreach=True)
+    ema = ema_model(model.parameters(), decay=tc.ema_decay)
     return optimizer, scheduler, ema
 
 

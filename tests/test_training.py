@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pipeline.training import Checkpointer, NonFiniteLoss, cosine_with_warmup, fit
+from pipeline.training import Checkpointer, NonFiniteLoss, clip_gradients, cosine_with_warmup, ema_model, fit
 
 
 def setup(seed=0):
@@ -101,6 +101,58 @@ def test_ema_tracks_the_weights_and_resumes_with_them(tmp_path):
     assert not torch.equal(shadow[0], model2.weight.detach())      # an average, not a copy
     ema2.copy_to(model2.parameters())
     assert torch.equal(model2.weight.detach(), shadow[0])
+
+
+@pytest.mark.parametrize("grad_clip, clipped", [(1e-4, 5), (1e4, 0), (None, 0)])
+def test_the_summary_counts_the_clipped_steps(grad_clip, clipped):
+    summary = fit(*setup(), batches(), mse, steps=5, grad_clip=grad_clip)
+    assert summary["clipped_steps"] == clipped
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+    net[1].weight.requires_grad_(False)                      # one frozen tensor: copied, not averaged
+    return net
+
+
+def test_ema_lerp_update_equals_diffusers_update():
+    # training.ema_model's one foreach lerp against diffusers' own foreach update, over steps whose
+    # decay runs through diffusers' warmup (0 at the first step, then (1 + s) / (10 + s), capped)
+    from diffusers.training_utils import EMAModel
+    net = _net()
+    ours, theirs = ema_model(net.parameters(), decay=0.9), EMAModel(net.parameters(), decay=0.9, foreach=True)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(12):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+        ours.step(net.parameters())
+        theirs.step(net.parameters())
+        assert ours.cur_decay_value == theirs.cur_decay_value
+        for a, b in zip(ours.shadow_params, theirs.shadow_params):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert ours.shadow_params[2] is not net[1].weight and torch.equal(ours.shadow_params[2], net[1].weight)
+    assert not torch.equal(ours.shadow_params[0], net[0].weight)        # an average, not a copy
+    restored = ema_model(_net(seed=5).parameters(), decay=0.9)
+    restored.load_state_dict(ours.state_dict())
+    assert restored.optimization_step == 12
+    assert all(torch.equal(a, b) for a, b in zip(restored.shadow_params, ours.shadow_params))
+
+
+@pytest.mark.parametrize("max_norm", [1e3, 0.5])                  # nothing clipped / every gradient scaled
+def test_clip_gradients_is_torchs_clipping_bit_for_bit(max_norm):
+    grads = {}
+    for how in ("torch", "ours"):
+        net = _net()
+        net(torch.randn(5, 6, generator=torch.Generator().manual_seed(2))).square().sum().backward()
+        params = [p for p in net.parameters() if p.requires_grad]
+        norm = (torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True) if how == "torch"
+                else clip_gradients(params, max_norm))
+        grads[how] = (norm, [p.grad.clone() for p in params])
+    assert torch.equal(grads["torch"][0], grads["ours"][0])
+    assert all(torch.equal(a, b) for a, b in zip(grads["torch"][1], grads["ours"][1]))
+    assert (grads["ours"][0] > max_norm) == (max_norm == 0.5)        # the two cases are the two cases
 
 
 def test_two_cpu_processes_train_one_model(tmp_path):
