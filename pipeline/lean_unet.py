@@ -14,7 +14,6 @@ and adapter at once, so each of its blocks pays for work this UNet never needs:
   dtype round trips and ``contiguous`` calls;
 - the self-attention's q, k, v are three matrix products where one over the concatenated weights
   does (and each cross-attention's k, v two where one does);
-- the ResNet blocks' 1x1 shortcut convolutions are matrix products over the channels;
 - attention through PyTorch's CPU SDPA kernels: at 16 to 64 tokens the attention written out as
   two matrix products and a softmax is faster forward and backward, the math kernel's included.
 
@@ -149,19 +148,8 @@ def _resnet(r: nn.Module, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = r.norm2(h + emb)
     h = r.conv2(F.silu(h))
     if r.conv_shortcut is not None:
-        x = _pointwise(r.conv_shortcut, x)
+        x = r.conv_shortcut(x)
     return x + h
-
-
-def _pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """A 1x1 convolution as one matrix product over the channels, [C_out, C_in] @ [B, C_in, HW]:
-    x [B, C_in, H, W] -> [B, C_out, H, W], no layout change. At 4 to 16 px this skips oneDNN's
-    per-call set-up: 1.1 to 1.35x the convolution's forward + backward on 2 CPU cores."""
-    b, _, hh, ww = x.shape
-    out = torch.matmul(conv.weight.flatten(1), x.flatten(2))               # [B, C_out, HW]
-    if conv.bias is not None:
-        out = out + conv.bias[:, None]
-    return out.view(b, -1, hh, ww)
 
 
 def _transformer(tr: nn.Module, x: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
