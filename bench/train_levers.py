@@ -85,7 +85,8 @@ def variant(d, lever: str, batch_size: int):
     if lever == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     optimizer, _, ema = build_optimizer(model, d)
-    ema.foreach = lever != "loops"
+    if lever == "loops":
+        ema.foreach = False
     _, loss_fn = training_fns(d, [])
     batch = batch_of(d, batch_size)
     if lever == "channels_last":

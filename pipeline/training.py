@@ -415,8 +415,9 @@ def ema_model(parameters, decay: float):
             parameters = list(parameters)
             self.optimization_step += 1
             self.cur_decay_value = decay_now = self.get_decay(self.optimization_step)
-            trained = [(s, p.detach()) for s, p in zip(self.shadow_params, parameters) if p.requires_grad]
-            frozen = [(s, p) for s, p in zip(self.shadow_params, parameters) if not p.requires_grad]
+            trained, frozen = [], []                 # (shadow, param) pairs; no_grad: no detach needed
+            for pair in zip(self.shadow_params, parameters):
+                (trained if pair[1].requires_grad else frozen).append(pair)
             if frozen:
                 torch._foreach_copy_([s for s, _ in frozen], [p for _, p in frozen])
             if trained:
