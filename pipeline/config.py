@@ -279,6 +279,7 @@ class DecoderConfig(TrainConfig):
     learned_variance: bool = False                    # hybrid loss (Nichol & Dhariwal 2021); DDPM samples with it
     prediction_type: Prediction = "v_prediction"
     snr_gamma: Optional[float] = Field(None, gt=0)    # Min-SNR-gamma loss weighting; null = uniform (the default)
+    sobolev_weight: float = Field(0.0, ge=0)          # + this x the error's finite differences squared (H1 loss)
     p_drop_image_embed: float = Field(0.1, ge=0, le=1)
     p_drop_caption: float = Field(0.5, ge=0, le=1)
     batch_size: int = Field(32, ge=1)

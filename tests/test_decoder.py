@@ -229,3 +229,35 @@ def test_learned_variance_samples_with_every_sampler(sampler):
     x = dd.sample(m, dd.Condition(z_i, tokens, mask), dd.DecoderSampling(sampler, 3, 2.0, "v_prediction"),
                   generator=torch.Generator().manual_seed(0))
     assert x.shape == (B, 3, S, S) and torch.isfinite(x).all()
+
+
+def test_sobolev_error_weighs_each_frequency_and_keeps_the_mean_as_minimiser():
+    n = 16
+    flat = torch.ones(2, 3, n, n)
+    checker = (torch.arange(n)[:, None] + torch.arange(n)[None, :]).remainder(2).float().mul(2).sub(1)
+    checker = checker.expand(2, 3, n, n)
+    assert torch.allclose(dd.sobolev_error(flat, 0.0), torch.ones(2))
+    assert torch.allclose(dd.sobolev_error(flat, 2.0), torch.ones(2))            # no gradient: as the MSE
+    # the Nyquist error: every forward difference is +-2, so it weighs 1 + 8 * weight
+    assert torch.allclose(dd.sobolev_error(checker, 0.5), torch.full((2,), 1 + 0.5 * 8))
+    # a fixed quadratic form: over several targets v_k, its minimiser is their mean (the gradient is 0 there)
+    targets = torch.randn(5, 3, n, n)
+    f = targets.mean(0, keepdim=True).requires_grad_(True)
+    dd.sobolev_error(f - targets, 1.0).sum().backward()
+    assert f.grad.abs().max() < 1e-5
+    g = (f.detach() + 0.1 * torch.randn_like(f)).requires_grad_(True)
+    assert dd.sobolev_error(g - targets, 1.0).sum() > dd.sobolev_error(f.detach() - targets, 1.0).sum()
+
+
+def test_training_loss_with_the_sobolev_term_is_the_mse_plus_the_differences():
+    m, (z_i, tokens, mask) = net(), cond()
+    x0 = torch.rand(B, 3, S, S) * 2 - 1
+    sched = noise_schedule("v_prediction")
+    m.eval()
+
+    def loss(w):
+        return dd.training_loss(m, x0, z_i, tokens, mask, sched, generator=torch.Generator().manual_seed(3),
+                                sobolev_weight=w)
+    plain, h1 = loss(0.0), loss(1.0)
+    assert torch.isfinite(h1) and h1 > plain
+    assert torch.allclose(loss(2.0) - plain, 2 * (h1 - plain), rtol=1e-4)       # linear in the weight

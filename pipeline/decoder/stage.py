@@ -92,7 +92,8 @@ def training_fns(d, paths: list) -> tuple:
         with autocast(d.precision, dev):
             return diffusion.training_loss(net, to_model(batch["images"]).to(dev), batch["z_i"].to(dev),
                                            batch["tokens"].to(dev), batch["mask"].to(dev), schedule,
-                                           d.p_drop_image_embed, d.p_drop_caption, d.snr_gamma)
+                                           d.p_drop_image_embed, d.p_drop_caption, d.snr_gamma,
+                                           sobolev_weight=d.sobolev_weight)
 
     return make_batches, loss_fn
 
