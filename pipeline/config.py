@@ -279,7 +279,7 @@ class DecoderConfig(TrainConfig):
     learned_variance: bool = False                    # hybrid loss (Nichol & Dhariwal 2021); DDPM samples with it
     prediction_type: Prediction = "v_prediction"
     snr_gamma: Optional[float] = Field(None, gt=0)    # Min-SNR-gamma loss weighting; null = uniform (the default)
-    sobolev_weight: float = Field(0.0, ge=0)          # + this x the error's finite differences squared (H1 loss)
+    sobolev_weight: float = Field(1.0, ge=0)          # + this x the error's finite differences squared (H1 loss)
     p_drop_image_embed: float = Field(0.1, ge=0, le=1)
     p_drop_caption: float = Field(0.5, ge=0, le=1)
     batch_size: int = Field(32, ge=1)
@@ -317,6 +317,7 @@ class UpsamplerConfig(TrainConfig):
     # to the network: the low-frequency errors of a small base decoder's backgrounds. 0: off
     smooth_aug: float = Field(0.0, ge=0, le=64)
     sampling: UpsamplerSamplingConfig = UpsamplerSamplingConfig(steps=2)
+    sobolev_weight: float = Field(0.0, ge=0)          # + this x the error's finite differences squared (H1 loss)
     # none: the paper's upsampler (the low-res image only). image_embed: also z_i, added to the
     # time embedding as the decoder does (a declared deviation: the low-res base drops shape)
     condition: Literal["none", "image_embed"] = "none"

@@ -4,7 +4,7 @@ import torch
 
 from pipeline.decoder import diffusion as dd
 from pipeline.decoder.network import UnclipDecoder
-from pipeline.diffusion import Denoiser, in_batches, make_sampler, noise_schedule, training_target
+from pipeline.diffusion import Denoiser, in_batches, make_sampler, noise_schedule, sobolev_error, training_target
 
 B, D, W, L, S = 3, 16, 12, 6, 8
 
@@ -236,17 +236,17 @@ def test_sobolev_error_weighs_each_frequency_and_keeps_the_mean_as_minimiser():
     flat = torch.ones(2, 3, n, n)
     checker = (torch.arange(n)[:, None] + torch.arange(n)[None, :]).remainder(2).float().mul(2).sub(1)
     checker = checker.expand(2, 3, n, n)
-    assert torch.allclose(dd.sobolev_error(flat, 0.0), torch.ones(2))
-    assert torch.allclose(dd.sobolev_error(flat, 2.0), torch.ones(2))            # no gradient: as the MSE
+    assert torch.allclose(sobolev_error(flat, 0.0), torch.ones(2))
+    assert torch.allclose(sobolev_error(flat, 2.0), torch.ones(2))            # no gradient: as the MSE
     # the Nyquist error: every forward difference is +-2, so it weighs 1 + 8 * weight
-    assert torch.allclose(dd.sobolev_error(checker, 0.5), torch.full((2,), 1 + 0.5 * 8))
+    assert torch.allclose(sobolev_error(checker, 0.5), torch.full((2,), 1 + 0.5 * 8))
     # a fixed quadratic form: over several targets v_k, its minimiser is their mean (the gradient is 0 there)
     targets = torch.randn(5, 3, n, n)
     f = targets.mean(0, keepdim=True).requires_grad_(True)
-    dd.sobolev_error(f - targets, 1.0).sum().backward()
+    sobolev_error(f - targets, 1.0).sum().backward()
     assert f.grad.abs().max() < 1e-5
     g = (f.detach() + 0.1 * torch.randn_like(f)).requires_grad_(True)
-    assert dd.sobolev_error(g - targets, 1.0).sum() > dd.sobolev_error(f.detach() - targets, 1.0).sum()
+    assert sobolev_error(g - targets, 1.0).sum() > sobolev_error(f.detach() - targets, 1.0).sum()
 
 
 def test_training_loss_with_the_sobolev_term_is_the_mse_plus_the_differences():

@@ -277,6 +277,19 @@ def test_training_loss_decreases():
     assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
 
 
+def test_training_loss_sobolev_term_adds_the_error_differences():
+    m = Upsampler(**ARCH).eval()
+    x0 = shapes(b=4, size=16)
+    cond = resize(resize(x0, 8), 16)
+
+    def loss(w):
+        return diffusion.training_loss(m, x0, cond, noise_schedule("v_prediction"), residual=True, residual_scale=8.0,
+                                       generator=torch.Generator().manual_seed(2), sobolev_weight=w)
+    plain, h1 = loss(0.0), loss(1.0)
+    assert torch.isfinite(h1) and h1 > plain
+    assert torch.allclose(loss(3.0) - plain, 3 * (h1 - plain), rtol=1e-4)
+
+
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_upsample_with_each_sampler(sampler):
     low = shapes(size=8)

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
 from .. import diffusion
 from ..diffusion import Denoiser, Sampling, make_sampler, run_timesteps, sample_loop
@@ -67,7 +66,7 @@ def training_loss(model, x0: torch.Tensor, z_i: torch.Tensor, tokens: torch.Tens
                   sobolev_weight: float = 0.0) -> torch.Tensor:
     """x0 [B, 3, S, S] in [-1, 1]; MSE on the schedule's target (noise or v), per example
     weighted by Min-SNR-gamma when ``snr_gamma`` is set; with ``sobolev_weight`` > 0 the error's
-    finite differences join it (:func:`sobolev_error`)."""
+    finite differences join it (:func:`pipeline.diffusion.sobolev_error`)."""
     b, dev = x0.shape[0], x0.device
     t = torch.randint(0, schedule.config.num_train_timesteps, (b,), device=dev, generator=generator)
     noise = torch.randn(x0.shape, device=dev, generator=generator)
@@ -76,31 +75,13 @@ def training_loss(model, x0: torch.Tensor, z_i: torch.Tensor, tokens: torch.Tens
                 torch.rand(b, device=dev, generator=generator) < p_drop_caption)
     out = model(x_t, t, *cond)
     mean_out, var_out = out[:, :3], out[:, 3:]
-    per_example = sobolev_error(mean_out.float() - diffusion.training_target(schedule, x0, noise, t),
+    per_example = diffusion.sobolev_error(mean_out.float() - diffusion.training_target(schedule, x0, noise, t),
                                 sobolev_weight)
     loss = (per_example * diffusion.min_snr_weight(schedule, t, snr_gamma)).mean()
     if var_out.shape[1]:            # learned variance: + lambda * L_vlb, lambda * T = 1 (T = 1000)
         x0_pred = diffusion.predicted_x0(schedule, x_t, mean_out.detach().float(), t)
         loss = loss + VLB_WEIGHT * diffusion.vlb_term(schedule, x0, x_t, t, x0_pred, var_out).mean()
     return loss
-
-
-def sobolev_error(err: torch.Tensor, weight: float = 0.0) -> torch.Tensor:
-    """Per example [B] of an error [B, C, S, S]: mean(err^2) + weight * (mean(dx err^2) + mean(dy err^2)),
-    the squared H1 (Sobolev) norm with forward differences; ``weight`` 0 is the plain MSE.
-
-    A fixed positive-definite quadratic form of the error, so its minimiser is still the
-    conditional mean E[target | x_t, condition], as the MSE's: the sampler's target is unchanged.
-    What changes is the emphasis while learning: in Fourier terms the error at frequency (u, v)
-    weighs 1 + weight * (4 sin^2(pi u / S) + 4 sin^2(pi v / S)), up to 1 + 8 * weight at the
-    Nyquist frequency. At 16 px a small square and a small circle (3.8 px across) differ in a few
-    corner pixels, an error the plain MSE hardly sees beside the layout's and colors'."""
-    mse = err.square().mean(dim=(1, 2, 3))
-    if not weight:
-        return mse
-    dx = (err[..., :, 1:] - err[..., :, :-1]).square().mean(dim=(1, 2, 3))
-    dy = (err[..., 1:, :] - err[..., :-1, :]).square().mean(dim=(1, 2, 3))
-    return mse + weight * (dx + dy)
 
 
 def guided(model, condition: Condition, guidance_scale: float, mean_only: bool) -> Denoiser:

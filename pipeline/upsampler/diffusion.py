@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
 from .. import bundle, diffusion
 from ..diffusion import Denoiser, Sampling, make_sampler, sample_loop
@@ -69,8 +68,9 @@ class UpsamplerSampling(Sampling):
 def training_loss(model, x0: torch.Tensor, low_res_up: torch.Tensor, schedule,
                   generator: Optional[torch.Generator] = None, z_i: Optional[torch.Tensor] = None,
                   p_drop_image: float = 0.0, residual: bool = False, residual_scale: float = 1.0,
-                  aug_level: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """MSE between the network's output and the target of ``schedule``'s prediction type.
+                  aug_level: Optional[torch.Tensor] = None, sobolev_weight: float = 0.0) -> torch.Tensor:
+    """MSE between the network's output and the target of ``schedule``'s prediction type; with
+    ``sobolev_weight`` > 0 the error's finite differences join it (:func:`pipeline.diffusion.sobolev_error`).
 
     x0: high-res (crops) [B, 3, H, W] in [-1, 1]; low_res_up: the (corrupted) low-res image
     upsampled to the same size and cropped at the same place. Timesteps are uniform over the
@@ -89,7 +89,8 @@ def training_loss(model, x0: torch.Tensor, low_res_up: torch.Tensor, schedule,
         z_i = z_i * keep.to(z_i.dtype)[:, None]
     extra = {} if aug_level is None else {"aug_level": aug_level}
     out = model(schedule.add_noise(x0, noise, t), t, low_res_up, z_i, **extra)
-    return F.mse_loss(out.float(), diffusion.training_target(schedule, x0, noise, t))
+    return diffusion.sobolev_error(out.float() - diffusion.training_target(schedule, x0, noise, t),
+                                   sobolev_weight).mean()
 
 
 @torch.no_grad()

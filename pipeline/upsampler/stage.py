@@ -161,7 +161,7 @@ def make_loss(u, schedule):
         with autocast(u.precision, dev):
             return training_loss(net, x0, cond, schedule, z_i=z_i, p_drop_image=u.p_drop_image_embed,
                                  residual=u.target == "residual", residual_scale=u.residual_scale,
-                                 aug_level=aug_level)
+                                 aug_level=aug_level, sobolev_weight=u.sobolev_weight)
     return loss_fn
 
 
