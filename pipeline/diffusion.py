@@ -1,5 +1,6 @@
 """Gaussian diffusion shared by the prior, the decoder and the upsamplers: schedule, training
-target, samplers, classifier-free guidance. The networks are passed in (improved-diffusion's
+target and the image models' loss (the MSE, or with ``sobolev_weight`` an H1 loss), samplers,
+classifier-free guidance. The networks are passed in (improved-diffusion's
 split: the diffusion object knows nothing of the network, the network nothing of diffusion).
 
 Every model diffuses over 1000 training steps with the cosine schedule ("squaredcos_cap_v2",
