@@ -75,8 +75,8 @@ def training_loss(model, x0: torch.Tensor, z_i: torch.Tensor, tokens: torch.Tens
                 torch.rand(b, device=dev, generator=generator) < p_drop_caption)
     out = model(x_t, t, *cond)
     mean_out, var_out = out[:, :3], out[:, 3:]
-    per_example = diffusion.sobolev_error(mean_out.float() - diffusion.training_target(schedule, x0, noise, t),
-                                sobolev_weight)
+    err = mean_out.float() - diffusion.training_target(schedule, x0, noise, t)
+    per_example = diffusion.sobolev_error(err, sobolev_weight)                 # [B]
     loss = (per_example * diffusion.min_snr_weight(schedule, t, snr_gamma)).mean()
     if var_out.shape[1]:            # learned variance: + lambda * L_vlb, lambda * T = 1 (T = 1000)
         x0_pred = diffusion.predicted_x0(schedule, x_t, mean_out.detach().float(), t)
