@@ -355,7 +355,8 @@ class UpsamplerConfig(TrainConfig):
 class UpsampleConfig(Section):
     """The upsampler chain after the decoder; DVC stage ``upsample@<key>`` per entry, in order."""
     stages: dict[str, UpsamplerConfig] = {"1": UpsamplerConfig(steps=1000, noise_aug=32.0, smooth_aug=12.0),
-                                          "2": UpsamplerConfig(batch_size=32, steps=600, residual_scale=32.0)}
+                                          "2": UpsamplerConfig(block_out_channels=[16, 32, 64], batch_size=32,
+                                                               steps=600, residual_scale=32.0)}
 
 
 class EvaluateConfig(Section):
