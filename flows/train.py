@@ -1,7 +1,10 @@
 """The training flow: every stage, each a Prefect task that runs `dvc repro <stage>`.
 
 Stages that do not depend on each other (DVC's graph of dvc.yaml) run side by side, at most
-``cluster.parallel_stages`` at once, each in stage order as soon as its upstream stages are done.
+``cluster.parallel_stages`` at once, each as soon as its upstream stages are done; of the stages
+ready, the one with the longest path of expected seconds to the end of the run first (the
+decoder's lane; the upsamplers, which need only the filtered images, fill the other core beside
+CLIP).
 The running stages share the machine's cores (pipeline/threads.py): on 2 cores each of two gets
 one thread, and one left alone takes both back at its next step. On 2 cores that does 1.3 to 1.6
 times the work of one stage at two threads (README, 2026-12-04 sixth session).
@@ -341,19 +344,54 @@ def upstream_stages(root: Path, selected: list[str]) -> dict[str, set[str]]:
     return {stage: deps.get(stage, safe[stage]) & chosen for stage in selected}
 
 
+# Each stage's seconds in a fresh-clone `make run` of the default profile (README, thirteenth session:
+# 2 cores, AVX2): a workspace whose stage has never run (no metrics/<stage>.json) takes its expected
+# time from here. Only their order matters: they rank the stages that are ready to start.
+HINT_SECONDS = {"corpus": 35, "crawl": 57, "filter": 22, "judge": 486, "clip": 778, "embed": 15,
+                "prior": 368, "decoder": 1414, "upsample": 430, "evaluate": 165}
+
+
+def expected_seconds(ws: Workspace, stage: str) -> float:
+    """How long ``stage`` is expected to take: its last run's ``duration_s`` in this workspace,
+    else :data:`HINT_SECONDS` (per kind of stage: upsample@<key> as upsample)."""
+    try:
+        return float(json.loads(ws.metrics_path(stage).read_text())["duration_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return float(HINT_SECONDS.get(stage.split("@")[0], 60))
+
+
+def critical_paths(upstream: dict[str, set[str]], seconds: dict[str, float]) -> dict[str, float]:
+    """Each stage's longest chain of expected seconds from its start to the end of the run, itself
+    included: the stage and the longest path among the stages that depend on it."""
+    below = {s: [d for d, ups in upstream.items() if s in ups] for s in upstream}
+    memo: dict[str, float] = {}
+
+    def path(stage: str) -> float:
+        if stage not in memo:
+            memo[stage] = seconds[stage] + max((path(d) for d in below[stage]), default=0.0)
+        return memo[stage]
+    return {s: path(s) for s in upstream}
+
+
 def run_stages(ws: Workspace, selected: list[str], env: dict, force: bool, parallel: int
                ) -> tuple[list[dict], Optional[StageFailed]]:
     """Run ``selected`` through :func:`repro_stage`: a stage starts once every selected stage it
-    depends on is done, in stage order, at most ``parallel`` at once, the cores shared between
-    the running ones (:class:`ThreadShares`). After a failure no new stage starts; the running
-    ones finish. Returns the rows in stage order and the first failure."""
+    depends on is done, at most ``parallel`` at once, the cores shared between the running ones
+    (:class:`ThreadShares`). Of the stages ready to start, the one with the longest path of
+    expected seconds to the end of the run starts first (:func:`critical_paths`; critical-path
+    list scheduling), ties in stage order: the decoder before the prior, so the longest lane
+    starts as soon as embed is done and the shorter stages fill the other core. After a failure
+    no new stage starts; the running ones finish. Returns the rows in stage order and the first
+    failure."""
     upstream = upstream_stages(ws.root, selected) if parallel > 1 else in_turn(selected)
+    longest = critical_paths(upstream, {s: expected_seconds(ws, s) for s in selected})
+    order = sorted(selected, key=lambda s: -longest[s])        # stable: ties keep the stage order
     cores = ThreadShares(ws.root / ".unclip" / "threads", machine_cores())
     pending, running, done = list(selected), {}, {}
     failed: Optional[StageFailed] = None
     try:
         while pending or running:
-            for stage in [] if failed else list(pending):
+            for stage in [] if failed else [s for s in order if s in pending]:
                 if len(running) >= parallel:
                     break
                 if upstream[stage] & (set(pending) | set(running.values())):

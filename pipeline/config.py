@@ -322,6 +322,10 @@ class UpsamplerConfig(TrainConfig):
     # time embedding as the decoder does (a declared deviation: the low-res base drops shape)
     condition: Literal["none", "image_embed"] = "none"
     p_drop_image_embed: float = Field(0.1, ge=0, le=1)   # with condition image_embed: z_i zeroed this often
+    # the shards it trains on, data/<images_from>, and so its stage's data dependency in dvc.yaml (which
+    # reads this key from params.yaml itself): filtered, the filter stage's images, so that it can train
+    # beside CLIP; embeddings, the embed stage's images with their z_i, which condition image_embed needs
+    images_from: Literal["filtered", "embeddings"] = "filtered"
     # what is diffused: image (SR3: the high-res image) or residual (SRDiff, Li et al. 2022: the
     # high-res image minus the bicubic upsample of the low-res one; sampling adds it back)
     target: Literal["image", "residual"] = "residual"
@@ -331,6 +335,13 @@ class UpsamplerConfig(TrainConfig):
     # embedded corpus against 0.7 for images): at scale 1 the network's error at the last sampling
     # step lands on the image as it is, at scale k it lands divided by k.
     residual_scale: float = Field(8.0, gt=0)
+
+    @model_validator(mode="after")
+    def _embeddings_for_image_embed(self):
+        if self.condition == "image_embed" and self.images_from != "embeddings":
+            raise ValueError("condition image_embed trains on images with their z_i: set images_from: embeddings "
+                             "(the embed stage's shards)")
+        return self
 
     @field_validator("blur_sigma")
     @classmethod
@@ -566,16 +577,29 @@ def resolve(raw: dict, profile: str | None = None, source: str = "params.yaml") 
 
 
 def _check_chain(raw: dict, merged: dict, where: str) -> None:
-    """A profile may change an upsampler but not add one: dvc.yaml's stages upsample@<key> are the
-    keys of params.yaml's own upsample.stages (its foreach), whatever the profile."""
-    def keys(sections):
+    """A profile may change an upsampler but not add one, nor change the shards it trains on:
+    dvc.yaml's stages upsample@<key> are the keys of params.yaml's own upsample.stages (its
+    foreach), and each one's data dependency is its ``images_from`` there, whatever the profile.
+    So params.yaml's own upsamplers must name it (DVC would stop on the missing key)."""
+    def stages(sections):
         chain = sections.get("upsample")
-        stages = chain.get("stages") if isinstance(chain, dict) else None
-        return set(stages) if isinstance(stages, dict) else None
-    base, now = keys(raw), keys(merged)
-    if base is not None and now is not None and now != base:
-        raise ConfigError(f"{where}.upsample.stages: a profile may not add upsamplers ({', '.join(sorted(now - base))}): "
+        found = chain.get("stages") if isinstance(chain, dict) else None
+        return found if isinstance(found, dict) else None
+    base, now = stages(raw), stages(merged)
+    if base is not None and now is not None and set(now) != set(base):
+        raise ConfigError(f"{where}.upsample.stages: a profile may not add upsamplers ({', '.join(sorted(set(now) - set(base)))}): "
                           f"the DVC stages upsample@<key> are the keys of params.yaml's upsample.stages")
+    for key, item in (base or {}).items():
+        if not isinstance(item, dict):
+            continue                                 # pydantic names what is wrong with it
+        if "images_from" not in item:
+            source = where.split(": profiles.")[0]
+            raise ConfigError(f"{source}: upsample.stages.{key}.images_from is missing: dvc.yaml reads it from "
+                              f"params.yaml for the stage's data (filtered, or embeddings with condition: image_embed)")
+        mine = (now or {}).get(key)
+        if isinstance(mine, dict) and mine.get("images_from") != item["images_from"]:
+            raise ConfigError(f"{where}.upsample.stages.{key}.images_from: a profile may not change it: dvc.yaml's "
+                              f"data dependency of upsample@{key} is params.yaml's own ({item['images_from']!r})")
 
 
 def load(path: str | os.PathLike = "params.yaml", profile: str | None = None) -> Config:

@@ -135,6 +135,25 @@ def test_the_upsampler_stages_are_params_yaml_s_chain_and_a_profile_may_not_add_
         config.resolve(raw, "smoke")
 
 
+def test_an_upsampler_names_the_shards_it_trains_on_in_params_yaml_and_a_profile_keeps_them(params_path):
+    # dvc.yaml's data dependency of upsample@<key> is data/${item.images_from}, read from params.yaml
+    raw = base(params_path)
+    assert {k: u["images_from"] for k, u in raw["upsample"]["stages"].items()} == {"1": "filtered", "2": "filtered"}
+    del raw["upsample"]["stages"]["2"]["images_from"]
+    with pytest.raises(config.ConfigError, match=r"upsample.stages.2.images_from is missing: dvc.yaml reads it"):
+        config.resolve(raw, "smoke")
+    raw = base(params_path)
+    raw["profiles"]["smoke"]["upsample"]["stages"]["1"]["images_from"] = "embeddings"
+    with pytest.raises(config.ConfigError, match=r"profiles.smoke.upsample.stages.1.images_from: a profile may not change it"):
+        config.resolve(raw, "smoke")
+    raw = base(params_path)                 # z_i comes only with the embed stage's shards
+    raw["upsample"]["stages"]["1"]["condition"] = "image_embed"
+    with pytest.raises(config.ConfigError, match=r"set images_from: embeddings"):
+        config.resolve(raw, "smoke")
+    raw["upsample"]["stages"]["1"]["images_from"] = "embeddings"
+    assert config.resolve(raw, "smoke").upsample.stages["1"].images_from == "embeddings"
+
+
 def test_resolved_config_with_characters_outside_the_bmp_reads_as_dvc_reads_it(params_path, tmp_path):
     # DVC reads params.resolved.json with a YAML parser, which refuses JSON's surrogate-pair
     # escapes (json.dumps' default for an emoji): the file is written as raw UTF-8

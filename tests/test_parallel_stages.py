@@ -79,6 +79,8 @@ def test_upstream_stages_come_from_dvc_graph(tmp_path):
     assert up["judge"] == up["clip"] == {"corpus", "crawl", "filter"}      # side by side after filter
     assert up["decoder"] == up["prior"] == {"corpus", "crawl", "filter", "clip", "embed"}
     assert "judge" not in up["decoder"] and "prior" not in up["decoder"]
+    # the upsamplers train on the filtered images (images_from: filtered): beside CLIP, before embed
+    assert up["upsample@1"] == up["upsample@2"] == {"corpus", "crawl", "filter"}
     assert up["evaluate"] == set(STAGES) - {"evaluate"}
     # a selection: only the selected stages are waited for
     assert upstream_stages(root, ["judge", "decoder"]) == {"judge": set(), "decoder": set()}
@@ -86,6 +88,31 @@ def test_upstream_stages_come_from_dvc_graph(tmp_path):
     plain = tmp_path / "plain"
     plain.mkdir()
     assert upstream_stages(plain, ["a", "b", "c"]) == {"a": set(), "b": {"a"}, "c": {"a", "b"}}
+
+
+def test_an_upsampler_on_the_embed_stages_shards_waits_for_embed(tmp_path):
+    from flows.train import upstream_stages
+    root = _dvc_workspace(tmp_path)
+    text = (root / "params.yaml").read_text()
+    assert text.count("images_from: filtered") == 2
+    (root / "params.yaml").write_text(text.replace("images_from: filtered", "images_from: embeddings", 1))
+    up = upstream_stages(root, list(STAGES))
+    assert up["upsample@1"] == {"corpus", "crawl", "filter", "clip", "embed"}
+    assert up["upsample@2"] == {"corpus", "crawl", "filter"}
+
+
+def test_the_longest_path_to_the_end_ranks_the_ready_stages(tmp_path):
+    from flows.train import critical_paths, expected_seconds
+    upstream = {"a": set(), "b": {"a"}, "c": {"a"}, "d": {"a", "b"}, "e": {"a", "b", "c", "d"}}
+    paths = critical_paths(upstream, {"a": 1, "b": 2, "c": 4, "d": 10, "e": 1})
+    assert paths == {"e": 1, "d": 11, "c": 5, "b": 13, "a": 14}     # b leads to d: it goes before c
+    ws = Workspace.at(tmp_path)
+    assert expected_seconds(ws, "decoder") > expected_seconds(ws, "prior")  # never run: the hints' order
+    ws.metrics_path("upsample@2").parent.mkdir(parents=True, exist_ok=True)
+    ws.metrics_path("upsample@2").write_text('{"duration_s": 12.5}')
+    assert expected_seconds(ws, "upsample@2") == 12.5                     # its last run in this workspace
+    ws.metrics_path("prior").write_text("not json")
+    assert expected_seconds(ws, "prior") == expected_seconds(Workspace.at(tmp_path / "x"), "prior")
 
 
 class FakeStage:
@@ -127,7 +154,7 @@ def _overlap(a, b) -> bool:
 def test_run_stages_runs_independent_stages_side_by_side_in_dependency_order(tmp_path, monkeypatch, parallel):
     from flows import train
     root = _dvc_workspace(tmp_path)
-    fake = FakeStage({"judge": 0.6, "clip": 1.0, "prior": 0.3, "decoder": 0.8, "upsample@1": 0.2,
+    fake = FakeStage({"judge": 0.3, "clip": 1.5, "prior": 0.3, "decoder": 0.8, "upsample@1": 0.2,
                       "upsample@2": 0.2})
     monkeypatch.setattr(train, "repro_stage", fake)
     monkeypatch.setattr(train, "as_completed", concurrent.futures.as_completed)
@@ -141,8 +168,10 @@ def test_run_stages_runs_independent_stages_side_by_side_in_dependency_order(tmp
     assert max(running_at) == parallel                                      # never more than allowed
     if parallel == 2:
         assert _overlap(span["judge"], span["clip"]) and _overlap(span["decoder"], span["prior"])
+        assert all(_overlap(span[u], span["clip"]) for u in ("upsample@1", "upsample@2"))   # beside CLIP
+        assert span["decoder"][0] <= span["prior"][0]                       # the longest lane first
         assert "1" in fake.share["judge"] and "1" in fake.share["clip"]     # side by side: one core each
-        assert "2" in fake.share["clip"]                                    # the judge done: both back
+        assert "2" in fake.share["clip"]                                    # the others done: both back
         assert fake.share["corpus"] == fake.share["evaluate"] == {"2"}      # alone: both
     else:
         assert set().union(*fake.share.values()) == {"2"}

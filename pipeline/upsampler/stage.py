@@ -143,9 +143,10 @@ def architecture(u, embed_dim: int = 0) -> dict:
 
 
 def source_dir(ws, u) -> Path:
-    """Where an upsampler's training images come from: the embed stage's shards when it is
-    conditioned on z_i (they carry image and embedding), else the filter stage's."""
-    return ws.embeddings if conditioned(u) else ws.filtered
+    """Where an upsampler's training images come from (``images_from``, its data dependency in
+    dvc.yaml): the embed stage's shards, which carry image and z_i (a conditioned upsampler needs
+    them), or the filter stage's, which exist before CLIP is trained."""
+    return ws.embeddings if u.images_from == "embeddings" else ws.filtered
 
 
 def make_loss(u, schedule):
@@ -243,7 +244,7 @@ def run(cfg, ws, key: str) -> dict:
     source = source_dir(ws, u)
     paths = shard_paths(source)
     if not paths:
-        stage = "embed" if conditioned(u) else "filter"
+        stage = "embed" if u.images_from == "embeddings" else "filter"
         raise StageError(f"no shards in {source}: run the {stage} stage first")
     embed_dim = image_embedding(next(iter_split(paths[:1], None))).shape[0] if conditioned(u) else 0
 
