@@ -568,7 +568,7 @@ def resolve(raw: dict, profile: str | None = None, source: str = "params.yaml") 
                           f"(known: {', '.join(sorted(profiles)) or 'none'})")
     merged = deep_merge(raw, profiles.get(name) or {})
     merged["profile"] = name
-    _check_chain(raw, merged, f"{source}: profiles.{name}")
+    _check_chain(raw, merged, source, name)
     try:
         return Config.model_validate(merged)
     except ValidationError as err:
@@ -576,7 +576,7 @@ def resolve(raw: dict, profile: str | None = None, source: str = "params.yaml") 
         raise ConfigError(_format_error(err, where)) from None
 
 
-def _check_chain(raw: dict, merged: dict, where: str) -> None:
+def _check_chain(raw: dict, merged: dict, source: str, profile: str) -> None:
     """A profile may change an upsampler but not add one, nor change the shards it trains on:
     dvc.yaml's stages upsample@<key> are the keys of params.yaml's own upsample.stages (its
     foreach), and each one's data dependency is its ``images_from`` there, whatever the profile.
@@ -585,6 +585,7 @@ def _check_chain(raw: dict, merged: dict, where: str) -> None:
         chain = sections.get("upsample")
         found = chain.get("stages") if isinstance(chain, dict) else None
         return found if isinstance(found, dict) else None
+    where = f"{source}: profiles.{profile}"
     base, now = stages(raw), stages(merged)
     if base is not None and now is not None and set(now) != set(base):
         raise ConfigError(f"{where}.upsample.stages: a profile may not add upsamplers ({', '.join(sorted(set(now) - set(base)))}): "
@@ -593,7 +594,6 @@ def _check_chain(raw: dict, merged: dict, where: str) -> None:
         if not isinstance(item, dict):
             continue                                 # pydantic names what is wrong with it
         if "images_from" not in item:
-            source = where.split(": profiles.")[0]
             raise ConfigError(f"{source}: upsample.stages.{key}.images_from is missing: dvc.yaml reads it from "
                               f"params.yaml for the stage's data (filtered, or embeddings with condition: image_embed)")
         mine = (now or {}).get(key)

@@ -244,7 +244,7 @@ def run(cfg, ws, key: str) -> dict:
     source = source_dir(ws, u)
     paths = shard_paths(source)
     if not paths:
-        stage = "embed" if u.images_from == "embeddings" else "filter"
+        stage = "embed" if source == ws.embeddings else "filter"
         raise StageError(f"no shards in {source}: run the {stage} stage first")
     embed_dim = image_embedding(next(iter_split(paths[:1], None))).shape[0] if conditioned(u) else 0
 
