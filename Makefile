@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "pip>=24"
 	# torch/torchvision first, from the machine's local wheel copy (see README)
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-compile torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q --no-compile -e ".[test]"
+	# byte-compile on every core: pip compiles one file at a time (20-30 s slower on 2 cores, README),
+	# and where PYTHONDONTWRITEBYTECODE is set no import would ever write a .pyc; torch's testing
+	# helpers hold one Python 3.12-only file, whose error is expected
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null 2>&1 || true
 	# img2dataset pulls the Python 3.6 `dataclasses` backport, which shadows the standard
 	# library and kills Prefect's local server ("unexpected keyword argument 'slots'").
 	$(BIN)/pip uninstall -q -y dataclasses || true
