@@ -28,3 +28,24 @@ def test_quick_run_reports_every_figure(params_path, tmp_path):
     prof = report["step_profile"]
     assert prof["model"] == "decoder" and set(prof["phases_ms"]) == set(bench.PHASES)
     assert prof["top_ops"] and all(o["self_cpu_ms"] >= 0 for o in prof["top_ops"])
+
+
+def test_step_variants_time_every_variant(params_path):
+    """bench/step_variants.py on the smoke profile: every model and variant timed, bad variants refused."""
+    import argparse
+
+    import pytest
+    import torch
+    variants = load_bench("step_variants")
+    threads = torch.get_num_threads()
+    try:
+        out = variants.main(["--profile", "smoke", "--params", str(params_path), "--models", "prior,upsample@2",
+                             "--variants", "1:fp32,1:bf32", "--repeats", "1", "--steps", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert set(out) == {"prior", "upsample@2"}
+    assert all(set(v) == {"1:fp32", "1:bf32"} and min(v.values()) > 0 for v in out.values())
+    assert torch.backends.mkldnn.fp32_precision == "none"                  # the bf32 variant is undone
+    for bad in ("0:bf16", "two:bf16", "1:fp16"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            variants.parse_variant(bad)
