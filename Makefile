@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	# torch/torchvision first, from the machine's local wheel copy (see README)
 	$(BIN)/pip install -q --no-compile torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q --no-compile -e ".[test]"
-	# byte-compile on every core: pip compiles one file at a time (20-30 s slower on 2 cores, README),
+	# byte-compile on every core: pip compiles one file at a time (13-14 s slower on 2 cores, README),
 	# and where PYTHONDONTWRITEBYTECODE is set no import would ever write a .pyc; torch's testing
 	# helpers hold one Python 3.12-only file, whose error is expected
 	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null 2>&1 || true
