@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -41,30 +40,36 @@ def parse_variant(text: str) -> tuple[int, str]:
     return int(threads), precision
 
 
+def parse_variants(text: str) -> list[tuple[int, str]]:
+    """``--variants``: comma-separated THREADS:PRECISION (argparse reports a bad one as a usage error)."""
+    return [parse_variant(v) for v in text.split(",")]
+
+
 def run_variant(bench, batches, threads: int, precision: str, steps: int) -> float:
-    """Seconds per step of ``steps`` steps at ``threads`` threads in ``precision``."""
+    """Seconds per step of ``steps`` steps at ``threads`` threads in ``precision``; the thread count
+    and oneDNN's fp32 math are put back as they were."""
+    before = torch.get_num_threads(), torch.backends.mkldnn.fp32_precision
     torch.set_num_threads(threads)
     torch.backends.mkldnn.fp32_precision = "bf16" if precision == "bf32" else "none"
     try:
         with resolved_precision("fp32" if precision == "bf32" else precision):
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                tt.train_step(bench, batches)
-            return (time.perf_counter() - t0) / steps
+            return tt.timed_steps(bench, batches, steps)
     finally:
-        torch.backends.mkldnn.fp32_precision = "none"
+        torch.set_num_threads(before[0])
+        torch.backends.mkldnn.fp32_precision = before[1]
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="clip,decoder,upsample@1,prior")
-    ap.add_argument("--variants", default="1:bf16,2:bf16", help="THREADS:bf16|fp32|bf32, comma-separated")
+    ap.add_argument("--variants", type=parse_variants, default="1:bf16,2:bf16",
+                    help="THREADS:bf16|fp32|bf32, comma-separated")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--profile", default=None)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    variants = [parse_variant(v) for v in args.variants.split(",")]
+    variants = args.variants
     cfg = config.load(Path(args.params), args.profile)
     device = torch.device("cpu")
     print(tt.cpu_info())

@@ -1,8 +1,11 @@
 """bench/train_throughput.py at tiny sizes: every figure present and sane, the JSON written."""
 from __future__ import annotations
 
+import argparse
 import json
 
+import pytest
+import torch
 from helpers.bench import load_bench
 
 
@@ -32,17 +35,11 @@ def test_quick_run_reports_every_figure(params_path, tmp_path):
 
 def test_step_variants_time_every_variant(params_path):
     """bench/step_variants.py on the smoke profile: every model and variant timed, bad variants refused."""
-    import argparse
-
-    import pytest
-    import torch
     variants = load_bench("step_variants")
     threads = torch.get_num_threads()
-    try:
-        out = variants.main(["--profile", "smoke", "--params", str(params_path), "--models", "prior,upsample@2",
-                             "--variants", "1:fp32,1:bf32", "--repeats", "1", "--steps", "1"])
-    finally:
-        torch.set_num_threads(threads)
+    out = variants.main(["--profile", "smoke", "--params", str(params_path), "--models", "prior,upsample@2",
+                         "--variants", "1:fp32,1:bf32", "--repeats", "1", "--steps", "1"])
+    assert torch.get_num_threads() == threads                                # each variant puts the threads back
     assert set(out) == {"prior", "upsample@2"}
     assert all(set(v) == {"1:fp32", "1:bf32"} and min(v.values()) > 0 for v in out.values())
     assert torch.backends.mkldnn.fp32_precision == "none"                  # the bf32 variant is undone
