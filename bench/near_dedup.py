@@ -50,12 +50,13 @@ PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
 
 def fingerprints(ws: Workspace, f) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(fingerprint table, pairs) for every non-fault URL of the corpus, as if crawled in order."""
+    from pipeline.data.corpus_images import CorpusImages
     from pipeline.data.shards import ShardSink, shard_paths
     pairs = pd.read_parquet(ws.corpus / "pairs.parquet")
     good = pairs[pairs.fault.isna()]
-    with ShardSink(ws.raw, 2500) as sink:
+    with ShardSink(ws.raw, 2500) as sink, CorpusImages(ws.corpus) as images:
         for row in good.itertuples():
-            sink.write({"__key__": row.key, "jpg": (ws.corpus / row.url).read_bytes(), "txt": row.caption.encode()})
+            sink.write({"__key__": row.key, "jpg": images.read(row.url), "txt": row.caption.encode()})
     fp = functools.partial(dedup.fingerprint_shard, f=f)
     return pd.concat([fp(p) for p in shard_paths(ws.raw)], ignore_index=True), pairs
 

@@ -376,6 +376,10 @@ class EvaluateConfig(Section):
     n_pair: int = Field(256, ge=0)                    # held-out two-object captions; on data without
                                                       # ground truth: the first n_single + n_pair test captions
     batch_size: int = Field(32, ge=1)
+    # DALL-E 2's ablation (section 5.1): the text-embedding and caption-only paths run on the first
+    # this many one-object and as many two-object judged captions, and unCLIP's row is read on the same
+    # ones (its judged figures stay on all n_single + n_pair); the rows' 20-point gaps need no more
+    ablation_per_kind: int = Field(128, ge=1)
     # The grids' prompts; None: the embedded corpus's example prompts (evaluate.EXAMPLE_PROMPTS) on
     # data with ground truth, else the first 4 held-out test captions of the data.
     prompts: Optional[list[str]] = None

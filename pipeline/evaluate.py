@@ -11,7 +11,8 @@ Figures (``metrics/evaluate.json``, and MLflow):
   stage of the cascade (``quality_by_stage``), to show where an attribute is lost;
 - ``ablation``: DALL-E 2 section 5.1 with the same captions, seeds and sampling budget:
   ``unclip`` (prior -> decoder), ``text_embedding`` (the decoder fed z_t in place of z_i, no
-  prior) and ``caption_only`` (z_i dropped: the decoder's caption path alone);
+  prior) and ``caption_only`` (z_i dropped: the decoder's caption path alone), each judged on the
+  first ``evaluate.ablation_per_kind`` captions of each kind (``n_captions``);
 - ``background`` (in ``quality`` and every ``ablation`` variant): the background read from the
   pixels outside the objects' boxes (``pipeline.background``): of the captions that name one,
   the percent whose image shows it (``named_right``); its noise in 8-bit levels (``noise``, stray
@@ -205,8 +206,8 @@ def judged_figures(e, cfg, unclip, judge, extractor, test: dict, val: dict, size
     floor = round(frechet_distance(floor_feats, real_feats), 3)
     real_background = background.figures(test["images"][idx], gts, captions, real=True)
 
-    ablation, result, preds = judged_ablation(e, unclip, judge, captions, gts, real_feats, real_background["noise"])
-    quality = ablation["unclip"]
+    quality, ablation, result, preds = judged_ablation(e, unclip, judge, captions, gts, real_feats,
+                                                       real_background["noise"])
     names = stage_names(result)
     # each stage's background taken bicubically to the final size (where the speckle comes from)
     final = result["stages"][-1].shape[-1]
@@ -243,23 +244,47 @@ def judged_figures(e, cfg, unclip, judge, extractor, test: dict, val: dict, size
     return figures, held
 
 
+def ablation_subset(gts: list, per_kind: int) -> list[int]:
+    """Positions in the judged captions (one-object first, then two-object) of the first
+    ``per_kind`` of each kind: the captions the ablation's other paths are run on."""
+    single = [i for i, g in enumerate(gts) if len(parse_gt(g)["objects"]) == 1]
+    pair = [i for i, g in enumerate(gts) if len(parse_gt(g)["objects"]) != 1]
+    return single[:per_kind] + pair[:per_kind]
+
+
 def judged_ablation(e, unclip, judge, captions: list[str], gts: list, real_feats: torch.Tensor,
                     real_noise) -> tuple[dict, dict, list]:
-    """DALL-E 2's ablation (section 5.1), judged: every variant of :data:`ABLATIONS` through the
-    cascade. Returns the figures per variant, the unCLIP variant's result and the judge's reading
-    of its images (for the worst samples)."""
-    ablation, result, preds = {}, None, []
-    for variant in ABLATIONS:
-        z_i = ablation_inputs(unclip, variant, captions)
-        say("evaluate", f"ablation {variant}: {len(captions)} captions through the cascade")
-        out = unclip.generate(captions, n=1, seed=e.seed, batch_size=e.batch_size, z_i=z_i)
-        ablation[variant] = score(judge, out["images"], gts, real_feats,
-                                  preds=preds if variant == "unclip" else None) | {
-            "nfe_per_image": sum(out["nfe"].values()), "seconds_per_image": round(out["seconds"] / len(captions), 3),
-            "background": background.figures(out["images"], gts, captions, real_noise=real_noise)}
-        if variant == "unclip":
-            result = out
-    return ablation, result, preds
+    """DALL-E 2's ablation (section 5.1), judged. unCLIP runs on every caption (its figures are the
+    stage's ``quality``); the other variants of :data:`ABLATIONS` run on the first
+    ``evaluate.ablation_per_kind`` captions of each kind, and every variant's row, unCLIP's
+    included (read from its images of those captions), is judged on that same subset, so the rows
+    compare like with like (the Frechet distance too: it grows as the sample shrinks). Returns the
+    rows, the unCLIP result over every caption and the judge's reading of its images (for the
+    worst samples)."""
+    subset = ablation_subset(gts, e.ablation_per_kind)
+    sub = torch.tensor(subset)
+    sub_captions, sub_gts, sub_feats = [captions[i] for i in subset], [gts[i] for i in subset], real_feats[sub]
+
+    def row(images: torch.Tensor, out: dict, n: int) -> dict:
+        return score(judge, images, sub_gts, sub_feats) | {
+            "n_captions": len(subset), "nfe_per_image": sum(out["nfe"].values()),
+            "seconds_per_image": round(out["seconds"] / n, 3),
+            "background": background.figures(images, sub_gts, sub_captions, real_noise=real_noise)}
+
+    say("evaluate", f"unclip: {len(captions)} captions through the cascade")
+    result = unclip.generate(captions, n=1, seed=e.seed, batch_size=e.batch_size)
+    preds: list = []
+    quality = score(judge, result["images"], gts, real_feats, preds=preds) | {
+        "nfe_per_image": sum(result["nfe"].values()),
+        "seconds_per_image": round(result["seconds"] / len(captions), 3),
+        "background": background.figures(result["images"], gts, captions, real_noise=real_noise)}
+    ablation = {"unclip": row(result["images"][sub], result, len(captions))}
+    for variant in ABLATIONS[1:]:
+        say("evaluate", f"ablation {variant}: {len(subset)} captions through the cascade")
+        out = unclip.generate(sub_captions, n=1, seed=e.seed, batch_size=e.batch_size,
+                              z_i=ablation_inputs(unclip, variant, sub_captions))
+        ablation[variant] = row(out["images"], out, len(subset))
+    return quality, ablation, result, preds
 
 
 def standard_figures(e, extractor, generated: torch.Tensor, real: torch.Tensor, floor_real: torch.Tensor) -> dict:

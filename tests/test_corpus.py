@@ -1,5 +1,6 @@
 """The embedded corpus (CORPUS.md): deterministic, splits by scene, captions true to the ground truth."""
 import hashlib
+import io
 import json
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data import corpus
+from pipeline.data.corpus_images import CorpusImages
 from pipeline.data import scenes
 from pipeline.workspace import Workspace
 
@@ -43,10 +45,12 @@ def test_counts_and_files(built, smoke_cfg):
     assert m["scenes"] == c.n_scenes
     assert len(pairs) == m["urls"] == c.n_scenes + m["exact_duplicates"] + m["near_duplicates"] + sum(m["faults"].values())
     assert set(m["faults"]) == set(corpus.FAULT_KINDS)
-    for url in pairs[pairs.fault.isna()].url:
-        assert (ws.corpus / url).exists()
-    im = Image.open(ws.corpus / pairs[pairs.fault.isna() & pairs.duplicate_kind.isna()].url.iloc[0])
+    with CorpusImages(ws.corpus) as images:
+        # one member per URL of an image and nothing else: the archive is the corpus's only image file
+        assert images.names == set(pairs[pairs.fault.isna()].url)
+        im = Image.open(io.BytesIO(images.read(pairs[pairs.fault.isna() & pairs.duplicate_kind.isna()].url.iloc[0])))
     assert im.size == (c.image_size, c.image_size)
+    assert not (ws.corpus / "images").exists()
     share = (pairs[pairs.fault.isna()].n_objects == 2).mean()
     assert 0.25 < share < 0.55
     assert 0.01 < pairs.mismatched.mean() < 0.12
@@ -54,8 +58,9 @@ def test_counts_and_files(built, smoke_cfg):
 
 def test_exact_duplicates_are_the_same_bytes(built):
     ws, _, pairs = built
-    for r in pairs[pairs.duplicate_kind == "exact"].itertuples():
-        assert (ws.corpus / r.url).read_bytes() == (ws.corpus / "images" / f"{r.duplicate_of}.jpg").read_bytes()
+    with CorpusImages(ws.corpus) as images:
+        for r in pairs[pairs.duplicate_kind == "exact"].itertuples():
+            assert images.read(r.url) == images.read(f"images/{r.duplicate_of}.jpg")
 
 
 def test_splits_are_by_scene(built):
@@ -95,3 +100,12 @@ def test_rendered_color_is_where_the_ground_truth_says():
     o = s.objects[0]
     px = img[int(o.y * 64), int(o.x * 64)]
     assert np.abs(px - np.array(corpus.COLORS[o.color])).max() <= 20
+
+
+def test_a_missing_or_corrupt_image_archive_is_a_clear_error(tmp_path):
+    from pipeline.errors import StageError
+    with pytest.raises(StageError, match="not a readable corpus image archive.*run the corpus stage again"):
+        CorpusImages(tmp_path)                                   # no images.zip
+    (tmp_path / "images.zip").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(StageError, match="not a readable corpus image archive"):
+        CorpusImages(tmp_path)

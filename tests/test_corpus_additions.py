@@ -10,6 +10,7 @@ from PIL import Image
 
 from pipeline import config
 from pipeline.data import corpus, server
+from pipeline.data.corpus_images import CorpusImages
 from pipeline.workspace import Workspace
 
 N = 200
@@ -126,19 +127,19 @@ def test_stage_renders_added_blocks(tmp_path):
     assert {k: v for k, v in m.items() if k != "additions"}.keys() == base_m.keys()
     assert m["scenes"] == N + 30 and m["urls"] == len(pairs)
 
-    for url in pairs[pairs.fault.isna()].url:
-        assert (ws.corpus / url).is_file(), url
+    images, base_images = CorpusImages(ws.corpus), CorpusImages(base_ws.corpus)
+    assert images.names == set(pairs[pairs.fault.isna()].url)
     # Images of block 0 do not change when blocks are added.
     for key in base_pairs[base_pairs.duplicate_kind.isna() & base_pairs.fault.isna()].key:
-        assert (ws.corpus / "images" / f"{key}.jpg").read_bytes() == \
-            (base_ws.corpus / "images" / f"{key}.jpg").read_bytes()
+        assert images.read(f"images/{key}.jpg") == base_images.read(f"images/{key}.jpg")
     added = pairs[pairs.key.str.startswith("a")]
     for r in added[added.duplicate_kind == "exact"].itertuples():
-        assert (ws.corpus / r.url).read_bytes() == (ws.corpus / "images" / f"{r.duplicate_of}.jpg").read_bytes()
+        assert images.read(r.url) == images.read(f"images/{r.duplicate_of}.jpg")
     old_near = added[(added.duplicate_kind == "near") & (added.scene_id < N)]
     assert len(old_near) > 0          # rendered with its source, which is in block 0
     for r in old_near.itertuples():
-        assert Image.open(ws.corpus / r.url).size == (20, 20)   # the re-upload: 1.25x, re-encoded
+        assert Image.open(io.BytesIO(images.read(r.url))).size == (20, 20)   # the re-upload: 1.25x, re-encoded
+    images.close(), base_images.close()
 
     # The fault server answers the added blocks' fault URLs by their kind.
     faults = added.dropna(subset=["fault"])

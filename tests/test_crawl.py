@@ -24,6 +24,7 @@ from PIL import Image
 from helpers.own_data import static_server      # the loopback server of the own-data tests
 from pipeline import config
 from pipeline.data import corpus, crawl, server
+from pipeline.data.corpus_images import CorpusImages
 from pipeline.data.shards import ShardSink, count_samples, iter_samples, sample_meta, shard_paths
 from pipeline.stages import StageError
 from pipeline.workspace import Workspace
@@ -139,7 +140,8 @@ def test_server_answers_each_fault(crawled):
     with server.serve_corpus(ws.corpus, timeout_s=0.3) as base:
         status, headers, body = fetch(f"{base}/images/0000001.jpg")
         assert status == 200 and headers["Content-Type"] == "image/jpeg"
-        assert body == (ws.corpus / "images" / "0000001.jpg").read_bytes()
+        with CorpusImages(ws.corpus) as images:
+            assert body == images.read("images/0000001.jpg")
         assert fetch(f"{base}/fault/http_404/0.jpg")[0] == 404
         assert fetch(f"{base}/fault/http_500/1.jpg")[0] == 500
         assert fetch(f"{base}/fault/not_an_image/2.jpg")[2] == (faults / "not_an_image.html").read_bytes()
@@ -148,7 +150,8 @@ def test_server_answers_each_fault(crawled):
         assert headers["Content-Type"] == "image/png" and Image.open(io.BytesIO(body)).size == (4096, 4096)
         status, headers, body = fetch(f"{base}/fault/opted_out/5.jpg")
         assert status == 200 and headers["X-Robots-Tag"] == "noai"
-        for path in ("nothing", "images/../pairs.parquet", "images/.hidden", "fault/unknown/1.jpg"):
+        for path in ("nothing", "images/../pairs.parquet", "images/.hidden", "images/0000001", "images.zip",
+                     "images/%2e%2e/images.zip", "fault/unknown/1.jpg"):
             assert fetch(f"{base}/{path}")[0] == 404, path
         with pytest.raises((TimeoutError, urllib.error.URLError)):
             fetch(f"{base}/fault/timeout/6.jpg", timeout=0.3)
@@ -184,9 +187,10 @@ def test_server_is_stopped_when_img2dataset_raises(tmp_path, monkeypatch, crawle
 def test_user_csv_list(tmp_path, crawled):
     site = tmp_path / "site"
     site.mkdir()
-    images = sorted((crawled[0].corpus / "images").glob("000*.jpg"))[:3]
-    for p in images:
-        (site / p.name).write_bytes(p.read_bytes())
+    with CorpusImages(crawled[0].corpus) as archive:
+        images = [Path(n) for n in sorted(archive.names) if n.startswith("images/000")][:3]
+        for p in images:
+            (site / p.name).write_bytes(archive.read(str(p)))
     ws = Workspace.at(tmp_path / "ws")
     cfg = config.load(PARAMS, "smoke")
     with static_server(site) as base:
@@ -239,7 +243,8 @@ def test_classify_error_messages():
 
 def test_verification_drops_what_pil_cannot_decode_and_restores_list_order(tmp_path, crawled):
     """img2dataset-like input shard: a truncated JPEG that OpenCV let through must not pass."""
-    jpeg = (crawled[0].corpus / "images" / "0000000.jpg").read_bytes()
+    with CorpusImages(crawled[0].corpus) as archive:
+        jpeg = archive.read("images/0000000.jpg")
     png = io.BytesIO()
     Image.new("RGB", (16, 16)).save(png, format="PNG")
     src = tmp_path / "i2d"

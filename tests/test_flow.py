@@ -102,8 +102,12 @@ def test_generative_half_trained_and_evaluated(flow_runs):
     assert ev["prior"]["n"] == ev["n_captions"] == 6 and ev["n_single"] == 3
     # judged: per-attribute figures for the final images, every stage, every ablation, and the bars
     assert set(ev["ablation"]) == {"unclip", "text_embedding", "caption_only"}
-    for figures in [ev["quality"], *ev["ablation"].values(), *ev["quality_by_stage"].values()]:
+    for figures in [ev["quality"], *ev["quality_by_stage"].values()]:
         assert figures["single"]["n"] == 3 and figures["pair"]["n"] == 3
+    # the ablation: every variant, unCLIP's row included, on the first ablation_per_kind (2) captions of each kind
+    for figures in ev["ablation"].values():
+        assert figures["single"]["n"] == 2 and figures["pair"]["n"] == 2 and figures["n_captions"] == 4
+    for figures in [ev["quality"], *ev["ablation"].values(), *ev["quality_by_stage"].values()]:
         assert 0 <= figures["single"]["shape"] <= 100 and 0 <= figures["pair"]["relation"] <= 100
         assert figures["frechet_distance"] >= 0
     # the smoke judge (6 steps) can leave its ReLU features dead, so the floor may be exactly 0 here;

@@ -15,17 +15,20 @@ the corpus without additions.
 
 Output (``data/corpus/``)::
 
-    images/<key>.jpg        one file per URL (exact and near duplicates are files of their own)
+    images.zip              one member images/<key>.jpg per URL (exact and near duplicates are members
+                            of their own), stored uncompressed: one file, not 20,000 (DVC hashes and
+                            links each file of an output: 7-8 s for the loose files; CorpusImages reads it)
     faults/                 bodies the crawl's fault server returns (truncated JPEG, oversized...)
     pairs.parquet           url (relative to the corpus root), caption, split, ground truth
     samples.png             a grid of the first scenes, for eyes and MLflow
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
-import shutil
+import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -35,19 +38,25 @@ from PIL import Image
 
 from ..progress import progress, say
 from ..workspace import atomic_dir
+from .corpus_images import IMAGES
 from .scenes import COLORS, FAULT_KINDS, Obj, Scene, caption, encode_jpeg, render, sample_scene
 
 
-def _render_chunk(args) -> int:
-    scenes, out_dir, image_size, render_scale, quality, near_keys = args
+ARCHIVE_TIME = (2020, 1, 1, 0, 0, 0)    # every member's timestamp: the archive is a function of the seed
+
+
+def _render_chunk(args) -> list[tuple[str, bytes]]:
+    """The JPEGs of a chunk of scenes (and of their near re-posts): [(member name, bytes)]."""
+    scenes, image_size, render_scale, quality, near_keys = args
+    out = []
     for key, scene in scenes:
         img = render(scene, image_size, render_scale)
-        (out_dir / f"{key}.jpg").write_bytes(encode_jpeg(img, quality))
+        out.append((f"images/{key}.jpg", encode_jpeg(img, quality)))
         for near_key in near_keys.get(key, ()):
             # A re-upload: resized by a quarter and re-encoded at lower quality.
             resized = img.resize((round(image_size * 1.25),) * 2, Image.BICUBIC)
-            (out_dir / f"{near_key}.jpg").write_bytes(encode_jpeg(resized, 80))
-    return len(scenes)
+            out.append((f"images/{near_key}.jpg", encode_jpeg(resized, 80)))
+    return out
 
 
 # ---- the stage ----------------------------------------------------------------------------------
@@ -198,8 +207,8 @@ def write_fault_bodies(out: Path, image_size: int) -> None:
     (out / "too_large.png").write_bytes(big.getvalue())
 
 
-def sample_grid(paths: list[Path], cols: int = 8) -> Image.Image:
-    imgs = [Image.open(p).convert("RGB") for p in paths]
+def sample_grid(images: list[Image.Image], cols: int = 8) -> Image.Image:
+    imgs = [im.convert("RGB") for im in images]
     size = imgs[0].size[0]
     rows = math.ceil(len(imgs) / cols)
     grid = Image.new("RGB", (cols * size, rows * size), (255, 255, 255))
@@ -209,31 +218,36 @@ def sample_grid(paths: list[Path], cols: int = 8) -> Image.Image:
 
 
 def write_corpus(corpus, scenes: list[Scene], pairs: pd.DataFrame, near_keys: dict[str, list[str]], out: Path) -> None:
-    """Render every scene (and its near re-posts) into ``out/images``, copy the exact re-posts, and
-    write the fault bodies, ``pairs.parquet`` and the sample grid."""
-    img_dir = out / "images"
-    img_dir.mkdir()
+    """Render every scene (and its near re-posts) into ``out/images.zip``, add the exact re-posts
+    (the very same bytes under their own names), and write the fault bodies, ``pairs.parquet`` and
+    the sample grid."""
     items = [(f"{s.scene_id:07d}", s) for s in scenes]
     chunk = 250
-    jobs = [(items[i:i + chunk], img_dir, corpus.image_size, corpus.render_scale, corpus.jpeg_quality,
+    jobs = [(items[i:i + chunk], corpus.image_size, corpus.render_scale, corpus.jpeg_quality,
              {k: near_keys[k] for k, _ in items[i:i + chunk] if k in near_keys})
             for i in range(0, len(items), chunk)]
     bar = progress(total=len(items), desc="corpus: render", unit="img")
-    if corpus.workers > 1:
-        with ProcessPoolExecutor(corpus.workers) as pool:
-            for done in pool.map(_render_chunk, jobs):
-                bar.update(done)
-    else:
-        for job in jobs:
-            bar.update(_render_chunk(job))
-    bar.close()
+    first: list[bytes] = []
     exact = pairs[pairs.duplicate_kind == "exact"]
-    for k, src in zip(exact.key, exact.duplicate_of):   # a re-post: the very same bytes
-        shutil.copyfile(img_dir / f"{src}.jpg", img_dir / f"{k}.jpg")
+    reposts: dict[str, list[str]] = {}
+    for k, src in zip(exact.key, exact.duplicate_of):
+        reposts.setdefault(f"images/{src}.jpg", []).append(f"images/{k}.jpg")
+    # members in chunk order (the archive's bytes do not depend on corpus.workers); uncompressed:
+    # JPEGs do not deflate, and a stored member is read without a decompressor
+    with zipfile.ZipFile(out / IMAGES, "w", zipfile.ZIP_STORED) as archive:
+        with (ProcessPoolExecutor(corpus.workers) if corpus.workers > 1 else contextlib.nullcontext()) as pool:
+            for job, rendered in zip(jobs, pool.map(_render_chunk, jobs) if pool else map(_render_chunk, jobs)):
+                for name, data in rendered:
+                    archive.writestr(zipfile.ZipInfo(name, date_time=ARCHIVE_TIME), data)
+                    for repost in reposts.get(name, ()):    # a re-post: the very same bytes
+                        archive.writestr(zipfile.ZipInfo(repost, date_time=ARCHIVE_TIME), data)
+                    if len(first) < 64 and name.removeprefix("images/")[0].isdigit():   # a scene, not a re-post
+                        first.append(data)
+                bar.update(len(job[0]))
+    bar.close()
     write_fault_bodies(out / "faults", corpus.image_size)
     pairs.to_parquet(out / "pairs.parquet", index=False)
-    first = [img_dir / f"{s.scene_id:07d}.jpg" for s in scenes[:64]]
-    sample_grid(first).save(out / "samples.png")
+    sample_grid([Image.open(io.BytesIO(b)) for b in first]).save(out / "samples.png")
 
 
 def corpus_metrics(corpus, scenes: list[Scene], pairs: pd.DataFrame, blocks: list[pd.DataFrame]) -> dict:
@@ -280,5 +294,5 @@ def run(cfg, ws) -> dict:
     log_artifact(ws.corpus / "samples.png", "corpus")
     metrics = corpus_metrics(corpus, scenes, pairs, blocks)
     say("corpus", f"{len(scenes)} scenes, {len(pairs)} URLs ({sum(metrics['faults'].values())} faults) "
-                  f"-> {ws.corpus.relative_to(ws.root)}/ (pairs.parquet, images/, samples.png)")
+                  f"-> {ws.corpus.relative_to(ws.root)}/ (pairs.parquet, images.zip, samples.png)")
     return metrics

@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import numpy as np
@@ -70,6 +70,9 @@ class Obj:
     rgb: tuple[int, int, int]
 
 
+TRUTH_FIELDS = tuple(f.name for f in fields(Obj) if f.name != "rgb")    # an object's ground truth (not its jittered rgb)
+
+
 @dataclass
 class Scene:
     scene_id: int
@@ -81,7 +84,7 @@ class Scene:
 
     def ground_truth(self) -> dict:
         return {"scene_id": self.scene_id, "background": self.background, "relation": self.relation,
-                "objects": [{k: v for k, v in asdict(o).items() if k != "rgb"} for o in self.objects]}
+                "objects": [{k: getattr(o, k) for k in TRUTH_FIELDS} for o in self.objects]}
 
 
 def nearest_position(x: float, y: float) -> str:

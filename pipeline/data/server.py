@@ -4,7 +4,7 @@ The crawl stage points img2dataset at real ``http://`` URLs so that the same cod
 the embedded corpus and a user's URL list. Paths (relative to the corpus root, as in
 ``pairs.parquet``)::
 
-    images/<name>            the corpus image, image/jpeg
+    images/<name>            the corpus image (a member of images.zip), image/jpeg
     fault/<kind>/<n>.jpg     one of the faults of CORPUS.md (FAULTS below)
     anything else            404
 
@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
+
+from .corpus_images import CorpusImages
 
 
 @dataclass(frozen=True)
@@ -57,13 +59,17 @@ class CorpusServer(ThreadingHTTPServer):
 
     def __init__(self, corpus_dir: Path, timeout_s: float):
         self.corpus_dir = Path(corpus_dir).resolve()
-        self.images_dir = self.corpus_dir / "images"
+        self.images = CorpusImages(self.corpus_dir)          # images.zip, read by the handler threads
         self.stall_s = timeout_s * STALL_FACTOR
         self.stopping = threading.Event()     # wakes stalled handlers at shutdown
         # Fault bodies are few and small: read once, not per request.
         self.bodies = {f.body_file: (self.corpus_dir / "faults" / f.body_file).read_bytes()
                        for f in FAULTS.values() if f.body_file}
         super().__init__(("127.0.0.1", 0), CorpusHandler)
+
+    def server_close(self):
+        super().server_close()
+        self.images.close()
 
     def handle_error(self, request, client_address):
         # A client that timed out (the "timeout" fault) closes its end before we answer; the
@@ -88,12 +94,12 @@ class CorpusHandler(BaseHTTPRequestHandler):
             self.send_error(404)
 
     def _serve_image(self, name: str):
-        path = self.server.images_dir / name
-        # ``name`` holds no "/" (split above); refusing dot-names also refuses "..".
-        if name.startswith(".") or not path.is_file():
+        # a member of the archive or nothing: no path reaches the file system
+        member = f"images/{name}"
+        if member not in self.server.images:
             self.send_error(404)
             return
-        self._send(200, path.read_bytes(), "image/jpeg")
+        self._send(200, self.server.images.read(member), "image/jpeg")
 
     def _serve_fault(self, fault: Fault):
         if fault.stall:

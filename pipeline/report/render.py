@@ -210,21 +210,27 @@ def not_judged_section(ev: dict, mf: dict) -> list[str]:
 
 
 def judged_section(ev: dict, mf: dict) -> list[str]:
+    """The judged figures on every held-out caption, then the ablation's rows (each variant on the same
+    first ``ablation_per_kind`` captions of each kind: ``n_captions``)."""
     abl = ev.get("ablation", {})
     if not abl:
         return []
-    head = ["judged on the final images", *abl]
-    rows = [f"<tr><th>{esc(label)}</th>" + "".join(cell(mf, f"evaluate.ablation.{v}.{k}") for v in abl) + "</tr>"
+    keys = ["evaluate.quality"] + [f"evaluate.ablation.{v}" for v in abl]
+    n_abl = next(iter(abl.values())).get("n_captions")
+    head = ["judged on the final images", "unclip, every caption",
+            *(f"{v}, {n_abl} captions" if n_abl else v for v in abl)]
+    rows = [f"<tr><th>{esc(label)}</th>" + "".join(cell(mf, f"{key}.{k}") for key in keys) + "</tr>"
             for label, k in QUALITY_ROWS]
     rows.append("<tr><th>network evaluations per image</th>"
-                + "".join(cell(mf, f"evaluate.ablation.{v}.nfe_per_image") for v in abl) + "</tr>")
+                + "".join(cell(mf, f"{key}.nfe_per_image") for key in keys) + "</tr>")
     n = ev.get("quality", {})
     return ["<h2>Quality (the judge, against each caption's truth)</h2>",
             f'<p class="sub">{esc(n.get("single", {}).get("n"))} one-object and {esc(n.get("pair", {}).get("n"))} '
             f"two-object held-out test captions, one image each, seed {esc(ev.get('seed'))}; "
             f"percent right. The real-versus-real Fréchet floor: "
             f"<b data-key=\"evaluate.frechet_floor_real_vs_real\">{esc(fmt(ev.get('frechet_floor_real_vs_real')))}</b>. "
-            "Ablation (DALL·E 2 §5.1): unclip = prior → decoder; text_embedding = decoder fed z_t; "
+            "Ablation (DALL·E 2 §5.1), every variant on the same first captions of each kind (the Fréchet "
+            "distance grows as the sample shrinks): unclip = prior → decoder; text_embedding = decoder fed z_t; "
             "caption_only = no image embedding.</p>",
             table(head, rows, "quality")]
 
