@@ -253,14 +253,14 @@ def ablation_subset(gts: list, per_kind: int) -> list[int]:
 
 
 def judged_ablation(e, unclip, judge, captions: list[str], gts: list, real_feats: torch.Tensor,
-                    real_noise) -> tuple[dict, dict, list]:
+                    real_noise) -> tuple[dict, dict, dict, list]:
     """DALL-E 2's ablation (section 5.1), judged. unCLIP runs on every caption (its figures are the
     stage's ``quality``); the other variants of :data:`ABLATIONS` run on the first
     ``evaluate.ablation_per_kind`` captions of each kind, and every variant's row, unCLIP's
     included (read from its images of those captions), is judged on that same subset, so the rows
-    compare like with like (the Frechet distance too: it grows as the sample shrinks). Returns the
-    rows, the unCLIP result over every caption and the judge's reading of its images (for the
-    worst samples)."""
+    compare like with like (the Frechet distance too: it grows as the sample shrinks). Returns
+    unCLIP's judged figures on every caption, the ablation's rows, the unCLIP result over every
+    caption and the judge's reading of its images (for the worst samples)."""
     subset = ablation_subset(gts, e.ablation_per_kind)
     sub = torch.tensor(subset)
     sub_captions, sub_gts, sub_feats = [captions[i] for i in subset], [gts[i] for i in subset], real_feats[sub]
