@@ -12,6 +12,7 @@ from PIL import Image
 
 from pipeline import config
 from pipeline.data import corpus, filter as filt
+from pipeline.data.corpus_images import CorpusImages
 from pipeline.data.shards import ShardSink, iter_samples, shard_paths
 from pipeline.stages import StageError
 from pipeline.workspace import Workspace
@@ -26,10 +27,10 @@ def build_raw_shards(ws: Workspace, shard_size: int) -> None:
     """
     pairs = pd.read_parquet(ws.corpus / "pairs.parquet")
     pairs = pairs[pairs.fault.isna()]
-    with ShardSink(ws.raw, shard_size) as sink:
+    with ShardSink(ws.raw, shard_size) as sink, CorpusImages(ws.corpus) as images:
         for row in pairs.itertuples():
             meta = {"key": row.key, "split": row.split, "gt": row.gt, "url": row.url, "caption": row.caption}
-            sink.write({"__key__": row.key, "jpg": (ws.corpus / row.url).read_bytes(),
+            sink.write({"__key__": row.key, "jpg": images.read(row.url),
                         "txt": row.caption.encode(), "json": json.dumps(meta).encode()})
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from pipeline import config, retrain
 from pipeline.data import incremental
 from pipeline.data import corpus, filter as filt
+from pipeline.data.corpus_images import CorpusImages
 from pipeline.data.shards import ShardSink, iter_samples, shard_paths
 from pipeline.workspace import Workspace, file_sha256
 
@@ -33,10 +34,10 @@ def cfg_with(additions=(), **retrain_keys):
 
 def write_raw(ws: Workspace, rows: pd.DataFrame, prefix: str) -> None:
     """Stand-in for one crawl part: the rows' images as raw shards named ``{prefix}NNNNN.tar``."""
-    with ShardSink(ws.raw, 40, prefix) as sink:
+    with ShardSink(ws.raw, 40, prefix) as sink, CorpusImages(ws.corpus) as images:
         for row in rows.itertuples():
             meta = {"key": row.key, "split": row.split, "gt": row.gt, "url": row.url}
-            sink.write({"__key__": row.key, "jpg": (ws.corpus / row.url).read_bytes(),
+            sink.write({"__key__": row.key, "jpg": images.read(row.url),
                         "txt": row.caption.encode(), "json": json.dumps(meta).encode()})
 
 
