@@ -244,14 +244,6 @@ def judged_figures(e, cfg, unclip, judge, extractor, test: dict, val: dict, size
     return figures, held
 
 
-def ablation_subset(gts: list, per_kind: int) -> list[int]:
-    """Positions in the judged captions (one-object first, then two-object) of the first
-    ``per_kind`` of each kind: the captions the ablation's other paths are run on."""
-    single = [i for i, g in enumerate(gts) if len(parse_gt(g)["objects"]) == 1]
-    pair = [i for i, g in enumerate(gts) if len(parse_gt(g)["objects"]) != 1]
-    return single[:per_kind] + pair[:per_kind]
-
-
 def judged_ablation(e, unclip, judge, captions: list[str], gts: list, real_feats: torch.Tensor,
                     real_noise) -> tuple[dict, dict, dict, list]:
     """DALL-E 2's ablation (section 5.1), judged. unCLIP runs on every caption (its figures are the
@@ -261,29 +253,29 @@ def judged_ablation(e, unclip, judge, captions: list[str], gts: list, real_feats
     compare like with like (the Frechet distance too: it grows as the sample shrinks). Returns
     unCLIP's judged figures on every caption, the ablation's rows, the unCLIP result over every
     caption and the judge's reading of its images (for the worst samples)."""
-    subset = ablation_subset(gts, e.ablation_per_kind)
+    # the judged captions are already one-object then two-object, none mismatched: pick_rows takes the first of each
+    subset = pick_rows(gts, e.ablation_per_kind, e.ablation_per_kind)
     sub = torch.tensor(subset)
-    sub_captions, sub_gts, sub_feats = [captions[i] for i in subset], [gts[i] for i in subset], real_feats[sub]
+    sub_captions, sub_gts = [captions[i] for i in subset], [gts[i] for i in subset]
 
-    def row(images: torch.Tensor, out: dict, n: int) -> dict:
-        return score(judge, images, sub_gts, sub_feats) | {
-            "n_captions": len(subset), "nfe_per_image": sum(out["nfe"].values()),
-            "seconds_per_image": round(out["seconds"] / n, 3),
-            "background": background.figures(images, sub_gts, sub_captions, real_noise=real_noise)}
+    def judged(images: torch.Tensor, out: dict, caps: list[str], truths: list, feats: torch.Tensor,
+               preds: list | None = None) -> dict:
+        return score(judge, images, truths, feats, preds=preds) | {
+            "nfe_per_image": sum(out["nfe"].values()), "seconds_per_image": round(out["seconds"] / len(out["images"]), 3),
+            "background": background.figures(images, truths, caps, real_noise=real_noise)}
 
     say("evaluate", f"unclip: {len(captions)} captions through the cascade")
     result = unclip.generate(captions, n=1, seed=e.seed, batch_size=e.batch_size)
     preds: list = []
-    quality = score(judge, result["images"], gts, real_feats, preds=preds) | {
-        "nfe_per_image": sum(result["nfe"].values()),
-        "seconds_per_image": round(result["seconds"] / len(captions), 3),
-        "background": background.figures(result["images"], gts, captions, real_noise=real_noise)}
-    ablation = {"unclip": row(result["images"][sub], result, len(captions))}
+    quality = judged(result["images"], result, captions, gts, real_feats, preds)
+    ablation = {"unclip": judged(result["images"][sub], result, sub_captions, sub_gts, real_feats[sub])}
     for variant in ABLATIONS[1:]:
         say("evaluate", f"ablation {variant}: {len(subset)} captions through the cascade")
         out = unclip.generate(sub_captions, n=1, seed=e.seed, batch_size=e.batch_size,
                               z_i=ablation_inputs(unclip, variant, sub_captions))
-        ablation[variant] = row(out["images"], out, len(subset))
+        ablation[variant] = judged(out["images"], out, sub_captions, sub_gts, real_feats[sub])
+    for row in ablation.values():
+        row["n_captions"] = len(subset)
     return quality, ablation, result, preds
 
 
