@@ -16,17 +16,10 @@ export PYTHONDONTWRITEBYTECODE :=
 
 .PHONY: run test test-fast bench report serve clean-venv
 
-$(STAMP): pyproject.toml
+# tools/install_venv.py: uv (pip's sources handed to it; pip as the fallback), the `dataclasses` backport removed
+$(STAMP): pyproject.toml tools/install_venv.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade "pip>=24"
-	# torch/torchvision first, from the machine's local wheel copy (see README)
-	$(BIN)/pip install -q --no-compile torch==2.14.1 torchvision==0.29.1
-	# --no-compile: pip would compile all 23,000 files of the venv, one at a time; the imports
-	# compile what is used (above)
-	$(BIN)/pip install -q --no-compile -e ".[test]"
-	# img2dataset pulls the Python 3.6 `dataclasses` backport, which shadows the standard
-	# library and kills Prefect's local server ("unexpected keyword argument 'slots'").
-	$(BIN)/pip uninstall -q -y dataclasses || true
+	$(BIN)/python tools/install_venv.py $(VENV)
 	touch $(STAMP)
 
 run: $(STAMP)
