@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -166,6 +167,10 @@ class ClipConfig(Section):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     # NegCLIP hard negatives (pipeline/clip/negatives.py): extra image-to-text columns per caption
     hard_negatives: list[Literal["relation", "binding"]] = ["relation", "binding"]
+    # the fraction of the steps trained before the hard negatives enter the loss (from step
+    # ceil(fraction x steps)): the first steps learn the words, and do not pay the text tower for the
+    # negatives' captions (README, seventeenth session)
+    hard_negatives_after: float = Field(0.22, ge=0, lt=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -176,6 +181,11 @@ class ClipConfig(Section):
         if isinstance(data, dict) and "num_workers" in data:
             data = {k: v for k, v in data.items() if k != "num_workers"}
         return data
+
+    @property
+    def hard_negatives_from(self) -> int:
+        """The first step whose loss has the hard negatives."""
+        return math.ceil(self.hard_negatives_after * self.steps)
 
 
 class EmbedConfig(Section):

@@ -239,7 +239,8 @@ def fit(model: torch.nn.Module, optimizer, scheduler, batches: Iterable, loss_fn
         precision_cache: Optional[Path] = None) -> dict:
     """Train to ``steps`` optimizer steps (resuming if a checkpoint exists). Returns a summary.
 
-    ``ema``: a diffusers ``EMAModel`` over ``model``'s parameters, updated after every step and
+    ``after_step(n)``: called after each step with the steps taken so far (and once with the
+    checkpoint's step when a run resumes). ``ema``: a diffusers ``EMAModel`` over ``model``'s parameters, updated after every step and
     checkpointed with it. ``accelerator``: run under accelerate (several processes: each gets
     its own ``batches``, gradients are averaged, the main process checkpoints and reports).
     ``on_nonfinite``: "stop" raises :class:`NonFiniteLoss`; "skip" drops the step (no update,
@@ -282,6 +283,8 @@ def _fit(model, optimizer, scheduler, it, loss_fn, *, steps, checkpointer, grad_
     if on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
     start, last = _resume(checkpointer, model, optimizer, scheduler, ema, desc, steps)
+    if start and after_step:
+        after_step(start)           # a resumed run has taken ``start`` steps: what depends on the step sees it
     main = accelerator is None or accelerator.is_main_process
     train_model = model
     if accelerator is not None:

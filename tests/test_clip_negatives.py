@@ -84,6 +84,44 @@ def test_the_loss_encodes_only_the_negatives_that_exist():
     assert torch.equal(seen[0][2:], tokenize(texts[:2]))
 
 
+def test_the_negatives_enter_the_loss_at_their_step():
+    """``clip.hard_negatives_from``: before that step the loss is open_clip's InfoNCE and the
+    negatives' captions are not encoded; from it on, NegCLIP's loss."""
+    from types import SimpleNamespace
+
+    from pipeline.clip.train import make_loss
+    captions = ["a red circle above a blue square", "a green triangle below a red circle"]
+    texts, mask = hard_negatives(captions, ("relation", "binding"))
+    tokenize = lambda xs: torch.tensor([[hash(x) % 97 + i for i in range(6)] for x in xs])   # noqa: E731
+    encoded = []
+
+    class Model(torch.nn.Module):
+        logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+
+        def encode_image(self, x, normalize):
+            return F.normalize(x.flatten(1)[:, :4].float() + 1, dim=-1)
+
+        def encode_text(self, t, normalize):
+            encoded.append(len(t))
+            return F.normalize(t[:, :4].float() + 1, dim=-1)
+
+    done = [0]
+    loss_fn = make_loss(SimpleNamespace(preprocess=lambda x: x), "fp32", torch.device("cpu"),
+                        negatives_from=3, steps_done=lambda: done[0])
+    images = torch.randint(0, 255, (2, 3, 4, 4), dtype=torch.uint8)
+    batch = (images, tokenize(captions), tokenize(texts).view(2, 2, -1), mask)
+    model = Model()
+    z_i = model.encode_image(images, True)
+    z_t = model.encode_text(tokenize(captions), True)
+    z_neg = model.encode_text(tokenize(texts), True)
+    encoded.clear()
+    done[0] = 2
+    assert torch.allclose(loss_fn(model, batch), ClipLoss()(z_i, z_t, model.logit_scale.exp()))
+    done[0] = 3
+    assert torch.allclose(loss_fn(model, batch), negclip_loss(z_i, z_t, z_neg, model.logit_scale.exp()))
+    assert encoded == [2, 2 + 4]                                   # the captions alone, then with their negatives
+
+
 def test_pair_candidates_differ_in_one_thing_each():
     gt = {"relation": "left of", "objects": [{"color": "red", "shape": "circle"}, {"color": "orange", "shape": "square"}]}
     c = pair_candidates(gt)

@@ -40,6 +40,7 @@ def test_profile_from_environment(params_path, monkeypatch):
     (lambda r: r["filter"].update(min_caption_words=50), "filter"),
     (lambda r: r.update(bogus_section={}), "bogus_section: unknown key"),
     (lambda r: r["clip"]["model"].update(image_size=60), "clip.model"),
+    (lambda r: r["clip"].update(hard_negatives_after=1.0), "clip.hard_negatives_after"),
     (lambda r: r["profiles"]["smoke"]["embed"].update(min_similarity=3), "embed.min_similarity"),
 ])
 def test_bad_config_names_the_key(params_path, mutate, key):

@@ -45,6 +45,18 @@ def test_killed_run_resumes_and_ends_at_the_same_step(tmp_path):
     assert sched2.last_epoch == 10                           # the lr schedule resumed too
 
 
+def test_a_resumed_run_tells_after_step_where_it_starts(tmp_path):
+    """What follows the step count (CLIP's hard negatives from a given step) sees a resumed run's
+    steps before its first batch, not 0."""
+    ckpt = Checkpointer(tmp_path, "k", every=3)
+    model, opt, sched = setup()
+    fit(model, opt, sched, batches(), mse, steps=6, checkpointer=ckpt)
+    seen = []
+    model2, opt2, sched2 = setup()
+    fit(model2, opt2, sched2, batches(), mse, steps=8, checkpointer=ckpt, after_step=seen.append)
+    assert seen == [6, 7, 8]
+
+
 def test_checkpoint_of_another_config_is_not_resumed(tmp_path):
     model, opt, sched = setup()
     Checkpointer(tmp_path, "old", every=1).save(5, model, opt, sched)

@@ -78,7 +78,7 @@ def run(*cmd, **kw) -> None:
 def install_with_uv(venv: Path) -> bool:
     """Install through uv; False when uv itself cannot be installed (the caller falls back to pip)."""
     pip, python = venv / "bin" / "pip", venv / "bin" / "python"
-    if subprocess.run([pip, "install", "-q", UV]).returncode != 0:
+    if subprocess.run([pip, "install", "-qq", UV]).returncode != 0:
         print(f"could not install {UV}: installing with pip instead", file=sys.stderr)
         return False
     listing = subprocess.run([pip, "config", "list"], capture_output=True, text=True, check=True).stdout

@@ -42,17 +42,21 @@ def negclip_loss(z_i: torch.Tensor, z_t: torch.Tensor, z_neg: torch.Tensor, scal
     return (F.cross_entropy(image_to_text, target) + F.cross_entropy(text_to_image, target)) / 2
 
 
-def make_loss(clip: Clip, precision: str, device: torch.device, trim: bool = True):
+def make_loss(clip: Clip, precision: str, device: torch.device, trim: bool = True,
+              negatives_from: int = 0, steps_done: Callable[[], int] = lambda: 0):
     """The training step's loss: ``loss_fn(model, batch)``, InfoNCE over a batch of (uint8
     images [B, 3, S, S], int64 tokens [B, L]) at the model's learned temperature; with hard
-    negatives in the batch (+ tokens [B, K, L], mask [B, K]), NegCLIP's loss. ``trim``: the
-    text tower encodes the captions without their padding (``clip.model.text_embeddings``: the same
-    z_t for less work); False encodes all L tokens of every caption (bench/train_throughput.py
-    times the two)."""
+    negatives in the batch (+ tokens [B, K, L], mask [B, K]), NegCLIP's loss once
+    ``steps_done()`` reaches ``negatives_from`` (before, the plain InfoNCE: their captions are not
+    encoded). ``trim``: the text tower encodes the captions without their padding
+    (``clip.model.text_embeddings``: the same z_t for less work); False encodes all L tokens of
+    every caption (bench/train_throughput.py times the two)."""
     contrastive = ClipLoss()
 
     def loss_fn(model, batch):
         images, tokens, *negatives = batch
+        if negatives and steps_done() < negatives_from:
+            negatives = []
         # only the negatives that exist are encoded (a caption without color words has no binding
         # twin): the text tower is half of CLIP's step, and each negative costs it a caption
         texts = torch.cat([tokens, negatives[0][negatives[1]]]) if negatives else tokens   # [B + N, L]
@@ -89,12 +93,18 @@ def train(clip_cfg, shard_paths: list[Path], checkpoint_dir: Path,
     scheduler = cosine_with_warmup(optimizer, clip_cfg.warmup_steps, clip_cfg.steps)
     batches = train_batches(shard_paths, clip.tokenize, clip_cfg.batch_size, clip_cfg.seed, clip.image_size,
                             tuple(clip_cfg.hard_negatives))
-    loss_fn = make_loss(clip, clip_cfg.precision, device)
+    done = [0]                     # optimizer steps taken (fit reports them, a resumed run's start included)
+    loss_fn = make_loss(clip, clip_cfg.precision, device, negatives_from=clip_cfg.hard_negatives_from,
+                        steps_done=lambda: done[0])
+
+    def after_step(step: int) -> None:
+        done[0] = step
+        clamp_temperature(model)
 
     ckpt = Checkpointer(checkpoint_dir, config_hash({"clip": clip_cfg.model_dump(mode="json"), **(depends or {})}),
                         every=100)
     summary = fit(model, optimizer, scheduler, batches, loss_fn, steps=clip_cfg.steps, checkpointer=ckpt,
-                  grad_clip=clip_cfg.grad_clip, desc="clip: train", on_log=on_log, after_step=lambda _step: clamp_temperature(model),
+                  grad_clip=clip_cfg.grad_clip, desc="clip: train", on_log=on_log, after_step=after_step,
                   precision=clip_cfg.precision, precision_cache=precision_cache_path(checkpoint_dir))
     model.eval()
     summary["logit_scale"] = round(model.logit_scale.exp().item(), 2)
