@@ -108,4 +108,6 @@ def train(clip_cfg, shard_paths: list[Path], checkpoint_dir: Path,
                   precision=clip_cfg.precision, precision_cache=precision_cache_path(checkpoint_dir))
     model.eval()
     summary["logit_scale"] = round(model.logit_scale.exp().item(), 2)
+    if clip_cfg.hard_negatives:
+        summary["hard_negatives_from_step"] = clip_cfg.hard_negatives_from
     return clip, summary
