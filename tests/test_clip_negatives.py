@@ -58,68 +58,63 @@ def test_negclip_loss_counts_hard_negatives_in_image_to_text_only():
     assert torch.allclose(negclip_loss(z_i, z_t, close, scale), (image_to_text + text_to_image) / 2, atol=1e-6)
 
 
-def test_the_loss_encodes_only_the_negatives_that_exist():
+class StubClip(torch.nn.Module):
+    """What ``make_loss`` calls on a CLIP: unit embeddings from the inputs' first values; every
+    batch of texts it encodes is kept in ``seen``."""
+    logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def encode_image(self, x, normalize):
+        return F.normalize(x.flatten(1)[:, :4].float() + 1, dim=-1)
+
+    def encode_text(self, t, normalize):
+        self.seen.append(t.clone())
+        return F.normalize(t[:, :4].float() + 1, dim=-1)
+
+
+def tokenize(captions: list[str]) -> torch.Tensor:
+    return torch.tensor([[hash(x) % 97 + i for i in range(6)] for x in captions])
+
+
+def stub_loss(**kw):
     from types import SimpleNamespace
 
     from pipeline.clip.train import make_loss
+    return make_loss(SimpleNamespace(preprocess=lambda x: x), "fp32", torch.device("cpu"), **kw)
+
+
+def test_the_loss_encodes_only_the_negatives_that_exist():
     captions = ["a red circle above a blue square", "a green triangle"]
     texts, mask = hard_negatives(captions, ("relation", "binding"))
-    seen = []
-
-    class Model(torch.nn.Module):
-        logit_scale = torch.nn.Parameter(torch.tensor(2.0))
-
-        def encode_image(self, x, normalize):
-            return F.normalize(x.flatten(1)[:, :4].float() + 1, dim=-1)
-
-        def encode_text(self, t, normalize):
-            seen.append(t.clone())
-            return F.normalize(t[:, :4].float() + 1, dim=-1)
-
-    tokenize = lambda xs: torch.tensor([[hash(x) % 97 + i for i in range(6)] for x in xs])   # noqa: E731
-    loss_fn = make_loss(SimpleNamespace(preprocess=lambda x: x), "fp32", torch.device("cpu"))
     images = torch.randint(0, 255, (2, 3, 4, 4), dtype=torch.uint8)
-    loss_fn(Model(), (images, tokenize(captions), tokenize(texts).view(2, 2, -1), mask))
-    assert seen[0].shape[0] == 2 + 2                               # the pair's two negatives; the single has none
-    assert torch.equal(seen[0][2:], tokenize(texts[:2]))
+    model = StubClip()
+    stub_loss()(model, (images, tokenize(captions), tokenize(texts).view(2, 2, -1), mask))
+    assert model.seen[0].shape[0] == 2 + 2                         # the pair's two negatives; the single has none
+    assert torch.equal(model.seen[0][2:], tokenize(texts[:2]))
 
 
 def test_the_negatives_enter_the_loss_at_their_step():
-    """``clip.hard_negatives_from``: before that step the loss is open_clip's InfoNCE and the
+    """``clip.hard_negatives_after``: before its step the loss is open_clip's InfoNCE and the
     negatives' captions are not encoded; from it on, NegCLIP's loss."""
-    from types import SimpleNamespace
-
-    from pipeline.clip.train import make_loss
     captions = ["a red circle above a blue square", "a green triangle below a red circle"]
     texts, mask = hard_negatives(captions, ("relation", "binding"))
-    tokenize = lambda xs: torch.tensor([[hash(x) % 97 + i for i in range(6)] for x in xs])   # noqa: E731
-    encoded = []
-
-    class Model(torch.nn.Module):
-        logit_scale = torch.nn.Parameter(torch.tensor(2.0))
-
-        def encode_image(self, x, normalize):
-            return F.normalize(x.flatten(1)[:, :4].float() + 1, dim=-1)
-
-        def encode_text(self, t, normalize):
-            encoded.append(len(t))
-            return F.normalize(t[:, :4].float() + 1, dim=-1)
-
-    done = [0]
-    loss_fn = make_loss(SimpleNamespace(preprocess=lambda x: x), "fp32", torch.device("cpu"),
-                        negatives_from=3, steps_done=lambda: done[0])
     images = torch.randint(0, 255, (2, 3, 4, 4), dtype=torch.uint8)
     batch = (images, tokenize(captions), tokenize(texts).view(2, 2, -1), mask)
-    model = Model()
+    done = [0]
+    loss_fn = stub_loss(negatives_from=3, steps_done=lambda: done[0])
+    model = StubClip()
     z_i = model.encode_image(images, True)
     z_t = model.encode_text(tokenize(captions), True)
     z_neg = model.encode_text(tokenize(texts), True)
-    encoded.clear()
+    model.seen.clear()
     done[0] = 2
     assert torch.allclose(loss_fn(model, batch), ClipLoss()(z_i, z_t, model.logit_scale.exp()))
     done[0] = 3
     assert torch.allclose(loss_fn(model, batch), negclip_loss(z_i, z_t, z_neg, model.logit_scale.exp()))
-    assert encoded == [2, 2 + 4]                                   # the captions alone, then with their negatives
+    assert [len(t) for t in model.seen] == [2, 2 + 4]              # the captions alone, then with their negatives
 
 
 def test_pair_candidates_differ_in_one_thing_each():
