@@ -46,8 +46,9 @@ def test_every_source_becomes_a_uv_flag(monkeypatch):
     assert env["UV_HTTP_TIMEOUT"] == "180" and env["SSL_CERT_FILE"] == "/mine.crt"
 
 
-def fake_venv(tmp_path: Path, uv_installs: bool) -> tuple[Path, Path]:
-    """A venv whose pip and uv log each call to calls.log; pip fails to install uv unless ``uv_installs``."""
+def fake_venv(tmp_path: Path, uv_installs: bool, uv_exit: int = 0) -> tuple[Path, Path]:
+    """A venv whose pip and uv log each call to calls.log; pip fails to install uv unless
+    ``uv_installs``; uv exits with ``uv_exit``."""
     venv, log = tmp_path / "venv", tmp_path / "calls.log"
     (venv / "bin").mkdir(parents=True)
     listing = LISTING.replace("'", "'\"'\"'")
@@ -60,6 +61,7 @@ exit 0
 """,
         "uv": f"""#!/bin/sh
 echo "uv $* SSL_CERT_FILE=$SSL_CERT_FILE" >> {log}
+exit {uv_exit}
 """,
     }
     for name, text in scripts.items():
@@ -96,3 +98,11 @@ def test_pip_is_the_fallback(tmp_path, monkeypatch, why):
     assert not any(c.startswith("uv ") for c in calls)
     assert "pip install -q --no-compile pip>=24 -e .[test]" in calls
     assert any(c.startswith("pip uninstall") and "dataclasses" in c for c in calls)
+
+
+def test_a_failed_install_says_which_command_failed(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("UNCLIP_INSTALLER", raising=False)
+    venv, _ = fake_venv(tmp_path, uv_installs=True, uv_exit=3)
+    assert install_venv.main(["install_venv.py", str(venv)]) == 3
+    err = capsys.readouterr().err
+    assert "installing the venv failed" in err and "uv pip install" in err and "exited 3" in err

@@ -104,8 +104,13 @@ def main(argv: list[str]) -> int:
         print(__doc__.split("\n\n")[0], file=sys.stderr)
         return 2
     venv = Path(argv[1])
-    if os.environ.get("UNCLIP_INSTALLER", "uv") == "pip" or not install_with_uv(venv):
-        install_with_pip(venv)
+    try:
+        if os.environ.get("UNCLIP_INSTALLER", "uv") == "pip" or not install_with_uv(venv):
+            install_with_pip(venv)
+    except subprocess.CalledProcessError as err:
+        print(f"installing the venv failed: `{' '.join(map(str, err.cmd))}` exited {err.returncode} (its output is "
+              f"above); {venv} is left as it is, and `make` runs this again until it succeeds", file=sys.stderr)
+        return err.returncode or 1
     return 0
 
 
