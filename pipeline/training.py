@@ -241,8 +241,9 @@ def fit(model: torch.nn.Module, optimizer, scheduler, batches: Iterable, loss_fn
 
     ``after_step(n)``: called after each step with the steps taken so far (and once with the
     checkpoint's step when a run resumes). ``ema``: a diffusers ``EMAModel`` over ``model``'s
-    parameters, updated after every step and checkpointed with it. ``accelerator``: run under accelerate (several processes: each gets
-    its own ``batches``, gradients are averaged, the main process checkpoints and reports).
+    parameters, updated after every step and checkpointed with it. ``accelerator``: run under
+    accelerate (several processes: each gets its own ``batches``, gradients are averaged, the main
+    process checkpoints and reports).
     ``on_nonfinite``: "stop" raises :class:`NonFiniteLoss`; "skip" drops the step (no update,
     counted in the summary) and stops only after ``max_skipped`` of them.
     ``precision``: the config's setting, which ``loss_fn`` passes to :func:`autocast`; "auto" is
