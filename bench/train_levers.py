@@ -1,7 +1,7 @@
 """Benchmark: the throughput levers of issue 16, each measured side by side on the decoder's step.
 
     python bench/train_levers.py [--repeats 7] [--steps 3]
-        [--levers loops,channels_last,compile,fp32,batch64,batch128,transformer,glide]
+        [--levers loops,channels_last,compile,fp32,batch64,batch128,transformer,glide,self_cross,cross]
         [--out reports/bench/train_levers.json]
 
 The decoder at its params.yaml config (the model with the largest fixed cost per step,
@@ -35,6 +35,8 @@ the median of its paired ratios to the baseline (block by block: the machine is 
     batch128       four times the batch (s/step / 4)
     transformer    the decoder with diffusers' transformer attention blocks (attention_block: transformer)
     glide          the decoder with GLIDE's attention blocks (attention_block: glide)
+    self_cross     the transformer blocks without their feed-forward (attention_block: self_cross)
+    cross          the transformer blocks cut to their cross-attention (attention_block: cross)
 
 ``--parts``: instead, the baseline step split into forward, backward, clipping, optimizer and EMA
 (milliseconds, medians) at batch 1, 8 and the config's, and the aten calls of one forward at batch
@@ -60,7 +62,9 @@ from pipeline.device import resolved_precision  # noqa: E402
 from pipeline.training import build_optimizer, clip_gradients  # noqa: E402
 from pipeline.workspace import atomic_write_json  # noqa: E402
 
-LEVERS = ("diffusers", "loops", "torch_update", "channels_last", "compile", "compile_cpp", "dynamo", "fp32", "batch64", "batch128", "transformer", "glide")
+LEVERS = ("diffusers", "loops", "torch_update", "channels_last", "compile", "compile_cpp", "dynamo", "fp32", "batch64",
+          "batch128", "transformer", "glide", "self_cross", "cross")
+BLOCKS = ("transformer", "glide", "self_cross", "cross")      # levers that are a decoder.attention_block
 SCALE = {"batch64": 2, "batch128": 4}          # the batch of a lever, in multiples of the config's
 
 
@@ -77,7 +81,7 @@ def variant(d, lever: str, batch_size: int):
     """(step function, setup seconds) for the decoder with ``lever`` applied ('baseline': none)
     at ``batch_size`` samples a step."""
     torch.manual_seed(0)
-    if lever in ("transformer", "glide"):
+    if lever in BLOCKS:
         d = d.model_copy(update={"attention_block": lever})
     model = UnclipDecoder(**arch_of(d, 128, 128)).train()
     if lever == "diffusers":

@@ -277,7 +277,7 @@ class DecoderConfig(TrainConfig):
     # transformer: diffusers' Transformer2DModel (self-attention, cross-attention, feed-forward);
     # glide: GLIDE's block (the paper's decoder): self-attention whose keys/values also take the
     # projected context tokens, no feed-forward (pipeline/decoder/network.py)
-    attention_block: Literal["transformer", "glide"] = "transformer"
+    attention_block: Literal["transformer", "self_cross", "cross", "glide"] = "transformer"
     layers_per_block: int = Field(1, ge=1)
     head_dim: int = Field(32, ge=4)
     cross_attention_dim: int = Field(128, ge=8)

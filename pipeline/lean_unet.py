@@ -59,8 +59,11 @@ def supports(unet: nn.Module) -> bool:
         return False
     for m in unet.modules():
         name = type(m).__name__
+        # the decoder's cross block has neither self-attention nor feed-forward (set to None)
         if name == "BasicTransformerBlock" and (m.norm_type != "layer_norm" or m.pos_embed is not None
-                                                or m.ff.net[0].__class__.__name__ != "GEGLU"):
+                                                or m.ff is not None and type(m.ff.net[0]).__name__ != "GEGLU"
+                                                or (m.attn1 is None) != (m.norm1 is None)
+                                                or (m.ff is None) != (m.norm3 is None)):
             return False
         if name == "Attention" and (type(m.processor).__name__ != "AttnProcessor2_0" or m.residual_connection
                                     or m.rescale_output_factor != 1.0 or m.norm_q is not None
@@ -154,18 +157,21 @@ def _resnet(r: nn.Module, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
 
 def _transformer(tr: nn.Module, x: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """diffusers' Transformer2DModel over continuous input, one BasicTransformerBlock:
-    x [B, C, H, W] -> [B, C, H, W]."""
+    x [B, C, H, W] -> [B, C, H, W]. A block without self-attention or feed-forward (the decoder's
+    ``cross`` block: those modules are None) skips them."""
     b, c, hh, ww = x.shape
     # proj_in and proj_out are 1x1 convolutions: as linear maps on [B, HW, C] they are the same
     # products without a oneDNN convolution's set-up, forward and backward
     h = tr.norm(x).permute(0, 2, 3, 1).reshape(b, hh * ww, c)        # [B, HW, C]
     h = F.linear(h, tr.proj_in.weight.flatten(1), tr.proj_in.bias)
     block = tr.transformer_blocks[0]
-    h = h + _self_attention(block.attn1, block.norm1(h))
+    if block.attn1 is not None:
+        h = h + _self_attention(block.attn1, block.norm1(h))
     h = h + _cross_attention(block.attn2, block.norm2(h), context, bias)
-    geglu, out = block.ff.net[0], block.ff.net[2]
-    value, gate = geglu.proj(block.norm3(h)).chunk(2, dim=-1)
-    h = h + out(value * F.gelu(gate))
+    if block.ff is not None:
+        geglu, out = block.ff.net[0], block.ff.net[2]
+        value, gate = geglu.proj(block.norm3(h)).chunk(2, dim=-1)
+        h = h + out(value * F.gelu(gate))
     h = F.linear(h, tr.proj_out.weight.flatten(1), tr.proj_out.bias)
     return h.reshape(b, hh, ww, c).permute(0, 3, 1, 2) + x
 

@@ -24,7 +24,7 @@ def cond(seed=0):
     return z_i, tokens, mask
 
 
-@pytest.mark.parametrize("block", ["transformer", "glide"])
+@pytest.mark.parametrize("block", ["transformer", "self_cross", "cross", "glide"])
 def test_output_shape_and_both_conditioning_paths_matter(block):
     m, (z_i, tokens, mask) = net(attention_block=block), cond()
     x, t = torch.randn(B, 3, S, S), torch.tensor([5, 500, 900])
@@ -47,7 +47,7 @@ def test_z_i_reaches_the_unet_through_the_time_embedding_alone():
     assert not torch.allclose(m(x, t, z_i, tokens, mask), m(x, t, cond(1)[0], tokens, mask))
 
 
-@pytest.mark.parametrize("block", ["transformer", "glide"])
+@pytest.mark.parametrize("block", ["transformer", "self_cross", "cross", "glide"])
 def test_fully_dropped_condition_is_finite_and_differs(block):
     m, (z_i, tokens, mask) = net(attention_block=block), cond()
     yes = torch.ones(B, dtype=torch.bool)

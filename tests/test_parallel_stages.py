@@ -52,6 +52,30 @@ def test_a_stage_follows_its_share_and_takes_the_cores_back_when_left_alone(tmp_
         torch.set_num_threads(before)
 
 
+def test_fit_records_the_steps_where_its_thread_share_changed(tmp_path, monkeypatch):
+    """A step's sums depend on the thread count, so the summary says when it changed."""
+    from pipeline.training import fit
+    before = torch.get_num_threads()
+    cores = threads.ThreadShares(tmp_path / "threads", 2)
+    try:
+        torch.set_num_threads(1)
+        monkeypatch.setenv(threads.SHARE_ENV, str(cores.start("decoder")))
+        model = torch.nn.Linear(2, 1)
+
+        def after(n):                 # a stage starts beside this one after step 2 and ends after step 4
+            if n == 2:
+                cores.start("prior")
+            if n == 4:
+                cores.end("prior")
+
+        batches = iter(lambda: torch.randn(4, 2), None)
+        summary = fit(model, torch.optim.SGD(model.parameters(), lr=0.1), None, batches,
+                      lambda m, x: m(x).pow(2).mean(), steps=6, after_step=after)
+        assert summary["threads"] == [[0, 2], [2, 1], [4, 2]]
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_machine_cores_honour_omp_num_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert threads.machine_cores() == 3
