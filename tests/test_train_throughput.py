@@ -46,3 +46,19 @@ def test_step_variants_time_every_variant(params_path):
     for bad in ("0:bf16", "two:bf16", "1:fp16"):
         with pytest.raises(argparse.ArgumentTypeError):
             variants.parse_variant(bad)
+
+
+def test_thread_determinism_bench_finds_one_thread_count_repeatable(params_path, capsys):
+    """bench/thread_determinism.py on the smoke profile: at one thread count the decoder's training is
+    bit-identical run to run (what the bench's comparison across counts rests on)."""
+    bench = load_bench("thread_determinism")
+    threads = torch.get_num_threads()
+    from pipeline import config
+    d = config.load(params_path, "smoke").decoder
+    first, again = bench.train(d, 1, 3, "fp32"), bench.train(d, 1, 3, "fp32")
+    torch.set_num_threads(threads)
+    assert first[0] == again[0] and torch.equal(first[1], again[1])
+    assert bench.compare(first, again).startswith("every loss identical")
+    bench.main(["--steps", "2", "--threads", "1", "--params", str(params_path), "--profile", "smoke"])
+    assert "1 thread(s) twice: every loss identical" in capsys.readouterr().out
+    torch.set_num_threads(threads)
