@@ -276,7 +276,8 @@ class DecoderConfig(TrainConfig):
     attention: list[bool] = [False, True, True]       # cross/self attention per resolution level
     # transformer: diffusers' Transformer2DModel (self-attention, cross-attention, feed-forward);
     # glide: GLIDE's block (the paper's decoder): self-attention whose keys/values also take the
-    # projected context tokens, no feed-forward (pipeline/decoder/network.py)
+    # projected context tokens, no feed-forward; self_cross / cross: the transformer block without its
+    # feed-forward / cut to its cross-attention (pipeline/decoder/network.py)
     attention_block: Literal["transformer", "self_cross", "cross", "glide"] = "transformer"
     layers_per_block: int = Field(1, ge=1)
     head_dim: int = Field(32, ge=4)

@@ -39,7 +39,8 @@ def supports(unet: nn.Module) -> bool:
     """True when ``unet`` is a UNet2DConditionModel built the way the decoder builds it: plain or
     transformer (cross-attention) blocks, ResNet blocks whose time embedding is added (diffusers'
     "default") or scales and shifts the second norm's output (GLIDE's AdaGN, "scale_shift"),
-    one transformer layer of self-attention, cross-attention and a GEGLU feed-forward, and no
+    one transformer layer of self-attention, cross-attention and a GEGLU feed-forward (or without the
+    feed-forward, or cut to the cross-attention: the decoder's ``self_cross`` and ``cross``), and no
     adapters, added embeddings or attention processors other than the default."""
     if not isinstance(unet, UNet2DConditionModel):
         return False
@@ -59,7 +60,7 @@ def supports(unet: nn.Module) -> bool:
         return False
     for m in unet.modules():
         name = type(m).__name__
-        # the decoder's cross block has neither self-attention nor feed-forward (set to None)
+        # the decoder's self_cross block has no feed-forward, its cross block no self-attention either (None)
         if name == "BasicTransformerBlock" and (m.norm_type != "layer_norm" or m.pos_embed is not None
                                                 or m.ff is not None and type(m.ff.net[0]).__name__ != "GEGLU"
                                                 or (m.attn1 is None) != (m.norm1 is None)
@@ -158,7 +159,7 @@ def _resnet(r: nn.Module, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
 def _transformer(tr: nn.Module, x: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """diffusers' Transformer2DModel over continuous input, one BasicTransformerBlock:
     x [B, C, H, W] -> [B, C, H, W]. A block without self-attention or feed-forward (the decoder's
-    ``cross`` block: those modules are None) skips them."""
+    ``self_cross`` and ``cross`` blocks: those modules are None) skips them."""
     b, c, hh, ww = x.shape
     # proj_in and proj_out are 1x1 convolutions: as linear maps on [B, HW, C] they are the same
     # products without a oneDNN convolution's set-up, forward and backward
