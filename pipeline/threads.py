@@ -102,3 +102,21 @@ def follow() -> Optional[int]:
         torch.set_num_threads(n)
         return n
     return None
+
+
+class History:
+    """A training loop's thread counts: ``steps`` is ``[[step, threads], ...]``, at the start and
+    at every change :func:`follow` made. A step's sums (oneDNN's convolutions, the reductions) depend
+    on the thread count, so two runs of one config train the same weights only when they switch at
+    the same steps (README, eighteenth session: about 4 points of the decoder's judged figures)."""
+
+    def __init__(self, start: int):
+        import torch
+        follow()
+        self.steps = [[start, torch.get_num_threads()]]
+
+    def follow(self, step: int) -> None:
+        """:func:`follow` before ``step``, noting a change."""
+        n = follow()
+        if n is not None:
+            self.steps.append([step, n])

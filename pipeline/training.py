@@ -295,15 +295,9 @@ def _fit(model, optimizer, scheduler, it, loss_fn, *, steps, checkpointer, grad_
     bar.update(start)
     t0, losses, skipped, clipped = time.perf_counter(), [], 0, 0
     params = [p for p in model.parameters() if p.requires_grad]
-    # [step, threads] at the start and at every change: a step's sums (oneDNN's, the reductions')
-    # depend on the thread count, so two runs of one config on one machine train the same weights
-    # only when they switch at the same steps (README, eighteenth session)
-    threads.follow()
-    thread_history = [[start, torch.get_num_threads()]]
+    thread_history = threads.History(start)
     for step in range(start, steps):
-        n = threads.follow()        # a stage running beside this one ended: take its cores back (one stat)
-        if n is not None:
-            thread_history.append([step, n])
+        thread_history.follow(step)     # a stage running beside this one ended: take its cores back (one stat)
         batch = next(it)
         loss = loss_fn(train_model, batch)
         bad, norm = _backward(loss, optimizer, params, grad_clip, accelerator)
@@ -342,7 +336,7 @@ def _fit(model, optimizer, scheduler, it, loss_fn, *, steps, checkpointer, grad_
     ran = steps - start
     return {"steps": steps, "resumed_from": start, "final_loss": round(last, 5), "skipped_steps": skipped,
             "clipped_steps": clipped,
-            "processes": accelerator.num_processes if accelerator is not None else 1, "threads": thread_history,
+            "processes": accelerator.num_processes if accelerator is not None else 1, "threads": thread_history.steps,
             "train_seconds": round(elapsed, 1), "steps_per_s": round(ran / elapsed, 3) if elapsed > 0 else None}
 
 
