@@ -51,27 +51,27 @@ def test_the_decoder_runs_the_lean_forward_for_transformer_blocks_only():
 def test_cut_blocks_are_the_transformer_block_without_those_modules(block, kept, zeroed):
     # the same seed draws the same weights for what both blocks have; zeroing the output maps of
     # the modules a block lacks leaves the transformer block computing the cut block's function
-    cross, full = decoder(attention_block=block), decoder()
-    assert cross.lean and cross.cut
-    names = {n for n, _ in cross.named_parameters()}
+    cut, full = decoder(attention_block=block), decoder()
+    assert cut.lean and cut.cut
+    names = {n for n, _ in cut.named_parameters()}
     assert names < {n for n, _ in full.named_parameters()}
     blocks = [n.split(".transformer_blocks.0.")[1] for n in names if ".transformer_blocks.0." in n]
     assert {b.split(".")[0] for b in blocks} == kept
     with torch.no_grad():
         for n, p in full.named_parameters():
             if n in names:
-                assert torch.equal(p, dict(cross.named_parameters())[n]), n
+                assert torch.equal(p, dict(cut.named_parameters())[n]), n
             elif any(z in n for z in zeroed):
                 p.zero_()
     inputs = batch()
-    out, grads = outputs_and_grads(cross, True, inputs)
+    out, grads = outputs_and_grads(cut, True, inputs)
     ref_out, ref_grads = outputs_and_grads(full, True, inputs)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-5 * float(g.abs().max()) + 1e-9, msg=name)
-    cross.lean = False                                    # diffusers' forward needs the modules it lacks
+    cut.lean = False                                      # diffusers' forward needs the modules it lacks
     with pytest.raises(ValueError, match="lean"):
-        cross(*inputs)
+        cut(*inputs)
 
 
 @pytest.mark.parametrize("layers_per_block,scale_shift_norm", [(1, False), (2, False), (1, True)])

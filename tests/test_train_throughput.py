@@ -55,10 +55,11 @@ def test_thread_determinism_bench_finds_one_thread_count_repeatable(params_path,
     threads = torch.get_num_threads()
     from pipeline import config
     d = config.load(params_path, "smoke").decoder
-    first, again = bench.train(d, 1, 3, "fp32"), bench.train(d, 1, 3, "fp32")
-    torch.set_num_threads(threads)
-    assert first[0] == again[0] and torch.equal(first[1], again[1])
-    assert bench.compare(first, again).startswith("every loss identical")
-    bench.main(["--steps", "2", "--threads", "1", "--params", str(params_path), "--profile", "smoke"])
-    assert "1 thread(s) twice: every loss identical" in capsys.readouterr().out
-    torch.set_num_threads(threads)
+    try:
+        first, again = bench.train(d, 1, 3, "fp32"), bench.train(d, 1, 3, "fp32")
+        assert first[0] == again[0] and torch.equal(first[1], again[1])
+        assert bench.compare(first, again).startswith("every loss identical")
+        bench.main(["--steps", "2", "--threads", "1", "--params", str(params_path), "--profile", "smoke"])
+        assert "1 thread(s) twice: every loss identical" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)             # train() sets the count it measures
