@@ -1,7 +1,7 @@
 """Benchmark: training throughput of every model of the pipeline, against the machine's matmul peak.
 
-    python bench/train_throughput.py [--models clip,clip+negatives,clip-negatives,clip+negatives-padded,judge,prior,prior-sdpa,
-                                               decoder,upsample@1,upsample@2]
+    python bench/train_throughput.py [--models clip,clip+negatives,clip-negatives,clip+negatives-padded,clip-full-table,
+                                               judge,prior,prior-sdpa,decoder,upsample@1,upsample@2]
         [--repeats 5] [--warmup 3] [--steps 2] [--profile default] [--profile-model decoder]
         [--params params.yaml] [--quick] [--out reports/bench/train_throughput.json]
 
@@ -20,7 +20,8 @@ their "data" is only the main process's share. The judge's stream is the stage's
 (``clip.hard_negatives: [relation, binding]``: its text tower encodes three captions per image) and
 ``clip-negatives`` without any, whatever the config says, to time the two side by side;
 ``clip+negatives-padded`` encodes every caption at the full context length (the stage before
-``clip.model.text_embeddings`` cut the padding away). ``prior-sdpa`` is the prior with PyTorch's
+``clip.model.text_embeddings`` cut the padding away); ``clip-full-table`` trains the text tower's
+whole token table instead of the rows its captions use (the stage before ``clip/vocab.py``). ``prior-sdpa`` is the prior with PyTorch's
 SDPA attention processor instead of its written-out one, to time the two side by side.
 
 Figures, per model (the table):
@@ -78,6 +79,7 @@ from pipeline.clip import model as clip_model  # noqa: E402
 from pipeline.clip import train as clip_train  # noqa: E402
 from pipeline.clip.negatives import KINDS as NEGATIVE_KINDS, hard_negatives  # noqa: E402
 from pipeline.clip.train import param_groups  # noqa: E402
+from pipeline.clip.vocab import UsedRows  # noqa: E402
 from pipeline.data.scenes import BACKGROUNDS, COLORS, POSITIONS, RELATIONS, SHAPES, SIZES, caption, sample_scene  # noqa: E402
 from pipeline.decoder.network import UnclipDecoder  # noqa: E402
 from pipeline.decoder.stage import arch_of as decoder_arch, training_fns  # noqa: E402
@@ -185,27 +187,31 @@ def draw(pool, batch_size: int, seed: int) -> Iterator:
 # ---- the models, as their stages build them ------------------------------------------------------
 
 def clip_bench(cfg, device: torch.device, pool_n: int, negatives: Optional[tuple[str, ...]] = None,
-               name: str = "clip", trim: bool = True) -> Bench:
+               name: str = "clip", trim: bool = True, used_rows: bool = True) -> Bench:
     """pipeline/clip/train.py: open_clip model, AdamW (open_clip's groups, fused), InfoNCE, the
     temperature clamp after every step: ``make_loss`` and ``clamp_temperature`` of the stage.
     ``negatives``: NegCLIP's hard negative kinds (default: the config's ``clip.hard_negatives``).
     The captions are the corpus's own (its templates and their lengths: the text tower's work
     depends on them since it encodes them without padding; ``trim=False`` encodes every caption
-    at the full context length, as the stage did before)."""
+    at the full context length, as the stage did before). The token table is trained on the rows
+    the pool's captions and negatives use, as the stage trains it (``clip/vocab.py``);
+    ``used_rows=False`` trains the whole table, as the stage did before."""
     c = cfg.clip
     negatives = tuple(c.hard_negatives) if negatives is None else negatives
     torch.manual_seed(c.seed)
     clip = clip_model.build(c.model)
     model = clip.model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, c.weight_decay), lr=c.lr, betas=(0.9, 0.98), eps=1e-6,
-                                  fused=True)
-    scheduler = cosine_with_warmup(optimizer, c.warmup_steps, c.steps)
     gen = torch.Generator().manual_seed(c.seed)
     texts = corpus_captions(pool_n, c.seed, cfg.corpus.two_object_fraction)
     pool = (images_u8(pool_n, c.model.image_size, gen), clip.tokenize(texts))
     if negatives:                           # as clip/data.py's batches: + tokens [n, K, L], mask [n, K]
         neg_texts, mask = hard_negatives(texts, negatives)
         pool += (clip.tokenize(neg_texts).view(pool_n, len(negatives), -1), mask)
+    if used_rows:
+        model.token_embedding = UsedRows(model.token_embedding, torch.unique(torch.cat([t.flatten() for t in pool[1:3]])))
+    optimizer = torch.optim.AdamW(param_groups(model, c.weight_decay), lr=c.lr, betas=(0.9, 0.98), eps=1e-6,
+                                  fused=True)
+    scheduler = cosine_with_warmup(optimizer, c.warmup_steps, c.steps)
     return Bench(name, c.batch_size, c.precision, device, model, clip_train.make_loss(clip, c.precision, device, trim),
                  optimizer, scheduler, c.grad_clip, lambda b: draw(pool, b, c.seed),
                  after_step=lambda: clip_train.clamp_temperature(model))
@@ -296,6 +302,8 @@ def build(cfg, names: list[str], device: torch.device, pool_n: Callable[[int], i
               "clip+negatives": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), NEGATIVE_KINDS,
                                                    "clip+negatives"),
               "clip-negatives": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), (), "clip-negatives"),
+              "clip-full-table": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), name="clip-full-table",
+                                                    used_rows=False),
               "clip+negatives-padded": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), NEGATIVE_KINDS,
                                                           "clip+negatives-padded", trim=False),
               "judge": lambda: judge_bench(cfg, pool_n(cfg.judge.batch_size)),
