@@ -1,7 +1,7 @@
 """Benchmark: training throughput of every model of the pipeline, against the machine's matmul peak.
 
     python bench/train_throughput.py [--models clip,clip+negatives,clip-negatives,clip+negatives-padded,clip-full-table,
-                                               judge,prior,prior-sdpa,decoder,upsample@1,upsample@2]
+                                               judge,judge-nchw,prior,prior-sdpa,decoder,upsample@1,upsample@2]
         [--repeats 5] [--warmup 3] [--steps 2] [--profile default] [--profile-model decoder]
         [--params params.yaml] [--quick] [--out reports/bench/train_throughput.json]
 
@@ -21,7 +21,8 @@ their "data" is only the main process's share. The judge's stream is the stage's
 ``clip-negatives`` without any, whatever the config says, to time the two side by side;
 ``clip+negatives-padded`` encodes every caption at the full context length (the stage before
 ``clip.model.text_embeddings`` cut the padding away); ``clip-full-table`` trains the text tower's
-whole token table instead of the rows its captions use (the stage before ``clip/vocab.py``). ``prior-sdpa`` is the prior with PyTorch's
+whole token table instead of the rows its captions use (the stage before ``clip/vocab.py``);
+``judge-nchw`` runs the judge's body in NCHW instead of channels-last (before). ``prior-sdpa`` is the prior with PyTorch's
 SDPA attention processor instead of its written-out one, to time the two side by side.
 
 Figures, per model (the table):
@@ -217,19 +218,22 @@ def clip_bench(cfg, device: torch.device, pool_n: int, negatives: Optional[tuple
                  after_step=lambda: clip_train.clamp_temperature(model))
 
 
-def judge_bench(cfg, pool_n: int) -> Bench:
+def judge_bench(cfg, pool_n: int, name: str = "judge") -> Bench:
     """pipeline/judge/stage.py: JudgeNet on the CPU (the stage never moves it), plain AdamW, the
-    stage's own batch stream (degradations included) and loss."""
+    stage's own batch stream (degradations included) and loss. ``judge-nchw``: its body in the
+    NCHW layout instead of channels-last (JudgeNet.embed before), to time the two side by side."""
     j = cfg.judge
     size = cfg.corpus.image_size
     torch.manual_seed(j.seed)
     net = JudgeNet(image_size=size, channels=list(j.channels), feature_dim=j.feature_dim)
+    if name == "judge-nchw":
+        net.embed = lambda x: net.features(net.body(torch.cat([x, net.coords.expand(len(x), -1, -1, -1).to(x.dtype)], 1)))
     optimizer = torch.optim.AdamW(net.parameters(), lr=j.lr, weight_decay=j.weight_decay)
     scheduler = cosine_with_warmup(optimizer, j.warmup_steps, j.steps)
     gen = torch.Generator().manual_seed(j.seed)
     images = images_u8(pool_n, size, gen)
     targets = target_tensor(captions(pool_n, gen)[1])      # [n, heads], -1 where a head does not apply
-    return Bench("judge", j.batch_size, j.precision, torch.device("cpu"), net,
+    return Bench(name, j.batch_size, j.precision, torch.device("cpu"), net,
                  lambda m, b: judge_stage.loss_fn(m, b, j.precision), optimizer, scheduler, j.grad_clip,
                  lambda b: judge_stage.degraded(draw({"images": images, "targets": targets}, b, j.seed), j.seed,
                                                 j.p_degrade))
@@ -307,6 +311,7 @@ def build(cfg, names: list[str], device: torch.device, pool_n: Callable[[int], i
               "clip+negatives-padded": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), NEGATIVE_KINDS,
                                                           "clip+negatives-padded", trim=False),
               "judge": lambda: judge_bench(cfg, pool_n(cfg.judge.batch_size)),
+              "judge-nchw": lambda: judge_bench(cfg, pool_n(cfg.judge.batch_size), "judge-nchw"),
               "prior": lambda: prior_bench(cfg, device, pool_n(cfg.prior.batch_size)),
               "prior-sdpa": lambda: prior_bench(cfg, device, pool_n(cfg.prior.batch_size), "prior-sdpa"),
               "decoder": lambda: decoder_bench(cfg, device, pool_n(cfg.decoder.batch_size))}

@@ -63,3 +63,12 @@ def test_thread_determinism_bench_finds_one_thread_count_repeatable(params_path,
         assert "1 thread(s) twice: every loss identical" in capsys.readouterr().out
     finally:
         torch.set_num_threads(threads)             # train() sets the count it measures
+
+
+@pytest.mark.parametrize("a,b", [("clip-full-table", "clip"), ("judge-nchw", "judge")])
+def test_paired_steps_times_both_models_in_turn(params_path, a, b):
+    """bench/paired_steps.py on the smoke profile: both models step in every pair, the ratio is B over A."""
+    paired = load_bench("paired_steps")
+    out = paired.main([a, b, "--profile", "smoke", "--params", str(params_path), "--pairs", "3", "--warmup", "1"])
+    assert (out["a"], out["b"], out["pairs"]) == (a, b, 3)
+    assert out["a_s"] > 0 and out["b_s"] > 0 and out["quartiles"][0] <= out["b_over_a"] <= out["quartiles"][1]
