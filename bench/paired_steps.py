@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
            "quartiles": [q[0], q[2]]}
     print(f"{args.a}: {out['a_s']:.4f} s per step, {args.b}: {out['b_s']:.4f} s (medians); {args.b} / {args.a} "
           f"per pair: median {out['b_over_a']:.3f} (quartiles {q[0]:.3f}-{q[2]:.3f}), {args.pairs} pairs, "
-          f"{out['threads']} thread(s); native bf16: {tt.native_cpu_bf16()}, AMX: {tt.cpu_info()['flags'].get('amx_tile')}")
+          f"{out['threads']} thread(s); native bf16: {tt.native_cpu_bf16()}, "
+          f"AMX: {tt.cpu_info()['flags'].get('amx_tile')}")
     return out
 
 
