@@ -95,3 +95,22 @@ def test_a_token_outside_the_used_rows_is_a_clear_error(smoke_cfg):
     assert torch.equal(rows(torch.tensor([[3, 7, 0]])), table.weight[[3, 7, 0]].unsqueeze(0))
     with pytest.raises(ValueError, match=r"token ids \[5\]"):
         rows(torch.tensor([[3, 5]]))
+
+
+def test_the_stage_trains_the_clip_of_the_whole_table(data_ws, smoke_cfg, tmp_path, monkeypatch):
+    """clip/train.py on the smoke shards: with the rows picked (the default) and with the pre-pass
+    refused (shards over PREPASS_BYTES: the whole table trains), the same weights up to rounding."""
+    from pipeline.clip import vocab
+    from pipeline.clip.train import train as train_clip
+    from pipeline.data.shards import shard_paths
+    cfg = smoke_cfg.clip.model_copy(update={"precision": "fp32"})
+    paths = shard_paths(data_ws.filtered)
+    used, used_summary = train_clip(cfg, paths, tmp_path / "used")
+    monkeypatch.setattr(vocab, "PREPASS_BYTES", 0)
+    assert vocab.used_token_ids(paths, used.tokenize) is None
+    whole, whole_summary = train_clip(cfg, paths, tmp_path / "whole")
+    assert whole_summary["token_rows"] == whole.model.token_embedding.num_embeddings > used_summary["token_rows"] > 10
+    assert isinstance(used.model.token_embedding, torch.nn.Embedding)
+    trained = whole.model.state_dict()
+    for name, value in used.model.state_dict().items():
+        assert torch.allclose(value, trained[name], rtol=1e-5, atol=1e-6), name

@@ -88,9 +88,11 @@ def train(clip_cfg, shard_paths: list[Path], checkpoint_dir: Path,
     clip = build(clip_cfg.model)
     model = clip.model.to(device_of())
     device = next(model.parameters()).device
-    # the token table's rows that the training captions use, trained alone (clip/vocab.py)
+    # the token table's rows that the training captions use, trained alone (clip/vocab.py; None: the whole table)
     ids = used_token_ids(shard_paths, clip.tokenize, tuple(clip_cfg.hard_negatives))
-    table, model.token_embedding = model.token_embedding, UsedRows(model.token_embedding, ids)
+    table = model.token_embedding
+    if ids is not None:
+        model.token_embedding = UsedRows(table, ids)
     # fused: one kernel for the whole update instead of ~100 small ones (CPU and CUDA).
     optimizer = torch.optim.AdamW(param_groups(model, clip_cfg.weight_decay), lr=clip_cfg.lr,
                                   betas=(0.9, 0.98), eps=1e-6, fused=True)
@@ -105,15 +107,17 @@ def train(clip_cfg, shard_paths: list[Path], checkpoint_dir: Path,
         done[0] = step
         clamp_temperature(model)
 
+    rows = table.num_embeddings if ids is None else len(ids)
     ckpt = Checkpointer(checkpoint_dir, config_hash({"clip": clip_cfg.model_dump(mode="json"), **(depends or {}),
-                                                     "token_rows": len(ids)}), every=100)
+                                                     "token_rows": rows}), every=100)
     summary = fit(model, optimizer, scheduler, batches, loss_fn, steps=clip_cfg.steps, checkpointer=ckpt,
                   grad_clip=clip_cfg.grad_clip, desc="clip: train", on_log=on_log, after_step=after_step,
                   precision=clip_cfg.precision, precision_cache=precision_cache_path(checkpoint_dir))
-    model.token_embedding = model.token_embedding.restore(
-        table, decay_over(optimizer, scheduler, model.token_embedding.weight, clip_cfg.steps))
+    if ids is not None:
+        model.token_embedding = model.token_embedding.restore(
+            table, decay_over(optimizer, scheduler, model.token_embedding.weight, clip_cfg.steps))
     model.eval()
-    summary["token_rows"] = len(ids)
+    summary["token_rows"] = rows
     summary["logit_scale"] = round(model.logit_scale.exp().item(), 2)
     if clip_cfg.hard_negatives:
         summary["hard_negatives_from_step"] = clip_cfg.hard_negatives_from
