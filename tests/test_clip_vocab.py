@@ -18,6 +18,11 @@ CAPTIONS = ["a red circle to the left of a blue square", "a small green triangle
             "a large yellow square above a cyan circle on a white background", "an orange circle"]
 
 
+def batch_ids(batches) -> torch.Tensor:
+    """Every token id of ``batches``' captions and negatives, sorted."""
+    return torch.unique(torch.cat([b[1].flatten() for b in batches] + [b[2].flatten() for b in batches]))
+
+
 def train(cfg, batches, used: bool, steps: int):
     """``steps`` of the CLIP stage's update (fp32) on ``batches``; the whole table or its used rows."""
     torch.manual_seed(0)
@@ -25,8 +30,7 @@ def train(cfg, batches, used: bool, steps: int):
     model = clip.model.float()
     table = model.token_embedding
     if used:
-        ids = torch.unique(torch.cat([b[1].flatten() for b in batches] + [b[2].flatten() for b in batches]))
-        model.token_embedding = UsedRows(table, ids)
+        model.token_embedding = UsedRows(table, batch_ids(batches))
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2, betas=(0.9, 0.98), eps=1e-6, fused=True)
     scheduler = cosine_with_warmup(optimizer, 2, steps)
     loss_fn = make_loss(clip, "fp32", torch.device("cpu"))
@@ -64,7 +68,7 @@ def test_used_rows_train_the_weights_of_the_whole_table(smoke_cfg):
     torch.manual_seed(0)
     init = clip_model.build(cfg.model).model.token_embedding.weight.detach()
     unused = torch.ones(len(init), dtype=torch.bool)
-    unused[torch.unique(torch.cat([b[1].flatten() for b in batches] + [b[2].flatten() for b in batches]))] = False
+    unused[batch_ids(batches)] = False
     ratio = whole_table.weight.detach()[unused] / init[unused]      # AdamW only decayed the rows no caption uses
     assert 0.9 < float(ratio.min()) and float(ratio.max()) < 1 - 1e-4
     assert float(ratio.max() - ratio.min()) < 1e-5

@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..data.shards import iter_shard, sample_meta, split_of
+from ..data.image_shards import iter_split
 from .negatives import hard_negatives
 
 
@@ -41,17 +41,12 @@ def used_token_ids(paths: list[Path], tokenize: Callable[[list[str]], torch.Tens
                    negatives: tuple[str, ...] = (), max_bytes: Optional[int] = None) -> Optional[torch.Tensor]:
     """The sorted token ids [V'] of the train split's captions and of their hard negatives
     (a negative may hold a word no caption has: a relation reversed), padding (0) included.
-    Reads the shards' captions only (the embedded corpus: 0.6 s, and 0.8 s to tokenize).
+    Decodes the shards' captions only (the embedded corpus: 0.6 s, and 0.8 s to tokenize).
     None when the shards add up to more than ``max_bytes`` (default ``PREPASS_BYTES``): no rows
     picked, train the whole table."""
     if sum(Path(p).stat().st_size for p in paths) > (PREPASS_BYTES if max_bytes is None else max_bytes):
         return None
-    captions = set()
-    for path in paths:
-        for sample in iter_shard(path):
-            if split_of(sample_meta(sample)) == "train":
-                captions.add(sample["txt"].decode("utf-8"))
-    texts = sorted(captions)
+    texts = sorted({sample["txt"].decode("utf-8") for sample in iter_split(paths, "train")})
     if negatives and texts:
         found, mask = hard_negatives(texts, negatives)
         texts += sorted({t for t, keep in zip(found, mask.flatten().tolist()) if keep})
