@@ -1,7 +1,8 @@
-"""Where the data stages' work runs (``cluster.engine``): this process, or Spark tasks.
+"""Where the data stages' work runs (``cluster.engine``): this machine, or Spark tasks.
 
 The stages describe their work as a map over independent items (shards, groups of shards) plus
-steps on the driver; this module runs the map. ``local`` is a plain loop; ``spark`` is
+steps on the driver; this module runs the map. ``local`` runs it on this machine, in spawned worker
+processes as many as the stage's share of the cores (in this process on one core); ``spark`` is
 ``sc.parallelize(items, len(items)).map(fn).collect()`` on the session built from
 ``cluster.spark`` (master, conf, the executors' Python), which retries a failed task
 (``spark.task.maxFailures``). Results come back in item order either way, so what a stage writes
@@ -10,12 +11,15 @@ executors: module-level functions and plain data only.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import multiprocessing
 import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from . import threads
 from .errors import StageError
 from .progress import progress
 
@@ -72,11 +76,33 @@ def session(cluster, extra_conf: Optional[dict] = None):
             spark.stop()
 
 
-def map_items(spark, fn: Callable[[Any], Any], items: list, desc: str = "", unit: str = "shard") -> list:
-    """[fn(item) for item in items], in item order: in this process when ``spark`` is None, else
-    one Spark task per item."""
+def map_items(spark, fn: Callable[[Any], Any], items: list, desc: str = "", unit: str = "shard",
+              processes: Optional[int] = None) -> list:
+    """[fn(item) for item in items], in item order: one Spark task per item with ``spark``, else on
+    this machine, in ``processes`` worker processes (default: this stage's share of the cores,
+    :func:`pipeline.threads.share`), or in this process when that is one or there is one item."""
     if spark is None:
-        return [fn(item) for item in progress(items, total=len(items), desc=desc, unit=unit)]
+        workers = min(len(items), threads.share() if processes is None else processes)
+        if workers <= 1:
+            return [fn(item) for item in progress(items, total=len(items), desc=desc, unit=unit)]
+        return local_pool_map(fn, items, workers, desc, unit)
     if not items:
         return []
     return spark.sparkContext.parallelize(items, len(items)).map(fn).collect()
+
+
+def local_pool_map(fn: Callable[[Any], Any], items: list, workers: int, desc: str, unit: str) -> list:
+    """``map_items`` on ``workers`` spawned processes. The filter's scan and the crawl's
+    verification decode every image of a shard in Python: one core each in this process, with
+    the other idle while nothing runs beside them (2 cores: 10.3 -> 6.0 s for the filter's scan of
+    the embedded corpus). Spawned, not forked: the stage's own threads (the crawl's server, a
+    progress bar's) and OpenMP's state stay out of the workers. A worker's exception is raised
+    here, as the loop would raise it."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool, \
+            progress(total=len(items), desc=desc, unit=unit) as bar:
+        futures = [pool.submit(fn, item) for item in items]
+        for done in concurrent.futures.as_completed(futures):
+            done.result()
+            bar.update()
+        return [f.result() for f in futures]

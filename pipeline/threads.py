@@ -37,6 +37,18 @@ def machine_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def share() -> int:
+    """The cores this stage may use now: its share from the flow (:data:`SHARE_ENV`), else
+    :func:`machine_cores`."""
+    path = os.environ.get(SHARE_ENV)
+    if path:
+        try:
+            return max(1, int(Path(path).read_text().strip()))
+        except (OSError, ValueError):
+            pass
+    return machine_cores()
+
+
 def shares(running: Sequence[str], cores: int) -> dict[str, int]:
     """Each running stage's threads: the cores split evenly, the remainder to the stages started
     first (``running`` is in start order); at least one each."""

@@ -1,13 +1,14 @@
 """Scale-out (issue 21): the `cluster` section, and the engines giving the local engine's outputs."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline import config
+from pipeline import cluster, config, threads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -255,3 +256,30 @@ def test_spark_band_probes_are_the_local_search(spark, n_bands):
     match, stats = dedup.near_duplicates(phash, thumbs, 4, 1.0, 100, n_bands)
     theirs, their_stats = dedup_spark.near_duplicates(spark, phash, thumbs, 4, 1.0, 100, n_bands)
     assert (theirs == match).all() and (match >= 0).sum() > 50 and their_stats == stats
+
+
+# ---- the local engine's worker processes ------------------------------------------------------------
+def pid_and_double(item):
+    """A map's function (module-level: pickled by name to the spawned workers)."""
+    if item == "bad":
+        raise ValueError("bad item")
+    return os.getpid(), 2 * item
+
+
+def test_local_map_runs_in_worker_processes_and_keeps_item_order():
+    out = cluster.map_items(None, pid_and_double, list(range(7)), processes=2)
+    assert [doubled for _, doubled in out] == [2 * i for i in range(7)]
+    assert os.getpid() not in {pid for pid, _ in out}
+    with pytest.raises(ValueError, match="bad item"):
+        cluster.map_items(None, pid_and_double, [1, "bad", 3], processes=2)
+
+
+def test_local_map_takes_the_stages_share_of_the_cores(tmp_path, monkeypatch):
+    """One core (a test worker's, or the flow's share beside another stage): this process alone;
+    the flow's share of two: worker processes, whatever OMP_NUM_THREADS says."""
+    share = tmp_path / "filter.threads"
+    monkeypatch.setenv(threads.SHARE_ENV, str(share))
+    share.write_text("1\n")
+    assert {pid for pid, _ in cluster.map_items(None, pid_and_double, [1, 2, 3])} == {os.getpid()}
+    share.write_text("2\n")
+    assert os.getpid() not in {pid for pid, _ in cluster.map_items(None, pid_and_double, [1, 2, 3])}
