@@ -93,11 +93,11 @@ def map_items(spark, fn: Callable[[Any], Any], items: list, desc: str = "", unit
 
 def local_pool_map(fn: Callable[[Any], Any], items: list, workers: int, desc: str, unit: str) -> list:
     """``map_items`` on ``workers`` spawned processes. The filter's scan and the crawl's
-    verification decode every image of a shard in Python: one core each in this process, with
-    the other idle while nothing runs beside them (2 cores: 10.3 -> 6.0 s for the filter's scan of
-    the embedded corpus). Spawned, not forked: the stage's own threads (the crawl's server, a
-    progress bar's) and OpenMP's state stay out of the workers. A worker's exception is raised
-    here, as the loop would raise it."""
+    verification decode every image of a shard in Python: in this process, one core works and
+    the other idles while nothing runs beside them (2 cores: the filter stage on the embedded
+    corpus 10.6 -> 8.1 s, medians of three alternating runs). Spawned, not forked: the stage's
+    own threads (the crawl's server, a progress bar's) and OpenMP's state stay out of the
+    workers. A worker's exception is raised here, as the loop would raise it."""
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool, \
             progress(total=len(items), desc=desc, unit=unit) as bar:

@@ -148,8 +148,8 @@ def timed_failure(url: str, pol: fetch.FetchPolicy) -> tuple[str, float]:
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork start method only")
 def test_a_forked_worker_keeps_its_own_deadlines(server):
-    """A forked worker (Spark's Python workers fork) inherits the deadline heap but not its thread:
-    its first fetch starts its own, so a drip-fed download still stops at the deadline there."""
+    """A forked worker (Spark's Python workers fork) inherits the deadline heap and its lock but
+    not its thread: they are reset at the fork, so a drip-fed download still stops at the deadline."""
     base, _ = server
     pol = policy(allow_private_hosts=True, deadline_s=1.5)
     assert failure(f"{base}/img/1.jpg", pol) is None           # this process's deadline thread runs

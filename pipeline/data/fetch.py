@@ -261,19 +261,23 @@ class _Deadlines:
     are kept in a heap; a cancelled one is dropped when it reaches the top."""
 
     def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty, no thread yet. Also in a forked child (Spark's Python workers fork), which
+        inherits the heap and the lock, perhaps held, but not the thread."""
         self.heap: list[list] = []               # [when (monotonic s), sequence, watch or None]
         self.sequence = itertools.count()
         self.wake = threading.Condition()
-        self.owner: Optional[int] = None         # the pid whose thread serves the heap (not a forked child's)
+        self.serving = False
 
     def add(self, seconds: float, watch: _Watch) -> list:
         """Expire ``watch`` in ``seconds``; returns the entry to :meth:`cancel`."""
         entry = [time.monotonic() + seconds, next(self.sequence), watch]
         with self.wake:
-            if self.owner != os.getpid():
-                self.heap.clear()                # a forked child inherits the entries, not the thread
-                self.owner = os.getpid()
+            if not self.serving:
                 threading.Thread(target=self._serve, name="fetch-deadlines", daemon=True).start()
+                self.serving = True
             heapq.heappush(self.heap, entry)
             if self.heap[0] is entry:            # the earliest now: the thread's wait must shorten
                 self.wake.notify()
@@ -295,6 +299,8 @@ class _Deadlines:
 
 
 _deadlines = _Deadlines()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_deadlines.reset)
 
 
 def disallowed(headers, directives) -> bool:
