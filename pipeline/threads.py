@@ -37,16 +37,20 @@ def machine_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _read_share(path: str) -> Optional[int]:
+    """The thread count in a share file, or None where it is gone or unreadable."""
+    try:
+        return int(Path(path).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def share() -> int:
     """The cores this stage may use now: its share from the flow (:data:`SHARE_ENV`), else
     :func:`machine_cores`."""
     path = os.environ.get(SHARE_ENV)
-    if path:
-        try:
-            return max(1, int(Path(path).read_text().strip()))
-        except (OSError, ValueError):
-            pass
-    return machine_cores()
+    n = _read_share(path) if path else None
+    return max(1, n) if n is not None else machine_cores()
 
 
 def shares(running: Sequence[str], cores: int) -> dict[str, int]:
@@ -105,9 +109,8 @@ def follow() -> Optional[int]:
     if key == _seen["file"]:
         return None
     _seen["file"] = key
-    try:
-        n = int(Path(path).read_text().strip())
-    except (OSError, ValueError):
+    n = _read_share(path)
+    if n is None:
         return None
     import torch
     if n >= 1 and n != torch.get_num_threads():
