@@ -1,6 +1,7 @@
 """Benchmark: training throughput of every model of the pipeline, against the machine's matmul peak.
 
-    python bench/train_throughput.py [--models clip,clip+negatives,clip-negatives,clip+negatives-padded,clip-full-table,
+    python bench/train_throughput.py [--models clip,clip+negatives,clip-negatives,clip+negatives-whole,
+                                               clip+negatives-padded,clip-full-table,
                                                judge,judge-nchw,prior,prior-sdpa,decoder,upsample@1,upsample@2]
         [--repeats 5] [--warmup 3] [--steps 2] [--profile default] [--profile-model decoder]
         [--params params.yaml] [--quick] [--out reports/bench/train_throughput.json]
@@ -20,7 +21,8 @@ their "data" is only the main process's share. The judge's stream is the stage's
 (``clip.hard_negatives: [relation, binding]``: its text tower encodes three captions per image) and
 ``clip-negatives`` without any, whatever the config says, to time the two side by side;
 ``clip+negatives-padded`` encodes every caption at the full context length (the stage before
-``clip.model.text_embeddings`` cut the padding away); ``clip-full-table`` trains the text tower's
+``clip.model.text_embeddings`` cut the padding away); ``clip+negatives-whole`` encodes each negative whole
+instead of from the first token it changes (the stage before ``clip/shared_prefix.py``); ``clip-full-table`` trains the text tower's
 whole token table instead of the rows its captions use (the stage before ``clip/vocab.py``);
 ``judge-nchw`` runs the judge's body in NCHW instead of channels-last (before). ``prior-sdpa`` is the prior with PyTorch's
 SDPA attention processor instead of its written-out one, to time the two side by side.
@@ -188,7 +190,7 @@ def draw(pool, batch_size: int, seed: int) -> Iterator:
 # ---- the models, as their stages build them ------------------------------------------------------
 
 def clip_bench(cfg, device: torch.device, pool_n: int, negatives: Optional[tuple[str, ...]] = None,
-               name: str = "clip", trim: bool = True, used_rows: bool = True) -> Bench:
+               name: str = "clip", trim: bool = True, used_rows: bool = True, share_prefix: bool = True) -> Bench:
     """pipeline/clip/train.py: open_clip model, AdamW (open_clip's groups, fused), InfoNCE, the
     temperature clamp after every step: ``make_loss`` and ``clamp_temperature`` of the stage.
     ``negatives``: NegCLIP's hard negative kinds (default: the config's ``clip.hard_negatives``).
@@ -196,7 +198,9 @@ def clip_bench(cfg, device: torch.device, pool_n: int, negatives: Optional[tuple
     depends on them since it encodes them without padding; ``trim=False`` encodes every caption
     at the full context length, as the stage did before). The token table is trained on the rows
     the pool's captions and negatives use, as the stage trains it (``clip/vocab.py``);
-    ``used_rows=False`` trains the whole table, as the stage did before."""
+    ``used_rows=False`` trains the whole table, as the stage did before. ``share_prefix=False`` encodes
+    each hard negative whole instead of from the first token it changes (``clip/shared_prefix.py``), as the
+    stage did before."""
     c = cfg.clip
     negatives = tuple(c.hard_negatives) if negatives is None else negatives
     torch.manual_seed(c.seed)
@@ -213,7 +217,8 @@ def clip_bench(cfg, device: torch.device, pool_n: int, negatives: Optional[tuple
     optimizer = torch.optim.AdamW(param_groups(model, c.weight_decay), lr=c.lr, betas=(0.9, 0.98), eps=1e-6,
                                   fused=True)
     scheduler = cosine_with_warmup(optimizer, c.warmup_steps, c.steps)
-    return Bench(name, c.batch_size, c.precision, device, model, clip_train.make_loss(clip, c.precision, device, trim),
+    return Bench(name, c.batch_size, c.precision, device, model, clip_train.make_loss(clip, c.precision, device, trim,
+                                                                                share_prefix=share_prefix),
                  optimizer, scheduler, c.grad_clip, lambda b: draw(pool, b, c.seed),
                  after_step=lambda: clip_train.clamp_temperature(model))
 
@@ -308,6 +313,8 @@ def build(cfg, names: list[str], device: torch.device, pool_n: Callable[[int], i
               "clip-negatives": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), (), "clip-negatives"),
               "clip-full-table": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), name="clip-full-table",
                                                     used_rows=False),
+              "clip+negatives-whole": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), NEGATIVE_KINDS,
+                                                         "clip+negatives-whole", share_prefix=False),
               "clip+negatives-padded": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), NEGATIVE_KINDS,
                                                           "clip+negatives-padded", trim=False),
               "judge": lambda: judge_bench(cfg, pool_n(cfg.judge.batch_size)),

@@ -152,3 +152,67 @@ def test_text_embeddings_without_padding_are_the_full_encoding(smoke_cfg):
     for n, p in model.named_parameters():
         if n in grads:
             assert torch.allclose(p.grad, grads[n], atol=1e-5), n
+
+
+def test_negatives_from_their_first_changed_token_are_the_full_encoding(smoke_cfg):
+    """clip/shared_prefix.py: each hard negative encoded from the first token it changes, on its
+    caption's keys and values before it, gives open_clip's z_t of the negative encoded whole, and
+    the same gradients, for negatives that change their first word, a late one, or their length."""
+    from pipeline.clip import model as clip_model
+    from pipeline.clip.negatives import hard_negatives
+    from pipeline.clip.shared_prefix import is_causal_argmax, text_embeddings_with_negatives
+    torch.manual_seed(0)
+    clip = clip_model.build(smoke_cfg.clip.model)
+    model = clip.model.float()
+    assert is_causal_argmax(model)
+    captions = ["a red circle to the left of a blue square", "red square above a green circle",
+                "a photo of a small red circle at the top left on a white background", "a circle",
+                "a large yellow square below a tiny orange circle"]
+    texts, mask = hard_negatives(captions, ("relation", "binding"))
+    tokens = clip.tokenize(captions)
+    negatives = clip.tokenize(texts).view(len(captions), 2, -1)[mask]
+    extra = clip.tokenize(["a red circle to the left of a big blue square", "a"])   # longer; cut short
+    negatives, source = torch.cat([negatives, extra]), torch.cat([mask.nonzero()[:, 0], torch.tensor([0, 3])])
+    assert len(negatives) == 10
+    w = torch.randn(len(captions) + len(negatives), model.text_projection.shape[1])
+
+    def loss(z):
+        return (z * w).sum()
+    whole = model.encode_text(torch.cat([tokens, negatives]), normalize=True)
+    loss(whole).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    z_t, z_neg = text_embeddings_with_negatives(model, tokens, negatives, source)
+    assert torch.allclose(torch.cat([z_t, z_neg]), whole, atol=1e-5)
+    loss(torch.cat([z_t, z_neg])).backward()
+    assert set(grads) == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        if n in grads:
+            assert torch.allclose(p.grad, grads[n], atol=1e-5), n
+    # no negatives at all: the captions alone
+    z_t, z_neg = text_embeddings_with_negatives(model, tokens, negatives[:0], source[:0])
+    assert z_neg.shape == (0, z_t.shape[1]) and torch.allclose(z_t, whole[:len(captions)], atol=1e-5)
+
+
+def test_the_training_loss_is_the_same_with_negatives_encoded_whole(smoke_cfg):
+    """make_loss with share_prefix (the default) and without: the same NegCLIP loss and gradients."""
+    from pipeline.clip import model as clip_model
+    from pipeline.clip import train as clip_train
+    from pipeline.clip.negatives import hard_negatives
+    torch.manual_seed(0)
+    clip = clip_model.build(smoke_cfg.clip.model)
+    model = clip.model.float()
+    captions = ["a red circle to the left of a blue square", "a green square", "a yellow circle above a red square"]
+    texts, mask = hard_negatives(captions, ("relation", "binding"))
+    s = clip.image_size
+    batch = (torch.randint(0, 256, (3, 3, s, s), dtype=torch.uint8), clip.tokenize(captions),
+             clip.tokenize(texts).view(3, 2, -1), mask)
+    out = []
+    for share in (True, False):
+        model.zero_grad()
+        loss = clip_train.make_loss(clip, "fp32", torch.device("cpu"), share_prefix=share)(model, batch)
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert torch.allclose(out[0][0], out[1][0], atol=1e-5)
+    for n, g in out[1][1].items():
+        assert torch.allclose(out[0][1][n], g, atol=1e-5), n

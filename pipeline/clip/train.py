@@ -18,6 +18,7 @@ from ..device import autocast, device_of
 from ..training import Checkpointer, config_hash, cosine_with_warmup, fit, precision_cache_path
 from .data import train_batches
 from .model import Clip, build, text_embeddings
+from .shared_prefix import is_causal_argmax, text_embeddings_with_negatives
 from .vocab import UsedRows, decay_over, used_token_ids
 
 
@@ -44,20 +45,31 @@ def negclip_loss(z_i: torch.Tensor, z_t: torch.Tensor, z_neg: torch.Tensor, scal
 
 
 def make_loss(clip: Clip, precision: str, device: torch.device, trim: bool = True,
-              negatives_from: int = 0, steps_done: Callable[[], int] = lambda: 0):
+              negatives_from: int = 0, steps_done: Callable[[], int] = lambda: 0, share_prefix: bool = True):
     """The training step's loss: ``loss_fn(model, batch)``, InfoNCE over a batch of (uint8
     images [B, 3, S, S], int64 tokens [B, L]) at the model's learned temperature; with hard
     negatives in the batch (+ tokens [B, K, L], mask [B, K]), NegCLIP's loss once
     ``steps_done()`` reaches ``negatives_from`` (before, the plain InfoNCE: their captions are not
     encoded). ``trim``: the text tower encodes the captions without their padding
     (``clip.model.text_embeddings``: the same z_t for less work); False encodes all L tokens of
-    every caption (bench/train_throughput.py times the two)."""
+    every caption (bench/train_throughput.py times the two). ``share_prefix`` (with ``trim``):
+    each negative is encoded from the first token it changes, on its caption's keys and values
+    before it (``clip.shared_prefix``: the same z_t up to rounding, 1.15-1.25x the text tower);
+    False encodes each negative whole."""
     contrastive = ClipLoss()
 
     def loss_fn(model, batch):
         images, tokens, *negatives = batch
         if negatives and steps_done() < negatives_from:
             negatives = []
+        if negatives and trim and share_prefix and is_causal_argmax(model):
+            # negatives[0][mask] is caption-major, as mask.nonzero(): its rows are each negative's caption
+            source = negatives[1].nonzero()[:, 0]
+            with autocast(precision, device):
+                z_i = model.encode_image(clip.preprocess(images.to(device)), normalize=True)
+                z_t, z_neg = text_embeddings_with_negatives(model, tokens.to(device),
+                                                            negatives[0][negatives[1]].to(device), source.to(device))
+            return negclip_loss(z_i.float(), z_t.float(), z_neg.float(), model.logit_scale.exp())
         # only the negatives that exist are encoded (a caption without color words has no binding
         # twin): the text tower is half of CLIP's step, and each negative costs it a caption
         texts = torch.cat([tokens, negatives[0][negatives[1]]]) if negatives else tokens   # [B + N, L]
