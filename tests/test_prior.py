@@ -101,3 +101,37 @@ def test_written_out_attention_computes_what_the_sdpa_processor_does():
     assert len(grads_a) == len(grads_b) > 0
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)        # fp32 summation order
+
+
+def test_the_forward_without_padding_is_diffusers_forward():
+    """UnclipPrior.forward cuts the captions' padding (rows sorted by caption length, in groups, the
+    tokens after the caption keeping their positional embeddings): diffusers' PriorTransformer.forward
+    over every token gives the same prediction and gradients, with a dropped caption, a caption with a
+    hole in its mask, every row in one group or one group per row, and a scalar timestep."""
+    g = torch.Generator().manual_seed(1)
+    n = 7
+    z_t, tokens = torch.randn(n, D, generator=g), torch.randn(n, L, W, generator=g)
+    mask = torch.arange(L)[None, :] < torch.tensor([3, 0, 8, 1, 5, 5, 2])[:, None]
+    mask[4, 1] = False                                                # a hole: a masked key before real ones
+    x, t = torch.randn(n, D, generator=g), torch.randint(0, 1000, (n,), generator=g)
+    torch.manual_seed(0)
+    m = UnclipPrior(D, W, L, layers=2, heads=2, head_dim=8).train()
+    weights = torch.randn(n, D, generator=g)
+
+    def run(groups, timestep=t):
+        m.zero_grad(set_to_none=True)
+        out = m(x, timestep, z_t, tokens, mask, groups=groups)
+        (out * weights).sum().backward()
+        return out.detach(), {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+    full, full_grads = run(0)
+    for groups in (1, 2, 3, n, 2 * n):
+        out, grads = run(groups)
+        torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
+        assert grads.keys() == full_grads.keys()
+        for k, grad in grads.items():
+            # a key's bias moves every score of a query alike: its true gradient is 0, both are rounding
+            atol = 1e-5 if k.endswith("to_k.bias") else 1e-6
+            torch.testing.assert_close(grad, full_grads[k], rtol=1e-4, atol=atol, msg=k)
+    one = torch.tensor(500)
+    torch.testing.assert_close(m(x, one, z_t, tokens, mask), m(x, one.expand(n), z_t, tokens, mask, groups=0))
+    assert m.length_groups >= 1                                       # the stage runs the forward without padding
