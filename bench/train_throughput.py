@@ -1,8 +1,8 @@
 """Benchmark: training throughput of every model of the pipeline, against the machine's matmul peak.
 
-    python bench/train_throughput.py [--models clip,clip+negatives,clip-negatives,clip+negatives-whole,
+    python bench/train_throughput.py [--models clip,clip+negatives,clip-negatives,clip+negatives-whole,clip-nchw,
                                                clip+negatives-padded,clip-full-table,
-                                               judge,judge-nchw,prior,prior-sdpa,decoder,upsample@1,upsample@2]
+                                               judge,judge-nchw,prior,prior-sdpa,prior-padded,decoder,upsample@1,upsample@2]
         [--repeats 5] [--warmup 3] [--steps 2] [--profile default] [--profile-model decoder]
         [--params params.yaml] [--quick] [--out reports/bench/train_throughput.json]
 
@@ -22,10 +22,13 @@ their "data" is only the main process's share. The judge's stream is the stage's
 ``clip-negatives`` without any, whatever the config says, to time the two side by side;
 ``clip+negatives-padded`` encodes every caption at the full context length (the stage before
 ``clip.model.text_embeddings`` cut the padding away); ``clip+negatives-whole`` encodes each negative whole
-instead of from the first token it changes (the stage before ``clip/shared_prefix.py``); ``clip-full-table`` trains the text tower's
+instead of from the first token it changes (the stage before ``clip/shared_prefix.py``); ``clip-nchw`` runs the
+image tower's stem in NCHW instead of channels-last (before); ``clip-full-table`` trains the text tower's
 whole token table instead of the rows its captions use (the stage before ``clip/vocab.py``);
 ``judge-nchw`` runs the judge's body in NCHW instead of channels-last (before). ``prior-sdpa`` is the prior with PyTorch's
-SDPA attention processor instead of its written-out one, to time the two side by side.
+SDPA attention processor instead of its written-out one, to time the two side by side; ``prior-padded`` runs
+diffusers' forward over all of the context's tokens instead of the prior's, which cuts the captions' padding
+(``prior/network.py``). The token encodings' masks end where the corpus's captions do.
 
 Figures, per model (the table):
 
@@ -144,12 +147,24 @@ def unit(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=-1)
 
 
-def encodings(n: int, length: int, width: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def encodings(n: int, length: int, width: int, gen: torch.Generator,
+              ends: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [n, L, W] float32, mask [n, L] bool): the embed stage's per-token text encodings,
-    real tokens from position 0 to a random end of text (3 .. L tokens), padding after."""
+    real tokens from position 0 to the end of text ``ends`` [n] (default: random, 3 .. L tokens),
+    padding after."""
     tokens = torch.randn(n, length, width, generator=gen)
-    ends = torch.randint(min(3, length), length + 1, (n, 1), generator=gen)
-    return tokens, torch.arange(length)[None, :] < ends
+    if ends is None:
+        ends = torch.randint(min(3, length), length + 1, (n,), generator=gen)
+    return tokens, torch.arange(length)[None, :] < ends[:, None]
+
+
+def caption_lengths(cfg, n: int, seed: int) -> torch.Tensor:
+    """[n] token counts (start to end of text, at most the context) of n corpus captions: the prior
+    cuts the padding away, so its work depends on them."""
+    import open_clip
+    length = cfg.clip.model.context_length
+    tokens = open_clip.tokenize(corpus_captions(n, seed, cfg.corpus.two_object_fraction), context_length=length)
+    return tokens.argmax(dim=-1) + 1
 
 
 def captions(n: int, gen: torch.Generator) -> tuple[list[str], list[dict]]:
@@ -190,7 +205,8 @@ def draw(pool, batch_size: int, seed: int) -> Iterator:
 # ---- the models, as their stages build them ------------------------------------------------------
 
 def clip_bench(cfg, device: torch.device, pool_n: int, negatives: Optional[tuple[str, ...]] = None,
-               name: str = "clip", trim: bool = True, used_rows: bool = True, share_prefix: bool = True) -> Bench:
+               name: str = "clip", trim: bool = True, used_rows: bool = True, share_prefix: bool = True,
+               channels_last: bool = True) -> Bench:
     """pipeline/clip/train.py: open_clip model, AdamW (open_clip's groups, fused), InfoNCE, the
     temperature clamp after every step: ``make_loss`` and ``clamp_temperature`` of the stage.
     ``negatives``: NegCLIP's hard negative kinds (default: the config's ``clip.hard_negatives``).
@@ -200,12 +216,15 @@ def clip_bench(cfg, device: torch.device, pool_n: int, negatives: Optional[tuple
     the pool's captions and negatives use, as the stage trains it (``clip/vocab.py``);
     ``used_rows=False`` trains the whole table, as the stage did before. ``share_prefix=False`` encodes
     each hard negative whole instead of from the first token it changes (``clip/shared_prefix.py``), as the
-    stage did before."""
+    stage did before. ``channels_last=False`` runs the image tower's stem in NCHW, as it did before."""
     c = cfg.clip
     negatives = tuple(c.hard_negatives) if negatives is None else negatives
     torch.manual_seed(c.seed)
     clip = clip_model.build(c.model)
     model = clip.model.to(device)
+    if not channels_last:
+        model.visual.conv1.to(memory_format=torch.contiguous_format)
+        clip.preprocess = lambda images, nhwc=clip.preprocess: nhwc(images).contiguous()
     gen = torch.Generator().manual_seed(c.seed)
     texts = corpus_captions(pool_n, c.seed, cfg.corpus.two_object_fraction)
     pool = (images_u8(pool_n, c.model.image_size, gen), clip.tokenize(texts))
@@ -248,7 +267,7 @@ def embedding_pool(cfg, n: int, image_size: Optional[int], seed: int) -> dict:
     """What ``train_batches`` yields: z_i, z_t [n, D], tokens [n, L, W], mask [n, L] (+ images)."""
     m = cfg.clip.model
     gen = torch.Generator().manual_seed(seed)
-    tokens, mask = encodings(n, m.context_length, m.text_width, gen)
+    tokens, mask = encodings(n, m.context_length, m.text_width, gen, caption_lengths(cfg, n, seed))
     pool = {"z_i": unit(n, m.embed_dim, gen), "z_t": unit(n, m.embed_dim, gen), "tokens": tokens, "mask": mask}
     return pool | ({"images": images_u8(n, image_size, gen)} if image_size else {})
 
@@ -265,12 +284,15 @@ def diffusion_bench(name: str, tc, model: torch.nn.Module, loss_fn, pool, device
 def prior_bench(cfg, device: torch.device, pool_n: int, name: str = "prior") -> Bench:
     """pipeline/prior/stage.py: ``arch_of`` + UnclipPrior, the stage's ``make_loss``. ``prior-sdpa``:
     the same with PyTorch's SDPA attention processor (diffusers' default) instead of the prior's
-    written-out ``AttnProcessor`` with an fp32 softmax, to time the two side by side."""
+    written-out ``AttnProcessor`` with an fp32 softmax, to time the two side by side. ``prior-padded``:
+    diffusers' forward over every token of the context (the prior's cuts the captions' padding)."""
     p, m = cfg.prior, cfg.clip.model
     torch.manual_seed(p.seed)
     model = UnclipPrior(**prior_arch(p, m.embed_dim, m.text_width, m.context_length))
     if name == "prior-sdpa":
         model.transformer.set_attn_processor(AttnProcessor2_0())
+    if name == "prior-padded":
+        model.length_groups = 0                   # diffusers' forward over every token, padding included
     schedule = noise_schedule(prior_diffusion.PREDICTION)
 
     return diffusion_bench(name, p, model, prior_stage.make_loss(p, schedule), embedding_pool(cfg, pool_n, None, p.seed), device)
@@ -315,12 +337,15 @@ def build(cfg, names: list[str], device: torch.device, pool_n: Callable[[int], i
                                                     used_rows=False),
               "clip+negatives-whole": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), NEGATIVE_KINDS,
                                                          "clip+negatives-whole", share_prefix=False),
+              "clip-nchw": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), name="clip-nchw",
+                                              channels_last=False),
               "clip+negatives-padded": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), NEGATIVE_KINDS,
                                                           "clip+negatives-padded", trim=False),
               "judge": lambda: judge_bench(cfg, pool_n(cfg.judge.batch_size)),
               "judge-nchw": lambda: judge_bench(cfg, pool_n(cfg.judge.batch_size), "judge-nchw"),
               "prior": lambda: prior_bench(cfg, device, pool_n(cfg.prior.batch_size)),
               "prior-sdpa": lambda: prior_bench(cfg, device, pool_n(cfg.prior.batch_size), "prior-sdpa"),
+              "prior-padded": lambda: prior_bench(cfg, device, pool_n(cfg.prior.batch_size), "prior-padded"),
               "decoder": lambda: decoder_bench(cfg, device, pool_n(cfg.decoder.batch_size))}
     for key, u in cfg.upsample.stages.items():
         makers[f"upsample@{key}"] = lambda key=key, u=u: upsampler_bench(cfg, key, device, pool_n(u.batch_size))
