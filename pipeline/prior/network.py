@@ -47,6 +47,8 @@ class UnclipPrior(nn.Module):
             if isinstance(m, Attention):
                 m.upcast_softmax = True          # the softmax in fp32 under bf16 autocast too
         self.transformer.set_attn_processor(AttnProcessor())
+        # forward() composes the transformer's parts as diffusers' forward does for this configuration
+        assert self.transformer.norm_in is None and self.transformer.embedding_proj_norm is None
         self.length_groups = LENGTH_GROUPS
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, z_t: torch.Tensor, tokens: torch.Tensor,
@@ -75,7 +77,7 @@ class UnclipPrior(nn.Module):
         length = (mask * torch.arange(1, L + 1, device=mask.device)).amax(dim=1)
         order = length.argsort()
         outs = []
-        for idx in order.tensor_split(min(groups, b)):
+        for idx in order.tensor_split(max(1, min(groups, b))):
             n = int(length[idx].max()) if len(idx) else 0
             h = torch.cat([text[idx, :n], tail[idx]], dim=1) + torch.cat([pos[:, :n], pos[:, L:]], dim=1)
             bias = F.pad((1 - mask[idx, :n].to(h.dtype)) * -10000.0, (0, tr.additional_embeddings), value=0.0)
