@@ -1,6 +1,6 @@
 """Benchmark: training throughput of every model of the pipeline, against the machine's matmul peak.
 
-    python bench/train_throughput.py [--models clip,clip+negatives,clip-negatives,clip+negatives-whole,clip-nchw,
+    python bench/train_throughput.py [--models clip,clip+negatives,clip-negatives,clip+negatives-shared,
                                                clip+negatives-padded,clip-full-table,
                                                judge,judge-nchw,prior,prior-sdpa,prior-padded,decoder,upsample@1,upsample@2]
         [--repeats 5] [--warmup 3] [--steps 2] [--profile default] [--profile-model decoder]
@@ -21,9 +21,8 @@ their "data" is only the main process's share. The judge's stream is the stage's
 (``clip.hard_negatives: [relation, binding]``: its text tower encodes three captions per image) and
 ``clip-negatives`` without any, whatever the config says, to time the two side by side;
 ``clip+negatives-padded`` encodes every caption at the full context length (the stage before
-``clip.model.text_embeddings`` cut the padding away); ``clip+negatives-whole`` encodes each negative whole
-instead of from the first token it changes (the stage before ``clip/shared_prefix.py``); ``clip-nchw`` runs the
-image tower's stem in NCHW instead of channels-last (before); ``clip-full-table`` trains the text tower's
+``clip.model.text_embeddings`` cut the padding away); ``clip+negatives-shared`` encodes each negative from the
+first token it changes (``clip.shared_prefix: true``, ``clip/shared_prefix.py``); ``clip-full-table`` trains the text tower's
 whole token table instead of the rows its captions use (the stage before ``clip/vocab.py``);
 ``judge-nchw`` runs the judge's body in NCHW instead of channels-last (before). ``prior-sdpa`` is the prior with PyTorch's
 SDPA attention processor instead of its written-out one, to time the two side by side; ``prior-padded`` runs
@@ -205,8 +204,8 @@ def draw(pool, batch_size: int, seed: int) -> Iterator:
 # ---- the models, as their stages build them ------------------------------------------------------
 
 def clip_bench(cfg, device: torch.device, pool_n: int, negatives: Optional[tuple[str, ...]] = None,
-               name: str = "clip", trim: bool = True, used_rows: bool = True, share_prefix: bool = True,
-               channels_last: bool = True) -> Bench:
+               name: str = "clip", trim: bool = True, used_rows: bool = True,
+               share_prefix: Optional[bool] = None) -> Bench:
     """pipeline/clip/train.py: open_clip model, AdamW (open_clip's groups, fused), InfoNCE, the
     temperature clamp after every step: ``make_loss`` and ``clamp_temperature`` of the stage.
     ``negatives``: NegCLIP's hard negative kinds (default: the config's ``clip.hard_negatives``).
@@ -214,17 +213,14 @@ def clip_bench(cfg, device: torch.device, pool_n: int, negatives: Optional[tuple
     depends on them since it encodes them without padding; ``trim=False`` encodes every caption
     at the full context length, as the stage did before). The token table is trained on the rows
     the pool's captions and negatives use, as the stage trains it (``clip/vocab.py``);
-    ``used_rows=False`` trains the whole table, as the stage did before. ``share_prefix=False`` encodes
-    each hard negative whole instead of from the first token it changes (``clip/shared_prefix.py``), as the
-    stage did before. ``channels_last=False`` runs the image tower's stem in NCHW, as it did before."""
+    ``used_rows=False`` trains the whole table, as the stage did before. ``share_prefix`` (default: the
+    config's ``clip.shared_prefix``): each hard negative encoded from the first token it changes
+    (``clip/shared_prefix.py``) or whole."""
     c = cfg.clip
     negatives = tuple(c.hard_negatives) if negatives is None else negatives
     torch.manual_seed(c.seed)
     clip = clip_model.build(c.model)
     model = clip.model.to(device)
-    if not channels_last:
-        model.visual.conv1.to(memory_format=torch.contiguous_format)
-        clip.preprocess = lambda images, nhwc=clip.preprocess: nhwc(images).contiguous()
     gen = torch.Generator().manual_seed(c.seed)
     texts = corpus_captions(pool_n, c.seed, cfg.corpus.two_object_fraction)
     pool = (images_u8(pool_n, c.model.image_size, gen), clip.tokenize(texts))
@@ -237,7 +233,8 @@ def clip_bench(cfg, device: torch.device, pool_n: int, negatives: Optional[tuple
                                   fused=True)
     scheduler = cosine_with_warmup(optimizer, c.warmup_steps, c.steps)
     return Bench(name, c.batch_size, c.precision, device, model, clip_train.make_loss(clip, c.precision, device, trim,
-                                                                                share_prefix=share_prefix),
+                                                                                share_prefix=c.shared_prefix if share_prefix is None
+                                                                                else share_prefix),
                  optimizer, scheduler, c.grad_clip, lambda b: draw(pool, b, c.seed),
                  after_step=lambda: clip_train.clamp_temperature(model))
 
@@ -335,10 +332,8 @@ def build(cfg, names: list[str], device: torch.device, pool_n: Callable[[int], i
               "clip-negatives": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), (), "clip-negatives"),
               "clip-full-table": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), name="clip-full-table",
                                                     used_rows=False),
-              "clip+negatives-whole": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), NEGATIVE_KINDS,
-                                                         "clip+negatives-whole", share_prefix=False),
-              "clip-nchw": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), name="clip-nchw",
-                                              channels_last=False),
+              "clip+negatives-shared": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), NEGATIVE_KINDS,
+                                                          "clip+negatives-shared", share_prefix=True),
               "clip+negatives-padded": lambda: clip_bench(cfg, device, pool_n(cfg.clip.batch_size), NEGATIVE_KINDS,
                                                           "clip+negatives-padded", trim=False),
               "judge": lambda: judge_bench(cfg, pool_n(cfg.judge.batch_size)),

@@ -172,6 +172,12 @@ class ClipConfig(Section):
     # 0.22 saves 78 s of CLIP at one thread but cost the cascade about 5 points of relation in two
     # fresh runs (README, seventeenth session), so the default keeps them from the first step
     hard_negatives_after: float = Field(0.0, ge=0, lt=1)
+    # encode each hard negative from the first token it changes, on its caption's keys and values
+    # (pipeline/clip/shared_prefix.py): the same function up to rounding, 1.02-1.05x CLIP's step in bf16
+    # and 1.08x in fp32. Off: its rounding trains another CLIP than the one every earlier fresh run on
+    # an AMX machine trained, and the two such CLIPs tried bound colors worse downstream (README,
+    # twenty-first session)
+    shared_prefix: bool = False
 
     @model_validator(mode="before")
     @classmethod

@@ -217,27 +217,3 @@ def test_the_training_loss_is_the_same_with_negatives_encoded_whole(smoke_cfg):
     for n, g in out[1][1].items():
         assert torch.allclose(out[0][1][n], g, atol=1e-5), n
 
-
-def test_the_image_tower_runs_channels_last_and_computes_the_same(smoke_cfg, tmp_path):
-    """Clip.preprocess gives channels-last images and the stem's convolutions hold channels-last weights,
-    built or loaded; the saved file is plain (contiguous) and z_i is what NCHW computes."""
-    from pipeline.clip import model as clip_model
-    torch.manual_seed(0)
-    clip = clip_model.build(smoke_cfg.clip.model)
-    s = clip.image_size
-    images = torch.randint(0, 256, (4, 3, s + 8, s + 8), dtype=torch.uint8)
-    x = clip.preprocess(images)
-    assert x.is_contiguous(memory_format=torch.channels_last) and x.shape == (4, 3, s, s)
-    convs = [m for m in clip.model.visual.conv1.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
-    model = clip.model.float().eval()
-    with torch.no_grad():
-        z = model.encode_image(x)
-        reference = model.encode_image(x.contiguous())           # NCHW input
-    torch.testing.assert_close(z, reference, rtol=1e-4, atol=1e-5)
-    clip_model.save(clip, tmp_path / "clip", {})
-    loaded = clip_model.load(tmp_path / "clip")
-    assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
-               for m in loaded.model.visual.conv1.modules() if isinstance(m, torch.nn.Conv2d))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.model.encode_image(x), z, rtol=1e-4, atol=1e-5)

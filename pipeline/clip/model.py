@@ -80,9 +80,6 @@ def _create(name: str, stem: str):
     if stem == "conv":
         v = model.visual
         v.conv1 = conv_stem(v.conv1.out_channels, v.conv1.kernel_size[0])
-    # channels-last, as Clip.preprocess gives the images: the stem's convolutions in oneDNN's native layout,
-    # 1.11x the image tower's forward + backward at one thread in bf16 (1.08x in fp32; README, 21st session)
-    model.visual.conv1.to(memory_format=torch.channels_last)
     return model
 
 
@@ -133,15 +130,14 @@ class Clip:
         return self.config["text_cfg"]["width"]
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3, H, W] -> normalised float [B, 3, S, S] at the tower's resolution, channels-last
-        in memory (the image tower's first convolutions run in that layout)."""
+        """uint8 [B, 3, H, W] -> normalised float [B, 3, S, S] at the tower's resolution."""
         x = images.float().div_(255)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True,
                               align_corners=False).clamp_(0, 1)
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        return (x - mean) / std
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         """captions -> token ids [B, context_length] int64 (open_clip's ids, see clip/tokenize.py)."""

@@ -45,17 +45,17 @@ def negclip_loss(z_i: torch.Tensor, z_t: torch.Tensor, z_neg: torch.Tensor, scal
 
 
 def make_loss(clip: Clip, precision: str, device: torch.device, trim: bool = True,
-              negatives_from: int = 0, steps_done: Callable[[], int] = lambda: 0, share_prefix: bool = True):
+              negatives_from: int = 0, steps_done: Callable[[], int] = lambda: 0, share_prefix: bool = False):
     """The training step's loss: ``loss_fn(model, batch)``, InfoNCE over a batch of (uint8
     images [B, 3, S, S], int64 tokens [B, L]) at the model's learned temperature; with hard
     negatives in the batch (+ tokens [B, K, L], mask [B, K]), NegCLIP's loss once
     ``steps_done()`` reaches ``negatives_from`` (before, the plain InfoNCE: their captions are not
     encoded). ``trim``: the text tower encodes the captions without their padding
     (``clip.model.text_embeddings``: the same z_t for less work); False encodes all L tokens of
-    every caption (bench/train_throughput.py times the two). ``share_prefix`` (with ``trim``):
-    each negative is encoded from the first token it changes, on its caption's keys and values
-    before it (``clip.shared_prefix``: the same z_t up to rounding, 1.15-1.25x the text tower);
-    False encodes each negative whole."""
+    every caption (bench/train_throughput.py times the two). ``share_prefix`` (with ``trim``;
+    ``clip.shared_prefix``): each negative is encoded from the first token it changes, on its
+    caption's keys and values before it (``clip/shared_prefix.py``: the same z_t up to rounding,
+    1.15-1.25x the text tower); False encodes each negative whole."""
     contrastive = ClipLoss()
 
     def loss_fn(model, batch):
@@ -113,7 +113,7 @@ def train(clip_cfg, shard_paths: list[Path], checkpoint_dir: Path,
                             tuple(clip_cfg.hard_negatives))
     done = [0]                     # optimizer steps taken (fit reports them, a resumed run's start included)
     loss_fn = make_loss(clip, clip_cfg.precision, device, negatives_from=clip_cfg.hard_negatives_from,
-                        steps_done=lambda: done[0])
+                        steps_done=lambda: done[0], share_prefix=clip_cfg.shared_prefix)
 
     def after_step(step: int) -> None:
         done[0] = step
