@@ -195,7 +195,7 @@ def test_negatives_from_their_first_changed_token_are_the_full_encoding(smoke_cf
 
 
 def test_the_training_loss_is_the_same_with_negatives_encoded_whole(smoke_cfg):
-    """make_loss with share_prefix (the default) and without: the same NegCLIP loss and gradients."""
+    """make_loss with share_prefix (``clip.shared_prefix``) and without: the same NegCLIP loss and gradients."""
     from pipeline.clip import model as clip_model
     from pipeline.clip import train as clip_train
     from pipeline.clip.negatives import hard_negatives

@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .model import TEXT_GROUPS
+
 SUFFIX_GROUPS = 2       # the negatives' suffixes by length: relation's are short, binding's long
-CAPTION_GROUPS = 3      # the captions by length (as clip.model.TEXT_GROUPS)
 
 
 def is_causal_argmax(m: torch.nn.Module) -> bool:
@@ -64,7 +65,7 @@ def _pool(m: torch.nn.Module, eot: torch.Tensor) -> torch.Tensor:
 
 
 def _caption_groups(m, tokens, length, P):
-    """The captions encoded in length groups, each cut to its longest caption. Returns the pooled
+    """The captions encoded in length groups (as ``clip.model.text_embeddings``), each cut to its longest caption. Returns the pooled
     states [B, W] in the captions' order, the order the groups hold them in (``order[i]``: the
     caption in row i), and per layer the keys and values over the first P positions, in that
     order [B, H, P, d] (positions past a caption's end are never read: a prefix ends before its
@@ -73,7 +74,7 @@ def _caption_groups(m, tokens, length, P):
     order = length.argsort()
     blocks = m.transformer.resblocks
     pooled, kv = [], [([], []) for _ in blocks]
-    for idx in order.tensor_split(min(CAPTION_GROUPS, len(order))):
+    for idx in order.tensor_split(min(TEXT_GROUPS, len(order))):
         n = int(length[idx].max())
         x = m.token_embedding(tokens[idx, :n]).to(cast) + m.positional_embedding[:n].to(cast)
         causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()

@@ -58,25 +58,28 @@ def make_loss(clip: Clip, precision: str, device: torch.device, trim: bool = Tru
     1.15-1.25x the text tower); False encodes each negative whole."""
     contrastive = ClipLoss()
 
+    def encode_texts(model, tokens, negatives):
+        """z_t [B + N, D]: the captions', then those of their negatives that exist (a caption
+        without color words has no binding twin): the text tower is half of CLIP's step, and each
+        negative costs it a caption."""
+        if not negatives:
+            texts = tokens.to(device)
+        elif trim and share_prefix and is_causal_argmax(model):
+            # negatives[0][mask] is caption-major, as mask.nonzero(): its rows are each negative's caption
+            source = negatives[1].nonzero()[:, 0]
+            return torch.cat(text_embeddings_with_negatives(model, tokens.to(device), negatives[0][negatives[1]].to(device),
+                                                            source.to(device)))
+        else:
+            texts = torch.cat([tokens, negatives[0][negatives[1]]]).to(device)        # [B + N, L]
+        return text_embeddings(model, texts) if trim else model.encode_text(texts, normalize=True)
+
     def loss_fn(model, batch):
         images, tokens, *negatives = batch
         if negatives and steps_done() < negatives_from:
             negatives = []
-        if negatives and trim and share_prefix and is_causal_argmax(model):
-            # negatives[0][mask] is caption-major, as mask.nonzero(): its rows are each negative's caption
-            source = negatives[1].nonzero()[:, 0]
-            with autocast(precision, device):
-                z_i = model.encode_image(clip.preprocess(images.to(device)), normalize=True)
-                z_t, z_neg = text_embeddings_with_negatives(model, tokens.to(device),
-                                                            negatives[0][negatives[1]].to(device), source.to(device))
-            return negclip_loss(z_i.float(), z_t.float(), z_neg.float(), model.logit_scale.exp())
-        # only the negatives that exist are encoded (a caption without color words has no binding
-        # twin): the text tower is half of CLIP's step, and each negative costs it a caption
-        texts = torch.cat([tokens, negatives[0][negatives[1]]]) if negatives else tokens   # [B + N, L]
         with autocast(precision, device):
             z_i = model.encode_image(clip.preprocess(images.to(device)), normalize=True)
-            texts = texts.to(device)
-            z_t = text_embeddings(model, texts) if trim else model.encode_text(texts, normalize=True)
+            z_t = encode_texts(model, tokens, negatives)
         z_i, z_t = z_i.float(), z_t.float()
         if not negatives:
             return contrastive(z_i, z_t, model.logit_scale.exp())
