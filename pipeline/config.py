@@ -291,6 +291,7 @@ class DecoderConfig(TrainConfig):
     extra_tokens: int = Field(4, ge=0)                # z_i projected into this many context tokens
     layout_channels: int = Field(8, ge=0)             # z_i + caption summary projected to a [C, S, S] input map
     layout_hidden: int = Field(0, ge=0)               # ...by a linear map (0) or an MLP with this many hidden units
+    text_layers: int = Field(0, ge=0)                 # the decoder's own (GLIDE's) text encoder over the caption's tokens
     # GLIDE's AdaGN: the time + z_i embedding scales and shifts each ResNet block's second GroupNorm
     # (diffusers' resnet_time_scale_shift "scale_shift") instead of being added before it
     scale_shift_norm: bool = False
@@ -299,7 +300,7 @@ class DecoderConfig(TrainConfig):
     snr_gamma: Optional[float] = Field(None, gt=0)    # Min-SNR-gamma loss weighting; null = uniform (the default)
     sobolev_weight: float = Field(1.0, ge=0)          # + this x the error's finite differences squared (H1 loss)
     p_drop_image_embed: float = Field(0.1, ge=0, le=1)
-    p_drop_caption: float = Field(0.5, ge=0, le=1)
+    p_drop_caption: float = Field(0.2, ge=0, le=1)         # the paper's 0.5; params.yaml says why
     batch_size: int = Field(32, ge=1)
     steps: int = Field(3100, ge=1)
     lr: float = Field(1e-3, gt=0)

@@ -261,3 +261,27 @@ def test_training_loss_with_the_sobolev_term_is_the_mse_plus_the_differences():
     plain, h1 = loss(0.0), loss(1.0)
     assert torch.isfinite(h1) and h1 > plain
     assert torch.allclose(loss(2.0) - plain, 2 * (h1 - plain), rtol=1e-4)       # linear in the weight
+
+
+def test_the_decoders_own_text_encoder_is_bidirectional_over_the_valid_tokens():
+    # text_layers > 0: GLIDE's text encoder over the caption's tokens, trained with the decoder
+    m, (z_i, tokens, mask) = net(text_layers=2), cond()
+    assert net().text_layers == 0 and not hasattr(net(), "text_encoder")      # off: CLIP's tokens through a linear map
+    x, t = torch.randn(B, 3, S, S), torch.tensor([5, 500, 900])
+    out = m(x, t, z_i, tokens, mask)
+    assert out.shape == (B, 3, S, S) and torch.isfinite(out).all()
+    enc = m.encode_caption(m.token_proj(tokens), mask)
+    later = tokens.clone()
+    later[2, 5] += 3.0                  # row 2's last valid token
+    enc2 = m.encode_caption(m.token_proj(later), mask)
+    assert not torch.allclose(enc[2, 0], enc2[2, 0])      # the first token sees the last (CLIP's tower is causal)
+    assert torch.allclose(enc[:2], enc2[:2])               # and rows do not mix
+    padded = tokens.clone()
+    padded[0, 3:] = 100.0               # masked-out tokens change nothing
+    assert torch.allclose(out[0], m(x, t, z_i, padded, mask)[0], atol=1e-5)
+    # a dropped caption (no valid token) stays finite, in training too, and differs from the full condition
+    yes = torch.ones(B, dtype=torch.bool)
+    dropped = dd.drop(z_i, tokens, mask, yes, yes)
+    for mode in (m.eval(), m.train()):
+        assert torch.isfinite(mode(x, t, *dropped)).all()
+    assert not torch.allclose(m.eval()(x, t, *dropped), out)

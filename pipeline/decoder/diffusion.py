@@ -3,7 +3,8 @@ with classifier-free guidance. The network is passed in.
 
 DALL-E 2 (section 2.1, after GLIDE): the CLIP embedding is zeroed 10 % of the time and the
 caption dropped 50 % of the time, independently, so the model learns p(x | z_i, caption),
-p(x | z_i), p(x | caption) and p(x). Guidance contrasts the full condition with the empty one:
+p(x | z_i), p(x | caption) and p(x). Our default drops the caption 20 % of the time (``decoder.p_drop_caption``,
+params.yaml says why). Guidance contrasts the full condition with the empty one:
 out = out(empty) + s (out(z_i, caption) - out(empty)).
 
 Learned variance (``learned_variance``, Nichol & Dhariwal 2021, as GLIDE and DALL-E 2's decoder

@@ -11,6 +11,13 @@ the CLIP image embedding z_i two ways, as in DALL-E 2 section 2.1:
   per-token encodings (projected to the cross-attention width), which the attention layers of
   the lower resolutions attend to.
 
+The caption's tokens (CLIP's text tower's per-token encodings, frozen) reach the context through a
+linear map. With ``text_layers`` > 0 they then pass through the decoder's own text encoder: that many
+bidirectional transformer layers trained with the decoder, as GLIDE's text encoder is in the paper's
+decoder (DALL-E 2 section 2.1: the four z_i tokens "concatenated to the sequence of outputs from the
+GLIDE text encoder"). CLIP's text tower is causal and trained for a contrastive summary; the decoder's
+encoder lets each word see the whole caption (which object a color belongs to), learned for drawing.
+
 Our addition for small compute (``layout_channels`` > 0, 0 turns it off): z_i and the caption's
 summary token (the encoding of its last token, which has seen the whole caption) are also
 projected into a low-channel [C, S, S] map concatenated with the noised image at the input. The
@@ -62,7 +69,7 @@ class UnclipDecoder(nn.Module):
                  attention: list[bool], attention_block: str = "transformer", layers_per_block: int = 1, head_dim: int = 32,
                  cross_attention_dim: int = 128, extra_tokens: int = 4, out_channels: int = 3,
                  layout_channels: int = 0, layout_hidden: int = 0, learned_variance: bool = False,
-                 scale_shift_norm: bool = False):
+                 scale_shift_norm: bool = False, text_layers: int = 0):
         super().__init__()
         if extra_tokens < 1:
             raise ValueError("extra_tokens must be >= 1 (the context must never be empty)")
@@ -84,6 +91,15 @@ class UnclipDecoder(nn.Module):
                     setattr(block, name, None)
         self.lean = lean_unet.supports(self.unet)        # not a weight: checkpoints do not change
         self.token_proj = nn.Linear(text_width, cross_attention_dim)
+        self.text_layers = text_layers
+        if text_layers:
+            # pre-norm layers of cross_attention_dim with head_dim-wide heads and a 4x GELU MLP (GLIDE's text
+            # encoder's shape); no dropout, as the UNet has none; a final LayerNorm as after a pre-norm stack
+            layer = nn.TransformerEncoderLayer(cross_attention_dim, max(1, cross_attention_dim // head_dim),
+                                               4 * cross_attention_dim, dropout=0.0, activation="gelu",
+                                               batch_first=True, norm_first=True)
+            self.text_encoder = nn.TransformerEncoder(layer, text_layers, enable_nested_tensor=False)
+            self.text_norm = nn.LayerNorm(cross_attention_dim)
         self.embed_to_tokens = nn.Linear(embed_dim, extra_tokens * cross_attention_dim)
         if layout_channels:
             n_in, n_out = embed_dim + text_width, layout_channels * image_size * image_size
@@ -100,7 +116,10 @@ class UnclipDecoder(nn.Module):
         b = x_t.shape[0]
         z = z_i * math.sqrt(self.embed_dim)                          # unit variance per component
         extra = self.embed_to_tokens(z).view(b, self.extra_tokens, self.width)
-        context = torch.cat([extra, self.token_proj(tokens)], dim=1)    # [B, 4 + L, C]
+        caption = self.token_proj(tokens)                                 # [B, L, C]
+        if self.text_layers:
+            caption = self.encode_caption(caption, mask)
+        context = torch.cat([extra, caption], dim=1)                       # [B, 4 + L, C]
         context_mask = torch.cat([torch.ones(b, self.extra_tokens, dtype=torch.bool, device=mask.device), mask], 1)
         if self.layout_channels:
             # the caption's last token [B, W] (zeros when the caption is dropped: all-False mask)
@@ -120,6 +139,16 @@ class UnclipDecoder(nn.Module):
         if self.learned_variance:       # [B, 6, S, S]: the mean's channels, then variance channels in [-1, 1]
             out = torch.cat([out[:, :3], torch.tanh(out[:, 3:])], dim=1)
         return out
+
+
+    def encode_caption(self, caption: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The decoder's text encoder: caption [B, L, C] (projected token encodings), mask [B, L] bool ->
+        [B, L, C], every valid token attending to every valid one. A dropped caption (no valid token) attends
+        to its first (zeroed) token, so no attention row is empty (a NaN in some PyTorch versions); its outputs
+        stay masked in the context."""
+        ignore = ~mask
+        ignore[:, 0] &= mask.any(1)
+        return self.text_norm(self.text_encoder(caption, src_key_padding_mask=ignore))
 
 
 # the attention blocks that are diffusers' transformer block with modules removed (each with its LayerNorm)

@@ -37,7 +37,7 @@ def arch_of(d, embed_dim: int, text_width: int) -> dict:
             "cross_attention_dim": d.cross_attention_dim, "extra_tokens": d.extra_tokens,
             "layout_channels": d.layout_channels, "layout_hidden": d.layout_hidden,
             "learned_variance": d.learned_variance,
-            "scale_shift_norm": d.scale_shift_norm}
+            "scale_shift_norm": d.scale_shift_norm, "text_layers": d.text_layers}
 
 
 def sampling_info(d) -> dict:
