@@ -2,7 +2,8 @@
 
     python bench/train_throughput.py [--models clip,clip+negatives,clip-negatives,clip+negatives-shared,
                                                clip+negatives-padded,clip-full-table,
-                                               judge,judge-nchw,prior,prior-sdpa,prior-padded,decoder,upsample@1,upsample@2]
+                                               judge,judge-nchw,prior,prior-sdpa,prior-padded,decoder,decoder+text-encoder,
+                                               upsample@1,upsample@2]
         [--repeats 5] [--warmup 3] [--steps 2] [--profile default] [--profile-model decoder]
         [--params params.yaml] [--quick] [--out reports/bench/train_throughput.json]
 
@@ -27,7 +28,8 @@ whole token table instead of the rows its captions use (the stage before ``clip/
 ``judge-nchw`` runs the judge's body in NCHW instead of channels-last (before). ``prior-sdpa`` is the prior with PyTorch's
 SDPA attention processor instead of its written-out one, to time the two side by side; ``prior-padded`` runs
 diffusers' forward over all of the context's tokens instead of the prior's, which cuts the captions' padding
-(``prior/network.py``). The token encodings' masks end where the corpus's captions do.
+(``prior/network.py``). ``decoder+text-encoder`` is the decoder with its own text encoder of two layers
+(``decoder.text_layers: 2``). The token encodings' masks end where the corpus's captions do.
 
 Figures, per model (the table):
 
@@ -295,13 +297,14 @@ def prior_bench(cfg, device: torch.device, pool_n: int, name: str = "prior") -> 
     return diffusion_bench(name, p, model, prior_stage.make_loss(p, schedule), embedding_pool(cfg, pool_n, None, p.seed), device)
 
 
-def decoder_bench(cfg, device: torch.device, pool_n: int) -> Bench:
-    """pipeline/decoder/stage.py: ``arch_of`` + UnclipDecoder, the loss of ``training_fns``."""
-    d, m = cfg.decoder, cfg.clip.model
+def decoder_bench(cfg, device: torch.device, pool_n: int, name: str = "decoder", **overrides) -> Bench:
+    """pipeline/decoder/stage.py: ``arch_of`` + UnclipDecoder, the loss of ``training_fns``; ``overrides``
+    replace keys of the decoder's config (``decoder+text-encoder``: ``text_layers=2``)."""
+    d, m = type(cfg.decoder).model_validate(cfg.decoder.model_dump() | overrides), cfg.clip.model
     torch.manual_seed(d.seed)
     model = UnclipDecoder(**decoder_arch(d, m.embed_dim, m.text_width))
     _, loss_fn = training_fns(d, [])                        # the shard paths only feed make_batches
-    return diffusion_bench("decoder", d, model, loss_fn, embedding_pool(cfg, pool_n, d.image_size, d.seed), device)
+    return diffusion_bench(name, d, model, loss_fn, embedding_pool(cfg, pool_n, d.image_size, d.seed), device)
 
 
 def upsampler_bench(cfg, key: str, device: torch.device, pool_n: int) -> Bench:
@@ -341,7 +344,9 @@ def build(cfg, names: list[str], device: torch.device, pool_n: Callable[[int], i
               "prior": lambda: prior_bench(cfg, device, pool_n(cfg.prior.batch_size)),
               "prior-sdpa": lambda: prior_bench(cfg, device, pool_n(cfg.prior.batch_size), "prior-sdpa"),
               "prior-padded": lambda: prior_bench(cfg, device, pool_n(cfg.prior.batch_size), "prior-padded"),
-              "decoder": lambda: decoder_bench(cfg, device, pool_n(cfg.decoder.batch_size))}
+              "decoder": lambda: decoder_bench(cfg, device, pool_n(cfg.decoder.batch_size)),
+              "decoder+text-encoder": lambda: decoder_bench(cfg, device, pool_n(cfg.decoder.batch_size),
+                                                            "decoder+text-encoder", text_layers=2)}
     for key, u in cfg.upsample.stages.items():
         makers[f"upsample@{key}"] = lambda key=key, u=u: upsampler_bench(cfg, key, device, pool_n(u.batch_size))
     unknown = [n for n in names if n not in makers]

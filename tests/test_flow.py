@@ -310,12 +310,12 @@ def test_decoder_variant_bench_trains_and_judges_without_touching_the_workspace(
     before = (ws.decoder / "model.safetensors").read_bytes()
     env = dict(os.environ, UNCLIP_PROFILE="smoke")
     cmd = [sys.executable, str(REPO / "bench" / "decoder_variant.py"), "--workspace", str(ws.root), "--name", "v",
-           "--init-seed", "1", "--set", "steps=3", "--set", "checkpoint_every=2", "--set", "p_drop_caption=0.2", "--n", "2",
+           "--init-seed", "1", "--set", "steps=3", "--set", "checkpoint_every=2", "--set", "p_drop_caption=0.35", "--n", "2",
            "--samplers", "ddpm:2:2,dpm++:2:1", "--out", str(tmp_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     fig = json.loads((tmp_path / "v.json").read_text())
-    assert fig["decoder"]["p_drop_caption"] == 0.2 and fig["train"]["steps"] == 3 and fig["init_seed"] == 1
+    assert fig["decoder"]["p_drop_caption"] == 0.35 and fig["train"]["steps"] == 3 and fig["init_seed"] == 1
     assert set(fig["samplers"]) == {"ddpm:2:2", "dpm++:2:1"}
     for f in fig["samplers"].values():
         assert 0 <= f["single"]["shape"] <= 100 and f["frechet_distance"] >= 0

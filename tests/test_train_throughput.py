@@ -20,9 +20,10 @@ def test_quick_run_reports_every_figure(params_path, tmp_path):
     bench = load_bench("train_throughput")
     out = tmp_path / "bench" / "tt.json"
     report = bench.main(["--quick", "--profile", "smoke", "--params", str(params_path),
-                         "--models", "clip+negatives,judge,prior,prior-sdpa,decoder,upsample@2", "--out", str(out)])
+                         "--models", "clip+negatives,judge,prior,prior-sdpa,decoder,decoder+text-encoder,upsample@2", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    assert set(report["models"]) == {"clip+negatives", "judge", "prior", "prior-sdpa", "decoder", "upsample@2"}
+    assert set(report["models"]) == {"clip+negatives", "judge", "prior", "prior-sdpa", "decoder", "decoder+text-encoder",
+                                     "upsample@2"}
     assert report["machine"]["peak_gflops"]["cpu fp32"]["median"] > 0
     for name, f in report["models"].items():
         assert f["batch"] == 2 and f["precision"] in ("bf16", "fp32"), name

@@ -140,11 +140,10 @@ class UnclipDecoder(nn.Module):
             out = torch.cat([out[:, :3], torch.tanh(out[:, 3:])], dim=1)
         return out
 
-
     def encode_caption(self, caption: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The decoder's text encoder: caption [B, L, C] (projected token encodings), mask [B, L] bool ->
         [B, L, C], every valid token attending to every valid one. A dropped caption (no valid token) attends
-        to its first (zeroed) token, so no attention row is empty (a NaN in some PyTorch versions); its outputs
+        to its first (zeroed) token, so no attention row is empty (older PyTorch returns NaN for a row without keys); its outputs
         stay masked in the context."""
         ignore = ~mask
         ignore[:, 0] &= mask.any(1)
