@@ -129,8 +129,11 @@ def test_the_forward_without_padding_is_diffusers_forward():
         torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
         assert grads.keys() == full_grads.keys()
         for k, grad in grads.items():
-            # a key's bias moves every score of a query alike: its true gradient is 0, both are rounding
-            atol = 1e-5 if k.endswith("to_k.bias") else 1e-6
+            # a key's bias moves every score of a query alike: its true gradient is 0, both are rounding; elsewhere
+            # fp32 sums in another order, so the absolute tolerance grows with the gradient's scale (Zen 5 differs
+            # from the AMX machine's rounding there)
+            scale = full_grads[k].abs().max().item()
+            atol = 1e-5 if k.endswith("to_k.bias") else 1e-6 + 2e-6 * scale
             torch.testing.assert_close(grad, full_grads[k], rtol=1e-4, atol=atol, msg=k)
     one = torch.tensor(500)
     torch.testing.assert_close(m(x, one, z_t, tokens, mask), m(x, one.expand(n), z_t, tokens, mask, groups=0))
