@@ -297,10 +297,11 @@ def prior_bench(cfg, device: torch.device, pool_n: int, name: str = "prior") -> 
     return diffusion_bench(name, p, model, prior_stage.make_loss(p, schedule), embedding_pool(cfg, pool_n, None, p.seed), device)
 
 
-def decoder_bench(cfg, device: torch.device, pool_n: int, name: str = "decoder", **overrides) -> Bench:
-    """pipeline/decoder/stage.py: ``arch_of`` + UnclipDecoder, the loss of ``training_fns``; ``overrides``
-    replace keys of the decoder's config (``decoder+text-encoder``: ``text_layers=2``)."""
-    d, m = type(cfg.decoder).model_validate(cfg.decoder.model_dump() | overrides), cfg.clip.model
+def decoder_bench(cfg, device: torch.device, pool_n: int, name: str = "decoder", sets: tuple[str, ...] = ()) -> Bench:
+    """pipeline/decoder/stage.py: ``arch_of`` + UnclipDecoder, the loss of ``training_fns``; ``sets``
+    (``key=<json value>``, as a bench's ``--set``) replace keys of the decoder's config
+    (``decoder+text-encoder``: ``text_layers=2``)."""
+    d, m = config.with_overrides(cfg.decoder, list(sets), "decoder"), cfg.clip.model
     torch.manual_seed(d.seed)
     model = UnclipDecoder(**decoder_arch(d, m.embed_dim, m.text_width))
     _, loss_fn = training_fns(d, [])                        # the shard paths only feed make_batches
@@ -346,7 +347,7 @@ def build(cfg, names: list[str], device: torch.device, pool_n: Callable[[int], i
               "prior-padded": lambda: prior_bench(cfg, device, pool_n(cfg.prior.batch_size), "prior-padded"),
               "decoder": lambda: decoder_bench(cfg, device, pool_n(cfg.decoder.batch_size)),
               "decoder+text-encoder": lambda: decoder_bench(cfg, device, pool_n(cfg.decoder.batch_size),
-                                                            "decoder+text-encoder", text_layers=2)}
+                                                            "decoder+text-encoder", ("text_layers=2",))}
     for key, u in cfg.upsample.stages.items():
         makers[f"upsample@{key}"] = lambda key=key, u=u: upsampler_bench(cfg, key, device, pool_n(u.batch_size))
     unknown = [n for n in names if n not in makers]

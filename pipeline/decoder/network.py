@@ -143,8 +143,8 @@ class UnclipDecoder(nn.Module):
     def encode_caption(self, caption: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The decoder's text encoder: caption [B, L, C] (projected token encodings), mask [B, L] bool ->
         [B, L, C], every valid token attending to every valid one. A dropped caption (no valid token) attends
-        to its first (zeroed) token, so no attention row is empty (older PyTorch returns NaN for a row without keys); its outputs
-        stay masked in the context."""
+        to its first (zeroed) token, so no attention row is empty (older PyTorch returns NaN for a row without
+        keys); its outputs stay masked in the context."""
         ignore = ~mask
         ignore[:, 0] &= mask.any(1)
         return self.text_norm(self.text_encoder(caption, src_key_padding_mask=ignore))
