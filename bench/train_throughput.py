@@ -40,7 +40,11 @@ Figures, per model (the table):
                  optimizer, EMA and elementwise ops count 0); the forward share is in the JSON
     s/step       median over --repeats timed blocks of --steps steps each, after --warmup steps;
                  the blocks go round-robin over every model and batch size (and the peak's
-                 matmuls), so noise from other work on the machine hits all of them alike
+                 matmuls), so noise from other work on the machine hits all of them alike. Each
+                 block starts with --settle untimed steps: the turn before it (another model or
+                 batch size, a 2048 matmul) leaves the caches and oneDNN's primitive cache
+                 holding its own work, which made a block's first step of the decoder at batch 32
+                 slower than a training run's steps (README, twenty-third session)
     GFLOP/s      GFLOP/step / s/step
     % peak       model FLOP utilisation (MFU): GFLOP/s over the measured matmul peak of the
                  model's precision (bf16 autocast still runs some ops in fp32: a bound, not a split)
@@ -446,7 +450,8 @@ def sweep_sizes(batch: int, quick: bool) -> list[int]:
 
 def measure(benches: list[Bench], peaks: dict, args) -> tuple[dict, dict]:
     """Round-robin timing: every (model, batch size) and the peak's matmuls take turns, --warmup
-    steps each first, then --repeats rounds (the order rotating by one each round).
+    steps each first, then --repeats rounds (the order rotating by one each round), each turn of a
+    model --settle untimed steps and then --steps timed ones.
     Returns ({(name, batch): [s/step per repeat]}, {(device, dtype): [GFLOP/s per repeat]})."""
     jobs = [(b, n, b.batches(n)) for b in benches for n in sweep_sizes(b.batch, args.quick)]
     for b, _, it in jobs:
@@ -466,6 +471,8 @@ def measure(benches: list[Bench], peaks: dict, args) -> tuple[dict, dict]:
                     peak_rates[what].append(2 * a.shape[0] ** 3 / matmul_seconds(a, m, out) / 1e9)
             else:
                 b, n, it = what
+                for _ in range(args.settle):
+                    train_step(b, it)
                 step_times[(b.name, n)].append(timed_steps(b, it, args.steps))
         print(f"round {r + 1}/{args.repeats} done", flush=True)
     return step_times, peak_rates
@@ -578,17 +585,18 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--repeats", type=int, default=5, help="timed blocks per model and batch size")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per model and batch size first")
     ap.add_argument("--steps", type=int, default=2, help="steps per timed block")
+    ap.add_argument("--settle", type=int, default=1, help="untimed steps at the start of every block")
     ap.add_argument("--profile", default=None, help="params.yaml profile (default: UNCLIP_PROFILE or default)")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--profile-model", default="decoder",
                     help="the model whose step torch.profiler breaks down ('' = none)")
     ap.add_argument("--profile-steps", type=int, default=5)
     ap.add_argument("--quick", action="store_true",
-                    help="batch 2 (sweep 1, 2), 1 repeat, 1 warm-up step, small matmuls")
+                    help="batch 2 (sweep 1, 2), 1 repeat, 1 warm-up step, no settling, small matmuls")
     ap.add_argument("--out", default="reports/bench/train_throughput.json")
     args = ap.parse_args(argv)
     if args.quick:
-        args.repeats, args.warmup, args.steps, args.profile_steps = 1, 1, 1, 2
+        args.repeats, args.warmup, args.steps, args.profile_steps, args.settle = 1, 1, 1, 2, 0
     cfg = config.load(Path(args.params), args.profile)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = args.models.split(",") if args.models else ["clip", "judge", "prior", "decoder",
