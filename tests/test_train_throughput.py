@@ -73,3 +73,15 @@ def test_paired_steps_times_both_models_in_turn(params_path, a, b):
     out = paired.main([a, b, "--profile", "smoke", "--params", str(params_path), "--pairs", "3", "--warmup", "1"])
     assert (out["a"], out["b"], out["pairs"]) == (a, b, 3)
     assert out["a_s"] > 0 and out["b_s"] > 0 and out["quartiles"][0] <= out["b_over_a"] <= out["quartiles"][1]
+
+
+def test_steady_steps_times_each_batch_size_and_fits_the_fixed_cost(params_path):
+    """bench/steady_steps.py on the smoke profile: every batch size timed in every round, the fixed cost the
+    intercept of its medians (train_throughput's fit), its share against the largest batch's step."""
+    steady = load_bench("steady_steps")
+    out = steady.main(["prior", "--profile", "smoke", "--params", str(params_path), "--batches", "2,4",
+                       "--blocks", "2", "--steps", "1", "--warmup", "1", "--rounds", "2"])
+    assert set(out["s_per_step"]) == {2, 4} and all(s > 0 for s in out["s_per_step"].values())
+    a, b = load_bench("train_throughput").fixed_cost(out["s_per_step"])
+    assert (out["fixed_s"], out["per_sample_s"]) == (a, b)
+    assert out["fixed_share"] == a / out["s_per_step"][4]
