@@ -11,8 +11,9 @@ untimed steps and then ``--blocks`` timed blocks of ``--steps`` steps, all befor
 size starts; the figure per batch size is the median over every block of every round (rounds
 alternate the order of the batch sizes). The fixed cost is the intercept of the least-squares
 line s/step = a + b x batch, as in train_throughput.py, and its share is a / (s/step at the
-largest batch). On the twenty-third session's Zen 5 machine the decoder read 56 / 75 / 100 ms at
-batch 8 / 16 / 32 this way against 69 / 85 / 121 ms in train_throughput.py's cold turns (README).
+largest batch). On the twenty-third session's Zen 5 machine the decoder read 61 / 79 / 109 ms at
+batch 8 / 16 / 32 this way (56 / 75 / 100 with a process per batch size) against 69 / 85 / 121 ms in
+train_throughput.py's turns before they settled (README).
 """
 from __future__ import annotations
 
