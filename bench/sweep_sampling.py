@@ -73,6 +73,20 @@ def sweeps(steps_grid, samplers=SAMPLERS) -> dict[str, list[dict]]:
     }
 
 
+def cannot_take(setting: dict, upsamplers: list) -> str | None:
+    """Why the trained models cannot take ``setting``, else None: a noise level (``upsampler_aug``, one for all or
+    one per upsampler) for an upsampler trained without noise conditioning augmentation, which
+    ``pipeline/upsampler/diffusion.py`` refuses (its network has no level input)."""
+    levels = setting.get("upsampler_aug")
+    if levels is None:
+        return None
+    levels = levels if isinstance(levels, (list, tuple)) else [levels] * len(upsamplers)
+    for j, (level, (model, _)) in enumerate(zip(levels, upsamplers)):
+        if level and not getattr(model, "noise_aug", False):
+            return f"upsampler {j + 1} was trained without noise conditioning augmentation: no level {level} for it"
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workspace", default=".")
@@ -104,13 +118,13 @@ def main() -> None:
     for name, points in [("default", [{}]), *todo.items()]:
         results["sweeps"][name] = []
         for setting in points:
-            t0 = time.perf_counter()
-            try:
-                out = unclip.generate(captions, n=1, seed=args.seed, batch_size=args.batch_size, **setting)
-            except ValueError as err:      # a point these models cannot take (a level for an upsampler without noise_aug)
-                results["sweeps"][name].append({"setting": setting, "skipped": str(err)})
-                print(f"{name:16s} {json.dumps(setting):55s} skipped: {err}", flush=True)
+            why = cannot_take(setting, unclip.upsamplers)
+            if why:
+                results["sweeps"][name].append({"setting": setting, "skipped": why})
+                print(f"{name:16s} {json.dumps(setting):55s} skipped: {why}", flush=True)
                 continue
+            t0 = time.perf_counter()
+            out = unclip.generate(captions, n=1, seed=args.seed, batch_size=args.batch_size, **setting)
             fig = score(judge, out["images"], gts, real) | {"setting": setting, "nfe": sum(out["nfe"].values()),
                                                             "background": background.figures(
                                                                 out["images"], gts, captions, real_noise=real_noise),
