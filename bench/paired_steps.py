@@ -25,8 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train_throughput as tt  # noqa: E402
 
-from pipeline import config  # noqa: E402
-
 
 def paired(a: "tt.Bench", b: "tt.Bench", pairs: int, warmup: int) -> tuple[list[float], list[float]]:
     """Seconds of A's and of B's step in each of ``pairs`` back-to-back pairs."""
@@ -50,16 +48,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("a")
     ap.add_argument("b")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--pairs", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--profile", default=None)
-    ap.add_argument("--params", default="params.yaml")
+    tt.add_setup_args(ap)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = config.load(Path(args.params), args.profile)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, device = tt.setup(args)
     a, b = tt.build(cfg, [args.a, args.b], device, lambda batch: 2 * batch)
     ta, tb = paired(a, b, args.pairs, args.warmup)
     ratios = [y / x for x, y in zip(ta, tb)]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,8 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train_throughput as tt  # noqa: E402
-
-from pipeline import config  # noqa: E402
 
 
 def steady(bench: "tt.Bench", batch: int, warmup: int, blocks: int, steps: int) -> list[float]:
@@ -45,18 +42,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="a model of bench/train_throughput.py (decoder, prior, upsample@1, ...)")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default: batch/4, batch/2, batch)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--blocks", type=int, default=7)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--profile", default=None)
-    ap.add_argument("--params", default="params.yaml")
+    tt.add_setup_args(ap)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = config.load(Path(args.params), args.profile)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, device = tt.setup(args)
     explicit = [int(b) for b in args.batches.split(",")] if args.batches else []
     bench = tt.build(cfg, [args.model], device, lambda batch: 2 * max([batch] + explicit))[0]
     sizes = explicit or tt.sweep_sizes(bench.batch, quick=False)

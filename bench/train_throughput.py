@@ -362,6 +362,23 @@ def build(cfg, names: list[str], device: torch.device, pool_n: Callable[[int], i
 
 # ---- one step, FLOPs, timing -----------------------------------------------------------------
 
+def add_setup_args(ap) -> None:
+    """The options of the benches that build their models through :func:`build` (paired_steps.py,
+    steady_steps.py): torch's threads, the params.yaml profile and file."""
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--profile", default=None)
+    ap.add_argument("--params", default="params.yaml")
+
+
+def setup(args) -> tuple:
+    """:func:`add_setup_args`'s options applied: torch's threads set, (the config, the device accelerate would
+    pick)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return (config.load(Path(args.params), args.profile),
+            torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
