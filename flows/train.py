@@ -392,19 +392,26 @@ def run_stages(ws: Workspace, selected: list[str], env: dict, force: bool, paral
     failed: Optional[StageFailed] = None
     try:
         while pending or running:
+            starting = []
             for stage in [] if failed else list(pending):
-                if len(running) >= parallel:
+                if len(running) + len(starting) >= parallel:
                     break
-                if upstream[stage] & (set(pending) | set(running.values())):
+                if upstream[stage] & (set(pending) | set(running.values()) | set(starting)):
                     continue                                 # waits for a stage it depends on
                 pending.remove(stage)
-                share = cores.start(stage)
-                running[repro_stage.submit(stage, str(ws.root), {**env, SHARE_ENV: str(share)}, force)] = stage
+                starting.append(stage)
+                cores.start(stage, publish=False)
+            # Every share written once per round, after the ends and starts: a running stage reads
+            # its share between steps, and one step at a passing thread count changes its sums.
+            cores.publish()
+            for stage in starting:
+                share = str(cores.path(stage))
+                running[repro_stage.submit(stage, str(ws.root), {**env, SHARE_ENV: share}, force)] = stage
             if not running:
                 break
             future = next(as_completed(list(running)))
             stage = running.pop(future)
-            cores.end(stage)
+            cores.end(stage, publish=False)
             try:
                 done[stage] = future.result()
             except Exception as err:  # noqa: BLE001 - StageFailed after its retries, or the task crashed

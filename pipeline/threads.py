@@ -73,15 +73,28 @@ class ThreadShares:
     def path(self, stage: str) -> Path:
         return self.folder / f"{stage}.threads"
 
-    def start(self, stage: str) -> Path:
+    def start(self, stage: str, publish: bool = True) -> Path:
+        """``stage`` runs: it and the others get their shares (written now, or by :meth:`publish`).
+        Returns its file."""
         self.running.append(stage)
-        self._write()
+        if publish:
+            self._write()
         return self.path(stage)
 
-    def end(self, stage: str) -> None:
+    def end(self, stage: str, publish: bool = True) -> None:
+        """``stage`` is done: its file goes, and the others' shares grow (written now, or by
+        :meth:`publish`)."""
         if stage in self.running:
             self.running.remove(stage)
         self.path(stage).unlink(missing_ok=True)
+        if publish:
+            self._write()
+
+    def publish(self) -> None:
+        """Write every running stage's share. The flow ends a stage and starts the next with
+        ``publish=False``, then publishes once: a stage reading its file between two writes would
+        take a core for one step and give it back, and a step's sums depend on its thread count
+        (:class:`History`), so CLIP would train another CLIP."""
         self._write()
 
     def _write(self) -> None:

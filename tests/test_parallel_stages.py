@@ -201,6 +201,31 @@ def test_run_stages_runs_independent_stages_side_by_side_in_dependency_order(tmp
         assert set().union(*fake.share.values()) == {"2"}
 
 
+def test_each_round_writes_the_shares_once_so_no_stage_sees_a_passing_share(tmp_path, monkeypatch):
+    """A stage that ends and the one that starts in its place change no other stage's share: before,
+    CLIP's file read 2 between the judge's end and upsample@1's start, and a CLIP step taken at two
+    threads would train another CLIP (the thread count changes a step's sums)."""
+    from flows import train
+    written: dict[str, list[str]] = {}
+    write = threads.atomic_write_bytes
+
+    def recording(path, data):
+        written.setdefault(Path(path).name.removesuffix(".threads"), []).append(data.decode().strip())
+        write(path, data)
+
+    monkeypatch.setattr(threads, "atomic_write_bytes", recording)
+    root = _dvc_workspace(tmp_path)
+    fake = FakeStage({"clip": 1.0, "upsample@2": 0.1, "judge": 0.1, "upsample@1": 0.1, "decoder": 0.5})
+    monkeypatch.setattr(train, "repro_stage", fake)
+    monkeypatch.setattr(train, "as_completed", concurrent.futures.as_completed)
+    monkeypatch.setattr(train, "machine_cores", lambda: 2)
+    rows, failed = train.run_stages(Workspace.at(root), list(STAGES), {}, False, 2)
+    assert failed is None
+    assert written["clip"] == ["1", "2"]        # one core beside the upsamplers and the judge, then both, once
+    assert written["decoder"] == ["1", "2"]     # beside the prior, then both
+    assert written["filter"] == ["2"]           # alone
+
+
 def test_run_stages_starts_nothing_after_a_failure_and_lets_the_running_finish(tmp_path, monkeypatch):
     from flows import train
     root = _dvc_workspace(tmp_path)
