@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 # Bytecode is cached where Python imports it: the first process that imports a module compiles it
 # once, and only what the pipeline imports is ever compiled. Where the environment sets
 # PYTHONDONTWRITEBYTECODE=1 (as these machines do) nothing would be cached and every process would
-# compile torch again (26.6-29.0 s of imports against 9.5-9.9, README); an empty value unsets it.
+# compile torch again (26.6-29.0 s of imports against 9.5-9.9, docs/MEASURED.md); an empty value unsets it.
 export PYTHONDONTWRITEBYTECODE :=
 
 .PHONY: run test test-fast bench report serve clean-venv
@@ -36,7 +36,7 @@ $(CHROMIUM):
 # Test files run on TEST_WORKERS pytest-xdist workers, a whole file per worker (--dist loadfile:
 # a module's fixtures, such as test_flow's trained workspace, are built once); tests/conftest.py
 # gives each worker its share of the CPU threads. Half the suite waits on subprocesses and servers
-# with one core idle: on 2 cores 2 workers take 10.4 min where one took 17.2 (README "Tests").
+# with one core idle: on 2 cores 2 workers take 10.4 min where one took 17.2 (docs/MEASURED.md: "the tests on two workers").
 TEST_WORKERS ?= 2
 test: $(STAMP) $(CHROMIUM)
 	UNCLIP_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile tests

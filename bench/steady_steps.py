@@ -13,7 +13,7 @@ alternate the order of the batch sizes). The fixed cost is the intercept of the 
 line s/step = a + b x batch, as in train_throughput.py, and its share is a / (s/step at the
 largest batch). On the twenty-third session's Zen 5 machine the decoder read 61 / 79 / 109 ms at
 batch 8 / 16 / 32 this way (56 / 75 / 100 with a process per batch size) against 69 / 85 / 121 ms in
-train_throughput.py's turns before they settled (README).
+train_throughput.py's turns before they settled (docs/MEASURED.md).
 """
 from __future__ import annotations
 

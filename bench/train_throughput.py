@@ -44,7 +44,7 @@ Figures, per model (the table):
                  block starts with --settle untimed steps: the turn before it (another model or
                  batch size, a 2048 matmul) leaves the caches and oneDNN's primitive cache
                  holding its own work, which made a block's first step of the decoder at batch 32
-                 slower than a training run's steps (README, twenty-third session)
+                 slower than a training run's steps (docs/MEASURED.md, twenty-third session)
     GFLOP/s      GFLOP/step / s/step
     % peak       model FLOP utilisation (MFU): GFLOP/s over the measured matmul peak of the
                  model's precision (bf16 autocast still runs some ops in fp32: a bound, not a split)

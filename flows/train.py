@@ -7,7 +7,7 @@ decoder's lane; the upsamplers, which need only the filtered images, fill the ot
 CLIP).
 The running stages share the machine's cores (pipeline/threads.py): on 2 cores each of two gets
 one thread, and one left alone takes both back at its next step. On 2 cores that does 1.3 to 1.6
-times the work of one stage at two threads (README, 2026-12-04 sixth session).
+times the work of one stage at two threads (docs/MEASURED.md, 2026-12-04 sixth session).
 
 DVC decides whether a stage is stale (so a second run does nothing): the flow writes the
 resolved configuration of its profile to ``params.resolved.json`` once, before the first stage,
@@ -344,7 +344,7 @@ def upstream_stages(root: Path, selected: list[str]) -> dict[str, set[str]]:
     return {stage: deps.get(stage, safe[stage]) & chosen for stage in selected}
 
 
-# Each stage's seconds in a fresh-clone `make run` of the default profile (README, thirteenth session:
+# Each stage's seconds in a fresh-clone `make run` of the default profile (docs/MEASURED.md, thirteenth session:
 # 2 cores, AVX2): a workspace whose stage has never run (no metrics/<stage>.json) takes its expected
 # time from here (upsample@<key>: the mean of the two upsamplers' 624 and 233 s). Only their order
 # matters: they rank the stages that are ready to start.

@@ -19,7 +19,7 @@ are known without a model: everything outside each object's box, widened by a ma
   between its color and the background's, most of them nearer than ``STRAY_LEVELS``: the pixels
   within ``STRAY_EDGE`` (1 px) of a stray pixel are its edge and are left out too. Without
   that, the rims of the objects a generator draws larger or further than the ground truth's boxes
-  were most of the noise measured on two-object scenes (README, 2026-12-05: 3.57 levels with them,
+  were most of the noise measured on two-object scenes (docs/MEASURED.md, 2026-12-05: 3.57 levels with them,
   2.42 without, on one-object scenes 1.28 and 1.26; real images 0.46 either way).
   ``noise_with_rims`` in ``figures`` keeps the earlier definition (no rim left out).
 

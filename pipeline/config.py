@@ -170,12 +170,12 @@ class ClipConfig(Section):
     # the fraction of the steps trained before the hard negatives enter the loss (from step
     # ceil(fraction x steps)): those steps do not pay the text tower for the negatives' captions.
     # 0.22 saves 78 s of CLIP at one thread but cost the cascade about 5 points of relation in two
-    # fresh runs (README, seventeenth session), so the default keeps them from the first step
+    # fresh runs (docs/MEASURED.md, seventeenth session), so the default keeps them from the first step
     hard_negatives_after: float = Field(0.0, ge=0, lt=1)
     # encode each hard negative from the first token it changes, on its caption's keys and values
     # (pipeline/clip/shared_prefix.py): the same function up to rounding, 1.02-1.05x CLIP's step in bf16
     # and 1.08x in fp32. Off: its rounding trains another CLIP than the one every earlier fresh run on
-    # an AMX machine trained, and the two such CLIPs tried bound colors worse downstream (README,
+    # an AMX machine trained, and the two such CLIPs tried bound colors worse downstream (docs/MEASURED.md,
     # twenty-first session)
     shared_prefix: bool = False
 
@@ -234,7 +234,7 @@ class UpsamplerSamplingConfig(SamplingConfig):
     # The fraction of the noise schedule the sampler runs: 1 starts from pure noise, as the paper's
     # upsamplers sample; s < 1 starts from the bicubic upsample of the low-res image noised to
     # t = s T (SDEdit, Meng et al. 2022), so the few steps end at a lower noise level. 0.5 (a declared
-    # deviation): 1.2-3.5 points of the cascade's shape on four fresh runs, a lower FD (README 23rd session)
+    # deviation): 1.2-3.5 points of the cascade's shape on four fresh runs, a lower FD (docs/MEASURED.md, 23rd session)
     strength: float = Field(0.5, gt=0, le=1)
     # A network trained with noise_aug > 0: its low-res input is noised to this level first (8-bit
     # levels) and the network told so; 0 for one trained without

@@ -4,7 +4,7 @@ the same arithmetic, in fewer small ops.
 Why: at the decoder's 16 px a training step is thousands of ops on tiny tensors, and on a CPU
 each costs its dispatch (a few microseconds, its autograd node, its autocast cast) whatever its
 size: about a quarter of the decoder's step at batch 32 does not shrink with the batch (issue 16,
-README "the decoder's fixed cost per step"). diffusers' forward is written for every configuration
+docs/MEASURED.md "the decoder's fixed cost per step"). diffusers' forward is written for every configuration
 and adapter at once, so each of its blocks pays for work this UNet never needs:
 
 - every ResNet block applies SiLU to the time embedding again (one SiLU per forward serves all);

@@ -81,7 +81,7 @@ def compare(e, unclip, priors: dict[str, tuple], captions: list[str], test_sub: 
 
 
 def table(comparison: dict) -> list[str]:
-    """The comparison as markdown rows (the README's and the bench's)."""
+    """The comparison as markdown rows (docs/MEASURED.md's and the bench's)."""
     rows = ["| prior | kind | train s | cos(z_i pred, true) | cos(z_i pred, z_t) | shape | both colors | relation "
             "| Fréchet | NFE (prior) | s / image (prior) |", "|" + " --- |" * 11]
     for name, f in comparison.items():

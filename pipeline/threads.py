@@ -7,7 +7,7 @@ between steps, so a stage left alone takes the cores back at its next step
 (``torch.set_num_threads`` on the loop's own thread: OpenMP's thread count belongs to the thread
 that sets it).
 
-Why (README, 2026-12-04 sixth session; 2 cores, AVX512-BF16): at 16-64 px a step is made of many
+Why (docs/MEASURED.md, 2026-12-04 sixth session; 2 cores, AVX512-BF16): at 16-64 px a step is made of many
 small ops whose dispatch does not parallelize. A step at 2 threads takes only 1/1.27 (CLIP) to
 1/1.57 (the prior) of its time at 1 thread, and two 1-thread stages side by side each ran at
 their 1-thread speed (the decoder 0.271 s/step beside an upsampler, 0.282 s alone). So two stages
@@ -136,7 +136,7 @@ class History:
     """A training loop's thread counts: ``steps`` is ``[[step, threads], ...]``, at the start and
     at every change :func:`follow` made. A step's sums (oneDNN's convolutions, the reductions) depend
     on the thread count, so two runs of one config train the same weights only when they switch at
-    the same steps (README, eighteenth session: about 4 points of the decoder's judged figures)."""
+    the same steps (docs/MEASURED.md, eighteenth session: about 4 points of the decoder's judged figures)."""
 
     def __init__(self, start: int):
         import torch

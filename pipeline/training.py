@@ -410,7 +410,7 @@ def ema_model(parameters, decay: float):
 
     Why not diffusers' own: its ``foreach`` update is a ``_foreach_sub`` into temporaries, then a
     ``_foreach_sub_`` with ``alpha``, and on a CPU foreach ops run tensor by tensor: three ops and
-    a temporary per tensor where a lerp is one (README "the update's fixed cost"). The shadow
+    a temporary per tensor where a lerp is one (docs/MEASURED.md "the update's fixed cost"). The shadow
     weights equal diffusers' within float rounding (tests/test_training.py)."""
     from diffusers.training_utils import EMAModel
 
@@ -435,7 +435,7 @@ def build_optimizer(model: torch.nn.Module, tc):
     """The diffusion models' optimizer, lr schedule and EMA from their ``TrainConfig`` ``tc``:
     fused AdamW (no decay on biases and norms), linear warmup + cosine decay to 0.1 x lr, and
     an EMA of the weights (:func:`ema_model`). The EMA, like the optimizer, is a fixed cost of
-    every step (README "the decoder's fixed cost")."""
+    every step (docs/MEASURED.md "the decoder's fixed cost")."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in name or name.endswith("bias") else decay).append(p)

@@ -1,7 +1,7 @@
 """Install the project into a venv: ``python tools/install_venv.py VENV`` (what ``make`` runs).
 
-uv resolves the same pinned versions as pip (README: the two venvs' package lists differ only in
-how names are spelled) and installs them in parallel: 2-core machine, measured in the README.
+uv resolves the same pinned versions as pip (docs/MEASURED.md: the two venvs' package lists differ only in
+how names are spelled) and installs them in parallel: 2-core machine, measured in docs/MEASURED.md.
 pip is the fallback when uv cannot be installed, and ``UNCLIP_INSTALLER=pip`` asks for it.
 
 uv reads neither pip.conf nor PIP_* variables. These machines take torch from a local wheel copy

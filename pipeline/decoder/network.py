@@ -33,7 +33,7 @@ The attention block (``attention_block``):
   context tokens projected by their own maps (diffusers' SimpleCrossAttn blocks, built for
   unCLIP/Karlo: ``AttnAddedKVProcessor``), no feed-forward (6 linear maps); its attention levels
   go down and up through ResNet blocks (GLIDE's resblock_updown). On 2 cores the step is dominated by
-  the number of small ops, so the leaner block trains faster per step (README "the decoder's
+  the number of small ops, so the leaner block trains faster per step (docs/MEASURED.md "the decoder's
   attention block"). Here ``head_dim`` is each head's width, as it should be.
 
 - ``self_cross`` and ``cross``: the transformer block without its feed-forward, and without its
@@ -41,7 +41,7 @@ The attention block (``attention_block``):
   diffusers' block is built and those modules (with their LayerNorms) removed, so the weights left
   are the ones ``transformer`` draws from the same seed. They run through the lean forward only:
   1.21x and 1.40x the transformer block's training step on 2 CPU cores, and both draw pairs worse
-  (from true z_i, both colors 94 -> 85 and 83 %; README, eighteenth session).
+  (from true z_i, both colors 94 -> 85 and 83 %; docs/MEASURED.md, eighteenth session).
 
 The UNet's forward pass (``lean``): for the transformer block and its cut versions, :mod:`pipeline.lean_unet` runs
 diffusers' modules and weights in fewer small ops (the same function: checked against diffusers'

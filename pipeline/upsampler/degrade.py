@@ -30,7 +30,7 @@ degradation and is not told to the network: a random field that varies over seve
 pixels (white noise blurred by a Gaussian of ``SMOOTH_SIGMA`` px, scaled to unit spread), at an
 amplitude drawn per image from [0, ``smooth_aug``] 8-bit levels, per channel. It imitates what a
 small base decoder gets wrong in a flat background (a tint over part of the image, a darker half,
-a halo: low-frequency errors, README "where the background noise is"), which white noise does not:
+a halo: low-frequency errors, docs/MEASURED.md "where the background noise is"), which white noise does not:
 trained on it, the upsampler learns that such a drift is never in the image it must draw.
 
 Every random draw comes from the ``torch.Generator`` passed in: a seed gives the same corruption.

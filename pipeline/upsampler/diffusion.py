@@ -20,9 +20,9 @@ drowns it at every step, and whatever noise the network fails to remove at its l
 the image as it is; scaled to the images' spread (as latent diffusion scales its latents), the
 network's error lands divided by 8. Measured on a clean (real) input at 400/300 training steps,
 the noise an upsampler adds to a flat background fell from 5.1 and 8.4 levels (image target) to
-1.0 and 1.2, and val PSNR rose from 29.1 and 27.1 dB to 33.4 and 35.7 (README "the upsamplers'
+1.0 and 1.2, and val PSNR rose from 29.1 and 27.1 dB to 33.4 and 35.7 (docs/MEASURED.md "the upsamplers'
 residual"). The second upsampler's error is all speckle on a flat residual, so it gains from a
-larger scale still: at 32, 0.78 levels on clean input and +0.9 dB (README, 2026-12-05); the first,
+larger scale still: at 32, 0.78 levels on clean input and +0.9 dB (docs/MEASURED.md, 2026-12-05); the first,
 trained with noise augmentation calibrated at 8, loses at 32 (FD 221 -> 264).
 
 Sampling follows the contract of pipeline/diffusion.py: ``sample(model, Condition(low_res, z_i),

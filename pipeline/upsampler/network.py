@@ -16,7 +16,7 @@ section 3.2; Imagen's "noise conditioning augmentation"): in training the low-re
 Gaussian noise of a random level, and the network is told the level (``aug_level``, 8-bit levels,
 embedded as a timestep is and added to the time embedding). At sampling the previous model's
 output can be noised to a chosen level (``sampling.aug_level``). Measured on the first upsampler
-(README, 2026-12-04 fifth session), the gain comes from the training alone: sampled at level 0,
+(docs/MEASURED.md, 2026-12-04 fifth session), the gain comes from the training alone: sampled at level 0,
 it copies less of the decoder's background errors (the cascade's background noise 4.43 -> 2.96
 levels); every level above 0 at sampling adds noise instead of removing it.
 """
