@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.quality import clip_scores, fid_kid, frechet_distance, worst_samples
-from pipeline.report.compare import direction, verdict
+from pipeline.report.compare import direction, judged_n, noise_band, verdict
 from pipeline.tracking import flatten
 
 from helpers.browser import open_page
@@ -94,6 +94,32 @@ def test_directions_of_figures():
     assert verdict("evaluate.standard.fid", 10.0, 8.0) == ("better", "better")
     assert verdict("evaluate.quality.single.shape", 60.0, 50.0) == ("worse", "worse")
     assert verdict("evaluate.seed", 0, 1) == ("", "–")
+    assert verdict("evaluate.quality.single.shape", 90.0, 92.0, band=5.4) == ("", "within noise")
+    assert verdict("evaluate.quality.single.shape", 90.0, 96.0, band=5.4) == ("better", "better")
+
+
+def test_a_judged_percentage_changes_only_beyond_its_sampling_noise():
+    def run(shape, named, n=256):
+        return flatten({"evaluate": {"quality": {"single": {"n": n, "shape": shape}, "frechet_distance": 140.0,
+                                                 "background": {"n_named": 109, "named_right": named, "noise": 1.9}},
+                                     "ablation": {"caption_only": {"single": {"n": 128, "shape": shape}}},
+                                     "bars": {"single shape": {"value": shape}, "network evaluations": {"value": 28},
+                                              "background named right": {"value": named}}}})
+    a, b = run(90.0, 100.0), run(92.0, 99.08)
+    assert judged_n(a, "evaluate.quality.single.shape") == judged_n(a, "evaluate.bars.single shape.value") == 256
+    assert judged_n(a, "evaluate.ablation.caption_only.single.shape") == 128
+    assert judged_n(a, "evaluate.quality.background.named_right") == 109
+    assert judged_n(a, "evaluate.bars.background named right.value") == 109
+    for key in ("evaluate.quality.single.n", "evaluate.quality.frechet_distance", "evaluate.quality.background.noise",
+                "evaluate.bars.network evaluations.value"):
+        assert judged_n(a, key) is None and noise_band(a, b, key) is None, key
+    # two standard errors of the difference of two binomial samples (Agresti-Coull), in points
+    p = (0.90 * 256 + 2) / 260
+    assert noise_band(a, a, "evaluate.quality.single.shape") == pytest.approx(200 * (2 * p * (1 - p) / 260) ** 0.5)
+    assert 5.0 < noise_band(a, b, "evaluate.quality.single.shape") < 5.6
+    assert noise_band(a, a, "evaluate.quality.background.named_right") > 0      # 100 % of 109 still has an error
+    assert noise_band(a, b, "evaluate.ablation.caption_only.single.shape") > noise_band(a, b, "evaluate.quality.single.shape")
+    assert noise_band(run(90.0, 100.0, n=4096), run(92.0, 100.0, n=4096), "evaluate.quality.single.shape") < 2.0
 
 
 # ---- the pages, on a synthetic evaluation --------------------------------------------------------------
@@ -104,10 +130,12 @@ def test_report_and_comparison_pages_in_a_browser(tmp_path, smoke_cfg, monkeypat
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     ws = Workspace.at(tmp_path / "ws")
     ws.root.mkdir()
-    a_fig = fake_evaluation(ws, seed=0, color=90.0, fid=20.0)
+    a_fig = fake_evaluation(ws, seed=0, color=90.0, fid=20.0, n=2000)
+    ws.metrics_path("decoder").write_text(json.dumps({"train": {"threads": [[0, 1], [578, 2]]}}))
     run_a = snapshot(smoke_cfg, ws, evaluate_run_id="aaaaaaaa1111")
     b_cfg = smoke_cfg.model_copy(update={"evaluate": smoke_cfg.evaluate.model_copy(update={"seed": 1})})
-    b_fig = fake_evaluation(ws, seed=1, color=96.0, fid=25.0)
+    b_fig = fake_evaluation(ws, seed=1, color=96.0, fid=25.0, shape=51.0, n=2000)
+    ws.metrics_path("decoder").write_text(json.dumps({"train": {"threads": [[0, 1], [469, 2]]}}))
     run_b = snapshot(b_cfg, ws, evaluate_run_id="bbbbbbbb2222")
     assert [p.name for p in report.runs(ws)] == [run_a.name, run_b.name]
     assert report.find(ws, "latest") == run_b and report.find(ws, "previous") == run_a
@@ -129,8 +157,11 @@ def test_report_and_comparison_pages_in_a_browser(tmp_path, smoke_cfg, monkeypat
     rows = {r["key"]: r for r in seen["rows"]}
     color = rows["evaluate.quality.single.color"]
     assert color["cls"] == "better" and color["cells"][1:4] == ["90", "96", "6"]
+    shape = rows["evaluate.quality.single.shape"]      # 1 point of 2,000 captions at 50 %: inside 3.2 points of noise
+    assert shape["cls"] == "" and shape["cells"][4:] == ["3.2", "within noise"]
     assert rows["evaluate.standard.fid"]["cls"] == "worse"
     assert rows["evaluate.standard.fid_floor_real_vs_real"]["cls"] == ""
     html = cmp_page.read_text()
     assert "evaluate.seed" in html and "config-diff" in html
+    assert "Trained at other thread counts" in html and "1 from step 0, 2 from step 469" in html   # the decoder's draw
     assert a_fig["quality"]["single"]["color"] == 90.0

@@ -1,8 +1,14 @@
 """One page comparing two runs: every figure side by side with its change and whether the change
 is better or worse, the same prompts and seeds side by side, and what differs in the config and
-in the data and models (dvc.lock)."""
+in the data and models (dvc.lock).
+
+A judged percentage is a count out of n captions, so a change smaller than its sampling noise is
+neither better nor worse: such a change reads "within noise" (:func:`noise_band`). The page also says
+where two runs' models were trained at different thread counts: a step's sums depend on the thread
+count, so such models are different draws of one config even where every parameter is the same."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -37,8 +43,9 @@ def direction(key: str) -> Optional[str]:
     return None
 
 
-def verdict(key: str, a: Any, b: Any) -> tuple[str, str]:
-    """(css class, word) for the change a -> b of ``key``."""
+def verdict(key: str, a: Any, b: Any, band: Optional[float] = None) -> tuple[str, str]:
+    """(css class, word) for the change a -> b of ``key``; a change of at most ``band`` (the noise
+    of a judged percentage, :func:`noise_band`) is "within noise"."""
     numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
     if not numeric:
         return ("", "same" if a == b else "changed")
@@ -47,8 +54,48 @@ def verdict(key: str, a: Any, b: Any) -> tuple[str, str]:
     d = direction(key)
     if d is None:
         return ("", "–")
+    if band is not None and abs(b - a) <= band:
+        return ("", "within noise")
     better = (b > a) if d == "higher" else (b < a)
     return ("better", "better") if better else ("worse", "worse")
+
+
+def judged_n(flat: dict, key: str) -> Optional[int]:
+    """How many captions a judged percentage at dotted ``key`` counts: the ``n`` beside a
+    ``single``/``pair`` figure, ``n_named`` beside the named background's; for a bar's value, the
+    figure it reads. None for any other figure."""
+    parent, _, leaf = key.rpartition(".")
+    if parent.startswith("evaluate.bars.") and leaf == "value":
+        name = parent.removeprefix("evaluate.bars.")
+        kind = name.split(" ")[0]
+        parent, leaf = ("evaluate.quality.background", "named_right") if name.startswith("background named") \
+            else (f"evaluate.quality.{kind}", "")
+        if kind not in ("single", "pair", "background"):
+            return None
+    if leaf == "named_right":
+        n = flat.get(f"{parent}.n_named")
+    elif parent.endswith((".single", ".pair")) and not leaf.startswith("n"):
+        n = flat.get(f"{parent}.n")
+    else:
+        return None
+    return int(n) if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0 else None
+
+
+def noise_band(flat_a: dict, flat_b: dict, key: str) -> Optional[float]:
+    """Two standard errors, in points, of the difference between two runs' judged percentage at
+    ``key`` (each a count out of its n captions, sampled independently; Agresti-Coull's estimate,
+    (k + 2) / (n + 4), so that 100 % of n still has an error): 5.4 points for 90 % of 256 against
+    90 % of 256. Two trainings of one config differ by about 4 points of their judged figures
+    (docs/MEASURED.md, eighteenth session). None where ``key`` is not a judged percentage."""
+    na, nb = judged_n(flat_a, key), judged_n(flat_b, key)
+    a, b = flat_a.get(key), flat_b.get(key)
+    if not (na and nb) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)):
+        return None
+
+    def var(pct: float, n: int) -> float:
+        p = (pct / 100 * n + 2) / (n + 4)
+        return p * (1 - p) / (n + 4)
+    return 200 * math.sqrt(var(a, na) + var(b, nb))
 
 
 def headline_keys(ev: dict) -> list[str]:
@@ -62,8 +109,8 @@ def headline_keys(ev: dict) -> list[str]:
 
 def tally(ma: dict, mb: dict) -> dict[str, int]:
     fa, fb = flatten(ma), flatten(mb)
-    words = [verdict(k, fa[k], fb[k])[1] for k in fa if k in fb and direction(k)]
-    return {w: words.count(w) for w in ("better", "worse", "same")}
+    words = [verdict(k, fa[k], fb[k], noise_band(fa, fb, k))[1] for k in fa if k in fb and direction(k)]
+    return {w: words.count(w) for w in ("better", "worse", "within noise", "same")}
 
 
 def metric_rows(ma: dict, mb: dict, only: Optional[list[str]] = None) -> list[str]:
@@ -76,12 +123,30 @@ def metric_rows(ma: dict, mb: dict, only: Optional[list[str]] = None) -> list[st
     rows = []
     for k in keys:
         a, b = fa.get(k), fb.get(k)
-        cls, word = verdict(k, a, b)
+        band = noise_band(fa, fb, k)
+        cls, word = verdict(k, a, b, band)
         delta = (b - a) if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)) else None
         rows.append(f'<tr class="{cls}" data-key="{esc(k)}"><td><code>{esc(k)}</code></td>'
                     f'<td class="num">{esc(fmt(a))}</td><td class="num">{esc(fmt(b))}</td>'
-                    f'<td class="num">{esc(fmt(round(delta, 6)) if delta is not None else "")}</td><td>{esc(word)}</td></tr>')
+                    f'<td class="num">{esc(fmt(round(delta, 6)) if delta is not None else "")}</td>'
+                    f'<td class="num">{esc(f"{band:.1f}") if band is not None else ""}</td><td>{esc(word)}</td></tr>')
     return rows
+
+
+def thread_rows(ma: dict, mb: dict) -> list[str]:
+    """One row per training stage whose thread counts (``train.threads``: [[step, threads], ...], the
+    steps where they changed) differ between the two runs."""
+    rows = []
+    for stage in dict.fromkeys([*ma, *mb]):
+        ta, tb = ((m.get(stage) or {}).get("train", {}).get("threads") for m in (ma, mb))
+        if ta is not None and tb is not None and ta != tb:
+            rows.append(f'<tr data-key="{esc(stage)}.train.threads"><td>{esc(stage)}</td><td>{esc(_threads(ta))}</td>'
+                        f"<td>{esc(_threads(tb))}</td></tr>")
+    return rows
+
+
+def _threads(history: list) -> str:
+    return ", ".join(f"{n} from step {step}" for step, n in history)
 
 
 def config_diff(pa: dict, pb: dict) -> list[tuple[str, Any, Any]]:
@@ -123,12 +188,25 @@ def compare_html(dir_a: Path, dir_b: Path) -> str:
 
     ma, mb = {"evaluate": ev_a}, {"evaluate": ev_b}
     t = tally(ma, mb)
+    head = ["figure", "A", "B", "Δ", "noise (2 SE)", "B vs A"]
     out += ["<h2>Headline</h2>",
             f'<p>Of the evaluation\'s figures that have a better direction, B is <b class="ok">better on {t["better"]}</b>, '
-            f'<b class="missed">worse on {t["worse"]}</b> and the same on {t["same"]}.</p>',
-            table(["figure", "A", "B", "Δ", "B vs A"], metric_rows(ma, mb, headline_keys(ev_b or ev_a)), "headline"),
+            f'<b class="missed">worse on {t["worse"]}</b>, within the judged sample\'s noise on {t["within noise"]} '
+            f'and the same on {t["same"]}.</p>',
+            '<p class="sub">A judged percentage counts n captions: its change reads "within noise" where it is at '
+            "most two standard errors of the difference of two samples of those sizes (the column noise). Two "
+            "trainings of one config differ by about that much.</p>",
+            table(head, metric_rows(ma, mb, headline_keys(ev_b or ev_a)), "headline"),
             "<h2>The evaluation, figure by figure</h2>",
-            table(["figure", "A", "B", "Δ", "B vs A"], metric_rows(ma, mb), "metrics")]
+            table(head, metric_rows(ma, mb), "metrics")]
+    threads = thread_rows(a["metrics"], b["metrics"])
+    if threads:
+        out += ["<h3>Trained at other thread counts</h3>",
+                '<p class="note">These models were trained at different thread counts (a stage beside another '
+                "gets one core and takes both back when it ends, at a step that depends on the machine's speed). "
+                "A step's sums depend on the thread count, so they are different draws even of one config: part of "
+                "any difference above is that draw.</p>",
+                table(["stage", "A: threads", "B: threads"], threads, "threads")]
 
     out.append("<h2>Same prompts, same seeds</h2>")
     ga, gb = dict((lbl, p) for lbl, p in grid_images(dir_a)), dict((lbl, p) for lbl, p in grid_images(dir_b))
@@ -142,5 +220,6 @@ def compare_html(dir_a: Path, dir_b: Path) -> str:
     others_a = {k: v for k, v in a["metrics"].items() if k != "evaluate"}
     others_b = {k: v for k, v in b["metrics"].items() if k != "evaluate"}
     out += ["<details><summary>every other stage's figures</summary>",
-            table(["figure", "A", "B", "Δ", "B vs A"], metric_rows(others_a, others_b), "metrics-other"), "</details>"]
+            table(["figure", "A", "B", "Δ", "noise (2 SE)", "B vs A"], metric_rows(others_a, others_b), "metrics-other"),
+            "</details>"]
     return page(f"unCLIP compare {a['run']} vs {b['run']}", "\n".join(out))

@@ -6,11 +6,11 @@ import json
 from pipeline import bundle
 
 
-def fake_evaluation(ws, seed: int, color: float, fid: float, shape: float = 50.0, fd: float = 12.5):
+def fake_evaluation(ws, seed: int, color: float, fid: float, shape: float = 50.0, fd: float = 12.5, n: int = 2):
     from PIL import Image
     figures = {"stage": "evaluate", "profile": "smoke", "seed": seed, "n_captions": 4, "n_single": 2,
-               "quality": {"single": {"n": 2, "color": color, "shape": shape, "size": 100.0, "position": 100.0, "all": 50.0},
-                           "pair": {"n": 2, "colors": 50.0, "shapes": 0.0, "relation": 50.0, "all": 0.0},
+               "quality": {"single": {"n": n, "color": color, "shape": shape, "size": 100.0, "position": 100.0, "all": 50.0},
+                           "pair": {"n": n, "colors": 50.0, "shapes": 0.0, "relation": 50.0, "all": 0.0},
                            "frechet_distance": fd},
                "frechet_floor_real_vs_real": 3.25,
                "standard": {"metric": "FD-CLIP", "feature_extractor": "the pipeline's CLIP", "fid": fid,
