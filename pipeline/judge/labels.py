@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ..data.scenes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
+from ..data.scenes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIDE_WORDS, SIZES
 
 COLOR_NAMES, SIZE_NAMES, BACKGROUND_NAMES = tuple(COLORS), tuple(SIZES), tuple(BACKGROUNDS)
 AXES = ("horizontal", "vertical")
@@ -139,6 +139,7 @@ _POSITION_WORDS = {   # the corpus's phrases (data.scenes.POSITION_PHRASES), lon
     "center": "center", "middle": "center", "top": "top", "bottom": "bottom", "left": "left", "right": "right",
 }
 _RELATION_WORDS = {"to the left of": "left of", "to the right of": "right of", "above": "above", "below": "below"}
+_INVERSE = {"left of": "right of", "above": "below"}
 
 
 def parse_caption(caption: str) -> Optional[dict]:
@@ -148,14 +149,27 @@ def parse_caption(caption: str) -> Optional[dict]:
     caption names."""
     import re
     text = caption.lower()
-    rel = next((r for phrase, r in _RELATION_WORDS.items() if phrase in text), None)
+    phrase, rel = next(((phrase, r) for phrase, r in _RELATION_WORDS.items() if phrase in text), (None, None))
     obj = re.compile(r"(?:\b(small|little|tiny|large|big)\s+)?\b(" + "|".join(COLOR_NAMES) + r")\s+("
                      + "|".join(SHAPES) + r")\b")
+    matches = list(obj.finditer(text))
     found = [{"size": _SIZE_WORDS.get(m.group(1) or "", "small"), "color": m.group(2), "shape": m.group(3)}
-             for m in obj.finditer(text)]
+             for m in matches]
     bg = next((b for b in BACKGROUND_NAMES if f"{b} background" in text), "white")
     if rel and len(found) == 2:
+        if re.search(rf"{re.escape(phrase)} it\b", text):     # "a blue square, and a red circle to the left of it"
+            found = found[::-1]
         return {"background": bg, "relation": rel, "objects": found}
+    if rel is None and len(found) == 2:           # named by their places: "a red circle on the left and a blue ..."
+        for (near, far), r in zip(SIDE_WORDS.values(), ("left of", "above")):
+            if near in text and far in text:
+                return {"background": bg, "relation": r if text.index(near) < text.index(far) else _INVERSE[r],
+                        "objects": found}
+        return None
+    if len(found) == 1 and not matches[0].group(1):      # the size after the noun: "..., large in size"
+        after = re.search(r"\b(small|little|tiny|large|big)\b", text[matches[0].end():])
+        if after:
+            found[0]["size"] = _SIZE_WORDS[after.group(1)]
     if rel is None and len(found) == 1:
         rest = text.replace(f"{found[0]['color']} {found[0]['shape']}", " ")
         pos = next((p for phrase, p in sorted(_POSITION_WORDS.items(), key=lambda kv: -len(kv[0]))

@@ -1,0 +1,184 @@
+"""The cascade on captions phrased outside the corpus's templates, judged against the same truth.
+
+    python bench/novel_captions.py [--workspace .] [--n-single 256] [--n-pair 256] [--seed 0]
+                                   [--models DIR] [--out reports/bench/novel_captions.json]
+
+``evaluate`` judges the held-out test captions, which are held-out scenes but phrased by the
+training templates (pipeline/data/scenes.py). A user writes otherwise. This bench rewrites the same
+test scenes' captions in phrasings no training caption has, from the scene's ground truth (every
+attribute the judge checks named: color, shape, size and position of one object; both colors,
+shapes and the relation of two), and judges the cascade's images of each phrasing against that
+truth, beside the templates' own captions, with the same seed:
+
+    test_split  the test split's own captions (what ``evaluate`` judges)
+    original    the corpus's first five and four templates, taking turns (as the corpus phrased every
+                caption until the 24th session: the same captions whatever the corpus's templates are now)
+    reordered   new orders and punctuation of the corpus's words
+                ("red circle, small, in the top left"; "on the left a red circle, on the right a blue square")
+    rephrased   other words too ("draw a small red circle placed in the top left"; "a blue square with
+                a red circle to its left")
+
+None of the bench's phrasings is one of the corpus's templates (checked when it runs).
+
+Each family's templates take turns over the rows (row i gets template i mod k), so every
+template is judged on about n / k captions; the json has each template's figures and the words
+it adds to the corpus's vocabulary. A word no training caption has keeps its row of CLIP's token
+table as initialised (weight decay aside: pipeline/clip/vocab.py), so it reaches the prior and the
+decoder as noise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.data import scenes  # noqa: E402
+from pipeline.data.embedding_shards import load_split  # noqa: E402
+from pipeline.data.shards import shard_paths  # noqa: E402
+from pipeline.evaluate import pick_rows  # noqa: E402
+from pipeline.generate import Unclip  # noqa: E402
+from pipeline.judge.labels import parse_gt  # noqa: E402
+from pipeline.judge.model import Judge  # noqa: E402
+from pipeline.quality import score  # noqa: E402
+from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402
+
+INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+TO_ITS = {"left of": "to its left", "right of": "to its right", "above": "above it", "below": "below it"}
+# the two objects' places as words the corpus has (its one-object positions), by the axis
+SIDES = {"horizontal": ("on the left", "on the right"), "vertical": ("at the top", "at the bottom")}
+
+# {size} {color} {shape} {pos} {pos_alt} {pos_title} {bg}: as scenes.py fills its templates
+SINGLE = {
+    "original": ("a {size} {color} {shape} {pos}",
+                 "a photo of a {size} {color} {shape} {pos_alt} on a {bg} background",
+                 "{pos_title}: a {size} {color} {shape}",
+                 "there is a {size} {color} {shape} {pos}",
+                 "{size} {color} {shape} {pos_alt}"),
+    "reordered": ("{color} {shape}, {size}, {pos}",
+                  "{pos_title}: {color} {shape} ({size})",
+                  "a {color} {shape} {pos}, {size}",
+                  "{pos_alt} there is a {size} {color} {shape}"),
+    "rephrased": ("draw a {size} {color} {shape} {pos}",
+                  "an image showing one {size} {color} {shape} {pos_alt}",
+                  "a {size} {color} {shape} placed {pos}",
+                  "{size} {color} {shape} located {pos_alt}, plain {bg} backdrop"),
+}
+HELD_OUT = ("reordered", "rephrased")       # none of these is a corpus template
+# {color0} {shape0} {size0} {size1} {rel} {color1} {shape1} (the truth's order), {first}/{second}: the left (upper)
+# and right (lower) object as "{color} {shape}", {side0}/{side1}: their places, {to_its}: {rel} seen
+# from the second object, {bg}
+PAIR = {
+    "original": ("a {color0} {shape0} {rel} a {color1} {shape1}",
+                 "a {size0} {color0} {shape0} {rel} a {size1} {color1} {shape1}",
+                 "a photo of a {color0} {shape0} {rel} a {color1} {shape1} on a {bg} background",
+                 "{color0} {shape0} {rel} {color1} {shape1}"),
+    "reordered": ("{side0} a {first}, {side1} a {second}",
+                  "{color1} {shape1}, and {rel_inv} it a {color0} {shape0}",
+                  "{color0} {shape0} {rel} {color1} {shape1}, {bg} background"),
+    "rephrased": ("a {color0} {shape0} and a {color1} {shape1}, the {color0} one {rel} the {color1} one",
+                  "a {color1} {shape1} with a {color0} {shape0} {to_its}",
+                  "draw a {color0} {shape0} {rel} a {color1} {shape1}"),
+}
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def corpus_words() -> set[str]:
+    """Every word a training caption can hold: the templates and every value they are filled with."""
+    parts = [*scenes.SINGLE_TEMPLATES, *scenes.PAIR_TEMPLATES, *scenes.COLORS, *scenes.SHAPES, *scenes.BACKGROUNDS,
+             *(w for ws in scenes.SIZE_WORDS.values() for w in ws), *scenes.RELATION_PHRASES.values(),
+             *(p for ps in scenes.POSITION_PHRASES.values() for p in ps)]
+    return set().union(*(_words(re.sub(r"\{\w+\}", " ", p)) for p in parts)) | {"an"}   # "an orange": scenes.caption
+
+
+def new_words(template: str) -> list[str]:
+    """The words of ``template`` (outside its slots) that no training caption has."""
+    return sorted(_words(re.sub(r"\{\w+\}", " ", template)) - corpus_words())
+
+
+def phrase(gt: dict, family: str, i: int) -> tuple[str, str]:
+    """(template, caption) for scene truth ``gt`` in ``family``'s template ``i mod k``."""
+    objects = gt["objects"]
+    if len(objects) == 1:
+        templates = SINGLE[family]
+        o = objects[0]
+        pos, pos_alt, pos_title = scenes.POSITION_PHRASES[o["position"]]
+        size = scenes.SIZE_WORDS[o["size"]][i % len(scenes.SIZE_WORDS[o["size"]])]
+        fill = {"size": size, "color": o["color"], "shape": o["shape"], "pos": pos, "pos_alt": pos_alt,
+                "pos_title": pos_title, "bg": gt["background"]}
+    else:
+        templates = PAIR[family]
+        (o0, o1), rel = objects, gt["relation"]
+        axis = "horizontal" if rel in ("left of", "right of") else "vertical"
+        first, second = (o0, o1) if rel in ("left of", "above") else (o1, o0)
+        fill = {"color0": o0["color"], "shape0": o0["shape"], "color1": o1["color"], "shape1": o1["shape"],
+                "size0": scenes.SIZE_WORDS[o0["size"]][0], "size1": scenes.SIZE_WORDS[o1["size"]][0],
+                "rel": scenes.RELATION_PHRASES[rel], "rel_inv": scenes.RELATION_PHRASES[INVERSE[rel]],
+                "to_its": TO_ITS[rel], "first": f"{first['color']} {first['shape']}",
+                "second": f"{second['color']} {second['shape']}", "side0": SIDES[axis][0], "side1": SIDES[axis][1],
+                "bg": gt["background"]}
+    template = templates[i % len(templates)]
+    return template, re.sub(r"\ba (?=[aeiou])", "an ", template.format(**fill))     # as scenes.caption
+
+
+def figures(fig: dict) -> str:
+    s, p = fig["single"], fig["pair"]
+    return (f"color {s['color']:5.1f}  shape {s['shape']:5.1f}  size {s['size']:5.1f}  position {s['position']:5.1f}  "
+            f"both colors {p['colors']:5.1f}  relation {p['relation']:5.1f}  FD {fig['frechet_distance']:6.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workspace", default=".")
+    ap.add_argument("--models", default=None, help="a bundle directory (default: the workspace's models/)")
+    ap.add_argument("--n-single", type=int, default=256)
+    ap.add_argument("--n-pair", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--out", default=None, help="default: <workspace>/reports/bench/novel_captions.json")
+    args = ap.parse_args()
+    ws = Workspace.at(args.workspace)
+    unclip, judge = Unclip.load(Path(args.models) if args.models else ws.root / "models"), Judge.load(ws.judge)
+    test = load_split(shard_paths(ws.embeddings), "test", image_size=unclip.sizes[-1])
+    rows = pick_rows(test["gt"], args.n_single, args.n_pair)
+    gts = [parse_gt(test["gt"][i]) for i in rows]
+    _, real = judge.predict(test["images"][torch.tensor(rows)])
+    corpus = set(scenes.SINGLE_TEMPLATES) | set(scenes.PAIR_TEMPLATES)
+    held = [t for f in HELD_OUT for t in (*SINGLE[f], *PAIR[f]) if t in corpus]
+    if held:
+        raise SystemExit(f"the corpus now trains on the bench's held-out phrasings {held}: choose others")
+    families = {"test_split": [(None, test["captions"][i]) for i in rows],
+                **{f: [phrase(g, f, k) for k, g in enumerate(gts)] for f in ("original", *HELD_OUT)}}
+    out: dict = {"n_single": args.n_single, "n_pair": args.n_pair, "seed": args.seed, "families": {}}
+    for family, phrased in families.items():
+        captions = [c for _, c in phrased]
+        images = unclip.generate(captions, n=1, seed=args.seed, batch_size=args.batch_size)["images"]
+        fig = score(judge, images, gts, real)
+        by_template = {}
+        for template in dict.fromkeys(t for t, _ in phrased if t is not None):
+            idx = [k for k, (t, _) in enumerate(phrased) if t == template]
+            by_template[template] = {"n": len(idx), "new_words": new_words(template), "example": phrased[idx[0]][1],
+                                     **score(judge, images[torch.tensor(idx)], [gts[k] for k in idx], real)}
+        out["families"][family] = {**fig, "examples": captions[:2] + captions[len(captions) // 2:][:2],
+                                   "by_template": by_template}
+        print(f"{family:10s} {figures(fig)}", flush=True)
+        for template, t in by_template.items():
+            kind = "single" if "shape" in t["single"] and t["single"]["n"] else "pair"
+            keys = ("color", "shape", "size", "position") if kind == "single" else ("colors", "relation")
+            print(f"    {t['n']:3d}  {' '.join(f'{k} {t[kind][k]:5.1f}' for k in keys):55s} {t['example']!r}"
+                  + (f"  new: {', '.join(t['new_words'])}" if t["new_words"] else ""), flush=True)
+    path = Path(args.out) if args.out else ws.reports / "bench" / "novel_captions.json"
+    atomic_write_json(path, out)
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
