@@ -48,7 +48,6 @@ from pipeline.judge.model import Judge  # noqa: E402
 from pipeline.quality import score  # noqa: E402
 from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402
 
-INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 TO_ITS = {"left of": "to its left", "right of": "to its right", "above": "above it", "below": "below it"}
 # the two objects' places as words the corpus has (its one-object positions), by the axis
 SIDES = {"horizontal": ("on the left", "on the right"), "vertical": ("at the top", "at the bottom")}
@@ -79,7 +78,7 @@ PAIR = {
                  "a photo of a {color0} {shape0} {rel} a {color1} {shape1} on a {bg} background",
                  "{color0} {shape0} {rel} {color1} {shape1}"),
     "reordered": ("{side0} a {first}, {side1} a {second}",
-                  "{color1} {shape1}, and {rel_inv} it a {color0} {shape0}",
+                  "{color1} {shape1}, and {rel} it a {color0} {shape0}",
                   "{color0} {shape0} {rel} {color1} {shape1}, {bg} background"),
     "rephrased": ("a {color0} {shape0} and a {color1} {shape1}, the {color0} one {rel} the {color1} one",
                   "a {color1} {shape1} with a {color0} {shape0} {to_its}",
@@ -121,7 +120,7 @@ def phrase(gt: dict, family: str, i: int) -> tuple[str, str]:
         first, second = (o0, o1) if rel in ("left of", "above") else (o1, o0)
         fill = {"color0": o0["color"], "shape0": o0["shape"], "color1": o1["color"], "shape1": o1["shape"],
                 "size0": scenes.SIZE_WORDS[o0["size"]][0], "size1": scenes.SIZE_WORDS[o1["size"]][0],
-                "rel": scenes.RELATION_PHRASES[rel], "rel_inv": scenes.RELATION_PHRASES[INVERSE[rel]],
+                "rel": scenes.RELATION_PHRASES[rel],
                 "to_its": TO_ITS[rel], "first": f"{first['color']} {first['shape']}",
                 "second": f"{second['color']} {second['shape']}", "side0": SIDES[axis][0], "side1": SIDES[axis][1],
                 "bg": gt["background"]}

@@ -150,6 +150,9 @@ def parse_caption(caption: str) -> Optional[dict]:
     import re
     text = caption.lower()
     phrase, rel = next(((phrase, r) for phrase, r in _RELATION_WORDS.items() if phrase in text), (None, None))
+    its = None if rel else re.search(r"\bto its (left|right)\b", text)   # "a blue square with a red circle to its left"
+    if its:
+        rel = f"{its.group(1)} of"
     obj = re.compile(r"(?:\b(small|little|tiny|large|big)\s+)?\b(" + "|".join(COLOR_NAMES) + r")\s+("
                      + "|".join(SHAPES) + r")\b")
     matches = list(obj.finditer(text))
@@ -157,8 +160,8 @@ def parse_caption(caption: str) -> Optional[dict]:
              for m in matches]
     bg = next((b for b in BACKGROUND_NAMES if f"{b} background" in text), "white")
     if rel and len(found) == 2:
-        if re.search(rf"{re.escape(phrase)} it\b", text):     # "a blue square, and a red circle to the left of it"
-            found = found[::-1]
+        if its or re.search(rf"{re.escape(phrase)} it\b", text):   # "a blue square, and a red circle left of it"
+            found = found[::-1]                                   # the pronoun's object is named first
         return {"background": bg, "relation": rel, "objects": found}
     if rel is None and len(found) == 2:           # named by their places: "a red circle on the left and a blue ..."
         for (near, far), r in zip(SIDE_WORDS.values(), ("left of", "above")):
