@@ -8,7 +8,9 @@ training templates (pipeline/data/scenes.py). A user writes otherwise. This benc
 test scenes' captions in phrasings no training caption has, from the scene's ground truth (every
 attribute the judge checks named: color, shape, size and position of one object; both colors,
 shapes and the relation of two), and judges the cascade's images of each phrasing against that
-truth, beside the templates' own captions, with the same seed:
+truth, beside the templates' own captions, with the same seed. Beside each, how often CLIP itself
+prefers the caption to its twin with the spatial words reversed or the colors swapped, from the
+real image's z_i: whether z_t carries what the phrasing says before the prior and decoder see it.
 
     test_split  the test split's own captions (what ``evaluate`` judges)
     original    the corpus's first five and four templates, taking turns (as the corpus phrased every
@@ -38,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline.clip import negatives  # noqa: E402
 from pipeline.data import scenes  # noqa: E402
 from pipeline.data.embedding_shards import load_split  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
@@ -128,6 +131,24 @@ def phrase(gt: dict, family: str, i: int) -> tuple[str, str]:
     return template, re.sub(r"\ba (?=[aeiou])", "an ", template.format(**fill))     # as scenes.caption
 
 
+def clip_prefers(unclip, z_i: torch.Tensor, captions: list[str]) -> dict:
+    """How often CLIP itself, from the real image's z_i, scores each caption above its twin with the
+    spatial words reversed (``relation``) and with its first two colors swapped (``binding``): the
+    NegCLIP twins of pipeline/clip/negatives.py. Percent of the rows that have such a twin."""
+    out = {}
+    z = torch.nn.functional.normalize(z_i.float(), dim=-1)
+    for kind, make in negatives.MAKERS.items():
+        rows = [(k, t) for k, c in enumerate(captions) if (t := make(c)) is not None]
+        if not rows:
+            out[kind] = None
+            continue
+        idx = torch.tensor([k for k, _ in rows])
+        true = torch.nn.functional.normalize(unclip.encode_text([captions[k] for k, _ in rows])[0], dim=-1)
+        twin = torch.nn.functional.normalize(unclip.encode_text([t for _, t in rows])[0], dim=-1)
+        out[kind] = round(100 * float(((z[idx] * true).sum(-1) > (z[idx] * twin).sum(-1)).float().mean()), 2)
+    return out
+
+
 def figures(fig: dict) -> str:
     s, p = fig["single"], fig["pair"]
     return (f"color {s['color']:5.1f}  shape {s['shape']:5.1f}  size {s['size']:5.1f}  position {s['position']:5.1f}  "
@@ -149,6 +170,7 @@ def main() -> None:
     test = load_split(shard_paths(ws.embeddings), "test", image_size=unclip.sizes[-1])
     rows = pick_rows(test["gt"], args.n_single, args.n_pair)
     gts = [parse_gt(test["gt"][i]) for i in rows]
+    z_i = test["z_i"][torch.tensor(rows)]                 # the real test images' CLIP embeddings
     _, real = judge.predict(test["images"][torch.tensor(rows)])
     corpus = set(scenes.SINGLE_TEMPLATES) | set(scenes.PAIR_TEMPLATES)
     held = [t for f in HELD_OUT for t in (*SINGLE[f], *PAIR[f]) if t in corpus]
@@ -160,20 +182,23 @@ def main() -> None:
     for family, phrased in families.items():
         captions = [c for _, c in phrased]
         images = unclip.generate(captions, n=1, seed=args.seed, batch_size=args.batch_size)["images"]
-        fig = score(judge, images, gts, real)
+        fig = score(judge, images, gts, real) | {"clip_prefers": clip_prefers(unclip, z_i, captions)}
         by_template = {}
         for template in dict.fromkeys(t for t, _ in phrased if t is not None):
             idx = [k for k, (t, _) in enumerate(phrased) if t == template]
             by_template[template] = {"n": len(idx), "new_words": new_words(template), "example": phrased[idx[0]][1],
-                                     **score(judge, images[torch.tensor(idx)], [gts[k] for k in idx], real)}
+                                     **score(judge, images[torch.tensor(idx)], [gts[k] for k in idx], real),
+                                     "clip_prefers": clip_prefers(unclip, z_i[torch.tensor(idx)],
+                                                                  [captions[k] for k in idx])}
         out["families"][family] = {**fig, "examples": captions[:2] + captions[len(captions) // 2:][:2],
                                    "by_template": by_template}
-        print(f"{family:10s} {figures(fig)}", flush=True)
+        print(f"{family:10s} {figures(fig)}  CLIP: {fig['clip_prefers']}", flush=True)
         for template, t in by_template.items():
             kind = "single" if "shape" in t["single"] and t["single"]["n"] else "pair"
             keys = ("color", "shape", "size", "position") if kind == "single" else ("colors", "relation")
-            print(f"    {t['n']:3d}  {' '.join(f'{k} {t[kind][k]:5.1f}' for k in keys):55s} {t['example']!r}"
-                  + (f"  new: {', '.join(t['new_words'])}" if t["new_words"] else ""), flush=True)
+            clip = " ".join(f"{k[:3]} {v:5.1f}" for k, v in t["clip_prefers"].items() if v is not None)
+            print(f"    {t['n']:3d}  {' '.join(f'{k} {t[kind][k]:5.1f}' for k in keys):55s} CLIP {clip:19s} "
+                  f"{t['example']!r}" + (f"  new: {', '.join(t['new_words'])}" if t["new_words"] else ""), flush=True)
     path = Path(args.out) if args.out else ws.reports / "bench" / "novel_captions.json"
     atomic_write_json(path, out)
     print(f"-> {path}")
