@@ -13,8 +13,8 @@ prefers the caption to its twin with the spatial words reversed or the colors sw
 real image's z_i: whether z_t carries what the phrasing says before the prior and decoder see it.
 
     test_split  the test split's own captions (what ``evaluate`` judges)
-    original    the corpus's first five and four templates, taking turns (as the corpus phrased every
-                caption until the 24th session: the same captions whatever the corpus's templates are now)
+    original    the corpus's own five and four templates, taking turns (a copy: these captions stay the
+                same if the corpus's templates change)
     reordered   new orders and punctuation of the corpus's words
                 ("red circle, small, in the top left"; "on the left a red circle, on the right a blue square")
     rephrased   other words too ("draw a small red circle placed in the top left"; "a blue square with

@@ -43,30 +43,25 @@ POSITION_PHRASES = {   # (preposition phrase, alternative phrase, title)
     "bottom right": ("in the bottom right", "at the lower right", "bottom-right corner"),
 }
 RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
-# Two objects named by their places instead of a relation: the left (upper) one first.
+# Two objects named by their places instead of a relation, the left (upper) one first: not a
+# template of the corpus, but a phrasing a user writes ("a red circle on the left and a blue square
+# on the right"), which the judge's caption parser reads (pipeline/judge/labels.py)
 SIDE_WORDS = {"horizontal": ("on the left", "on the right"), "vertical": ("at the top", "at the bottom")}
-# The first five and four templates are the corpus's first ones. The rest (24th session) put the
-# size after the noun, the place first, the relation as a pronoun's or as the objects' places: a
-# CLIP trained on the first ones alone drew such captions badly (bench/novel_captions.py, whose
-# own phrasings are none of these).
+# Six more templates (the size after the noun, the place first, two objects by their places, the
+# relation through a pronoun, a definite clause) drew held-out phrasings better on one CLIP draw but
+# cost 5 points of shape on the corpus's own on two (one under its bar): docs/MEASURED.md, 24th session.
 SINGLE_TEMPLATES = (
     "a {size} {color} {shape} {pos}",
     "a photo of a {size} {color} {shape} {pos_alt} on a {bg} background",
     "{pos_title}: a {size} {color} {shape}",
     "there is a {size} {color} {shape} {pos}",
     "{size} {color} {shape} {pos_alt}",
-    "a {color} {shape} {pos}, {size} in size",
-    "{pos_title}, a {color} {shape} that is {size}",
-    "in this picture a {size} {color} {shape} is {pos_alt}",
 )
 PAIR_TEMPLATES = (
     "a {color0} {shape0} {rel} a {color1} {shape1}",
     "a {size0} {color0} {shape0} {rel} a {size1} {color1} {shape1}",
     "a photo of a {color0} {shape0} {rel} a {color1} {shape1} on a {bg} background",
     "{color0} {shape0} {rel} {color1} {shape1}",
-    "a {first} {side0} and a {second} {side1}",
-    "a {color1} {shape1}, and a {color0} {shape0} {rel} it",
-    "two objects: the {color0} {shape0} is {rel} the {color1} {shape1}",
 )
 
 
@@ -185,13 +180,9 @@ def _caption(scene: Scene, rng) -> str:
                                pos_alt=pos_alt, pos_title=title, bg=bg)
     o0, o1 = scene.objects
     template = PAIR_TEMPLATES[int(rng.integers(len(PAIR_TEMPLATES)))]
-    axis = "horizontal" if scene.relation in ("left of", "right of") else "vertical"
-    first, second = (o0, o1) if scene.relation in ("left of", "above") else (o1, o0)
     return template.format(color0=o0.color, shape0=o0.shape, size0=rng.choice(SIZE_WORDS[o0.size]),
                            color1=o1.color, shape1=o1.shape, size1=rng.choice(SIZE_WORDS[o1.size]),
-                           rel=RELATION_PHRASES[scene.relation], bg=bg, first=f"{first.color} {first.shape}",
-                           second=f"{second.color} {second.shape}", side0=SIDE_WORDS[axis][0],
-                           side1=SIDE_WORDS[axis][1])
+                           rel=RELATION_PHRASES[scene.relation], bg=bg)
 
 
 # ---- rendering ----------------------------------------------------------------------------------
