@@ -1,7 +1,7 @@
 """The cascade on captions phrased outside the corpus's templates, judged against the same truth.
 
     python bench/novel_captions.py [--workspace .] [--n-single 256] [--n-pair 256] [--seed 0]
-                                   [--models DIR] [--out reports/bench/novel_captions.json]
+                                   [--models DIR] [--upsampler-strength S] [--out reports/bench/novel_captions.json]
 
 ``evaluate`` judges the held-out test captions, which are held-out scenes but phrased by the
 training templates (pipeline/data/scenes.py). A user writes otherwise. This bench rewrites the same
@@ -163,6 +163,8 @@ def main() -> None:
     ap.add_argument("--n-pair", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--upsampler-strength", type=float, default=None,
+                    help="where the upsamplers start (default: the models' own sampling)")
     ap.add_argument("--out", default=None, help="default: <workspace>/reports/bench/novel_captions.json")
     args = ap.parse_args()
     ws = Workspace.at(args.workspace)
@@ -181,7 +183,8 @@ def main() -> None:
     out: dict = {"n_single": args.n_single, "n_pair": args.n_pair, "seed": args.seed, "families": {}}
     for family, phrased in families.items():
         captions = [c for _, c in phrased]
-        images = unclip.generate(captions, n=1, seed=args.seed, batch_size=args.batch_size)["images"]
+        images = unclip.generate(captions, n=1, seed=args.seed, batch_size=args.batch_size,
+                                 upsampler_strength=args.upsampler_strength)["images"]
         fig = score(judge, images, gts, real) | {"clip_prefers": clip_prefers(unclip, z_i, captions)}
         by_template = {}
         for template in dict.fromkeys(t for t, _ in phrased if t is not None):

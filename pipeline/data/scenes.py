@@ -43,10 +43,6 @@ POSITION_PHRASES = {   # (preposition phrase, alternative phrase, title)
     "bottom right": ("in the bottom right", "at the lower right", "bottom-right corner"),
 }
 RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
-# Two objects named by their places instead of a relation, the left (upper) one first: not a
-# template of the corpus, but a phrasing a user writes ("a red circle on the left and a blue square
-# on the right"), which the judge's caption parser reads (pipeline/judge/labels.py)
-SIDE_WORDS = {"horizontal": ("on the left", "on the right"), "vertical": ("at the top", "at the bottom")}
 # Six more templates (the size after the noun, the place first, two objects by their places, the
 # relation through a pronoun, a definite clause) drew held-out phrasings better on one CLIP draw but
 # cost 5 points of shape on the corpus's own on two (one under its bar): docs/MEASURED.md, 24th session.

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ..data.scenes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIDE_WORDS, SIZES
+from ..data.scenes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
 
 COLOR_NAMES, SIZE_NAMES, BACKGROUND_NAMES = tuple(COLORS), tuple(SIZES), tuple(BACKGROUNDS)
 AXES = ("horizontal", "vertical")
@@ -140,11 +140,16 @@ _POSITION_WORDS = {   # the corpus's phrases (data.scenes.POSITION_PHRASES), lon
 }
 _RELATION_WORDS = {"to the left of": "left of", "to the right of": "right of", "above": "above", "below": "below"}
 _INVERSE = {"left of": "right of", "above": "below"}
+# two objects named by their places ("a red circle on the left and a blue square on the right"): no
+# corpus template, but a phrasing users write
+_SIDE_WORDS = {"left of": ("on the left", "on the right"), "above": ("at the top", "at the bottom")}
 
 
 def parse_caption(caption: str) -> Optional[dict]:
     """A caption of the corpus's grammar -> the truth it names (as the shards store it), or None
-    when it names no complete scene. Attributes a caption leaves out (the size in some
+    when it names no complete scene. Beyond the corpus's templates it reads a size after the noun,
+    two objects named by their places, and a relation said through a pronoun ("a blue square, and a
+    red circle to the left of it"; "... with a red circle to its left"). Attributes a caption leaves out (the size in some
     two-object captions) are filled with a default, so score those captions on the checks the
     caption names."""
     import re
@@ -164,7 +169,7 @@ def parse_caption(caption: str) -> Optional[dict]:
             found = found[::-1]                                   # the pronoun's object is named first
         return {"background": bg, "relation": rel, "objects": found}
     if rel is None and len(found) == 2:           # named by their places: "a red circle on the left and a blue ..."
-        for (near, far), r in zip(SIDE_WORDS.values(), ("left of", "above")):
+        for r, (near, far) in _SIDE_WORDS.items():
             if near in text and far in text:
                 return {"background": bg, "relation": r if text.index(near) < text.index(far) else _INVERSE[r],
                         "objects": found}
