@@ -3,24 +3,12 @@
     python bench/novel_captions.py [--workspace .] [--n-single 256] [--n-pair 256] [--seed 0]
                                    [--models DIR] [--upsampler-strength S] [--out reports/bench/novel_captions.json]
 
-``evaluate`` judges the held-out test captions, which are held-out scenes but phrased by the
-training templates (pipeline/data/scenes.py). A user writes otherwise. This bench rewrites the same
-test scenes' captions in phrasings no training caption has, from the scene's ground truth (every
-attribute the judge checks named: color, shape, size and position of one object; both colors,
-shapes and the relation of two), and judges the cascade's images of each phrasing against that
-truth, beside the templates' own captions, with the same seed. Beside each, how often CLIP itself
-prefers the caption to its twin with the spatial words reversed or the colors swapped, from the
-real image's z_i: whether z_t carries what the phrasing says before the prior and decoder see it.
-
-    test_split  the test split's own captions (what ``evaluate`` judges)
-    original    the corpus's own five and four templates, taking turns (a copy: these captions stay the
-                same if the corpus's templates change)
-    reordered   new orders and punctuation of the corpus's words
-                ("red circle, small, in the top left"; "on the left a red circle, on the right a blue square")
-    rephrased   other words too ("draw a small red circle placed in the top left"; "a blue square with
-                a red circle to its left")
-
-None of the bench's phrasings is one of the corpus's templates (checked when it runs).
+The phrasings are pipeline/phrasings.py's (``evaluate`` judges the held-out families on a subset);
+this bench judges every family on all the test scenes, template by template, beside the test split's
+own captions (``test_split``, what ``evaluate`` judges), with the same seed. Beside each, how often
+CLIP itself prefers the caption to its twin with the spatial words reversed or the colors swapped,
+from the real image's z_i: whether z_t carries what the phrasing says before the prior and decoder
+see it. It stops where the corpus has come to train on a held-out phrasing.
 
 Each family's templates take turns over the rows (row i gets template i mod k), so every
 template is judged on about n / k captions; the json has each template's figures and the words
@@ -31,8 +19,6 @@ decoder as noise.
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 from pathlib import Path
 
@@ -42,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.clip import negatives  # noqa: E402
 from pipeline.data import scenes  # noqa: E402
+from pipeline.phrasings import HELD_OUT, PAIR, SINGLE, new_words, phrase  # noqa: E402
 from pipeline.data.embedding_shards import load_split  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402
@@ -50,86 +37,6 @@ from pipeline.judge.labels import parse_gt  # noqa: E402
 from pipeline.judge.model import Judge  # noqa: E402
 from pipeline.quality import score  # noqa: E402
 from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402
-
-TO_ITS = {"left of": "to its left", "right of": "to its right", "above": "above it", "below": "below it"}
-# the two objects' places as words the corpus has (its one-object positions), by the axis
-SIDES = {"horizontal": ("on the left", "on the right"), "vertical": ("at the top", "at the bottom")}
-
-# {size} {color} {shape} {pos} {pos_alt} {pos_title} {bg}: as scenes.py fills its templates
-SINGLE = {
-    "original": ("a {size} {color} {shape} {pos}",
-                 "a photo of a {size} {color} {shape} {pos_alt} on a {bg} background",
-                 "{pos_title}: a {size} {color} {shape}",
-                 "there is a {size} {color} {shape} {pos}",
-                 "{size} {color} {shape} {pos_alt}"),
-    "reordered": ("{color} {shape}, {size}, {pos}",
-                  "{pos_title}: {color} {shape} ({size})",
-                  "a {color} {shape} {pos}, {size}",
-                  "{pos_alt} there is a {size} {color} {shape}"),
-    "rephrased": ("draw a {size} {color} {shape} {pos}",
-                  "an image showing one {size} {color} {shape} {pos_alt}",
-                  "a {size} {color} {shape} placed {pos}",
-                  "{size} {color} {shape} located {pos_alt}, plain {bg} backdrop"),
-}
-HELD_OUT = ("reordered", "rephrased")       # none of these is a corpus template
-# {color0} {shape0} {size0} {size1} {rel} {color1} {shape1} (the truth's order), {first}/{second}: the left (upper)
-# and right (lower) object as "{color} {shape}", {side0}/{side1}: their places, {to_its}: {rel} seen
-# from the second object, {bg}
-PAIR = {
-    "original": ("a {color0} {shape0} {rel} a {color1} {shape1}",
-                 "a {size0} {color0} {shape0} {rel} a {size1} {color1} {shape1}",
-                 "a photo of a {color0} {shape0} {rel} a {color1} {shape1} on a {bg} background",
-                 "{color0} {shape0} {rel} {color1} {shape1}"),
-    "reordered": ("{side0} a {first}, {side1} a {second}",
-                  "{color1} {shape1}, and {rel} it a {color0} {shape0}",
-                  "{color0} {shape0} {rel} {color1} {shape1}, {bg} background"),
-    "rephrased": ("a {color0} {shape0} and a {color1} {shape1}, the {color0} one {rel} the {color1} one",
-                  "a {color1} {shape1} with a {color0} {shape0} {to_its}",
-                  "draw a {color0} {shape0} {rel} a {color1} {shape1}"),
-}
-
-
-def _words(text: str) -> set[str]:
-    return set(re.findall(r"[a-z]+", text.lower()))
-
-
-def corpus_words() -> set[str]:
-    """Every word a training caption can hold: the templates and every value they are filled with."""
-    parts = [*scenes.SINGLE_TEMPLATES, *scenes.PAIR_TEMPLATES, *scenes.COLORS, *scenes.SHAPES, *scenes.BACKGROUNDS,
-             *(w for ws in scenes.SIZE_WORDS.values() for w in ws), *scenes.RELATION_PHRASES.values(),
-             *(p for ps in scenes.POSITION_PHRASES.values() for p in ps)]
-    return set().union(*(_words(re.sub(r"\{\w+\}", " ", p)) for p in parts)) | {"an"}   # "an orange": scenes.caption
-
-
-def new_words(template: str) -> list[str]:
-    """The words of ``template`` (outside its slots) that no training caption has."""
-    return sorted(_words(re.sub(r"\{\w+\}", " ", template)) - corpus_words())
-
-
-def phrase(gt: dict, family: str, i: int) -> tuple[str, str]:
-    """(template, caption) for scene truth ``gt`` in ``family``'s template ``i mod k``."""
-    objects = gt["objects"]
-    if len(objects) == 1:
-        templates = SINGLE[family]
-        o = objects[0]
-        pos, pos_alt, pos_title = scenes.POSITION_PHRASES[o["position"]]
-        size = scenes.SIZE_WORDS[o["size"]][i % len(scenes.SIZE_WORDS[o["size"]])]
-        fill = {"size": size, "color": o["color"], "shape": o["shape"], "pos": pos, "pos_alt": pos_alt,
-                "pos_title": pos_title, "bg": gt["background"]}
-    else:
-        templates = PAIR[family]
-        (o0, o1), rel = objects, gt["relation"]
-        axis = "horizontal" if rel in ("left of", "right of") else "vertical"
-        first, second = (o0, o1) if rel in ("left of", "above") else (o1, o0)
-        fill = {"color0": o0["color"], "shape0": o0["shape"], "color1": o1["color"], "shape1": o1["shape"],
-                "size0": scenes.SIZE_WORDS[o0["size"]][0], "size1": scenes.SIZE_WORDS[o1["size"]][0],
-                "rel": scenes.RELATION_PHRASES[rel],
-                "to_its": TO_ITS[rel], "first": f"{first['color']} {first['shape']}",
-                "second": f"{second['color']} {second['shape']}", "side0": SIDES[axis][0], "side1": SIDES[axis][1],
-                "bg": gt["background"]}
-    template = templates[i % len(templates)]
-    return template, re.sub(r"\ba (?=[aeiou])", "an ", template.format(**fill))     # as scenes.caption
-
 
 def clip_prefers(unclip, z_i: torch.Tensor, captions: list[str]) -> dict:
     """How often CLIP itself, from the real image's z_i, scores each caption above its twin with the

@@ -414,6 +414,10 @@ class EvaluateConfig(Section):
     # for unCLIP and the caption-only path, beside real renders of the same scenes; 0 prompts: none.
     diversity_prompts: int = Field(16, ge=0)
     diversity_seeds: int = Field(4, ge=2)             # at least a pair per caption
+    # Captions a user would write (pipeline/phrasings.py): the first this many one-object and as many
+    # two-object judged scenes rephrased outside the corpus's templates, each held-out family judged
+    # beside unCLIP's row on the test split's captions of the same scenes; 0: none
+    phrasings_per_kind: int = Field(128, ge=0)
     # DALL-E 2's comparison of priors (pipeline/prior_comparison.py): {name: a prior's model directory, relative
     # to the workspace}, each fed through the same cascade, captions and seeds as models/prior; {}: none
     # (bench/prior_comparison.py trains the other kind beside models/prior and fills this in)

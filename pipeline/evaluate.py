@@ -24,6 +24,11 @@ Figures (``metrics/evaluate.json``, and MLflow):
   in the judge's features and their judged fidelity, for ``unclip`` and ``caption_only`` at the
   decoder's trained guidance, beside real renders of the same scenes (``real_images``);
   ``bench/diversity_sweep.py`` sweeps the guidance;
+- ``phrasings``: captions a user would write (``pipeline.phrasings``): the first
+  ``evaluate.phrasings_per_kind`` judged scenes of each kind rephrased outside the corpus's
+  templates (``reordered``, ``rephrased``), judged against the same truth beside unCLIP's images of
+  the test split's captions of those scenes (``test_split``); ``bench/novel_captions.py`` goes
+  template by template;
 - ``bars``: the issue's targets, each with its figure and whether it is reached;
 - ``standard``: FID and KID through torchmetrics of the final images against the real test
   images (and FID's real-versus-real floor), in Inception-v3 when ``evaluate.inception_weights``
@@ -53,7 +58,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from . import background, bundle, diversity, prior_comparison, tracking, truth
+from . import background, bundle, diversity, phrasings, prior_comparison, tracking, truth
 from .config import PriorConfig
 from .data.shards import shard_paths
 from .data.embedding_shards import load_split
@@ -236,6 +241,8 @@ def judged_figures(e, cfg, unclip, judge, extractor, test: dict, val: dict, size
     }
     if spread is not None:
         figures["diversity"] = spread
+    if e.phrasings_per_kind:
+        figures["phrasings"] = judged_phrasings(e, unclip, judge, gts, real_feats, result)
     # the grids' held-out captions: the first 8 of each kind
     n_single = figures["n_single"]
     shown = [i for i in range(len(rows)) if i < 8] + [i for i in range(n_single, len(rows))][:8]
@@ -277,6 +284,24 @@ def judged_ablation(e, unclip, judge, captions: list[str], gts: list, real_feats
     for row in ablation.values():
         row["n_captions"] = len(subset)
     return quality, ablation, result, preds
+
+
+def judged_phrasings(e, unclip, judge, gts: list, real_feats: torch.Tensor, result: dict) -> dict:
+    """Captions a user would write: the first ``evaluate.phrasings_per_kind`` judged scenes of each
+    kind rephrased by each held-out family of pipeline/phrasings.py (its templates taking turns),
+    judged against the same truth; ``test_split``: unCLIP's images of the test split's own captions
+    of those scenes (read from ``result``), so the rows compare like with like."""
+    subset = pick_rows(gts, e.phrasings_per_kind, e.phrasings_per_kind)
+    sub = torch.tensor(subset)
+    truths = [parse_gt(gts[i]) for i in subset]
+    out = {"n_captions": len(subset),
+           "test_split": score(judge, result["images"][sub], truths, real_feats[sub])}
+    for family in phrasings.HELD_OUT:
+        rephrased = [phrasings.phrase(g, family, k)[1] for k, g in enumerate(truths)]
+        say("evaluate", f"phrasings {family}: {len(subset)} captions through the cascade (e.g. {rephrased[0]!r})")
+        images = unclip.generate(rephrased, n=1, seed=e.seed, batch_size=e.batch_size)["images"]
+        out[family] = score(judge, images, truths, real_feats[sub]) | {"example": rephrased[0]}
+    return out
 
 
 def standard_figures(e, extractor, generated: torch.Tensor, real: torch.Tensor, floor_real: torch.Tensor) -> dict:
@@ -483,7 +508,10 @@ def log_judged(figures: dict, metric: str, n: int, where: str) -> None:
                          | common_metrics(figures, metric)
                          | {f"background_{k}": v for k, v in quality["background"].items() if v is not None}
                          | ({f"diversity_{v}_{k}": spread[v][k] for v in ("unclip", "caption_only", "real_images")
-                             for k in ("diversity", "fidelity") if spread[v][k] is not None} if spread else {}))
+                             for k in ("diversity", "fidelity") if spread[v][k] is not None} if spread else {})
+                         | {f"phrasings_{family}_{kind}_{k}": v for family, row in figures.get("phrasings", {}).items()
+                            if isinstance(row, dict) for kind in ("single", "pair")
+                            for k, v in row[kind].items() if k != "n" and v is not None})
     missed = [k for k, b in figures["bars"].items() if not b["ok"]]
     s, p = quality["single"], quality["pair"]
     say("evaluate", f"{n} test captions: one object color {s['color']}% shape {s['shape']}% "

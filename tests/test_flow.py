@@ -128,6 +128,12 @@ def test_generative_half_trained_and_evaluated(flow_runs):
     div = ev["diversity"]
     assert (div["n_prompts"], div["n_single"], div["seeds"]) == (2, 1, 2) and div["real_images"]["diversity"] > 0
     assert all(div[v]["diversity"] >= 0 and 0 <= div[v]["fidelity"] <= 100 for v in ("unclip", "caption_only"))
+    # captions a user would write: the first phrasings_per_kind (2) scenes of each kind, every held-out family
+    ph = ev["phrasings"]
+    assert ph["n_captions"] == 4 and set(ph) == {"n_captions", "test_split", "reordered", "rephrased"}
+    assert ph["test_split"]["single"] == ev["ablation"]["unclip"]["single"]      # the same first scenes, images
+    for family in ("reordered", "rephrased"):
+        assert ph[family]["single"]["n"] == ph[family]["pair"]["n"] == 2 and ph[family]["example"]
     judge = json.loads(ws.metrics_path("judge").read_text())
     assert judge["n_test"] > 0 and set(judge["test_accuracy"]) >= {"color", "shape", "size", "position"}
     assert (ws.judge / "model.safetensors").exists()

@@ -164,4 +164,7 @@ def test_report_and_comparison_pages_in_a_browser(tmp_path, smoke_cfg, monkeypat
     html = cmp_page.read_text()
     assert "evaluate.seed" in html and "config-diff" in html
     assert "Trained at other thread counts" in html and "1 from step 0, 2 from step 469" in html   # the decoder's draw
+    assert rows["evaluate.phrasings.reordered.single.shape"]["cells"][-1] == "within noise"    # 30 -> 31 of 2,000
+    assert rows["evaluate.phrasings.reordered.single.color"]["cls"] == "better"                 # 89 -> 95
+    assert "Captions a user would write" in page.read_text() and "red circle, small, at the top" in page.read_text()
     assert a_fig["quality"]["single"]["color"] == 90.0

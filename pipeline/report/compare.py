@@ -23,7 +23,7 @@ NEUTRAL = re.compile(r"(floor|baseline|real_images|real_vs_real|shuffled|unrelat
                      r"\.n$|\.n_|seed|subset|\.bar$|\.steps$|threshold|shards|input|attempted|"
                      r"^evaluate\.sizes|kid_std|\.lr$|\.guidance$)")
 LOWER = re.compile(r"(frechet|\.fid$|kid_mean|\.nfe|nfe_|seconds|duration|loss$|noise|\.stray$)")
-HIGHER = re.compile(r"(quality|ablation|accuracy|clip_score|cos_pred|cos_reembed|psnr|recall|zero_shot|"
+HIGHER = re.compile(r"(quality|ablation|phrasings|accuracy|clip_score|cos_pred|cos_reembed|psnr|recall|zero_shot|"
                     r"images_per_s|\.auroc|mismatch_auroc|precision|diversity|fidelity)")
 
 

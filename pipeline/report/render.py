@@ -233,7 +233,23 @@ def judged_section(ev: dict, mf: dict) -> list[str]:
             "Ablation (DALL·E 2 §5.1), every variant on the same first captions of each kind (the Fréchet "
             "distance grows as the sample shrinks): unclip = prior → decoder; text_embedding = decoder fed z_t; "
             "caption_only = no image embedding.</p>",
-            table(head, rows, "quality")]
+            table(head, rows, "quality"), *phrasings_section(ev, mf)]
+
+
+def phrasings_section(ev: dict, mf: dict) -> list[str]:
+    """Captions a user would write: the same scenes in phrasings outside the corpus's templates."""
+    ph = ev.get("phrasings")
+    if not ph:
+        return []
+    families = [f for f, row in ph.items() if isinstance(row, dict)]
+    rows = [f"<tr><th>{esc(label)}</th>" + "".join(cell(mf, f"evaluate.phrasings.{f}.{k}") for f in families) + "</tr>"
+            for label, k in QUALITY_ROWS]
+    examples = "; ".join(f"{esc(f)}: “{esc(ph[f]['example'])}”" for f in families if ph[f].get("example"))
+    return ["<h3>Captions a user would write</h3>",
+            f'<p class="sub">The first {esc(ph.get("n_captions"))} judged scenes (half one-object), each captioned '
+            "by the test split (the corpus's templates) and rephrased outside them (pipeline/phrasings.py), one "
+            f"image each, the same seed, judged against the same truth. E.g. {examples}.</p>",
+            table(["", *families], rows, "phrasings")]
 
 
 def standard_sections(ev: dict, mf: dict) -> list[str]:

@@ -20,6 +20,11 @@ def fake_evaluation(ws, seed: int, color: float, fid: float, shape: float = 50.0
                "bars": {"single color": {"value": color, "bar": 95, "ok": color >= 95}},
                "nfe_total": 40}
     figures["ablation"] = {"unclip": figures["quality"] | {"nfe_per_image": 40}}
+    figures["phrasings"] = {"n_captions": 4, "test_split": figures["quality"],
+                            "reordered": {"single": {"n": n, "color": color - 1, "shape": shape - 20, "size": 90.0,
+                                                     "position": 100.0, "all": 25.0},
+                                          "pair": {"n": n, "colors": 40.0, "shapes": 0.0, "relation": 10.0, "all": 0.0},
+                                          "frechet_distance": fd + 5, "example": "red circle, small, at the top"}}
     figures["bundle"] = bundle.digests(ws.root / "models")       # as evaluate writes it: the weights measured
     ws.metrics_dir.mkdir(exist_ok=True)
     ws.metrics_path("evaluate").write_text(json.dumps(figures))
