@@ -28,15 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.clip import negatives  # noqa: E402
 from pipeline.data import scenes  # noqa: E402
-from pipeline.phrasings import HELD_OUT, PAIR, SINGLE, new_words, phrase  # noqa: E402
 from pipeline.data.embedding_shards import load_split  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402
 from pipeline.generate import Unclip  # noqa: E402
 from pipeline.judge.labels import parse_gt  # noqa: E402
 from pipeline.judge.model import Judge  # noqa: E402
+from pipeline.phrasings import HELD_OUT, PAIR, SINGLE, new_words, phrase  # noqa: E402
 from pipeline.quality import score  # noqa: E402
 from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402
+
 
 def clip_prefers(unclip, z_i: torch.Tensor, captions: list[str]) -> dict:
     """How often CLIP itself, from the real image's z_i, scores each caption above its twin with the
