@@ -241,7 +241,7 @@ def phrasings_section(ev: dict, mf: dict) -> list[str]:
     ph = ev.get("phrasings")
     if not ph:
         return []
-    families = [f for f, row in ph.items() if isinstance(row, dict)]
+    families = sorted((f for f, row in ph.items() if isinstance(row, dict)), key=lambda f: f != "test_split")
     rows = [f"<tr><th>{esc(label)}</th>" + "".join(cell(mf, f"evaluate.phrasings.{f}.{k}") for f in families) + "</tr>"
             for label, k in QUALITY_ROWS]
     examples = "; ".join(f"{esc(f)}: “{esc(ph[f]['example'])}”" for f in families if ph[f].get("example"))
