@@ -27,33 +27,42 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.clip import negatives  # noqa: E402
-from pipeline.data import scenes  # noqa: E402
 from pipeline.data.embedding_shards import load_split  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402
 from pipeline.generate import Unclip  # noqa: E402
 from pipeline.judge.labels import parse_gt  # noqa: E402
 from pipeline.judge.model import Judge  # noqa: E402
-from pipeline.phrasings import HELD_OUT, PAIR, SINGLE, new_words, phrase  # noqa: E402
+from pipeline.phrasings import HELD_OUT, new_words, phrase, trained_on  # noqa: E402
 from pipeline.quality import score  # noqa: E402
 from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402
 
 
-def clip_prefers(unclip, z_i: torch.Tensor, captions: list[str]) -> dict:
-    """How often CLIP itself, from the real image's z_i, scores each caption above its twin with the
+def clip_verdicts(unclip, z_i: torch.Tensor, captions: list[str]) -> dict[str, list]:
+    """Per caption, whether CLIP itself, from the real image's z_i, scores it above its twin with the
     spatial words reversed (``relation``) and with its first two colors swapped (``binding``): the
-    NegCLIP twins of pipeline/clip/negatives.py. Percent of the rows that have such a twin."""
-    out = {}
+    NegCLIP twins of pipeline/clip/negatives.py; None where the caption has no such twin."""
     z = torch.nn.functional.normalize(z_i.float(), dim=-1)
+    out = {}
     for kind, make in negatives.MAKERS.items():
+        verdicts: list = [None] * len(captions)
         rows = [(k, t) for k, c in enumerate(captions) if (t := make(c)) is not None]
-        if not rows:
-            out[kind] = None
-            continue
-        idx = torch.tensor([k for k, _ in rows])
-        true = torch.nn.functional.normalize(unclip.encode_text([captions[k] for k, _ in rows])[0], dim=-1)
-        twin = torch.nn.functional.normalize(unclip.encode_text([t for _, t in rows])[0], dim=-1)
-        out[kind] = round(100 * float(((z[idx] * true).sum(-1) > (z[idx] * twin).sum(-1)).float().mean()), 2)
+        if rows:
+            idx = torch.tensor([k for k, _ in rows])
+            true = torch.nn.functional.normalize(unclip.encode_text([captions[k] for k, _ in rows])[0], dim=-1)
+            twin = torch.nn.functional.normalize(unclip.encode_text([t for _, t in rows])[0], dim=-1)
+            for (k, _), ok in zip(rows, ((z[idx] * true).sum(-1) > (z[idx] * twin).sum(-1)).tolist()):
+                verdicts[k] = ok
+        out[kind] = verdicts
+    return out
+
+
+def clip_prefers(verdicts: dict[str, list], idx: list[int]) -> dict:
+    """Percent of the rows ``idx`` that have a twin of each kind where CLIP prefers the caption (None: no twin)."""
+    out = {}
+    for kind, v in verdicts.items():
+        have = [v[k] for k in idx if v[k] is not None]
+        out[kind] = round(100 * sum(have) / len(have), 2) if have else None
     return out
 
 
@@ -80,10 +89,10 @@ def main() -> None:
     test = load_split(shard_paths(ws.embeddings), "test", image_size=unclip.sizes[-1])
     rows = pick_rows(test["gt"], args.n_single, args.n_pair)
     gts = [parse_gt(test["gt"][i]) for i in rows]
-    z_i = test["z_i"][torch.tensor(rows)]                 # the real test images' CLIP embeddings
-    _, real = judge.predict(test["images"][torch.tensor(rows)])
-    corpus = set(scenes.SINGLE_TEMPLATES) | set(scenes.PAIR_TEMPLATES)
-    held = [t for f in HELD_OUT for t in (*SINGLE[f], *PAIR[f]) if t in corpus]
+    picked = torch.tensor(rows)
+    z_i = test["z_i"][picked]                             # the real test images' CLIP embeddings
+    _, real = judge.predict(test["images"][picked])
+    held = trained_on()
     if held:
         raise SystemExit(f"the corpus now trains on the bench's held-out phrasings {held}: choose others")
     families = {"test_split": [(None, test["captions"][i]) for i in rows],
@@ -93,19 +102,19 @@ def main() -> None:
         captions = [c for _, c in phrased]
         images = unclip.generate(captions, n=1, seed=args.seed, batch_size=args.batch_size,
                                  upsampler_strength=args.upsampler_strength)["images"]
-        fig = score(judge, images, gts, real) | {"clip_prefers": clip_prefers(unclip, z_i, captions)}
+        verdicts = clip_verdicts(unclip, z_i, captions)
+        fig = score(judge, images, gts, real) | {"clip_prefers": clip_prefers(verdicts, range(len(captions)))}
         by_template = {}
         for template in dict.fromkeys(t for t, _ in phrased if t is not None):
             idx = [k for k, (t, _) in enumerate(phrased) if t == template]
             by_template[template] = {"n": len(idx), "new_words": new_words(template), "example": phrased[idx[0]][1],
                                      **score(judge, images[torch.tensor(idx)], [gts[k] for k in idx], real),
-                                     "clip_prefers": clip_prefers(unclip, z_i[torch.tensor(idx)],
-                                                                  [captions[k] for k in idx])}
+                                     "clip_prefers": clip_prefers(verdicts, idx)}
         out["families"][family] = {**fig, "examples": captions[:2] + captions[len(captions) // 2:][:2],
                                    "by_template": by_template}
         print(f"{family:10s} {figures(fig)}  CLIP: {fig['clip_prefers']}", flush=True)
         for template, t in by_template.items():
-            kind = "single" if "shape" in t["single"] and t["single"]["n"] else "pair"
+            kind = "single" if t["single"]["n"] else "pair"       # a template phrases one kind of scene
             keys = ("color", "shape", "size", "position") if kind == "single" else ("colors", "relation")
             clip = " ".join(f"{k[:3]} {v:5.1f}" for k, v in t["clip_prefers"].items() if v is not None)
             print(f"    {t['n']:3d}  {' '.join(f'{k} {t[kind][k]:5.1f}' for k in keys):55s} CLIP {clip:19s} "

@@ -13,7 +13,7 @@ one of these families' templates, which take turns over the rows:
     rephrased   other words too ("draw a small red circle placed in the top left"; "a blue square with
                 a red circle to its left")
 
-None of the held-out families' templates is a corpus template (tests/test_phrasings.py, which also
+None of the held-out families' templates is a corpus template (:func:`trained_on`; tests/test_phrasings.py also
 parses every phrasing back to its scene's truth). ``evaluate`` judges the held-out families on the
 first ``evaluate.phrasings_per_kind`` captions of each kind; ``bench/novel_captions.py`` on all of
 them, template by template, beside what CLIP itself reads.
@@ -60,6 +60,12 @@ PAIR = {
                   "a {color1} {shape1} with a {color0} {shape0} {to_its}",
                   "draw a {color0} {shape0} {rel} a {color1} {shape1}"),
 }
+
+
+def trained_on() -> list[str]:
+    """The held-out families' templates that the corpus trains on (none, or they measure nothing held out)."""
+    corpus = set(scenes.SINGLE_TEMPLATES) | set(scenes.PAIR_TEMPLATES)
+    return [t for f in HELD_OUT for t in (*SINGLE[f], *PAIR[f]) if t in corpus]
 
 
 def _words(text: str) -> set[str]:

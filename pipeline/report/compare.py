@@ -65,12 +65,13 @@ def judged_n(flat: dict, key: str) -> Optional[int]:
     ``single``/``pair`` figure, ``n_named`` beside the named background's; for a bar's value, the
     figure it reads. None for any other figure."""
     parent, _, leaf = key.rpartition(".")
-    if parent.startswith("evaluate.bars.") and leaf == "value":
-        name = parent.removeprefix("evaluate.bars.")
-        kind = name.split(" ")[0]
-        parent, leaf = ("evaluate.quality.background", "named_right") if name.startswith("background named") \
-            else (f"evaluate.quality.{kind}", "")
-        if kind not in ("single", "pair", "background"):
+    if parent.startswith("evaluate.bars.") and leaf == "value":     # "single shape": evaluate.quality.single.shape
+        kind, _, figure = parent.removeprefix("evaluate.bars.").partition(" ")
+        if kind == "background" and figure.startswith("named"):
+            parent, leaf = "evaluate.quality.background", "named_right"
+        elif kind in ("single", "pair"):
+            parent, leaf = f"evaluate.quality.{kind}", figure
+        else:
             return None
     if leaf == "named_right":
         n = flat.get(f"{parent}.n_named")
@@ -220,6 +221,5 @@ def compare_html(dir_a: Path, dir_b: Path) -> str:
     others_a = {k: v for k, v in a["metrics"].items() if k != "evaluate"}
     others_b = {k: v for k, v in b["metrics"].items() if k != "evaluate"}
     out += ["<details><summary>every other stage's figures</summary>",
-            table(["figure", "A", "B", "Δ", "noise (2 SE)", "B vs A"], metric_rows(others_a, others_b), "metrics-other"),
-            "</details>"]
+            table(head, metric_rows(others_a, others_b), "metrics-other"), "</details>"]
     return page(f"unCLIP compare {a['run']} vs {b['run']}", "\n".join(out))
