@@ -158,7 +158,7 @@ class ClipConfig(Section):
     seed: int = 0
     model: ClipModelConfig = ClipModelConfig()
     batch_size: int = Field(256, ge=2)
-    steps: int = Field(900, ge=1)
+    steps: int = Field(1800, ge=1)
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.1, ge=0)
@@ -178,6 +178,9 @@ class ClipConfig(Section):
     # an AMX machine trained, and the two such CLIPs tried bound colors worse downstream (docs/MEASURED.md,
     # twenty-first session)
     shared_prefix: bool = False
+    # language rewrites per training caption (pipeline/clip/rewrites.py, LaCLIP): each step trains on the
+    # caption or one of its rewrites, drawn uniformly per sample. 0: the captions as they are
+    rewrites: int = Field(3, ge=0, le=8)
 
     @model_validator(mode="before")
     @classmethod

@@ -2,14 +2,17 @@
 
 Each shard's train samples are decoded (OpenCV, ``image_shards.decode_images``), tokenized and
 given their hard negatives once per pass over the data, into a rolling buffer of whole shards
-(:mod:`pipeline.data.shard_buffer`); a step draws random indices from it. CLIP sees each image
+(:mod:`pipeline.data.shard_buffer`); a step draws random indices from it. With ``rewrites`` k > 0
+each caption comes with k language rewrites (:mod:`.rewrites`), tokenized beside it, and a step
+takes one of the 1 + k at random per sample (LaCLIP), with that text's hard negatives. CLIP sees each image
 about 13 times on the default profile, and streaming decoded, parsed and tokenized every sample
 again in a DataLoader worker, which on 2 cores takes its CPU from the training step.
 """
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -17,14 +20,22 @@ from ..data.image_shards import decode_images, require_train_samples
 from ..data.shard_buffer import buffered_batches
 from ..data.shards import count_samples, iter_shard, sample_meta, split_of
 from .negatives import hard_negatives
+from .rewrites import rewrites as rewrite_caption
 
 BUFFER_BYTES = 512 * 2**20     # decoded images held at most (16 shards of 2,500 at 64 px; 1 shard at 224 px)
 
 
+def caption_variants(captions: list[str], rewrites: int, seed: int) -> list[str]:
+    """Each caption then its ``rewrites`` language rewrites: [n * (1 + rewrites)] texts, caption-major."""
+    return [t for c in captions for t in (c, *rewrite_caption(c, rewrites, seed))]
+
+
 def read_part(path: Path, tokenize: Callable[[list[str]], torch.Tensor], image_size: int,
-              negatives: tuple[str, ...] = ()) -> dict:
-    """One shard's train samples: ``images`` uint8 [n, 3, S, S], ``tokens`` [n, L]; with
-    ``negatives`` also ``negatives`` [n, K, L] and ``negative_mask`` [n, K] bool."""
+              negatives: tuple[str, ...] = (), rewrites: int = 0, seed: int = 0, stats: Optional[dict] = None) -> dict:
+    """One shard's train samples: ``images`` uint8 [n, 3, S, S], ``tokens`` [n, V, L] (V = 1 +
+    ``rewrites``: the caption, then its rewrites); with ``negatives`` also ``negatives`` [n, V, K, L] and
+    ``negative_mask`` [n, V, K] bool. A rewrite that fills the whole context (it might be cut) is
+    replaced by its caption. ``stats`` counts ``captions`` and ``rewritten`` (read by the rewrites)."""
     blobs, captions = [], []
     for s in iter_shard(path):
         if split_of(sample_meta(s)) == "train":
@@ -32,22 +43,45 @@ def read_part(path: Path, tokenize: Callable[[list[str]], torch.Tensor], image_s
             captions.append(s["txt"].decode("utf-8"))
     if not blobs:
         return {"n": 0}
-    part = {"images": decode_images(blobs, image_size), "tokens": tokenize(captions), "n": len(blobs)}
+    n, v = len(blobs), 1 + rewrites
+    texts = caption_variants(captions, rewrites, seed)
+    tokens = tokenize(texts).view(n, v, -1)                          # [n, V, L]
+    # a variant that fills the context may be cut: its caption's row instead (every field alike)
+    variant = torch.where(tokens[:, :, -1] != 0, 0, torch.arange(v)).view(-1) + torch.arange(n).repeat_interleave(v) * v
+    part = {"images": decode_images(blobs, image_size), "tokens": tokens.view(n * v, -1)[variant].view(n, v, -1), "n": n}
     if negatives:
-        texts, mask = hard_negatives(captions, negatives)
-        part |= {"negatives": tokenize(texts).view(len(captions), len(negatives), -1), "negative_mask": mask}
+        found, mask = hard_negatives(texts, negatives)
+        k = len(negatives)
+        part |= {"negatives": tokenize(found).view(n * v, k, -1)[variant].view(n, v, k, -1),
+                 "negative_mask": mask[variant].view(n, v, k)}
+    if stats is not None:
+        stats["captions"] = stats.get("captions", 0) + n
+        stats["rewritten"] = stats.get("rewritten", 0) + sum(
+            any(t != c for t in texts[i * v + 1:(i + 1) * v]) for i, c in enumerate(captions))
     return part
 
 
 def train_batches(paths: list[Path], tokenize: Callable[[list[str]], torch.Tensor], batch_size: int,
-                  seed: int, image_size: int, negatives: tuple[str, ...] = (),
-                  buffer_bytes: int = BUFFER_BYTES) -> Iterator[tuple]:
+                  seed: int, image_size: int, negatives: tuple[str, ...] = (), rewrites: int = 0,
+                  buffer_bytes: int = BUFFER_BYTES, stats: Optional[dict] = None) -> Iterator[tuple]:
     """Endless (uint8 images [B, 3, S, S], tokens [B, L]) from the train split; with
     ``negatives`` (kinds of :mod:`.negatives`) also (negative tokens [B, K, L], mask [B, K] bool).
-    At most ``buffer_bytes`` of decoded images are resident (at least one shard)."""
+    Each sample's text is its caption or one of its ``rewrites``, drawn uniformly per sample and
+    step. At most ``buffer_bytes`` of decoded images are resident (at least one shard)."""
     require_train_samples(paths)         # a StageError naming the splits found, before any decoding
     per_shard = max(1, count_samples(paths[0])) * 3 * image_size ** 2
     fields = ("images", "tokens", "negatives", "negative_mask") if negatives else ("images", "tokens")
-    batches = buffered_batches(paths, lambda p: read_part(p, tokenize, image_size, negatives), set(fields),
-                               batch_size, seed=seed, buffer_shards=max(1, buffer_bytes // per_shard))
-    return (tuple(b[k] for k in fields) for b in batches)
+    batches = buffered_batches(paths, lambda p: read_part(p, tokenize, image_size, negatives, rewrites, seed, stats),
+                               set(fields), batch_size, seed=seed, buffer_shards=max(1, buffer_bytes // per_shard))
+    # its own stream: a generator seeded like the buffer's would draw each sample's variant from its index
+    pick = torch.Generator().manual_seed(zlib.crc32(f"clip rewrites {seed}".encode()))
+    return _one_text_per_sample(batches, fields, rewrites, pick)
+
+
+def _one_text_per_sample(batches: Iterator[dict], fields: tuple[str, ...], rewrites: int,
+                         pick: torch.Generator) -> Iterator[tuple]:
+    """The batches' fields, each sample's text fields [B, V, ...] cut to the variant drawn for it [B, ...]."""
+    for b in batches:
+        rows = torch.arange(len(b["images"]))
+        variant = torch.randint(0, 1 + rewrites, (len(rows),), generator=pick) if rewrites else torch.zeros_like(rows)
+        yield tuple(b[k] if k == "images" else b[k][rows, variant] for k in fields)

@@ -104,7 +104,8 @@ def train(clip_cfg, shard_paths: list[Path], checkpoint_dir: Path,
     model = clip.model.to(device_of())
     device = next(model.parameters()).device
     # the token table's rows that the training captions use, trained alone (clip/vocab.py; None: the whole table)
-    ids = used_token_ids(shard_paths, clip.tokenize, tuple(clip_cfg.hard_negatives))
+    ids = used_token_ids(shard_paths, clip.tokenize, tuple(clip_cfg.hard_negatives), rewrites=clip_cfg.rewrites,
+                         seed=clip_cfg.seed)
     table = model.token_embedding
     if ids is not None:
         model.token_embedding = UsedRows(table, ids)
@@ -112,8 +113,9 @@ def train(clip_cfg, shard_paths: list[Path], checkpoint_dir: Path,
     optimizer = torch.optim.AdamW(param_groups(model, clip_cfg.weight_decay), lr=clip_cfg.lr,
                                   betas=(0.9, 0.98), eps=1e-6, fused=True)
     scheduler = cosine_with_warmup(optimizer, clip_cfg.warmup_steps, clip_cfg.steps)
+    read = {}                      # captions read, and how many the rewrites could read (clip/rewrites.py)
     batches = train_batches(shard_paths, clip.tokenize, clip_cfg.batch_size, clip_cfg.seed, clip.image_size,
-                            tuple(clip_cfg.hard_negatives))
+                            tuple(clip_cfg.hard_negatives), rewrites=clip_cfg.rewrites, stats=read)
     done = [0]                     # optimizer steps taken (fit reports them, a resumed run's start included)
     loss_fn = make_loss(clip, clip_cfg.precision, device, negatives_from=clip_cfg.hard_negatives_from,
                         steps_done=lambda: done[0], share_prefix=clip_cfg.shared_prefix)
@@ -136,4 +138,7 @@ def train(clip_cfg, shard_paths: list[Path], checkpoint_dir: Path,
     summary["logit_scale"] = round(model.logit_scale.exp().item(), 2)
     if clip_cfg.hard_negatives:
         summary["hard_negatives_from_step"] = clip_cfg.hard_negatives_from
+    if clip_cfg.rewrites and read.get("captions"):
+        summary["rewrites"] = {"per_caption": clip_cfg.rewrites,
+                               "captions_rewritten_pct": round(100 * read["rewritten"] / read["captions"], 2)}
     return clip, summary

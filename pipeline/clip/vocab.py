@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import torch
 
 from ..data.image_shards import iter_split
+from .data import caption_variants
 from .negatives import hard_negatives
 
 
@@ -38,15 +39,19 @@ PREPASS_BYTES = 4 * 2**30     # shards larger than this in all: no pre-pass, the
 
 
 def used_token_ids(paths: list[Path], tokenize: Callable[[list[str]], torch.Tensor],
-                   negatives: tuple[str, ...] = (), max_bytes: Optional[int] = None) -> Optional[torch.Tensor]:
-    """The sorted token ids [V'] of the train split's captions and of their hard negatives
-    (a negative may hold a word no caption has: a relation reversed), padding (0) included.
+                   negatives: tuple[str, ...] = (), max_bytes: Optional[int] = None,
+                   rewrites: int = 0, seed: int = 0) -> Optional[torch.Tensor]:
+    """The sorted token ids [V'] of the train split's captions, of their ``rewrites`` (the same
+    ones training reads: clip/data.py ``caption_variants``) and of their hard negatives (a negative
+    may hold a word no caption has: a relation reversed), padding (0) included.
     Decodes the shards' captions only (the embedded corpus: 0.6 s, and 0.8 s to tokenize).
     None when the shards add up to more than ``max_bytes`` (default ``PREPASS_BYTES``): no rows
     picked, train the whole table."""
     if sum(Path(p).stat().st_size for p in paths) > (PREPASS_BYTES if max_bytes is None else max_bytes):
         return None
     texts = sorted({sample["txt"].decode("utf-8") for sample in iter_split(paths, "train")})
+    if rewrites:
+        texts = sorted(set(caption_variants(texts, rewrites, seed)))
     if negatives and texts:
         found, mask = hard_negatives(texts, negatives)
         texts += sorted({t for t, keep in zip(found, mask.flatten().tolist()) if keep})

@@ -1,0 +1,187 @@
+"""Language rewrites of CLIP's training captions (LaCLIP: Fan et al. 2023, "Improving CLIP Training
+with Language Rewrites").
+
+The corpus phrases every scene with one of nine templates, and a text tower trained on them learns
+the templates' word order, not the sentence: ``bench/novel_captions.py`` measured CLIP reading
+"an orange triangle, and to the right of it a yellow square" inverted (it prefers the caption's
+relation-reversed twin 100 % of the time), and the cascade draws what CLIP reads (docs/MEASURED.md,
+twenty-fourth session). Adding templates to the corpus moved that heuristic rather than removing it,
+and changed the test split's captions with it.
+
+LaCLIP rewrites each training caption several ways (with a language model) and trains on one of the
+caption and its rewrites, drawn at random, at every step: the image stays, the words move. With no
+language model here, the rewrites come from the caption's own words: :func:`read` finds what a
+caption names (objects with their size, color and shape, one object's place, the relation of two,
+the background), and :func:`rewrite` says the same in another construction:
+
+- one object: its place before or after it, with a verb ("a small red circle sits in the top left",
+  "in the top left is a small red circle"), a size after the noun ("a red circle that is small"),
+  another of the corpus's words for the same place or size;
+- two objects: the converse ("a blue square to the right of a red circle" for "a red circle to the
+  left of a blue square"), the relation fronted ("to the left of a blue square is a red circle"), a
+  pronoun ("a blue square and a red circle to the left of it"), the objects by their places ("a
+  red circle on the left and a blue square on the right");
+- a lead-in or none, the background before, after or left out when the caption leaves it out.
+
+Every rewrite names exactly what its caption names (a caption that does not name a size or a
+background gets none), so it is a true caption of the same image, the mismatched 5 % included. A
+caption with any word outside the corpus's grammar (a user's own data) is not read and trains as it
+is. The rewrites are fixed per caption (seeded by its text), so the token rows CLIP trains
+(clip/vocab.py) are known before training.
+
+The held-out phrasings that ``evaluate`` and ``bench/novel_captions.py`` judge (pipeline/phrasings.py)
+were written before these rewrites, and no rewrite is one of them (:func:`every_rewrite`,
+tests/test_clip_rewrites.py). Some share a construction with them (a place first, a size after the
+noun, a pronoun, two places), so the held-out figures after this measure new wordings of known
+constructions more than new constructions: the per-template table of the bench says which.
+"""
+from __future__ import annotations
+
+import random
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+from ..data import scenes
+
+CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+# the two objects by their places: the relation's first object's place, then the other's
+PLACES = {"left of": ("on the left", "on the right"), "right of": ("on the right", "on the left"),
+          "above": ("at the top", "at the bottom"), "below": ("at the bottom", "at the top")}
+LEAD_INS = ("", "a picture of ", "an illustration of ", "we see ")   # before a noun phrase's frames only
+# (frame, whether it is a noun phrase, which a lead-in may open); each frame as likely as the others
+SINGLE_FRAMES = (("{np} {place}", True), ("{place} is {np}", False), ("{place}, {np}", False),
+                 ("{np} sits {place}", False), ("{np} is {place}", False))
+PAIR_FRAMES = (("{a} {rel} {b}", True), ("{b} {converse} {a}", True), ("{b} and {a} {rel} it", True),
+               ("{places}", True), ("{rel} {b} is {a}", False), ("{a} is {rel} {b}", False))
+BACKGROUND = ("{text} on a {bg} background", "{text} against a {bg} background", "on a {bg} background, {text}")
+
+_SIZE_OF = {w: size for size, words in scenes.SIZE_WORDS.items() for w in words}
+_PLACE_OF = {phrase: pos for pos, phrases in scenes.POSITION_PHRASES.items() for phrase in phrases}
+_RELATION_OF = {phrase: rel for rel, phrase in scenes.RELATION_PHRASES.items()}
+_OBJECT = re.compile(r"\b(?:(" + "|".join(_SIZE_OF) + r") )?(" + "|".join(scenes.COLORS) + r") ("
+                     + "|".join(scenes.SHAPES) + r")\b")
+_BACKGROUND = re.compile(r"\bon an? (" + "|".join(scenes.BACKGROUNDS) + r") background\b")
+# what the corpus's templates add around those parts ("a photo of", "there is", "a ... :")
+_GLUE = {"a", "an", "photo", "of", "there", "is"}
+
+
+@dataclass(frozen=True)
+class Obj:
+    size: Optional[str]      # "small" / "large", None where the caption does not say
+    color: str
+    shape: str
+
+
+@dataclass(frozen=True)
+class Named:
+    """What a caption names."""
+    objects: tuple[Obj, ...]
+    relation: Optional[str] = None      # of objects[0] to objects[1]
+    position: Optional[str] = None      # one object's cell
+    background: Optional[str] = None
+
+
+def read(caption: str) -> Optional[Named]:
+    """What ``caption`` names, when every word of it is the corpus's grammar; else None."""
+    text = caption.lower().strip()
+    bg = _BACKGROUND.search(text)
+    rest = _BACKGROUND.sub(" ", text)
+    objects = [Obj(_SIZE_OF.get(m.group(1) or ""), m.group(2), m.group(3)) for m in _OBJECT.finditer(rest)]
+    rest = _OBJECT.sub(" ", rest)
+    relation = position = None
+    if len(objects) == 2:
+        found = [(p, r) for p, r in _RELATION_OF.items() if re.search(rf"\b{p}\b", rest)]
+        if len(found) != 1:
+            return None
+        relation = found[0][1]
+        rest = rest.replace(found[0][0], " ")
+    elif len(objects) == 1:
+        for phrase in sorted(_PLACE_OF, key=len, reverse=True):   # "in the top left" before "top"
+            if re.search(rf"(?<![\w-]){re.escape(phrase)}(?![\w-])", rest):
+                position = _PLACE_OF[phrase]
+                rest = rest.replace(phrase, " ")
+                break
+        if position is None:
+            return None
+    else:
+        return None
+    if set(re.findall(r"[a-z\-]+", rest)) - _GLUE or re.sub(r"[a-z\s:]", "", rest):
+        return None                                   # a word (or sign) the grammar does not have
+    return Named(tuple(objects), relation, position, bg.group(1) if bg else None)
+
+
+def _np(o: Obj, rng) -> str:
+    """"a small red circle", "the red circle that is small", "a red circle" (no size named)."""
+    words = f"{o.color} {o.shape}"
+    if o.size:
+        size = rng.choice(scenes.SIZE_WORDS[o.size])
+        words = rng.choice((f"{size} {words}",) * 3 + (f"{words} that is {size}",))    # 1 in 4: after the noun
+    return f"{rng.choice(('a', 'a', 'the'))} {words}"
+
+
+def rewrite(named: Named, rng) -> str:
+    """One caption that names what ``named`` names, in a construction drawn by ``rng.choice`` (a
+    ``random.Random``; :func:`every_rewrite` passes a script that walks every choice)."""
+    if len(named.objects) == 1:
+        frame, noun_phrase = rng.choice(SINGLE_FRAMES)
+        text = frame.format(np=_np(named.objects[0], rng), place=rng.choice(scenes.POSITION_PHRASES[named.position][:2]))
+    else:
+        frame, noun_phrase = rng.choice(PAIR_FRAMES)
+        a, b = (_np(o, rng) for o in named.objects)
+        first_place, second_place = PLACES[named.relation]
+        places = rng.choice((f"{a} {first_place} and {b} {second_place}", f"{b} {second_place} and {a} {first_place}"))
+        text = frame.format(a=a, b=b, rel=scenes.RELATION_PHRASES[named.relation],
+                            converse=scenes.RELATION_PHRASES[CONVERSE[named.relation]], places=places)
+    if noun_phrase:
+        text = rng.choice(LEAD_INS) + text
+    if named.background:
+        text = rng.choice(BACKGROUND).format(text=text, bg=named.background)
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)                  # "an orange circle", as scenes.caption
+
+
+def rewrites(caption: str, k: int, seed: int = 0) -> list[str]:
+    """``k`` rewrites of ``caption``, fixed by its text and ``seed``, each another caption than it and
+    than each other where the grammar has that many; the caption itself ``k`` times when
+    :func:`read` cannot read it."""
+    named = read(caption)
+    if named is None or k <= 0:
+        return [caption] * max(k, 0)
+    rng = random.Random(zlib.crc32(f"{seed}:{caption}".encode()))
+    drawn: list[str] = []
+    for _ in range(8 * k):
+        text = rewrite(named, rng)
+        if text != caption and text not in drawn:
+            drawn.append(text)
+            if len(drawn) == k:
+                break
+    return drawn + [caption] * (k - len(drawn))
+
+
+class _Script:
+    """``rng.choice`` that takes the choices of ``path`` (then the first option), recording the
+    distinct options it could have taken at each choice."""
+
+    def __init__(self, path: list[int]):
+        self.path, self.taken, self.options = path, [], []
+
+    def choice(self, options):
+        distinct = [i for i, o in enumerate(options) if o not in options[:i]]
+        k = len(self.taken)
+        self.taken.append(self.path[k] if k < len(self.path) else distinct[0])
+        self.options.append(distinct)
+        return options[self.taken[-1]]
+
+
+def every_rewrite(named: Named) -> set[str]:
+    """Every caption :func:`rewrite` can write for ``named`` (a walk over its choices: a few
+    hundred to a few thousand a scene)."""
+    out, stack = set(), [[]]
+    while stack:
+        path = stack.pop()
+        script = _Script(path)
+        out.add(rewrite(named, script))
+        for k in range(len(path), len(script.taken)):         # branch at every choice past the path
+            stack += [script.taken[:k] + [j] for j in script.options[k][1:]]
+    return out
