@@ -132,7 +132,8 @@ def main() -> None:
                                                             "seconds": round(time.perf_counter() - t0, 1)}
             results["sweeps"][name].append(fig)
             print(f"{name:16s} {json.dumps(setting):55s} NFE {fig['nfe']:4d}  "
-                  + "  ".join(f"{a}.{b} {fig[a][b]:5.1f}" for a, b in FIGS)
+                  + "  ".join(f"{a}.{b} " + ("  n/a" if fig[a][b] is None else f"{fig[a][b]:5.1f}")   # a kind with no captions
+                              for a, b in FIGS)
                   + f"  FD {fig['frechet_distance']:7.1f}  bg noise {fig['background']['noise']:5.2f}"
                   + f"  ({fig['seconds']} s)", flush=True)
             atomic_write_json(out_dir / "sweep.json", results)

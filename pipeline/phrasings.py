@@ -14,7 +14,8 @@ one of these families' templates, which take turns over the rows:
                 a red circle to its left")
 
 None of the held-out families' templates is a corpus template (:func:`trained_on`; tests/test_phrasings.py also
-parses every phrasing back to its scene's truth). ``evaluate`` judges the held-out families on the
+parses every phrasing back to its scene's truth), and no held-out phrasing is one of the language rewrites CLIP
+trains on (pipeline/clip/rewrites.py; tests/test_clip_rewrites.py walks them all). ``evaluate`` judges the held-out families on the
 first ``evaluate.phrasings_per_kind`` captions of each kind; ``bench/novel_captions.py`` on all of
 them, template by template, beside what CLIP itself reads.
 """

@@ -166,3 +166,24 @@ def test_without_rewrites_the_batches_are_the_captions(tmp_path, smoke_cfg):
     allowed = {tuple(t.tolist()) for t in clip.tokenize(captions)}
     assert tokens.shape == (8, clip.tokenize(captions).shape[1])
     assert all(tuple(t.tolist()) in allowed for t in tokens)
+
+
+def test_clip_phrasings_bench_reads_every_family(data_ws, smoke_cfg, tmp_path, monkeypatch):
+    """bench/clip_phrasings.py on a smoke CLIP: every family's twin preferences and recall, per template."""
+    import sys
+    from helpers.bench import load_bench
+    from pipeline.stages import run_stage
+    run_stage("clip", smoke_cfg, data_ws)
+    bench = load_bench("clip_phrasings")
+    out = tmp_path / "clip_phrasings.json"
+    monkeypatch.setattr(sys, "argv", ["clip_phrasings.py", "--workspace", str(data_ws.root), "--load", str(data_ws.clip),
+                                      "--threads", "1", "--out", str(out)])
+    bench.main()
+    families = json.loads(out.read_text())["families"]
+    assert set(families) == {"test_split", "original", *phrasings.HELD_OUT}
+    for fig in families.values():
+        assert 0 <= fig["relation"] <= 100 and len(fig["r@1"]) == 2 and fig["by_template"] or fig is families["test_split"]
+    assert set(families["reordered"]["by_template"]) <= {*phrasings.SINGLE["reordered"], *phrasings.PAIR["reordered"]}
+    z = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    assert bench.recall_at_1(z, z, [range(0, 3), range(3, 6), range(6, 6)]) == [100.0, 100.0, None]
+    assert bench.recall_at_1(z, z.roll(1, 0), [range(0, 6)]) == [0.0]
