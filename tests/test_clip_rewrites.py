@@ -89,7 +89,8 @@ def test_a_rewrite_names_what_its_caption_names_and_nothing_more():
                     assert f"{scene.background} background" in r, (c, r)
                 if len(scene.objects) == 2:
                     said = relation_said(r)
-                    assert same_relation(said, (scene.objects[0].color, scene.relation, scene.objects[1].color)), (c, r, said)
+                    named = (scene.objects[0].color, scene.relation, scene.objects[1].color)
+                    assert same_relation(said, named), (c, r, said)
                 else:
                     phrases = scenes.POSITION_PHRASES[scene.objects[0].position][:2]
                     assert any(p in r for p in phrases), (c, r)
@@ -134,7 +135,8 @@ def test_batches_draw_the_caption_or_a_rewrite_with_its_own_negatives(tmp_path, 
     paths = shards(tmp_path, captions)
     clip = clip_model.build(smoke_cfg.clip.model)
     kinds = ("relation", "binding")
-    fits = lambda t: int(clip.tokenize([t])[0, -1]) == 0           # noqa: E731  (else it may be cut: its caption instead)
+    # a text that fills the context may be cut: the batches hold its caption instead
+    fits = lambda t: int(clip.tokenize([t])[0, -1]) == 0           # noqa: E731
     variants = {c: [c, *(t if fits(t) else c for t in rewrites.rewrites(c, 3))] for c in captions}
     stats: dict = {}
     batches = train_batches(paths, clip.tokenize, 8, 0, 16, kinds, rewrites=3, stats=stats)
@@ -176,13 +178,14 @@ def test_clip_phrasings_bench_reads_every_family(data_ws, smoke_cfg, tmp_path, m
     run_stage("clip", smoke_cfg, data_ws)
     bench = load_bench("clip_phrasings")
     out = tmp_path / "clip_phrasings.json"
-    monkeypatch.setattr(sys, "argv", ["clip_phrasings.py", "--workspace", str(data_ws.root), "--load", str(data_ws.clip),
-                                      "--threads", "1", "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", ["clip_phrasings.py", "--workspace", str(data_ws.root),
+                                      "--load", str(data_ws.clip), "--threads", "1", "--out", str(out)])
     bench.main()
     families = json.loads(out.read_text())["families"]
     assert set(families) == {"test_split", "original", *phrasings.HELD_OUT}
-    for fig in families.values():
-        assert 0 <= fig["relation"] <= 100 and len(fig["r@1"]) == 2 and fig["by_template"] or fig is families["test_split"]
+    for name, fig in families.items():
+        assert 0 <= fig["relation"] <= 100 and len(fig["r@1"]) == 2
+        assert bool(fig["by_template"]) == (name != "test_split")          # the test split has no templates
     assert set(families["reordered"]["by_template"]) <= {*phrasings.SINGLE["reordered"], *phrasings.PAIR["reordered"]}
     z = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
     assert bench.recall_at_1(z, z, [range(0, 3), range(3, 6), range(6, 6)]) == [100.0, 100.0, None]

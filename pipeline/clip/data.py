@@ -4,8 +4,8 @@ Each shard's train samples are decoded (OpenCV, ``image_shards.decode_images``),
 given their hard negatives once per pass over the data, into a rolling buffer of whole shards
 (:mod:`pipeline.data.shard_buffer`); a step draws random indices from it. With ``rewrites`` k > 0
 each caption comes with k language rewrites (:mod:`.rewrites`), tokenized beside it, and a step
-takes one of the 1 + k at random per sample (LaCLIP), with that text's hard negatives. CLIP sees each image
-about 13 times on the default profile, and streaming decoded, parsed and tokenized every sample
+takes one of the 1 + k at random per sample (LaCLIP), with that text's hard negatives. CLIP sees
+each image about 13 times on the default profile, and streaming decoded, parsed and tokenized every sample
 again in a DataLoader worker, which on 2 cores takes its CPU from the training step.
 """
 from __future__ import annotations
@@ -31,7 +31,8 @@ def caption_variants(captions: list[str], rewrites: int, seed: int) -> list[str]
 
 
 def read_part(path: Path, tokenize: Callable[[list[str]], torch.Tensor], image_size: int,
-              negatives: tuple[str, ...] = (), rewrites: int = 0, seed: int = 0, stats: Optional[dict] = None) -> dict:
+              negatives: tuple[str, ...] = (), rewrites: int = 0, seed: int = 0,
+              stats: Optional[dict] = None) -> dict:
     """One shard's train samples: ``images`` uint8 [n, 3, S, S], ``tokens`` [n, V, L] (V = 1 +
     ``rewrites``: the caption, then its rewrites); with ``negatives`` also ``negatives`` [n, V, K, L] and
     ``negative_mask`` [n, V, K] bool. A rewrite that fills the whole context (it might be cut) is
@@ -47,8 +48,9 @@ def read_part(path: Path, tokenize: Callable[[list[str]], torch.Tensor], image_s
     texts = caption_variants(captions, rewrites, seed)
     tokens = tokenize(texts).view(n, v, -1)                          # [n, V, L]
     # a variant that fills the context may be cut: its caption's row instead (every field alike)
-    variant = torch.where(tokens[:, :, -1] != 0, 0, torch.arange(v)).view(-1) + torch.arange(n).repeat_interleave(v) * v
-    part = {"images": decode_images(blobs, image_size), "tokens": tokens.view(n * v, -1)[variant].view(n, v, -1), "n": n}
+    variant = (torch.where(tokens[:, :, -1] != 0, 0, torch.arange(v)) + v * torch.arange(n)[:, None]).view(-1)
+    part = {"images": decode_images(blobs, image_size), "n": n,
+            "tokens": tokens.view(n * v, -1)[variant].view(n, v, -1)}
     if negatives:
         found, mask = hard_negatives(texts, negatives)
         k = len(negatives)

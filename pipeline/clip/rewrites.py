@@ -4,7 +4,7 @@ with Language Rewrites").
 The corpus phrases every scene with one of nine templates, and a text tower trained on them learns
 the templates' word order, not the sentence: ``bench/novel_captions.py`` measured CLIP reading
 "an orange triangle, and to the right of it a yellow square" inverted (it prefers the caption's
-relation-reversed twin 100 % of the time), and the cascade draws what CLIP reads (docs/MEASURED.md,
+relation-reversed twin 98-100 % of the time), and the cascade draws what CLIP reads (docs/MEASURED.md,
 twenty-fourth session). Adding templates to the corpus moved that heuristic rather than removing it,
 and changed the test split's captions with it.
 
@@ -24,16 +24,18 @@ the background), and :func:`rewrite` says the same in another construction:
 - a lead-in or none, the background before, after or left out when the caption leaves it out.
 
 Every rewrite names exactly what its caption names (a caption that does not name a size or a
-background gets none), so it is a true caption of the same image, the mismatched 5 % included. A
+background gets none): it says what its caption says of the same image, no more (a planted
+mismatched caption's rewrites are as wrong as it). A
 caption with any word outside the corpus's grammar (a user's own data) is not read and trains as it
 is. The rewrites are fixed per caption (seeded by its text), so the token rows CLIP trains
 (clip/vocab.py) are known before training.
 
-Measured (docs/MEASURED.md, twenty-fifth session; ``bench/clip_phrasings.py``): over 1,800 steps CLIP's
-reading of held-out phrasings with other words goes from 87 / 76 % (relation / binding twin preference) to 95 / 93 %
-and the cascade's one-object figures on them meet the bars; at 900 steps the fronted and pronoun frames cost the
-corpus's own two-object captions their relation (CLIP's zero-shot 100 -> 61 %), hence ``clip.steps: 1800``. Two
-held-out constructions stay read inverted (a relation after a comma through "it", two places before their objects).
+Measured (docs/MEASURED.md, twenty-fifth session; ``bench/clip_phrasings.py``): over 1,800 steps
+CLIP's reading of held-out phrasings with other words goes from 87 / 76 % (relation / binding twin
+preference) to 95 / 93 %, and the cascade's one-object figures on them meet the bars; at 900 steps
+the fronted and pronoun frames cost the corpus's own two-object captions their relation (CLIP's
+zero-shot 100 -> 61 %), hence ``clip.steps: 1800``. Two held-out constructions stay read inverted
+(a relation after a comma through "it", two places before their objects).
 
 The held-out phrasings that ``evaluate`` and ``bench/novel_captions.py`` judge (pipeline/phrasings.py)
 were written before these rewrites, and no rewrite is one of them (:func:`every_rewrite`,
@@ -132,7 +134,8 @@ def rewrite(named: Named, rng) -> str:
     ``random.Random``; :func:`every_rewrite` passes a script that walks every choice)."""
     if len(named.objects) == 1:
         frame, noun_phrase = rng.choice(SINGLE_FRAMES)
-        text = frame.format(np=_np(named.objects[0], rng), place=rng.choice(scenes.POSITION_PHRASES[named.position][:2]))
+        place = rng.choice(scenes.POSITION_PHRASES[named.position][:2])     # the corpus's two phrases of the cell
+        text = frame.format(np=_np(named.objects[0], rng), place=place)
     else:
         frame, noun_phrase = rng.choice(PAIR_FRAMES)
         a, b = (_np(o, rng) for o in named.objects)
