@@ -154,8 +154,8 @@ def rewrites(caption: str, k: int, seed: int = 0) -> list[str]:
     """``k`` rewrites of ``caption``, fixed by its text and ``seed``, each another caption than it and
     than each other where the grammar has that many; the caption itself ``k`` times when
     :func:`read` cannot read it."""
-    named = read(caption)
-    if named is None or k <= 0:
+    named = read(caption) if k > 0 else None           # no rewrites asked: the caption is not read
+    if named is None:
         return [caption] * max(k, 0)
     rng = random.Random(zlib.crc32(f"{seed}:{caption}".encode()))
     drawn: list[str] = []
