@@ -1,7 +1,7 @@
 """Where two-object binding is lost: one table down the unCLIP chain, on held-out test captions.
 
     python bench/binding.py [--workspace .] [--n 128] [--seed 0] [--batch-size 64] \
-        [--out <workspace>/reports/bench/binding.json]
+        [--phrasing reordered|rephrased] [--out <workspace>/reports/bench/binding.json]
 
 Takes the first ``--n`` two-object test-split captions of a trained workspace that describe their
 image (``evaluate.pick_rows`` with ``n_single=0``) and follows each scene down the chain
@@ -17,7 +17,20 @@ caption -> z_t -prior-> z_i_hat -decoder-> image -upsamplers-> final image. Rows
                          cos(z_i_hat, z_i)
     decoder(true z_i)    the decoder alone from the true z_i, read by the judge
     decoder(z_i_hat)     the decoder alone from the prior's output, same noise as the row above
+    decoder(true z_i), no caption
+                         the decoder from the true z_i with the caption dropped (its p(x | z_i), the
+                         path classifier-free guidance trains): what it reads from z_i alone
     cascade              ``Unclip.generate``: prior -> decoder -> upsamplers, final images, judged
+
+With ``--phrasing`` a held-out family of pipeline/phrasings.py, the captions are the same scenes
+phrased in that family's templates (what a user might write), and two rows follow the cascade:
+
+    decoder(true z_i), canonical tokens
+                         the decoder from the true z_i reading the canonical phrasing's tokens
+                         instead: beside decoder(true z_i), what the phrasing costs the decoder
+    cascade, canonical caption
+                         the cascade on the canonical phrasing, same seed: beside the cascade,
+                         what the phrasing costs the whole chain
 
 Columns, each a percentage with its standard error (binomial: sqrt(p (1 - p) / n)):
 
@@ -57,6 +70,7 @@ from pipeline.clip.zeroshot import PAIR_CHECKS, pair_candidates, pair_verdicts  
 from pipeline.data.scenes import COLORS  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
 from pipeline.decoder.diffusion import Condition  # noqa: E402
+from pipeline.decoder.diffusion import drop  # noqa: E402
 from pipeline.decoder.stage import decode  # noqa: E402
 from pipeline.data.embedding_shards import load_split  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402
@@ -64,6 +78,7 @@ from pipeline.generate import Unclip  # noqa: E402
 from pipeline.images import to_uint8  # noqa: E402
 from pipeline.judge.labels import check, parse_gt  # noqa: E402
 from pipeline.judge.model import Judge  # noqa: E402
+from pipeline.phrasings import HELD_OUT, phrase  # noqa: E402
 from pipeline.quality import prepare  # noqa: E402
 from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402
 
@@ -119,10 +134,14 @@ def image_cos(unclip: Unclip, images: torch.Tensor, z_i: torch.Tensor) -> torch.
 
 
 # ---- the chain --------------------------------------------------------------------------------------
-def chain(unclip: Unclip, judge: Judge, test: dict, rows: list[int], seed: int, batch_size: int) -> dict:
-    """Every row of the table for the test scenes ``rows``."""
+def chain(unclip: Unclip, judge: Judge, test: dict, rows: list[int], seed: int, batch_size: int,
+          phrasing: str | None = None) -> dict:
+    """Every row of the table for the test scenes ``rows``, their captions the test split's or
+    (``phrasing``) the scenes phrased in that held-out family's templates."""
     idx = torch.tensor(rows)
-    captions, gts = [test["captions"][i] for i in rows], [parse_gt(test["gt"][i]) for i in rows]
+    gts = [parse_gt(test["gt"][i]) for i in rows]
+    captions = ([phrase(g, phrasing, k)[1] for k, g in enumerate(gts)] if phrasing
+                else [test["captions"][i] for i in rows])
     z_i = test["z_i"][idx]                                                   # [n, D], true, from the embed stage
     cands = [pair_candidates(g) for g in gts]
     k = len(cands[0])
@@ -137,9 +156,13 @@ def chain(unclip: Unclip, judge: Judge, test: dict, rows: list[int], seed: int, 
 
     # the decoder alone from true z_i and from z_i_hat: same text conditioning, same noise
     _, enc, mask = unclip.encode_text(captions)                              # [n, L, W], [n, L]
-    dec = {name: to_uint8(decode(unclip.decoder, Condition(z, enc, mask), unclip.decoder_sampling(), seed=seed,
-                                 batch_size=batch_size, precision=unclip.precision))
-           for name, z in (("true", z_i), ("prior", z_hat))}                 # uint8 [n, 3, s0, s0]
+    def decoded(z: torch.Tensor, enc: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return to_uint8(decode(unclip.decoder, Condition(z, enc, mask), unclip.decoder_sampling(), seed=seed,
+                               batch_size=batch_size, precision=unclip.precision))    # uint8 [n, 3, s0, s0]
+
+    no = torch.ones(len(rows), dtype=torch.bool)
+    dec = {"true": decoded(z_i, enc, mask), "prior": decoded(z_hat, enc, mask),
+           "no_caption": decoded(*drop(z_i, enc, mask, ~no, no))}
     real = test["images"][idx]                                               # uint8 [n, 3, S, S]
 
     cos = lambda a: F.cosine_similarity(a, z_i, dim=-1)                      # noqa: E731
@@ -152,10 +175,22 @@ def chain(unclip: Unclip, judge: Judge, test: dict, rows: list[int], seed: int, 
                                 image_cos(unclip, dec["true"], z_i)),
         "decoder_z_i_hat": row("decoder(z_i_hat)", "judge", judged(judge, dec["prior"], gts),
                                image_cos(unclip, dec["prior"], z_i)),
+        "decoder_no_caption": row("decoder(true z_i), no caption", "judge", judged(judge, dec["no_caption"], gts),
+                                  image_cos(unclip, dec["no_caption"], z_i)),
         "cascade": row("cascade (final images)", "judge", judged(judge, out["images"], gts),
                        image_cos(unclip, out["images"], z_i)),
     }
-    example = {"caption": captions[0], "true": cands[0][0], "colors_swapped": cands[0][1],
+    if phrasing:
+        canonical = [phrase(g, "original", k)[1] for k, g in enumerate(gts)]
+        _, enc_c, mask_c = unclip.encode_text(canonical)
+        table["decoder_canonical_tokens"] = row("decoder(true z_i), canonical tokens", "judge",
+                                                judged(judge, (d := decoded(z_i, enc_c, mask_c)), gts),
+                                                image_cos(unclip, d, z_i))
+        torch.manual_seed(seed)
+        c = unclip.generate(canonical, n=1, seed=seed, batch_size=batch_size)["images"]
+        table["cascade_canonical"] = row("cascade, canonical caption", "judge", judged(judge, c, gts),
+                                         image_cos(unclip, c, z_i))
+    example = {"caption": captions[0], "phrasing": phrasing or "test split", "true": cands[0][0], "colors_swapped": cands[0][1],
                "relation_reversed": cands[0][2], "color_replaced": cands[0][3:]}
     return {"rows": list(table), "table": table, "example_counterfactuals": example, "n_candidates_per_scene": k,
             "cascade_seconds": round(seconds, 2), "nfe_per_image": out["nfe"]}
@@ -168,11 +203,11 @@ def fmt(cell: dict | None, digits: int = 1) -> str:
 
 
 def print_table(table: dict) -> None:
-    head = f"{'link':<32}{'read by':<16}{'n':>5}" + "".join(f"{c:>16}" for c in COLUMNS) + f"{'cos z_i':>18}"
+    head = f"{'link':<38}{'read by':<16}{'n':>5}" + "".join(f"{c:>16}" for c in COLUMNS) + f"{'cos z_i':>18}"
     print(head)
     print("-" * len(head))
     for r in table.values():
-        print(f"{r['label']:<32}{r['reader']:<16}{r['n']:>5}" + "".join(f"{fmt(r[c]):>16}" for c in COLUMNS)
+        print(f"{r['label']:<38}{r['reader']:<16}{r['n']:>5}" + "".join(f"{fmt(r[c]):>16}" for c in COLUMNS)
               + f"{fmt(r['cos_to_z_i'], 3):>18}")
     print("chance of the clip zero-shot: " + ", ".join(f"{k} {v}%" for k, v in CHANCE.items()))
 
@@ -183,6 +218,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=128, help="two-object test captions")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--phrasing", choices=HELD_OUT, default=None,
+                    help="the scenes phrased in this held-out family's templates (default: the test split's captions)")
     ap.add_argument("--out", default=None, help="default: <workspace>/reports/bench/binding.json")
     args = ap.parse_args()
     ws = Workspace.at(args.workspace)
@@ -203,8 +240,10 @@ def main() -> None:
                "prior_sampling": unclip.prior_meta["info"]["sampling"]
                | {"n_candidates": unclip.prior_meta["info"].get("n_candidates", 2)},
                "decoder_sampling": unclip.decoder_meta["info"]["sampling"]}
-    figures |= chain(unclip, judge, test, rows, args.seed, args.batch_size)
-    print(f"{len(rows)} two-object test captions, seed {args.seed}; percent right ± standard error")
+    figures |= chain(unclip, judge, test, rows, args.seed, args.batch_size, args.phrasing)
+    figures["phrasing"] = args.phrasing
+    print(f"{len(rows)} two-object test captions{f', phrased {args.phrasing}' if args.phrasing else ''}, "
+          f"seed {args.seed}; percent right ± standard error")
     print_table(figures["table"])
     out = Path(args.out) if args.out else ws.reports / "bench" / "binding.json"
     atomic_write_json(out, figures)

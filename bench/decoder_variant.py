@@ -120,7 +120,7 @@ def main() -> None:
         if args.load:
             model.load_state_dict(torch.load(args.load))
         else:
-            make_batches, loss_fn = training_fns(d, paths)
+            make_batches, loss_fn = training_fns(d, paths, 1 + cfg.embed.rewrites)
             summary, _ = train_diffusion_model(model, d, make_batches, loss_fn,
                                                checkpoint_dir=out_dir / "checkpoints" / args.name,
                                                key={"variant": args.name, "decoder": figures["decoder"]},

@@ -10,6 +10,17 @@ Per sample, the output shards (``data/embeddings/NNNNN.tar``) hold::
     txt_tokens.npy per-token text encodings, [L, W] in ``embed.token_dtype``
     txt_mask.npy   bool [L], True for real tokens (start .. end-of-text)
 
+and, with ``embed.rewrites`` k > 0, for each train-split sample whose caption the language rewrites
+read (:mod:`pipeline.clip.rewrites`: the first k of the rewrites CLIP trained on, seeded by
+``clip.seed``), the same three arrays for its k rewrites, their texts in the JSON's ``rewrites``::
+
+    rw_emb.npy     float32 [k, D]      rw_tokens.npy  [k, L, W]      rw_mask.npy  bool [k, L]
+
+The prior and the decoder train on the caption or one of its rewrites, drawn per sample
+(:func:`pipeline.data.embedding_shards.train_batches`): they learn what CLIP's encodings of other
+wordings mean, not only of the corpus's templates. A caption the rewrites cannot read (a user's
+own data) has none, and trains as it is.
+
 Beside them, the clip-retrieval layout that embedding-reader and other unCLIP trainers read:
 ``img_emb/img_emb_N.npy`` and ``text_emb/text_emb_N.npy`` (float16 [n, D], row-aligned with)
 ``metadata/metadata_N.parquet`` (key, caption, split), one triple per output shard.
@@ -44,6 +55,7 @@ from .clip import model as clip_model
 from .data import incremental
 from .data.image_shards import decode_images, single_thread
 from .device import device_of
+from .clip.rewrites import rewrites as rewrite_caption
 from .clip.tokenize import truncated
 from .data.shards import ShardError, ShardSink, iter_samples, loads_json, shard_names, shard_paths, split_of
 from .progress import progress, say
@@ -72,24 +84,55 @@ def read_meta(sample: dict) -> dict:
     return {"split": split_of(meta), "gt": loads_json(gt) if isinstance(gt, str) else gt, "gt_text": text}
 
 
-def meta_json(key: str, split: str, gt_text: str, similarity: float) -> bytes:
-    """``json.dumps({"key", "split", "gt", "similarity"})`` with the ground truth spliced in as
-    text: re-encoding its dict was 15 us per sample, a tenth of the stage's overhead."""
+def meta_json(key: str, split: str, gt_text: str, similarity: float, rewrites: Optional[list[str]] = None) -> bytes:
+    """``json.dumps({"key", "split", "gt", "similarity"[, "rewrites"]})`` with the ground truth
+    spliced in as text: re-encoding its dict was 15 us per sample, a tenth of the stage's overhead."""
+    extra = f', "rewrites": {json.dumps(rewrites)}' if rewrites else ""
     return (f'{{"key": {json.dumps(key)}, "split": {json.dumps(split)}, "gt": {gt_text}, '
-            f'"similarity": {json.dumps(round(similarity, 5))}}}').encode()
+            f'"similarity": {json.dumps(round(similarity, 5))}{extra}}}').encode()
 
 
 class ShardBatches(torch.utils.data.IterableDataset):
-    """Decoded, tokenised batches of whole shards; DataLoader workers take disjoint shards."""
+    """Decoded, tokenised batches of whole shards; DataLoader workers take disjoint shards. With
+    ``rewrites`` k > 0 a batch also holds ``rw_tokens`` [m * k, L]: the k rewrites of each of the
+    m train-split items whose caption is read (``rw_items``: their indices in the batch)."""
 
-    def __init__(self, paths: list[Path], tokenize, image_size: int, batch_size: int):
+    def __init__(self, paths: list[Path], tokenize, image_size: int, batch_size: int, rewrites: int = 0,
+                 seed: int = 0):
         self.paths, self.tokenize, self.image_size, self.batch_size = paths, tokenize, image_size, batch_size
+        self.rewrites, self.seed = rewrites, seed
 
     def collate(self, samples: list[dict]) -> dict:
         items = [{"key": s["__key__"], "jpg": s["jpg"], "txt": s["txt"].decode("utf-8"), **read_meta(s)}
                  for s in samples]
+        tokens = self.tokenize([it["txt"] for it in items])
         return {"items": items, "images": decode_images([it["jpg"] for it in items], self.image_size),
-                "tokens": self.tokenize([it["txt"] for it in items])}
+                "tokens": tokens} | self.rewritten(items, tokens)
+
+    def rewritten(self, items: list[dict], tokens: torch.Tensor) -> dict:
+        """The train items' rewrites, tokenized; each item's ``rewrites`` texts set. A rewrite that
+        fills the whole context (it might be cut) is replaced by its caption, as in CLIP's batches."""
+        k = self.rewrites
+        rw_items, texts = [], []
+        for j, it in enumerate(items):
+            if it["split"] != "train" or not k:
+                continue
+            drawn = rewrite_caption(it["txt"], k, self.seed)
+            if all(t == it["txt"] for t in drawn):        # not read: a user's own caption trains as it is
+                continue
+            rw_items.append(j)
+            texts += drawn
+        if not rw_items:
+            return {}
+        rw_tokens = self.tokenize(texts)                                        # [m * k, L]
+        owner = torch.tensor(rw_items).repeat_interleave(k)
+        cut = rw_tokens[:, -1] != 0
+        rw_tokens[cut] = tokens[owner[cut]]
+        for r in cut.nonzero().flatten().tolist():
+            texts[r] = items[int(owner[r])]["txt"]
+        for i, j in enumerate(rw_items):
+            items[j]["rewrites"] = texts[i * k:(i + 1) * k]
+        return {"rw_items": rw_items, "rw_tokens": rw_tokens}
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -104,11 +147,12 @@ class ShardBatches(torch.utils.data.IterableDataset):
             yield self.collate(pending)
 
 
-def batches(paths: list[Path], tokenize, image_size: int, batch_size: int, num_workers: int) -> Iterator[dict]:
+def batches(paths: list[Path], tokenize, image_size: int, batch_size: int, num_workers: int,
+            rewrites: int = 0, seed: int = 0) -> Iterator[dict]:
     """Batches in shard order (with workers: interleaved by shard; outputs are keyed, so the
     order does not matter). On the 2-core CPU machines in-process is fastest (bench/embed.py):
     a worker competes with the model's threads."""
-    ds = ShardBatches(paths, tokenize, image_size, batch_size)
+    ds = ShardBatches(paths, tokenize, image_size, batch_size, rewrites, seed)
     if num_workers == 0:
         yield from ds
         return
@@ -165,34 +209,49 @@ class RetrievalWriter:
 
 
 def embed_shards(clip, paths: list[Path], out: Path, *, batch_size: int, shard_size: int, num_workers: int,
-                 min_similarity: Optional[float], token_dtype: str, total: Optional[int] = None,
-                 prefix: str = "", retrieval_part: int = 0) -> dict:
+                 min_similarity: Optional[float], token_dtype: str, rewrites: int = 0, seed: int = 0,
+                 total: Optional[int] = None, prefix: str = "", retrieval_part: int = 0) -> dict:
     """Write embedding shards for ``paths`` into ``out`` (names ``{prefix}00000.tar``..., the
     retrieval files from number ``retrieval_part``); returns counts, similarity figures and
-    ``files``, what it wrote."""
+    ``files``, what it wrote. ``rewrites``: how many of each train caption's language rewrites
+    (drawn with CLIP's ``seed``) are embedded beside it."""
     tally = embed_tally(clip, paths, out, batch_size=batch_size, shard_size=shard_size, num_workers=num_workers,
-                        min_similarity=min_similarity, token_dtype=token_dtype, total=total, prefix=prefix,
-                        retrieval_part=retrieval_part)
+                        min_similarity=min_similarity, token_dtype=token_dtype, rewrites=rewrites, seed=seed,
+                        total=total, prefix=prefix, retrieval_part=retrieval_part)
     return summarize(tally, min_similarity)
 
 
+def rewrite_members(clip, batch: dict, dtype: torch.dtype) -> dict[int, dict]:
+    """{index in the batch: its ``rw_*.npy`` members} for the batch's rewritten train items."""
+    if "rw_items" not in batch:
+        return {}
+    k = len(batch["rw_tokens"]) // len(batch["rw_items"])
+    with torch.no_grad():
+        z_t, enc, mask = clip.encode_text(batch["rw_tokens"].to(next(clip.model.parameters()).device))
+    z_t, enc, mask = (t.cpu().view(len(batch["rw_items"]), k, *t.shape[1:]) for t in (z_t.float(), enc.float(), mask))
+    emb, tok, msk = npy_rows(z_t.numpy()), npy_rows(enc.to(dtype).numpy()), npy_rows(mask.numpy())
+    return {j: {"rw_emb.npy": emb[i], "rw_tokens.npy": tok[i], "rw_mask.npy": msk[i]}
+            for i, j in enumerate(batch["rw_items"])}
+
+
 def embed_tally(clip, paths: list[Path], out: Path, *, batch_size: int, shard_size: int, num_workers: int,
-                min_similarity: Optional[float], token_dtype: str, total: Optional[int] = None,
-                prefix: str = "", retrieval_part: int = 0) -> dict:
+                min_similarity: Optional[float], token_dtype: str, rewrites: int = 0, seed: int = 0,
+                total: Optional[int] = None, prefix: str = "", retrieval_part: int = 0) -> dict:
     """:func:`embed_shards`' work: the raw tallies (counts, every cosine by truth, files) that
     :func:`summarize` turns into figures, and that the Spark engine adds up across tasks."""
     dtype = torch.float16 if token_dtype == "float16" else torch.float32     # torch casts with SIMD; numpy does not
     retrieval = RetrievalWriter(out, retrieval_part)
     kept = dropped = 0
     sims: dict[str, list[float]] = {"matched": [], "mismatched": [], "unknown": []}
-    dropped_mismatched = cut = 0
+    dropped_mismatched = cut = rewritten = 0
     split_in: dict[str, int] = {}
     split_kept: dict[str, int] = {}
     bar = progress(total=total, desc="embed", unit="img")
     t0 = time.perf_counter()
     with ShardSink(out, shard_size, prefix) as sink:
-        for batch in batches(paths, clip.tokenize, clip.image_size, batch_size, num_workers):
+        for batch in batches(paths, clip.tokenize, clip.image_size, batch_size, num_workers, rewrites, seed):
             z_i, z_t, enc, mask = encode_batch(clip, batch["images"], batch["tokens"])
+            rw = rewrite_members(clip, batch, dtype)
             cut += sum(truncated(clip.tokenize, [it["txt"] for it in batch["items"]], batch["tokens"]))
             # Per-sample values as Python floats and numpy rows: indexing torch tensors costs ~us each.
             cos = (z_i * z_t).sum(-1).tolist()
@@ -209,9 +268,10 @@ def embed_tally(clip, paths: list[Path], out: Path, *, batch_size: int, shard_si
                     dropped_mismatched += truth == "mismatched"
                     continue
                 sink.write({"__key__": it["key"], "jpg": it["jpg"], "txt": it["txt"].encode(),
-                            "json": meta_json(it["key"], it["split"], it["gt_text"], cos[j]),
+                            "json": meta_json(it["key"], it["split"], it["gt_text"], cos[j], it.get("rewrites")),
                             "img_emb.npy": img_npy[j], "txt_emb.npy": txt_npy[j],
-                            "txt_tokens.npy": tok_npy[j], "txt_mask.npy": mask_npy[j]})
+                            "txt_tokens.npy": tok_npy[j], "txt_mask.npy": mask_npy[j], **rw.get(j, {})})
+                rewritten += j in rw
                 retrieval.add(z_i[j], z_t[j], {"key": it["key"], "caption": it["txt"], "split": it["split"]})
                 kept += 1
                 split_kept[it["split"]] = split_kept.get(it["split"], 0) + 1
@@ -221,16 +281,16 @@ def embed_tally(clip, paths: list[Path], out: Path, *, batch_size: int, shard_si
     retrieval.flush()
     bar.close()
     return {"kept": kept, "dropped": dropped, "dropped_mismatched": dropped_mismatched, "cut": cut,
-            "split_in": split_in, "split_kept": split_kept, "sims": sims, "seconds": time.perf_counter() - t0,
+            "rewritten": rewritten, "split_in": split_in, "split_kept": split_kept, "sims": sims, "seconds": time.perf_counter() - t0,
             "files": [f"{prefix}{i:05d}.tar" for i in range(sink.shards)] + retrieval.written}
 
 
 def merge_tallies(tallies: list[dict]) -> dict:
     """The tallies of disjoint groups of shards as one (sums; cosines concatenated in order)."""
-    out = {"kept": 0, "dropped": 0, "dropped_mismatched": 0, "cut": 0, "split_in": {}, "split_kept": {},
+    out = {"kept": 0, "dropped": 0, "dropped_mismatched": 0, "cut": 0, "rewritten": 0, "split_in": {}, "split_kept": {},
            "sims": {"matched": [], "mismatched": [], "unknown": []}, "seconds": 0.0, "files": []}
     for t in tallies:
-        for k in ("kept", "dropped", "dropped_mismatched", "cut", "seconds"):
+        for k in ("kept", "dropped", "dropped_mismatched", "cut", "rewritten", "seconds"):
             out[k] += t[k]
         for k in ("split_in", "split_kept"):
             for split, n in t[k].items():
@@ -252,6 +312,8 @@ def summarize(tally: dict, min_similarity: Optional[float], seconds: Optional[fl
                 "images_per_s": round((kept + dropped) / seconds, 1), "seconds": round(seconds, 2),
                 # captions longer than CLIP's context: their tokens are cut there (open_clip's rule)
                 "captions_truncated": tally["cut"],
+                # train samples embedded with their language rewrites (the prior and the decoder draw among them)
+                "rewritten": tally["rewritten"],
                 "kept_by_split": {k: {"input": n, "kept": split_kept.get(k, 0)} for k, n in sorted(split_in.items())},
                 "similarity": {k: {"n": len(v), "mean": round(float(np.mean(v)), 4)} for k, v in sims.items() if v},
                 "files": tally["files"]}
@@ -321,6 +383,8 @@ def embed_recipe(cfg, ws) -> str:
     """The embed config (bar the worker count), its code and the CLIP's weights: another CLIP
     is another embedding space, and every shard is embedded again."""
     section = {k: v for k, v in cfg.embed.model_dump(mode="json").items() if k != "num_workers"}
+    if cfg.embed.rewrites:                  # the rewrites drawn are CLIP's, seeded by its seed
+        section["rewrite_seed"] = cfg.clip.seed
     return incremental.recipe({"embed": section}, __name__, extra={"clip": bundle.clip_identity(ws.clip)["sha256"]})
 
 
@@ -355,11 +419,12 @@ def embed_part(cfg, ws, paths: list[Path], out: Path, total: Optional[int], part
         with cluster.session(cfg.cluster) as spark:
             return embed_on_spark(spark, ws.clip, paths, out, cfg.cluster.groups_per_task,
                                   {"batch_size": embed.batch_size, "min_similarity": embed.min_similarity,
-                                   "token_dtype": embed.token_dtype}, retrieval_part)
+                                   "token_dtype": embed.token_dtype, "rewrites": embed.rewrites,
+                                   "seed": cfg.clip.seed}, retrieval_part)
     clip = clip_model.load(ws.clip, device_of())
     return embed_shards(clip, paths, out, batch_size=embed.batch_size, shard_size=embed.shard_size,
                         num_workers=embed.num_workers, min_similarity=embed.min_similarity,
-                        token_dtype=embed.token_dtype,
+                        token_dtype=embed.token_dtype, rewrites=embed.rewrites, seed=cfg.clip.seed,
                         total=total, prefix=incremental.part_prefix(part), retrieval_part=retrieval_part)
 
 

@@ -184,3 +184,87 @@ def test_clip_batches_are_train_images_with_their_own_captions(data_ws, smoke_cf
             assert torch.equal(mask[i], m[0]) and torch.equal(negatives[i], clip.tokenize(texts))
             seen.add(caption)
     assert len(seen) > 0.8 * len(set(captions.values()))         # drawn from every shard, not one
+
+
+def test_embed_writes_each_train_captions_rewrites_as_clip_encodes_them(embedded, smoke_cfg):
+    """With ``embed.rewrites`` k the train samples carry their caption's first k language rewrites
+    (CLIP's own, seeded by ``clip.seed``), encoded by the CLIP as the caption is; held-out samples none."""
+    from pipeline.clip.rewrites import rewrites
+    ws, m = embedded
+    k = smoke_cfg.embed.rewrites
+    assert k >= 1
+    clip = clip_model.load(ws.clip)
+    mc = smoke_cfg.clip.model
+    train = 0
+    for s in iter_samples(shard_paths(ws.embeddings)):
+        meta = json.loads(s["json"])
+        if meta["split"] != "train":
+            assert "rewrites" not in meta and "rw_emb.npy" not in s
+            continue
+        train += 1
+        caption = s["txt"].decode("utf-8")
+        assert meta["rewrites"] == rewrites(caption, k, smoke_cfg.clip.seed)
+        assert all(r != caption for r in meta["rewrites"])          # the corpus's captions are all read
+        emb, tok, mask = (load_npy(s[f"rw_{f}.npy"]) for f in ("emb", "tokens", "mask"))
+        assert emb.shape == (k, mc.embed_dim) and tok.shape == (k, mc.context_length, mc.text_width)
+        assert mask.shape == (k, mc.context_length) and tok.dtype == np.float16
+        if train <= 8:                                  # the CLIP's own encodings of the rewrite's text
+            with torch.no_grad():
+                z_t, enc, msk = clip.encode_text(clip.tokenize(meta["rewrites"]))
+            assert np.allclose(emb, z_t.float().numpy(), atol=1e-4)
+            assert np.allclose(tok, enc.float().numpy(), atol=2e-2) and (mask == msk.numpy()).all()
+    assert m["rewritten"] == train > 0
+
+
+def test_train_batches_draw_a_caption_or_its_rewrite_with_every_text_field_alike(embedded):
+    """Each sample's z_t, tokens and mask are those of one variant (the caption or a rewrite),
+    drawn per sample; both are drawn; with one variant the batches are the captions' alone."""
+    from pipeline.data.embedding_shards import read_shard, train_batches
+    ws, _ = embedded
+    paths = shard_paths(ws.embeddings)
+    parts = [read_shard(p, "train", variants=2) for p in paths]
+    by_zi = {}                      # z_i -> (z_t [2, D], tokens [2, L, W], mask [2, L])
+    for part in parts:
+        for j in range(part["n"]):
+            by_zi[part["z_i"][j].numpy().tobytes()] = (part["z_t"][j], part["tokens"][j], part["mask"][j])
+    drawn = [0, 0]
+    it = train_batches(paths, 16, seed=0, variants=2)
+    for _ in range(20):
+        b = next(it)
+        assert b["tokens"].dtype == torch.float32 and b["z_t"].shape == b["z_i"].shape
+        for j in range(16):
+            z_t, tokens, mask = by_zi[b["z_i"][j].numpy().tobytes()]
+            v = [k for k in range(2) if torch.equal(z_t[k], b["z_t"][j])]
+            assert v, "z_t is neither the caption's nor its rewrite's"
+            assert torch.equal(tokens[v[0]].float(), b["tokens"][j]) and torch.equal(mask[v[0]], b["mask"][j])
+            drawn[v[0]] += 1
+    assert min(drawn) > 0.3 * sum(drawn)
+    plain = next(train_batches(paths, 16, seed=0))
+    again = next(train_batches(paths, 16, seed=0, variants=1))
+    assert all(torch.equal(plain[f], again[f]) for f in plain)
+    caption_only = read_shard(paths[0], "train")
+    assert torch.equal(caption_only["z_t"], parts[0]["z_t"][:, 0])
+
+
+def test_a_caption_the_rewrites_cannot_read_trains_as_it_is(clip_ws, smoke_cfg, tmp_path):
+    """A user's own caption (words outside the corpus's grammar) gets no rewrite members, and a
+    reader asking for variants repeats its caption's fields."""
+    from pipeline.data.embedding_shards import read_shard
+    from pipeline.data.shards import ShardSink
+    from pipeline.embed import embed_shards
+    ws, _ = clip_ws
+    src = tmp_path / "own"
+    with ShardSink(src, 100) as sink:
+        for i, s in enumerate(iter_samples(shard_paths(ws.filtered))):
+            meta = json.loads(s["json"]) | {"split": "train"}
+            sink.write({"__key__": s["__key__"], "jpg": s["jpg"], "json": json.dumps(meta).encode(),
+                        "txt": f"holiday snapshot number {i} from grandma".encode()})
+            if i == 20:
+                break
+    out = tmp_path / "emb"
+    figs = embed_shards(clip_model.load(ws.clip), shard_paths(src), out, batch_size=8, shard_size=100,
+                        num_workers=0, min_similarity=None, token_dtype="float16", rewrites=2, seed=0)
+    assert figs["kept"] == 21 and figs["rewritten"] == 0
+    assert not any("rw_emb.npy" in s for s in iter_samples(shard_paths(out)))
+    part = read_shard(shard_paths(out)[0], "train", variants=3)
+    assert part["tokens"].shape[1] == 3 and all(torch.equal(part["z_t"][:, 0], part["z_t"][:, v]) for v in (1, 2))

@@ -397,7 +397,8 @@ def test_binding_bench_tables_the_chain_without_touching_the_workspace(flow_runs
     assert done.returncode == 0, done.stderr[-2000:]
     fig = json.loads(out.read_text())
     table = fig["table"]
-    assert fig["rows"] == ["real_images", "z_t", "z_i", "z_i_hat", "decoder_true_z_i", "decoder_z_i_hat", "cascade"]
+    assert fig["rows"] == ["real_images", "z_t", "z_i", "z_i_hat", "decoder_true_z_i", "decoder_z_i_hat",
+                           "decoder_no_caption", "cascade"]
     assert set(table) == set(fig["rows"])                            # the JSON's keys are sorted; "rows" keeps the order
     assert fig["n_asked"] == 3 and fig["n"] == 3                     # the smoke test split holds at least 3 two-object scenes
     assert fig["n_candidates_per_scene"] == 3 + 2 * 6                # true, swapped, reversed, 12 colors replaced
@@ -410,6 +411,13 @@ def test_binding_bench_tables_the_chain_without_touching_the_workspace(flow_runs
     ex = fig["example_counterfactuals"]
     assert len(ex["color_replaced"]) == 12 and len({ex["true"], ex["colors_swapped"], ex["relation_reversed"]}) == 3
     assert "true z_i" in done.stdout and "cascade" in done.stdout    # the printed table
+    # the same scenes phrased in a held-out family: the decoder and the cascade also on the canonical phrasing
+    done = subprocess.run(cmd + ["--phrasing", "reordered"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    phrased = json.loads(out.read_text())
+    assert phrased["rows"] == fig["rows"] + ["decoder_canonical_tokens", "cascade_canonical"]
+    assert phrased["phrasing"] == "reordered" and phrased["example_counterfactuals"]["caption"] != ex["true"]
+    assert phrased["table"]["z_i"] == table["z_i"]                   # the same scenes and their true z_i
     assert state() == before                                         # models read, never written
     assert not (ws.reports / "bench").exists()
 

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from ..data.image_shards import decode_images, require_train_samples
-from ..data.shard_buffer import buffered_batches
+from ..data.shard_buffer import buffered_batches, one_variant_per_sample
 from ..data.shards import count_samples, iter_shard, sample_meta, split_of
 from .negatives import hard_negatives
 from .rewrites import rewrites as rewrite_caption
@@ -77,13 +77,5 @@ def train_batches(paths: list[Path], tokenize: Callable[[list[str]], torch.Tenso
                                set(fields), batch_size, seed=seed, buffer_shards=max(1, buffer_bytes // per_shard))
     # its own stream: a generator seeded like the buffer's would draw each sample's variant from its index
     pick = torch.Generator().manual_seed(zlib.crc32(f"clip rewrites {seed}".encode()))
-    return _one_text_per_sample(batches, fields, rewrites, pick)
-
-
-def _one_text_per_sample(batches: Iterator[dict], fields: tuple[str, ...], rewrites: int,
-                         pick: torch.Generator) -> Iterator[tuple]:
-    """The batches' fields, each sample's text fields [B, V, ...] cut to the variant drawn for it [B, ...]."""
-    for b in batches:
-        rows = torch.arange(len(b["images"]))
-        variant = torch.randint(0, 1 + rewrites, (len(rows),), generator=pick) if rewrites else torch.zeros_like(rows)
-        yield tuple(b[k] if k == "images" else b[k][rows, variant] for k in fields)
+    texts = one_variant_per_sample(batches, set(fields) - {"images"}, 1 + rewrites, pick)
+    return (tuple(b[k] for k in fields) for b in texts)

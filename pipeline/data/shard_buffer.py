@@ -72,3 +72,14 @@ def buffered_batches(paths: list[Path], read: Callable[[Path], dict], fields: se
             # roll the buffer: drop the oldest shard, read the next one
             buffer = buffer[1:] + [read(next(order))]
             pool, drawn = concat(buffer), 0
+
+
+def one_variant_per_sample(batches: Iterator[dict], fields: set[str], variants: int,
+                           pick: torch.Generator) -> Iterator[dict]:
+    """The batches, each of ``fields`` [B, V, ...] cut to one variant per sample [B, ...], drawn
+    uniformly from ``pick`` (a caption or one of its language rewrites: CLIP's batches, the prior's
+    and the decoder's). With one variant nothing is drawn: the batches are those of no rewrites."""
+    for b in batches:
+        rows = torch.arange(b[next(iter(fields))].shape[0])
+        variant = torch.randint(0, variants, (len(rows),), generator=pick) if variants > 1 else torch.zeros_like(rows)
+        yield {k: b[k][rows, variant] if k in fields else b[k] for k in b}

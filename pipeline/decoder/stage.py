@@ -78,14 +78,16 @@ def evaluate(model, val: dict, d, clip) -> tuple[dict, torch.Tensor]:
     return figures, images
 
 
-def training_fns(d, paths: list) -> tuple:
+def training_fns(d, paths: list, variants: int = 1) -> tuple:
     """The decoder's recipe for ``train_diffusion_model`` from its config ``d`` and the embedding
-    shards: ``make_batches(rank, world)`` (the train split's batches) and ``loss_fn(net, batch)``
+    shards: ``make_batches(rank, world)`` (the train split's batches; ``variants``: 1 +
+    ``embed.rewrites``, each sample's caption or one of its rewrites) and ``loss_fn(net, batch)``
     (the diffusion loss with both condition drops). The stage and bench/decoder_variant.py use it."""
     schedule = noise_schedule(d.prediction_type)
 
     def make_batches(rank, world):
-        return train_batches(paths, d.batch_size, seed=d.seed, rank=rank, world=world, image_size=d.image_size)
+        return train_batches(paths, d.batch_size, seed=d.seed, rank=rank, world=world, image_size=d.image_size,
+                             variants=variants)
 
     def loss_fn(net, batch):
         dev = next(net.parameters()).device
@@ -110,7 +112,7 @@ def run(cfg, ws) -> dict:
     arch = arch_of(d, val["z_i"].shape[1], val["tokens"].shape[2])
     torch.manual_seed(d.seed)
     model = UnclipDecoder(**arch)
-    make_batches, loss_fn = training_fns(d, paths)
+    make_batches, loss_fn = training_fns(d, paths, 1 + cfg.embed.rewrites)
 
     def on_log(step, figures):
         tracking.log_metrics({"train_loss": figures["loss"], "lr": figures["lr"]}, step=step)

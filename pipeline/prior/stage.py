@@ -69,7 +69,8 @@ def train(cfg, ws, out_dir, checkpoint_dir) -> dict:
     schedule = noise_schedule(diffusion.PREDICTION)
 
     def make_batches(rank, world):
-        return train_batches(paths, p.batch_size, seed=p.seed, rank=rank, world=world)
+        # each sample's caption or one of its embedded rewrites (embed.rewrites): z_t and tokens alike
+        return train_batches(paths, p.batch_size, seed=p.seed, rank=rank, world=world, variants=1 + cfg.embed.rewrites)
 
     def on_log(step, figures):
         tracking.log_metrics({"train_loss": figures["loss"], "lr": figures["lr"]}, step=step)
