@@ -206,7 +206,8 @@ class EmbedConfig(Section):
     token_dtype: Literal["float16", "float32"] = "float16"
     # language rewrites of each train caption embedded beside it (CLIP's first ones, pipeline/clip/rewrites.py):
     # the prior and the decoder train on the caption or one of them, drawn per sample. 0: the captions only
-    rewrites: int = Field(1, ge=0, le=8)
+    # (params.yaml says why that is the default)
+    rewrites: int = Field(0, ge=0, le=8)
 
 
 Sampler = Literal["ddpm", "ddim", "dpm++"]

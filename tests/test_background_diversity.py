@@ -157,6 +157,12 @@ def test_background_bars():
                   "pair": {"colors": 100, "relation": 100}, "frechet_distance": 1.0}, 1.0, 40)
     assert b["background named right"] == {"value": 96.0, "bar": 95, "ok": True}
     assert b["background noise within 2x real"] == {"value": 2.5, "bar": 2.0, "ok": False}
+    assert b["pair colors"]["se"] is None                          # no image count: no standard error
+    judged = {"single": {"color": 100, "shape": 90, "position": 100, "size": 100, "n": 256},
+              "pair": {"colors": 83.59, "relation": 100, "n": 256}}
+    b = bars(q | judged | {"frechet_distance": 1.0}, 1.0, 40)
+    assert b["pair colors"] == {"value": 83.59, "bar": 85, "ok": False, "se": 2.31}   # sqrt(.8359 * .1641 / 256)
+    assert b["single shape"]["se"] == 1.88 and b["single color"]["se"] == 0.0
     q = {"background": {"named_right": None, "noise_ratio": 1.5}}
     b = bars(q | {"single": {k: 100 for k in ("color", "shape", "position", "size")},
                   "pair": {"colors": 100, "relation": 100}, "frechet_distance": 1.0}, 1.0, 40)

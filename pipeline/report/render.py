@@ -171,12 +171,21 @@ def identity_section(run: dict) -> list[str]:
             table(["stage", "path", "md5"], lock_rows(run)), "</details>"]
 
 
+def verdict(b: dict) -> str:
+    """A bar's verdict; a judged miss by less than its standard error says so."""
+    if b["ok"]:
+        return "reached"
+    if b.get("se") and b["value"] is not None and b["bar"] - b["value"] <= b["se"]:
+        return f"missed, within its standard error ({b['se']})"
+    return "missed"
+
+
 def quality_section(ev: dict, mf: dict) -> list[str]:
     """Quality, the ablation, the bars (judged: data with ground truth); else what was not measured."""
     out = not_judged_section(ev, mf) if ev.get("ground_truth") is False else judged_section(ev, mf)
     if ev.get("bars"):
         rows = [f"<tr><td>{esc(name)}</td>{cell(mf, f'evaluate.bars.{name}.value')}{cell(mf, f'evaluate.bars.{name}.bar')}"
-                f'<td class="{"ok" if b["ok"] else "missed"}">{"reached" if b["ok"] else "missed"}</td></tr>'
+                f'<td class="{"ok" if b["ok"] else "missed"}">{verdict(b)}</td></tr>'
                 for name, b in ev["bars"].items()]
         out += ["<h3>Bars</h3>", table(["figure", "value", "bar", ""], rows)]
     if ev.get("quality_by_stage"):
