@@ -190,8 +190,8 @@ def chain(unclip: Unclip, judge: Judge, test: dict, rows: list[int], seed: int, 
         c = unclip.generate(canonical, n=1, seed=seed, batch_size=batch_size)["images"]
         table["cascade_canonical"] = row("cascade, canonical caption", "judge", judged(judge, c, gts),
                                          image_cos(unclip, c, z_i))
-    example = {"caption": captions[0], "phrasing": phrasing or "test split", "true": cands[0][0], "colors_swapped": cands[0][1],
-               "relation_reversed": cands[0][2], "color_replaced": cands[0][3:]}
+    example = {"caption": captions[0], "phrasing": phrasing or "test split", "true": cands[0][0],
+               "colors_swapped": cands[0][1], "relation_reversed": cands[0][2], "color_replaced": cands[0][3:]}
     return {"rows": list(table), "table": table, "example_counterfactuals": example, "n_candidates_per_scene": k,
             "cascade_seconds": round(seconds, 2), "nfe_per_image": out["nfe"]}
 

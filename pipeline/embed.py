@@ -113,9 +113,11 @@ class ShardBatches(torch.utils.data.IterableDataset):
         """The train items' rewrites, tokenized; each item's ``rewrites`` texts set. A rewrite that
         fills the whole context (it might be cut) is replaced by its caption, as in CLIP's batches."""
         k = self.rewrites
+        if not k:
+            return {}
         rw_items, texts = [], []
         for j, it in enumerate(items):
-            if it["split"] != "train" or not k:
+            if it["split"] != "train":
                 continue
             drawn = rewrite_caption(it["txt"], k, self.seed)
             if all(t == it["txt"] for t in drawn):        # not read: a user's own caption trains as it is
@@ -281,14 +283,15 @@ def embed_tally(clip, paths: list[Path], out: Path, *, batch_size: int, shard_si
     retrieval.flush()
     bar.close()
     return {"kept": kept, "dropped": dropped, "dropped_mismatched": dropped_mismatched, "cut": cut,
-            "rewritten": rewritten, "split_in": split_in, "split_kept": split_kept, "sims": sims, "seconds": time.perf_counter() - t0,
+            "rewritten": rewritten, "split_in": split_in, "split_kept": split_kept, "sims": sims,
+            "seconds": time.perf_counter() - t0,
             "files": [f"{prefix}{i:05d}.tar" for i in range(sink.shards)] + retrieval.written}
 
 
 def merge_tallies(tallies: list[dict]) -> dict:
     """The tallies of disjoint groups of shards as one (sums; cosines concatenated in order)."""
-    out = {"kept": 0, "dropped": 0, "dropped_mismatched": 0, "cut": 0, "rewritten": 0, "split_in": {}, "split_kept": {},
-           "sims": {"matched": [], "mismatched": [], "unknown": []}, "seconds": 0.0, "files": []}
+    out = {"kept": 0, "dropped": 0, "dropped_mismatched": 0, "cut": 0, "rewritten": 0, "split_in": {},
+           "split_kept": {}, "sims": {"matched": [], "mismatched": [], "unknown": []}, "seconds": 0.0, "files": []}
     for t in tallies:
         for k in ("kept", "dropped", "dropped_mismatched", "cut", "rewritten", "seconds"):
             out[k] += t[k]

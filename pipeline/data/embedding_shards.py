@@ -60,7 +60,7 @@ def read_shard(path: Path, split: Optional[str] = "train", image_size: Optional[
     the text fields of the caption and its rewrites (see the module's doc). ``float_tokens=False``
     keeps ``tokens`` in the dtype they were stored in (float16 by default: half the memory)."""
     rows: dict[str, list] = {k: [] for k in (*ARRAYS, "jpg", "captions", "gt", "keys")}
-    rewrite_rows: dict[str, list] = {k: [] for k in REWRITES}
+    rewrite_rows: dict[str, list] = {k: [] for k in REWRITES} if variants > 1 else {}
     for s in iter_shard(path):
         meta = sample_meta(s)
         if split is not None and split_of(meta) != split:
@@ -69,8 +69,8 @@ def read_shard(path: Path, split: Optional[str] = "train", image_size: Optional[
             if ext not in s:
                 raise ValueError(f"{path}: sample {s['__key__']} has no {ext}; is this an embed-stage shard?")
             rows[field].append(s[ext])
-        for field, ext in REWRITES.items():
-            rewrite_rows[field].append(s.get(ext))
+        for field in rewrite_rows:
+            rewrite_rows[field].append(s.get(REWRITES[field]))
         rows["jpg"].append(s["jpg"])
         rows["captions"].append(s["txt"].decode("utf-8"))
         rows["gt"].append(meta.get("gt"))
@@ -82,7 +82,7 @@ def read_shard(path: Path, split: Optional[str] = "train", image_size: Optional[
         return out | {"n": 0}
     for field in ARRAYS:
         arr = _npy_stack(rows[field])
-        if variants > 1 and field in REWRITES:
+        if field in rewrite_rows:
             arr = _with_rewrites(arr, rewrite_rows[field], variants)
         arr = torch.from_numpy(arr.copy())
         out[field] = arr if field == "mask" or (field == "tokens" and not float_tokens) else arr.float()
