@@ -73,7 +73,7 @@ from pipeline.decoder.diffusion import Condition  # noqa: E402
 from pipeline.decoder.diffusion import drop  # noqa: E402
 from pipeline.decoder.stage import decode  # noqa: E402
 from pipeline.data.embedding_shards import load_split  # noqa: E402
-from pipeline.evaluate import pick_rows  # noqa: E402
+from pipeline.evaluate import judged_se, pick_rows  # noqa: E402
 from pipeline.generate import Unclip  # noqa: E402
 from pipeline.images import to_uint8  # noqa: E402
 from pipeline.judge.labels import check, parse_gt  # noqa: E402
@@ -101,8 +101,8 @@ def text_embeddings(unclip: Unclip, captions: list[str], batch_size: int) -> tor
 def percent(ok: list[bool]) -> dict:
     """Percent right and its binomial standard error."""
     n = len(ok)
-    p = sum(ok) / n if n else float("nan")
-    return {"value": round(100 * p, 2), "se": round(100 * math.sqrt(p * (1 - p) / n), 2) if n else None}
+    value = round(100 * sum(ok) / n, 2) if n else float("nan")
+    return {"value": value, "se": judged_se(100 * sum(ok) / n, n) if n else None}
 
 
 def mean_se(x: torch.Tensor) -> dict:

@@ -299,6 +299,9 @@ class DecoderConfig(TrainConfig):
     extra_tokens: int = Field(4, ge=0)                # z_i projected into this many context tokens
     layout_channels: int = Field(8, ge=0)             # z_i + caption summary projected to a [C, S, S] input map
     layout_hidden: int = Field(0, ge=0)               # ...by a linear map (0) or an MLP with this many hidden units
+    # > 0: the map's first 3 channels also regress the clean image (MSE, this weight beside the diffusion loss), so
+    # "what goes where" is learned from z_i by direct supervision (pipeline/decoder/network.py); needs 3+ channels
+    layout_weight: float = Field(0.0, ge=0)
     text_layers: int = Field(0, ge=0)                 # the decoder's own (GLIDE's) text encoder over the caption's tokens
     # GLIDE's AdaGN: the time + z_i embedding scales and shifts each ResNet block's second GroupNorm
     # (diffusers' resnet_time_scale_shift "scale_shift") instead of being added before it
@@ -310,7 +313,7 @@ class DecoderConfig(TrainConfig):
     p_drop_image_embed: float = Field(0.1, ge=0, le=1)
     p_drop_caption: float = Field(0.2, ge=0, le=1)         # the paper's 0.5; params.yaml says why
     batch_size: int = Field(32, ge=1)
-    steps: int = Field(3100, ge=1)
+    steps: int = Field(4650, ge=1)
     lr: float = Field(1e-3, gt=0)
     num_workers: int = Field(0, ge=0)
     sampling: SamplingConfig = SamplingConfig(sampler="dpm++", steps=8, guidance_scale=2.0)
@@ -321,6 +324,9 @@ class DecoderConfig(TrainConfig):
             raise ValueError("attention needs one flag per entry of block_out_channels")
         if self.image_size % 2 ** (len(self.block_out_channels) - 1):
             raise ValueError("image_size must be divisible by 2^(levels - 1)")
+        if self.layout_weight and self.layout_channels < 3:
+            raise ValueError("layout_weight > 0 regresses the image into the layout map's first 3 channels: "
+                             "layout_channels must be 3 or more")
         return self
 
 

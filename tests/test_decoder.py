@@ -263,6 +263,32 @@ def test_training_loss_with_the_sobolev_term_is_the_mse_plus_the_differences():
     assert torch.allclose(loss(2.0) - plain, 2 * (h1 - plain), rtol=1e-4)       # linear in the weight
 
 
+def test_layout_weight_adds_the_layout_maps_regression_of_the_clean_image():
+    # layout_weight > 0: the layout map's first 3 channels regress x0, under the same condition drops
+    m, (z_i, tokens, mask) = net(layout_channels=4), cond()
+    x0 = torch.rand(B, 3, S, S) * 2 - 1
+    sched = noise_schedule("v_prediction")
+    m.eval()
+
+    def loss(w):
+        return dd.training_loss(m, x0, z_i, tokens, mask, sched, generator=torch.Generator().manual_seed(3),
+                                p_drop_image=0.0, p_drop_caption=0.0, layout_weight=w)
+    out, layout = m(torch.randn(B, 3, S, S), torch.tensor([1, 2, 3]), z_i, tokens, mask, return_layout=True)
+    assert layout.shape == (B, 4, S, S) and torch.equal(layout, m.layout_map(z_i * D ** 0.5, tokens, mask))
+    expected = (layout[:, :3] - x0).square().mean()
+    assert torch.allclose(loss(2.0) - loss(0.0), 2 * expected, rtol=1e-4)
+    # the regression trains the layout map: its gradient reaches the layout's weights with the UNet's
+    m.train()
+    m.zero_grad()
+    loss(1.0).backward()
+    assert m.layout.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="3 or more layout channels"):
+        dd.training_loss(net(), x0, z_i, tokens, mask, sched, layout_weight=1.0)
+    from pipeline.config import DecoderConfig
+    with pytest.raises(ValueError, match="layout_channels must be 3 or more"):
+        DecoderConfig(layout_channels=2, layout_weight=1.0)
+
+
 def test_the_decoders_own_text_encoder_is_bidirectional_over_the_valid_tokens():
     # text_layers > 0: GLIDE's text encoder over the caption's tokens, trained with the decoder
     m, (z_i, tokens, mask) = net(text_layers=2), cond()

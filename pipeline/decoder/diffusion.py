@@ -64,17 +64,24 @@ def drop(z_i: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, drop_image
 def training_loss(model, x0: torch.Tensor, z_i: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
                   schedule, p_drop_image: float = 0.1, p_drop_caption: float = 0.5,
                   snr_gamma: Optional[float] = None, generator: Optional[torch.Generator] = None,
-                  sobolev_weight: float = 0.0) -> torch.Tensor:
+                  sobolev_weight: float = 0.0, layout_weight: float = 0.0) -> torch.Tensor:
     """x0 [B, 3, S, S] in [-1, 1]; MSE on the schedule's target (noise or v), per example
     weighted by Min-SNR-gamma when ``snr_gamma`` is set; with ``sobolev_weight`` > 0 the error's
-    finite differences join it (:func:`pipeline.diffusion.sobolev_error`)."""
+    finite differences join it (:func:`pipeline.diffusion.sobolev_error`). With ``layout_weight`` > 0
+    the layout map's first 3 channels regress x0 (under the same condition drops), + that weight x their MSE:
+    the map becomes E[x0 | z_i, caption summary], a coarse picture of what goes where."""
     b, dev = x0.shape[0], x0.device
     t = torch.randint(0, schedule.config.num_train_timesteps, (b,), device=dev, generator=generator)
     noise = torch.randn(x0.shape, device=dev, generator=generator)
     x_t = schedule.add_noise(x0, noise, t)
     cond = drop(z_i, tokens, mask, torch.rand(b, device=dev, generator=generator) < p_drop_image,
                 torch.rand(b, device=dev, generator=generator) < p_drop_caption)
-    out = model(x_t, t, *cond)
+    out = model(x_t, t, *cond, return_layout=True) if layout_weight else model(x_t, t, *cond)
+    if layout_weight:
+        out, layout = out
+        if layout is None or layout.shape[1] < 3:
+            raise ValueError("layout_weight > 0 needs a decoder with 3 or more layout channels")
+        layout_loss = (layout[:, :3].float() - x0).square().mean()
     mean_out, var_out = out[:, :3], out[:, 3:]
     err = mean_out.float() - diffusion.training_target(schedule, x0, noise, t)
     per_example = diffusion.sobolev_error(err, sobolev_weight)                 # [B]
@@ -82,6 +89,8 @@ def training_loss(model, x0: torch.Tensor, z_i: torch.Tensor, tokens: torch.Tens
     if var_out.shape[1]:            # learned variance: + lambda * L_vlb, lambda * T = 1 (T = 1000)
         x0_pred = diffusion.predicted_x0(schedule, x_t, mean_out.detach().float(), t)
         loss = loss + VLB_WEIGHT * diffusion.vlb_term(schedule, x0, x_t, t, x0_pred, var_out).mean()
+    if layout_weight:
+        loss = loss + layout_weight * layout_loss
     return loss
 
 

@@ -109,10 +109,11 @@ class UnclipDecoder(nn.Module):
                            if layout_hidden else nn.Linear(n_in, n_out))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, z_i: torch.Tensor, tokens: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
+                mask: torch.Tensor, return_layout: bool = False):
         """x_t [B, 3, S, S] noised image, t [B] timesteps, z_i [B, D] image embedding (unit norm,
         or zeros when dropped), tokens [B, L, W] caption encodings, mask [B, L] bool
-        -> the network's prediction [B, out_channels, S, S] (twice the channels with learned variance)."""
+        -> the network's prediction [B, out_channels, S, S] (twice the channels with learned variance);
+        with ``return_layout`` also the layout map [B, C, S, S] (None without layout channels)."""
         b = x_t.shape[0]
         z = z_i * math.sqrt(self.embed_dim)                          # unit variance per component
         extra = self.embed_to_tokens(z).view(b, self.extra_tokens, self.width)
@@ -121,12 +122,9 @@ class UnclipDecoder(nn.Module):
             caption = self.encode_caption(caption, mask)
         context = torch.cat([extra, caption], dim=1)                       # [B, 4 + L, C]
         context_mask = torch.cat([torch.ones(b, self.extra_tokens, dtype=torch.bool, device=mask.device), mask], 1)
+        layout = None
         if self.layout_channels:
-            # the caption's last token [B, W] (zeros when the caption is dropped: all-False mask)
-            last = (mask.sum(1) - 1).clamp(min=0)
-            summary = tokens[torch.arange(b, device=tokens.device), last] * mask.any(1, keepdim=True).to(tokens.dtype)
-            s = self.image_size
-            layout = self.layout(torch.cat([z, summary], dim=1)).view(b, self.layout_channels, s, s)
+            layout = self.layout_map(z, tokens, mask)
             x_t = torch.cat([x_t, layout.to(x_t.dtype)], dim=1)              # [B, 3 + C, S, S]
         if self.lean:
             out = lean_unet.forward(self.unet, x_t, t, context, z, context_mask)
@@ -138,7 +136,16 @@ class UnclipDecoder(nn.Module):
                             encoder_attention_mask=context_mask, return_dict=False)[0]
         if self.learned_variance:       # [B, 6, S, S]: the mean's channels, then variance channels in [-1, 1]
             out = torch.cat([out[:, :3], torch.tanh(out[:, 3:])], dim=1)
-        return out
+        return (out, layout) if return_layout else out
+
+    def layout_map(self, z: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The input map [B, C, S, S] from z [B, D] (z_i at unit variance per component, zeros when dropped) and
+        the caption's last valid token [B, W] (zeros when the caption is dropped: an all-False mask)."""
+        b = z.shape[0]
+        last = (mask.sum(1) - 1).clamp(min=0)
+        summary = tokens[torch.arange(b, device=tokens.device), last] * mask.any(1, keepdim=True).to(tokens.dtype)
+        s = self.image_size
+        return self.layout(torch.cat([z, summary], dim=1)).view(b, self.layout_channels, s, s)
 
     def encode_caption(self, caption: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The decoder's text encoder: caption [B, L, C] (projected token encodings), mask [B, L] bool ->

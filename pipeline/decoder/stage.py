@@ -95,7 +95,7 @@ def training_fns(d, paths: list, variants: int = 1) -> tuple:
             return diffusion.training_loss(net, to_model(batch["images"]).to(dev), batch["z_i"].to(dev),
                                            batch["tokens"].to(dev), batch["mask"].to(dev), schedule,
                                            d.p_drop_image_embed, d.p_drop_caption, d.snr_gamma,
-                                           sobolev_weight=d.sobolev_weight)
+                                           sobolev_weight=d.sobolev_weight, layout_weight=d.layout_weight)
 
     return make_batches, loss_fn
 
