@@ -23,7 +23,10 @@ summary token (the encoding of its last token, which has seen the whole caption)
 projected into a low-channel [C, S, S] map concatenated with the noised image at the input. The
 UNet then gets "what goes where" at full resolution from the first layer, instead of having to
 turn a global vector into a spatial layout through many layers; on 2 CPU cores this is the
-difference between blobs and shapes (see the closing note of the quality issue).
+difference between blobs and shapes (see the closing note of the quality issue). With the decoder's
+``layout_weight`` > 0 the map's first 3 channels are also trained to regress the clean image
+(:func:`pipeline.decoder.diffusion.training_loss`); measured and left off (docs/MEASURED.md, twenty-seventh
+session: the relation up, a color on its shape down).
 
 The attention block (``attention_block``):
 - ``transformer``: diffusers' Transformer2DModel per attention level: proj_in, self-attention,
