@@ -101,8 +101,8 @@ def text_embeddings(unclip: Unclip, captions: list[str], batch_size: int) -> tor
 def percent(ok: list[bool]) -> dict:
     """Percent right and its binomial standard error."""
     n = len(ok)
-    value = round(100 * sum(ok) / n, 2) if n else float("nan")
-    return {"value": value, "se": judged_se(100 * sum(ok) / n, n) if n else None}
+    pct = 100 * sum(ok) / n if n else float("nan")
+    return {"value": round(pct, 2), "se": judged_se(pct, n)}          # judged_se: None without images
 
 
 def mean_se(x: torch.Tensor) -> dict:
