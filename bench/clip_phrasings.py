@@ -2,11 +2,11 @@
 (``--set`` over the workspace's ``clip`` section) or loaded (``--load``), before any prior or decoder.
 
     python bench/clip_phrasings.py [--workspace .] [--load models/clip | --set rewrites=3 --set steps=1800]
-                                   [--threads 2] [--out reports/bench/clip_phrasings.json]
+                                   [--threads 2] [--out reports/bench/clip_phrasings.json] [--keep DIR]
 
 On the test split's first 256 one-object and 256 two-object real images (evaluate's rows), for the
-test split's own captions and each family of pipeline/phrasings.py (``original``, and the held-out
-``reordered`` and ``rephrased``), per family and per template:
+test split's own captions and each family of pipeline/phrasings.py (``original``, the held-out
+``reordered`` and ``rephrased``, and the probe ``unseen``), per family and per template:
 
 - ``relation`` / ``binding``: how often CLIP, from the real image's z_i, scores the caption above its
   twin with the spatial words reversed / its first two colors swapped (bench/novel_captions.py's
@@ -40,7 +40,7 @@ from pipeline.data.image_shards import load_image_split  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402
 from pipeline.judge.labels import parse_gt  # noqa: E402
-from pipeline.phrasings import HELD_OUT, phrase  # noqa: E402
+from pipeline.phrasings import HELD_OUT, PROBES, phrase  # noqa: E402
 from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402
 
 
@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="key=<json> over params.yaml's clip section")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="default: <workspace>/reports/bench/clip_phrasings.json")
+    ap.add_argument("--keep", default=None, help="with --set: keep the trained CLIP in this folder (for --load)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ws = Workspace.at(args.workspace)
@@ -86,6 +87,8 @@ def main() -> None:
         c = with_overrides(load(ws.root / "params.yaml").clip, args.set, "clip")
         with tempfile.TemporaryDirectory(dir=out_path.parent if out_path.parent.exists() else None) as scratch:
             clip, result["train"] = train(c, paths, Path(scratch))
+        if args.keep:                                     # as the clip stage saves it: --load reads it back
+            clip_model.save(clip, Path(args.keep), {"clip": c.model_dump(mode="json"), "bench": "clip_phrasings"})
         result["clip"] = {"set": args.set}
     clip.model.eval()
     with torch.no_grad():
@@ -98,7 +101,7 @@ def main() -> None:
         z_i = torch.nn.functional.normalize(embed_images(clip, test["images"][torch.tensor(rows)], 256).float(), dim=-1)
         kinds = [range(0, n_single), range(n_single, len(rows))]
         families = {"test_split": [(None, test["captions"][i]) for i in rows],
-                    **{f: [phrase(g, f, k) for k, g in enumerate(gts)] for f in ("original", *HELD_OUT)}}
+                    **{f: [phrase(g, f, k) for k, g in enumerate(gts)] for f in ("original", *HELD_OUT, *PROBES)}}
         encoder = TextEncoder(clip)
         result["families"] = {}
         for family, phrased in families.items():

@@ -4,7 +4,7 @@
                                    [--models DIR] [--upsampler-strength S] [--out reports/bench/novel_captions.json]
 
 The phrasings are pipeline/phrasings.py's (``evaluate`` judges the held-out families on a subset);
-this bench judges every family on all the test scenes, template by template, beside the test split's
+this bench judges every family (and the probe ``unseen``) on all the test scenes, template by template, beside the test split's
 own captions (``test_split``, what ``evaluate`` judges), with the same seed. Beside each, how often
 CLIP itself prefers the caption to its twin with the spatial words reversed or the colors swapped,
 from the real image's z_i: whether z_t carries what the phrasing says before the prior and decoder
@@ -33,7 +33,7 @@ from pipeline.evaluate import pick_rows  # noqa: E402
 from pipeline.generate import Unclip  # noqa: E402
 from pipeline.judge.labels import parse_gt  # noqa: E402
 from pipeline.judge.model import Judge  # noqa: E402
-from pipeline.phrasings import HELD_OUT, new_words, phrase, trained_on  # noqa: E402
+from pipeline.phrasings import HELD_OUT, PROBES, new_words, phrase, trained_on  # noqa: E402
 from pipeline.quality import score  # noqa: E402
 from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402
 
@@ -96,7 +96,7 @@ def main() -> None:
     if held:
         raise SystemExit(f"the corpus now trains on the bench's held-out phrasings {held}: choose others")
     families = {"test_split": [(None, test["captions"][i]) for i in rows],
-                **{f: [phrase(g, f, k) for k, g in enumerate(gts)] for f in ("original", *HELD_OUT)}}
+                **{f: [phrase(g, f, k) for k, g in enumerate(gts)] for f in ("original", *HELD_OUT, *PROBES)}}
     out: dict = {"n_single": args.n_single, "n_pair": args.n_pair, "seed": args.seed, "families": {}}
     for family, phrased in families.items():
         captions = [c for _, c in phrased]

@@ -13,6 +13,9 @@ one of these families' templates, which take turns over the rows:
     rephrased   other words too ("draw a small red circle placed in the top left"; "a blue square with
                 a red circle to its left")
 
+``unseen`` (:data:`PROBES`) is read by the benches only: constructions no training caption has, rewrites
+included ("a red circle and a blue square; the first is to the left of the second").
+
 None of the held-out families' templates is a corpus template (:func:`trained_on`; tests/test_phrasings.py also
 parses every phrasing back to its scene's truth), and no held-out phrasing is one of the language rewrites CLIP
 trains on (pipeline/clip/rewrites.py; tests/test_clip_rewrites.py walks them all). ``evaluate`` judges the held-out families on the
@@ -46,6 +49,13 @@ SINGLE = {
                   "{size} {color} {shape} located {pos_alt}, plain {bg} backdrop"),
 }
 HELD_OUT = ("reordered", "rephrased")       # the families judged: none of their templates is a corpus template
+# A probe the benches read beside them (not evaluate): constructions that neither the corpus, the held-out
+# families nor CLIP's language rewrites have, written (28th session) before the rewrites gained the
+# constructions of two of `reordered`'s templates, to tell whether what CLIP learns from the rewrites
+# reaches past the constructions it trains on.
+PROBES = ("unseen",)
+SINGLE["unseen"] = ("one {color} {shape}, which is {size}, {pos}",
+                    "you can see a {size} {color} {shape} if you look {pos_alt}")
 # {color0} {shape0} {size0} {size1} {rel} {color1} {shape1} (the truth's order), {first}/{second}: the left (upper)
 # and right (lower) object as "{color} {shape}", {side0}/{side1}: their places, {to_its}: {rel} seen
 # from the second object, {bg}
@@ -60,13 +70,16 @@ PAIR = {
     "rephrased": ("a {color0} {shape0} and a {color1} {shape1}, the {color0} one {rel} the {color1} one",
                   "a {color1} {shape1} with a {color0} {shape0} {to_its}",
                   "draw a {color0} {shape0} {rel} a {color1} {shape1}"),
+    "unseen": ("a {color0} {shape0} and a {color1} {shape1}; the first is {rel} the second",
+               "a {color1} {shape1}, which has a {color0} {shape0} {to_its}",
+               "a {color1} {shape1} and, {to_its}, a {color0} {shape0}"),
 }
 
 
 def trained_on() -> list[str]:
     """The held-out families' templates that the corpus trains on (none, or they measure nothing held out)."""
     corpus = set(scenes.SINGLE_TEMPLATES) | set(scenes.PAIR_TEMPLATES)
-    return [t for f in HELD_OUT for t in (*SINGLE[f], *PAIR[f]) if t in corpus]
+    return [t for f in (*HELD_OUT, *PROBES) for t in (*SINGLE[f], *PAIR[f]) if t in corpus]
 
 
 def _words(text: str) -> set[str]:

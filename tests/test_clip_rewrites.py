@@ -103,7 +103,7 @@ def test_no_rewrite_is_a_held_out_phrasing():
     corpus caption of a scene (all of them, walked) against its held-out phrasings."""
     for scene in sample_scenes():
         gt = json.loads(json.dumps(scene.ground_truth()))
-        held = {phrasings.phrase(gt, f, i)[1] for f in phrasings.HELD_OUT for i in range(12)}
+        held = {phrasings.phrase(gt, f, i)[1] for f in (*phrasings.HELD_OUT, *phrasings.PROBES) for i in range(12)}
         for c in corpus_captions(scene):
             assert not held & rewrites.every_rewrite(rewrites.read(c)), c
 
@@ -182,7 +182,7 @@ def test_clip_phrasings_bench_reads_every_family(data_ws, smoke_cfg, tmp_path, m
                                       "--load", str(data_ws.clip), "--threads", "1", "--out", str(out)])
     bench.main()
     families = json.loads(out.read_text())["families"]
-    assert set(families) == {"test_split", "original", *phrasings.HELD_OUT}
+    assert set(families) == {"test_split", "original", *phrasings.HELD_OUT, *phrasings.PROBES}
     for name, fig in families.items():
         assert 0 <= fig["relation"] <= 100 and len(fig["r@1"]) == 2
         assert bool(fig["by_template"]) == (name != "test_split")          # the test split has no templates

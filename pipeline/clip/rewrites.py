@@ -20,7 +20,8 @@ the background), and :func:`rewrite` says the same in another construction:
 - two objects: the converse ("a blue square to the right of a red circle" for "a red circle to the
   left of a blue square"), the relation fronted ("to the left of a blue square is a red circle"), a
   pronoun ("a blue square and a red circle to the left of it"), the objects by their places ("a
-  red circle on the left and a blue square on the right");
+  red circle on the left and a blue square on the right"), or their places first ("on the left is a red
+  circle and on the right is a blue square": 28th session);
 - a lead-in or none, the background before, after or left out when the caption leaves it out.
 
 Every rewrite names exactly what its caption names (a caption that does not name a size or a
@@ -62,7 +63,8 @@ LEAD_INS = ("", "a picture of ", "an illustration of ", "we see ")   # before a 
 SINGLE_FRAMES = (("{np} {place}", True), ("{place} is {np}", False), ("{place}, {np}", False),
                  ("{np} sits {place}", False), ("{np} is {place}", False))
 PAIR_FRAMES = (("{a} {rel} {b}", True), ("{b} {converse} {a}", True), ("{b} and {a} {rel} it", True),
-               ("{places}", True), ("{rel} {b} is {a}", False), ("{a} is {rel} {b}", False))
+               ("{places}", True), ("{rel} {b} is {a}", False), ("{a} is {rel} {b}", False),
+               ("{places_first}", False))      # 28th session: the places before their objects
 BACKGROUND = ("{text} on a {bg} background", "{text} against a {bg} background", "on a {bg} background, {text}")
 
 _SIZE_OF = {w: size for size, words in scenes.SIZE_WORDS.items() for w in words}
@@ -141,8 +143,11 @@ def rewrite(named: Named, rng) -> str:
         a, b = (_np(o, rng) for o in named.objects)
         first_place, second_place = PLACES[named.relation]
         places = rng.choice((f"{a} {first_place} and {b} {second_place}", f"{b} {second_place} and {a} {first_place}"))
+        places_first = rng.choice((f"{first_place} is {a} and {second_place} is {b}",
+                                   f"{second_place} is {b} and {first_place} is {a}"))
         text = frame.format(a=a, b=b, rel=scenes.RELATION_PHRASES[named.relation],
-                            converse=scenes.RELATION_PHRASES[CONVERSE[named.relation]], places=places)
+                            converse=scenes.RELATION_PHRASES[CONVERSE[named.relation]], places=places,
+                            places_first=places_first)
     if noun_phrase:
         text = rng.choice(LEAD_INS) + text
     if named.background:
