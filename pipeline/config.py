@@ -181,6 +181,10 @@ class ClipConfig(Section):
     # language rewrites per training caption (pipeline/clip/rewrites.py, LaCLIP): each step trains on the
     # caption or one of its rewrites, drawn uniformly per sample. 0: the captions as they are
     rewrites: int = Field(3, ge=0, le=8)
+    # the rewrites' pronoun frame puts its phrase before its object half the time ("a blue square and to the
+    # left of it a red circle"): at 1,800 steps it costs CLIP every relation, at 3,600 CLIP learns the sentence
+    # (docs/MEASURED.md, 28th session); off: twice CLIP's minutes
+    rewrites_pronoun_first: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -566,6 +570,13 @@ class Config(Section):
     retrain: RetrainConfig = RetrainConfig()
     cluster: ClusterConfig = ClusterConfig()
     profile: str = DEFAULT_PROFILE
+
+    @model_validator(mode="after")
+    def _rewrites_embed_can_draw(self):
+        if self.embed.rewrites and self.clip.rewrites_pronoun_first:
+            raise ValueError("embed.rewrites draws the rewrites without clip.rewrites_pronoun_first's frame: "
+                             "set embed.rewrites: 0 with it")
+        return self
 
     def section(self, name: str) -> dict[str, Any]:
         """One section as a plain dict (for MLflow params and saved run configs)."""

@@ -108,6 +108,26 @@ def test_no_rewrite_is_a_held_out_phrasing():
             assert not held & rewrites.every_rewrite(rewrites.read(c)), c
 
 
+def test_pronoun_first_adds_the_pronouns_phrase_before_its_object_and_nothing_else():
+    """clip.rewrites_pronoun_first: the default's rewrites and the pronoun's phrase before its object
+    ("a blue square and to the left of it a red circle"), each naming the caption's relation, none held out."""
+    scene = next(s for s in sample_scenes() if len(s.objects) == 2)
+    gt = json.loads(json.dumps(scene.ground_truth()))
+    held = {phrasings.phrase(gt, f, i)[1] for f in (*phrasings.HELD_OUT, *phrasings.PROBES) for i in range(12)}
+    named_truth = (scene.objects[0].color, scene.relation, scene.objects[1].color)
+    rel = scenes.RELATION_PHRASES[scene.relation]
+    for c in corpus_captions(scene, draws=12):
+        default, first = (rewrites.every_rewrite(rewrites.read(c), pronoun_first=p) for p in (False, True))
+        added = first - default
+        assert default < first and added and not held & first, c
+        assert all(f" and {rel} it " in r for r in added), c
+        assert all(same_relation(relation_said(r), named_truth) for r in added), c
+        assert not any(f" and {rel} it " in r for r in default), c
+    c = "a small orange triangle to the right of a tiny cyan triangle"
+    assert rewrites.rewrites(c, 3, pronoun_first=True) != rewrites.rewrites(c, 3)     # another draw of the three
+    assert caption_variants([c], 3, 0, pronoun_first=True)[1:] == rewrites.rewrites(c, 3, pronoun_first=True)
+
+
 def test_rewrites_are_fixed_distinct_and_seeded():
     c = "a small orange triangle to the right of a tiny cyan triangle"
     three = rewrites.rewrites(c, 3)

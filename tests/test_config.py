@@ -42,6 +42,8 @@ def test_profile_from_environment(params_path, monkeypatch):
     (lambda r: r["clip"]["model"].update(image_size=60), "clip.model"),
     (lambda r: r["clip"].update(hard_negatives_after=1.0), "clip.hard_negatives_after"),
     (lambda r: r["profiles"]["smoke"]["embed"].update(min_similarity=3), "embed.min_similarity"),
+    # the smoke profile embeds a rewrite, which would be drawn without the pronoun-first frame
+    (lambda r: r["clip"].update(rewrites_pronoun_first=True), "embed.rewrites draws"),
 ])
 def test_bad_config_names_the_key(params_path, mutate, key):
     raw = base(params_path)

@@ -25,14 +25,14 @@ from .rewrites import rewrites as rewrite_caption
 BUFFER_BYTES = 512 * 2**20     # decoded images held at most (16 shards of 2,500 at 64 px; 1 shard at 224 px)
 
 
-def caption_variants(captions: list[str], rewrites: int, seed: int) -> list[str]:
+def caption_variants(captions: list[str], rewrites: int, seed: int, pronoun_first: bool = False) -> list[str]:
     """Each caption then its ``rewrites`` language rewrites: [n * (1 + rewrites)] texts, caption-major."""
-    return [t for c in captions for t in (c, *rewrite_caption(c, rewrites, seed))]
+    return [t for c in captions for t in (c, *rewrite_caption(c, rewrites, seed, pronoun_first))]
 
 
 def read_part(path: Path, tokenize: Callable[[list[str]], torch.Tensor], image_size: int,
               negatives: tuple[str, ...] = (), rewrites: int = 0, seed: int = 0,
-              stats: Optional[dict] = None) -> dict:
+              stats: Optional[dict] = None, pronoun_first: bool = False) -> dict:
     """One shard's train samples: ``images`` uint8 [n, 3, S, S], ``tokens`` [n, V, L] (V = 1 +
     ``rewrites``: the caption, then its rewrites); with ``negatives`` also ``negatives`` [n, V, K, L] and
     ``negative_mask`` [n, V, K] bool. A rewrite that fills the whole context (it might be cut) is
@@ -45,7 +45,7 @@ def read_part(path: Path, tokenize: Callable[[list[str]], torch.Tensor], image_s
     if not blobs:
         return {"n": 0}
     n, v = len(blobs), 1 + rewrites
-    texts = caption_variants(captions, rewrites, seed)
+    texts = caption_variants(captions, rewrites, seed, pronoun_first)
     tokens = tokenize(texts).view(n, v, -1)                          # [n, V, L]
     # a variant that fills the context may be cut: its caption's row instead (every field alike)
     variant = (torch.where(tokens[:, :, -1] != 0, 0, torch.arange(v)) + v * torch.arange(n)[:, None]).view(-1)
@@ -65,16 +65,18 @@ def read_part(path: Path, tokenize: Callable[[list[str]], torch.Tensor], image_s
 
 def train_batches(paths: list[Path], tokenize: Callable[[list[str]], torch.Tensor], batch_size: int,
                   seed: int, image_size: int, negatives: tuple[str, ...] = (), rewrites: int = 0,
-                  buffer_bytes: int = BUFFER_BYTES, stats: Optional[dict] = None) -> Iterator[tuple]:
+                  buffer_bytes: int = BUFFER_BYTES, stats: Optional[dict] = None,
+                  pronoun_first: bool = False) -> Iterator[tuple]:
     """Endless (uint8 images [B, 3, S, S], tokens [B, L]) from the train split; with
     ``negatives`` (kinds of :mod:`.negatives`) also (negative tokens [B, K, L], mask [B, K] bool).
     Each sample's text is its caption or one of its ``rewrites``, drawn uniformly per sample and
-    step. At most ``buffer_bytes`` of decoded images are resident (at least one shard)."""
+    step (``pronoun_first``: :func:`.rewrites.rewrite`'s). At most ``buffer_bytes`` of decoded images
+    are resident (at least one shard)."""
     require_train_samples(paths)         # a StageError naming the splits found, before any decoding
     per_shard = max(1, count_samples(paths[0])) * 3 * image_size ** 2
     fields = ("images", "tokens", "negatives", "negative_mask") if negatives else ("images", "tokens")
-    batches = buffered_batches(paths, lambda p: read_part(p, tokenize, image_size, negatives, rewrites, seed, stats),
-                               set(fields), batch_size, seed=seed, buffer_shards=max(1, buffer_bytes // per_shard))
+    batches = buffered_batches(paths, lambda p: read_part(p, tokenize, image_size, negatives, rewrites, seed, stats,
+                                                          pronoun_first), set(fields), batch_size, seed=seed, buffer_shards=max(1, buffer_bytes // per_shard))
     # its own stream: a generator seeded like the buffer's would draw each sample's variant from its index
     pick = torch.Generator().manual_seed(zlib.crc32(f"clip rewrites {seed}".encode()))
     texts = one_variant_per_sample(batches, set(fields) - {"images"}, 1 + rewrites, pick)

@@ -105,7 +105,7 @@ def train(clip_cfg, shard_paths: list[Path], checkpoint_dir: Path,
     device = next(model.parameters()).device
     # the token table's rows that the training captions use, trained alone (clip/vocab.py; None: the whole table)
     ids = used_token_ids(shard_paths, clip.tokenize, tuple(clip_cfg.hard_negatives), rewrites=clip_cfg.rewrites,
-                         seed=clip_cfg.seed)
+                         seed=clip_cfg.seed, pronoun_first=clip_cfg.rewrites_pronoun_first)
     table = model.token_embedding
     if ids is not None:
         model.token_embedding = UsedRows(table, ids)
@@ -115,7 +115,8 @@ def train(clip_cfg, shard_paths: list[Path], checkpoint_dir: Path,
     scheduler = cosine_with_warmup(optimizer, clip_cfg.warmup_steps, clip_cfg.steps)
     read = {}                      # captions read, and how many the rewrites could read (clip/rewrites.py)
     batches = train_batches(shard_paths, clip.tokenize, clip_cfg.batch_size, clip_cfg.seed, clip.image_size,
-                            tuple(clip_cfg.hard_negatives), rewrites=clip_cfg.rewrites, stats=read)
+                            tuple(clip_cfg.hard_negatives), rewrites=clip_cfg.rewrites, stats=read,
+                            pronoun_first=clip_cfg.rewrites_pronoun_first)
     done = [0]                     # optimizer steps taken (fit reports them, a resumed run's start included)
     loss_fn = make_loss(clip, clip_cfg.precision, device, negatives_from=clip_cfg.hard_negatives_from,
                         steps_done=lambda: done[0], share_prefix=clip_cfg.shared_prefix)

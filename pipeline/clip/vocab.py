@@ -40,7 +40,7 @@ PREPASS_BYTES = 4 * 2**30     # shards larger than this in all: no pre-pass, the
 
 def used_token_ids(paths: list[Path], tokenize: Callable[[list[str]], torch.Tensor],
                    negatives: tuple[str, ...] = (), max_bytes: Optional[int] = None,
-                   rewrites: int = 0, seed: int = 0) -> Optional[torch.Tensor]:
+                   rewrites: int = 0, seed: int = 0, pronoun_first: bool = False) -> Optional[torch.Tensor]:
     """The sorted token ids [V'] of the train split's captions, of their ``rewrites`` (the same
     ones training reads: clip/data.py ``caption_variants``) and of their hard negatives (a negative
     may hold a word no caption has: a relation reversed), padding (0) included.
@@ -51,7 +51,7 @@ def used_token_ids(paths: list[Path], tokenize: Callable[[list[str]], torch.Tens
         return None
     texts = sorted({sample["txt"].decode("utf-8") for sample in iter_split(paths, "train")})
     if rewrites:
-        texts = sorted(set(caption_variants(texts, rewrites, seed)))
+        texts = sorted(set(caption_variants(texts, rewrites, seed, pronoun_first)))
     if negatives and texts:
         found, mask = hard_negatives(texts, negatives)
         texts += sorted({t for t, keep in zip(found, mask.flatten().tolist()) if keep})
