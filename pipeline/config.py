@@ -183,7 +183,7 @@ class ClipConfig(Section):
     rewrites: int = Field(3, ge=0, le=8)
     # the rewrites' pronoun frame puts its phrase before its object half the time ("a blue square and to the
     # left of it a red circle"): at 1,800 steps it costs CLIP every relation, at 3,600 CLIP learns the sentence
-    # (docs/MEASURED.md, 28th session); off: twice CLIP's minutes
+    # (docs/MEASURED.md, 28th session); off by default: it needs twice CLIP's steps
     rewrites_pronoun_first: bool = False
 
     @model_validator(mode="before")

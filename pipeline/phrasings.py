@@ -47,15 +47,14 @@ SINGLE = {
                   "an image showing one {size} {color} {shape} {pos_alt}",
                   "a {size} {color} {shape} placed {pos}",
                   "{size} {color} {shape} located {pos_alt}, plain {bg} backdrop"),
+    "unseen": ("one {color} {shape}, which is {size}, {pos}",
+               "you can see a {size} {color} {shape} if you look {pos_alt}"),
 }
 HELD_OUT = ("reordered", "rephrased")       # the families judged: none of their templates is a corpus template
 # A probe the benches read beside them (not evaluate): constructions that neither the corpus, the held-out
-# families nor CLIP's language rewrites have, written (28th session) before the rewrites gained the
-# constructions of two of `reordered`'s templates, to tell whether what CLIP learns from the rewrites
-# reaches past the constructions it trains on.
+# families nor CLIP's language rewrites have (28th session, written before any CLIP was read on them), to
+# tell whether what CLIP learns from the rewrites reaches past the constructions it trains on.
 PROBES = ("unseen",)
-SINGLE["unseen"] = ("one {color} {shape}, which is {size}, {pos}",
-                    "you can see a {size} {color} {shape} if you look {pos_alt}")
 # {color0} {shape0} {size0} {size1} {rel} {color1} {shape1} (the truth's order), {first}/{second}: the left (upper)
 # and right (lower) object as "{color} {shape}", {side0}/{side1}: their places, {to_its}: {rel} seen
 # from the second object, {bg}

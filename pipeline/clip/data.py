@@ -76,7 +76,8 @@ def train_batches(paths: list[Path], tokenize: Callable[[list[str]], torch.Tenso
     per_shard = max(1, count_samples(paths[0])) * 3 * image_size ** 2
     fields = ("images", "tokens", "negatives", "negative_mask") if negatives else ("images", "tokens")
     batches = buffered_batches(paths, lambda p: read_part(p, tokenize, image_size, negatives, rewrites, seed, stats,
-                                                          pronoun_first), set(fields), batch_size, seed=seed, buffer_shards=max(1, buffer_bytes // per_shard))
+                                                          pronoun_first),
+                               set(fields), batch_size, seed=seed, buffer_shards=max(1, buffer_bytes // per_shard))
     # its own stream: a generator seeded like the buffer's would draw each sample's variant from its index
     pick = torch.Generator().manual_seed(zlib.crc32(f"clip rewrites {seed}".encode()))
     texts = one_variant_per_sample(batches, set(fields) - {"images"}, 1 + rewrites, pick)

@@ -52,8 +52,10 @@ more minutes of ``make run``, past its 30-minute bar: an option, off by default
 The held-out phrasings that ``evaluate`` and ``bench/novel_captions.py`` judge (pipeline/phrasings.py)
 were written before these rewrites, and no rewrite is one of them (:func:`every_rewrite`,
 tests/test_clip_rewrites.py). Some share a construction with them (a place first, a size after the
-noun, a pronoun, two places, and since the twenty-eighth session two places first), so the held-out figures after this measure new wordings of known
-constructions more than new constructions: the per-template table of the bench says which.
+noun, a pronoun, two places, and since the twenty-eighth session two places first), so the held-out
+figures after this measure new wordings of known constructions more than new constructions: the
+per-template table of the bench says which, and ``pipeline/phrasings.PROBES`` holds constructions none
+of them has.
 """
 from __future__ import annotations
 
