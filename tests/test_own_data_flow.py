@@ -117,7 +117,10 @@ def test_evaluation_without_ground_truth_says_so(own_flow):
     assert ev["ground_truth"] is False and ev["not_measured"]["why"] == truth.NO_TRUTH
     assert not set(truth.NOT_MEASURED) & set(ev)               # no judged figure, not even a zero
     std = ev["standard"]
-    assert std["metric"] == "FD-CLIP" and std["fid"] > 0 and std["n_generated"] == ev["n_captions"] == 6
+    # the first n_single + n_pair (6) test captions, or all of them: a list without keys splits by its URLs' hash,
+    # and the loopback server's port is new every run, so the test split holds about 12 pairs, sometimes fewer
+    n_test = metrics(ws, "embed")["kept_by_split"]["test"]["kept"]
+    assert std["metric"] == "FD-CLIP" and std["fid"] > 0 and std["n_generated"] == ev["n_captions"] == min(6, n_test)
     assert set(ev["ablation"]) == {"unclip", "text_embedding", "caption_only"}
     for a in ev["ablation"].values():
         assert a["standard"]["fid"] > 0 and -100 <= a["clip_score"] <= 100 and a["nfe_per_image"] > 0
