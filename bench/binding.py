@@ -78,7 +78,7 @@ from pipeline.generate import Unclip  # noqa: E402
 from pipeline.images import to_uint8  # noqa: E402
 from pipeline.judge.labels import check, parse_gt  # noqa: E402
 from pipeline.judge.model import Judge  # noqa: E402
-from pipeline.phrasings import HELD_OUT, PROBES, phrase  # noqa: E402
+from pipeline.phrasings import UNTRAINED, phrase  # noqa: E402
 from pipeline.quality import prepare  # noqa: E402
 from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402
 
@@ -218,7 +218,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=128, help="two-object test captions")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--phrasing", choices=(*HELD_OUT, *PROBES), default=None,
+    ap.add_argument("--phrasing", choices=UNTRAINED, default=None,
                     help="the scenes phrased in this held-out family's templates (default: the test split's captions)")
     ap.add_argument("--out", default=None, help="default: <workspace>/reports/bench/binding.json")
     args = ap.parse_args()

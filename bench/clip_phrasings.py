@@ -40,7 +40,7 @@ from pipeline.data.image_shards import load_image_split  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402
 from pipeline.judge.labels import parse_gt  # noqa: E402
-from pipeline.phrasings import HELD_OUT, PROBES, phrase  # noqa: E402
+from pipeline.phrasings import UNTRAINED, phrase  # noqa: E402
 from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402
 
 
@@ -101,7 +101,7 @@ def main() -> None:
         z_i = torch.nn.functional.normalize(embed_images(clip, test["images"][torch.tensor(rows)], 256).float(), dim=-1)
         kinds = [range(0, n_single), range(n_single, len(rows))]
         families = {"test_split": [(None, test["captions"][i]) for i in rows],
-                    **{f: [phrase(g, f, k) for k, g in enumerate(gts)] for f in ("original", *HELD_OUT, *PROBES)}}
+                    **{f: [phrase(g, f, k) for k, g in enumerate(gts)] for f in ("original", *UNTRAINED)}}
         encoder = TextEncoder(clip)
         result["families"] = {}
         for family, phrased in families.items():

@@ -33,7 +33,7 @@ from pipeline.evaluate import pick_rows  # noqa: E402
 from pipeline.generate import Unclip  # noqa: E402
 from pipeline.judge.labels import parse_gt  # noqa: E402
 from pipeline.judge.model import Judge  # noqa: E402
-from pipeline.phrasings import HELD_OUT, PROBES, new_words, phrase, trained_on  # noqa: E402
+from pipeline.phrasings import UNTRAINED, new_words, phrase, trained_on  # noqa: E402
 from pipeline.quality import score  # noqa: E402
 from pipeline.workspace import Workspace, atomic_write_json  # noqa: E402
 
@@ -96,7 +96,7 @@ def main() -> None:
     if held:
         raise SystemExit(f"the corpus now trains on the bench's held-out phrasings {held}: choose others")
     families = {"test_split": [(None, test["captions"][i]) for i in rows],
-                **{f: [phrase(g, f, k) for k, g in enumerate(gts)] for f in ("original", *HELD_OUT, *PROBES)}}
+                **{f: [phrase(g, f, k) for k, g in enumerate(gts)] for f in ("original", *UNTRAINED)}}
     out: dict = {"n_single": args.n_single, "n_pair": args.n_pair, "seed": args.seed, "families": {}}
     for family, phrased in families.items():
         captions = [c for _, c in phrased]

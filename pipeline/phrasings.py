@@ -55,6 +55,7 @@ HELD_OUT = ("reordered", "rephrased")       # the families judged: none of their
 # families nor CLIP's language rewrites have (28th session, written before any CLIP was read on them), to
 # tell whether what CLIP learns from the rewrites reaches past the constructions it trains on.
 PROBES = ("unseen",)
+UNTRAINED = (*HELD_OUT, *PROBES)            # every family whose templates no training caption has
 # {color0} {shape0} {size0} {size1} {rel} {color1} {shape1} (the truth's order), {first}/{second}: the left (upper)
 # and right (lower) object as "{color} {shape}", {side0}/{side1}: their places, {to_its}: {rel} seen
 # from the second object, {bg}
@@ -78,7 +79,7 @@ PAIR = {
 def trained_on() -> list[str]:
     """The held-out families' templates that the corpus trains on (none, or they measure nothing held out)."""
     corpus = set(scenes.SINGLE_TEMPLATES) | set(scenes.PAIR_TEMPLATES)
-    return [t for f in (*HELD_OUT, *PROBES) for t in (*SINGLE[f], *PAIR[f]) if t in corpus]
+    return [t for f in UNTRAINED for t in (*SINGLE[f], *PAIR[f]) if t in corpus]
 
 
 def _words(text: str) -> set[str]:

@@ -98,12 +98,17 @@ def test_a_rewrite_names_what_its_caption_names_and_nothing_more():
     assert checked > 5000
 
 
+def untrained_phrasings(scene: scenes.Scene) -> set[str]:
+    """Every phrasing of ``scene`` in the held-out and probe families (each template, in turn)."""
+    gt = json.loads(json.dumps(scene.ground_truth()))
+    return {phrasings.phrase(gt, f, i)[1] for f in phrasings.UNTRAINED for i in range(12)}
+
+
 def test_no_rewrite_is_a_held_out_phrasing():
     """The phrasings evaluate judges as captions a user would write stay held out: every rewrite of every
     corpus caption of a scene (all of them, walked) against its held-out phrasings."""
     for scene in sample_scenes():
-        gt = json.loads(json.dumps(scene.ground_truth()))
-        held = {phrasings.phrase(gt, f, i)[1] for f in (*phrasings.HELD_OUT, *phrasings.PROBES) for i in range(12)}
+        held = untrained_phrasings(scene)
         for c in corpus_captions(scene):
             assert not held & rewrites.every_rewrite(rewrites.read(c)), c
 
@@ -112,8 +117,7 @@ def test_pronoun_first_adds_the_pronouns_phrase_before_its_object_and_nothing_el
     """clip.rewrites_pronoun_first: the default's rewrites and the pronoun's phrase before its object
     ("a blue square and to the left of it a red circle"), each naming the caption's relation, none held out."""
     scene = next(s for s in sample_scenes() if len(s.objects) == 2)
-    gt = json.loads(json.dumps(scene.ground_truth()))
-    held = {phrasings.phrase(gt, f, i)[1] for f in (*phrasings.HELD_OUT, *phrasings.PROBES) for i in range(12)}
+    held = untrained_phrasings(scene)
     named_truth = (scene.objects[0].color, scene.relation, scene.objects[1].color)
     rel = scenes.RELATION_PHRASES[scene.relation]
     for c in corpus_captions(scene, draws=12):
@@ -202,7 +206,7 @@ def test_clip_phrasings_bench_reads_every_family(data_ws, smoke_cfg, tmp_path, m
                                       "--load", str(data_ws.clip), "--threads", "1", "--out", str(out)])
     bench.main()
     families = json.loads(out.read_text())["families"]
-    assert set(families) == {"test_split", "original", *phrasings.HELD_OUT, *phrasings.PROBES}
+    assert set(families) == {"test_split", "original", *phrasings.UNTRAINED}
     for name, fig in families.items():
         assert 0 <= fig["relation"] <= 100 and len(fig["r@1"]) == 2
         assert bool(fig["by_template"]) == (name != "test_split")          # the test split has no templates

@@ -161,8 +161,9 @@ def rewrite(named: Named, rng, pronoun_first: bool = False) -> str:
         places_first = rng.choice((f"{first_place} is {a} and {second_place} is {b}",
                                    f"{second_place} is {b} and {first_place} is {a}"))
         rel = scenes.RELATION_PHRASES[named.relation]
-        pronoun = rng.choice((f"{b} and {a} {rel} it", f"{b} and {rel} it {a}")) if pronoun_first \
-            else f"{b} and {a} {rel} it"
+        pronoun = f"{b} and {a} {rel} it"
+        if pronoun_first:                               # its phrase after or before its object
+            pronoun = rng.choice((pronoun, f"{b} and {rel} it {a}"))
         text = frame.format(a=a, b=b, rel=rel, pronoun=pronoun,
                             converse=scenes.RELATION_PHRASES[CONVERSE[named.relation]], places=places,
                             places_first=places_first)
