@@ -1,7 +1,9 @@
 """The cascade on captions phrased outside the corpus's templates, judged against the same truth.
 
     python bench/novel_captions.py [--workspace .] [--n-single 256] [--n-pair 256] [--seed 0]
-                                   [--models DIR] [--upsampler-strength S] [--out reports/bench/novel_captions.json]
+                                   [--models DIR] [--families F,...] [--guidance G] [--prior-guidance G]
+                                   [--prior-steps K] [--n-candidates K] [--upsampler-strength S]
+                                   [--out reports/bench/novel_captions.json]
 
 The phrasings are pipeline/phrasings.py's (``evaluate`` judges the held-out families on a subset);
 this bench judges every family (and the probe ``unseen``) on all the test scenes, template by template, beside the test split's
@@ -31,7 +33,7 @@ from pipeline.data.embedding_shards import load_split  # noqa: E402
 from pipeline.data.shards import shard_paths  # noqa: E402
 from pipeline.evaluate import pick_rows  # noqa: E402
 from pipeline.generate import Unclip  # noqa: E402
-from pipeline.judge.labels import parse_gt  # noqa: E402
+from pipeline.judge.labels import accuracy, parse_gt  # noqa: E402
 from pipeline.judge.model import Judge  # noqa: E402
 from pipeline.phrasings import UNTRAINED, new_words, phrase, trained_on  # noqa: E402
 from pipeline.quality import score  # noqa: E402
@@ -66,6 +68,13 @@ def clip_prefers(verdicts: dict[str, list], idx: list[int]) -> dict:
     return out
 
 
+def judged(judge, images: torch.Tensor, gts: list, real: torch.Tensor) -> dict:
+    """``score``, with no Frechet distance (None) for a template that phrased a single image: a small test split."""
+    if len(images) >= 2:
+        return score(judge, images, gts, real)
+    return accuracy(judge.predict(images)[0], gts) | {"frechet_distance": None}
+
+
 def figures(fig: dict) -> str:
     s, p = fig["single"], fig["pair"]
     return (f"color {s['color']:5.1f}  shape {s['shape']:5.1f}  size {s['size']:5.1f}  position {s['position']:5.1f}  "
@@ -82,8 +91,18 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--upsampler-strength", type=float, default=None,
                     help="where the upsamplers start (default: the models' own sampling)")
+    ap.add_argument("--families", default=None,
+                    help="comma-separated subset of test_split, original and the untrained families (default: all)")
+    # sampling overrides (default: the models' own saved sampling), to weigh a sampling setting on held-out phrasings
+    ap.add_argument("--guidance", type=float, default=None, help="the decoder's guidance scale")
+    ap.add_argument("--prior-guidance", type=float, default=None)
+    ap.add_argument("--prior-steps", type=int, default=None)
+    ap.add_argument("--n-candidates", type=int, default=None,
+                    help="the prior's candidates per caption, the one nearest z_t kept (the paper's 2)")
     ap.add_argument("--out", default=None, help="default: <workspace>/reports/bench/novel_captions.json")
     args = ap.parse_args()
+    sampling = {"guidance": args.guidance, "prior_guidance": args.prior_guidance, "prior_steps": args.prior_steps,
+                "n_candidates": args.n_candidates, "upsampler_strength": args.upsampler_strength}
     ws = Workspace.at(args.workspace)
     unclip, judge = Unclip.load(Path(args.models) if args.models else ws.root / "models"), Judge.load(ws.judge)
     test = load_split(shard_paths(ws.embeddings), "test", image_size=unclip.sizes[-1])
@@ -97,18 +116,24 @@ def main() -> None:
         raise SystemExit(f"the corpus now trains on the bench's held-out phrasings {held}: choose others")
     families = {"test_split": [(None, test["captions"][i]) for i in rows],
                 **{f: [phrase(g, f, k) for k, g in enumerate(gts)] for f in ("original", *UNTRAINED)}}
-    out: dict = {"n_single": args.n_single, "n_pair": args.n_pair, "seed": args.seed, "families": {}}
+    if args.families:
+        wanted = args.families.split(",")
+        if unknown := set(wanted) - set(families):
+            raise SystemExit(f"--families: unknown {sorted(unknown)}; choose from {list(families)}")
+        families = {f: families[f] for f in wanted}
+    out: dict = {"n_single": args.n_single, "n_pair": args.n_pair, "seed": args.seed,
+                 "sampling": {k: v for k, v in sampling.items() if v is not None}, "families": {}}
     for family, phrased in families.items():
         captions = [c for _, c in phrased]
-        images = unclip.generate(captions, n=1, seed=args.seed, batch_size=args.batch_size,
-                                 upsampler_strength=args.upsampler_strength)["images"]
+        generated = unclip.generate(captions, n=1, seed=args.seed, batch_size=args.batch_size, **sampling)
+        images, out["nfe"] = generated["images"], generated["nfe"]
         verdicts = clip_verdicts(unclip, z_i, captions)
         fig = score(judge, images, gts, real) | {"clip_prefers": clip_prefers(verdicts, range(len(captions)))}
         by_template = {}
         for template in dict.fromkeys(t for t, _ in phrased if t is not None):
             idx = [k for k, (t, _) in enumerate(phrased) if t == template]
             by_template[template] = {"n": len(idx), "new_words": new_words(template), "example": phrased[idx[0]][1],
-                                     **score(judge, images[torch.tensor(idx)], [gts[k] for k in idx], real),
+                                     **judged(judge, images[torch.tensor(idx)], [gts[k] for k in idx], real),
                                      "clip_prefers": clip_prefers(verdicts, idx)}
         out["families"][family] = {**fig, "examples": captions[:2] + captions[len(captions) // 2:][:2],
                                    "by_template": by_template}
@@ -119,6 +144,7 @@ def main() -> None:
             clip = " ".join(f"{k[:3]} {v:5.1f}" for k, v in t["clip_prefers"].items() if v is not None)
             print(f"    {t['n']:3d}  {' '.join(f'{k} {t[kind][k]:5.1f}' for k in keys):55s} CLIP {clip:19s} "
                   f"{t['example']!r}" + (f"  new: {', '.join(t['new_words'])}" if t["new_words"] else ""), flush=True)
+    print(f"sampling {out['sampling'] or 'as saved'}: network evaluations per image {out['nfe']}")
     path = Path(args.out) if args.out else ws.reports / "bench" / "novel_captions.json"
     atomic_write_json(path, out)
     print(f"-> {path}")

@@ -422,6 +422,30 @@ def test_binding_bench_tables_the_chain_without_touching_the_workspace(flow_runs
     assert not (ws.reports / "bench").exists()
 
 
+def test_novel_captions_bench_judges_the_families_asked_at_the_sampling_asked(flow_runs, tmp_path):
+    """bench/novel_captions.py with sampling overrides: the families asked, judged at that sampling, which the
+    json records with its network evaluations per image (the prior's times its candidates)."""
+    import subprocess
+    import sys
+    ws, _, _ = flow_runs
+    out = tmp_path / "novel.json"
+    cmd = [sys.executable, str(REPO / "bench" / "novel_captions.py"), "--workspace", str(ws.root), "--n-single", "2",
+           "--n-pair", "2", "--batch-size", "4", "--out", str(out)]
+    done = subprocess.run(cmd + ["--families", "test_split,reordered", "--n-candidates", "3", "--guidance", "3"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    fig = json.loads(out.read_text())
+    assert set(fig["families"]) == {"test_split", "reordered"} and fig["sampling"] == {"guidance": 3.0, "n_candidates": 3}
+    saved = json.loads((ws.prior / "model.json").read_text())["info"]["sampling"]
+    passes = saved["steps"] * (1 if saved["guidance_scale"] == 1 else 2)      # a guided step is two passes
+    assert fig["nfe"]["prior"] == 3 * passes and fig["nfe"]["decoder"] > 0
+    for family in fig["families"].values():
+        assert 0 <= family["pair"]["relation"] <= 100 and family["clip_prefers"]["relation"] is not None
+    assert "network evaluations per image" in done.stdout
+    done = subprocess.run(cmd + ["--families", "reordered,paraphrased"], capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "unknown ['paraphrased']" in done.stderr
+
+
 def test_prior_comparison_trains_the_autoregressive_prior_beside_the_workspaces(flow_runs, tmp_path):
     """bench/prior_comparison.py: the autoregressive prior trained by the prior stage's recipe into
     models/<name>, then both priors through evaluate's comparison on the same captions; the
