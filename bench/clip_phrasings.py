@@ -12,7 +12,12 @@ test split's own captions and each family of pipeline/phrasings.py (``original``
   twin with the spatial words reversed / its first two colors swapped (bench/novel_captions.py's
   ``clip_verdicts``: chance 50 %);
 - ``r@1``: image-to-text recall@1 among the family's 256 captions of the same kind (one object,
-  two objects): does z_t carry the whole scene.
+  two objects): does z_t carry the whole scene;
+- ``to_canonical`` (``relation`` / ``binding``): how often the caption's z_t lies nearer the test split's
+  caption of its scene than that caption's reversed / color-swapped twin: where the prior, trained on
+  the corpus's captions' z_t, will place it (bench/binding.py's z_t row; 100 for the test split itself);
+  ``pairs`` and ``to_canonical_pairs``: the same two figures on the two-object scenes alone (a one-object
+  caption's "relation" twin reverses its position).
 
 With ``--set`` it trains the CLIP first (the clip stage's own ``train``, at ``--threads``, into a
 scratch checkpoint folder beside ``--out``) and adds CLIP's val figures (zero-shot, recall).
@@ -103,24 +108,36 @@ def main() -> None:
         families = {"test_split": [(None, test["captions"][i]) for i in rows],
                     **{f: [phrase(g, f, k) for k, g in enumerate(gts)] for f in ("original", *UNTRAINED)}}
         encoder = TextEncoder(clip)
+        canonical = [c for _, c in families["test_split"]]
         result["families"] = {}
         for family, phrased in families.items():
             captions = [c for _, c in phrased]
             verdicts = clip_verdicts(encoder, z_i, captions)
             z_t = torch.nn.functional.normalize(encoder.encode_text(captions)[0].float(), dim=-1)
+            # where the prior will read z_t: nearer its scene's canonical caption than that caption's twins?
+            placed = clip_verdicts(encoder, z_t, canonical)
             fig = {**clip_prefers(verdicts, range(len(captions))), "r@1": recall_at_1(z_i, z_t, kinds),
-                   "by_template": {}}
+                   "pairs": clip_prefers(verdicts, kinds[1]), "to_canonical": clip_prefers(placed, range(len(captions))),
+                   "to_canonical_pairs": clip_prefers(placed, kinds[1]), "by_template": {}}
             for template in dict.fromkeys(t for t, _ in phrased if t is not None):
                 idx = [k for k, (t, _) in enumerate(phrased) if t == template]
-                fig["by_template"][template] = clip_prefers(verdicts, idx)
+                fig["by_template"][template] = clip_prefers(verdicts, idx) | {
+                    f"to_canonical_{k}": v for k, v in clip_prefers(placed, idx).items()}
             result["families"][family] = fig
             said = "  ".join(f"{k} {v:5.1f}" for k, v in (("relation", fig["relation"]), ("binding", fig["binding"]),
                                                              ("r@1 one object", fig["r@1"][0]),
-                                                             ("two objects", fig["r@1"][1])) if v is not None)
+                                                             ("two objects", fig["r@1"][1]),
+                                                             ("two objects' relation", fig["pairs"]["relation"]),
+                                                             ("z_t to canonical: relation",
+                                                              fig["to_canonical"]["relation"]),
+                                                             ("binding", fig["to_canonical"]["binding"]),
+                                                             ("two objects' relation",
+                                                              fig["to_canonical_pairs"]["relation"]))
+                             if v is not None)
             print(f"{family:10s} {said}", flush=True)
             for template, t in fig["by_template"].items():
                 said = "  ".join(f"{k} {v:5.1f}" for k, v in t.items() if v is not None)
-                print(f"    {said:30s} {template}", flush=True)
+                print(f"    {said:60s} {template}", flush=True)
     if "val" in result:
         print("val", {k: v for k, v in result["val"].items() if not isinstance(v, dict)},
               result["val"].get("zero_shot_pairs"))

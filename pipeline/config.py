@@ -185,6 +185,14 @@ class ClipConfig(Section):
     # left of it a red circle"): at 1,800 steps it costs CLIP every relation, at 3,600 CLIP learns the sentence
     # (docs/MEASURED.md, 28th session); off by default: it needs twice CLIP's steps
     rewrites_pronoun_first: bool = False
+    # weight of a text-to-text term beside the image-text loss: each caption's z_t must pick the text the
+    # step drew for it (the caption or a rewrite) among the batch's texts and that text's hard negatives,
+    # and that text its caption among the batch's captions. The image-text loss pulls a rewrite's z_t toward
+    # its image only; downstream, the prior reads z_t's place among the captions it trained on (a held-out
+    # phrasing's z_t lay nearer its scene's caption than the reversed one 61-73 %: MEASURED, 29th session).
+    # Costs the text tower one more caption per sample. At 1.0 it fits the trained phrasings and loses held-out
+    # ones (29th session): 0, off
+    rewrites_align: float = Field(0.0, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -573,6 +581,8 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _rewrites_embed_can_draw(self):
+        if self.clip.rewrites_align and not self.clip.rewrites:
+            raise ValueError("clip.rewrites_align aligns each caption's rewrites with it: set clip.rewrites above 0")
         if self.embed.rewrites and self.clip.rewrites_pronoun_first:
             raise ValueError("embed.rewrites draws the rewrites without clip.rewrites_pronoun_first's frame: "
                              "set embed.rewrites: 0 with it")

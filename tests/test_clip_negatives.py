@@ -219,3 +219,35 @@ def test_the_training_loss_is_the_same_with_negatives_encoded_whole(smoke_cfg):
     for n, g in out[1][1].items():
         assert torch.allclose(out[0][1][n], g, atol=1e-5), n
 
+
+
+def test_rewrites_align_adds_the_text_to_text_negclip_term(smoke_cfg):
+    """``clip.rewrites_align``: the batch ends with the captions' tokens, and the loss is the image-text NegCLIP loss
+    + align x the same loss with the captions' z_t in the images' place (the drawn texts and their negatives as
+    its columns); its gradient reaches the text tower only."""
+    from pipeline.clip import model as clip_model
+    from pipeline.clip import train as clip_train
+    from pipeline.clip.model import text_embeddings
+    torch.manual_seed(0)
+    clip = clip_model.build(smoke_cfg.clip.model)
+    model = clip.model.float()
+    captions = ["a red circle to the left of a blue square", "a green square", "a yellow circle above a red square"]
+    drawn = ["on the left is a red circle and on the right is a blue square", "a green square",
+             "a red square below a yellow circle"]                   # each caption or one of its rewrites
+    texts, mask = hard_negatives(drawn, ("relation", "binding"))
+    s = clip.image_size
+    batch = (torch.randint(0, 256, (3, 3, s, s), dtype=torch.uint8), clip.tokenize(drawn),
+             clip.tokenize(texts).view(3, 2, -1), mask)
+    cpu = torch.device("cpu")
+    base = clip_train.make_loss(clip, "fp32", cpu)(model, batch)
+    aligned = clip_train.make_loss(clip, "fp32", cpu, align=0.5)(model, (*batch, clip.tokenize(captions)))
+    with torch.no_grad():
+        z_c = text_embeddings(model, clip.tokenize(captions))
+        z_t = text_embeddings(model, clip.tokenize(drawn))
+        z_neg = text_embeddings(model, clip.tokenize(texts).view(3, 2, -1)[mask])
+    term = negclip_loss(z_c, z_t, z_neg, model.logit_scale.exp())
+    assert torch.allclose(aligned, base + 0.5 * term, atol=1e-5) and term > 0
+    model.zero_grad()
+    (aligned - base).backward()                                       # the term alone
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and not any(n.startswith("visual.") for n in grads)

@@ -184,6 +184,28 @@ def test_batches_draw_the_caption_or_a_rewrite_with_its_own_negatives(tmp_path, 
     assert set(clip.tokenize(texts + [f for f, k in zip(found, m.flatten().tolist()) if k]).flatten().tolist()) <= ids
 
 
+def test_with_captions_each_batch_ends_with_the_caption_its_text_was_drawn_for(tmp_path, smoke_cfg):
+    """``clip.rewrites_align``'s batches: the same draws as without it, and each sample's caption's tokens last."""
+    captions = ["a red circle to the left of a blue square", "a small green triangle in the top left",
+                "a purple hexagon", "a yellow square above a cyan circle"]
+    paths = shards(tmp_path, captions)
+    clip = clip_model.build(smoke_cfg.clip.model)
+    kinds = ("relation", "binding")
+    fits = lambda t: int(clip.tokenize([t])[0, -1]) == 0           # noqa: E731
+    caption_of = {tuple(clip.tokenize([t if fits(t) else c])[0].tolist()): c
+                  for c in captions for t in (c, *rewrites.rewrites(c, 3))}
+    plain = train_batches(paths, clip.tokenize, 8, 0, 16, kinds, rewrites=3)
+    aligned = train_batches(paths, clip.tokenize, 8, 0, 16, kinds, rewrites=3, with_captions=True)
+    rewritten = 0
+    for _ in range(10):
+        a, b = next(plain), next(aligned)
+        assert len(b) == len(a) + 1 and all(torch.equal(x, y) for x, y in zip(a, b))
+        for text, caption in zip(b[1], b[-1]):
+            assert torch.equal(caption, clip.tokenize([caption_of[tuple(text.tolist())]])[0])
+            rewritten += not torch.equal(caption, text)
+    assert rewritten > 0
+
+
 def test_without_rewrites_the_batches_are_the_captions(tmp_path, smoke_cfg):
     captions = [f"a red circle to the left of a {c} square" for c in ("blue", "green", "cyan", "pink")]
     paths = shards(tmp_path, captions)
@@ -210,6 +232,9 @@ def test_clip_phrasings_bench_reads_every_family(data_ws, smoke_cfg, tmp_path, m
     for name, fig in families.items():
         assert 0 <= fig["relation"] <= 100 and len(fig["r@1"]) == 2
         assert bool(fig["by_template"]) == (name != "test_split")          # the test split has no templates
+        assert 0 <= fig["pairs"]["relation"] <= 100 and 0 <= fig["to_canonical_pairs"]["relation"] <= 100
+    # a test caption's z_t is nearest itself: the canonical caption, over its twins
+    assert families["test_split"]["to_canonical"] == {"relation": 100.0, "binding": 100.0}
     assert set(families["reordered"]["by_template"]) <= {*phrasings.SINGLE["reordered"], *phrasings.PAIR["reordered"]}
     z = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
     assert bench.recall_at_1(z, z, [range(0, 3), range(3, 6), range(6, 6)]) == [100.0, 100.0, None]

@@ -66,12 +66,13 @@ def read_part(path: Path, tokenize: Callable[[list[str]], torch.Tensor], image_s
 def train_batches(paths: list[Path], tokenize: Callable[[list[str]], torch.Tensor], batch_size: int,
                   seed: int, image_size: int, negatives: tuple[str, ...] = (), rewrites: int = 0,
                   buffer_bytes: int = BUFFER_BYTES, stats: Optional[dict] = None,
-                  pronoun_first: bool = False) -> Iterator[tuple]:
+                  pronoun_first: bool = False, with_captions: bool = False) -> Iterator[tuple]:
     """Endless (uint8 images [B, 3, S, S], tokens [B, L]) from the train split; with
     ``negatives`` (kinds of :mod:`.negatives`) also (negative tokens [B, K, L], mask [B, K] bool).
     Each sample's text is its caption or one of its ``rewrites``, drawn uniformly per sample and
     step (``pronoun_first``: :func:`.rewrites.rewrite`'s). At most ``buffer_bytes`` of decoded images
-    are resident (at least one shard)."""
+    are resident (at least one shard). ``with_captions``: each batch also ends with the captions' own tokens
+    [B, L] (the text each sample's variant was drawn for: ``clip.rewrites_align``)."""
     require_train_samples(paths)         # a StageError naming the splits found, before any decoding
     per_shard = max(1, count_samples(paths[0])) * 3 * image_size ** 2
     fields = ("images", "tokens", "negatives", "negative_mask") if negatives else ("images", "tokens")
@@ -80,5 +81,8 @@ def train_batches(paths: list[Path], tokenize: Callable[[list[str]], torch.Tenso
                                set(fields), batch_size, seed=seed, buffer_shards=max(1, buffer_bytes // per_shard))
     # its own stream: a generator seeded like the buffer's would draw each sample's variant from its index
     pick = torch.Generator().manual_seed(zlib.crc32(f"clip rewrites {seed}".encode()))
-    texts = one_variant_per_sample(batches, set(fields) - {"images"}, 1 + rewrites, pick)
+    if with_captions:                     # variant 0 is the caption (caption_variants)
+        batches = ({**b, "captions": b["tokens"][:, 0]} for b in batches)
+        fields = (*fields, "captions")
+    texts = one_variant_per_sample(batches, set(fields) - {"images", "captions"}, 1 + rewrites, pick)
     return (tuple(b[k] for k in fields) for b in texts)

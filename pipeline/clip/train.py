@@ -45,7 +45,8 @@ def negclip_loss(z_i: torch.Tensor, z_t: torch.Tensor, z_neg: torch.Tensor, scal
 
 
 def make_loss(clip: Clip, precision: str, device: torch.device, trim: bool = True,
-              negatives_from: int = 0, steps_done: Callable[[], int] = lambda: 0, share_prefix: bool = False):
+              negatives_from: int = 0, steps_done: Callable[[], int] = lambda: 0, share_prefix: bool = False,
+              align: float = 0.0):
     """The training step's loss: ``loss_fn(model, batch)``, InfoNCE over a batch of (uint8
     images [B, 3, S, S], int64 tokens [B, L]) at the model's learned temperature; with hard
     negatives in the batch (+ tokens [B, K, L], mask [B, K]), NegCLIP's loss once
@@ -55,7 +56,10 @@ def make_loss(clip: Clip, precision: str, device: torch.device, trim: bool = Tru
     every caption (bench/train_throughput.py times the two). ``share_prefix`` (with ``trim``;
     ``clip.shared_prefix``): each negative is encoded from the first token it changes, on its
     caption's keys and values before it (``clip/shared_prefix.py``: the same z_t up to rounding,
-    1.15-1.25x the text tower); False encodes each negative whole."""
+    1.15-1.25x the text tower); False encodes each negative whole. ``align`` > 0 (``clip.rewrites_align``):
+    the batch ends with the captions' own tokens [B, L] (the texts were drawn from them and their rewrites),
+    and + ``align`` x the same NegCLIP loss with the captions' z_t in the images' place: each caption picks
+    its drawn text among the batch's texts and their hard negatives, each text its caption."""
     contrastive = ClipLoss()
 
     def encode_texts(model, tokens, negatives):
@@ -75,16 +79,20 @@ def make_loss(clip: Clip, precision: str, device: torch.device, trim: bool = Tru
 
     def loss_fn(model, batch):
         images, tokens, *negatives = batch
+        captions = negatives.pop() if align else None
         if negatives and steps_done() < negatives_from:
             negatives = []
         with autocast(precision, device):
             z_i = model.encode_image(clip.preprocess(images.to(device)), normalize=True)
             z_t = encode_texts(model, tokens, negatives)
+            z_c = (text_embeddings(model, captions.to(device)) if trim
+                   else model.encode_text(captions.to(device), normalize=True)) if align else None
         z_i, z_t = z_i.float(), z_t.float()
-        if not negatives:
-            return contrastive(z_i, z_t, model.logit_scale.exp())
-        b = len(tokens)
-        return negclip_loss(z_i, z_t[:b], z_t[b:], model.logit_scale.exp())
+        b, scale = len(tokens), model.logit_scale.exp()
+        loss = negclip_loss(z_i, z_t[:b], z_t[b:], scale) if negatives else contrastive(z_i, z_t, scale)
+        if align:                                       # text to text: [B, B + N] and [B, B]
+            loss = loss + align * negclip_loss(z_c.float(), z_t[:b], z_t[b:], scale)
+        return loss
     return loss_fn
 
 
@@ -116,10 +124,10 @@ def train(clip_cfg, shard_paths: list[Path], checkpoint_dir: Path,
     read = {}                      # captions read, and how many the rewrites could read (clip/rewrites.py)
     batches = train_batches(shard_paths, clip.tokenize, clip_cfg.batch_size, clip_cfg.seed, clip.image_size,
                             tuple(clip_cfg.hard_negatives), rewrites=clip_cfg.rewrites, stats=read,
-                            pronoun_first=clip_cfg.rewrites_pronoun_first)
+                            pronoun_first=clip_cfg.rewrites_pronoun_first, with_captions=bool(clip_cfg.rewrites_align))
     done = [0]                     # optimizer steps taken (fit reports them, a resumed run's start included)
     loss_fn = make_loss(clip, clip_cfg.precision, device, negatives_from=clip_cfg.hard_negatives_from,
-                        steps_done=lambda: done[0], share_prefix=clip_cfg.shared_prefix)
+                        steps_done=lambda: done[0], share_prefix=clip_cfg.shared_prefix, align=clip_cfg.rewrites_align)
 
     def after_step(step: int) -> None:
         done[0] = step
@@ -141,5 +149,6 @@ def train(clip_cfg, shard_paths: list[Path], checkpoint_dir: Path,
         summary["hard_negatives_from_step"] = clip_cfg.hard_negatives_from
     if clip_cfg.rewrites and read.get("captions"):
         summary["rewrites"] = {"per_caption": clip_cfg.rewrites,
-                               "captions_rewritten_pct": round(100 * read["rewritten"] / read["captions"], 2)}
+                               "captions_rewritten_pct": round(100 * read["rewritten"] / read["captions"], 2),
+                               **({"align": clip_cfg.rewrites_align} if clip_cfg.rewrites_align else {})}
     return clip, summary
