@@ -204,6 +204,12 @@ class ClipConfig(Section):
             data = {k: v for k, v in data.items() if k != "num_workers"}
         return data
 
+    @model_validator(mode="after")
+    def _align_needs_rewrites(self):
+        if self.rewrites_align and not self.rewrites:
+            raise ValueError("clip.rewrites_align aligns each caption's rewrites with it: set clip.rewrites above 0")
+        return self
+
     @property
     def hard_negatives_from(self) -> int:
         """The first step whose loss has the hard negatives."""
@@ -581,8 +587,6 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _rewrites_embed_can_draw(self):
-        if self.clip.rewrites_align and not self.clip.rewrites:
-            raise ValueError("clip.rewrites_align aligns each caption's rewrites with it: set clip.rewrites above 0")
         if self.embed.rewrites and self.clip.rewrites_pronoun_first:
             raise ValueError("embed.rewrites draws the rewrites without clip.rewrites_pronoun_first's frame: "
                              "set embed.rewrites: 0 with it")

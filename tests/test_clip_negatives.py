@@ -220,7 +220,6 @@ def test_the_training_loss_is_the_same_with_negatives_encoded_whole(smoke_cfg):
         assert torch.allclose(out[0][1][n], g, atol=1e-5), n
 
 
-
 def test_rewrites_align_adds_the_text_to_text_negclip_term(smoke_cfg):
     """``clip.rewrites_align``: the batch ends with the captions' tokens, and the loss is the image-text NegCLIP loss
     + align x the same loss with the captions' z_t in the images' place (the drawn texts and their negatives as

@@ -153,15 +153,20 @@ def shards(tmp_path, captions: list[str]):
     return sorted(tmp_path.glob("*.tar"))
 
 
+def held_variants(clip, captions: list[str], k: int = 3) -> dict[str, list[str]]:
+    """Each caption's texts as the batches hold them: itself, then its ``k`` rewrites, a rewrite that fills
+    the context (it might be cut) replaced by its caption."""
+    fits = lambda t: int(clip.tokenize([t])[0, -1]) == 0           # noqa: E731
+    return {c: [c, *(t if fits(t) else c for t in rewrites.rewrites(c, k))] for c in captions}
+
+
 def test_batches_draw_the_caption_or_a_rewrite_with_its_own_negatives(tmp_path, smoke_cfg):
     captions = ["a red circle to the left of a blue square", "a small green triangle in the top left",
                 "a purple hexagon", "a photo of a large yellow square at the lower right on a gray background"]
     paths = shards(tmp_path, captions)
     clip = clip_model.build(smoke_cfg.clip.model)
     kinds = ("relation", "binding")
-    # a text that fills the context may be cut: the batches hold its caption instead
-    fits = lambda t: int(clip.tokenize([t])[0, -1]) == 0           # noqa: E731
-    variants = {c: [c, *(t if fits(t) else c for t in rewrites.rewrites(c, 3))] for c in captions}
+    variants = held_variants(clip, captions)
     stats: dict = {}
     batches = train_batches(paths, clip.tokenize, 8, 0, 16, kinds, rewrites=3, stats=stats)
     drawn = {c: set() for c in captions}
@@ -191,9 +196,7 @@ def test_with_captions_each_batch_ends_with_the_caption_its_text_was_drawn_for(t
     paths = shards(tmp_path, captions)
     clip = clip_model.build(smoke_cfg.clip.model)
     kinds = ("relation", "binding")
-    fits = lambda t: int(clip.tokenize([t])[0, -1]) == 0           # noqa: E731
-    caption_of = {tuple(clip.tokenize([t if fits(t) else c])[0].tolist()): c
-                  for c in captions for t in (c, *rewrites.rewrites(c, 3))}
+    caption_of = {tuple(clip.tokenize([t])[0].tolist()): c for c, ts in held_variants(clip, captions).items() for t in ts}
     plain = train_batches(paths, clip.tokenize, 8, 0, 16, kinds, rewrites=3)
     aligned = train_batches(paths, clip.tokenize, 8, 0, 16, kinds, rewrites=3, with_captions=True)
     rewritten = 0

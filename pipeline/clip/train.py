@@ -85,8 +85,7 @@ def make_loss(clip: Clip, precision: str, device: torch.device, trim: bool = Tru
         with autocast(precision, device):
             z_i = model.encode_image(clip.preprocess(images.to(device)), normalize=True)
             z_t = encode_texts(model, tokens, negatives)
-            z_c = (text_embeddings(model, captions.to(device)) if trim
-                   else model.encode_text(captions.to(device), normalize=True)) if align else None
+            z_c = encode_texts(model, captions, []) if align else None
         z_i, z_t = z_i.float(), z_t.float()
         b, scale = len(tokens), model.logit_scale.exp()
         loss = negclip_loss(z_i, z_t[:b], z_t[b:], scale) if negatives else contrastive(z_i, z_t, scale)
