@@ -182,9 +182,14 @@ class ClipConfig(Section):
     # caption or one of its rewrites, drawn uniformly per sample. 0: the captions as they are
     rewrites: int = Field(3, ge=0, le=8)
     # the rewrites' pronoun frame puts its phrase before its object half the time ("a blue square and to the
-    # left of it a red circle"): at 1,800 steps it costs CLIP every relation, at 3,600 CLIP learns the sentence
-    # (docs/MEASURED.md, 28th session); off by default: it needs twice CLIP's steps
-    rewrites_pronoun_first: bool = False
+    # left of it a red circle"): from the first step, at 1,800 steps it costs CLIP every relation, at 3,600 CLIP
+    # learns the sentence (docs/MEASURED.md, 28th session); entering halfway (the next key), 1,800 steps learn it
+    # (30th session)
+    rewrites_pronoun_first: bool = True
+    # the fraction of the steps trained on the rewrites without it before they take it (from step
+    # ceil(fraction x steps)): a text tower that has learned word order from the other frames learns the
+    # pronoun's phrase before its object too, within the default's 1,800 steps (docs/MEASURED.md, 30th session)
+    rewrites_pronoun_first_after: float = Field(0.5, ge=0, lt=1)
     # weight of a text-to-text term beside the image-text loss: each caption's z_t must pick the text the
     # step drew for it (the caption or a rewrite) among the batch's texts and that text's hard negatives,
     # and that text its caption among the batch's captions. The image-text loss pulls a rewrite's z_t toward
@@ -215,6 +220,12 @@ class ClipConfig(Section):
         """The first step whose loss has the hard negatives."""
         return math.ceil(self.hard_negatives_after * self.steps)
 
+    @property
+    def pronoun_first_from(self) -> int:
+        """The first step whose batch draws the rewrites with the pronoun's phrase before its object (0: every
+        step; ``steps``: none)."""
+        return math.ceil(self.rewrites_pronoun_first_after * self.steps) if self.rewrites_pronoun_first else self.steps
+
 
 class EmbedConfig(Section):
     batch_size: int = Field(256, ge=1)
@@ -224,8 +235,8 @@ class EmbedConfig(Section):
     token_dtype: Literal["float16", "float32"] = "float16"
     # language rewrites of each train caption embedded beside it (CLIP's first ones, pipeline/clip/rewrites.py):
     # the prior and the decoder train on the caption or one of them, drawn per sample. 0: the captions only
-    # (params.yaml says why that is the default)
-    rewrites: int = Field(0, ge=0, le=8)
+    # (params.yaml says why 1 is the default)
+    rewrites: int = Field(1, ge=0, le=8)
 
 
 Sampler = Literal["ddpm", "ddim", "dpm++"]
@@ -587,9 +598,12 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _rewrites_embed_can_draw(self):
-        if self.embed.rewrites and self.clip.rewrites_pronoun_first:
-            raise ValueError("embed.rewrites draws the rewrites without clip.rewrites_pronoun_first's frame: "
-                             "set embed.rewrites: 0 with it")
+        # embed's rewrites are drawn from the frames without the pronoun's phrase first: CLIP trained on them only
+        # when that frame entered after a first part of its steps
+        if self.embed.rewrites and self.clip.rewrites_pronoun_first and not self.clip.rewrites_pronoun_first_after:
+            raise ValueError("embed.rewrites draws the rewrites without clip.rewrites_pronoun_first's frame, which "
+                             "CLIP never trains on with clip.rewrites_pronoun_first_after: 0: set embed.rewrites: 0 "
+                             "or clip.rewrites_pronoun_first_after above 0")
         return self
 
     def section(self, name: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import torch
 from pipeline import phrasings
 from pipeline.clip import model as clip_model
 from pipeline.clip import rewrites
-from pipeline.clip.data import caption_variants, train_batches
+from pipeline.clip.data import caption_variants, switching_batches, train_batches
 from pipeline.clip.negatives import hard_negatives
 from pipeline.clip.vocab import used_token_ids
 from pipeline.data import scenes
@@ -207,6 +207,45 @@ def test_with_captions_each_batch_ends_with_the_caption_its_text_was_drawn_for(t
             assert torch.equal(caption, clip.tokenize([caption_of[tuple(text.tolist())]])[0])
             rewritten += not torch.equal(caption, text)
     assert rewritten > 0
+
+
+def test_pronoun_first_rewrites_enter_at_their_step(tmp_path, smoke_cfg):
+    """clip.rewrites_pronoun_first_after: the batches hold the default's rewrites until the step it names, then
+    the rewrites with the pronoun's phrase before its object; a run resumed past it opens only the second stream."""
+    # the first two captions' three pronoun-first rewrites include the phrase before its object
+    captions = ["a red circle to the right of a green square", "a blue circle above a red square",
+                "a red circle to the left of a blue square", "a yellow square above a cyan circle"]
+    paths = shards(tmp_path, captions)
+    clip = clip_model.build(smoke_cfg.clip.model)
+    kinds = ("relation", "binding")
+    text_of = {tuple(clip.tokenize([t])[0].tolist()): t for c in captions
+               for t in (c, *rewrites.rewrites(c, 3), *rewrites.rewrites(c, 3, pronoun_first=True))}
+    phrase_first = re.compile(r" and (" + "|".join(scenes.RELATION_PHRASES.values()) + r") it ")
+    opened, done = [], [0]
+
+    def stream(pronoun_first: bool):
+        opened.append(pronoun_first)
+        return train_batches(paths, clip.tokenize, 8, 0, 16, kinds, rewrites=3, pronoun_first=pronoun_first)
+
+    batches = switching_batches(stream, 6, lambda: done[0])
+    before, after = 0, 0
+    for step in range(30):
+        texts = [text_of[tuple(t.tolist())] for t in next(batches)[1]]
+        said = sum(bool(phrase_first.search(t)) for t in texts)
+        if step < 6:
+            before += said
+        else:
+            after += said
+        done[0] = step + 1
+    assert before == 0 and after > 0 and opened == [False, True]
+    opened.clear()
+    resumed = switching_batches(stream, 6, lambda: 7)
+    next(resumed)
+    assert opened == [True]
+    on = smoke_cfg.clip.model_copy(update={"steps": 1800, "rewrites_pronoun_first": True})
+    assert on.model_copy(update={"rewrites_pronoun_first": False}).pronoun_first_from == 1800     # off: never
+    assert on.model_copy(update={"rewrites_pronoun_first_after": 0.0}).pronoun_first_from == 0
+    assert on.model_copy(update={"rewrites_pronoun_first_after": 0.5}).pronoun_first_from == 900
 
 
 def test_without_rewrites_the_batches_are_the_captions(tmp_path, smoke_cfg):

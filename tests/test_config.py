@@ -43,7 +43,8 @@ def test_profile_from_environment(params_path, monkeypatch):
     (lambda r: r["clip"].update(hard_negatives_after=1.0), "clip.hard_negatives_after"),
     (lambda r: r["profiles"]["smoke"]["embed"].update(min_similarity=3), "embed.min_similarity"),
     # the smoke profile embeds a rewrite, which would be drawn without the pronoun-first frame
-    (lambda r: r["clip"].update(rewrites_pronoun_first=True), "embed.rewrites draws"),
+    (lambda r: r["clip"].update(rewrites_pronoun_first=True, rewrites_pronoun_first_after=0.0), "embed.rewrites draws"),
+    (lambda r: r["clip"].update(rewrites_pronoun_first_after=1.0), "clip.rewrites_pronoun_first_after"),
     (lambda r: r["clip"].update(rewrites_align=1.0, rewrites=0), "clip.rewrites_align"),
     (lambda r: r["clip"].update(rewrites_align=-1.0), "clip.rewrites_align"),
 ])

@@ -86,3 +86,19 @@ def train_batches(paths: list[Path], tokenize: Callable[[list[str]], torch.Tenso
         fields = (*fields, "captions")
     texts = one_variant_per_sample(batches, set(fields) - {"images", "captions"}, 1 + rewrites, pick)
     return (tuple(b[k] for k in fields) for b in texts)
+
+
+def switching_batches(batches: Callable[[bool], Iterator[tuple]], switch_at: int,
+                      steps_done: Callable[[], int]) -> Iterator[tuple]:
+    """``batches(False)``'s batches while ``steps_done()`` is below ``switch_at``, then ``batches(True)``'s
+    (``clip.rewrites_pronoun_first_after``: the rewrites without, then with the pronoun's phrase before its
+    object). Each stream is opened when first drawn from, and the first is closed (its buffer of decoded images
+    freed) at the switch. A run resumed past ``switch_at`` draws one batch from the first (``training.fit``
+    takes it before it reads the checkpoint, to time the precision), then the second's."""
+    first: Optional[Iterator[tuple]] = None
+    while steps_done() < switch_at:
+        first = first or batches(False)
+        yield next(first)
+    if first is not None:
+        first.close()
+    yield from batches(True)

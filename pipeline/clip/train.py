@@ -16,7 +16,7 @@ from open_clip.loss import ClipLoss
 
 from ..device import autocast, device_of
 from ..training import Checkpointer, config_hash, cosine_with_warmup, fit, precision_cache_path
-from .data import train_batches
+from .data import switching_batches, train_batches
 from .model import Clip, build, text_embeddings
 from .shared_prefix import is_causal_argmax, text_embeddings_with_negatives
 from .vocab import UsedRows, decay_over, used_token_ids
@@ -111,8 +111,12 @@ def train(clip_cfg, shard_paths: list[Path], checkpoint_dir: Path,
     model = clip.model.to(device_of())
     device = next(model.parameters()).device
     # the token table's rows that the training captions use, trained alone (clip/vocab.py; None: the whole table)
+    # (with the pronoun-first rewrites entering late, the rows of both rewrite sets)
     ids = used_token_ids(shard_paths, clip.tokenize, tuple(clip_cfg.hard_negatives), rewrites=clip_cfg.rewrites,
                          seed=clip_cfg.seed, pronoun_first=clip_cfg.rewrites_pronoun_first)
+    if ids is not None and 0 < clip_cfg.pronoun_first_from < clip_cfg.steps:
+        ids = torch.unique(torch.cat([ids, used_token_ids(shard_paths, clip.tokenize, tuple(clip_cfg.hard_negatives),
+                                                          rewrites=clip_cfg.rewrites, seed=clip_cfg.seed)]))
     table = model.token_embedding
     if ids is not None:
         model.token_embedding = UsedRows(table, ids)
@@ -121,10 +125,14 @@ def train(clip_cfg, shard_paths: list[Path], checkpoint_dir: Path,
                                   betas=(0.9, 0.98), eps=1e-6, fused=True)
     scheduler = cosine_with_warmup(optimizer, clip_cfg.warmup_steps, clip_cfg.steps)
     read = {}                      # captions read, and how many the rewrites could read (clip/rewrites.py)
-    batches = train_batches(shard_paths, clip.tokenize, clip_cfg.batch_size, clip_cfg.seed, clip.image_size,
-                            tuple(clip_cfg.hard_negatives), rewrites=clip_cfg.rewrites, stats=read,
-                            pronoun_first=clip_cfg.rewrites_pronoun_first, with_captions=bool(clip_cfg.rewrites_align))
     done = [0]                     # optimizer steps taken (fit reports them, a resumed run's start included)
+
+    def stream(pronoun_first: bool):
+        return train_batches(shard_paths, clip.tokenize, clip_cfg.batch_size, clip_cfg.seed, clip.image_size,
+                             tuple(clip_cfg.hard_negatives), rewrites=clip_cfg.rewrites, stats=read,
+                             pronoun_first=pronoun_first, with_captions=bool(clip_cfg.rewrites_align))
+    # the pronoun-first rewrites from clip_cfg.pronoun_first_from on (never, without the option)
+    batches = switching_batches(stream, clip_cfg.pronoun_first_from, lambda: done[0])
     loss_fn = make_loss(clip, clip_cfg.precision, device, negatives_from=clip_cfg.hard_negatives_from,
                         steps_done=lambda: done[0], share_prefix=clip_cfg.shared_prefix, align=clip_cfg.rewrites_align)
 
@@ -149,5 +157,7 @@ def train(clip_cfg, shard_paths: list[Path], checkpoint_dir: Path,
     if clip_cfg.rewrites and read.get("captions"):
         summary["rewrites"] = {"per_caption": clip_cfg.rewrites,
                                "captions_rewritten_pct": round(100 * read["rewritten"] / read["captions"], 2),
-                               **({"align": clip_cfg.rewrites_align} if clip_cfg.rewrites_align else {})}
+                               **({"align": clip_cfg.rewrites_align} if clip_cfg.rewrites_align else {}),
+                               **({"pronoun_first_from_step": clip_cfg.pronoun_first_from}
+                                  if clip_cfg.rewrites_pronoun_first else {})}
     return clip, summary
