@@ -183,9 +183,9 @@ class ClipConfig(Section):
     rewrites: int = Field(3, ge=0, le=8)
     # the rewrites' pronoun frame puts its phrase before its object half the time ("a blue square and to the
     # left of it a red circle"): from the first step, at 1,800 steps it costs CLIP every relation, at 3,600 CLIP
-    # learns the sentence (docs/MEASURED.md, 28th session); entering halfway (the next key), 1,800 steps learn it
-    # (30th session)
-    rewrites_pronoun_first: bool = True
+    # learns the sentence (docs/MEASURED.md, 28th session); entering halfway (the next key), 1,800 steps learned it
+    # on one CLIP draw of three (30th and 31st sessions): off by default
+    rewrites_pronoun_first: bool = False
     # the fraction of the steps trained on the rewrites without it before they take it (from step
     # ceil(fraction x steps)): a text tower that has learned word order from the other frames learns the
     # pronoun's phrase before its object too, within the default's 1,800 steps (docs/MEASURED.md, 30th session)
@@ -226,6 +226,13 @@ class ClipConfig(Section):
         step; ``steps``: none)."""
         return math.ceil(self.rewrites_pronoun_first_after * self.steps) if self.rewrites_pronoun_first else self.steps
 
+    @property
+    def pronoun_first_sets(self) -> tuple[bool, ...]:
+        """The rewrite sets a run draws from: without (False) and/or with (True) the pronoun's phrase before its
+        object. Both when that frame enters after the first step; the token rows CLIP trains cover them all."""
+        first = self.pronoun_first_from
+        return tuple(p for p, drawn in ((False, first > 0), (True, first < self.steps)) if drawn)
+
 
 class EmbedConfig(Section):
     batch_size: int = Field(256, ge=1)
@@ -235,8 +242,8 @@ class EmbedConfig(Section):
     token_dtype: Literal["float16", "float32"] = "float16"
     # language rewrites of each train caption embedded beside it (CLIP's first ones, pipeline/clip/rewrites.py):
     # the prior and the decoder train on the caption or one of them, drawn per sample. 0: the captions only
-    # (params.yaml says why 1 is the default)
-    rewrites: int = Field(1, ge=0, le=8)
+    # (params.yaml says why that is the default)
+    rewrites: int = Field(0, ge=0, le=8)
 
 
 Sampler = Literal["ddpm", "ddim", "dpm++"]

@@ -10,7 +10,7 @@ import torch
 
 from pipeline import phrasings
 from pipeline.clip import model as clip_model
-from pipeline.clip import rewrites
+from pipeline.clip import rewrites, vocab
 from pipeline.clip.data import caption_variants, switching_batches, train_batches
 from pipeline.clip.negatives import hard_negatives
 from pipeline.clip.vocab import used_token_ids
@@ -209,7 +209,7 @@ def test_with_captions_each_batch_ends_with_the_caption_its_text_was_drawn_for(t
     assert rewritten > 0
 
 
-def test_pronoun_first_rewrites_enter_at_their_step(tmp_path, smoke_cfg):
+def test_pronoun_first_rewrites_enter_at_their_step(tmp_path, smoke_cfg, monkeypatch):
     """clip.rewrites_pronoun_first_after: the batches hold the default's rewrites until the step it names, then
     the rewrites with the pronoun's phrase before its object; a run resumed past it opens only the second stream."""
     # the first two captions' three pronoun-first rewrites include the phrase before its object
@@ -246,6 +246,16 @@ def test_pronoun_first_rewrites_enter_at_their_step(tmp_path, smoke_cfg):
     assert on.model_copy(update={"rewrites_pronoun_first": False}).pronoun_first_from == 1800     # off: never
     assert on.model_copy(update={"rewrites_pronoun_first_after": 0.0}).pronoun_first_from == 0
     assert on.model_copy(update={"rewrites_pronoun_first_after": 0.5}).pronoun_first_from == 900
+    # the token rows CLIP trains cover both streams, read in one pass
+    assert on.model_copy(update={"rewrites_pronoun_first": False}).pronoun_first_sets == (False,)
+    assert on.model_copy(update={"rewrites_pronoun_first_after": 0.0}).pronoun_first_sets == (True,)
+    assert on.pronoun_first_sets == (False, True)
+    rows = [set(used_token_ids(paths, clip.tokenize, kinds, rewrites=3, pronoun_first=p).tolist())
+            for p in (False, True)]
+    drawn = []
+    monkeypatch.setattr(vocab, "caption_variants", lambda *a: drawn.append(a[3]) or caption_variants(*a))
+    both = set(used_token_ids(paths, clip.tokenize, kinds, rewrites=3, pronoun_first=(False, True)).tolist())
+    assert both == rows[0] | rows[1] and drawn == [False, True]
 
 
 def test_without_rewrites_the_batches_are_the_captions(tmp_path, smoke_cfg):

@@ -113,10 +113,7 @@ def train(clip_cfg, shard_paths: list[Path], checkpoint_dir: Path,
     # the token table's rows that the training captions use, trained alone (clip/vocab.py; None: the whole table)
     # (with the pronoun-first rewrites entering late, the rows of both rewrite sets)
     ids = used_token_ids(shard_paths, clip.tokenize, tuple(clip_cfg.hard_negatives), rewrites=clip_cfg.rewrites,
-                         seed=clip_cfg.seed, pronoun_first=clip_cfg.rewrites_pronoun_first)
-    if ids is not None and 0 < clip_cfg.pronoun_first_from < clip_cfg.steps:
-        ids = torch.unique(torch.cat([ids, used_token_ids(shard_paths, clip.tokenize, tuple(clip_cfg.hard_negatives),
-                                                          rewrites=clip_cfg.rewrites, seed=clip_cfg.seed)]))
+                         seed=clip_cfg.seed, pronoun_first=clip_cfg.pronoun_first_sets)
     table = model.token_embedding
     if ids is not None:
         model.token_embedding = UsedRows(table, ids)
