@@ -308,13 +308,21 @@ def judged_phrasings(e, unclip, judge, gts: list, real_feats: torch.Tensor, resu
     sub = torch.tensor(subset)
     truths = [parse_gt(gts[i]) for i in subset]
     out = {"n_captions": len(subset),
-           "test_split": score(judge, result["images"][sub], truths, real_feats[sub])}
+           "test_split": with_se(score(judge, result["images"][sub], truths, real_feats[sub]))}
     for family in phrasings.HELD_OUT:
         rephrased = [phrasings.phrase(g, family, k)[1] for k, g in enumerate(truths)]
         say("evaluate", f"phrasings {family}: {len(subset)} captions through the cascade (e.g. {rephrased[0]!r})")
         images = unclip.generate(rephrased, n=1, seed=e.seed, batch_size=e.batch_size)["images"]
-        out[family] = score(judge, images, truths, real_feats[sub]) | {"example": rephrased[0]}
+        out[family] = with_se(score(judge, images, truths, real_feats[sub])) | {"example": rephrased[0]}
     return out
+
+
+def with_se(row: dict) -> dict:
+    """A judged row (``single`` and ``pair`` percentages, each with its ``n``) with ``se``: each percentage's
+    binomial standard error in points (at 128 images and 50 %, 4.4: the held-out families' rows are half
+    the bars' sample; the difference of two such figures has about 1.4x their standard error)."""
+    return row | {"se": {kind: {k: judged_se(v, row[kind].get("n")) for k, v in row[kind].items() if k != "n"}
+                         for kind in ("single", "pair") if isinstance(row.get(kind), dict)}}
 
 
 def standard_figures(e, extractor, generated: torch.Tensor, real: torch.Tensor, floor_real: torch.Tensor) -> dict:

@@ -13,7 +13,7 @@ from pipeline import background, config, diversity
 from pipeline.data.image_shards import decode_images
 from pipeline.data.scenes import (BACKGROUNDS, GRID, POSITIONS, caption, encode_jpeg, nearest_position, render,
                                   sample_scene, scene_from_ground_truth)
-from pipeline.evaluate import bars
+from pipeline.evaluate import bars, with_se
 from pipeline.images import resize, to_model, to_uint8
 from pipeline.judge.labels import HEADS, parse_caption, targets
 
@@ -167,6 +167,15 @@ def test_background_bars():
     b = bars(q | {"single": {k: 100 for k in ("color", "shape", "position", "size")},
                   "pair": {"colors": 100, "relation": 100}, "frechet_distance": 1.0}, 1.0, 40)
     assert b["background named right"]["ok"] is False and b["background noise within 2x real"]["ok"] is True
+
+
+def test_held_out_rows_carry_their_standard_errors():
+    """evaluate's phrasings rows: each judged percentage's binomial standard error beside it, the row kept."""
+    row = {"single": {"n": 128, "color": 100.0, "shape": 97.66}, "pair": {"n": 128, "relation": 48.44, "colors": None},
+           "frechet_distance": 3.0, "example": "red circle, small, at the top"}
+    out = with_se(row)
+    assert {k: out[k] for k in row} == row
+    assert out["se"] == {"single": {"color": 0.0, "shape": 1.34}, "pair": {"relation": 4.42, "colors": None}}
 
 
 # ---- real images of a ground truth -------------------------------------------------------------------

@@ -91,6 +91,8 @@ def test_directions_of_figures():
     assert direction("evaluate.nfe_total") == "lower" and direction("evaluate.clip_score.upsample_2") == "higher"
     assert direction("evaluate.bars.pair relation.value") == "higher"
     assert direction("evaluate.bars.frechet within 3x floor.value") == "lower"
+    assert direction("evaluate.phrasings.reordered.pair.relation") == "higher"
+    assert direction("evaluate.phrasings.reordered.se.pair.relation") is None      # its standard error
     assert verdict("evaluate.standard.fid", 10.0, 8.0) == ("better", "better")
     assert verdict("evaluate.quality.single.shape", 60.0, 50.0) == ("worse", "worse")
     assert verdict("evaluate.seed", 0, 1) == ("", "–")
@@ -166,5 +168,6 @@ def test_report_and_comparison_pages_in_a_browser(tmp_path, smoke_cfg, monkeypat
     assert "Trained at other thread counts" in html and "1 from step 0, 2 from step 469" in html   # the decoder's draw
     assert rows["evaluate.phrasings.reordered.single.shape"]["cells"][-1] == "within noise"    # 30 -> 31 of 2,000
     assert rows["evaluate.phrasings.reordered.single.color"]["cls"] == "better"                 # 89 -> 95
+    assert rows["evaluate.phrasings.reordered.se.single.color"]["cls"] == ""      # a standard error: no better/worse
     assert "Captions a user would write" in page.read_text() and "red circle, small, at the top" in page.read_text()
     assert a_fig["quality"]["single"]["color"] == 90.0

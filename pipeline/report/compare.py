@@ -20,7 +20,7 @@ from .snapshot import load
 # Which way is better, by the figure's dotted key (first match wins). Reference figures (floors,
 # real images, shuffled captions, sample sizes, seeds) have no direction: they are context.
 NEUTRAL = re.compile(r"(floor|baseline|real_images|real_vs_real|shuffled|unrelated|bicubic|ceiling|"
-                     r"\.n$|\.n_|seed|subset|\.bar$|\.steps$|threshold|shards|input|attempted|"
+                     r"\.n$|\.n_|\.se\.|seed|subset|\.bar$|\.steps$|threshold|shards|input|attempted|"
                      r"^evaluate\.sizes|kid_std|\.lr$|\.guidance$)")
 LOWER = re.compile(r"(frechet|\.fid$|kid_mean|\.nfe|nfe_|seconds|duration|loss$|noise|\.stray$)")
 HIGHER = re.compile(r"(quality|ablation|phrasings|accuracy|clip_score|cos_pred|cos_reembed|psnr|recall|zero_shot|"

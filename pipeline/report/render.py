@@ -251,14 +251,16 @@ def phrasings_section(ev: dict, mf: dict) -> list[str]:
     if not ph:
         return []
     families = sorted((f for f, row in ph.items() if isinstance(row, dict)), key=lambda f: f != "test_split")
-    rows = [f"<tr><th>{esc(label)}</th>" + "".join(cell(mf, f"evaluate.phrasings.{f}.{k}") for f in families) + "</tr>"
+    # each family's figure beside its binomial standard error (evaluate.with_se; none for the Frechet distance)
+    rows = [f"<tr><th>{esc(label)}</th>" + "".join(cell(mf, f"evaluate.phrasings.{f}.{k}") + cell(mf, f"evaluate.phrasings.{f}.se.{k}")
+                                                    for f in families) + "</tr>"
             for label, k in QUALITY_ROWS]
     examples = "; ".join(f"{esc(f)}: “{esc(ph[f]['example'])}”" for f in families if ph[f].get("example"))
     return ["<h3>Captions a user would write</h3>",
             f'<p class="sub">The first {esc(ph.get("n_captions"))} judged scenes (half one-object), each captioned '
             "by the test split (the corpus's templates) and rephrased outside them (pipeline/phrasings.py), one "
             f"image each, the same seed, judged against the same truth. E.g. {examples}.</p>",
-            table(["", *families], rows, "phrasings")]
+            table(["", *(h for f in families for h in (f, "±"))], rows, "phrasings")]
 
 
 def standard_sections(ev: dict, mf: dict) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from pipeline import bundle
+from pipeline.evaluate import with_se
 
 
 def fake_evaluation(ws, seed: int, color: float, fid: float, shape: float = 50.0, fd: float = 12.5, n: int = 2):
@@ -20,11 +21,12 @@ def fake_evaluation(ws, seed: int, color: float, fid: float, shape: float = 50.0
                "bars": {"single color": {"value": color, "bar": 95, "ok": color >= 95}},
                "nfe_total": 40}
     figures["ablation"] = {"unclip": figures["quality"] | {"nfe_per_image": 40}}
-    figures["phrasings"] = {"n_captions": 4, "test_split": figures["quality"],
-                            "reordered": {"single": {"n": n, "color": color - 1, "shape": shape - 20, "size": 90.0,
-                                                     "position": 100.0, "all": 25.0},
-                                          "pair": {"n": n, "colors": 40.0, "shapes": 0.0, "relation": 10.0, "all": 0.0},
-                                          "frechet_distance": fd + 5, "example": "red circle, small, at the top"}}
+    figures["phrasings"] = {"n_captions": 4, "test_split": with_se(figures["quality"]),       # as evaluate writes them
+                            "reordered": with_se({"single": {"n": n, "color": color - 1, "shape": shape - 20,
+                                                             "size": 90.0, "position": 100.0, "all": 25.0},
+                                                  "pair": {"n": n, "colors": 40.0, "shapes": 0.0, "relation": 10.0,
+                                                           "all": 0.0},
+                                                  "frechet_distance": fd + 5, "example": "red circle, small, at the top"})}
     figures["bundle"] = bundle.digests(ws.root / "models")       # as evaluate writes it: the weights measured
     ws.metrics_dir.mkdir(exist_ok=True)
     ws.metrics_path("evaluate").write_text(json.dumps(figures))
