@@ -252,9 +252,10 @@ def phrasings_section(ev: dict, mf: dict) -> list[str]:
         return []
     families = sorted((f for f, row in ph.items() if isinstance(row, dict)), key=lambda f: f != "test_split")
     # each family's figure beside its binomial standard error (evaluate.with_se; none for the Frechet distance)
-    rows = [f"<tr><th>{esc(label)}</th>" + "".join(cell(mf, f"evaluate.phrasings.{f}.{k}") + cell(mf, f"evaluate.phrasings.{f}.se.{k}")
-                                                    for f in families) + "</tr>"
-            for label, k in QUALITY_ROWS]
+    rows = [f"<tr><th>{esc(label)}</th>"
+            + "".join(cell(mf, f"evaluate.phrasings.{f}.{k}") + cell(mf, f"evaluate.phrasings.{f}.se.{k}")
+                      for f in families)
+            + "</tr>" for label, k in QUALITY_ROWS]
     examples = "; ".join(f"{esc(f)}: “{esc(ph[f]['example'])}”" for f in families if ph[f].get("example"))
     return ["<h3>Captions a user would write</h3>",
             f'<p class="sub">The first {esc(ph.get("n_captions"))} judged scenes (half one-object), each captioned '
