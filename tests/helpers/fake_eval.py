@@ -22,7 +22,7 @@ def fake_evaluation(ws, seed: int, color: float, fid: float, shape: float = 50.0
                "nfe_total": 40}
     figures["ablation"] = {"unclip": figures["quality"] | {"nfe_per_image": 40}}
     figures["phrasings"] = {"n_captions": 4, "test_split": with_se(figures["quality"]),       # as evaluate writes them
-                            "reordered": with_se({"single": {"n": n, "color": color - 1, "shape": shape - 20,
+                            "reordered": with_se({"single": {"n": n, "color": max(color - 1, 0.0), "shape": max(shape - 20, 0.0),
                                                              "size": 90.0, "position": 100.0, "all": 25.0},
                                                   "pair": {"n": n, "colors": 40.0, "shapes": 0.0, "relation": 10.0,
                                                            "all": 0.0},
