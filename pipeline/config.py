@@ -605,9 +605,9 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _rewrites_embed_can_draw(self):
-        # embed's rewrites are drawn from the frames without the pronoun's phrase first: CLIP trained on them only
-        # when that frame entered after a first part of its steps
-        if self.embed.rewrites and self.clip.rewrites_pronoun_first and not self.clip.rewrites_pronoun_first_after:
+        # embed's rewrites are drawn from the frames without the pronoun's phrase first (False): the rewrite sets
+        # CLIP draws lack them when that frame enters at step 0
+        if self.embed.rewrites and False not in self.clip.pronoun_first_sets:
             raise ValueError("embed.rewrites draws the rewrites without clip.rewrites_pronoun_first's frame, which "
                              "CLIP never trains on with clip.rewrites_pronoun_first_after: 0: set embed.rewrites: 0 "
                              "or clip.rewrites_pronoun_first_after above 0")
